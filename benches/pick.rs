@@ -1,0 +1,2 @@
+//! Pick-path benchmarks (being written).
+fn main() {}

@@ -1,0 +1,2 @@
+//! dlbctl.
+fn main() {}

@@ -1,0 +1,1 @@
+//! DLB SDK (placeholder while being built).

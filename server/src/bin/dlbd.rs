@@ -1,0 +1,2 @@
+//! dlbd.
+fn main() {}

@@ -1,0 +1,1 @@
+//! DLB control plane (placeholder while being built).

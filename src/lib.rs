@@ -1,0 +1,24 @@
+//! # dlb — the core of DLB
+//!
+//! Shared by the control plane (`dlb-server`, binary `dlbd`) and the SDK (`dlb-client`, binary
+//! `dlbctl`). It owns three things and no runtime:
+//!
+//! * [`proto`] — the generated wire types and gRPC stubs for `proto/dlb/v1/dlb.proto`;
+//! * [`model`] — the domain rules every entry point applies the same way: identifier, address,
+//!   weight and policy validation, and conversions between wire and domain types;
+//! * [`balance`] — the balancing algorithms: immutable pickers (smooth weighted round robin,
+//!   least connections exact and P2C, Maglev, ring hash, bounded load) and sticky sessions. They are
+//!   plain data plus atomics, testable without tokio.
+
+pub mod balance;
+pub mod model;
+
+/// Generated protobuf types and gRPC client/server stubs for `dlb.v1`.
+#[allow(missing_docs, clippy::all, clippy::pedantic, clippy::unwrap_used)]
+pub mod proto {
+    tonic::include_proto!("dlb.v1");
+
+    /// Encoded `FileDescriptorSet` of the wire API, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/dlb_descriptor.bin"));
+}

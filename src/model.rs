@@ -1,0 +1,462 @@
+//! Domain rules shared by every entry point (gRPC server, SDK, `dlbctl`, YAML config).
+//!
+//! Validation lives here once so that a malformed value is rejected with the same message whether
+//! it arrives over gRPC, from the command line or from a config file. Every error names the field
+//! and the offending value. This module also converts between wire types ([`crate::proto`]) and
+//! the balancing types ([`crate::balance`]).
+
+use std::time::Duration;
+
+use crate::balance::{Algorithm, BackendSpec, PolicyConfig, StickyConfig, StickyMode};
+use crate::proto;
+
+/// The service used when a request names none.
+pub const DEFAULT_SERVICE: &str = "default";
+/// Maximum length of a server id or service name, in bytes.
+pub const MAX_ID_LEN: usize = 128;
+/// Smallest accepted weight.
+pub const MIN_WEIGHT: u32 = 1;
+/// Largest accepted weight.
+pub const MAX_WEIGHT: u32 = 10_000;
+/// Maximum length of a metadata key or value, in bytes.
+pub const MAX_METADATA_LEN: usize = 256;
+/// Maximum number of metadata entries on one backend.
+pub const MAX_METADATA_ENTRIES: usize = 64;
+/// Maximum length of an address, in bytes.
+pub const MAX_ADDRESS_LEN: usize = 261;
+/// Default sticky-session idle TTL.
+pub const DEFAULT_STICKY_TTL: Duration = Duration::from_secs(3600);
+/// Default maximum number of sticky-session bindings.
+pub const DEFAULT_STICKY_MAX_ENTRIES: usize = 100_000;
+/// Bounds of the bounded-load factor when it is enabled.
+pub const LOAD_FACTOR_RANGE: std::ops::RangeInclusive<f64> = 1.0..=100.0;
+
+/// A field that failed validation: which field, what value, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {field} {value:?}: {reason}")]
+pub struct ValidationError {
+    /// The field's name as it appears on the wire (`server_id`, `address`, `weight`, …).
+    pub field: String,
+    /// The rejected value, rendered for humans.
+    pub value: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl ValidationError {
+    /// Builds an error for `field` holding `value`.
+    pub fn new(field: impl Into<String>, value: impl ToString, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            value: value.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+fn is_id_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')
+}
+
+/// Checks an identifier (server id, service name): 1..=128 bytes of `[A-Za-z0-9._:-]`.
+pub fn validate_id(field: &str, value: &str) -> Result<(), ValidationError> {
+    if value.is_empty() {
+        return Err(ValidationError::new(field, value, "must not be empty"));
+    }
+    if value.len() > MAX_ID_LEN {
+        return Err(ValidationError::new(
+            field,
+            value,
+            format!("must be at most {MAX_ID_LEN} bytes, got {}", value.len()),
+        ));
+    }
+    if let Some(c) = value.chars().find(|c| !is_id_char(*c)) {
+        return Err(ValidationError::new(
+            field,
+            value,
+            format!("character {c:?} not allowed; use only [A-Za-z0-9._:-]"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a server id.
+pub fn validate_server_id(value: &str) -> Result<(), ValidationError> {
+    validate_id("server_id", value)
+}
+
+/// Resolves an optional service name: empty means [`DEFAULT_SERVICE`]; otherwise it must be a
+/// valid identifier.
+pub fn resolve_service(value: &str) -> Result<&str, ValidationError> {
+    if value.is_empty() {
+        return Ok(DEFAULT_SERVICE);
+    }
+    validate_id("service", value)?;
+    Ok(value)
+}
+
+/// Checks a weight: 1..=10000.
+pub fn validate_weight(value: u32) -> Result<(), ValidationError> {
+    if !(MIN_WEIGHT..=MAX_WEIGHT).contains(&value) {
+        return Err(ValidationError::new(
+            "weight",
+            value,
+            format!("must be between {MIN_WEIGHT} and {MAX_WEIGHT}"),
+        ));
+    }
+    Ok(())
+}
+
+fn valid_dns_name(host: &str) -> bool {
+    if host.is_empty() || host.len() > 253 {
+        return false;
+    }
+    let host = host.strip_suffix('.').unwrap_or(host);
+    host.split('.').all(|label| {
+        !label.is_empty()
+            && label.len() <= 63
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+    }) && !host
+        .rsplit('.')
+        .next()
+        .is_some_and(|tld| tld.chars().all(|c| c.is_ascii_digit()))
+}
+
+/// Checks an address: `host:port` where host is an IPv4 literal, a bracketed IPv6 literal or a
+/// DNS name, and port is 1..=65535.
+pub fn validate_address(value: &str) -> Result<(), ValidationError> {
+    let err = |reason: &str| Err(ValidationError::new("address", value, reason));
+    if value.is_empty() {
+        return err("must not be empty; expected host:port");
+    }
+    if value.len() > MAX_ADDRESS_LEN {
+        return err("too long; expected host:port");
+    }
+    let Some((host, port)) = value.rsplit_once(':') else {
+        return err("missing port; expected host:port");
+    };
+    match port.parse::<u32>() {
+        Ok(p) if (1..=65535).contains(&p) && !port.starts_with('+') => {}
+        _ => return err("port must be a number between 1 and 65535"),
+    }
+    if let Some(inner) = host.strip_prefix('[') {
+        let Some(inner) = inner.strip_suffix(']') else {
+            return err("unterminated IPv6 literal; expected [addr]:port");
+        };
+        if inner.parse::<std::net::Ipv6Addr>().is_err() {
+            return err("host is not a valid IPv6 address");
+        }
+        return Ok(());
+    }
+    if host.contains(':') {
+        return err("IPv6 hosts must be bracketed, e.g. [::1]:8080");
+    }
+    if host.parse::<std::net::Ipv4Addr>().is_ok() {
+        return Ok(());
+    }
+    if host.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return err("host is not a valid IPv4 address");
+    }
+    if !valid_dns_name(host) {
+        return err("host is not a valid IP address or DNS name");
+    }
+    Ok(())
+}
+
+/// Checks a hash key: empty (meaning "use the server id") or a valid identifier.
+pub fn validate_hash_key(value: &str) -> Result<(), ValidationError> {
+    if value.is_empty() {
+        return Ok(());
+    }
+    validate_id("hash_key", value)
+}
+
+/// Checks backend metadata: at most 64 entries, keys non-empty, keys and values at most 256 bytes.
+pub fn validate_metadata<'a>(
+    entries: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> Result<(), ValidationError> {
+    let mut n = 0;
+    for (k, v) in entries {
+        n += 1;
+        if k.is_empty() {
+            return Err(ValidationError::new(
+                "metadata",
+                k,
+                "keys must not be empty",
+            ));
+        }
+        if k.len() > MAX_METADATA_LEN {
+            return Err(ValidationError::new(
+                format!("metadata[{k}]"),
+                k,
+                format!("key longer than {MAX_METADATA_LEN} bytes"),
+            ));
+        }
+        if v.len() > MAX_METADATA_LEN {
+            return Err(ValidationError::new(
+                format!("metadata[{k}]"),
+                v,
+                format!("value longer than {MAX_METADATA_LEN} bytes"),
+            ));
+        }
+    }
+    if n > MAX_METADATA_ENTRIES {
+        return Err(ValidationError::new(
+            "metadata",
+            format!("{n} entries"),
+            format!("at most {MAX_METADATA_ENTRIES} entries"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks every field of a backend record as it would be stored.
+pub fn validate_server(server: &proto::Server) -> Result<(), ValidationError> {
+    validate_server_id(&server.server_id)?;
+    validate_address(&server.address)?;
+    validate_weight(server.weight)?;
+    validate_hash_key(&server.hash_key)?;
+    validate_metadata(&server.metadata)
+}
+
+/// Whether a stored backend may receive new picks: not unhealthy and not draining.
+pub fn is_eligible(server: &proto::Server) -> bool {
+    server.health != proto::HealthStatus::Unhealthy as i32 && !server.draining
+}
+
+/// Converts a stored backend to the picker's input.
+pub fn backend_spec(server: &proto::Server) -> BackendSpec {
+    BackendSpec {
+        id: server.server_id.clone(),
+        address: server.address.clone(),
+        weight: server.weight,
+        hash_key: (!server.hash_key.is_empty()).then(|| server.hash_key.clone()),
+        eligible: is_eligible(server),
+    }
+}
+
+/// The policy of a new service: smooth weighted round robin, no bounded load, no stickiness.
+pub fn default_policy() -> proto::Policy {
+    proto::Policy {
+        algorithm: proto::Algorithm::RoundRobin as i32,
+        bounded_load_factor: 0.0,
+        sticky_mode: proto::StickyMode::None as i32,
+        sticky_ttl_seconds: 0,
+        sticky_max_entries: 0,
+    }
+}
+
+/// Checks a policy as it would be stored. `ALGORITHM_UNSPECIFIED` is rejected here: callers that
+/// treat it as "keep the current algorithm" must substitute it first.
+pub fn validate_policy(policy: &proto::Policy) -> Result<(), ValidationError> {
+    match proto::Algorithm::try_from(policy.algorithm) {
+        Ok(proto::Algorithm::Unspecified) | Err(_) => {
+            return Err(ValidationError::new(
+                "policy.algorithm",
+                policy.algorithm,
+                "must be one of round_robin, least_conn_exact, least_conn_p2c, maglev, ring_hash",
+            ))
+        }
+        Ok(_) => {}
+    }
+    let c = policy.bounded_load_factor;
+    if c != 0.0 && !(c.is_finite() && LOAD_FACTOR_RANGE.contains(&c)) {
+        return Err(ValidationError::new(
+            "policy.bounded_load_factor",
+            c,
+            "must be 0 (off) or between 1.0 and 100.0",
+        ));
+    }
+    if c != 0.0 {
+        let alg = proto::Algorithm::try_from(policy.algorithm).ok();
+        if !matches!(
+            alg,
+            Some(proto::Algorithm::Maglev | proto::Algorithm::RingHash)
+        ) {
+            return Err(ValidationError::new(
+                "policy.bounded_load_factor",
+                c,
+                "bounded load applies only to maglev and ring_hash",
+            ));
+        }
+    }
+    if proto::StickyMode::try_from(policy.sticky_mode).is_err() {
+        return Err(ValidationError::new(
+            "policy.sticky_mode",
+            policy.sticky_mode,
+            "must be none, strict or fallback",
+        ));
+    }
+    Ok(())
+}
+
+/// Converts a stored (validated) policy to the picker's configuration.
+pub fn policy_config(policy: &proto::Policy) -> PolicyConfig {
+    let algorithm = match proto::Algorithm::try_from(policy.algorithm) {
+        Ok(proto::Algorithm::LeastConnExact) => Algorithm::LeastConnExact,
+        Ok(proto::Algorithm::LeastConnP2c) => Algorithm::LeastConnP2c,
+        Ok(proto::Algorithm::Maglev) => Algorithm::Maglev,
+        Ok(proto::Algorithm::RingHash) => Algorithm::RingHash,
+        _ => Algorithm::RoundRobin,
+    };
+    PolicyConfig {
+        algorithm,
+        bounded_load_factor: (policy.bounded_load_factor != 0.0)
+            .then_some(policy.bounded_load_factor),
+        track_in_flight: true,
+    }
+}
+
+/// The sticky-session configuration of a stored policy, if stickiness is on.
+pub fn sticky_config(policy: &proto::Policy) -> Option<StickyConfig> {
+    let mode = match proto::StickyMode::try_from(policy.sticky_mode) {
+        Ok(proto::StickyMode::Strict) => StickyMode::Strict,
+        Ok(proto::StickyMode::Fallback) => StickyMode::Fallback,
+        _ => return None,
+    };
+    Some(StickyConfig {
+        mode,
+        ttl: if policy.sticky_ttl_seconds == 0 {
+            DEFAULT_STICKY_TTL
+        } else {
+            Duration::from_secs(u64::from(policy.sticky_ttl_seconds))
+        },
+        max_entries: if policy.sticky_max_entries == 0 {
+            DEFAULT_STICKY_MAX_ENTRIES
+        } else {
+            policy.sticky_max_entries as usize
+        },
+    })
+}
+
+/// Parses an algorithm name as used by `dlbctl` and the YAML config (`round_robin`, `wrr`,
+/// `least_conn`, `least_conn_exact`, `p2c`, `least_conn_p2c`, `maglev`, `ring_hash`).
+pub fn parse_algorithm(field: &str, value: &str) -> Result<proto::Algorithm, ValidationError> {
+    Ok(match value.to_ascii_lowercase().replace('-', "_").as_str() {
+        "round_robin" | "wrr" | "rr" => proto::Algorithm::RoundRobin,
+        "least_conn" | "least_conn_exact" => proto::Algorithm::LeastConnExact,
+        "p2c" | "least_conn_p2c" => proto::Algorithm::LeastConnP2c,
+        "maglev" => proto::Algorithm::Maglev,
+        "ring_hash" | "ring" | "ketama" => proto::Algorithm::RingHash,
+        _ => {
+            return Err(ValidationError::new(
+                field,
+                value,
+                "must be one of round_robin, least_conn_exact, least_conn_p2c, maglev, ring_hash",
+            ))
+        }
+    })
+}
+
+/// The canonical name of an algorithm (inverse of [`parse_algorithm`]).
+pub fn algorithm_name(value: i32) -> &'static str {
+    match proto::Algorithm::try_from(value) {
+        Ok(proto::Algorithm::RoundRobin) => "round_robin",
+        Ok(proto::Algorithm::LeastConnExact) => "least_conn_exact",
+        Ok(proto::Algorithm::LeastConnP2c) => "least_conn_p2c",
+        Ok(proto::Algorithm::Maglev) => "maglev",
+        Ok(proto::Algorithm::RingHash) => "ring_hash",
+        _ => "unspecified",
+    }
+}
+
+/// Parses a sticky mode name (`none`, `strict`, `fallback`).
+pub fn parse_sticky_mode(field: &str, value: &str) -> Result<proto::StickyMode, ValidationError> {
+    Ok(match value.to_ascii_lowercase().as_str() {
+        "none" | "off" => proto::StickyMode::None,
+        "strict" => proto::StickyMode::Strict,
+        "fallback" => proto::StickyMode::Fallback,
+        _ => {
+            return Err(ValidationError::new(
+                field,
+                value,
+                "must be one of none, strict, fallback",
+            ))
+        }
+    })
+}
+
+/// The canonical name of a sticky mode (inverse of [`parse_sticky_mode`]).
+pub fn sticky_mode_name(value: i32) -> &'static str {
+    match proto::StickyMode::try_from(value) {
+        Ok(proto::StickyMode::Strict) => "strict",
+        Ok(proto::StickyMode::Fallback) => "fallback",
+        _ => "none",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        assert!(validate_server_id("web-1.a_b:c").is_ok());
+        assert!(validate_server_id("").is_err());
+        assert!(validate_server_id("a b").is_err());
+        assert!(validate_server_id("é").is_err());
+        assert!(validate_server_id(&"a".repeat(128)).is_ok());
+        let e = validate_server_id(&"a".repeat(129)).unwrap_err();
+        assert_eq!(e.field, "server_id");
+        assert_eq!(resolve_service(""), Ok("default"));
+        assert_eq!(resolve_service("x/y").unwrap_err().field, "service");
+    }
+
+    #[test]
+    fn addresses() {
+        for ok in [
+            "127.0.0.1:80",
+            "[::1]:8080",
+            "db.internal:5432",
+            "localhost:1",
+            "a-b.c.example.com.:65535",
+        ] {
+            assert!(validate_address(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "127.0.0.1",
+            "127.0.0.1:0",
+            "127.0.0.1:65536",
+            "127.0.0.1:http",
+            "300.1.1.1:80",
+            "::1:80",
+            "[::1:80",
+            "[zz]:80",
+            "-bad.com:80",
+            "bad_host:80",
+            ":80",
+            "1.2.3:80",
+            "host:+80",
+        ] {
+            let e = validate_address(bad).expect_err(bad);
+            assert_eq!(e.field, "address");
+        }
+    }
+
+    #[test]
+    fn weights_and_policies() {
+        assert!(validate_weight(0).is_err());
+        assert!(validate_weight(1).is_ok());
+        assert!(validate_weight(10_000).is_ok());
+        assert!(validate_weight(10_001).is_err());
+        let mut p = default_policy();
+        assert!(validate_policy(&p).is_ok());
+        p.bounded_load_factor = 1.25;
+        assert_eq!(
+            validate_policy(&p).unwrap_err().field,
+            "policy.bounded_load_factor"
+        );
+        p.algorithm = proto::Algorithm::Maglev as i32;
+        assert!(validate_policy(&p).is_ok());
+        p.bounded_load_factor = 0.5;
+        assert!(validate_policy(&p).is_err());
+        p.bounded_load_factor = f64::NAN;
+        assert!(validate_policy(&p).is_err());
+        p.bounded_load_factor = 0.0;
+        p.algorithm = 99;
+        assert_eq!(validate_policy(&p).unwrap_err().field, "policy.algorithm");
+    }
+}
