@@ -1,1 +1,372 @@
-//! DLB SDK (placeholder while being built).
+//! # dlb-client — the DLB SDK
+//!
+//! Links into a microservice, follows routing state from `dlbd` over one long-lived
+//! `Discovery.Session` stream and picks backends **locally** in O(1): no network hop on the
+//! request path.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), dlb_client::Error> {
+//! let client = dlb_client::Client::connect(["http://127.0.0.1:50051"]).await?;
+//! let web = client.service("web").await?;          // waits for the first snapshot
+//! let call = web.get_next_server(Some(b"user-42"))?; // local, O(1)
+//! println!("calling {}", call.address());
+//! call.success();                                   // outcome + latency go into load reports
+//! # Ok(()) }
+//! ```
+//!
+//! Parts:
+//! * [`Client`] / [`ClientBuilder`] — endpoints, options, the session task, and the seed API
+//!   (`add_server`, `remove_server`, `health_check_passed`, `health_check_failed`,
+//!   `get_next_server`) on the default service;
+//! * [`ServiceHandle`] — one subscribed service: local picks ([`CallGuard`]), version watch,
+//!   staleness, and the same admin calls on that service;
+//! * [`admin`] — the `Registry` RPCs, validated locally with [`dlb::model`] first;
+//! * `session` (private) — the task that owns routing state, applies snapshots and deltas,
+//!   acks/nacks, reports load and reconnects with backoff;
+//! * [`Error`] — one error enum, mapped from gRPC codes.
+//!
+//! While no control plane is reachable, handles keep routing on their last snapshot
+//! ([`ServiceHandle::last_update_age`] grows, [`Client::is_connected`] is false). See the
+//! `session` module docs for the rule that protects a service from being emptied by a control
+//! plane that lost its state.
+
+pub mod admin;
+mod error;
+mod service;
+mod session;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dlb::model;
+use dlb::proto;
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, watch};
+
+pub use admin::{AdminClient, ChannelOptions, NewServer, ServerUpdate};
+pub use error::{Error, Result};
+pub use service::{BackendInfo, CallGuard, ServiceHandle, ServiceStats, Version};
+
+use service::ServiceState;
+use session::{Command, Link, SessionConfig};
+
+/// Options for a [`Client`]. Start with [`Client::builder`].
+#[derive(Debug, Clone)]
+pub struct ClientBuilder {
+    endpoints: Vec<String>,
+    client_id: Option<String>,
+    report_interval: Duration,
+    backoff_min: Duration,
+    backoff_max: Duration,
+    subscribe_timeout: Duration,
+    wait_connected: bool,
+    channel: ChannelOptions,
+}
+
+impl ClientBuilder {
+    /// Options with defaults: report every 1 s, backoff 50 ms..5 s, connect timeout 2 s,
+    /// keepalive 10 s (5 s timeout), first-snapshot timeout 5 s, wait for the first session.
+    pub fn new(endpoints: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        Self {
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
+            client_id: None,
+            report_interval: Duration::from_secs(1),
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(5),
+            subscribe_timeout: Duration::from_secs(5),
+            wait_connected: true,
+            channel: ChannelOptions::default(),
+        }
+    }
+
+    /// Identity sent in `Subscribe` (default: `pid<pid>-<random>`).
+    pub fn client_id(mut self, id: impl Into<String>) -> Self {
+        self.client_id = Some(id.into());
+        self
+    }
+
+    /// How often load reports are sent (default 1 s).
+    pub fn report_interval(mut self, interval: Duration) -> Self {
+        self.report_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Reconnect backoff bounds: full jitter over `[0, min(max, min × 2^attempt)]`.
+    pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.backoff_min = min;
+        self.backoff_max = max.max(min);
+        self
+    }
+
+    /// Timeout for establishing a connection and a session (default 2 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.channel.connect_timeout = timeout;
+        self
+    }
+
+    /// HTTP/2 keepalive ping interval and ack timeout: how fast a dead stream is detected.
+    pub fn keepalive(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.channel.keepalive_interval = interval;
+        self.channel.keepalive_timeout = timeout;
+        self
+    }
+
+    /// Deadline of each admin (`Registry`) call (default 10 s).
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.channel.request_timeout = timeout;
+        self
+    }
+
+    /// How long [`Client::service`] waits for a service's first snapshot (default 5 s).
+    pub fn subscribe_timeout(mut self, timeout: Duration) -> Self {
+        self.subscribe_timeout = timeout;
+        self
+    }
+
+    /// Whether [`ClientBuilder::connect`] waits (up to the connect timeout) for the first
+    /// session and fails with [`Error::Unavailable`] without one (default true). With false it
+    /// returns at once and connects in the background.
+    pub fn wait_connected(mut self, wait: bool) -> Self {
+        self.wait_connected = wait;
+        self
+    }
+
+    /// Builds the client and starts its session task. Must be called inside a tokio runtime.
+    pub async fn connect(self) -> Result<Client> {
+        let mut channels = Vec::with_capacity(self.endpoints.len());
+        for raw in &self.endpoints {
+            let channel = admin::make_endpoint(raw, &self.channel)?.connect_lazy();
+            channels.push((raw.clone(), channel));
+        }
+        let admin = AdminClient::from_channels(channels.clone(), self.channel.request_timeout)?;
+        let link = Arc::new(Link::new());
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (closed_tx, closed_rx) = watch::channel(false);
+        let config = SessionConfig {
+            client_id: self
+                .client_id
+                .unwrap_or_else(|| format!("pid{}-{:08x}", std::process::id(), fastrand::u32(..))),
+            report_interval: self.report_interval,
+            backoff_min: self.backoff_min,
+            backoff_max: self.backoff_max,
+            connect_timeout: self.channel.connect_timeout,
+        };
+        let mut connected = link.connected.subscribe();
+        tokio::spawn(session::run(
+            config,
+            channels,
+            link.clone(),
+            cmd_rx,
+            closed_rx,
+        ));
+        let client = Client {
+            inner: Arc::new(Inner {
+                admin,
+                link,
+                services: Mutex::new(HashMap::new()),
+                commands: cmd_tx,
+                closed: closed_tx,
+                subscribe_timeout: self.subscribe_timeout,
+            }),
+        };
+        if self.wait_connected {
+            let waited =
+                tokio::time::timeout(self.channel.connect_timeout, connected.wait_for(|c| *c))
+                    .await;
+            if !matches!(waited, Ok(Ok(_))) {
+                client.close();
+                return Err(Error::Unavailable(format!(
+                    "no control plane reachable at {:?} within {:?}",
+                    self.endpoints, self.channel.connect_timeout
+                )));
+            }
+        }
+        Ok(client)
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    admin: AdminClient,
+    link: Arc<Link>,
+    /// Subscribed services by name. A `Mutex` because it is touched only when subscribing (never
+    /// on the pick path) and never held across `.await`.
+    services: Mutex<HashMap<String, Arc<ServiceState>>>,
+    commands: mpsc::UnboundedSender<Command>,
+    closed: watch::Sender<bool>,
+    subscribe_timeout: Duration,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.closed.send_replace(true);
+    }
+}
+
+/// A connection to the DLB control plane: one session task multiplexing every subscribed
+/// service, plus the admin calls. Cheap to clone; the session ends when the last clone (and the
+/// last [`ServiceHandle`]) is dropped, or on [`Client::close`].
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl Client {
+    /// Connects with default options (see [`ClientBuilder::new`]) to `endpoints`
+    /// (`http://host:port` or `host:port`), tried in order, rotating on failure.
+    pub async fn connect(endpoints: impl IntoIterator<Item = impl Into<String>>) -> Result<Self> {
+        ClientBuilder::new(endpoints).connect().await
+    }
+
+    /// Options for a client over `endpoints`.
+    pub fn builder(endpoints: impl IntoIterator<Item = impl Into<String>>) -> ClientBuilder {
+        ClientBuilder::new(endpoints)
+    }
+
+    /// Subscribes to `name` (empty = "default") — or returns the existing subscription — and
+    /// waits up to the subscribe timeout for the control plane's first answer. A service the
+    /// control plane does not know yields a handle whose picks fail with
+    /// [`Error::ServiceNotFound`] until it is created.
+    pub async fn service(&self, name: &str) -> Result<ServiceHandle> {
+        let name = model::resolve_service(name)?.to_owned();
+        let state = {
+            let mut services = self.inner.services.lock();
+            if let Some(s) = services.get(&name) {
+                s.clone()
+            } else {
+                let s = Arc::new(ServiceState::new(name.clone()));
+                self.inner
+                    .commands
+                    .send(Command::Subscribe(s.clone()))
+                    .map_err(|_| Error::Closed)?;
+                services.insert(name.clone(), s.clone());
+                s
+            }
+        };
+        let handle = ServiceHandle {
+            state: state.clone(),
+            client: self.clone(),
+        };
+        if !state.answered.load(Ordering::Acquire) {
+            let mut rx = state.version_tx.subscribe();
+            let wait = rx.wait_for(|_| state.answered.load(Ordering::Acquire));
+            let waited = tokio::time::timeout(self.inner.subscribe_timeout, wait).await;
+            match waited {
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => return Err(Error::Closed),
+                Err(_) => {
+                    return Err(Error::Unavailable(format!(
+                        "no snapshot of service {name:?} within {:?}",
+                        self.inner.subscribe_timeout
+                    )))
+                }
+            }
+        }
+        Ok(handle)
+    }
+
+    /// The handle of the default service (subscribing on first use).
+    pub async fn default_service(&self) -> Result<ServiceHandle> {
+        self.service(model::DEFAULT_SERVICE).await
+    }
+
+    /// Whether the session with the control plane is up.
+    pub fn is_connected(&self) -> bool {
+        *self.inner.link.connected.borrow()
+    }
+
+    /// Waits until the session is up (wrap in `tokio::time::timeout`).
+    pub async fn wait_connected(&self) -> Result<()> {
+        let mut rx = self.inner.link.connected.subscribe();
+        rx.wait_for(|c| *c).await.map_err(|_| Error::Closed)?;
+        Ok(())
+    }
+
+    /// Number of sessions established so far (1 + reconnects).
+    pub fn sessions_established(&self) -> u64 {
+        self.inner.link.sessions.load(Ordering::Relaxed)
+    }
+
+    /// The endpoint the session uses (or tried last).
+    pub fn current_endpoint(&self) -> &str {
+        let i = self.inner.link.endpoint.load(Ordering::Relaxed);
+        self.inner.admin.endpoints().nth(i).unwrap_or_default()
+    }
+
+    /// Ends the session task now. Handles keep their last snapshot but get no more updates.
+    pub fn close(&self) {
+        self.inner.closed.send_replace(true);
+    }
+
+    /// The admin (`Registry`) client, for calls on any service.
+    pub fn admin(&self) -> &AdminClient {
+        &self.inner.admin
+    }
+
+    /// `get_next_server()` on the default service: a local O(1) pick (subscribes on first use).
+    pub async fn get_next_server(&self, key: Option<&[u8]>) -> Result<CallGuard> {
+        self.default_service().await?.get_next_server(key)
+    }
+
+    /// `GetNextServer` on the default service, answered by the control plane.
+    pub async fn get_next_server_remote(
+        &self,
+        key: Option<&[u8]>,
+    ) -> Result<proto::GetNextServerResponse> {
+        self.admin().get_next_server("", key).await
+    }
+
+    /// `add_server(server_id, address, weight)` on the default service.
+    pub async fn add_server(
+        &self,
+        server_id: &str,
+        address: &str,
+        weight: u32,
+    ) -> Result<proto::ServerResponse> {
+        self.admin()
+            .add_server("", NewServer::new(server_id, address).weight(weight))
+            .await
+    }
+
+    /// `remove_server(server_id)` on the default service.
+    pub async fn remove_server(&self, server_id: &str) -> Result<proto::RemoveServerResponse> {
+        self.admin().remove_server("", server_id).await
+    }
+
+    /// `health_check_passed(server_id)` on the default service.
+    pub async fn health_check_passed(&self, server_id: &str) -> Result<proto::ServerResponse> {
+        self.admin().health_check_passed("", server_id).await
+    }
+
+    /// `health_check_failed(server_id)` on the default service.
+    pub async fn health_check_failed(&self, server_id: &str) -> Result<proto::ServerResponse> {
+        self.admin().health_check_failed("", server_id).await
+    }
+
+    /// `UpdateServer` on the default service.
+    pub async fn update_server(&self, update: ServerUpdate) -> Result<proto::ServerResponse> {
+        self.admin().update_server("", update).await
+    }
+
+    /// `ListServers` on the default service.
+    pub async fn list_servers(&self) -> Result<proto::ListServersResponse> {
+        self.admin().list_servers("").await
+    }
+
+    /// `GetPolicy` on the default service.
+    pub async fn get_policy(&self) -> Result<proto::Policy> {
+        Ok(self
+            .admin()
+            .get_policy("")
+            .await?
+            .policy
+            .unwrap_or_default())
+    }
+
+    /// `SetPolicy` on the default service.
+    pub async fn set_policy(&self, policy: proto::Policy) -> Result<proto::PolicyResponse> {
+        self.admin().set_policy("", policy).await
+    }
+}

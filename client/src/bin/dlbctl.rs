@@ -1,2 +1,589 @@
-//! dlbctl.
-fn main() {}
+//! `dlbctl` — command-line client of the DLB control plane.
+//!
+//! Every subcommand validates its input locally with `dlb::model` (the same rules `dlbd`
+//! applies), then makes one `Registry` call — except `watch`, which opens a `Discovery` session
+//! and prints every update as it arrives. Output is human-readable by default and JSON with
+//! `--json` (one object per line for `watch`).
+//!
+//! Exit codes: 0 ok, 2 usage or invalid argument, 3 not found, 4 already exists, 1 anything else.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use dlb::model;
+use dlb::proto;
+use dlb::proto::client_message::Kind as ClientKind;
+use dlb::proto::server_message::Kind as ServerKind;
+use dlb_client::{AdminClient, Error, NewServer, ServerUpdate};
+use serde_json::{json, Value};
+
+/// Command-line client of the DLB control plane.
+#[derive(Debug, Parser)]
+#[command(
+    name = "dlbctl",
+    version,
+    about = "Command-line client of the DLB control plane",
+    after_help = "Exit codes: 0 ok, 2 usage or invalid argument, 3 not found, 4 already exists, 1 other."
+)]
+struct Cli {
+    /// Control-plane endpoint (`http://host:port` or `host:port`).
+    #[arg(
+        long,
+        global = true,
+        env = "DLB_ENDPOINT",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    endpoint: String,
+    /// Service to work on.
+    #[arg(long, short = 's', global = true, default_value = model::DEFAULT_SERVICE)]
+    service: String,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Register a backend.
+    #[command(visible_alias = "add_server")]
+    AddServer {
+        /// Backend id, 1..=128 of [A-Za-z0-9._:-].
+        id: String,
+        /// `host:port`.
+        address: String,
+        /// Weight, 1..=10000.
+        #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+        weight: u32,
+        /// Stable consistent-hashing key.
+        #[arg(long)]
+        hash_key: Option<String>,
+        /// Label `key=value` (repeatable).
+        #[arg(long = "meta")]
+        meta: Vec<String>,
+    },
+    /// Deregister a backend.
+    #[command(visible_alias = "remove_server")]
+    RemoveServer {
+        /// Backend id.
+        id: String,
+    },
+    /// Change a backend.
+    #[command(visible_alias = "update_server")]
+    UpdateServer {
+        /// Backend id.
+        id: String,
+        /// New weight, 1..=10000.
+        #[arg(long, allow_negative_numbers = true)]
+        weight: Option<u32>,
+        /// Stop sending new picks to it.
+        #[arg(long, conflicts_with = "undrain")]
+        drain: bool,
+        /// Send new picks to it again.
+        #[arg(long)]
+        undrain: bool,
+        /// New `host:port`.
+        #[arg(long)]
+        address: Option<String>,
+        /// New hash key (empty resets it to the id).
+        #[arg(long)]
+        hash_key: Option<String>,
+    },
+    /// List the service's backends.
+    List,
+    /// List the services.
+    Services,
+    /// Mark a backend healthy.
+    #[command(visible_alias = "health_check_passed")]
+    HealthPass {
+        /// Backend id.
+        id: String,
+    },
+    /// Mark a backend unhealthy.
+    #[command(visible_alias = "health_check_failed")]
+    HealthFail {
+        /// Backend id.
+        id: String,
+    },
+    /// Ask the control plane to pick a backend (server-side GetNextServer).
+    #[command(visible_alias = "get_next_server")]
+    Next {
+        /// Request / session key for hashing and affinity.
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Read or change the service's balancing policy.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Stream live updates of the service through a Discovery session.
+    Watch {
+        /// Exit after this many updates.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Print the policy.
+    Get,
+    /// Change the policy; fields not given keep their current value.
+    Set(PolicySet),
+}
+
+#[derive(Debug, Args)]
+struct PolicySet {
+    /// round_robin, least_conn_exact, least_conn_p2c, maglev or ring_hash.
+    #[arg(long)]
+    algorithm: Option<String>,
+    /// Bounded-load factor c (maglev, ring_hash), 0 = off, else 1.0..=100.0.
+    #[arg(long, allow_negative_numbers = true)]
+    bounded_load: Option<f64>,
+    /// Session affinity: none, strict or fallback.
+    #[arg(long)]
+    sticky: Option<String>,
+    /// Idle TTL of a session binding, seconds (0 = default 3600).
+    #[arg(long)]
+    sticky_ttl: Option<u32>,
+    /// Maximum number of session bindings (0 = default 100000).
+    #[arg(long)]
+    sticky_max: Option<u32>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
+        }
+    }
+}
+
+fn health_name(h: i32) -> &'static str {
+    if h == proto::HealthStatus::Unhealthy as i32 {
+        "unhealthy"
+    } else {
+        "healthy"
+    }
+}
+
+fn version_json(v: Option<proto::Version>) -> Value {
+    let v = v.unwrap_or_default();
+    json!({"epoch": v.epoch, "version": v.version})
+}
+
+fn version_text(v: Option<proto::Version>) -> String {
+    dlb_client::Version::from(v.unwrap_or_default()).to_string()
+}
+
+fn server_json(s: &proto::Server) -> Value {
+    let metadata: BTreeMap<_, _> = s.metadata.iter().collect();
+    json!({
+        "server_id": s.server_id,
+        "address": s.address,
+        "weight": s.weight,
+        "hash_key": s.hash_key,
+        "metadata": metadata,
+        "health": health_name(s.health),
+        "draining": s.draining,
+    })
+}
+
+fn server_text(s: &proto::Server) -> String {
+    let mut out = format!(
+        "{} {} w={} {}",
+        s.server_id,
+        s.address,
+        s.weight,
+        health_name(s.health)
+    );
+    if s.draining {
+        out.push_str(" draining");
+    }
+    if !s.hash_key.is_empty() {
+        out.push_str(&format!(" hash_key={}", s.hash_key));
+    }
+    let metadata: BTreeMap<_, _> = s.metadata.iter().collect();
+    for (k, v) in metadata {
+        out.push_str(&format!(" {k}={v}"));
+    }
+    out
+}
+
+fn policy_json(p: &proto::Policy) -> Value {
+    json!({
+        "algorithm": model::algorithm_name(p.algorithm),
+        "bounded_load_factor": p.bounded_load_factor,
+        "sticky_mode": model::sticky_mode_name(p.sticky_mode),
+        "sticky_ttl_seconds": p.sticky_ttl_seconds,
+        "sticky_max_entries": p.sticky_max_entries,
+    })
+}
+
+fn policy_text(p: &proto::Policy) -> String {
+    format!(
+        "algorithm={} bounded_load={} sticky={} sticky_ttl={} sticky_max={}",
+        model::algorithm_name(p.algorithm),
+        p.bounded_load_factor,
+        model::sticky_mode_name(p.sticky_mode),
+        p.sticky_ttl_seconds,
+        p.sticky_max_entries
+    )
+}
+
+fn print_server_response(json_out: bool, verb: &str, r: &proto::ServerResponse) {
+    let server = r.server.clone().unwrap_or_default();
+    if json_out {
+        println!(
+            "{}",
+            json!({"service": r.service, "server": server_json(&server), "version": version_json(r.version)})
+        );
+    } else {
+        println!(
+            "{verb} {} in {} ({})",
+            server_text(&server),
+            r.service,
+            version_text(r.version)
+        );
+    }
+}
+
+fn parse_meta(entries: &[String]) -> Result<HashMap<String, String>, Error> {
+    let mut out = HashMap::new();
+    for e in entries {
+        let Some((k, v)) = e.split_once('=') else {
+            return Err(model::ValidationError::new("metadata", e, "expected key=value").into());
+        };
+        out.insert(k.to_owned(), v.to_owned());
+    }
+    Ok(out)
+}
+
+async fn run(cli: Cli) -> Result<(), Error> {
+    let service = model::resolve_service(&cli.service)?.to_owned();
+    let admin = AdminClient::new([cli.endpoint.clone()])?;
+    let j = cli.json;
+    match cli.command {
+        Command::AddServer {
+            id,
+            address,
+            weight,
+            hash_key,
+            meta,
+        } => {
+            let server = NewServer {
+                server_id: id,
+                address,
+                weight,
+                hash_key: hash_key.unwrap_or_default(),
+                metadata: parse_meta(&meta)?,
+            };
+            let r = admin.add_server(&service, server).await?;
+            print_server_response(j, "added", &r);
+        }
+        Command::RemoveServer { id } => {
+            let r = admin.remove_server(&service, &id).await?;
+            if j {
+                println!(
+                    "{}",
+                    json!({"service": r.service, "removed": id, "version": version_json(r.version)})
+                );
+            } else {
+                println!(
+                    "removed {id} from {} ({})",
+                    r.service,
+                    version_text(r.version)
+                );
+            }
+        }
+        Command::UpdateServer {
+            id,
+            weight,
+            drain,
+            undrain,
+            address,
+            hash_key,
+        } => {
+            let update = ServerUpdate {
+                server_id: id,
+                weight,
+                draining: (drain || undrain).then_some(drain),
+                address,
+                hash_key,
+                metadata: None,
+            };
+            let r = admin.update_server(&service, update).await?;
+            print_server_response(j, "updated", &r);
+        }
+        Command::List => {
+            let r = admin.list_servers(&service).await?;
+            let policy = r.policy.unwrap_or_default();
+            if j {
+                let servers: Vec<_> = r.servers.iter().map(server_json).collect();
+                println!(
+                    "{}",
+                    json!({"service": r.service, "version": version_json(r.version),
+                           "policy": policy_json(&policy), "servers": servers})
+                );
+            } else {
+                println!(
+                    "service {} {} {}",
+                    r.service,
+                    version_text(r.version),
+                    policy_text(&policy)
+                );
+                for s in &r.servers {
+                    println!("  {}", server_text(s));
+                }
+            }
+        }
+        Command::Services => {
+            let r = admin.list_services().await?;
+            if j {
+                let services: Vec<_> = r
+                    .services
+                    .iter()
+                    .map(|s| {
+                        json!({"service": s.service, "version": version_json(s.version),
+                               "policy": policy_json(&s.policy.unwrap_or_default()),
+                               "servers": s.servers, "eligible": s.eligible})
+                    })
+                    .collect();
+                println!("{}", json!({ "services": services }));
+            } else {
+                for s in &r.services {
+                    println!(
+                        "{} {} servers={} eligible={} algorithm={}",
+                        s.service,
+                        version_text(s.version),
+                        s.servers,
+                        s.eligible,
+                        model::algorithm_name(s.policy.unwrap_or_default().algorithm)
+                    );
+                }
+            }
+        }
+        Command::HealthPass { id } => {
+            let r = admin.health_check_passed(&service, &id).await?;
+            print_server_response(j, "health passed:", &r);
+        }
+        Command::HealthFail { id } => {
+            let r = admin.health_check_failed(&service, &id).await?;
+            print_server_response(j, "health failed:", &r);
+        }
+        Command::Next { key } => {
+            let r = admin
+                .get_next_server(&service, key.as_deref().map(str::as_bytes))
+                .await?;
+            let server = r.server.unwrap_or_default();
+            if j {
+                println!(
+                    "{}",
+                    json!({"service": r.service, "server": server_json(&server), "version": version_json(r.version)})
+                );
+            } else {
+                println!("{} {}", server.server_id, server.address);
+            }
+        }
+        Command::Policy(PolicyCommand::Get) => {
+            let r = admin.get_policy(&service).await?;
+            let p = r.policy.unwrap_or_default();
+            if j {
+                println!(
+                    "{}",
+                    json!({"service": r.service, "policy": policy_json(&p), "version": version_json(r.version)})
+                );
+            } else {
+                println!("{}", policy_text(&p));
+            }
+        }
+        Command::Policy(PolicyCommand::Set(set)) => {
+            // Parse flags first, so a malformed flag fails without any RPC.
+            let algorithm = set
+                .algorithm
+                .as_deref()
+                .map(|a| model::parse_algorithm("policy.algorithm", a))
+                .transpose()?;
+            let sticky = set
+                .sticky
+                .as_deref()
+                .map(|s| model::parse_sticky_mode("policy.sticky_mode", s))
+                .transpose()?;
+            if let Some(c) = set.bounded_load {
+                if c != 0.0 && !(c.is_finite() && model::LOAD_FACTOR_RANGE.contains(&c)) {
+                    return Err(model::ValidationError::new(
+                        "policy.bounded_load_factor",
+                        c,
+                        "must be 0 (off) or between 1.0 and 100.0",
+                    )
+                    .into());
+                }
+            }
+            let mut policy = match admin.get_policy(&service).await {
+                Ok(r) => r.policy.unwrap_or_else(model::default_policy),
+                Err(Error::NotFound(_)) => model::default_policy(),
+                Err(e) => return Err(e),
+            };
+            if let Some(a) = algorithm {
+                policy.algorithm = a as i32;
+            }
+            if let Some(c) = set.bounded_load {
+                policy.bounded_load_factor = c;
+            }
+            if let Some(s) = sticky {
+                policy.sticky_mode = s as i32;
+            }
+            if let Some(t) = set.sticky_ttl {
+                policy.sticky_ttl_seconds = t;
+            }
+            if let Some(m) = set.sticky_max {
+                policy.sticky_max_entries = m;
+            }
+            model::validate_policy(&policy)?;
+            let r = admin.set_policy(&service, policy).await?;
+            let p = r.policy.unwrap_or_default();
+            if j {
+                println!(
+                    "{}",
+                    json!({"service": r.service, "policy": policy_json(&p), "version": version_json(r.version)})
+                );
+            } else {
+                println!("{} ({})", policy_text(&p), version_text(r.version));
+            }
+        }
+        Command::Watch { count } => watch(&cli.endpoint, &service, j, count).await?,
+    }
+    Ok(())
+}
+
+/// Opens a Discovery session on `service` and prints every update (acking each), until `count`
+/// updates have been printed or the stream ends.
+async fn watch(endpoint: &str, service: &str, j: bool, count: Option<u64>) -> Result<(), Error> {
+    use tokio_stream::wrappers::ReceiverStream;
+    let uri = if endpoint.contains("://") {
+        endpoint.to_owned()
+    } else {
+        format!("http://{endpoint}")
+    };
+    let mut client = proto::discovery_client::DiscoveryClient::connect(uri)
+        .await
+        .map_err(|e| Error::Unavailable(format!("cannot connect to {endpoint}: {e}")))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let subscribe = proto::ClientMessage {
+        kind: Some(ClientKind::Subscribe(proto::Subscribe {
+            client_id: format!("dlbctl-{}", std::process::id()),
+            services: vec![proto::ServiceSubscription {
+                service: service.to_owned(),
+                known: None,
+            }],
+        })),
+    };
+    tx.send(subscribe)
+        .await
+        .map_err(|_| Error::Unavailable("session closed".into()))?;
+    let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
+    let mut known: HashSet<String> = HashSet::new();
+    let mut seen = 0u64;
+    let stdout = std::io::stdout();
+    while count.is_none_or(|c| seen < c) {
+        let Some(msg) = inbound.message().await? else {
+            return Err(Error::Unavailable(
+                "the control plane closed the session".into(),
+            ));
+        };
+        let line = match msg.kind {
+            Some(ServerKind::Update(u)) => {
+                seen += 1;
+                let line = if j {
+                    let upserts: Vec<_> = u.upserts.iter().map(server_json).collect();
+                    let mut o = json!({
+                        "service": u.service, "version": version_json(u.version),
+                        "full": u.full, "nonce": u.nonce,
+                        "upserts": upserts, "removals": u.removals,
+                    });
+                    if let Some(p) = &u.policy {
+                        o["policy"] = policy_json(p);
+                    }
+                    if let Some(b) = u.base {
+                        o["base"] = version_json(Some(b));
+                    }
+                    o.to_string()
+                } else {
+                    let mut parts = vec![version_text(u.version)];
+                    if u.full {
+                        parts.push("full".into());
+                    }
+                    if let Some(p) = &u.policy {
+                        parts.push(format!("policy={}", model::algorithm_name(p.algorithm)));
+                    }
+                    if u.full {
+                        known.clear();
+                    }
+                    for s in &u.upserts {
+                        let sign = if known.insert(s.server_id.clone()) {
+                            '+'
+                        } else {
+                            '~'
+                        };
+                        parts.push(format!("{sign}{}", server_text(s)));
+                    }
+                    for id in &u.removals {
+                        known.remove(id);
+                        parts.push(format!("-{id}"));
+                    }
+                    parts.join(" ")
+                };
+                let ack = proto::ClientMessage {
+                    kind: Some(ClientKind::Ack(proto::Ack {
+                        service: u.service,
+                        version: u.version,
+                        nonce: u.nonce,
+                    })),
+                };
+                if tx.send(ack).await.is_err() {
+                    return Err(Error::Unavailable("session closed".into()));
+                }
+                line
+            }
+            Some(ServerKind::NotFound(nf)) => {
+                if j {
+                    json!({"service": nf.service, "not_found": true, "version": version_json(nf.version)})
+                        .to_string()
+                } else {
+                    format!(
+                        "service {} not found ({})",
+                        nf.service,
+                        version_text(nf.version)
+                    )
+                }
+            }
+            Some(ServerKind::GoingAway(g)) => {
+                return Err(Error::Unavailable(format!(
+                    "the control plane is going away: {}",
+                    g.reason
+                )));
+            }
+            None => continue,
+        };
+        let mut out = stdout.lock();
+        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+            return Ok(()); // stdout closed (e.g. piped into `head`)
+        }
+    }
+    Ok(())
+}

@@ -1,2 +1,112 @@
-//! dlbd.
-fn main() {}
+//! `dlbd` — the DLB control plane daemon.
+//!
+//! `dlbd` with no arguments serves gRPC on 127.0.0.1:50051 and metrics on 127.0.0.1:9464 with an
+//! empty `default` service. `--config FILE` loads a YAML configuration; `--listen`,
+//! `--metrics-listen` and `--no-metrics` override it. Logs go to stderr (`RUST_LOG`, default
+//! `info`); once both listeners are bound it logs
+//! `dlbd listening grpc=ADDR metrics=ADDR|off`. SIGINT or SIGTERM start a graceful shutdown.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use dlb_server::ServerConfig;
+use tracing_subscriber::EnvFilter;
+
+/// The DLB control plane.
+#[derive(Debug, Parser)]
+#[command(name = "dlbd", version, about)]
+struct Args {
+    /// YAML configuration file.
+    #[arg(long, value_name = "FILE", env = "DLBD_CONFIG")]
+    config: Option<PathBuf>,
+    /// gRPC listen address (overrides the file).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Prometheus metrics listen address (overrides the file).
+    #[arg(long, value_name = "ADDR", conflicts_with = "no_metrics")]
+    metrics_listen: Option<SocketAddr>,
+    /// Disable the metrics endpoint.
+    #[arg(long)]
+    no_metrics: bool,
+}
+
+async fn terminated() -> anyhow::Result<&'static str> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => { r.context("waiting for SIGINT")?; Ok("SIGINT") }
+            _ = term.recv() => Ok("SIGTERM"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c()
+            .await
+            .context("waiting for Ctrl-C")?;
+        Ok("Ctrl-C")
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("dlbd: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` prints the whole cause chain on one line, without a backtrace.
+            eprintln!("dlbd: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+
+    let mut config = match &args.config {
+        Some(path) => ServerConfig::from_yaml_file(path)?,
+        None => ServerConfig::default(),
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(m) = args.metrics_listen {
+        config.metrics_listen = Some(m);
+    }
+    if args.no_metrics {
+        config.metrics_listen = None;
+    }
+
+    let server = dlb_server::spawn(config).await.context("starting dlbd")?;
+    let metrics = server
+        .metrics_addr()
+        .map_or_else(|| "off".to_owned(), |a| a.to_string());
+    tracing::info!(
+        epoch = server.epoch(),
+        "dlbd listening grpc={} metrics={}",
+        server.grpc_addr(),
+        metrics
+    );
+
+    let why = terminated().await?;
+    tracing::info!(signal = why, "shutting down");
+    server.shutdown().await.context("shutting down")?;
+    tracing::info!("dlbd stopped");
+    Ok(())
+}

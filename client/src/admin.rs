@@ -1,0 +1,474 @@
+//! Admin calls: the `Registry` RPCs, validated locally first.
+//!
+//! [`AdminClient`] wraps the generated `RegistryClient` over one lazily connected channel per
+//! control-plane endpoint. Every call validates its input with [`dlb::model`] before anything goes
+//! on the wire (so a malformed request fails with the same message the server would give, without a
+//! round trip), then tries the current endpoint and, when that one is unreachable
+//! (`UNAVAILABLE`), the next ones in list order. `dlbctl`, [`crate::Client`] and
+//! [`crate::ServiceHandle`] all go through it.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dlb::model;
+use dlb::proto;
+use dlb::proto::registry_client::RegistryClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::{Error, Result};
+
+/// Transport settings shared by the session and the admin calls.
+#[derive(Debug, Clone)]
+pub struct ChannelOptions {
+    /// Timeout for establishing a TCP + HTTP/2 connection.
+    pub connect_timeout: Duration,
+    /// Interval of HTTP/2 keepalive pings (dead-stream detection).
+    pub keepalive_interval: Duration,
+    /// How long to wait for a keepalive ack before the connection is declared dead.
+    pub keepalive_timeout: Duration,
+    /// Deadline of each unary admin call.
+    pub request_timeout: Duration,
+}
+
+impl Default for ChannelOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(2),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Normalizes an endpoint (`host:port` gets `http://`) and builds a tonic endpoint from it.
+pub(crate) fn make_endpoint(raw: &str, opts: &ChannelOptions) -> Result<Endpoint> {
+    let uri = if raw.contains("://") {
+        raw.to_owned()
+    } else {
+        format!("http://{raw}")
+    };
+    let endpoint = Endpoint::from_shared(uri).map_err(|e| Error::InvalidEndpoint {
+        endpoint: raw.to_owned(),
+        reason: e.to_string(),
+    })?;
+    Ok(endpoint
+        .connect_timeout(opts.connect_timeout)
+        .http2_keep_alive_interval(opts.keepalive_interval)
+        .keep_alive_timeout(opts.keepalive_timeout)
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true))
+}
+
+/// A backend to register with [`AdminClient::add_server`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewServer {
+    /// Unique id within the service.
+    pub server_id: String,
+    /// `host:port`.
+    pub address: String,
+    /// Relative share, 1..=10000.
+    pub weight: u32,
+    /// Stable consistent-hashing key; empty means "use the server id".
+    pub hash_key: String,
+    /// Free-form labels.
+    pub metadata: HashMap<String, String>,
+}
+
+impl NewServer {
+    /// A backend with weight 1, no hash key and no labels.
+    pub fn new(server_id: impl Into<String>, address: impl Into<String>) -> Self {
+        Self {
+            server_id: server_id.into(),
+            address: address.into(),
+            weight: 1,
+            hash_key: String::new(),
+            metadata: HashMap::new(),
+        }
+    }
+
+    /// Sets the weight.
+    pub fn weight(mut self, weight: u32) -> Self {
+        self.weight = weight;
+        self
+    }
+
+    /// Sets the stable hash key.
+    pub fn hash_key(mut self, key: impl Into<String>) -> Self {
+        self.hash_key = key.into();
+        self
+    }
+
+    /// Adds a label.
+    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    /// Checks every field with [`dlb::model`].
+    pub fn validate(&self) -> Result<()> {
+        model::validate_server_id(&self.server_id)?;
+        model::validate_address(&self.address)?;
+        model::validate_weight(self.weight)?;
+        model::validate_hash_key(&self.hash_key)?;
+        model::validate_metadata(&self.metadata)?;
+        Ok(())
+    }
+}
+
+/// A change to an existing backend for [`AdminClient::update_server`]: only the fields that are
+/// `Some` change.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerUpdate {
+    /// The backend to change.
+    pub server_id: String,
+    /// New weight, 1..=10000.
+    pub weight: Option<u32>,
+    /// New drain flag.
+    pub draining: Option<bool>,
+    /// New address.
+    pub address: Option<String>,
+    /// New hash key (empty resets it to the server id).
+    pub hash_key: Option<String>,
+    /// New labels, replacing the old ones.
+    pub metadata: Option<HashMap<String, String>>,
+}
+
+impl ServerUpdate {
+    /// An update of `server_id` that changes nothing yet.
+    pub fn new(server_id: impl Into<String>) -> Self {
+        Self {
+            server_id: server_id.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Checks every set field with [`dlb::model`].
+    pub fn validate(&self) -> Result<()> {
+        model::validate_server_id(&self.server_id)?;
+        if let Some(w) = self.weight {
+            model::validate_weight(w)?;
+        }
+        if let Some(a) = &self.address {
+            model::validate_address(a)?;
+        }
+        if let Some(k) = &self.hash_key {
+            model::validate_hash_key(k)?;
+        }
+        if let Some(m) = &self.metadata {
+            model::validate_metadata(m)?;
+        }
+        Ok(())
+    }
+}
+
+/// Validates a policy as sent by `SetPolicy`: like [`model::validate_policy`], except that
+/// `ALGORITHM_UNSPECIFIED` ("keep the current algorithm") is accepted.
+pub fn validate_policy_request(policy: &proto::Policy) -> Result<()> {
+    let mut p = *policy;
+    if p.algorithm == proto::Algorithm::Unspecified as i32 {
+        // The stored algorithm is unknown here; substitute one that accepts the other fields so
+        // that only their own ranges are checked. The server checks the combination.
+        p.algorithm = if p.bounded_load_factor != 0.0 {
+            proto::Algorithm::Maglev as i32
+        } else {
+            proto::Algorithm::RoundRobin as i32
+        };
+    }
+    model::validate_policy(&p)?;
+    Ok(())
+}
+
+/// Client of the `Registry` RPCs over one or more control-plane endpoints. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AdminClient {
+    /// One lazily connected channel per endpoint, in the order given.
+    channels: Arc<[(String, Channel)]>,
+    /// Index of the endpoint that answered last; shared by clones so they stick to it.
+    current: Arc<AtomicUsize>,
+    /// Deadline of each call.
+    request_timeout: Duration,
+}
+
+impl AdminClient {
+    /// Builds a client over `endpoints` (`http://host:port` or `host:port`) with default options.
+    /// Connections are made on first use.
+    pub fn new(endpoints: impl IntoIterator<Item = impl Into<String>>) -> Result<Self> {
+        Self::with_options(endpoints, &ChannelOptions::default())
+    }
+
+    /// Like [`AdminClient::new`] with explicit transport options.
+    pub fn with_options(
+        endpoints: impl IntoIterator<Item = impl Into<String>>,
+        opts: &ChannelOptions,
+    ) -> Result<Self> {
+        let mut channels = Vec::new();
+        for raw in endpoints {
+            let raw = raw.into();
+            let channel = make_endpoint(&raw, opts)?.connect_lazy();
+            channels.push((raw, channel));
+        }
+        Self::from_channels(channels, opts.request_timeout)
+    }
+
+    pub(crate) fn from_channels(
+        channels: Vec<(String, Channel)>,
+        request_timeout: Duration,
+    ) -> Result<Self> {
+        if channels.is_empty() {
+            return Err(Error::InvalidEndpoint {
+                endpoint: String::new(),
+                reason: "at least one endpoint is required".into(),
+            });
+        }
+        Ok(Self {
+            channels: channels.into(),
+            current: Arc::new(AtomicUsize::new(0)),
+            request_timeout,
+        })
+    }
+
+    /// The endpoints, in the order given.
+    pub fn endpoints(&self) -> impl Iterator<Item = &str> {
+        self.channels.iter().map(|(e, _)| e.as_str())
+    }
+
+    async fn call<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        F: Fn(RegistryClient<Channel>) -> Fut,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let n = self.channels.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last = None;
+        for i in 0..n {
+            let idx = (start + i) % n;
+            let client = RegistryClient::new(self.channels[idx].1.clone());
+            let result = match tokio::time::timeout(self.request_timeout, f(client)).await {
+                Ok(r) => r,
+                Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                    "no answer from {} within {:?}",
+                    self.channels[idx].0, self.request_timeout
+                ))),
+            };
+            match result {
+                Ok(resp) => {
+                    self.current.store(idx, Ordering::Relaxed);
+                    return Ok(resp.into_inner());
+                }
+                Err(status) if status.code() == tonic::Code::Unavailable && i + 1 < n => {
+                    last = Some(status);
+                }
+                Err(status) => return Err(status.into()),
+            }
+        }
+        Err(last.map_or(Error::Unavailable("no endpoint".into()), Error::from))
+    }
+
+    /// `AddServer`: registers a backend in `service` (empty = "default").
+    pub async fn add_server(
+        &self,
+        service: &str,
+        server: NewServer,
+    ) -> Result<proto::ServerResponse> {
+        let service = model::resolve_service(service)?.to_owned();
+        server.validate()?;
+        let req = proto::AddServerRequest {
+            service,
+            server_id: server.server_id,
+            address: server.address,
+            weight: server.weight,
+            hash_key: server.hash_key,
+            metadata: server.metadata,
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.add_server(req).await }
+        })
+        .await
+    }
+
+    /// `RemoveServer`: deregisters a backend.
+    pub async fn remove_server(
+        &self,
+        service: &str,
+        server_id: &str,
+    ) -> Result<proto::RemoveServerResponse> {
+        let req = proto::RemoveServerRequest {
+            service: model::resolve_service(service)?.to_owned(),
+            server_id: checked_id(server_id)?,
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.remove_server(req).await }
+        })
+        .await
+    }
+
+    /// `UpdateServer`: changes the set fields of a backend.
+    pub async fn update_server(
+        &self,
+        service: &str,
+        update: ServerUpdate,
+    ) -> Result<proto::ServerResponse> {
+        let service = model::resolve_service(service)?.to_owned();
+        update.validate()?;
+        let req = proto::UpdateServerRequest {
+            service,
+            server_id: update.server_id,
+            weight: update.weight,
+            draining: update.draining,
+            address: update.address,
+            hash_key: update.hash_key,
+            replace_metadata: update.metadata.is_some(),
+            metadata: update.metadata.unwrap_or_default(),
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.update_server(req).await }
+        })
+        .await
+    }
+
+    /// `ListServers`: the service's backends, version and policy.
+    pub async fn list_servers(&self, service: &str) -> Result<proto::ListServersResponse> {
+        let req = proto::ListServersRequest {
+            service: model::resolve_service(service)?.to_owned(),
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.list_servers(req).await }
+        })
+        .await
+    }
+
+    /// `HealthCheckPassed`: marks a backend healthy.
+    pub async fn health_check_passed(
+        &self,
+        service: &str,
+        server_id: &str,
+    ) -> Result<proto::ServerResponse> {
+        let req = health_request(service, server_id)?;
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.health_check_passed(req).await }
+        })
+        .await
+    }
+
+    /// `HealthCheckFailed`: marks a backend unhealthy.
+    pub async fn health_check_failed(
+        &self,
+        service: &str,
+        server_id: &str,
+    ) -> Result<proto::ServerResponse> {
+        let req = health_request(service, server_id)?;
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.health_check_failed(req).await }
+        })
+        .await
+    }
+
+    /// `GetNextServer`: a server-side pick (for callers without a local picker).
+    pub async fn get_next_server(
+        &self,
+        service: &str,
+        key: Option<&[u8]>,
+    ) -> Result<proto::GetNextServerResponse> {
+        let req = proto::GetNextServerRequest {
+            service: model::resolve_service(service)?.to_owned(),
+            key: key.map(<[u8]>::to_vec).unwrap_or_default(),
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.get_next_server(req).await }
+        })
+        .await
+    }
+
+    /// `GetPolicy`: the service's policy.
+    pub async fn get_policy(&self, service: &str) -> Result<proto::PolicyResponse> {
+        let req = proto::GetPolicyRequest {
+            service: model::resolve_service(service)?.to_owned(),
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.get_policy(req).await }
+        })
+        .await
+    }
+
+    /// `SetPolicy`: replaces the service's policy (`ALGORITHM_UNSPECIFIED` keeps the algorithm).
+    pub async fn set_policy(
+        &self,
+        service: &str,
+        policy: proto::Policy,
+    ) -> Result<proto::PolicyResponse> {
+        let service = model::resolve_service(service)?.to_owned();
+        validate_policy_request(&policy)?;
+        let req = proto::SetPolicyRequest {
+            service,
+            policy: Some(policy),
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.set_policy(req).await }
+        })
+        .await
+    }
+
+    /// `ListServices`: every service with its version and backend counts.
+    pub async fn list_services(&self) -> Result<proto::ListServicesResponse> {
+        self.call(|mut c| async move { c.list_services(proto::ListServicesRequest {}).await })
+            .await
+    }
+}
+
+fn checked_id(server_id: &str) -> Result<String> {
+    model::validate_server_id(server_id)?;
+    Ok(server_id.to_owned())
+}
+
+fn health_request(service: &str, server_id: &str) -> Result<proto::HealthCheckRequest> {
+    Ok(proto::HealthCheckRequest {
+        service: model::resolve_service(service)?.to_owned(),
+        server_id: checked_id(server_id)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validates_before_sending() {
+        assert!(NewServer::new("a b", "127.0.0.1:1").validate().is_err());
+        assert!(NewServer::new("a", "127.0.0.1:0").validate().is_err());
+        assert!(NewServer::new("a", "127.0.0.1:1")
+            .weight(0)
+            .validate()
+            .is_err());
+        assert!(NewServer::new("a", "127.0.0.1:1").validate().is_ok());
+        let mut u = ServerUpdate::new("a");
+        u.weight = Some(10_001);
+        assert!(u.validate().is_err());
+        let p = proto::Policy {
+            bounded_load_factor: 0.5,
+            ..Default::default()
+        };
+        assert!(validate_policy_request(&p).is_err());
+        assert!(validate_policy_request(&proto::Policy::default()).is_ok());
+    }
+
+    #[test]
+    fn endpoints_get_a_scheme() {
+        let opts = ChannelOptions::default();
+        let e = make_endpoint("127.0.0.1:1", &opts).unwrap();
+        assert_eq!(e.uri().to_string(), "http://127.0.0.1:1/");
+        assert!(make_endpoint("http://[bad", &opts).is_err());
+    }
+}

@@ -1,0 +1,581 @@
+//! Server configuration: [`ServerConfig`] and its YAML form.
+//!
+//! The YAML file is parsed in two steps: `serde_yaml` into raw structs with
+//! `deny_unknown_fields` (syntax, unknown fields and type errors carry serde_yaml's line and
+//! column), then semantic validation with `dlb::model` (the same rules as the gRPC API). A
+//! semantic error names its path (`services[0].backends[1].weight`) and, found by re-scanning the
+//! text for that path ([`locate_line`]), its line. Values are stored as the wire types
+//! (`dlb::proto::Policy`, `dlb::proto::Server`), so the store receives the same messages whatever
+//! the entry point.
+//!
+//! ```yaml
+//! listen: 127.0.0.1:50051
+//! metrics_listen: 127.0.0.1:9464     # null disables the metrics endpoint
+//! keepalive: { interval_seconds: 30, timeout_seconds: 10 }
+//! history_size: 1024
+//! per_backend_metrics: false         # opt-in per-backend series
+//! services:
+//!   - name: web
+//!     policy: { algorithm: maglev, bounded_load_factor: 1.25, sticky: none }
+//!     backends:
+//!       - { id: web-1, address: "10.0.0.1:8080", weight: 2, metadata: { zone: a } }
+//! ```
+//!
+//! A configuration loaded from YAML always has a `default` service (added, empty, with the
+//! default policy, when the file does not list it).
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::Path;
+use std::time::Duration;
+
+use dlb::model::{self, ValidationError};
+use dlb::proto;
+use serde::{Deserialize, Deserializer};
+
+/// Default gRPC listen address, 127.0.0.1:50051.
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 50051));
+/// Default metrics listen address, 127.0.0.1:9464.
+pub const DEFAULT_METRICS_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9464));
+
+/// One service defined in the configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceConfig {
+    /// Service name.
+    pub name: String,
+    /// Its policy (validated with `dlb::model::validate_policy`).
+    pub policy: proto::Policy,
+    /// Its backends (each validated with `dlb::model::validate_server`; new ones are healthy).
+    pub backends: Vec<proto::Server>,
+}
+
+impl ServiceConfig {
+    /// An empty service with the default policy.
+    pub fn empty(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            policy: model::default_policy(),
+            backends: Vec::new(),
+        }
+    }
+}
+
+/// Everything `dlbd` needs to start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    /// gRPC listen address (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// Prometheus `/metrics` listen address; `None` disables the endpoint.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Services created at start.
+    pub services: Vec<ServiceConfig>,
+    /// HTTP/2 keepalive ping interval.
+    pub keepalive_interval: Duration,
+    /// How long to wait for a keepalive ping's acknowledgement before closing the connection.
+    pub keepalive_timeout: Duration,
+    /// Changes kept per service for delta resumption.
+    pub history_size: usize,
+    /// Capacity of the store's change feed: how many changes a session may fall behind before
+    /// its queued deltas are dropped and it is resynchronised with a full snapshot.
+    pub feed_capacity: usize,
+    /// Capacity of each session's outbound message channel.
+    pub session_queue: usize,
+    /// How long a graceful shutdown waits for connections to close before aborting them.
+    pub shutdown_grace: Duration,
+    /// Also export per-backend metric series (off by default: cardinality grows with backends).
+    pub per_backend_metrics: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN,
+            metrics_listen: Some(DEFAULT_METRICS_LISTEN),
+            services: vec![ServiceConfig::empty(model::DEFAULT_SERVICE)],
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            history_size: crate::store::memory::DEFAULT_HISTORY,
+            feed_capacity: crate::store::memory::DEFAULT_FEED_CAPACITY,
+            session_queue: 128,
+            shutdown_grace: Duration::from_secs(5),
+            per_backend_metrics: false,
+        }
+    }
+}
+
+/// A configuration that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        /// The file.
+        file: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// YAML syntax, unknown field or wrong type (serde_yaml's message names the field and
+    /// position).
+    #[error("{file}: {message}")]
+    Syntax {
+        /// The file.
+        file: String,
+        /// serde_yaml's message.
+        message: String,
+        /// 1-based line, when known.
+        line: Option<usize>,
+    },
+    /// A value that parses but is not valid.
+    #[error("{file}: {path}: {error}{}", .line.map(|l| format!(" (line {l})")).unwrap_or_default())]
+    Invalid {
+        /// The file.
+        file: String,
+        /// Path of the value, e.g. `services[0].backends[1].weight`.
+        path: String,
+        /// 1-based line, when found.
+        line: Option<usize>,
+        /// What is wrong (its Display is part of this error's).
+        error: Box<ValidationError>,
+    },
+}
+
+impl ConfigError {
+    /// The 1-based line of the error, when known.
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            Self::Read { .. } => None,
+            Self::Syntax { line, .. } | Self::Invalid { line, .. } => *line,
+        }
+    }
+}
+
+fn some<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<String>,
+    #[serde(default, deserialize_with = "some")]
+    metrics_listen: Option<Option<String>>,
+    keepalive: Option<RawKeepalive>,
+    history_size: Option<usize>,
+    per_backend_metrics: Option<bool>,
+    #[serde(default)]
+    services: Vec<RawService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeepalive {
+    interval_seconds: Option<u64>,
+    timeout_seconds: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: String,
+    policy: Option<RawPolicy>,
+    #[serde(default)]
+    backends: Vec<RawBackend>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    algorithm: Option<String>,
+    bounded_load_factor: Option<f64>,
+    sticky: Option<String>,
+    sticky_ttl_seconds: Option<u32>,
+    sticky_max_entries: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    id: String,
+    address: String,
+    weight: Option<u32>,
+    hash_key: Option<String>,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    draining: bool,
+}
+
+/// Collects a path and turns a `ValidationError` into a located `ConfigError`.
+struct Ctx<'a> {
+    file: &'a str,
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn invalid(&self, path: String, source: ValidationError) -> ConfigError {
+        let line = locate_line(self.text, &path);
+        ConfigError::Invalid {
+            file: self.file.to_owned(),
+            path,
+            line,
+            error: Box::new(source),
+        }
+    }
+
+    fn addr(&self, field: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+        value.parse().map_err(|_| {
+            self.invalid(
+                field.to_owned(),
+                ValidationError::new(
+                    field,
+                    value,
+                    "expected an IP socket address, e.g. 127.0.0.1:50051",
+                ),
+            )
+        })
+    }
+}
+
+impl ServerConfig {
+    /// Parses a YAML configuration. Errors name the field and, where possible, the line.
+    pub fn from_yaml_str(s: &str) -> Result<Self, ConfigError> {
+        Self::parse(s, "config")
+    }
+
+    /// Reads and parses a YAML configuration file.
+    pub fn from_yaml_file(p: &Path) -> Result<Self, ConfigError> {
+        let file = p.display().to_string();
+        let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        Self::parse(&text, &file)
+    }
+
+    fn parse(text: &str, file: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = if text.trim().is_empty() {
+            RawConfig {
+                listen: None,
+                metrics_listen: None,
+                keepalive: None,
+                history_size: None,
+                per_backend_metrics: None,
+                services: Vec::new(),
+            }
+        } else {
+            serde_yaml::from_str(text).map_err(|e| ConfigError::Syntax {
+                file: file.to_owned(),
+                message: e.to_string(),
+                line: e.location().map(|l| l.line()),
+            })?
+        };
+        let ctx = Ctx { file, text };
+        let mut cfg = ServerConfig::default();
+        if let Some(l) = &raw.listen {
+            cfg.listen = ctx.addr("listen", l)?;
+        }
+        match &raw.metrics_listen {
+            None => {}
+            Some(None) => cfg.metrics_listen = None,
+            Some(Some(s)) if matches!(s.as_str(), "" | "off" | "none" | "disabled") => {
+                cfg.metrics_listen = None;
+            }
+            Some(Some(s)) => cfg.metrics_listen = Some(ctx.addr("metrics_listen", s)?),
+        }
+        if let Some(k) = &raw.keepalive {
+            if let Some(i) = k.interval_seconds {
+                if i == 0 {
+                    return Err(ctx.invalid(
+                        "keepalive.interval_seconds".into(),
+                        ValidationError::new("interval_seconds", i, "must be at least 1"),
+                    ));
+                }
+                cfg.keepalive_interval = Duration::from_secs(i);
+            }
+            if let Some(t) = k.timeout_seconds {
+                if t == 0 {
+                    return Err(ctx.invalid(
+                        "keepalive.timeout_seconds".into(),
+                        ValidationError::new("timeout_seconds", t, "must be at least 1"),
+                    ));
+                }
+                cfg.keepalive_timeout = Duration::from_secs(t);
+            }
+        }
+        if let Some(h) = raw.history_size {
+            if h == 0 {
+                return Err(ctx.invalid(
+                    "history_size".into(),
+                    ValidationError::new("history_size", h, "must be at least 1"),
+                ));
+            }
+            cfg.history_size = h;
+        }
+        cfg.per_backend_metrics = raw.per_backend_metrics.unwrap_or(false);
+        cfg.services.clear();
+        let mut names = HashSet::new();
+        for (i, s) in raw.services.iter().enumerate() {
+            let svc = convert_service(&ctx, i, s)?;
+            if !names.insert(svc.name.clone()) {
+                return Err(ctx.invalid(
+                    format!("services[{i}].name"),
+                    ValidationError::new("service", &svc.name, "duplicate service name"),
+                ));
+            }
+            cfg.services.push(svc);
+        }
+        if !names.contains(model::DEFAULT_SERVICE) {
+            cfg.services
+                .insert(0, ServiceConfig::empty(model::DEFAULT_SERVICE));
+        }
+        Ok(cfg)
+    }
+}
+
+fn convert_service(ctx: &Ctx<'_>, i: usize, s: &RawService) -> Result<ServiceConfig, ConfigError> {
+    let at = |field: &str| format!("services[{i}].{field}");
+    model::validate_id("service", &s.name).map_err(|e| ctx.invalid(at("name"), e))?;
+    let mut policy = model::default_policy();
+    if let Some(p) = &s.policy {
+        if let Some(a) = &p.algorithm {
+            policy.algorithm = model::parse_algorithm("algorithm", a)
+                .map_err(|e| ctx.invalid(at("policy.algorithm"), e))?
+                as i32;
+        }
+        if let Some(c) = p.bounded_load_factor {
+            policy.bounded_load_factor = c;
+        }
+        if let Some(m) = &p.sticky {
+            policy.sticky_mode = model::parse_sticky_mode("sticky", m)
+                .map_err(|e| ctx.invalid(at("policy.sticky"), e))?
+                as i32;
+        }
+        policy.sticky_ttl_seconds = p.sticky_ttl_seconds.unwrap_or(0);
+        policy.sticky_max_entries = p.sticky_max_entries.unwrap_or(0);
+    }
+    model::validate_policy(&policy).map_err(|e| {
+        let field = e.field.strip_prefix("policy.").unwrap_or(&e.field);
+        let field = if field == "sticky_mode" {
+            "sticky"
+        } else {
+            field
+        };
+        ctx.invalid(at(&format!("policy.{field}")), e)
+    })?;
+    let mut ids = HashSet::new();
+    let mut backends = Vec::with_capacity(s.backends.len());
+    for (j, b) in s.backends.iter().enumerate() {
+        let bat = |field: &str| format!("services[{i}].backends[{j}].{field}");
+        let server = proto::Server {
+            server_id: b.id.clone(),
+            address: b.address.clone(),
+            weight: b.weight.unwrap_or(1),
+            hash_key: b.hash_key.clone().unwrap_or_default(),
+            metadata: b.metadata.clone().into_iter().collect(),
+            health: proto::HealthStatus::Healthy as i32,
+            draining: b.draining,
+        };
+        model::validate_server(&server).map_err(|e| {
+            let field = match e.field.as_str() {
+                "server_id" => "id",
+                f if f.starts_with("metadata") => "metadata",
+                f => f,
+            }
+            .to_owned();
+            ctx.invalid(bat(&field), e)
+        })?;
+        if !ids.insert(b.id.clone()) {
+            return Err(ctx.invalid(
+                bat("id"),
+                ValidationError::new("server_id", &b.id, "duplicate backend id in this service"),
+            ));
+        }
+        backends.push(server);
+    }
+    Ok(ServiceConfig {
+        name: s.name.clone(),
+        policy,
+        backends,
+    })
+}
+
+/// One path segment: a mapping key or a sequence index.
+#[derive(Debug, PartialEq)]
+enum Seg<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+fn parse_path(path: &str) -> Vec<Seg<'_>> {
+    let mut segs = Vec::new();
+    for part in path.split('.') {
+        let (key, rest) = part.split_once('[').unwrap_or((part, ""));
+        if !key.is_empty() {
+            segs.push(Seg::Key(key));
+        }
+        for idx in rest.split('[') {
+            if let Ok(n) = idx.trim_end_matches(']').parse() {
+                segs.push(Seg::Index(n));
+            }
+        }
+    }
+    segs
+}
+
+/// A non-blank, non-comment line: 0-based number, indentation, content.
+struct Line<'a> {
+    no: usize,
+    indent: usize,
+    text: &'a str,
+}
+
+/// Finds the 1-based line of `path` (e.g. `services[0].backends[1].weight`) in block-style YAML
+/// by re-scanning the text. Flow-style collections resolve to the line they start on. Returns
+/// `None` when the path cannot be followed.
+pub fn locate_line(text: &str, path: &str) -> Option<usize> {
+    let lines: Vec<Line<'_>> = text
+        .lines()
+        .enumerate()
+        .filter_map(|(no, l)| {
+            let trimmed = l.trim_start();
+            (!trimmed.is_empty() && !trimmed.starts_with('#') && trimmed != "---").then(|| Line {
+                no,
+                indent: l.len() - trimmed.len(),
+                text: l,
+            })
+        })
+        .collect();
+    // The current node: index into `lines` and the column its content starts at.
+    let (mut li, mut col) = (0usize, lines.first()?.indent);
+    let mut found = lines.first()?.no;
+    for seg in parse_path(path) {
+        let first = lines.get(li)?;
+        if first.text.len() > col && first.text[col..].starts_with(['{', '[']) {
+            // Flow style: stop at the collection's line.
+            return Some(found + 1);
+        }
+        match seg {
+            Seg::Key(key) => {
+                let mut hit = None;
+                for (k, l) in lines.iter().enumerate().skip(li) {
+                    if k > li && l.indent < col {
+                        break;
+                    }
+                    let at = if k == li { col } else { l.indent };
+                    if at != col {
+                        continue;
+                    }
+                    let content = l.text.get(at..)?;
+                    let content = content.trim_start_matches('"');
+                    if let Some(rest) = content.strip_prefix(key) {
+                        let rest = rest.trim_start_matches('"');
+                        if rest.starts_with(':') {
+                            hit = Some((k, at + (content.len() - rest.len()) + 1));
+                            break;
+                        }
+                    }
+                }
+                let (k, after) = hit?;
+                found = lines[k].no;
+                let inline = lines[k].text[after..].trim_start();
+                if !inline.is_empty() && !inline.starts_with('#') {
+                    // Value on the same line.
+                    li = k;
+                    col = lines[k].text.len() - inline.len();
+                } else {
+                    li = k + 1;
+                    col = lines.get(li)?.indent;
+                }
+            }
+            Seg::Index(n) => {
+                let mut count = 0usize;
+                let mut hit = None;
+                for (k, l) in lines.iter().enumerate().skip(li) {
+                    let at = if k == li { col } else { l.indent };
+                    if k > li && l.indent < col {
+                        break;
+                    }
+                    if at != col {
+                        continue;
+                    }
+                    if !l.text.get(at..)?.starts_with('-') {
+                        break;
+                    }
+                    if count == n {
+                        hit = Some(k);
+                        break;
+                    }
+                    count += 1;
+                }
+                let k = hit?;
+                found = lines[k].no;
+                let item = lines[k].text.get(col + 1..)?;
+                let trimmed = item.trim_start();
+                if trimmed.is_empty() {
+                    li = k + 1;
+                    col = lines.get(li)?.indent;
+                } else {
+                    li = k;
+                    col = lines[k].text.len() - trimmed.len();
+                }
+            }
+        }
+    }
+    Some(found + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const YAML: &str = "\
+listen: 127.0.0.1:50051
+# comment
+services:
+  - name: web
+    policy:
+      algorithm: maglev
+    backends:
+      - id: a
+        address: 10.0.0.1:80
+      -
+        id: b
+        weight: 0
+- name: x
+";
+
+    #[test]
+    fn locate() {
+        assert_eq!(locate_line(YAML, "listen"), Some(1));
+        assert_eq!(locate_line(YAML, "services[0].name"), Some(4));
+        assert_eq!(locate_line(YAML, "services[0].policy.algorithm"), Some(6));
+        assert_eq!(
+            locate_line(YAML, "services[0].backends[0].address"),
+            Some(9)
+        );
+        assert_eq!(
+            locate_line(YAML, "services[0].backends[1].weight"),
+            Some(12)
+        );
+        assert_eq!(locate_line(YAML, "services[0].backends[2].weight"), None);
+        let flow = "services:\n- {name: a, backends: [{id: x}]}\n";
+        assert_eq!(locate_line(flow, "services[0].backends[0].id"), Some(2));
+    }
+
+    #[test]
+    fn defaults_and_errors() {
+        let c = ServerConfig::from_yaml_str("").unwrap();
+        assert_eq!(c, ServerConfig::default());
+        let c = ServerConfig::from_yaml_str("metrics_listen: null\n").unwrap();
+        assert_eq!(c.metrics_listen, None);
+        let e = ServerConfig::from_yaml_str(
+            "services:\n  - name: s\n    backends:\n      - id: a\n        address: 1.2.3.4:80\n        weight: 0\n",
+        )
+        .unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("services[0].backends[0].weight"), "{msg}");
+        assert!(msg.contains("(line 6)"), "{msg}");
+    }
+}

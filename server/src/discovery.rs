@@ -1,0 +1,390 @@
+//! The `dlb.v1.Discovery` gRPC service: one bidirectional session per SDK.
+//!
+//! Each `Session` call spawns one task that owns all of the session's state (which services it
+//! follows and the version each was last brought to) — no locks. The task `select!`s over
+//! three inputs: the client's messages, the store's change feed, and the shutdown flag.
+//!
+//! * **First message** must be a `Subscribe`; anything else ends the stream with
+//!   `INVALID_ARGUMENT`. For each service: a full snapshot, or a delta when the client's
+//!   `known` (epoch, version) is still in the store's history, or `ServiceNotFound` (then a full
+//!   snapshot as soon as the service is created).
+//! * **Deltas** follow in version order. A change whose `base` is the version the session last
+//!   sent is forwarded as is; a gap (the session lagged) is filled with one coalesced delta from
+//!   the store's history (or a full snapshot when the history no longer reaches back).
+//! * **Backpressure**: the task subscribes to the store's `broadcast` change feed before it
+//!   reads any snapshot, so nothing is missed. Writers never wait for sessions: `broadcast` keeps
+//!   a bounded ring per receiver and a session that falls more than `feed_capacity` changes
+//!   behind loses its queued changes (`Lagged`) and resynchronises every service it follows. The
+//!   outbound queue towards the HTTP/2 stream is a bounded `mpsc` channel (`session_queue`); a
+//!   full queue blocks only this session's task.
+//! * **Ack** is logged; **Nack** is answered with a full snapshot; **Unsubscribe** stops
+//!   updates; **LoadReport** replaces this session's in-flight counts for the service (see
+//!   [`crate::loads`]); they are removed when the session ends.
+//! * **Shutdown**: every session sends `GoingAway` and then ends its stream.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use dlb::model;
+use dlb::proto::{
+    self, client_message, discovery_server::Discovery, server_message, ClientMessage, ServerMessage,
+};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::state::Shared;
+
+/// How long a session waits for room in its queue to hand over its last message (`GoingAway`
+/// or the error status that ends it).
+const GOING_AWAY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+use crate::store::{Catchup, Change};
+
+/// The Discovery service implementation.
+pub struct DiscoveryService {
+    shared: Arc<Shared>,
+}
+
+impl DiscoveryService {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+#[tonic::async_trait]
+impl Discovery for DiscoveryService {
+    type SessionStream = ReceiverStream<Result<ServerMessage, Status>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<ClientMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let peer = request.remote_addr();
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(self.shared.session_queue.max(1));
+        let id = self.shared.next_session.fetch_add(1, Ordering::Relaxed) + 1;
+        // Subscribe to the feed before any snapshot is read, so no change falls in between.
+        let feed = self.shared.store.watch();
+        let session = Session {
+            id,
+            shared: self.shared.clone(),
+            tx,
+            subs: HashMap::new(),
+            nonce: 0,
+            epoch: self.shared.store.epoch(),
+        };
+        tracing::debug!(session = id, ?peer, "session opened");
+        tokio::spawn(session.run(inbound, feed));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// What a session last sent for one followed service.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Sub {
+    /// The client was told the service does not exist.
+    NotFound,
+    /// The client was brought to this version.
+    At(u64),
+}
+
+/// Why the session loop stopped.
+enum End {
+    /// The client closed its stream, or the server is shutting down.
+    Done,
+    /// The outbound stream is gone (the client went away).
+    Gone,
+    /// The session ends with this status (sent to the client).
+    Status(Status),
+}
+
+struct Session {
+    id: u64,
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Result<ServerMessage, Status>>,
+    subs: HashMap<String, Sub>,
+    nonce: u64,
+    epoch: u64,
+}
+
+impl Session {
+    async fn run(
+        mut self,
+        mut inbound: Streaming<ClientMessage>,
+        feed: broadcast::Receiver<Arc<Change>>,
+    ) {
+        let metrics = self.shared.metrics.clone();
+        metrics.session_delta(1);
+        let end = self.main(&mut inbound, feed).await;
+        let code = match end {
+            End::Done | End::Gone => tonic::Code::Ok,
+            End::Status(status) => {
+                let code = status.code();
+                let _ = tokio::time::timeout(GOING_AWAY_TIMEOUT, self.tx.send(Err(status))).await;
+                code
+            }
+        };
+        for (service, totals) in self.shared.loads.remove_session(self.id) {
+            self.shared.pickers.set_baselines(&service, &totals);
+            metrics.in_flight(&service, &totals);
+        }
+        metrics.session_delta(-1);
+        metrics.rpc("Session", code);
+        tracing::debug!(session = self.id, "session closed");
+    }
+
+    fn next_nonce(&mut self) -> String {
+        self.nonce += 1;
+        format!("{:x}-{:x}-{}", self.epoch, self.id, self.nonce)
+    }
+
+    /// Hands a message to the stream; `Err(End::Gone)` when the client is gone, `Err(End::Done)`
+    /// when a shutdown started while the queue was full.
+    async fn send(&mut self, kind: server_message::Kind) -> Result<(), End> {
+        let msg = ServerMessage { kind: Some(kind) };
+        let mut shutdown = self.shared.shutdown.clone();
+        tokio::select! {
+            r = self.tx.send(Ok(msg)) => r.map_err(|_| End::Gone),
+            _ = crate::state::stopped(&mut shutdown) => Err(End::Done),
+        }
+    }
+
+    async fn going_away(&mut self) {
+        let msg = ServerMessage {
+            kind: Some(server_message::Kind::GoingAway(proto::GoingAway {
+                reason: "dlbd is shutting down".into(),
+            })),
+        };
+        // Best effort: a client that does not read for a while does not get it.
+        let _ = tokio::time::timeout(GOING_AWAY_TIMEOUT, self.tx.send(Ok(msg))).await;
+    }
+
+    async fn main(
+        &mut self,
+        inbound: &mut Streaming<ClientMessage>,
+        mut feed: broadcast::Receiver<Arc<Change>>,
+    ) -> End {
+        let mut shutdown = self.shared.shutdown.clone();
+        let first = tokio::select! {
+            m = inbound.message() => m,
+            _ = crate::state::stopped(&mut shutdown) => {
+                self.going_away().await;
+                return End::Done;
+            }
+        };
+        match first {
+            Ok(Some(ClientMessage {
+                kind: Some(client_message::Kind::Subscribe(sub)),
+            })) => {
+                tracing::info!(session = self.id, client_id = %sub.client_id, services = sub.services.len(), "session subscribed");
+                if let Err(end) = self.subscribe(sub).await {
+                    return end;
+                }
+            }
+            Ok(Some(_)) => {
+                return End::Status(Status::invalid_argument(
+                    "the first message of a session must be a Subscribe",
+                ))
+            }
+            Ok(None) | Err(_) => return End::Done,
+        }
+        loop {
+            tokio::select! {
+                biased;
+                _ = crate::state::stopped(&mut shutdown) => {
+                    self.going_away().await;
+                    return End::Done;
+                }
+                m = inbound.message() => {
+                    let r = match m {
+                        Ok(Some(msg)) => self.on_client(msg).await,
+                        Ok(None) | Err(_) => return End::Done,
+                    };
+                    if let Err(end) = r {
+                        return end;
+                    }
+                }
+                c = feed.recv() => {
+                    let r = match c {
+                        Ok(change) => self.on_change(&change).await,
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            tracing::warn!(session = self.id, skipped = n, "session lagged; resynchronising");
+                            self.shared.metrics.resync();
+                            self.resync_all().await
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return End::Done,
+                    };
+                    if let Err(end) = r {
+                        return end;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, sub: proto::Subscribe) -> Result<(), End> {
+        for s in sub.services {
+            let service = model::resolve_service(&s.service)
+                .map_err(|e| End::Status(Status::invalid_argument(e.to_string())))?
+                .to_owned();
+            let known = s.known.filter(|k| k.epoch != 0);
+            self.catch_up(&service, known, None).await?;
+        }
+        Ok(())
+    }
+
+    async fn on_client(&mut self, msg: ClientMessage) -> Result<(), End> {
+        match msg.kind {
+            Some(client_message::Kind::Subscribe(sub)) => self.subscribe(sub).await,
+            Some(client_message::Kind::Ack(ack)) => {
+                tracing::trace!(session = self.id, service = %ack.service, nonce = %ack.nonce, "ack");
+                Ok(())
+            }
+            Some(client_message::Kind::Nack(nack)) => {
+                let service = model::resolve_service(&nack.service)
+                    .unwrap_or_default()
+                    .to_owned();
+                tracing::warn!(session = self.id, service, nonce = %nack.nonce, detail = %nack.error_detail, "nack; sending a full snapshot");
+                if self.subs.contains_key(&service) {
+                    self.catch_up(&service, None, None).await?;
+                }
+                Ok(())
+            }
+            Some(client_message::Kind::Unsubscribe(u)) => {
+                if let Ok(service) = model::resolve_service(&u.service) {
+                    self.subs.remove(service);
+                }
+                Ok(())
+            }
+            Some(client_message::Kind::LoadReport(report)) => {
+                if let Ok(service) = model::resolve_service(&report.service) {
+                    let totals = self.shared.loads.report(self.id, service, &report.backends);
+                    self.shared.pickers.set_baselines(service, &totals);
+                    self.shared.metrics.in_flight(service, &totals);
+                }
+                Ok(())
+            }
+            None => {
+                tracing::debug!(session = self.id, "empty client message ignored");
+                Ok(())
+            }
+        }
+    }
+
+    async fn on_change(&mut self, change: &Change) -> Result<(), End> {
+        let Some(&sub) = self.subs.get(&change.service) else {
+            return Ok(());
+        };
+        match sub {
+            Sub::At(v) if v >= change.version => Ok(()),
+            Sub::At(v) if v == change.base => {
+                let update = proto::ServiceUpdate {
+                    service: change.service.clone(),
+                    version: Some(self.version(change.version)),
+                    base: Some(self.version(change.base)),
+                    nonce: self.next_nonce(),
+                    full: false,
+                    policy: change.policy,
+                    upserts: change.upserts.clone(),
+                    removals: change.removals.clone(),
+                };
+                self.send(server_message::Kind::Update(update)).await?;
+                self.shared
+                    .metrics
+                    .push_latency(change.at.elapsed().as_secs_f64());
+                self.subs
+                    .insert(change.service.clone(), Sub::At(change.version));
+                Ok(())
+            }
+            Sub::At(v) => {
+                let known = Some(self.version(v));
+                self.catch_up(&change.service, known, Some(change)).await
+            }
+            Sub::NotFound => self.catch_up(&change.service, None, Some(change)).await,
+        }
+    }
+
+    async fn resync_all(&mut self) -> Result<(), End> {
+        let subs: Vec<(String, Sub)> = self.subs.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        for (service, sub) in subs {
+            let known = match sub {
+                Sub::At(v) => Some(self.version(v)),
+                Sub::NotFound => None,
+            };
+            self.catch_up(&service, known, None).await?;
+        }
+        Ok(())
+    }
+
+    fn version(&self, version: u64) -> proto::Version {
+        proto::Version {
+            epoch: self.epoch,
+            version,
+        }
+    }
+
+    /// Sends whatever brings a client holding `known` up to date, and records it.
+    async fn catch_up(
+        &mut self,
+        service: &str,
+        known: Option<proto::Version>,
+        cause: Option<&Change>,
+    ) -> Result<(), End> {
+        let catchup = self
+            .shared
+            .store
+            .changes_since(service.to_owned(), known)
+            .await
+            .map_err(|e| End::Status(e.into()))?;
+        let (kind, sub) = match catchup {
+            Catchup::Full(snap) => (
+                server_message::Kind::Update(proto::ServiceUpdate {
+                    service: service.to_owned(),
+                    version: Some(snap.version),
+                    base: None,
+                    nonce: self.next_nonce(),
+                    full: true,
+                    policy: Some(snap.policy),
+                    upserts: snap.servers,
+                    removals: Vec::new(),
+                }),
+                Sub::At(snap.version.version),
+            ),
+            Catchup::Delta(d) => (
+                server_message::Kind::Update(proto::ServiceUpdate {
+                    service: service.to_owned(),
+                    version: Some(self.version(d.version)),
+                    base: Some(self.version(d.base)),
+                    nonce: self.next_nonce(),
+                    full: false,
+                    policy: d.policy,
+                    upserts: d.upserts,
+                    removals: d.removals,
+                }),
+                Sub::At(d.version),
+            ),
+            Catchup::NotFound { epoch } => {
+                if cause.is_some() && self.subs.get(service) == Some(&Sub::NotFound) {
+                    return Ok(());
+                }
+                (
+                    server_message::Kind::NotFound(proto::ServiceNotFound {
+                        service: service.to_owned(),
+                        version: Some(proto::Version { epoch, version: 0 }),
+                        nonce: self.next_nonce(),
+                    }),
+                    Sub::NotFound,
+                )
+            }
+        };
+        self.send(kind).await?;
+        if let Some(change) = cause {
+            self.shared
+                .metrics
+                .push_latency(change.at.elapsed().as_secs_f64());
+        }
+        self.subs.insert(service.to_owned(), sub);
+        Ok(())
+    }
+}

@@ -1,0 +1,100 @@
+//! The crate's error type and its single conversion to a gRPC status.
+//!
+//! Handlers return [`Error`]; the one `impl From<Error> for tonic::Status` at the edge decides
+//! the code: malformed input ⇒ `INVALID_ARGUMENT` (the message is the `ValidationError`'s
+//! Display, naming the field and value), unknown service/server ⇒ `NOT_FOUND`, duplicate id ⇒
+//! `ALREADY_EXISTS`, no eligible backend ⇒ `UNAVAILABLE`.
+
+use std::net::SocketAddr;
+
+use dlb::balance::{BuildError, PickError};
+use dlb::model::ValidationError;
+
+use crate::config::ConfigError;
+
+/// Errors of the control plane.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A malformed field.
+    #[error("{0}")]
+    Invalid(#[from] ValidationError),
+    /// The service does not exist.
+    #[error("service {0:?} not found")]
+    ServiceNotFound(String),
+    /// The service already exists (creating it twice).
+    #[error("service {0:?} already exists")]
+    ServiceExists(String),
+    /// The backend does not exist in the service.
+    #[error("server_id {server_id:?} not found in service {service:?}")]
+    ServerNotFound {
+        /// The service.
+        service: String,
+        /// The unknown backend id.
+        server_id: String,
+    },
+    /// The backend id is taken in the service.
+    #[error("server_id {server_id:?} already exists in service {service:?}")]
+    AlreadyExists {
+        /// The service.
+        service: String,
+        /// The duplicate backend id.
+        server_id: String,
+    },
+    /// No backend could be picked.
+    #[error("service {service:?}: {source}")]
+    Unavailable {
+        /// The service.
+        service: String,
+        /// Why the pick failed.
+        source: PickError,
+    },
+    /// The picker could not be built from stored state (a bug: stored state is validated).
+    #[error("service {service:?}: cannot build picker: {source}")]
+    Picker {
+        /// The service.
+        service: String,
+        /// The build error.
+        source: BuildError,
+    },
+    /// A listener could not be bound.
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The gRPC transport failed.
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The reflection service could not be built.
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A background task failed or panicked.
+    #[error("task failed: {0}")]
+    Task(String),
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        let msg = e.to_string();
+        match e {
+            Error::Invalid(_) | Error::Config(_) => tonic::Status::invalid_argument(msg),
+            Error::ServiceNotFound(_) | Error::ServerNotFound { .. } => {
+                tonic::Status::not_found(msg)
+            }
+            Error::ServiceExists(_) | Error::AlreadyExists { .. } => {
+                tonic::Status::already_exists(msg)
+            }
+            Error::Unavailable { .. } => tonic::Status::unavailable(msg),
+            Error::Picker { .. }
+            | Error::Bind { .. }
+            | Error::Transport(_)
+            | Error::Reflection(_)
+            | Error::Task(_) => tonic::Status::internal(msg),
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! Global in-flight accounting from SDK load reports.
+//!
+//! Each session reports, per service, how many calls it has in flight to each backend. The
+//! tracker keeps every session's latest report and the per-backend sum across sessions; a
+//! report replaces that session's previous report for the service (backends left out count as
+//! 0), and closing a session removes its contribution. The sums feed the server-side pickers'
+//! baselines (so `GetNextServer` least-connections sees the global view) and the per-service
+//! in-flight gauge.
+//!
+//! One `parking_lot::Mutex` guards both maps: an update touches both and must be atomic, and it
+//! is O(backends in the report); it is never held across `.await`.
+
+use std::collections::HashMap;
+
+use dlb::proto;
+use parking_lot::Mutex;
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// session id → service → backend id → in flight.
+    sessions: HashMap<u64, HashMap<String, HashMap<String, u64>>>,
+    /// service → backend id → sum over sessions.
+    totals: HashMap<String, HashMap<String, u64>>,
+}
+
+/// Per-session reports and per-backend sums. See the module docs.
+#[derive(Debug, Default)]
+pub struct LoadTracker {
+    inner: Mutex<Inner>,
+}
+
+fn subtract(totals: &mut HashMap<String, u64>, old: &HashMap<String, u64>) {
+    for (id, n) in old {
+        if let Some(t) = totals.get_mut(id) {
+            *t = t.saturating_sub(*n);
+            if *t == 0 {
+                totals.remove(id);
+            }
+        }
+    }
+}
+
+impl LoadTracker {
+    /// An empty tracker.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records a session's report for `service`; returns the service's new per-backend sums.
+    pub fn report(
+        &self,
+        session: u64,
+        service: &str,
+        backends: &[proto::BackendLoad],
+    ) -> HashMap<String, u64> {
+        let mut new: HashMap<String, u64> = HashMap::new();
+        for b in backends {
+            if b.in_flight > 0 {
+                *new.entry(b.server_id.clone()).or_default() += b.in_flight;
+            }
+        }
+        let mut inner = self.inner.lock();
+        let Inner { sessions, totals } = &mut *inner;
+        let per_service = sessions.entry(session).or_default();
+        let totals = totals.entry(service.to_owned()).or_default();
+        if let Some(old) = per_service.get(service) {
+            subtract(totals, old);
+        }
+        for (id, n) in &new {
+            *totals.entry(id.clone()).or_default() += n;
+        }
+        per_service.insert(service.to_owned(), new);
+        totals.clone()
+    }
+
+    /// Removes a closed session's contribution; returns the new sums of every service it had
+    /// reported on.
+    pub fn remove_session(&self, session: u64) -> Vec<(String, HashMap<String, u64>)> {
+        let mut inner = self.inner.lock();
+        let Inner { sessions, totals } = &mut *inner;
+        let Some(reports) = sessions.remove(&session) else {
+            return Vec::new();
+        };
+        reports
+            .into_iter()
+            .map(|(service, old)| {
+                let t = totals.entry(service.clone()).or_default();
+                subtract(t, &old);
+                (service, t.clone())
+            })
+            .collect()
+    }
+
+    /// The sum of in-flight calls to every backend of `service`.
+    pub fn service_total(&self, service: &str) -> u64 {
+        self.inner
+            .lock()
+            .totals
+            .get(service)
+            .map_or(0, |t| t.values().sum())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(id: &str, n: u64) -> proto::BackendLoad {
+        proto::BackendLoad {
+            server_id: id.into(),
+            in_flight: n,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn sums_replace_and_remove() {
+        let t = LoadTracker::new();
+        t.report(1, "s", &[load("a", 3), load("b", 1)]);
+        let sums = t.report(2, "s", &[load("a", 2)]);
+        assert_eq!(sums.get("a"), Some(&5));
+        let sums = t.report(1, "s", &[load("b", 4)]);
+        assert_eq!(sums.get("a"), Some(&2));
+        assert_eq!(sums.get("b"), Some(&4));
+        assert_eq!(t.service_total("s"), 6);
+        let left = t.remove_session(2);
+        assert_eq!(left[0].1.get("a"), None);
+        assert_eq!(t.service_total("s"), 4);
+    }
+}

@@ -1,0 +1,253 @@
+//! Prometheus metrics and the `/metrics` HTTP endpoint.
+//!
+//! All series are aggregated per service or per method; there are no per-backend series, so
+//! cardinality stays bounded by (services × a few labels). The metric objects are atomics inside
+//! `prometheus-client` families (which use their own short internal `RwLock`); nothing here is
+//! held across `.await`. The HTTP endpoint is a small axum router on its own listener.
+//!
+//! | name | type | labels |
+//! |---|---|---|
+//! | `dlb_sessions_connected` | gauge | |
+//! | `dlb_rpcs_total` | counter | `method`, `code` |
+//! | `dlb_backends` | gauge | `service`, `health` (healthy, unhealthy, draining) |
+//! | `dlb_push_latency_seconds` | histogram | |
+//! | `dlb_service_version` | gauge | `service` |
+//! | `dlb_in_flight` | gauge | `service` (sum of in-flight calls reported by SDKs) |
+//! | `dlb_session_resyncs_total` | counter | | (a session fell behind the change feed) |
+//! | `dlb_backend_in_flight` | gauge | `service`, `server_id` — only with per-backend metrics on |
+//!
+//! Per-backend series are opt-in ([`Metrics::with_per_backend`]): their exported ids per service
+//! are remembered in a `parking_lot::Mutex<HashMap<..>>` so that series of backends that no
+//! longer report are removed rather than left stale.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use parking_lot::Mutex;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::store::ServiceSnapshot;
+
+type Labels = Vec<(String, String)>;
+
+/// The per-backend gauge family and, per service, the backend ids it currently exports.
+type PerBackend = (
+    Family<Labels, Gauge>,
+    Mutex<HashMap<String, HashSet<String>>>,
+);
+
+/// The control plane's metrics. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    sessions: Gauge,
+    rpcs: Family<Labels, Counter>,
+    backends: Family<Labels, Gauge>,
+    push_latency: Histogram,
+    versions: Family<Labels, Gauge>,
+    in_flight: Family<Labels, Gauge>,
+    resyncs: Counter,
+    /// Per-backend in-flight gauges, when enabled, and the ids exported per service.
+    per_backend: Option<PerBackend>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric in a fresh registry, without per-backend series.
+    pub fn new() -> Self {
+        Self::with_per_backend(false)
+    }
+
+    /// Like [`Metrics::new`]; `per_backend` also exports `dlb_backend_in_flight` per backend.
+    pub fn with_per_backend(per_backend: bool) -> Self {
+        let mut registry = Registry::default();
+        let sessions = Gauge::default();
+        let rpcs = Family::<Labels, Counter>::default();
+        let backends = Family::<Labels, Gauge>::default();
+        // 50 µs … ~1.6 s
+        let push_latency = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
+        let versions = Family::<Labels, Gauge>::default();
+        let in_flight = Family::<Labels, Gauge>::default();
+        let resyncs = Counter::default();
+        registry.register(
+            "dlb_session_resyncs",
+            "Times a slow session fell more than the change feed's capacity behind and was resynchronised",
+            resyncs.clone(),
+        );
+        registry.register(
+            "dlb_sessions_connected",
+            "Discovery sessions currently connected",
+            sessions.clone(),
+        );
+        registry.register(
+            "dlb_rpcs",
+            "gRPC calls by method and status code",
+            rpcs.clone(),
+        );
+        registry.register(
+            "dlb_backends",
+            "Backends per service by health (healthy, unhealthy, draining)",
+            backends.clone(),
+        );
+        registry.register(
+            "dlb_push_latency_seconds",
+            "Time from a store write to the update being handed to a session's stream",
+            push_latency.clone(),
+        );
+        registry.register(
+            "dlb_service_version",
+            "Current version of each service",
+            versions.clone(),
+        );
+        registry.register(
+            "dlb_in_flight",
+            "Calls in flight per service, summed over the load reports of all SDK sessions",
+            in_flight.clone(),
+        );
+        let per_backend = per_backend.then(|| {
+            let family = Family::<Labels, Gauge>::default();
+            registry.register(
+                "dlb_backend_in_flight",
+                "Calls in flight per backend, summed over the load reports of all SDK sessions",
+                family.clone(),
+            );
+            (family, Mutex::new(HashMap::new()))
+        });
+        Self {
+            resyncs,
+            per_backend,
+            registry,
+            sessions,
+            rpcs,
+            backends,
+            push_latency,
+            versions,
+            in_flight,
+        }
+    }
+
+    /// A session connected (+1) or closed (-1).
+    pub fn session_delta(&self, delta: i64) {
+        self.sessions.inc_by(delta);
+    }
+
+    /// Counts one finished RPC.
+    pub fn rpc(&self, method: &str, code: tonic::Code) {
+        self.rpcs
+            .get_or_create(&vec![
+                ("method".to_owned(), method.to_owned()),
+                ("code".to_owned(), format!("{code:?}")),
+            ])
+            .inc();
+    }
+
+    /// Counts one session resynchronisation after it lagged behind the change feed.
+    pub fn resync(&self) {
+        self.resyncs.inc();
+    }
+
+    /// Records one push latency.
+    pub fn push_latency(&self, seconds: f64) {
+        self.push_latency.observe(seconds);
+    }
+
+    /// Updates the per-service gauges from a snapshot.
+    pub fn service(&self, snapshot: &ServiceSnapshot) {
+        let (mut healthy, mut unhealthy, mut draining) = (0i64, 0i64, 0i64);
+        for s in &snapshot.servers {
+            if s.draining {
+                draining += 1;
+            } else if s.health == dlb::proto::HealthStatus::Unhealthy as i32 {
+                unhealthy += 1;
+            } else {
+                healthy += 1;
+            }
+        }
+        for (health, n) in [
+            ("healthy", healthy),
+            ("unhealthy", unhealthy),
+            ("draining", draining),
+        ] {
+            self.backends
+                .get_or_create(&vec![
+                    ("service".to_owned(), snapshot.name.clone()),
+                    ("health".to_owned(), health.to_owned()),
+                ])
+                .set(n);
+        }
+        self.versions
+            .get_or_create(&vec![("service".to_owned(), snapshot.name.clone())])
+            .set(i64::try_from(snapshot.version.version).unwrap_or(i64::MAX));
+    }
+
+    /// Sets the reported in-flight counts of a service from its per-backend sums.
+    pub fn in_flight(&self, service: &str, totals: &HashMap<String, u64>) {
+        let total: u64 = totals.values().sum();
+        self.in_flight
+            .get_or_create(&vec![("service".to_owned(), service.to_owned())])
+            .set(i64::try_from(total).unwrap_or(i64::MAX));
+        if let Some((family, exported)) = &self.per_backend {
+            let labels = |id: &str| {
+                vec![
+                    ("service".to_owned(), service.to_owned()),
+                    ("server_id".to_owned(), id.to_owned()),
+                ]
+            };
+            let mut exported = exported.lock();
+            let ids = exported.entry(service.to_owned()).or_default();
+            for id in ids.iter().filter(|id| !totals.contains_key(*id)) {
+                family.remove(&labels(id));
+            }
+            ids.retain(|id| totals.contains_key(id));
+            for (id, n) in totals {
+                family
+                    .get_or_create(&labels(id))
+                    .set(i64::try_from(*n).unwrap_or(i64::MAX));
+                ids.insert(id.clone());
+            }
+        }
+    }
+
+    /// Renders every metric in the Prometheus text format.
+    pub fn render(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+/// The `/metrics` router.
+pub fn router(metrics: Arc<Metrics>) -> axum::Router {
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = metrics.clone();
+            async move {
+                match metrics.render() {
+                    Ok(body) => (
+                        StatusCode::OK,
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        body,
+                    )
+                        .into_response(),
+                    Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+                }
+            }
+        }),
+    )
+}

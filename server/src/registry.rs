@@ -1,0 +1,357 @@
+//! The `dlb.v1.Registry` gRPC service: admin reads and writes of routing state.
+//!
+//! Every handler validates its request with `dlb::model` (so a malformed call is rejected with
+//! `INVALID_ARGUMENT` naming the field before anything changes), performs one store operation,
+//! refreshes the service's server-side picker before answering (read-your-writes for
+//! `GetNextServer`), and counts itself in `dlb_rpcs_total`. The handlers hold no locks of their
+//! own.
+
+use std::sync::Arc;
+
+use dlb::model;
+use dlb::proto::{self, registry_server::Registry};
+use tonic::{Request, Response, Status};
+
+use crate::state::Shared;
+use crate::store::ServerPatch;
+use crate::Error;
+
+/// The Registry service implementation.
+pub struct RegistryService {
+    shared: Arc<Shared>,
+}
+
+impl RegistryService {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    fn done<T>(&self, method: &'static str, r: Result<T, Error>) -> Result<Response<T>, Status> {
+        let r = r.map(Response::new).map_err(Status::from);
+        let code = match &r {
+            Ok(_) => tonic::Code::Ok,
+            Err(s) => {
+                tracing::debug!(method, code = ?s.code(), message = s.message(), "rejected");
+                s.code()
+            }
+        };
+        self.shared.metrics.rpc(method, code);
+        r
+    }
+
+    async fn refresh(&self, service: &str) {
+        if let Err(e) = self.shared.refresh(service).await {
+            tracing::error!(service, error = %e, "cannot refresh picker");
+        }
+    }
+
+    async fn add(&self, req: proto::AddServerRequest) -> Result<proto::ServerResponse, Error> {
+        let service = model::resolve_service(&req.service)?.to_owned();
+        model::validate_server_id(&req.server_id)?;
+        model::validate_address(&req.address)?;
+        let weight = if req.weight == 0 { 1 } else { req.weight };
+        model::validate_weight(weight)?;
+        model::validate_hash_key(&req.hash_key)?;
+        model::validate_metadata(&req.metadata)?;
+        let server = proto::Server {
+            server_id: req.server_id,
+            address: req.address,
+            weight,
+            hash_key: req.hash_key,
+            metadata: req.metadata,
+            health: proto::HealthStatus::Healthy as i32,
+            draining: false,
+        };
+        let w = self
+            .shared
+            .store
+            .add_server(service.clone(), server)
+            .await?;
+        self.refresh(&service).await;
+        tracing::info!(service, server_id = %w.server.server_id, address = %w.server.address, version = w.version.version, "server added");
+        Ok(proto::ServerResponse {
+            service,
+            server: Some(w.server),
+            version: Some(w.version),
+        })
+    }
+
+    async fn remove(
+        &self,
+        req: proto::RemoveServerRequest,
+    ) -> Result<proto::RemoveServerResponse, Error> {
+        let service = model::resolve_service(&req.service)?.to_owned();
+        model::validate_server_id(&req.server_id)?;
+        let version = self
+            .shared
+            .store
+            .remove_server(service.clone(), req.server_id.clone())
+            .await?;
+        self.refresh(&service).await;
+        tracing::info!(service, server_id = %req.server_id, version = version.version, "server removed");
+        Ok(proto::RemoveServerResponse {
+            service,
+            version: Some(version),
+        })
+    }
+
+    async fn patch(
+        &self,
+        service: &str,
+        server_id: &str,
+        patch: ServerPatch,
+    ) -> Result<proto::ServerResponse, Error> {
+        let service = model::resolve_service(service)?.to_owned();
+        model::validate_server_id(server_id)?;
+        let w = self
+            .shared
+            .store
+            .update_server(service.clone(), server_id.to_owned(), patch)
+            .await?;
+        if w.changed {
+            self.refresh(&service).await;
+            tracing::info!(
+                service,
+                server_id,
+                version = w.version.version,
+                "server updated"
+            );
+        }
+        Ok(proto::ServerResponse {
+            service,
+            server: Some(w.server),
+            version: Some(w.version),
+        })
+    }
+
+    async fn update(
+        &self,
+        req: proto::UpdateServerRequest,
+    ) -> Result<proto::ServerResponse, Error> {
+        model::resolve_service(&req.service)?;
+        model::validate_server_id(&req.server_id)?;
+        if let Some(w) = req.weight {
+            model::validate_weight(w)?;
+        }
+        if let Some(a) = &req.address {
+            model::validate_address(a)?;
+        }
+        if let Some(h) = &req.hash_key {
+            model::validate_hash_key(h)?;
+        }
+        // `metadata` is used only when `replace_metadata` is set (ignored otherwise).
+        if req.replace_metadata {
+            model::validate_metadata(&req.metadata)?;
+        }
+        let patch = ServerPatch {
+            weight: req.weight,
+            draining: req.draining,
+            address: req.address,
+            hash_key: req.hash_key,
+            metadata: req.replace_metadata.then_some(req.metadata),
+            health: None,
+        };
+        self.patch(&req.service, &req.server_id, patch).await
+    }
+
+    async fn health(
+        &self,
+        req: proto::HealthCheckRequest,
+        status: proto::HealthStatus,
+    ) -> Result<proto::ServerResponse, Error> {
+        let patch = ServerPatch {
+            health: Some(status),
+            ..Default::default()
+        };
+        self.patch(&req.service, &req.server_id, patch).await
+    }
+
+    async fn list_servers(
+        &self,
+        req: proto::ListServersRequest,
+    ) -> Result<proto::ListServersResponse, Error> {
+        let service = model::resolve_service(&req.service)?.to_owned();
+        let snap = self
+            .shared
+            .store
+            .get_service(service.clone())
+            .await?
+            .ok_or_else(|| Error::ServiceNotFound(service.clone()))?;
+        Ok(proto::ListServersResponse {
+            service,
+            version: Some(snap.version),
+            policy: Some(snap.policy),
+            servers: snap.servers,
+        })
+    }
+
+    async fn next(
+        &self,
+        req: proto::GetNextServerRequest,
+    ) -> Result<proto::GetNextServerResponse, Error> {
+        let service = model::resolve_service(&req.service)?.to_owned();
+        if self.shared.pickers.get(&service).is_none() {
+            // Not built yet (e.g. created by another replica a moment ago) or unknown.
+            self.refresh(&service).await;
+        }
+        let (server, version) = self.shared.pickers.pick(&service, &req.key)?;
+        Ok(proto::GetNextServerResponse {
+            service,
+            server: Some(server),
+            version: Some(version),
+        })
+    }
+
+    async fn get_policy(
+        &self,
+        req: proto::GetPolicyRequest,
+    ) -> Result<proto::PolicyResponse, Error> {
+        let service = model::resolve_service(&req.service)?.to_owned();
+        let snap = self
+            .shared
+            .store
+            .get_service(service.clone())
+            .await?
+            .ok_or_else(|| Error::ServiceNotFound(service.clone()))?;
+        Ok(proto::PolicyResponse {
+            service,
+            policy: Some(snap.policy),
+            version: Some(snap.version),
+        })
+    }
+
+    async fn set_policy(
+        &self,
+        req: proto::SetPolicyRequest,
+    ) -> Result<proto::PolicyResponse, Error> {
+        let service = model::resolve_service(&req.service)?.to_owned();
+        let policy = req
+            .policy
+            .ok_or_else(|| model::ValidationError::new("policy", "<unset>", "must be set"))?;
+        if policy.algorithm != proto::Algorithm::Unspecified as i32 {
+            model::validate_policy(&policy)?;
+        }
+        let w = self
+            .shared
+            .store
+            .set_policy(service.clone(), policy)
+            .await?;
+        if w.changed {
+            self.refresh(&service).await;
+            tracing::info!(
+                service,
+                algorithm = model::algorithm_name(w.policy.algorithm),
+                version = w.version.version,
+                "policy set"
+            );
+        }
+        Ok(proto::PolicyResponse {
+            service,
+            policy: Some(w.policy),
+            version: Some(w.version),
+        })
+    }
+
+    async fn list_services(&self) -> Result<proto::ListServicesResponse, Error> {
+        let services = self.shared.store.list_services().await?;
+        Ok(proto::ListServicesResponse {
+            services: services
+                .into_iter()
+                .map(|s| proto::ServiceSummary {
+                    servers: u32::try_from(s.servers.len()).unwrap_or(u32::MAX),
+                    eligible: u32::try_from(s.eligible()).unwrap_or(u32::MAX),
+                    service: s.name,
+                    version: Some(s.version),
+                    policy: Some(s.policy),
+                })
+                .collect(),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Registry for RegistryService {
+    async fn add_server(
+        &self,
+        request: Request<proto::AddServerRequest>,
+    ) -> Result<Response<proto::ServerResponse>, Status> {
+        let r = self.add(request.into_inner()).await;
+        self.done("AddServer", r)
+    }
+
+    async fn remove_server(
+        &self,
+        request: Request<proto::RemoveServerRequest>,
+    ) -> Result<Response<proto::RemoveServerResponse>, Status> {
+        let r = self.remove(request.into_inner()).await;
+        self.done("RemoveServer", r)
+    }
+
+    async fn update_server(
+        &self,
+        request: Request<proto::UpdateServerRequest>,
+    ) -> Result<Response<proto::ServerResponse>, Status> {
+        let r = self.update(request.into_inner()).await;
+        self.done("UpdateServer", r)
+    }
+
+    async fn list_servers(
+        &self,
+        request: Request<proto::ListServersRequest>,
+    ) -> Result<Response<proto::ListServersResponse>, Status> {
+        let r = self.list_servers(request.into_inner()).await;
+        self.done("ListServers", r)
+    }
+
+    async fn health_check_passed(
+        &self,
+        request: Request<proto::HealthCheckRequest>,
+    ) -> Result<Response<proto::ServerResponse>, Status> {
+        let r = self
+            .health(request.into_inner(), proto::HealthStatus::Healthy)
+            .await;
+        self.done("HealthCheckPassed", r)
+    }
+
+    async fn health_check_failed(
+        &self,
+        request: Request<proto::HealthCheckRequest>,
+    ) -> Result<Response<proto::ServerResponse>, Status> {
+        let r = self
+            .health(request.into_inner(), proto::HealthStatus::Unhealthy)
+            .await;
+        self.done("HealthCheckFailed", r)
+    }
+
+    async fn get_next_server(
+        &self,
+        request: Request<proto::GetNextServerRequest>,
+    ) -> Result<Response<proto::GetNextServerResponse>, Status> {
+        let r = self.next(request.into_inner()).await;
+        self.done("GetNextServer", r)
+    }
+
+    async fn get_policy(
+        &self,
+        request: Request<proto::GetPolicyRequest>,
+    ) -> Result<Response<proto::PolicyResponse>, Status> {
+        let r = self.get_policy(request.into_inner()).await;
+        self.done("GetPolicy", r)
+    }
+
+    async fn set_policy(
+        &self,
+        request: Request<proto::SetPolicyRequest>,
+    ) -> Result<Response<proto::PolicyResponse>, Status> {
+        let r = self.set_policy(request.into_inner()).await;
+        self.done("SetPolicy", r)
+    }
+
+    async fn list_services(
+        &self,
+        _request: Request<proto::ListServicesRequest>,
+    ) -> Result<Response<proto::ListServicesResponse>, Status> {
+        let r = self.list_services().await;
+        self.done("ListServices", r)
+    }
+}

@@ -1,0 +1,198 @@
+//! The Prometheus `/metrics` endpoint: expected metric names after some RPCs, and the
+//! per-service in-flight sum from SDK load reports (removed when the session closes).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::*;
+use dlb::proto::{self, client_message};
+use dlb_server::ServerConfig;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn scrape(addr: SocketAddr) -> String {
+    tokio::time::timeout(WAIT, async move {
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        conn.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        out
+    })
+    .await
+    .expect("scrape timed out")
+}
+
+fn value(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+}
+
+#[tokio::test]
+async fn metrics_endpoint_exposes_the_expected_series() {
+    let server = start_with(ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        ..Default::default()
+    })
+    .await;
+    let maddr = server.metrics_addr().expect("metrics enabled");
+    let mut c = registry(&server).await;
+    c.add_server(add("", "a", "10.0.0.1:80", 1)).await.unwrap();
+    c.add_server(add("", "b", "10.0.0.2:80", 1)).await.unwrap();
+    c.health_check_failed(hc("", "b")).await.unwrap();
+    c.add_server(add("", "a", "10.0.0.1:80", 1))
+        .await
+        .unwrap_err();
+    c.get_next_server(proto::GetNextServerRequest::default())
+        .await
+        .unwrap();
+
+    let mut s = Session::open(&server, subscribe(&[("", None)])).await;
+    s.update().await;
+    s.send(client_message::Kind::LoadReport(proto::LoadReport {
+        service: String::new(),
+        backends: vec![
+            proto::BackendLoad {
+                server_id: "a".into(),
+                in_flight: 5,
+                ..Default::default()
+            },
+            proto::BackendLoad {
+                server_id: "b".into(),
+                in_flight: 2,
+                ..Default::default()
+            },
+        ],
+        interval_ms: 1000,
+    }))
+    .await;
+    // A write after the session is open: its push is measured.
+    c.add_server(add("", "c", "10.0.0.3:80", 1)).await.unwrap();
+    s.update().await;
+
+    let body = scrape(maddr).await;
+    for name in [
+        "dlb_sessions_connected",
+        "dlb_rpcs_total",
+        "dlb_backends",
+        "dlb_push_latency_seconds",
+        "dlb_service_version",
+        "dlb_in_flight",
+        "dlb_session_resyncs_total",
+    ] {
+        assert!(body.contains(name), "missing {name} in:\n{body}");
+    }
+    assert_eq!(value(&body, "dlb_sessions_connected "), Some(1.0), "{body}");
+    assert_eq!(
+        value(
+            &body,
+            "dlb_rpcs_total{method=\"AddServer\",code=\"AlreadyExists\"} "
+        ),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        value(
+            &body,
+            "dlb_backends{service=\"default\",health=\"unhealthy\"} "
+        ),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        value(
+            &body,
+            "dlb_backends{service=\"default\",health=\"healthy\"} "
+        ),
+        Some(2.0),
+        "{body}"
+    );
+    assert_eq!(
+        value(&body, "dlb_service_version{service=\"default\"} "),
+        Some(5.0),
+        "{body}"
+    );
+    assert_eq!(
+        value(&body, "dlb_in_flight{service=\"default\"} "),
+        Some(7.0),
+        "{body}"
+    );
+    assert!(
+        value(&body, "dlb_push_latency_seconds_count ").unwrap_or(0.0) >= 1.0,
+        "{body}"
+    );
+    assert!(
+        !body.contains("server_id"),
+        "no per-backend series by default"
+    );
+
+    // Closing the session removes its contribution.
+    drop(s);
+    let mut gone = false;
+    for _ in 0..50 {
+        let body = scrape(maddr).await;
+        if value(&body, "dlb_in_flight{service=\"default\"} ") == Some(0.0)
+            && value(&body, "dlb_sessions_connected ") == Some(0.0)
+        {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(gone, "session contribution not removed");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn per_backend_series_are_opt_in() {
+    let server = start_with(ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        per_backend_metrics: true,
+        ..Default::default()
+    })
+    .await;
+    let maddr = server.metrics_addr().unwrap();
+    let mut c = registry(&server).await;
+    c.add_server(add("", "a", "10.0.0.1:80", 1)).await.unwrap();
+    let mut s = Session::open(&server, subscribe(&[("", None)])).await;
+    s.update().await;
+    let report = |a: u64| {
+        client_message::Kind::LoadReport(proto::LoadReport {
+            service: String::new(),
+            backends: vec![proto::BackendLoad {
+                server_id: "a".into(),
+                in_flight: a,
+                ..Default::default()
+            }],
+            interval_ms: 1000,
+        })
+    };
+    s.send(report(4)).await;
+    let series = "dlb_backend_in_flight{service=\"default\",server_id=\"a\"} ";
+    let mut seen = None;
+    for _ in 0..50 {
+        seen = value(&scrape(maddr).await, series);
+        if seen == Some(4.0) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(seen, Some(4.0));
+    // A report without the backend removes its series.
+    s.send(report(0)).await;
+    let mut removed = false;
+    for _ in 0..50 {
+        if value(&scrape(maddr).await, series).is_none() {
+            removed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(removed, "stale per-backend series kept");
+    server.shutdown().await.unwrap();
+}
