@@ -334,20 +334,20 @@ pub fn sticky_config(policy: &proto::Policy) -> Option<StickyConfig> {
 /// Parses an algorithm name as used by `dlbctl` and the YAML config (`round_robin`, `wrr`,
 /// `least_conn`, `least_conn_exact`, `p2c`, `least_conn_p2c`, `maglev`, `ring_hash`).
 pub fn parse_algorithm(field: &str, value: &str) -> Result<proto::Algorithm, ValidationError> {
-    Ok(match value.to_ascii_lowercase().replace('-', "_").as_str() {
-        "round_robin" | "wrr" | "rr" => proto::Algorithm::RoundRobin,
-        "least_conn" | "least_conn_exact" => proto::Algorithm::LeastConnExact,
-        "p2c" | "least_conn_p2c" => proto::Algorithm::LeastConnP2c,
-        "maglev" => proto::Algorithm::Maglev,
-        "ring_hash" | "ring" | "ketama" => proto::Algorithm::RingHash,
-        _ => {
-            return Err(ValidationError::new(
+    Ok(
+        match value.to_ascii_lowercase().replace('-', "_").as_str() {
+            "round_robin" | "wrr" | "rr" => proto::Algorithm::RoundRobin,
+            "least_conn" | "least_conn_exact" => proto::Algorithm::LeastConnExact,
+            "p2c" | "least_conn_p2c" => proto::Algorithm::LeastConnP2c,
+            "maglev" => proto::Algorithm::Maglev,
+            "ring_hash" | "ring" | "ketama" => proto::Algorithm::RingHash,
+            _ => return Err(ValidationError::new(
                 field,
                 value,
                 "must be one of round_robin, least_conn_exact, least_conn_p2c, maglev, ring_hash",
-            ))
-        }
-    })
+            )),
+        },
+    )
 }
 
 /// The canonical name of an algorithm (inverse of [`parse_algorithm`]).
