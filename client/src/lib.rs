@@ -58,6 +58,7 @@ pub struct ClientBuilder {
     endpoints: Vec<String>,
     client_id: Option<String>,
     report_interval: Duration,
+    ack_delay: Duration,
     backoff_min: Duration,
     backoff_max: Duration,
     subscribe_timeout: Duration,
@@ -66,13 +67,14 @@ pub struct ClientBuilder {
 }
 
 impl ClientBuilder {
-    /// Options with defaults: report every 1 s, backoff 50 ms..5 s, connect timeout 2 s,
+    /// Options with defaults: report every 1 s, acks coalesced for up to 100 ms, backoff 50 ms..5 s, connect timeout 2 s,
     /// keepalive 10 s (5 s timeout), first-snapshot timeout 5 s, wait for the first session.
     pub fn new(endpoints: impl IntoIterator<Item = impl Into<String>>) -> Self {
         Self {
             endpoints: endpoints.into_iter().map(Into::into).collect(),
             client_id: None,
             report_interval: Duration::from_secs(1),
+            ack_delay: Duration::from_millis(100),
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(5),
             subscribe_timeout: Duration::from_secs(5),
@@ -90,6 +92,15 @@ impl ClientBuilder {
     /// How often load reports are sent (default 1 s).
     pub fn report_interval(mut self, interval: Duration) -> Self {
         self.report_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How long an Ack may wait to be coalesced with later ones (default 100 ms). Updates are
+    /// applied at once either way; only the acknowledgement is deferred, and it always names the
+    /// latest version applied, so a burst of N updates costs one Ack instead of N. A Nack is never
+    /// deferred. `Duration::ZERO` acknowledges every update immediately.
+    pub fn ack_delay(mut self, delay: Duration) -> Self {
+        self.ack_delay = delay;
         self
     }
 
@@ -149,6 +160,7 @@ impl ClientBuilder {
                 .client_id
                 .unwrap_or_else(|| format!("pid{}-{:08x}", std::process::id(), fastrand::u32(..))),
             report_interval: self.report_interval,
+            ack_delay: self.ack_delay,
             backoff_min: self.backoff_min,
             backoff_max: self.backoff_max,
             connect_timeout: self.channel.connect_timeout,

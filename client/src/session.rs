@@ -8,7 +8,10 @@
 //!    `(epoch, version)` it holds, so the server can answer with a delta instead of a snapshot;
 //! 2. apply updates (full snapshot: replace; delta: check `base` == held version, else Nack so
 //!    the server resends a full snapshot), rebuild the picker off the request path with
-//!    `Picker::rebuild`, swap it in, Ack; send a `LoadReport` per service every interval;
+//!    `Picker::rebuild`, swap it in, then Ack — acks are coalesced for up to `ack_delay`
+//!    (100 ms by default) and name the latest version applied, so a burst of updates costs one
+//!    Ack; a Nack is sent at once and supersedes a deferred Ack; send a `LoadReport` per service
+//!    every interval;
 //! 3. when the stream ends, fails, or the server says `GoingAway`, mark the client disconnected
 //!    (handles keep routing on their last snapshot), rotate to the next endpoint and reconnect
 //!    after an exponential backoff with full jitter (after `GoingAway`: a jittered pause of at
@@ -54,6 +57,8 @@ pub(crate) enum Command {
 pub(crate) struct SessionConfig {
     pub(crate) client_id: String,
     pub(crate) report_interval: Duration,
+    /// How long an Ack may wait to be coalesced with later ones (zero: ack at once).
+    pub(crate) ack_delay: Duration,
     pub(crate) backoff_min: Duration,
     pub(crate) backoff_max: Duration,
     pub(crate) connect_timeout: Duration,
@@ -464,9 +469,20 @@ async fn session_once(
     report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     report.tick().await;
     let mut last_report = Instant::now();
+    // Acks waiting to be coalesced: the latest per service, sent when `ack_deadline` passes.
+    let mut pending_acks: HashMap<String, proto::Ack> = HashMap::new();
+    let ack_timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(ack_timer);
 
     loop {
         tokio::select! {
+            () = &mut ack_timer, if !pending_acks.is_empty() => {
+                for (_, ack) in pending_acks.drain() {
+                    if tx.send(client_msg(ClientKind::Ack(ack))).await.is_err() {
+                        return Ended::Failed { established: true };
+                    }
+                }
+            }
             msg = inbound.message() => {
                 let msg = match msg {
                     Ok(Some(m)) => m,
@@ -486,12 +502,27 @@ async fn session_once(
                             continue;
                         };
                         let reply = match entry.apply(&upd) {
-                            Ok(()) => ClientKind::Ack(proto::Ack {
-                                service: upd.service.clone(),
-                                version: upd.version,
-                                nonce: upd.nonce.clone(),
-                            }),
+                            Ok(()) => {
+                                let ack = proto::Ack {
+                                    service: upd.service.clone(),
+                                    version: upd.version,
+                                    nonce: upd.nonce.clone(),
+                                };
+                                if config.ack_delay.is_zero() {
+                                    ClientKind::Ack(ack)
+                                } else {
+                                    if pending_acks.is_empty() {
+                                        ack_timer
+                                            .as_mut()
+                                            .reset(tokio::time::Instant::now() + config.ack_delay);
+                                    }
+                                    pending_acks.insert(upd.service.clone(), ack);
+                                    continue;
+                                }
+                            }
                             Err(detail) => {
+                                // The Nack supersedes any deferred Ack of this service.
+                                pending_acks.remove(&upd.service);
                                 tracing::info!(service = %upd.service, %detail, "nacking update");
                                 entry.state.stats.nacks.fetch_add(1, Ordering::Relaxed);
                                 ClientKind::Nack(proto::Nack {

@@ -305,7 +305,8 @@ impl Picker {
     }
 
     /// Builds a picker for a new state of the same service, carrying each surviving backend's
-    /// in-flight accounting over by id (and the bounded-load total).
+    /// in-flight accounting over by id (and the bounded-load total). Unchanged ids, addresses
+    /// and hash keys share the previous picker's strings instead of being allocated again.
     pub fn rebuild(
         &self,
         policy: &PolicyConfig,
@@ -314,15 +315,15 @@ impl Picker {
         Self::build_with(
             policy,
             specs,
-            |id| self.by_id.get(id).map(|&i| self.backends[i].load.clone()),
+            |id| self.by_id.get(id).map(|&i| &self.backends[i]),
             self.total.clone(),
         )
     }
 
-    fn build_with(
+    fn build_with<'p>(
         policy: &PolicyConfig,
         specs: &[BackendSpec],
-        load_of: impl Fn(&str) -> Option<Arc<BackendLoad>>,
+        previous: impl Fn(&str) -> Option<&'p Backend>,
         total: Arc<AtomicU64>,
     ) -> Result<Self, BuildError> {
         if let Some(c) = policy.bounded_load_factor {
@@ -348,16 +349,23 @@ impl Picker {
                     weight: s.weight,
                 });
             }
-            let id: Arc<str> = s.id.as_str().into();
+            let old = previous(&s.id);
+            let reuse = |field: fn(&Backend) -> &Arc<str>, value: &str| -> Arc<str> {
+                match old.map(field) {
+                    Some(a) if **a == *value => a.clone(),
+                    _ => value.into(),
+                }
+            };
+            let id = reuse(|b| &b.id, &s.id);
             if by_id.insert(id.clone(), i).is_some() {
                 return Err(BuildError::DuplicateId(s.id.clone()));
             }
             backends.push(Backend {
-                hash_key: s.hash_key.as_deref().unwrap_or(&s.id).into(),
-                address: s.address.as_str().into(),
+                hash_key: reuse(|b| &b.hash_key, s.hash_key.as_deref().unwrap_or(&s.id)),
+                address: reuse(|b| &b.address, &s.address),
                 weight: s.weight,
                 eligible: s.eligible,
-                load: load_of(&s.id).unwrap_or_default(),
+                load: old.map(|b| b.load.clone()).unwrap_or_default(),
                 id,
             });
         }
