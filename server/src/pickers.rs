@@ -153,6 +153,9 @@ impl Pickers {
                 b.load()
                     .set_baseline(totals.get(b.id()).copied().unwrap_or(0));
             }
+            // Exact least-connections keeps a tree over the loads: re-read them all now
+            // rather than letting the tree converge over the next n picks.
+            state.picker.refresh_loads();
         }
     }
 }

@@ -98,7 +98,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .metrics_addr()
         .map_or_else(|| "off".to_owned(), |a| a.to_string());
     tracing::info!(
-        epoch = server.epoch(),
+        epoch = %format_args!("{:x}", server.epoch()),
         "dlbd listening grpc={} metrics={}",
         server.grpc_addr(),
         metrics
