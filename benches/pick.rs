@@ -1,6 +1,7 @@
 //! Pick-path benchmarks of the `dlb` core: pick latency per policy at 10, 1,000 and 10,000
 //! backends (weights 1..=100 from a fixed seed), 1- vs 2-thread throughput on one shared picker,
-//! build time at 10,000 backends, and memory per backend (printed).
+//! build time at 10,000 backends, memory per backend (printed), and the cost of one SDK update
+//! (`rebuild` of a 10-backend picker).
 //!
 //! Run: `cargo bench -p dlb --bench pick`.
 #![allow(clippy::unwrap_used)]
@@ -221,6 +222,31 @@ fn build(c: &mut Criterion) {
     group.finish();
 }
 
+/// What one SDK update costs: `Picker::rebuild` of a 10-backend service after one weight change
+/// (the propagation benchmark's workload), including building the `BackendSpec`s.
+fn rebuild(c: &mut Criterion) {
+    let mut group = c.benchmark_group("rebuild/10");
+    for (name, algorithm) in [
+        ("wrr", Algorithm::RoundRobin),
+        ("p2c", Algorithm::LeastConnP2c),
+        ("maglev", Algorithm::Maglev),
+    ] {
+        let pol = policy(algorithm, true, None);
+        let base = specs(10);
+        let mut picker = Picker::build(&pol, &base).unwrap();
+        let mut k = 0u32;
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                k = k.wrapping_add(1);
+                let mut next = base.clone();
+                next[(k % 10) as usize].weight = 1 + k % 100;
+                picker = picker.rebuild(&pol, black_box(&next)).unwrap();
+            })
+        });
+    }
+    group.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .measurement_time(Duration::from_secs(2))
@@ -231,6 +257,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = pick_latency, throughput, build
+    targets = pick_latency, throughput, build, rebuild
 }
 criterion_main!(benches);

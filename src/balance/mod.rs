@@ -3,12 +3,12 @@
 //! A [`Picker`] is built off the request path from a list of [`BackendSpec`]s and a
 //! [`PolicyConfig`], then shared behind an `Arc` and swapped atomically by its owner (the SDK's
 //! per-service state, or `dlbd`'s server-side picker). After the build everything a pick reads is
-//! immutable; only atomics change per pick (plus one short mutex for exact least-connections).
+//! immutable; only atomics change per pick (plus one short spin lock for exact least-connections).
 //!
 //! | policy | module | pick | build (n backends, W = Σ reduced weights, M = table) |
 //! |---|---|---|---|
 //! | [`Algorithm::RoundRobin`] | [`wrr`] | `O(1)`, a load and a store on a thread-owned cursor | `O(W log n)`, `W ≤ 2^20 + n` |
-//! | [`Algorithm::LeastConnExact`] | [`least_conn`] | `O(log n)` under a mutex | `O(n)` |
+//! | [`Algorithm::LeastConnExact`] | [`least_conn`] | `O(log n)` under a spin lock | `O(n)` |
 //! | [`Algorithm::LeastConnP2c`] | [`least_conn`] | `O(1)`, lock-free | `O(n)` |
 //! | [`Algorithm::Maglev`] | [`maglev`] | `O(1)` (hash + one load) | `O(M log M)`, `100 n ≤ M < 200 n` |
 //! | [`Algorithm::RingHash`] | [`ring`] | `O(log n)` | `O(P log P)`, `P ≈ 128 n` |
