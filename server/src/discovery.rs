@@ -41,6 +41,9 @@ use crate::state::Shared;
 const GOING_AWAY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 use crate::store::{Catchup, Change};
 
+/// Most services one session may follow: a bound on what a client can make the server keep.
+pub const MAX_SUBSCRIPTIONS: usize = 10_000;
+
 /// The Discovery service implementation.
 pub struct DiscoveryService {
     shared: Arc<Shared>,
@@ -228,6 +231,11 @@ impl Session {
             let service = model::resolve_service(&s.service)
                 .map_err(|e| End::Status(Status::invalid_argument(e.to_string())))?
                 .to_owned();
+            if !self.subs.contains_key(&service) && self.subs.len() >= MAX_SUBSCRIPTIONS {
+                return Err(End::Status(Status::resource_exhausted(format!(
+                    "a session may follow at most {MAX_SUBSCRIPTIONS} services"
+                ))));
+            }
             let known = s.known.filter(|k| k.epoch != 0);
             self.catch_up(&service, known, None).await?;
         }
@@ -257,8 +265,24 @@ impl Session {
                 }
                 Ok(())
             }
-            Some(client_message::Kind::LoadReport(report)) => {
-                if let Ok(service) = model::resolve_service(&report.service) {
+            Some(client_message::Kind::LoadReport(mut report)) => {
+                let Ok(service) = model::resolve_service(&report.service) else {
+                    return Ok(());
+                };
+                // Only reports on followed services, about backends that exist, are kept: what a
+                // client sends must not grow the server's state beyond the routing state itself.
+                if !self.subs.contains_key(service) {
+                    tracing::debug!(
+                        session = self.id,
+                        service,
+                        "load report for a service not followed; ignored"
+                    );
+                    return Ok(());
+                }
+                if let Some(state) = self.shared.pickers.get(service) {
+                    report
+                        .backends
+                        .retain(|b| state.picker.get(&b.server_id).is_some());
                     let totals = self.shared.loads.report(self.id, service, &report.backends);
                     self.shared.pickers.set_baselines(service, &totals);
                     self.shared.metrics.in_flight(service, &totals);

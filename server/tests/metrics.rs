@@ -66,7 +66,24 @@ async fn metrics_endpoint_exposes_the_expected_series() {
                 in_flight: 2,
                 ..Default::default()
             },
+            // Not a backend of the service: ignored, so clients cannot grow server state.
+            proto::BackendLoad {
+                server_id: "ghost".into(),
+                in_flight: 100,
+                ..Default::default()
+            },
         ],
+        interval_ms: 1000,
+    }))
+    .await;
+    // A service this session does not follow: ignored too.
+    s.send(client_message::Kind::LoadReport(proto::LoadReport {
+        service: "other".into(),
+        backends: vec![proto::BackendLoad {
+            server_id: "a".into(),
+            in_flight: 9,
+            ..Default::default()
+        }],
         interval_ms: 1000,
     }))
     .await;
@@ -120,6 +137,10 @@ async fn metrics_endpoint_exposes_the_expected_series() {
         value(&body, "dlb_in_flight{service=\"default\"} "),
         Some(7.0),
         "{body}"
+    );
+    assert!(
+        !body.contains("dlb_in_flight{service=\"other\"}"),
+        "a report on a service not followed must be ignored:\n{body}"
     );
     assert!(
         value(&body, "dlb_push_latency_seconds_count ").unwrap_or(0.0) >= 1.0,
