@@ -5,9 +5,12 @@
 //! and the offending value. This module also converts between wire types ([`crate::proto`]) and
 //! the balancing types ([`crate::balance`]).
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::balance::{Algorithm, BackendSpec, PolicyConfig, StickyConfig, StickyMode};
+use crate::balance::{
+    Algorithm, BackendSpec, BuildError, Picker, PolicyConfig, StickyConfig, StickyMode, StickyTable,
+};
 use crate::proto;
 
 /// The service used when a request names none.
@@ -328,6 +331,36 @@ pub fn sticky_config(policy: &proto::Policy) -> Option<StickyConfig> {
         } else {
             policy.sticky_max_entries as usize
         },
+    })
+}
+
+/// Builds the picker for a service state (`policy` and its stored `servers`), off the request
+/// path. With the `previous` picker of the same service it rebuilds, so in-flight accounting and
+/// unchanged strings carry over by id. Used by `dlbd` and the SDK alike.
+pub fn build_picker<'a>(
+    previous: Option<&Picker>,
+    policy: &proto::Policy,
+    servers: impl IntoIterator<Item = &'a proto::Server>,
+) -> Result<Picker, BuildError> {
+    let specs: Vec<BackendSpec> = servers.into_iter().map(backend_spec).collect();
+    let config = policy_config(policy);
+    match previous {
+        Some(old) => old.rebuild(&config, &specs),
+        None => Picker::build(&config, &specs),
+    }
+}
+
+/// The sticky-session table for `policy`: the `previous` table when its configuration is
+/// unchanged (bindings survive unrelated updates), a new one when it changed, none when the
+/// policy is not sticky.
+pub fn carry_sticky(
+    previous: Option<&Arc<StickyTable>>,
+    policy: &proto::Policy,
+) -> Option<Arc<StickyTable>> {
+    let config = sticky_config(policy)?;
+    Some(match previous {
+        Some(table) if *table.config() == config => table.clone(),
+        _ => Arc::new(StickyTable::new(config)),
     })
 }
 

@@ -95,7 +95,8 @@ struct Entry {
     version: Version,
     /// The last picker built (the published one unless an update is held back).
     picker: Option<Arc<Picker>>,
-    sticky: Option<(dlb::balance::StickyConfig, Arc<StickyTable>)>,
+    /// The session-affinity table while the policy is sticky (kept across updates).
+    sticky: Option<Arc<StickyTable>>,
     outcomes: Arc<HashMap<Arc<str>, Arc<OutcomeCounters>>>,
     /// Whether the last load report sent for this service named any backend (an empty report
     /// is then needed once, to zero the server's view; after that empty reports are skipped).
@@ -185,12 +186,7 @@ impl Entry {
             }
         }
 
-        let specs: Vec<_> = self.records.values().map(model::backend_spec).collect();
-        let config = model::policy_config(&policy);
-        let built = match &self.picker {
-            Some(old) => old.rebuild(&config, &specs),
-            None => Picker::build(&config, &specs),
-        };
+        let built = model::build_picker(self.picker.as_deref(), &policy, self.records.values());
         let picker = match built {
             Ok(p) => Arc::new(p),
             Err(e) => {
@@ -230,12 +226,7 @@ impl Entry {
             return Ok(());
         }
         self.picker = Some(picker.clone());
-        let sticky_config = model::sticky_config(&policy);
-        self.sticky = match (sticky_config, self.sticky.take()) {
-            (Some(c), Some((old, table))) if old == c => Some((c, table)),
-            (Some(c), _) => Some((c, Arc::new(StickyTable::new(c)))),
-            (None, _) => None,
-        };
+        self.sticky = model::carry_sticky(self.sticky.as_ref(), &policy);
         // The outcome counters only change when the set of backend ids does.
         if ids_changed || self.outcomes.len() != picker.backends().len() {
             let mut outcomes = HashMap::with_capacity(picker.backends().len());
@@ -248,7 +239,7 @@ impl Entry {
         self.state.publish(Snapshot {
             version,
             picker: Some(picker),
-            sticky: self.sticky.as_ref().map(|(_, t)| t.clone()),
+            sticky: self.sticky.clone(),
             outcomes: self.outcomes.clone(),
             policy: Some(policy),
             not_found: false,

@@ -72,22 +72,19 @@ impl Pickers {
                 return Ok(false);
             }
         }
-        let specs: Vec<_> = snapshot.servers.iter().map(model::backend_spec).collect();
-        let config = model::policy_config(&snapshot.policy);
-        let built = match &current {
-            Some(cur) => cur.picker.rebuild(&config, &specs),
-            None => Picker::build(&config, &specs),
-        }
+        let built = model::build_picker(
+            current.as_ref().map(|c| &*c.picker),
+            &snapshot.policy,
+            &snapshot.servers,
+        )
         .map_err(|source| Error::Picker {
             service: snapshot.name.clone(),
             source,
         })?;
-        let sticky = model::sticky_config(&snapshot.policy).map(|cfg| {
-            match current.as_ref().and_then(|c| c.sticky.clone()) {
-                Some(table) if *table.config() == cfg => table,
-                _ => Arc::new(StickyTable::new(cfg)),
-            }
-        });
+        let sticky = model::carry_sticky(
+            current.as_ref().and_then(|c| c.sticky.as_ref()),
+            &snapshot.policy,
+        );
         let state = Arc::new(ServicePicker {
             version: snapshot.version,
             policy: snapshot.policy,
