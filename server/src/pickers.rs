@@ -59,6 +59,12 @@ impl Pickers {
         self.services.read().get(service).map(|s| s.load_full())
     }
 
+    /// Whether the service's picker is already at `(epoch, version)` or newer.
+    pub fn is_at(&self, service: &str, epoch: u64, version: u64) -> bool {
+        self.get(service)
+            .is_some_and(|s| s.version.epoch == epoch && s.version.version >= version)
+    }
+
     /// Brings a service's picker up to `snapshot` unless it is already at that version or newer.
     /// Returns whether it swapped in a new picker.
     pub fn apply(&self, snapshot: &ServiceSnapshot) -> Result<bool, Error> {

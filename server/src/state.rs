@@ -69,6 +69,15 @@ impl Shared {
                 _ = crate::state::stopped(&mut shutdown) => return,
             };
             let refreshed = match result {
+                // Writes through this server's Registry have already refreshed their picker
+                // before replying: skip them without copying the snapshot out of the store.
+                Ok(change)
+                    if self
+                        .pickers
+                        .is_at(&change.service, change.epoch, change.version) =>
+                {
+                    Ok(())
+                }
                 Ok(change) => self.refresh(&change.service).await,
                 Err(broadcast::error::RecvError::Lagged(_)) => self.refresh_all().await,
                 Err(broadcast::error::RecvError::Closed) => return,
