@@ -6,12 +6,15 @@
 //! * [`proto`] — the generated wire types and gRPC stubs for `proto/dlb/v1/dlb.proto`;
 //! * [`model`] — the domain rules every entry point applies the same way: identifier, address,
 //!   weight and policy validation, and conversions between wire and domain types;
+//! * [`sources`] — backend state from separate sources (admin, probe, outlier) and the one pure
+//!   function that derives a backend's effective state and the reason for it;
 //! * [`balance`] — the balancing algorithms: immutable pickers (smooth weighted round robin,
 //!   least connections exact and P2C, Maglev, ring hash, bounded load) and sticky sessions. They are
 //!   plain data plus atomics, testable without tokio.
 
 pub mod balance;
 pub mod model;
+pub mod sources;
 
 /// Generated protobuf types and gRPC client/server stubs for `dlb.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic, clippy::unwrap_used)]

@@ -221,10 +221,45 @@ pub fn validate_server(server: &proto::Server) -> Result<(), ValidationError> {
     validate_address(&server.address)?;
     validate_weight(server.weight)?;
     validate_hash_key(&server.hash_key)?;
-    validate_metadata(&server.metadata)
+    validate_metadata(&server.metadata)?;
+    if server.effective_weight != 0 {
+        validate_weight(server.effective_weight)
+            .map_err(|e| ValidationError::new("effective_weight", e.value, e.reason))?;
+    }
+    if let Some(sources) = &server.sources {
+        if proto::Verdict::try_from(sources.admin).is_err() {
+            return Err(ValidationError::new(
+                "sources.admin",
+                sources.admin,
+                "must be unset, healthy or unhealthy",
+            ));
+        }
+        for (field, state) in [
+            ("sources.probe", &sources.probe),
+            ("sources.outlier", &sources.outlier),
+        ] {
+            let Some(state) = state else { continue };
+            if proto::Verdict::try_from(state.verdict).is_err() {
+                return Err(ValidationError::new(
+                    format!("{field}.verdict"),
+                    state.verdict,
+                    "must be unset, healthy or unhealthy",
+                ));
+            }
+            if state.detail.len() > crate::sources::MAX_DETAIL_LEN {
+                return Err(ValidationError::new(
+                    format!("{field}.detail"),
+                    format!("{} bytes", state.detail.len()),
+                    format!("at most {} bytes", crate::sources::MAX_DETAIL_LEN),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
-/// Whether a stored backend may receive new picks: not unhealthy and not draining.
+/// Whether a stored backend may receive new picks: its effective health (derived from its
+/// sources by [`crate::sources::stamp`]) is not unhealthy and it is not draining.
 pub fn is_eligible(server: &proto::Server) -> bool {
     server.health != proto::HealthStatus::Unhealthy as i32 && !server.draining
 }
@@ -234,7 +269,7 @@ pub fn backend_spec(server: &proto::Server) -> BackendSpec {
     BackendSpec {
         id: server.server_id.clone(),
         address: server.address.clone(),
-        weight: server.weight,
+        weight: crate::sources::picker_weight(server),
         hash_key: (!server.hash_key.is_empty()).then(|| server.hash_key.clone()),
         eligible: is_eligible(server),
     }

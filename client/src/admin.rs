@@ -135,6 +135,9 @@ pub struct ServerUpdate {
     pub hash_key: Option<String>,
     /// New labels, replacing the old ones.
     pub metadata: Option<HashMap<String, String>>,
+    /// Compare-and-set: apply only if the service is at this version (`FailedPrecondition`
+    /// naming the current version otherwise).
+    pub expected_version: Option<u64>,
 }
 
 impl ServerUpdate {
@@ -283,6 +286,7 @@ impl AdminClient {
             weight: server.weight,
             hash_key: server.hash_key,
             metadata: server.metadata,
+            ..Default::default()
         };
         self.call(|mut c| {
             let req = req.clone();
@@ -300,6 +304,7 @@ impl AdminClient {
         let req = proto::RemoveServerRequest {
             service: model::resolve_service(service)?.to_owned(),
             server_id: checked_id(server_id)?,
+            ..Default::default()
         };
         self.call(|mut c| {
             let req = req.clone();
@@ -325,6 +330,7 @@ impl AdminClient {
             hash_key: update.hash_key,
             replace_metadata: update.metadata.is_some(),
             metadata: update.metadata.unwrap_or_default(),
+            expected_version: update.expected_version,
         };
         self.call(|mut c| {
             let req = req.clone();
@@ -408,11 +414,24 @@ impl AdminClient {
         service: &str,
         policy: proto::Policy,
     ) -> Result<proto::PolicyResponse> {
+        self.set_policy_if(service, policy, None).await
+    }
+
+    /// `SetPolicy` with a compare-and-set: applies only if the service is at
+    /// `expected_version` (0: it must not exist yet); otherwise `FailedPrecondition` naming the
+    /// current version, and nothing changes.
+    pub async fn set_policy_if(
+        &self,
+        service: &str,
+        policy: proto::Policy,
+        expected_version: Option<u64>,
+    ) -> Result<proto::PolicyResponse> {
         let service = model::resolve_service(service)?.to_owned();
         validate_policy_request(&policy)?;
         let req = proto::SetPolicyRequest {
             service,
             policy: Some(policy),
+            expected_version,
         };
         self.call(|mut c| {
             let req = req.clone();

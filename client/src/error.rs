@@ -63,6 +63,7 @@ impl Error {
             Error::InvalidArgument(_) | Error::InvalidEndpoint { .. } => 2,
             Error::NotFound(_) | Error::ServiceNotFound(_) => 3,
             Error::AlreadyExists(_) => 4,
+            Error::FailedPrecondition(_) => 5,
             _ => 1,
         }
     }

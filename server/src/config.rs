@@ -62,6 +62,16 @@ impl ServiceConfig {
     }
 }
 
+/// Which [`Store`](crate::store::Store) a server runs on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// In memory: nothing survives the process, every start is a new epoch. The library's
+    /// default (tests, benchmarks); `dlbd --store memory`.
+    Memory,
+    /// The embedded durable store in this data directory (`dlbd`'s default: `./dlbd-data`).
+    Embedded(std::path::PathBuf),
+}
+
 /// Everything `dlbd` needs to start.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
@@ -75,11 +85,13 @@ pub struct ServerConfig {
     pub keepalive_interval: Duration,
     /// How long to wait for a keepalive ping's acknowledgement before closing the connection.
     pub keepalive_timeout: Duration,
-    /// Changes kept per service for delta resumption.
+    /// Where the routing state lives.
+    pub store: StoreConfig,
+    /// Changes kept per service by the snapshot cache for delta catch-up.
     pub history_size: usize,
-    /// Capacity of the store's change feed: how many changes a session may fall behind before
-    /// its queued deltas are dropped and it is resynchronised with a full snapshot.
-    pub feed_capacity: usize,
+    /// Changes (across all services) the store remembers for watches; a watcher further behind
+    /// re-reads a snapshot.
+    pub store_history: usize,
     /// Capacity of each session's outbound message channel.
     pub session_queue: usize,
     /// How long a graceful shutdown waits for connections to close before aborting them.
@@ -96,8 +108,9 @@ impl Default for ServerConfig {
             services: vec![ServiceConfig::empty(model::DEFAULT_SERVICE)],
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
-            history_size: crate::store::memory::DEFAULT_HISTORY,
-            feed_capacity: crate::store::memory::DEFAULT_FEED_CAPACITY,
+            store: StoreConfig::Memory,
+            history_size: crate::cache::DEFAULT_HISTORY,
+            store_history: crate::store::memory::DEFAULT_HISTORY,
             session_queue: 128,
             shutdown_grace: Duration::from_secs(5),
             per_backend_metrics: false,
@@ -374,8 +387,8 @@ fn convert_service(ctx: &Ctx<'_>, i: usize, s: &RawService) -> Result<ServiceCon
             weight: b.weight.unwrap_or(1),
             hash_key: b.hash_key.clone().unwrap_or_default(),
             metadata: b.metadata.clone().into_iter().collect(),
-            health: proto::HealthStatus::Healthy as i32,
             draining: b.draining,
+            ..Default::default()
         };
         model::validate_server(&server).map_err(|e| {
             let field = match e.field.as_str() {

@@ -1,22 +1,22 @@
-//! The `dlb.v1.Discovery` gRPC service: one bidirectional session per SDK.
+//! The `dlb.v1.Discovery` gRPC service: one bidirectional session per SDK, a thin front-end over
+//! the [snapshot cache](crate::cache).
 //!
 //! Each `Session` call spawns one task that owns all of the session's state (which services it
 //! follows and the version each was last brought to) — no locks. The task `select!`s over
-//! three inputs: the client's messages, the store's change feed, and the shutdown flag.
+//! three inputs: the client's messages, its cache [`Waker`] (woken only when a service *it
+//! follows* changes), and the shutdown flag.
 //!
 //! * **First message** must be a `Subscribe`; anything else ends the stream with
 //!   `INVALID_ARGUMENT`. For each service: a full snapshot, or a delta when the client's
-//!   `known` (epoch, version) is still in the store's history, or `ServiceNotFound` (then a full
-//!   snapshot as soon as the service is created).
-//! * **Deltas** follow in version order. A change whose `base` is the version the session last
-//!   sent is forwarded as is; a gap (the session lagged) is filled with one coalesced delta from
-//!   the store's history (or a full snapshot when the history no longer reaches back).
-//! * **Backpressure**: the task subscribes to the store's `broadcast` change feed before it
-//!   reads any snapshot, so nothing is missed. Writers never wait for sessions: `broadcast` keeps
-//!   a bounded ring per receiver and a session that falls more than `feed_capacity` changes
-//!   behind loses its queued changes (`Lagged`) and resynchronises every service it follows. The
-//!   outbound queue towards the HTTP/2 stream is a bounded `mpsc` channel (`session_queue`); a
-//!   full queue blocks only this session's task.
+//!   `known` (epoch, version) is still in the cache's history (an empty delta when it is
+//!   current), or `ServiceNotFound` (then a full snapshot as soon as the service is created).
+//! * **Updates**: when woken, the task asks the cache what each changed service needs from the
+//!   version it last sent ([`Catchup`]): one delta, coalescing every change since (a session that
+//!   was slow to read gets one merged delta, never a queue of stale ones), or a full snapshot
+//!   when the history no longer reaches back. All catch-up logic is the cache's.
+//! * **Backpressure**: writers never wait for sessions — a change only marks the service dirty
+//!   in the session's waker. The outbound queue towards the HTTP/2 stream is a bounded `mpsc`
+//!   channel (`session_queue`); a full queue blocks only this session's task.
 //! * **Ack** is logged; **Nack** is answered with a full snapshot; **Unsubscribe** stops
 //!   updates; **LoadReport** replaces this session's in-flight counts for the service (see
 //!   [`crate::loads`]); they are removed when the session ends.
@@ -30,7 +30,7 @@ use dlb::model;
 use dlb::proto::{
     self, client_message, discovery_server::Discovery, server_message, ClientMessage, ServerMessage,
 };
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -39,7 +39,7 @@ use crate::state::Shared;
 /// How long a session waits for room in its queue to hand over its last message (`GoingAway`
 /// or the error status that ends it).
 const GOING_AWAY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
-use crate::store::{Catchup, Change};
+use crate::cache::{Catchup, Waker};
 
 /// Most services one session may follow: a bound on what a client can make the server keep.
 pub const MAX_SUBSCRIPTIONS: usize = 10_000;
@@ -67,18 +67,17 @@ impl Discovery for DiscoveryService {
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(self.shared.session_queue.max(1));
         let id = self.shared.next_session.fetch_add(1, Ordering::Relaxed) + 1;
-        // Subscribe to the feed before any snapshot is read, so no change falls in between.
-        let feed = self.shared.store.watch();
         let session = Session {
             id,
             shared: self.shared.clone(),
             tx,
             subs: HashMap::new(),
             nonce: 0,
-            epoch: self.shared.store.epoch(),
+            epoch: self.shared.cache.epoch(),
+            waker: self.shared.cache.waker(),
         };
         tracing::debug!(session = id, ?peer, "session opened");
-        tokio::spawn(session.run(inbound, feed));
+        tokio::spawn(session.run(inbound));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -109,17 +108,18 @@ struct Session {
     subs: HashMap<String, Sub>,
     nonce: u64,
     epoch: u64,
+    /// Woken by the cache when a followed service changes.
+    waker: Arc<Waker>,
 }
 
 impl Session {
-    async fn run(
-        mut self,
-        mut inbound: Streaming<ClientMessage>,
-        feed: broadcast::Receiver<Arc<Change>>,
-    ) {
+    async fn run(mut self, mut inbound: Streaming<ClientMessage>) {
         let metrics = self.shared.metrics.clone();
         metrics.session_delta(1);
-        let end = self.main(&mut inbound, feed).await;
+        let end = self.main(&mut inbound).await;
+        for service in self.subs.keys() {
+            self.shared.cache.unfollow_service(service, &self.waker);
+        }
         let code = match end {
             End::Done | End::Gone => tonic::Code::Ok,
             End::Status(status) => {
@@ -163,11 +163,7 @@ impl Session {
         let _ = tokio::time::timeout(GOING_AWAY_TIMEOUT, self.tx.send(Ok(msg))).await;
     }
 
-    async fn main(
-        &mut self,
-        inbound: &mut Streaming<ClientMessage>,
-        mut feed: broadcast::Receiver<Arc<Change>>,
-    ) -> End {
+    async fn main(&mut self, inbound: &mut Streaming<ClientMessage>) -> End {
         let mut shutdown = self.shared.shutdown.clone();
         let first = tokio::select! {
             m = inbound.message() => m,
@@ -208,22 +204,28 @@ impl Session {
                         return end;
                     }
                 }
-                c = feed.recv() => {
-                    let r = match c {
-                        Ok(change) => self.on_change(&change).await,
-                        Err(broadcast::error::RecvError::Lagged(n)) => {
-                            tracing::warn!(session = self.id, skipped = n, "session lagged; resynchronising");
-                            self.shared.metrics.resync();
-                            self.resync_all().await
-                        }
-                        Err(broadcast::error::RecvError::Closed) => return End::Done,
-                    };
-                    if let Err(end) = r {
+                _ = self.waker.notified() => {
+                    if let Err(end) = self.on_wake().await {
                         return end;
                     }
                 }
             }
         }
+    }
+
+    /// Brings every followed service that changed up to date.
+    async fn on_wake(&mut self) -> Result<(), End> {
+        for service in self.waker.take_dirty() {
+            let Some(&sub) = self.subs.get(&*service) else {
+                continue;
+            };
+            let known = match sub {
+                Sub::At(v) => Some(v),
+                Sub::NotFound => None,
+            };
+            self.catch_up(&service, known, false).await?;
+        }
+        Ok(())
     }
 
     async fn subscribe(&mut self, sub: proto::Subscribe) -> Result<(), End> {
@@ -236,8 +238,15 @@ impl Session {
                     "a session may follow at most {MAX_SUBSCRIPTIONS} services"
                 ))));
             }
-            let known = s.known.filter(|k| k.epoch != 0);
-            self.catch_up(&service, known, None).await?;
+            // A version of another history means nothing here.
+            let known = s
+                .known
+                .filter(|k| k.epoch == self.epoch && k.version != 0)
+                .map(|k| k.version);
+            if !self.subs.contains_key(&service) {
+                self.shared.cache.follow_service(&service, &self.waker);
+            }
+            self.catch_up(&service, known, true).await?;
         }
         Ok(())
     }
@@ -255,13 +264,15 @@ impl Session {
                     .to_owned();
                 tracing::warn!(session = self.id, service, nonce = %nack.nonce, detail = %nack.error_detail, "nack; sending a full snapshot");
                 if self.subs.contains_key(&service) {
-                    self.catch_up(&service, None, None).await?;
+                    self.catch_up(&service, None, true).await?;
                 }
                 Ok(())
             }
             Some(client_message::Kind::Unsubscribe(u)) => {
                 if let Ok(service) = model::resolve_service(&u.service) {
-                    self.subs.remove(service);
+                    if self.subs.remove(service).is_some() {
+                        self.shared.cache.unfollow_service(service, &self.waker);
+                    }
                 }
                 Ok(())
             }
@@ -279,10 +290,10 @@ impl Session {
                     );
                     return Ok(());
                 }
-                if let Some(state) = self.shared.pickers.get(service) {
+                if let Some(snap) = self.shared.cache.get(service) {
                     report
                         .backends
-                        .retain(|b| state.picker.get(&b.server_id).is_some());
+                        .retain(|b| snap.servers.contains_key(b.server_id.as_str()));
                     let totals = self.shared.loads.report(self.id, service, &report.backends);
                     self.shared.pickers.set_baselines(service, &totals);
                     self.shared.metrics.in_flight(service, &totals);
@@ -296,51 +307,6 @@ impl Session {
         }
     }
 
-    async fn on_change(&mut self, change: &Change) -> Result<(), End> {
-        let Some(&sub) = self.subs.get(&change.service) else {
-            return Ok(());
-        };
-        match sub {
-            Sub::At(v) if v >= change.version => Ok(()),
-            Sub::At(v) if v == change.base => {
-                let update = proto::ServiceUpdate {
-                    service: change.service.clone(),
-                    version: Some(self.version(change.version)),
-                    base: Some(self.version(change.base)),
-                    nonce: self.next_nonce(),
-                    full: false,
-                    policy: change.policy,
-                    upserts: change.upserts.clone(),
-                    removals: change.removals.clone(),
-                };
-                self.send(server_message::Kind::Update(update)).await?;
-                self.shared
-                    .metrics
-                    .push_latency(change.at.elapsed().as_secs_f64());
-                self.subs
-                    .insert(change.service.clone(), Sub::At(change.version));
-                Ok(())
-            }
-            Sub::At(v) => {
-                let known = Some(self.version(v));
-                self.catch_up(&change.service, known, Some(change)).await
-            }
-            Sub::NotFound => self.catch_up(&change.service, None, Some(change)).await,
-        }
-    }
-
-    async fn resync_all(&mut self) -> Result<(), End> {
-        let subs: Vec<(String, Sub)> = self.subs.iter().map(|(k, v)| (k.clone(), *v)).collect();
-        for (service, sub) in subs {
-            let known = match sub {
-                Sub::At(v) => Some(self.version(v)),
-                Sub::NotFound => None,
-            };
-            self.catch_up(&service, known, None).await?;
-        }
-        Ok(())
-    }
-
     fn version(&self, version: u64) -> proto::Version {
         proto::Version {
             epoch: self.epoch,
@@ -348,19 +314,16 @@ impl Session {
         }
     }
 
-    /// Sends whatever brings a client holding `known` up to date, and records it.
+    /// Sends whatever brings a client holding `known` up to date, and records it. `answer`:
+    /// the client asked (Subscribe, Nack), so it gets a reply even when nothing changed.
     async fn catch_up(
         &mut self,
         service: &str,
-        known: Option<proto::Version>,
-        cause: Option<&Change>,
+        known: Option<u64>,
+        answer: bool,
     ) -> Result<(), End> {
-        let catchup = self
-            .shared
-            .store
-            .changes_since(service.to_owned(), known)
-            .await
-            .map_err(|e| End::Status(e.into()))?;
+        let catchup = self.shared.cache.catch_up(service, known);
+        let mut at = None;
         let (kind, sub) = match catchup {
             Catchup::Full(snap) => (
                 server_message::Kind::Update(proto::ServiceUpdate {
@@ -370,32 +333,57 @@ impl Session {
                     nonce: self.next_nonce(),
                     full: true,
                     policy: Some(snap.policy),
-                    upserts: snap.servers,
+                    upserts: snap.server_list(),
                     removals: Vec::new(),
                 }),
                 Sub::At(snap.version.version),
             ),
-            Catchup::Delta(d) => (
-                server_message::Kind::Update(proto::ServiceUpdate {
-                    service: service.to_owned(),
-                    version: Some(self.version(d.version)),
-                    base: Some(self.version(d.base)),
-                    nonce: self.next_nonce(),
-                    full: false,
-                    policy: d.policy,
-                    upserts: d.upserts,
-                    removals: d.removals,
-                }),
-                Sub::At(d.version),
-            ),
-            Catchup::NotFound { epoch } => {
-                if cause.is_some() && self.subs.get(service) == Some(&Sub::NotFound) {
+            Catchup::Delta { delta, at: when } => {
+                at = Some(when);
+                (
+                    server_message::Kind::Update(proto::ServiceUpdate {
+                        service: service.to_owned(),
+                        version: Some(self.version(delta.version)),
+                        base: Some(self.version(delta.base)),
+                        nonce: self.next_nonce(),
+                        full: false,
+                        policy: delta.policy,
+                        upserts: delta.upserts,
+                        removals: delta.removals,
+                    }),
+                    Sub::At(delta.version),
+                )
+            }
+            Catchup::Current => {
+                let Some(v) = known.filter(|_| answer) else {
+                    return Ok(());
+                };
+                // An empty delta confirms the client's version.
+                (
+                    server_message::Kind::Update(proto::ServiceUpdate {
+                        service: service.to_owned(),
+                        version: Some(self.version(v)),
+                        base: Some(self.version(v)),
+                        nonce: self.next_nonce(),
+                        full: false,
+                        policy: None,
+                        upserts: Vec::new(),
+                        removals: Vec::new(),
+                    }),
+                    Sub::At(v),
+                )
+            }
+            Catchup::NotFound => {
+                if !answer && self.subs.get(service) == Some(&Sub::NotFound) {
                     return Ok(());
                 }
                 (
                     server_message::Kind::NotFound(proto::ServiceNotFound {
                         service: service.to_owned(),
-                        version: Some(proto::Version { epoch, version: 0 }),
+                        version: Some(proto::Version {
+                            epoch: self.epoch,
+                            version: 0,
+                        }),
                         nonce: self.next_nonce(),
                     }),
                     Sub::NotFound,
@@ -403,10 +391,8 @@ impl Session {
             }
         };
         self.send(kind).await?;
-        if let Some(change) = cause {
-            self.shared
-                .metrics
-                .push_latency(change.at.elapsed().as_secs_f64());
+        if let Some(at) = at {
+            self.shared.metrics.push_latency(at.elapsed().as_secs_f64());
         }
         self.subs.insert(service.to_owned(), sub);
         Ok(())

@@ -3,7 +3,8 @@
 //! Handlers return [`Error`]; the one `impl From<Error> for tonic::Status` at the edge decides
 //! the code: malformed input ⇒ `INVALID_ARGUMENT` (the message is the `ValidationError`'s
 //! Display, naming the field and value), unknown service/server ⇒ `NOT_FOUND`, duplicate id ⇒
-//! `ALREADY_EXISTS`, no eligible backend ⇒ `UNAVAILABLE`.
+//! `ALREADY_EXISTS`, no eligible backend ⇒ `UNAVAILABLE`, a stale compare-and-set ⇒
+//! `FAILED_PRECONDITION`.
 
 use std::net::SocketAddr;
 
@@ -73,6 +74,19 @@ pub enum Error {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A compare-and-set write found another version than it expected.
+    #[error("service {service:?} is at version {current}, not the expected {expected}; re-read and retry")]
+    VersionMismatch {
+        /// The service.
+        service: String,
+        /// The version the write expected.
+        expected: u64,
+        /// The service's current version (0: it does not exist).
+        current: u64,
+    },
+    /// The store's storage failed (disk, database file).
+    #[error("storage: {0}")]
+    Storage(String),
     /// A background task failed or panicked.
     #[error("task failed: {0}")]
     Task(String),
@@ -90,10 +104,12 @@ impl From<Error> for tonic::Status {
                 tonic::Status::already_exists(msg)
             }
             Error::Unavailable { .. } => tonic::Status::unavailable(msg),
+            Error::VersionMismatch { .. } => tonic::Status::failed_precondition(msg),
             Error::Picker { .. }
             | Error::Bind { .. }
             | Error::Transport(_)
             | Error::Reflection(_)
+            | Error::Storage(_)
             | Error::Task(_) => tonic::Status::internal(msg),
         }
     }

@@ -7,9 +7,14 @@
 //! Parts:
 //!
 //! * [`config`] — [`ServerConfig`] and its YAML form;
-//! * [`store`] — the versioned state ([`store::Store`] trait, in-memory implementation);
-//! * [`registry`] — the Registry RPCs; [`discovery`] — the Discovery sessions;
-//! * [`pickers`] — the server-side pickers `GetNextServer` answers from;
+//! * [`store`] — the versioned state: the [`store::Store`] contract (revisions, atomic batches
+//!   with compare-and-set, resumable watches) and its memory and embedded (redb) implementations;
+//! * [`cache`] — the protocol-neutral snapshot cache that follows the store: per-service
+//!   snapshots, bounded delta history and per-service watchers;
+//! * [`registry`] — the Registry RPCs; [`discovery`] — the DLB sessions, a thin front-end over
+//!   the cache;
+//! * [`pickers`] — the server-side pickers `GetNextServer` answers from, one builder task per
+//!   service;
 //! * [`loads`] — in-flight sums from SDK load reports; [`metrics`] — Prometheus metrics;
 //! * [`spawn`] / [`RunningServer`] — start and gracefully stop everything.
 //!
@@ -27,6 +32,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod cache;
 pub mod config;
 pub mod discovery;
 mod error;
@@ -49,15 +55,16 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
-pub use config::{ConfigError, ServerConfig, ServiceConfig};
+pub use config::{ConfigError, ServerConfig, ServiceConfig, StoreConfig};
 pub use error::Error;
 
+use crate::cache::Cache;
 use crate::discovery::DiscoveryService;
 use crate::metrics::Metrics;
 use crate::pickers::Pickers;
 use crate::registry::RegistryService;
 use crate::state::Shared;
-use crate::store::{MemoryStore, Store};
+use crate::store::{EmbeddedStore, MemoryStore, Mutation, Store};
 
 /// gRPC service names reported SERVING by the health service (besides `""`).
 pub const HEALTH_SERVICES: [&str; 2] = ["dlb.v1.Registry", "dlb.v1.Discovery"];
@@ -77,29 +84,58 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
     socket.listen(1024).map_err(err)
 }
 
-/// Starts a control plane with a fresh in-memory store (new random epoch) holding the
-/// configured services. Binds both listeners (port 0 picks a free port), starts serving and
-/// returns.
+/// Starts a control plane on the configured store ([`ServerConfig::store`]: in memory, a new
+/// random epoch, or the embedded store in a data directory) holding the configured services.
+/// Binds both listeners (port 0 picks a free port), starts serving and returns.
 pub async fn spawn(config: ServerConfig) -> Result<RunningServer, Error> {
-    let store = Arc::new(MemoryStore::new(config.history_size, config.feed_capacity));
+    let store: Arc<dyn Store> = match &config.store {
+        StoreConfig::Memory => Arc::new(MemoryStore::new(config.store_history)),
+        StoreConfig::Embedded(dir) => {
+            let dir = dir.clone();
+            let history = config.store_history;
+            Arc::new(
+                tokio::task::spawn_blocking(move || EmbeddedStore::open_with_history(dir, history))
+                    .await
+                    .map_err(|e| Error::Task(e.to_string()))??,
+            )
+        }
+    };
     spawn_with_store(config, store).await
 }
 
-/// Like [`spawn`], on a given store. Configured services that the store does not hold yet are
-/// created; existing ones are left as they are.
+/// Applies the configured services to the store as declarative writes. A service that lists a
+/// policy or backends gets the file's policy and each listed backend's configuration (address,
+/// weight, hash key, metadata) — a no-op when the store already matches; backends registered
+/// through the API and runtime state (drain, health sources) are kept. A service listed with
+/// nothing to declare (like the implicit `default`) is only created when missing.
+async fn apply_config(config: &ServerConfig, store: &dyn Store) -> Result<(), Error> {
+    for svc in &config.services {
+        let declares = !svc.backends.is_empty() || svc.policy != dlb::model::default_policy();
+        if !declares {
+            let create = vec![Mutation::SetPolicy(svc.policy)];
+            match store.apply(svc.name.clone(), create, Some(0)).await {
+                Ok(_) | Err(Error::VersionMismatch { .. }) => {}
+                Err(e) => return Err(e),
+            }
+            continue;
+        }
+        let mut mutations = vec![Mutation::SetPolicy(svc.policy)];
+        mutations.extend(svc.backends.iter().cloned().map(Mutation::Declare));
+        let applied = store.apply(svc.name.clone(), mutations, None).await?;
+        if applied.changed {
+            tracing::info!(service = %svc.name, version = applied.version.version, "configuration applied");
+        }
+    }
+    Ok(())
+}
+
+/// Like [`spawn`], on a given store. See [`apply_config`] for how the configured services meet
+/// the stored state.
 pub async fn spawn_with_store(
     config: ServerConfig,
     store: Arc<dyn Store>,
 ) -> Result<RunningServer, Error> {
-    for svc in &config.services {
-        match store
-            .create_service(svc.name.clone(), svc.policy, svc.backends.clone())
-            .await
-        {
-            Ok(_) | Err(Error::ServiceExists(_)) => {}
-            Err(e) => return Err(e),
-        }
-    }
+    apply_config(&config, &*store).await?;
     let grpc_listener = bind(config.listen)?;
     let grpc_addr = grpc_listener.local_addr().map_err(|source| Error::Bind {
         addr: config.listen,
@@ -116,8 +152,12 @@ pub async fn spawn_with_store(
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let metrics = Arc::new(Metrics::with_per_backend(config.per_backend_metrics));
+    let cache = Arc::new(Cache::new(store.epoch(), config.history_size));
+    // The cache is loaded before anything is served: a session's first catch-up sees the state.
+    cache.load(store.snapshot().await?);
     let shared = Arc::new(Shared {
         store: store.clone(),
+        cache: cache.clone(),
         pickers: Pickers::new(),
         loads: loads::LoadTracker::new(),
         metrics: metrics.clone(),
@@ -125,8 +165,11 @@ pub async fn spawn_with_store(
         session_queue: config.session_queue,
         next_session: AtomicU64::new(0),
     });
-    shared.refresh_all().await?;
-    let follower = tokio::spawn(shared.clone().follow_store());
+    let mut signal = shutdown_rx.clone();
+    let follower = tokio::spawn(cache.clone().follow(store.clone(), async move {
+        crate::state::stopped(&mut signal).await;
+    }));
+    let builders = tokio::spawn(pickers::run_builders(shared.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     for name in HEALTH_SERVICES {
@@ -178,6 +221,8 @@ pub async fn spawn_with_store(
         grpc: Some(grpc),
         metrics: metrics_task,
         follower: Some(follower),
+        builders: Some(builders),
+        shared,
     })
 }
 
@@ -195,6 +240,8 @@ pub struct RunningServer {
     grpc: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     metrics: Option<JoinHandle<std::io::Result<()>>>,
     follower: Option<JoinHandle<()>>,
+    builders: Option<JoinHandle<()>>,
+    shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for RunningServer {
@@ -218,7 +265,8 @@ impl RunningServer {
         self.metrics_addr
     }
 
-    /// The store's epoch (random per store instance).
+    /// The store's epoch (names its history: random per in-memory store, kept on disk by the
+    /// embedded store).
     pub fn epoch(&self) -> u64 {
         self.epoch
     }
@@ -226,6 +274,17 @@ impl RunningServer {
     /// The store (to read or write state in-process).
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// The snapshot cache every session reads from.
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.shared.cache
+    }
+
+    /// Server-side pickers built since start, all services together (builds are coalesced:
+    /// a burst of writes costs a few builds, not one per write).
+    pub fn picker_builds(&self) -> u64 {
+        self.shared.pickers.builds()
     }
 
     /// Graceful shutdown: health turns NOT_SERVING, every session gets `GoingAway` and its
@@ -263,6 +322,9 @@ impl RunningServer {
         }
         if let Some(f) = self.follower.take() {
             let _ = f.await;
+        }
+        if let Some(b) = self.builders.take() {
+            let _ = b.await;
         }
         result
     }

@@ -91,7 +91,17 @@ impl LoadTracker {
             .collect()
     }
 
-    /// The sum of in-flight calls to every backend of `service`.
+    /// The per-backend sums of `service` (backends with nothing in flight left out).
+    pub fn totals(&self, service: &str) -> HashMap<String, u64> {
+        self.inner
+            .lock()
+            .totals
+            .get(service)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The sum of every backend's in-flight count in a service.
     pub fn service_total(&self, service: &str) -> u64 {
         self.inner
             .lock()

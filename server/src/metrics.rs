@@ -166,7 +166,7 @@ impl Metrics {
     /// Updates the per-service gauges from a snapshot.
     pub fn service(&self, snapshot: &ServiceSnapshot) {
         let (mut healthy, mut unhealthy, mut draining) = (0i64, 0i64, 0i64);
-        for s in &snapshot.servers {
+        for s in snapshot.servers.values() {
             if s.draining {
                 draining += 1;
             } else if s.health == dlb::proto::HealthStatus::Unhealthy as i32 {

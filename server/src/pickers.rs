@@ -1,27 +1,36 @@
-//! Server-side pickers: what `GetNextServer` answers from.
+//! Server-side pickers: what `GetNextServer` answers from, and the builder tasks that own them.
 //!
 //! For every service the control plane keeps one immutable [`dlb::balance::Picker`] — the very
-//! code the SDK runs — behind an [`ArcSwap`], so a pick is a lock-free load plus the picker's own
-//! O(1) work. On every change the picker is rebuilt off the pick path with
-//! [`Picker::rebuild`](dlb::balance::Picker::rebuild) (in-flight accounting carried over by
-//! backend id) and swapped in. A [`StickyTable`] lives next to it while the policy is sticky and
-//! survives rebuilds as long as the sticky configuration does not change.
+//! code the SDK runs — behind an `ArcSwapOption`, so a pick is a lock-free load plus the
+//! picker's own O(1) work. **One builder task per service** ([`run_builders`]) owns that
+//! service's picker: it follows the service in the [cache](crate::cache), and each time it is
+//! woken it builds from the *newest* snapshot (a burst of changes during a build costs one more
+//! build, not one per change), on a blocking thread (`spawn_blocking`: a Maglev table at 10,000
+//! backends takes tens of milliseconds), and swaps the result in with
+//! [`Picker::rebuild`](dlb::balance::Picker::rebuild) semantics (in-flight accounting carried
+//! over by backend id). RPC handlers never build. A [`StickyTable`] lives next to the picker
+//! while the policy is sticky and survives rebuilds as long as the sticky configuration does not
+//! change.
 //!
 //! Sync primitives: the map of services is a `parking_lot::RwLock` (read on every pick, written
-//! only when a service first appears); each service's state is an `ArcSwap` (readers never
-//! block); rebuilds are serialised by one `parking_lot::Mutex<()>` so that two concurrent
-//! refreshes cannot swap an older version over a newer one. No lock is held across `.await`.
+//! only when a service first appears); each service's picker is an `ArcSwapOption` (readers
+//! never block) and the version it was built from is published on a `tokio::sync::watch`
+//! channel, which `GetNextServer` awaits (bounded) for read-your-writes. Only the service's
+//! builder task writes either. No lock is held across `.await`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
+use arc_swap::ArcSwapOption;
 use dlb::balance::{Picker, StickyTable};
 use dlb::model;
 use dlb::proto;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::RwLock;
+use tokio::sync::watch;
 
+use crate::state::Shared;
 use crate::store::ServiceSnapshot;
 use crate::Error;
 
@@ -30,22 +39,26 @@ use crate::Error;
 pub struct ServicePicker {
     /// The version this state was built from.
     pub version: proto::Version,
-    /// The policy.
-    pub policy: proto::Policy,
+    /// The snapshot it was built from (records answer picks).
+    pub snapshot: Arc<ServiceSnapshot>,
     /// The picker.
     pub picker: Arc<Picker>,
-    /// Stored records by id (a pick answers with the whole record).
-    pub servers: HashMap<String, proto::Server>,
     /// The sticky-session table, when the policy is sticky.
     pub sticky: Option<Arc<StickyTable>>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    current: ArcSwapOption<ServicePicker>,
+    /// The version `current` was built from (0: none yet).
+    built: watch::Sender<u64>,
 }
 
 /// One [`ServicePicker`] per service. See the module docs.
 #[derive(Debug, Default)]
 pub struct Pickers {
-    services: RwLock<HashMap<String, Arc<ArcSwap<ServicePicker>>>>,
-    /// Serialises rebuilds (compare version, rebuild, swap).
-    rebuild: Mutex<()>,
+    services: RwLock<HashMap<String, Arc<Entry>>>,
+    builds: AtomicU64,
 }
 
 impl Pickers {
@@ -54,34 +67,55 @@ impl Pickers {
         Self::default()
     }
 
+    fn entry(&self, service: &str) -> Arc<Entry> {
+        if let Some(e) = self.services.read().get(service) {
+            return e.clone();
+        }
+        self.services
+            .write()
+            .entry(service.to_owned())
+            .or_insert_with(|| {
+                Arc::new(Entry {
+                    current: ArcSwapOption::empty(),
+                    built: watch::Sender::new(0),
+                })
+            })
+            .clone()
+    }
+
     /// The current state of a service.
     pub fn get(&self, service: &str) -> Option<Arc<ServicePicker>> {
-        self.services.read().get(service).map(|s| s.load_full())
+        self.services.read().get(service)?.current.load_full()
     }
 
-    /// Whether the service's picker is already at `(epoch, version)` or newer.
-    pub fn is_at(&self, service: &str, epoch: u64, version: u64) -> bool {
-        self.get(service)
-            .is_some_and(|s| s.version.epoch == epoch && s.version.version >= version)
+    /// Pickers built since start (all services).
+    pub fn builds(&self) -> u64 {
+        self.builds.load(Ordering::Relaxed)
     }
 
-    /// Brings a service's picker up to `snapshot` unless it is already at that version or newer.
-    /// Returns whether it swapped in a new picker.
-    pub fn apply(&self, snapshot: &ServiceSnapshot) -> Result<bool, Error> {
-        let _guard = self.rebuild.lock();
-        let slot = self.services.read().get(&snapshot.name).cloned();
-        let current = slot.as_ref().map(|s| s.load_full());
+    /// Waits (at most `limit`) until the service's picker is built from `version` or newer;
+    /// returns whether it is.
+    pub async fn wait_built(&self, service: &str, version: u64, limit: Duration) -> bool {
+        let mut rx = self.entry(service).built.subscribe();
+        tokio::time::timeout(limit, rx.wait_for(|v| *v >= version))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Builds and installs the picker for `snapshot` unless the installed one is as new.
+    /// Blocking (run it off the async workers). Only the service's builder calls it.
+    fn install(&self, snapshot: Arc<ServiceSnapshot>) -> Result<bool, Error> {
+        let entry = self.entry(&snapshot.name);
+        let current = entry.current.load_full();
         if let Some(cur) = &current {
-            if cur.version.epoch == snapshot.version.epoch
-                && cur.version.version >= snapshot.version.version
-            {
+            if cur.version == snapshot.version {
                 return Ok(false);
             }
         }
         let built = model::build_picker(
             current.as_ref().map(|c| &*c.picker),
             &snapshot.policy,
-            &snapshot.servers,
+            snapshot.servers.values().map(|s| &**s),
         )
         .map_err(|source| Error::Picker {
             service: snapshot.name.clone(),
@@ -91,25 +125,15 @@ impl Pickers {
             current.as_ref().and_then(|c| c.sticky.as_ref()),
             &snapshot.policy,
         );
-        let state = Arc::new(ServicePicker {
-            version: snapshot.version,
-            policy: snapshot.policy,
+        let version = snapshot.version;
+        entry.current.store(Some(Arc::new(ServicePicker {
+            version,
+            snapshot,
             picker: Arc::new(built),
-            servers: snapshot
-                .servers
-                .iter()
-                .map(|s| (s.server_id.clone(), s.clone()))
-                .collect(),
             sticky,
-        });
-        match slot {
-            Some(slot) => slot.store(state),
-            None => {
-                self.services
-                    .write()
-                    .insert(snapshot.name.clone(), Arc::new(ArcSwap::new(state)));
-            }
-        }
+        })));
+        entry.built.send_replace(version.version);
+        self.builds.fetch_add(1, Ordering::Relaxed);
         Ok(true)
     }
 
@@ -141,9 +165,10 @@ impl Pickers {
             }
         };
         let server = state
+            .snapshot
             .servers
-            .get(&id)
-            .cloned()
+            .get(id.as_str())
+            .map(|s| (**s).clone())
             .ok_or_else(|| Error::Task(format!("picked unknown backend {id:?}")))?;
         Ok((server, state.version))
     }
@@ -161,4 +186,57 @@ impl Pickers {
             state.picker.refresh_loads();
         }
     }
+}
+
+/// Starts one builder task per service, now and whenever a service appears, until shutdown.
+pub(crate) async fn run_builders(shared: Arc<Shared>) {
+    let mut appeared = shared.cache.services_changed();
+    let mut shutdown = shared.shutdown.clone();
+    let mut started: HashSet<Arc<str>> = HashSet::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        appeared.borrow_and_update();
+        for name in shared.cache.service_names() {
+            if started.insert(name.clone()) {
+                tasks.spawn(builder(shared.clone(), name));
+            }
+        }
+        tokio::select! {
+            r = appeared.changed() => if r.is_err() { break },
+            _ = crate::state::stopped(&mut shutdown) => break,
+        }
+    }
+    tasks.shutdown().await;
+}
+
+/// The owner of one service's picker. See the module docs.
+async fn builder(shared: Arc<Shared>, service: Arc<str>) {
+    let waker = shared.cache.waker();
+    shared.cache.follow_service(&service, &waker);
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        waker.take_dirty();
+        if let Some(snapshot) = shared.cache.get(&service) {
+            let s = shared.clone();
+            let snap = snapshot.clone();
+            match tokio::task::spawn_blocking(move || s.pickers.install(snap)).await {
+                Ok(Ok(true)) => {
+                    // A new picker starts from the reported global in-flight counts.
+                    let totals = shared.loads.totals(&service);
+                    shared.pickers.set_baselines(&service, &totals);
+                    shared.metrics.service(&snapshot);
+                }
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(service = %service, error = %e, "cannot build picker")
+                }
+                Err(e) => tracing::error!(service = %service, error = %e, "picker build failed"),
+            }
+        }
+        tokio::select! {
+            _ = waker.notified() => {}
+            _ = crate::state::stopped(&mut shutdown) => break,
+        }
+    }
+    shared.cache.unfollow_service(&service, &waker);
 }

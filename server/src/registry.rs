@@ -1,20 +1,28 @@
 //! The `dlb.v1.Registry` gRPC service: admin reads and writes of routing state.
 //!
 //! Every handler validates its request with `dlb::model` (so a malformed call is rejected with
-//! `INVALID_ARGUMENT` naming the field before anything changes), performs one store operation,
-//! refreshes the service's server-side picker before answering (read-your-writes for
-//! `GetNextServer`), and counts itself in `dlb_rpcs_total`. The handlers hold no locks of their
-//! own.
+//! `INVALID_ARGUMENT` naming the field before anything changes), performs one atomic
+//! [`Store::apply`](crate::store::Store::apply) (with the request's `expected_version` as a
+//! compare-and-set), waits until the snapshot cache has the new revision (so the caller's next
+//! session read sees it), and counts itself in `dlb_rpcs_total`. Handlers never build pickers:
+//! `GetNextServer` waits at most 50 ms for the service's builder task to reach the cached
+//! version, then answers from the newest picker. The handlers hold no locks of their own.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use dlb::model;
 use dlb::proto::{self, registry_server::Registry};
 use tonic::{Request, Response, Status};
 
 use crate::state::Shared;
-use crate::store::ServerPatch;
+use crate::store::{Applied, Mutation, ServerPatch};
 use crate::Error;
+
+/// How long a committed write waits for the cache to apply it before answering anyway.
+const CACHE_WAIT: Duration = Duration::from_secs(1);
+/// How long `GetNextServer` waits for the picker to reach the cached version.
+const PICKER_WAIT: Duration = Duration::from_millis(50);
 
 /// The Registry service implementation.
 pub struct RegistryService {
@@ -39,10 +47,47 @@ impl RegistryService {
         r
     }
 
-    async fn refresh(&self, service: &str) {
-        if let Err(e) = self.shared.refresh(service).await {
-            tracing::error!(service, error = %e, "cannot refresh picker");
+    /// Applies a batch to one service; once it is committed, waits (briefly, never for a
+    /// picker build) until the cache has it, so the caller's next read or session sees it.
+    async fn apply(
+        &self,
+        service: &str,
+        mutations: Vec<Mutation>,
+        expected_version: Option<u64>,
+    ) -> Result<Applied, Error> {
+        let applied = self
+            .shared
+            .store
+            .apply(service.to_owned(), mutations, expected_version)
+            .await?;
+        if applied.changed {
+            let caught_up = self
+                .shared
+                .cache
+                .wait_for_revision(applied.version.version, CACHE_WAIT)
+                .await;
+            if !caught_up {
+                tracing::warn!(
+                    service,
+                    version = applied.version.version,
+                    "write committed; the cache has not caught up yet"
+                );
+            }
         }
+        Ok(applied)
+    }
+
+    fn server_response(service: String, applied: Applied) -> Result<proto::ServerResponse, Error> {
+        let server = applied
+            .servers
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::Task("the store returned no record".into()))?;
+        Ok(proto::ServerResponse {
+            service,
+            server: Some(server),
+            version: Some(applied.version),
+        })
     }
 
     async fn add(&self, req: proto::AddServerRequest) -> Result<proto::ServerResponse, Error> {
@@ -59,21 +104,16 @@ impl RegistryService {
             weight,
             hash_key: req.hash_key,
             metadata: req.metadata,
-            health: proto::HealthStatus::Healthy as i32,
-            draining: false,
+            ..Default::default()
         };
-        let w = self
-            .shared
-            .store
-            .add_server(service.clone(), server)
+        let applied = self
+            .apply(&service, vec![Mutation::Add(server)], req.expected_version)
             .await?;
-        self.refresh(&service).await;
-        tracing::info!(service, server_id = %w.server.server_id, address = %w.server.address, version = w.version.version, "server added");
-        Ok(proto::ServerResponse {
-            service,
-            server: Some(w.server),
-            version: Some(w.version),
-        })
+        let r = Self::server_response(service, applied)?;
+        if let Some(s) = &r.server {
+            tracing::info!(service = %r.service, server_id = %s.server_id, address = %s.address, version = r.version.map_or(0, |v| v.version), "server added");
+        }
+        Ok(r)
     }
 
     async fn remove(
@@ -82,16 +122,17 @@ impl RegistryService {
     ) -> Result<proto::RemoveServerResponse, Error> {
         let service = model::resolve_service(&req.service)?.to_owned();
         model::validate_server_id(&req.server_id)?;
-        let version = self
-            .shared
-            .store
-            .remove_server(service.clone(), req.server_id.clone())
+        let applied = self
+            .apply(
+                &service,
+                vec![Mutation::Remove(req.server_id.clone())],
+                req.expected_version,
+            )
             .await?;
-        self.refresh(&service).await;
-        tracing::info!(service, server_id = %req.server_id, version = version.version, "server removed");
+        tracing::info!(service, server_id = %req.server_id, version = applied.version.version, "server removed");
         Ok(proto::RemoveServerResponse {
             service,
-            version: Some(version),
+            version: Some(applied.version),
         })
     }
 
@@ -100,28 +141,26 @@ impl RegistryService {
         service: &str,
         server_id: &str,
         patch: ServerPatch,
+        expected_version: Option<u64>,
     ) -> Result<proto::ServerResponse, Error> {
         let service = model::resolve_service(service)?.to_owned();
         model::validate_server_id(server_id)?;
-        let w = self
-            .shared
-            .store
-            .update_server(service.clone(), server_id.to_owned(), patch)
+        let applied = self
+            .apply(
+                &service,
+                vec![Mutation::Update(server_id.to_owned(), patch)],
+                expected_version,
+            )
             .await?;
-        if w.changed {
-            self.refresh(&service).await;
+        if applied.changed {
             tracing::info!(
                 service,
                 server_id,
-                version = w.version.version,
+                version = applied.version.version,
                 "server updated"
             );
         }
-        Ok(proto::ServerResponse {
-            service,
-            server: Some(w.server),
-            version: Some(w.version),
-        })
+        Self::server_response(service, applied)
     }
 
     async fn update(
@@ -149,21 +188,22 @@ impl RegistryService {
             address: req.address,
             hash_key: req.hash_key,
             metadata: req.replace_metadata.then_some(req.metadata),
-            health: None,
+            ..Default::default()
         };
-        self.patch(&req.service, &req.server_id, patch).await
+        self.patch(&req.service, &req.server_id, patch, req.expected_version)
+            .await
     }
 
     async fn health(
         &self,
         req: proto::HealthCheckRequest,
-        status: proto::HealthStatus,
+        verdict: proto::Verdict,
     ) -> Result<proto::ServerResponse, Error> {
         let patch = ServerPatch {
-            health: Some(status),
+            admin: Some(verdict),
             ..Default::default()
         };
-        self.patch(&req.service, &req.server_id, patch).await
+        self.patch(&req.service, &req.server_id, patch, None).await
     }
 
     async fn list_servers(
@@ -181,7 +221,7 @@ impl RegistryService {
             service,
             version: Some(snap.version),
             policy: Some(snap.policy),
-            servers: snap.servers,
+            servers: snap.server_list(),
         })
     }
 
@@ -190,9 +230,14 @@ impl RegistryService {
         req: proto::GetNextServerRequest,
     ) -> Result<proto::GetNextServerResponse, Error> {
         let service = model::resolve_service(&req.service)?.to_owned();
-        if self.shared.pickers.get(&service).is_none() {
-            // Not built yet (e.g. created by another replica a moment ago) or unknown.
-            self.refresh(&service).await;
+        // Read-your-writes, bounded: wait for the builder to reach the version the cache holds
+        // now, but never longer than PICKER_WAIT (then answer from the newest picker).
+        if let Some(snap) = self.shared.cache.get(&service) {
+            let want = snap.version.version;
+            self.shared
+                .pickers
+                .wait_built(&service, want, PICKER_WAIT)
+                .await;
         }
         let (server, version) = self.shared.pickers.pick(&service, &req.key)?;
         Ok(proto::GetNextServerResponse {
@@ -232,12 +277,13 @@ impl RegistryService {
             model::validate_policy(&policy)?;
         }
         let w = self
-            .shared
-            .store
-            .set_policy(service.clone(), policy)
+            .apply(
+                &service,
+                vec![Mutation::SetPolicy(policy)],
+                req.expected_version,
+            )
             .await?;
         if w.changed {
-            self.refresh(&service).await;
             tracing::info!(
                 service,
                 algorithm = model::algorithm_name(w.policy.algorithm),
@@ -253,7 +299,7 @@ impl RegistryService {
     }
 
     async fn list_services(&self) -> Result<proto::ListServicesResponse, Error> {
-        let services = self.shared.store.list_services().await?;
+        let services = self.shared.store.snapshot().await?.services;
         Ok(proto::ListServicesResponse {
             services: services
                 .into_iter()
@@ -308,7 +354,7 @@ impl Registry for RegistryService {
         request: Request<proto::HealthCheckRequest>,
     ) -> Result<Response<proto::ServerResponse>, Status> {
         let r = self
-            .health(request.into_inner(), proto::HealthStatus::Healthy)
+            .health(request.into_inner(), proto::Verdict::Healthy)
             .await;
         self.done("HealthCheckPassed", r)
     }
@@ -318,7 +364,7 @@ impl Registry for RegistryService {
         request: Request<proto::HealthCheckRequest>,
     ) -> Result<Response<proto::ServerResponse>, Status> {
         let r = self
-            .health(request.into_inner(), proto::HealthStatus::Unhealthy)
+            .health(request.into_inner(), proto::Verdict::Unhealthy)
             .await;
         self.done("HealthCheckFailed", r)
     }

@@ -1,5 +1,7 @@
 //! The real `dlbd` binary: starts on ephemeral ports, logs its ready line, answers an RPC, and
-//! exits 0 on SIGTERM; a bad config file makes it exit non-zero with the field in the message.
+//! exits 0 on SIGTERM; a bad config file makes it exit non-zero with the field in the message;
+//! killed with `kill -9` on the embedded store and restarted on the same data dir, it serves the
+//! same epoch, versions and backends, and a session that resumes gets a delta.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader, Read};
@@ -26,7 +28,14 @@ impl Drop for Guard {
 #[tokio::test]
 async fn dlbd_starts_serves_and_stops_on_sigterm() {
     let child = Command::new(env!("CARGO_BIN_EXE_dlbd"))
-        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--store",
+            "memory",
+        ])
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -117,7 +126,13 @@ fn dlbd_rejects_a_bad_config() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_dlbd"))
         .args(["--config"])
         .arg(&path)
-        .args(["--listen", "127.0.0.1:0", "--no-metrics"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--no-metrics",
+            "--store",
+            "memory",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -133,4 +148,142 @@ fn dlbd_rejects_a_bad_config() {
     assert!(!status.success());
     assert!(err.contains("services[0].backends[0].weight"), "{err}");
     assert!(err.contains("line 6"), "{err}");
+}
+
+/// Starts `dlbd` on the embedded store in `data_dir`, listening on `listen`; returns the guard
+/// and the gRPC address from its ready line.
+fn start_embedded(data_dir: &std::path::Path, listen: &str) -> (Guard, String) {
+    let child = Command::new(env!("CARGO_BIN_EXE_dlbd"))
+        .args(["--listen", listen, "--no-metrics", "--data-dir"])
+        .arg(data_dir)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut guard = Guard(Some(child));
+    let stderr = guard.0.as_mut().unwrap().stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        // Keep draining after the receiver is gone: a closed pipe would fail dlbd's logging.
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let ready = loop {
+        let line = rx.recv_timeout(WAIT).expect("no ready line");
+        if line.contains("dlbd listening") {
+            break line;
+        }
+    };
+    let grpc = ready
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("grpc="))
+        .expect("grpc= in the ready line")
+        .to_owned();
+    (guard, grpc)
+}
+
+async fn list(grpc: &str) -> proto::ListServersResponse {
+    let mut c = proto::registry_client::RegistryClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    c.list_servers(proto::ListServersRequest {
+        service: "web".into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// Opens a raw session following `web` with `known`, returns its first update.
+async fn first_update(grpc: &str, known: Option<proto::Version>) -> proto::ServiceUpdate {
+    use proto::{client_message, server_message};
+    let mut d = proto::discovery_client::DiscoveryClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(proto::ClientMessage {
+        kind: Some(client_message::Kind::Subscribe(proto::Subscribe {
+            client_id: "kill9-test".into(),
+            services: vec![proto::ServiceSubscription {
+                service: "web".into(),
+                known,
+            }],
+        })),
+    })
+    .await
+    .unwrap();
+    let mut inbound = d
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let msg = tokio::time::timeout(WAIT, inbound.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    drop(tx);
+    match msg.kind {
+        Some(server_message::Kind::Update(u)) => u,
+        other => panic!("expected an update, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn kill_9_on_the_embedded_store_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut guard, grpc) = start_embedded(dir.path(), "127.0.0.1:0");
+    let mut c = proto::registry_client::RegistryClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    for (i, id) in ["a", "b", "c"].iter().enumerate() {
+        c.add_server(proto::AddServerRequest {
+            service: "web".into(),
+            server_id: (*id).into(),
+            address: format!("10.0.0.{}:80", i + 1),
+            weight: u32::try_from(i + 1).unwrap(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    c.health_check_failed(proto::HealthCheckRequest {
+        service: "web".into(),
+        server_id: "b".into(),
+    })
+    .await
+    .unwrap();
+    let before = list(&grpc).await;
+    let held = first_update(&grpc, None).await;
+    assert!(held.full);
+    assert_eq!(held.version, before.version);
+    drop(c);
+
+    // kill -9: no shutdown path runs.
+    let mut child = guard.0.take().unwrap();
+    let status = Command::new("kill")
+        .args(["-9", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    child.wait().unwrap();
+
+    // Restart on the same data dir and the same port.
+    let (_guard, grpc2) = start_embedded(dir.path(), &grpc);
+    assert_eq!(grpc2, grpc);
+    let after = list(&grpc).await;
+    assert_eq!(
+        after, before,
+        "ListServers differs after kill -9 and restart"
+    );
+    // A session holding the version from before the crash resumes with a delta, not a full
+    // snapshot.
+    let resumed = first_update(&grpc, held.version).await;
+    assert!(!resumed.full, "resumed with a full snapshot: {resumed:?}");
+    assert_eq!(resumed.base, held.version);
+    assert_eq!(resumed.version, held.version);
+    assert!(resumed.upserts.is_empty() && resumed.removals.is_empty());
 }

@@ -100,6 +100,7 @@ async fn seed_rpcs_end_to_end() {
         .remove_server(proto::RemoveServerRequest {
             service: String::new(),
             server_id: "b".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -146,6 +147,7 @@ async fn services_policies_and_updates() {
                 sticky_mode: proto::StickyMode::Fallback as i32,
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -159,6 +161,7 @@ async fn services_policies_and_updates() {
                 bounded_load_factor: 2.0,
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -254,6 +257,7 @@ fn policy(algorithm: i32, c: f64, sticky: i32) -> proto::SetPolicyRequest {
             sticky_mode: sticky,
             ..Default::default()
         }),
+        ..Default::default()
     }
 }
 
@@ -426,6 +430,7 @@ async fn malformed_requests_are_rejected_and_change_nothing() {
             Bad::Remove(proto::RemoveServerRequest {
                 service: String::new(),
                 server_id: "ghost".into(),
+                ..Default::default()
             }),
             Code::NotFound,
             "ghost",
@@ -435,6 +440,7 @@ async fn malformed_requests_are_rejected_and_change_nothing() {
             Bad::Remove(proto::RemoveServerRequest {
                 service: "nosvc".into(),
                 server_id: "a".into(),
+                ..Default::default()
             }),
             Code::NotFound,
             "nosvc",
@@ -444,6 +450,7 @@ async fn malformed_requests_are_rejected_and_change_nothing() {
             Bad::Remove(proto::RemoveServerRequest {
                 service: String::new(),
                 server_id: "a b".into(),
+                ..Default::default()
             }),
             inv,
             "server_id",
@@ -532,6 +539,7 @@ async fn malformed_requests_are_rejected_and_change_nothing() {
             Bad::Policy(proto::SetPolicyRequest {
                 service: String::new(),
                 policy: None,
+                ..Default::default()
             }),
             inv,
             "policy",

@@ -76,6 +76,7 @@ async fn watcher_sees_each_change_once_in_order() {
             algorithm: proto::Algorithm::LeastConnP2c as i32,
             ..Default::default()
         }),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -93,6 +94,7 @@ async fn watcher_sees_each_change_once_in_order() {
     c.remove_server(proto::RemoveServerRequest {
         service: String::new(),
         server_id: "a".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -124,6 +126,7 @@ async fn resume_from_known_version() {
     c.remove_server(proto::RemoveServerRequest {
         service: String::new(),
         server_id: "a".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -180,7 +183,7 @@ async fn not_found_then_created_then_nack() {
     let u = s.update().await;
     assert!(u.full, "a created service arrives as a full snapshot");
     assert_eq!(u.service, "later");
-    assert_eq!(v(&u), 1);
+    assert!(v(&u) > 0);
     assert_eq!(u.upserts.len(), 1);
 
     c.add_server(add("later", "y", "10.0.0.2:80", 1))
@@ -263,7 +266,7 @@ async fn slow_session_does_not_block_writers_and_catches_up() {
     let server = start_with(ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: None,
-        feed_capacity: 4,
+        history_size: 4,
         session_queue: 1,
         ..Default::default()
     })
@@ -275,9 +278,10 @@ async fn slow_session_does_not_block_writers_and_catches_up() {
     let mut last = 0;
     tokio::time::timeout(WAIT, async {
         for i in 0..300 {
-            // ~15 KiB per record, so the HTTP/2 flow-control windows (2 MiB) fill up.
+            // ~7.5 KiB per record, so the HTTP/2 flow-control windows (2 MiB) fill up while a
+            // merged catch-up (~2.3 MiB) stays under the client's 4 MiB message limit.
             let req = proto::AddServerRequest {
-                metadata: (0..60)
+                metadata: (0..30)
                     .map(|k| (format!("k{k}"), "v".repeat(250)))
                     .collect(),
                 ..add("", &format!("s{i}"), "10.0.0.1:80", 1)

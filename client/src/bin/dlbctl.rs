@@ -5,7 +5,8 @@
 //! and prints every update as it arrives. Output is human-readable by default and JSON with
 //! `--json` (one object per line for `watch`).
 //!
-//! Exit codes: 0 ok, 2 usage or invalid argument, 3 not found, 4 already exists, 1 anything else.
+//! Exit codes: 0 ok, 2 usage or invalid argument, 3 not found, 4 already exists, 5 changed
+//! concurrently (a compare-and-set lost: re-read and retry), 1 anything else.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
@@ -25,7 +26,7 @@ use serde_json::{json, Value};
     name = "dlbctl",
     version,
     about = "Command-line client of the DLB control plane",
-    after_help = "Exit codes: 0 ok, 2 usage or invalid argument, 3 not found, 4 already exists, 1 other."
+    after_help = "Exit codes: 0 ok, 2 usage or invalid argument, 3 not found, 4 already exists, 5 changed concurrently, 1 other."
 )]
 struct Cli {
     /// Control-plane endpoint (`http://host:port` or `host:port`).
@@ -91,6 +92,9 @@ enum Command {
         /// New hash key (empty resets it to the id).
         #[arg(long)]
         hash_key: Option<String>,
+        /// Apply only if the service is at this version (exit 5 otherwise).
+        #[arg(long, value_name = "VERSION")]
+        expected_version: Option<u64>,
     },
     /// List the service's backends.
     List,
@@ -201,6 +205,7 @@ fn server_json(s: &proto::Server) -> Value {
         "metadata": metadata,
         "health": health_name(s.health),
         "draining": s.draining,
+        "reason": s.reason,
     })
 }
 
@@ -212,7 +217,10 @@ fn server_text(s: &proto::Server) -> String {
         s.weight,
         health_name(s.health)
     );
-    if s.draining {
+    if !s.reason.is_empty() {
+        // The reason already says "draining" when the backend drains.
+        out.push_str(&format!(" ({})", s.reason));
+    } else if s.draining {
         out.push_str(" draining");
     }
     if !s.hash_key.is_empty() {
@@ -318,6 +326,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             undrain,
             address,
             hash_key,
+            expected_version,
         } => {
             let update = ServerUpdate {
                 server_id: id,
@@ -326,6 +335,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 address,
                 hash_key,
                 metadata: None,
+                expected_version,
             };
             let r = admin.update_server(&service, update).await?;
             print_server_response(j, "updated", &r);
@@ -434,9 +444,14 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     .into());
                 }
             }
-            let mut policy = match admin.get_policy(&service).await {
-                Ok(r) => r.policy.unwrap_or_else(model::default_policy),
-                Err(Error::NotFound(_)) => model::default_policy(),
+            // Read, change the given fields, write back with the version read: a concurrent
+            // edit makes the write fail (exit 5) instead of being silently overwritten.
+            let (mut policy, read_version) = match admin.get_policy(&service).await {
+                Ok(r) => (
+                    r.policy.unwrap_or_else(model::default_policy),
+                    r.version.map_or(0, |v| v.version),
+                ),
+                Err(Error::NotFound(_)) => (model::default_policy(), 0),
                 Err(e) => return Err(e),
             };
             if let Some(a) = algorithm {
@@ -455,7 +470,9 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 policy.sticky_max_entries = m;
             }
             model::validate_policy(&policy)?;
-            let r = admin.set_policy(&service, policy).await?;
+            let r = admin
+                .set_policy_if(&service, policy, Some(read_version))
+                .await?;
             let p = r.policy.unwrap_or_default();
             if j {
                 println!(

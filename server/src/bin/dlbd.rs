@@ -1,7 +1,9 @@
 //! `dlbd` — the DLB control plane daemon.
 //!
 //! `dlbd` with no arguments serves gRPC on 127.0.0.1:50051 and metrics on 127.0.0.1:9464 with an
-//! empty `default` service. `--config FILE` loads a YAML configuration; `--listen`,
+//! empty `default` service, on the embedded durable store in `./dlbd-data` (created if missing;
+//! a restart serves the same epoch, versions and backends). `--data-dir DIR` moves it; `--store
+//! memory` keeps nothing across restarts. `--config FILE` loads a YAML configuration; `--listen`,
 //! `--metrics-listen` and `--no-metrics` override it. Logs go to stderr (`RUST_LOG`, default
 //! `info`); once both listeners are bound it logs
 //! `dlbd listening grpc=ADDR metrics=ADDR|off`. SIGINT or SIGTERM start a graceful shutdown.
@@ -11,7 +13,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use dlb_server::ServerConfig;
+use dlb_server::{ServerConfig, StoreConfig};
 use tracing_subscriber::EnvFilter;
 
 /// The DLB control plane.
@@ -30,6 +32,26 @@ struct Args {
     /// Disable the metrics endpoint.
     #[arg(long)]
     no_metrics: bool,
+    /// Where routing state lives: `embedded` (durable, in --data-dir) or `memory` (lost on exit).
+    #[arg(long, value_enum, default_value = "embedded", env = "DLBD_STORE")]
+    store: StoreKind,
+    /// Data directory of the embedded store.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "dlbd-data",
+        env = "DLBD_DATA_DIR"
+    )]
+    data_dir: PathBuf,
+}
+
+/// `--store` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum StoreKind {
+    /// The embedded durable store (redb file in --data-dir).
+    Embedded,
+    /// In memory: a new epoch on every start.
+    Memory,
 }
 
 async fn terminated() -> anyhow::Result<&'static str> {
@@ -92,13 +114,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.no_metrics {
         config.metrics_listen = None;
     }
+    config.store = match args.store {
+        StoreKind::Embedded => StoreConfig::Embedded(args.data_dir.clone()),
+        StoreKind::Memory => StoreConfig::Memory,
+    };
 
     let server = dlb_server::spawn(config).await.context("starting dlbd")?;
     let metrics = server
         .metrics_addr()
         .map_or_else(|| "off".to_owned(), |a| a.to_string());
+    let store = match args.store {
+        StoreKind::Embedded => format!("embedded:{}", args.data_dir.display()),
+        StoreKind::Memory => "memory".to_owned(),
+    };
     tracing::info!(
         epoch = %format_args!("{:x}", server.epoch()),
+        store,
         "dlbd listening grpc={} metrics={}",
         server.grpc_addr(),
         metrics

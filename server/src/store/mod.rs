@@ -1,108 +1,131 @@
-//! Routing state: the [`Store`] trait and the types it exchanges.
+//! Routing state: the [`Store`] contract and the types it exchanges.
 //!
-//! The store owns the versioned state of every service (policy + backends) and is the single
-//! source of truth that the Registry writes and the Discovery sessions read. Its contract:
+//! The store owns the versioned state of every service — its policy and one record per backend —
+//! and is the single source of truth that writes go to. The contract, which the memory, embedded
+//! and (later) etcd stores all honour and which `tests/store_contract.rs` checks against each:
 //!
-//! * every write that changes a service bumps that service's version by exactly one and publishes
-//!   one [`Change`] on the change feed ([`Store::watch`]), in version order;
-//! * a write that changes nothing (a no-op) neither bumps nor publishes;
-//! * a rejected write changes nothing;
-//! * every stored record passes `dlb::model` validation (the store re-validates the final record,
-//!   so every entry point is covered, not only the gRPC one);
-//! * per service, a bounded history of recent changes lets a client that holds `(epoch, version)`
-//!   resume with a delta ([`Store::changes_since`]); an unknown epoch or a version older than the
-//!   history yields a full snapshot.
+//! * **Revisions.** The store has one strictly increasing `revision`. Every write that changes a
+//!   service commits exactly one [`Change`] at the next revision, and the service's **version**
+//!   becomes that revision: versions strictly increase per service but are not consecutive.
+//! * **Epoch.** [`Store::epoch`] names the store's history: versions of another epoch mean
+//!   nothing here. The memory store draws a random epoch per process; the embedded store keeps
+//!   its epoch on disk, so a restarted `dlbd` serves the same versions.
+//! * **Atomic batches.** [`Store::apply`] applies a list of [`Mutation`]s to one service all or
+//!   nothing, with an optional compare-and-set on the service's version; a stale
+//!   `expected_version` fails with [`Error::VersionMismatch`] (`FAILED_PRECONDITION`) naming the
+//!   current version. A batch that changes nothing (a no-op) commits nothing and keeps the
+//!   version. A rejected batch changes nothing.
+//! * **Validated records.** Every record is validated by `dlb::model` before commit, and its
+//!   derived fields (effective health, reason) are stamped by `dlb::sources`, so every entry
+//!   point is covered, not only the gRPC one.
+//! * **Watch.** [`Store::watch`] yields committed changes from a revision on, in revision order,
+//!   and can resume from any revision the store still remembers. When the history no longer
+//!   reaches back it says so ([`WatchEvent::Compacted`]): the consumer re-reads a
+//!   [`Store::snapshot`] at revision R and watches from R + 1.
 //!
-//! **Async or sync trait?** The trait is *async* and object safe: every method that may touch
-//! the network in a future etcd implementation returns a [`BoxFuture`]. The in-memory
-//! implementation ([`MemoryStore`]) does its work synchronously under a short `parking_lot`
-//! lock inside the future and never holds the lock across an `.await`. The change feed is a
-//! `tokio::sync::broadcast` channel: writers never wait for readers, and a reader that falls
-//! more than the channel's capacity behind gets `Lagged` and resynchronises from
-//! [`Store::changes_since`].
+//! Backend records and the policy are separate records (one etcd key each, later), and the
+//! in-process stores keep each service's backends in a persistent map ([`Servers`]) so a snapshot
+//! is an O(1) clone however large the service.
+//!
+//! The trait is async and object safe (methods return [`BoxFuture`] / [`BoxStream`]) because the
+//! etcd implementation talks to the network; the in-process stores do their work under a short
+//! lock and never hold it across an `.await`.
 
+pub mod embedded;
+mod engine;
 pub mod memory;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
 
 use dlb::proto;
 use futures::future::BoxFuture;
-use tokio::sync::broadcast;
+use futures::stream::BoxStream;
 
+pub use embedded::EmbeddedStore;
 pub use memory::MemoryStore;
 
 use crate::Error;
 
-/// The current state of one service.
+/// A service's backends by id: a persistent ordered map, so cloning a snapshot is O(1) and a
+/// write copies O(log n) nodes.
+pub type Servers = imbl::OrdMap<Arc<str>, Arc<proto::Server>>;
+
+/// The state of one service at one version.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceSnapshot {
     /// Service name.
     pub name: String,
-    /// The state's version (epoch of the store, per-service counter).
+    /// The state's version: the store's epoch and the revision of the service's last change.
     pub version: proto::Version,
     /// The service's policy.
     pub policy: proto::Policy,
     /// Backends, ordered by `server_id`.
-    pub servers: Vec<proto::Server>,
+    pub servers: Servers,
 }
 
 impl ServiceSnapshot {
     /// Number of backends eligible for traffic (healthy and not draining).
     pub fn eligible(&self) -> usize {
         self.servers
-            .iter()
+            .values()
             .filter(|s| dlb::model::is_eligible(s))
             .count()
     }
+
+    /// The backends as plain records, ordered by id (O(n) copy).
+    pub fn server_list(&self) -> Vec<proto::Server> {
+        self.servers.values().map(|s| (**s).clone()).collect()
+    }
 }
 
-/// One committed write of one service: the difference between `base` and `version`.
+/// All services at one revision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreSnapshot {
+    /// The store's epoch.
+    pub epoch: u64,
+    /// The revision the snapshot was read at: watch from `revision + 1` to follow it.
+    pub revision: u64,
+    /// Every service, ordered by name.
+    pub services: Vec<ServiceSnapshot>,
+}
+
+/// One committed write of one service: the difference between versions `base` and `version`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Change {
     /// Service name.
     pub service: String,
-    /// Store epoch.
-    pub epoch: u64,
-    /// Version before the write (0 when the write created the service).
+    /// The service's version before the write (0 when the write created the service).
     pub base: u64,
-    /// Version after the write (`base + 1`).
+    /// The revision of this write, which is the service's version after it.
     pub version: u64,
-    /// Backends added or changed, as whole records.
+    /// Backends added or changed, as whole records, ordered by id.
     pub upserts: Vec<proto::Server>,
     /// Ids among `upserts` that did not exist at `base`.
     pub created: Vec<String>,
-    /// Ids of removed backends.
+    /// Ids of removed backends, ordered.
     pub removals: Vec<String>,
     /// The new policy, when the write changed it (always set when the write created the service).
     pub policy: Option<proto::Policy>,
-    /// When the write was committed (for the push-latency histogram).
-    pub at: Instant,
 }
 
-/// What a client holding some version of a service must receive to be up to date.
+/// What [`Store::watch`] yields.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Catchup {
-    /// Replace everything with this snapshot.
-    Full(ServiceSnapshot),
-    /// Apply this delta (possibly empty when the client is already current). Several store
-    /// versions may be coalesced into one delta.
-    Delta(Delta),
-    /// The service does not exist.
-    NotFound {
-        /// The store's epoch.
-        epoch: u64,
+pub enum WatchEvent {
+    /// Committed changes, in revision order, each revision exactly once.
+    Changes(Vec<Arc<Change>>),
+    /// The history no longer reaches back to the requested revision: every change up to and
+    /// including `compacted` may be missing. The stream ends after this event; re-read a
+    /// snapshot and watch from its revision + 1.
+    Compacted {
+        /// The newest revision that is no longer remembered.
+        compacted: u64,
     },
 }
 
 /// A coalesced delta between two versions of a service.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Delta {
-    /// Service name.
-    pub service: String,
-    /// Store epoch.
-    pub epoch: u64,
     /// The version the client holds.
     pub base: u64,
     /// The version after applying the delta.
@@ -113,22 +136,19 @@ pub struct Delta {
     pub removals: Vec<String>,
     /// The policy, when it changed between `base` and `version`.
     pub policy: Option<proto::Policy>,
-    /// Commit time of the newest change included (None for an empty delta).
-    pub at: Option<Instant>,
 }
 
 impl Delta {
-    /// Coalesces consecutive changes (`changes[i].version == changes[i+1].base`) into one
-    /// delta from `base`. A backend created and removed within the range is left out entirely.
-    pub fn coalesce(service: &str, epoch: u64, base: u64, changes: &[Arc<Change>]) -> Self {
+    /// Coalesces consecutive changes of one service (`changes[i].version ==
+    /// changes[i+1].base`) into one delta from `base`. A backend created and removed within the
+    /// range is left out entirely. O(total records in `changes`).
+    pub fn coalesce<'a>(base: u64, changes: impl IntoIterator<Item = &'a Change>) -> Self {
         // id -> (existed at base, latest record or None if removed)
         let mut touched: HashMap<&str, (bool, Option<&proto::Server>)> = HashMap::new();
         let mut policy = None;
         let mut version = base;
-        let mut at = None;
         for c in changes {
             version = c.version;
-            at = Some(c.at);
             if c.policy.is_some() {
                 policy = c.policy;
             }
@@ -158,14 +178,11 @@ impl Delta {
         upserts.sort_by(|a, b| a.server_id.cmp(&b.server_id));
         removals.sort();
         Self {
-            service: service.to_owned(),
-            epoch,
             base,
             version,
             upserts,
             removals,
             policy,
-            at,
         }
     }
 }
@@ -183,30 +200,46 @@ pub struct ServerPatch {
     pub hash_key: Option<String>,
     /// New labels, replacing the old ones.
     pub metadata: Option<HashMap<String, String>>,
-    /// New health.
-    pub health: Option<proto::HealthStatus>,
+    /// New verdict of the admin health source (`health_check_passed` / `_failed`).
+    pub admin: Option<proto::Verdict>,
+    /// New state of the active-probe health source.
+    pub probe: Option<proto::SourceState>,
+    /// New state of the outlier-detection health source.
+    pub outlier: Option<proto::SourceState>,
 }
 
-/// The result of a write to one backend.
+/// One step of an atomic write to one service.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ServerWrite {
-    /// The backend as stored after the write.
-    pub server: proto::Server,
-    /// The service version after the write (unchanged for a no-op).
+pub enum Mutation {
+    /// Registers a backend (`ALREADY_EXISTS` if the id is taken). Creates the service with the
+    /// default policy if it does not exist. Its admin source starts `HEALTHY`, probe and outlier
+    /// unset (eligible).
+    Add(proto::Server),
+    /// Declares a backend's configuration — address, weight, hash key, metadata — as a config
+    /// file does: creates the backend, or sets those fields and keeps its runtime state (drain
+    /// flag, health sources). Creates the service if needed.
+    Declare(proto::Server),
+    /// Removes a backend (`NOT_FOUND` if unknown).
+    Remove(String),
+    /// Changes fields of a backend (`NOT_FOUND` if unknown).
+    Update(String, ServerPatch),
+    /// Sets the policy, creating the service if needed. `ALGORITHM_UNSPECIFIED` keeps the
+    /// current algorithm (the default one for a new service).
+    SetPolicy(proto::Policy),
+}
+
+/// The outcome of an [`Store::apply`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applied {
+    /// The service's version after the batch (unchanged for a no-op).
     pub version: proto::Version,
-    /// Whether the write changed anything.
+    /// Whether the batch changed anything (a new revision was committed).
     pub changed: bool,
-}
-
-/// The result of a policy write.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PolicyWrite {
-    /// The policy as stored.
+    /// The service's policy after the batch.
     pub policy: proto::Policy,
-    /// The service version after the write.
-    pub version: proto::Version,
-    /// Whether the write changed anything.
-    pub changed: bool,
+    /// The records the batch named, as stored after it, in mutation order (removed ones and
+    /// policy steps omitted).
+    pub servers: Vec<proto::Server>,
 }
 
 /// Versioned routing state. See the module docs for the contract.
@@ -214,66 +247,28 @@ pub struct PolicyWrite {
 /// Service names passed in are already resolved (never empty); records are validated again by
 /// the implementation before anything is committed.
 pub trait Store: Send + Sync + 'static {
-    /// The random, non-zero identifier of this store incarnation.
+    /// The identifier of this store's history (non-zero).
     fn epoch(&self) -> u64;
 
-    /// Subscribes to the change feed. Changes of one service arrive in version order. A
-    /// receiver that lags gets `RecvError::Lagged` and must resynchronise with
-    /// [`Store::changes_since`].
-    fn watch(&self) -> broadcast::Receiver<Arc<Change>>;
-
-    /// Creates a service with a policy and backends (used to load the configuration).
-    /// `ALREADY_EXISTS`-style error if it exists.
-    fn create_service(
+    /// Applies `mutations` to `service` atomically. With `expected_version`, applies only if the
+    /// service's current version equals it (0: the service must not exist yet).
+    fn apply(
         &self,
         service: String,
-        policy: proto::Policy,
-        servers: Vec<proto::Server>,
-    ) -> BoxFuture<'_, Result<proto::Version, Error>>;
-
-    /// Adds a backend, creating the service (with the default policy) if needed.
-    fn add_server(
-        &self,
-        service: String,
-        server: proto::Server,
-    ) -> BoxFuture<'_, Result<ServerWrite, Error>>;
-
-    /// Removes a backend; returns the version after the removal.
-    fn remove_server(
-        &self,
-        service: String,
-        server_id: String,
-    ) -> BoxFuture<'_, Result<proto::Version, Error>>;
-
-    /// Changes fields of a backend.
-    fn update_server(
-        &self,
-        service: String,
-        server_id: String,
-        patch: ServerPatch,
-    ) -> BoxFuture<'_, Result<ServerWrite, Error>>;
-
-    /// Sets a service's policy, creating the service if needed. `ALGORITHM_UNSPECIFIED` keeps
-    /// the current algorithm (the default one for a new service).
-    fn set_policy(
-        &self,
-        service: String,
-        policy: proto::Policy,
-    ) -> BoxFuture<'_, Result<PolicyWrite, Error>>;
+        mutations: Vec<Mutation>,
+        expected_version: Option<u64>,
+    ) -> BoxFuture<'_, Result<Applied, Error>>;
 
     /// The current state of a service, or `None` if it does not exist.
     fn get_service(&self, service: String)
         -> BoxFuture<'_, Result<Option<ServiceSnapshot>, Error>>;
 
-    /// The current state of every service, ordered by name.
-    fn list_services(&self) -> BoxFuture<'_, Result<Vec<ServiceSnapshot>, Error>>;
+    /// Every service at one revision.
+    fn snapshot(&self) -> BoxFuture<'_, Result<StoreSnapshot, Error>>;
 
-    /// What a client holding `known` (epoch, version; `None` for nothing) must receive.
-    fn changes_since(
-        &self,
-        service: String,
-        known: Option<proto::Version>,
-    ) -> BoxFuture<'_, Result<Catchup, Error>>;
+    /// Committed changes with revision ≥ `from_revision`, in revision order, as they happen.
+    /// Ends after a [`WatchEvent::Compacted`], or with an error item if the store fails.
+    fn watch(&self, from_revision: u64) -> BoxStream<'static, Result<WatchEvent, Error>>;
 }
 
 #[cfg(test)]
@@ -289,30 +284,34 @@ mod tests {
         }
     }
 
-    fn change(base: u64, upserts: &[&str], created: &[&str], removals: &[&str]) -> Arc<Change> {
-        Arc::new(Change {
+    fn change(
+        base: u64,
+        version: u64,
+        upserts: &[&str],
+        created: &[&str],
+        removals: &[&str],
+    ) -> Change {
+        Change {
             service: "s".into(),
-            epoch: 7,
             base,
-            version: base + 1,
+            version,
             upserts: upserts.iter().map(|i| server(i)).collect(),
             created: created.iter().map(|s| s.to_string()).collect(),
             removals: removals.iter().map(|s| s.to_string()).collect(),
             policy: None,
-            at: Instant::now(),
-        })
+        }
     }
 
     #[test]
     fn coalesce_drops_created_then_removed() {
         let cs = [
-            change(3, &["a"], &["a"], &[]),
-            change(4, &["b"], &[], &[]),
-            change(5, &[], &[], &["a", "c"]),
+            change(3, 7, &["a"], &["a"], &[]),
+            change(7, 9, &["b"], &[], &[]),
+            change(9, 14, &[], &[], &["a", "c"]),
         ];
-        let d = Delta::coalesce("s", 7, 3, &cs);
+        let d = Delta::coalesce(3, &cs);
         assert_eq!(d.base, 3);
-        assert_eq!(d.version, 6);
+        assert_eq!(d.version, 14);
         assert_eq!(d.upserts.len(), 1);
         assert_eq!(d.upserts[0].server_id, "b");
         assert_eq!(d.removals, vec!["c".to_string()]);

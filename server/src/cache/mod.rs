@@ -1,0 +1,571 @@
+//! The snapshot cache: one protocol-neutral view of every service, shared by every front-end.
+//!
+//! The cache follows the store ([`Cache::follow`]): it reads a snapshot at revision R, watches
+//! from R + 1, applies each committed [`Change`] to its copy of the service, and on
+//! [`WatchEvent::Compacted`] (or a store error) re-reads and starts again. Per service it keeps
+//!
+//! * the latest [`ServiceSnapshot`] (an `Arc`, replaced on change; an O(1) clone of the store's
+//!   persistent map plus O(log n) per changed record),
+//! * a bounded history of the last `history` changes, from which [`Cache::catch_up`] coalesces
+//!   the delta a client holding some version needs (or answers with the full snapshot when the
+//!   history no longer reaches back),
+//! * its watchers: [`Waker`]s of the sessions and builders that follow *this* service. A change
+//!   wakes only them, and a woken watcher reads the newest state — so a burst of changes costs a
+//!   slow watcher one coalesced catch-up, never a queue of stale deltas.
+//!
+//! Catch-up logic (full vs delta, lagging watchers, compaction) lives only here: the DLB session
+//! ([`crate::discovery`]) and the xDS front-end are thin translations of [`Catchup`].
+//!
+//! Sync primitives: the map of slots is a `parking_lot::RwLock` (written only when a service
+//! first appears or a watcher registers for an unknown one); each slot's state is a
+//! `parking_lot::Mutex` held for O(changed records) work, never across an `.await`. Wakers are
+//! a dirty set plus a `tokio::sync::Notify` (a wake while the watcher is busy leaves one permit).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dlb::proto;
+use futures::StreamExt;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+
+use crate::store::{Change, Delta, ServiceSnapshot, Store, StoreSnapshot, WatchEvent};
+
+/// Default number of changes kept per service for delta catch-up.
+pub const DEFAULT_HISTORY: usize = 1024;
+
+/// What a watcher holding some version of a service must receive to be up to date.
+#[derive(Debug, Clone)]
+pub enum Catchup {
+    /// Replace everything with this snapshot.
+    Full(Arc<ServiceSnapshot>),
+    /// Apply this delta (several changes may be coalesced into one).
+    Delta {
+        /// The delta.
+        delta: Delta,
+        /// When the cache received the newest change included (for the push-latency metric).
+        at: Instant,
+    },
+    /// The watcher is already at the current version.
+    Current,
+    /// The service does not exist.
+    NotFound,
+}
+
+/// A watcher's wake-up handle: the services that changed since it last looked, and a
+/// notification. Register it with [`Cache::follow_service`].
+#[derive(Debug)]
+pub struct Waker {
+    id: u64,
+    dirty: Mutex<Vec<Arc<str>>>,
+    notify: Notify,
+    wakeups: AtomicU64,
+}
+
+impl Waker {
+    fn wake(&self, service: &Arc<str>) {
+        {
+            let mut dirty = self.dirty.lock();
+            if dirty.iter().any(|s| s == service) {
+                return;
+            }
+            dirty.push(service.clone());
+        }
+        self.wakeups.fetch_add(1, Ordering::Relaxed);
+        self.notify.notify_one();
+    }
+
+    /// Waits until some followed service changed.
+    pub async fn notified(&self) {
+        self.notify.notified().await;
+    }
+
+    /// The services that changed since the last call (each once).
+    pub fn take_dirty(&self) -> Vec<Arc<str>> {
+        std::mem::take(&mut *self.dirty.lock())
+    }
+
+    /// How many times this watcher was woken (a service became dirty).
+    pub fn wakeups(&self) -> u64 {
+        self.wakeups.load(Ordering::Relaxed)
+    }
+
+    /// The watcher's id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+#[derive(Debug, Default)]
+struct SlotState {
+    snapshot: Option<Arc<ServiceSnapshot>>,
+    history: VecDeque<(Arc<Change>, Instant)>,
+    watchers: HashMap<u64, Arc<Waker>>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    name: Arc<str>,
+    state: Mutex<SlotState>,
+}
+
+impl Slot {
+    fn wake_all(&self, st: &SlotState) {
+        for w in st.watchers.values() {
+            w.wake(&self.name);
+        }
+    }
+}
+
+/// The cache. See the module docs.
+#[derive(Debug)]
+pub struct Cache {
+    epoch: u64,
+    history: usize,
+    slots: RwLock<HashMap<Arc<str>, Arc<Slot>>>,
+    /// The newest store revision applied.
+    revision: watch::Sender<u64>,
+    /// Bumped whenever a service appears (for the builder manager).
+    services: watch::Sender<u64>,
+    next_waker: AtomicU64,
+}
+
+impl Cache {
+    /// An empty cache for a store of `epoch`, keeping `history` changes per service.
+    pub fn new(epoch: u64, history: usize) -> Self {
+        Self {
+            epoch,
+            history: history.max(1),
+            slots: RwLock::new(HashMap::new()),
+            revision: watch::Sender::new(0),
+            services: watch::Sender::new(0),
+            next_waker: AtomicU64::new(1),
+        }
+    }
+
+    /// The store epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The newest store revision applied.
+    pub fn revision(&self) -> u64 {
+        *self.revision.borrow()
+    }
+
+    /// Waits until the cache has applied `revision` (or `limit` passes); returns whether it has.
+    pub async fn wait_for_revision(&self, revision: u64, limit: Duration) -> bool {
+        let mut rx = self.revision.subscribe();
+        tokio::time::timeout(limit, rx.wait_for(|r| *r >= revision))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// A receiver that changes whenever a new service appears.
+    pub fn services_changed(&self) -> watch::Receiver<u64> {
+        self.services.subscribe()
+    }
+
+    /// Names of the services that exist.
+    pub fn service_names(&self) -> Vec<Arc<str>> {
+        self.slots
+            .read()
+            .values()
+            .filter(|s| s.state.lock().snapshot.is_some())
+            .map(|s| s.name.clone())
+            .collect()
+    }
+
+    /// The newest snapshot of a service.
+    pub fn get(&self, service: &str) -> Option<Arc<ServiceSnapshot>> {
+        let slot = self.slots.read().get(service).cloned()?;
+        let snap = slot.state.lock().snapshot.clone();
+        snap
+    }
+
+    /// A new watcher handle (not yet following anything).
+    pub fn waker(&self) -> Arc<Waker> {
+        Arc::new(Waker {
+            id: self.next_waker.fetch_add(1, Ordering::Relaxed),
+            dirty: Mutex::new(Vec::new()),
+            notify: Notify::new(),
+            wakeups: AtomicU64::new(0),
+        })
+    }
+
+    fn slot(&self, service: &str) -> Arc<Slot> {
+        if let Some(s) = self.slots.read().get(service) {
+            return s.clone();
+        }
+        self.slots
+            .write()
+            .entry(service.into())
+            .or_insert_with(|| {
+                Arc::new(Slot {
+                    name: service.into(),
+                    state: Mutex::new(SlotState::default()),
+                })
+            })
+            .clone()
+    }
+
+    /// Wakes `waker` whenever `service` changes (whether or not it exists yet).
+    pub fn follow_service(&self, service: &str, waker: &Arc<Waker>) {
+        let slot = self.slot(service);
+        slot.state.lock().watchers.insert(waker.id, waker.clone());
+    }
+
+    /// Stops waking `waker` for `service`.
+    pub fn unfollow_service(&self, service: &str, waker: &Waker) {
+        let slot = self.slots.read().get(service).cloned();
+        if let Some(slot) = slot {
+            slot.state.lock().watchers.remove(&waker.id);
+        }
+    }
+
+    /// Number of watchers following `service`.
+    pub fn watcher_count(&self, service: &str) -> usize {
+        let slot = self.slots.read().get(service).cloned();
+        slot.map_or(0, |s| s.state.lock().watchers.len())
+    }
+
+    /// What a watcher holding `known` (a version of this cache's epoch; `None` for nothing)
+    /// must receive. O(changes since `known` × records touched) for a delta.
+    pub fn catch_up(&self, service: &str, known: Option<u64>) -> Catchup {
+        let Some(slot) = self.slots.read().get(service).cloned() else {
+            return Catchup::NotFound;
+        };
+        let st = slot.state.lock();
+        let Some(snap) = &st.snapshot else {
+            return Catchup::NotFound;
+        };
+        let current = snap.version.version;
+        let full = || Catchup::Full(snap.clone());
+        let Some(known) = known.filter(|&k| k != 0) else {
+            return full();
+        };
+        if known == current {
+            return Catchup::Current;
+        }
+        if known > current {
+            return full();
+        }
+        // The first change newer than `known` must start exactly at `known`.
+        let idx = st.history.partition_point(|(c, _)| c.version <= known);
+        match st.history.get(idx) {
+            Some((first, _)) if first.base == known => {
+                let at = st.history.back().map_or_else(Instant::now, |(_, at)| *at);
+                let delta = Delta::coalesce(known, st.history.range(idx..).map(|(c, _)| &**c));
+                Catchup::Delta { delta, at }
+            }
+            _ => full(),
+        }
+    }
+
+    /// Replaces the whole state with a store snapshot (at start, and after a compaction or a
+    /// store error). Services whose version changed lose their history and wake their watchers.
+    pub fn load(&self, snapshot: StoreSnapshot) {
+        let mut appeared = false;
+        let mut present: Vec<Arc<str>> = Vec::new();
+        for s in snapshot.services {
+            let slot = self.slot(&s.name);
+            present.push(slot.name.clone());
+            let mut st = slot.state.lock();
+            let same = st
+                .snapshot
+                .as_ref()
+                .is_some_and(|cur| cur.version == s.version);
+            if same {
+                continue;
+            }
+            appeared |= st.snapshot.is_none();
+            st.history.clear();
+            st.snapshot = Some(Arc::new(s));
+            slot.wake_all(&st);
+        }
+        // Services that no longer exist in the store.
+        let slots: Vec<Arc<Slot>> = self.slots.read().values().cloned().collect();
+        for slot in slots {
+            if present.contains(&slot.name) {
+                continue;
+            }
+            let mut st = slot.state.lock();
+            if st.snapshot.take().is_some() {
+                st.history.clear();
+                slot.wake_all(&st);
+            }
+        }
+        self.revision.send_replace(snapshot.revision);
+        if appeared {
+            self.services.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Applies committed changes in revision order. Returns `false` when a change does not
+    /// follow the cached version of its service (the caller must re-read the store).
+    pub fn apply(&self, changes: &[Arc<Change>]) -> bool {
+        let now = Instant::now();
+        let mut appeared = false;
+        let mut consistent = true;
+        let mut i = 0;
+        while i < changes.len() {
+            // Consecutive changes of one service are applied under one lock and one new Arc.
+            let name = &changes[i].service;
+            let mut j = i + 1;
+            while j < changes.len() && &changes[j].service == name {
+                j += 1;
+            }
+            let slot = self.slot(name);
+            let mut st = slot.state.lock();
+            let mut snap = match &st.snapshot {
+                Some(s) => (**s).clone(),
+                None => ServiceSnapshot {
+                    name: name.clone(),
+                    version: proto::Version {
+                        epoch: self.epoch,
+                        version: 0,
+                    },
+                    policy: dlb::model::default_policy(),
+                    servers: Default::default(),
+                },
+            };
+            appeared |= st.snapshot.is_none();
+            for c in &changes[i..j] {
+                if c.base != snap.version.version {
+                    tracing::error!(
+                        service = %name,
+                        base = c.base,
+                        cached = snap.version.version,
+                        "cache out of step with the store; re-reading"
+                    );
+                    consistent = false;
+                    break;
+                }
+                for id in &c.removals {
+                    snap.servers.remove(id.as_str());
+                }
+                for s in &c.upserts {
+                    snap.servers
+                        .insert(s.server_id.as_str().into(), Arc::new(s.clone()));
+                }
+                if let Some(p) = c.policy {
+                    snap.policy = p;
+                }
+                snap.version.version = c.version;
+                if st.history.len() >= self.history {
+                    st.history.pop_front();
+                }
+                st.history.push_back((c.clone(), now));
+            }
+            st.snapshot = Some(Arc::new(snap));
+            slot.wake_all(&st);
+            drop(st);
+            if !consistent {
+                return false;
+            }
+            i = j;
+        }
+        if let Some(last) = changes.last() {
+            self.revision.send_replace(last.version);
+        }
+        if appeared {
+            self.services.send_modify(|n| *n += 1);
+        }
+        true
+    }
+
+    /// Keeps the cache in step with `store` until `stop` resolves: snapshot, watch, apply;
+    /// re-read on compaction or error (with a capped backoff on errors).
+    pub async fn follow(
+        self: Arc<Self>,
+        store: Arc<dyn Store>,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(stop);
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let snapshot = tokio::select! {
+                s = store.snapshot() => s,
+                _ = &mut stop => return,
+            };
+            let snapshot = match snapshot {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cache: cannot read the store; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = &mut stop => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            let from = snapshot.revision + 1;
+            self.load(snapshot);
+            let mut events = store.watch(from);
+            loop {
+                let ev = tokio::select! {
+                    e = events.next() => e,
+                    _ = &mut stop => return,
+                };
+                match ev {
+                    Some(Ok(WatchEvent::Changes(batch))) => {
+                        backoff = Duration::from_millis(50);
+                        if !self.apply(&batch) {
+                            break;
+                        }
+                    }
+                    Some(Ok(WatchEvent::Compacted { compacted })) => {
+                        tracing::warn!(compacted, "cache: store history compacted; re-reading");
+                        break;
+                    }
+                    Some(Err(e)) => {
+                        tracing::error!(error = %e, "cache: store watch failed; re-reading");
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = &mut stop => return,
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        break;
+                    }
+                    None => {
+                        tracing::warn!("cache: store watch ended; re-reading");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{MemoryStore, Mutation};
+
+    fn server(id: &str) -> proto::Server {
+        proto::Server {
+            server_id: id.into(),
+            address: "10.0.0.1:80".into(),
+            weight: 1,
+            ..Default::default()
+        }
+    }
+
+    async fn started(
+        history: usize,
+    ) -> (
+        Arc<MemoryStore>,
+        Arc<Cache>,
+        tokio::sync::oneshot::Sender<()>,
+    ) {
+        let store = Arc::new(MemoryStore::default());
+        let cache = Arc::new(Cache::new(store.epoch(), history));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let s: Arc<dyn Store> = store.clone();
+        tokio::spawn(cache.clone().follow(s, async move {
+            let _ = rx.await;
+        }));
+        (store, cache, tx)
+    }
+
+    async fn add(store: &MemoryStore, cache: &Cache, service: &str, id: &str) -> u64 {
+        let a = store
+            .apply(service.into(), vec![Mutation::Add(server(id))], None)
+            .await
+            .expect("add");
+        assert!(
+            cache
+                .wait_for_revision(a.version.version, Duration::from_secs(5))
+                .await
+        );
+        a.version.version
+    }
+
+    #[tokio::test]
+    async fn a_watcher_of_a_is_not_woken_by_b() {
+        let (store, cache, _stop) = started(16).await;
+        let wa = cache.waker();
+        let wb = cache.waker();
+        cache.follow_service("a", &wa);
+        cache.follow_service("b", &wb);
+        for i in 0..20 {
+            add(&store, &cache, "b", &format!("b{i}")).await;
+        }
+        assert_eq!(wa.wakeups(), 0, "a's watcher was woken by writes to b");
+        assert!(wa.take_dirty().is_empty());
+        assert!(wb.wakeups() >= 1);
+        assert_eq!(wb.take_dirty(), vec![Arc::<str>::from("b")]);
+        add(&store, &cache, "a", "a0").await;
+        assert_eq!(wa.wakeups(), 1);
+        cache.unfollow_service("a", &wa);
+        add(&store, &cache, "a", "a1").await;
+        assert_eq!(wa.wakeups(), 1, "an unfollowed watcher was woken");
+    }
+
+    #[tokio::test]
+    async fn catch_up_coalesces_and_falls_back_to_full() {
+        let (store, cache, _stop) = started(4).await;
+        let v1 = add(&store, &cache, "s", "a").await;
+        // Another service's write in between: versions are revisions, not +1.
+        add(&store, &cache, "t", "x").await;
+        let v2 = add(&store, &cache, "s", "b").await;
+        assert!(v2 > v1 + 1);
+        match cache.catch_up("s", Some(v1)) {
+            Catchup::Delta { delta, .. } => {
+                assert_eq!((delta.base, delta.version), (v1, v2));
+                assert_eq!(delta.upserts.len(), 1);
+                assert_eq!(delta.upserts[0].server_id, "b");
+            }
+            other => panic!("expected a delta, got {other:?}"),
+        }
+        assert!(matches!(cache.catch_up("s", Some(v2)), Catchup::Current));
+        // A version that never existed for this service (another service's revision).
+        assert!(matches!(
+            cache.catch_up("s", Some(v1 + 1)),
+            Catchup::Full(_)
+        ));
+        assert!(matches!(cache.catch_up("s", None), Catchup::Full(_)));
+        assert!(matches!(cache.catch_up("nope", None), Catchup::NotFound));
+        // Past the history (4 changes): full.
+        for i in 0..6 {
+            add(&store, &cache, "s", &format!("c{i}")).await;
+        }
+        assert!(matches!(cache.catch_up("s", Some(v2)), Catchup::Full(_)));
+    }
+
+    #[tokio::test]
+    async fn follows_through_compaction() {
+        // A store that remembers 2 changes: a burst larger than that while the cache is not
+        // reading forces a compaction and a re-read.
+        let store = Arc::new(MemoryStore::new(2));
+        let cache = Arc::new(Cache::new(store.epoch(), 16));
+        for i in 0..10 {
+            store
+                .apply(
+                    "s".into(),
+                    vec![Mutation::Add(server(&format!("b{i}")))],
+                    None,
+                )
+                .await
+                .expect("add");
+        }
+        let s: Arc<dyn Store> = store.clone();
+        // The cache starts from a snapshot: nothing to replay.
+        let (_tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(cache.clone().follow(s, async move {
+            let _ = rx.await;
+        }));
+        let v = store
+            .apply("s".into(), vec![Mutation::Add(server("z"))], None)
+            .await
+            .expect("add")
+            .version
+            .version;
+        assert!(cache.wait_for_revision(v, Duration::from_secs(5)).await);
+        assert_eq!(cache.get("s").expect("exists").servers.len(), 11);
+    }
+}

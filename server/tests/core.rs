@@ -1,0 +1,206 @@
+//! The control-plane core seams over real gRPC: compare-and-set writes from two clients, a
+//! burst of writes coalesced into a few picker builds without any write waiting for one, and
+//! the source precedence as `ListServers` shows it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use dlb::proto;
+use tonic::Code;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_compare_and_set_exactly_one_wins() {
+    let server = start().await;
+    for round in 0..20 {
+        let mut c1 = registry(&server).await;
+        let mut c2 = registry(&server).await;
+        let v = c1
+            .get_policy(proto::GetPolicyRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .version
+            .unwrap()
+            .version;
+        let set = |algorithm: proto::Algorithm| proto::SetPolicyRequest {
+            policy: Some(proto::Policy {
+                algorithm: algorithm as i32,
+                ..Default::default()
+            }),
+            expected_version: Some(v),
+            ..Default::default()
+        };
+        // Two admins decided on the same version; both write at once.
+        let (a, b) = if round % 2 == 0 {
+            (proto::Algorithm::Maglev, proto::Algorithm::RingHash)
+        } else {
+            (proto::Algorithm::LeastConnP2c, proto::Algorithm::RoundRobin)
+        };
+        let (r1, r2) = tokio::join!(c1.set_policy(set(a)), c2.set_policy(set(b)));
+        let (winner, loser) = match (r1, r2) {
+            (Ok(w), Err(l)) => (w.into_inner(), l),
+            (Err(l), Ok(w)) => (w.into_inner(), l),
+            (r1, r2) => panic!("round {round}: expected exactly one winner: {r1:?} {r2:?}"),
+        };
+        assert_eq!(loser.code(), Code::FailedPrecondition, "{loser:?}");
+        let now = winner.version.unwrap().version;
+        assert!(
+            loser.message().contains(&format!("version {now}")),
+            "the loser is told the current version: {}",
+            loser.message()
+        );
+        let stored = c1
+            .get_policy(proto::GetPolicyRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(stored.policy, winner.policy, "state is not the winner's");
+        assert_eq!(stored.version.unwrap().version, now);
+    }
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_writes_costs_a_few_builds() {
+    let server = start().await;
+    let mut c = registry(&server).await;
+    c.set_policy(proto::SetPolicyRequest {
+        service: "big".into(),
+        policy: Some(proto::Policy {
+            algorithm: proto::Algorithm::Maglev as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let backends: Vec<proto::Server> = (0..2_000)
+        .map(|i| proto::Server {
+            server_id: format!("b{i}"),
+            address: format!("10.0.{}.{}:80", i / 250, i % 250),
+            weight: 1,
+            ..Default::default()
+        })
+        .collect();
+    // One declarative batch through the store creates the 2,000 backends at once.
+    let applied = server
+        .store()
+        .apply(
+            "big".into(),
+            backends
+                .into_iter()
+                .map(dlb_server::store::Mutation::Add)
+                .collect(),
+            None,
+        )
+        .await
+        .unwrap();
+    let version = applied.version.version;
+    assert!(
+        server
+            .cache()
+            .wait_for_revision(version, std::time::Duration::from_secs(5))
+            .await
+    );
+    // GetNextServer waits (at most 50 ms) for the builder, then answers from the newest
+    // picker: until the first build is done that one is empty.
+    let mut pick_version = 0;
+    for _ in 0..200 {
+        let r = c
+            .get_next_server(proto::GetNextServerRequest {
+                service: "big".into(),
+                key: b"k".to_vec(),
+            })
+            .await;
+        if let Ok(r) = r {
+            pick_version = r.into_inner().version.unwrap().version;
+            if pick_version >= version {
+                break;
+            }
+        }
+    }
+    assert_eq!(pick_version, version);
+    let before = server.picker_builds();
+    // 300 writes back to back: each returns once committed and cached, never after a build.
+    let n = 300;
+    let mut last = 0;
+    for i in 0..n {
+        let r = c
+            .update_server(proto::UpdateServerRequest {
+                service: "big".into(),
+                server_id: format!("b{}", i % 2_000),
+                weight: Some(2 + (i % 7)),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        last = r.version.unwrap().version;
+    }
+    // The builder catches up with the last version...
+    let mut caught_up = false;
+    for _ in 0..200 {
+        let r = c
+            .get_next_server(proto::GetNextServerRequest {
+                service: "big".into(),
+                key: b"k".to_vec(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if r.version.unwrap().version == last {
+            caught_up = true;
+            break;
+        }
+    }
+    assert!(caught_up, "the picker never reached the last write");
+    // ... having built far fewer pickers than there were writes.
+    let builds = server.picker_builds() - before;
+    assert!(
+        builds < u64::from(n) / 3,
+        "{builds} builds for {n} writes: bursts are not coalesced"
+    );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn list_servers_shows_sources_and_reason() {
+    let server = start().await;
+    let mut c = registry(&server).await;
+    c.add_server(add("", "a", "10.0.0.1:80", 1)).await.unwrap();
+    c.add_server(add("", "b", "10.0.0.2:80", 1)).await.unwrap();
+    c.health_check_failed(hc("", "a")).await.unwrap();
+    c.update_server(proto::UpdateServerRequest {
+        server_id: "b".into(),
+        draining: Some(true),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let list = c
+        .list_servers(proto::ListServersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let a = &list.servers[0];
+    assert_eq!(a.health, proto::HealthStatus::Unhealthy as i32);
+    assert_eq!(a.reason, "admin: health_check_failed");
+    assert_eq!(
+        a.sources.as_ref().unwrap().admin,
+        proto::Verdict::Unhealthy as i32
+    );
+    let b = &list.servers[1];
+    assert_eq!(b.health, proto::HealthStatus::Healthy as i32);
+    assert_eq!(b.reason, "draining");
+    // health_check_passed clears the admin verdict; the backend is eligible again.
+    let r = c
+        .health_check_passed(hc("", "a"))
+        .await
+        .unwrap()
+        .into_inner();
+    let a = r.server.unwrap();
+    assert_eq!(a.health, proto::HealthStatus::Healthy as i32);
+    assert_eq!(a.reason, "");
+    server.shutdown().await.unwrap();
+}
