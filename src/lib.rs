@@ -8,6 +8,8 @@
 //!   weight and policy validation, and conversions between wire and domain types;
 //! * [`sources`] — backend state from separate sources (admin, probe, outlier) and the one pure
 //!   function that derives a backend's effective state and the reason for it;
+//! * [`wire`] — server-side wire types: an outbound session message encoded once and shared by
+//!   every session that receives it;
 //! * [`balance`] — the balancing algorithms: immutable pickers (smooth weighted round robin,
 //!   least connections exact and P2C, Maglev, ring hash, bounded load) and sticky sessions. They are
 //!   plain data plus atomics, testable without tokio.
@@ -15,6 +17,7 @@
 pub mod balance;
 pub mod model;
 pub mod sources;
+pub mod wire;
 
 /// Generated protobuf types and gRPC client/server stubs for `dlb.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic, clippy::unwrap_used)]

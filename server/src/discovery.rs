@@ -27,9 +27,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use dlb::model;
-use dlb::proto::{
-    self, client_message, discovery_server::Discovery, server_message, ClientMessage, ServerMessage,
-};
+use dlb::proto::{self, client_message, server_message, ClientMessage, ServerMessage};
+use dlb::wire::{discovery_server::Discovery, Outbound};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -40,6 +39,7 @@ use crate::state::Shared;
 /// or the error status that ends it).
 const GOING_AWAY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 use crate::cache::{Catchup, Waker};
+use crate::store::Delta;
 
 /// Most services one session may follow: a bound on what a client can make the server keep.
 pub const MAX_SUBSCRIPTIONS: usize = 10_000;
@@ -57,7 +57,7 @@ impl DiscoveryService {
 
 #[tonic::async_trait]
 impl Discovery for DiscoveryService {
-    type SessionStream = ReceiverStream<Result<ServerMessage, Status>>;
+    type SessionStream = ReceiverStream<Result<Outbound, Status>>;
 
     async fn session(
         &self,
@@ -104,7 +104,7 @@ enum End {
 struct Session {
     id: u64,
     shared: Arc<Shared>,
-    tx: mpsc::Sender<Result<ServerMessage, Status>>,
+    tx: mpsc::Sender<Result<Outbound, Status>>,
     subs: HashMap<String, Sub>,
     nonce: u64,
     epoch: u64,
@@ -144,8 +144,7 @@ impl Session {
 
     /// Hands a message to the stream; `Err(End::Gone)` when the client is gone, `Err(End::Done)`
     /// when a shutdown started while the queue was full.
-    async fn send(&mut self, kind: server_message::Kind) -> Result<(), End> {
-        let msg = ServerMessage { kind: Some(kind) };
+    async fn send(&mut self, msg: Outbound) -> Result<(), End> {
         let mut shutdown = self.shared.shutdown.clone();
         tokio::select! {
             r = self.tx.send(Ok(msg)) => r.map_err(|_| End::Gone),
@@ -160,7 +159,8 @@ impl Session {
             })),
         };
         // Best effort: a client that does not read for a while does not get it.
-        let _ = tokio::time::timeout(GOING_AWAY_TIMEOUT, self.tx.send(Ok(msg))).await;
+        let _ = tokio::time::timeout(GOING_AWAY_TIMEOUT, self.tx.send(Ok(Outbound::Message(msg))))
+            .await;
     }
 
     async fn main(&mut self, inbound: &mut Streaming<ClientMessage>) -> End {
@@ -307,6 +307,10 @@ impl Session {
         }
     }
 
+    fn message(kind: server_message::Kind) -> Outbound {
+        Outbound::Message(ServerMessage { kind: Some(kind) })
+    }
+
     fn version(&self, version: u64) -> proto::Version {
         proto::Version {
             epoch: self.epoch,
@@ -323,36 +327,62 @@ impl Session {
         answer: bool,
     ) -> Result<(), End> {
         let catchup = self.shared.cache.catch_up(service, known);
+        let epoch = self.epoch;
+        // Updates carry a nonce derived from what they contain, so their encoding can be
+        // shared by every session; `Current` and `NotFound` answers are per session.
+        let encoded = |update: proto::ServiceUpdate| {
+            Outbound::encode_shared(&ServerMessage {
+                kind: Some(server_message::Kind::Update(update)),
+            })
+        };
         let mut at = None;
-        let (kind, sub) = match catchup {
-            Catchup::Full(snap) => (
-                server_message::Kind::Update(proto::ServiceUpdate {
-                    service: service.to_owned(),
-                    version: Some(snap.version),
-                    base: None,
-                    nonce: self.next_nonce(),
-                    full: true,
-                    policy: Some(snap.policy),
-                    upserts: snap.server_list(),
-                    removals: Vec::new(),
-                }),
-                Sub::At(snap.version.version),
-            ),
-            Catchup::Delta { delta, at: when } => {
+        let (out, sub) = match catchup {
+            Catchup::Full {
+                snapshot,
+                encoded: memo,
+            } => {
+                let bytes = memo
+                    .get_or_init(|| {
+                        encoded(proto::ServiceUpdate {
+                            service: service.to_owned(),
+                            version: Some(snapshot.version),
+                            base: None,
+                            nonce: format!("{epoch:x}-f{}", snapshot.version.version),
+                            full: true,
+                            policy: Some(snapshot.policy),
+                            upserts: snapshot.server_list(),
+                            removals: Vec::new(),
+                        })
+                    })
+                    .clone();
+                (Outbound::Encoded(bytes), Sub::At(snapshot.version.version))
+            }
+            Catchup::Delta {
+                base,
+                version,
+                changes,
+                at: when,
+                encoded: memo,
+            } => {
                 at = Some(when);
-                (
-                    server_message::Kind::Update(proto::ServiceUpdate {
+                let build = || {
+                    let d = Delta::coalesce(base, changes.iter().map(|c| &**c));
+                    encoded(proto::ServiceUpdate {
                         service: service.to_owned(),
-                        version: Some(self.version(delta.version)),
-                        base: Some(self.version(delta.base)),
-                        nonce: self.next_nonce(),
+                        version: Some(self.version(d.version)),
+                        base: Some(self.version(d.base)),
+                        nonce: format!("{epoch:x}-d{base}-{version}"),
                         full: false,
-                        policy: delta.policy,
-                        upserts: delta.upserts,
-                        removals: delta.removals,
-                    }),
-                    Sub::At(delta.version),
-                )
+                        policy: d.policy,
+                        upserts: d.upserts,
+                        removals: d.removals,
+                    })
+                };
+                let bytes = match memo {
+                    Some(m) => m.get_or_init(build).clone(),
+                    None => build(),
+                };
+                (Outbound::Encoded(bytes), Sub::At(version))
             }
             Catchup::Current => {
                 let Some(v) = known.filter(|_| answer) else {
@@ -360,7 +390,7 @@ impl Session {
                 };
                 // An empty delta confirms the client's version.
                 (
-                    server_message::Kind::Update(proto::ServiceUpdate {
+                    Self::message(server_message::Kind::Update(proto::ServiceUpdate {
                         service: service.to_owned(),
                         version: Some(self.version(v)),
                         base: Some(self.version(v)),
@@ -369,7 +399,7 @@ impl Session {
                         policy: None,
                         upserts: Vec::new(),
                         removals: Vec::new(),
-                    }),
+                    })),
                     Sub::At(v),
                 )
             }
@@ -378,19 +408,19 @@ impl Session {
                     return Ok(());
                 }
                 (
-                    server_message::Kind::NotFound(proto::ServiceNotFound {
+                    Self::message(server_message::Kind::NotFound(proto::ServiceNotFound {
                         service: service.to_owned(),
                         version: Some(proto::Version {
                             epoch: self.epoch,
                             version: 0,
                         }),
                         nonce: self.next_nonce(),
-                    }),
+                    })),
                     Sub::NotFound,
                 )
             }
         };
-        self.send(kind).await?;
+        self.send(out).await?;
         if let Some(at) = at {
             self.shared.metrics.push_latency(at.elapsed().as_secs_f64());
         }

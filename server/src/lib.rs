@@ -48,7 +48,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dlb::proto::discovery_server::DiscoveryServer;
+use dlb::wire::discovery_server::DiscoveryServer;
 use dlb::proto::registry_server::RegistryServer;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;

@@ -9,6 +9,8 @@
 //! * a bounded history of the last `history` changes, from which [`Cache::catch_up`] coalesces
 //!   the delta a client holding some version needs (or answers with the full snapshot when the
 //!   history no longer reaches back),
+//! * a memo per snapshot and per change where a front-end keeps its encoding of that update,
+//!   so each update is encoded once and the bytes are shared by every session that sends it,
 //! * its watchers: [`Waker`]s of the sessions and builders that follow *this* service. A change
 //!   wakes only them, and a woken watcher reads the newest state — so a burst of changes costs a
 //!   slow watcher one coalesced catch-up, never a queue of stale deltas.
@@ -23,9 +25,10 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use bytes::Bytes;
 use dlb::proto;
 use futures::StreamExt;
 use parking_lot::{Mutex, RwLock};
@@ -37,22 +40,58 @@ use crate::store::{Change, Delta, ServiceSnapshot, Store, StoreSnapshot, WatchEv
 /// Default number of changes kept per service for delta catch-up.
 pub const DEFAULT_HISTORY: usize = 1024;
 
+/// A front-end's encoding of one update, computed by the first session that sends it and
+/// shared by every other (see [`dlb::wire`]).
+pub type Memo = Arc<OnceLock<Bytes>>;
+
 /// What a watcher holding some version of a service must receive to be up to date.
 #[derive(Debug, Clone)]
 pub enum Catchup {
     /// Replace everything with this snapshot.
-    Full(Arc<ServiceSnapshot>),
-    /// Apply this delta (several changes may be coalesced into one).
+    Full {
+        /// The snapshot.
+        snapshot: Arc<ServiceSnapshot>,
+        /// The shared encoding of this snapshot as a full update.
+        encoded: Memo,
+    },
+    /// Apply the changes from `base` to `version` (one delta, see [`Catchup::delta`]).
     Delta {
-        /// The delta.
-        delta: Delta,
+        /// The version the watcher holds.
+        base: u64,
+        /// The version after the delta.
+        version: u64,
+        /// The changes, consecutive, oldest first.
+        changes: Vec<Arc<Change>>,
         /// When the cache received the newest change included (for the push-latency metric).
         at: Instant,
+        /// The shared encoding, when the delta is exactly one change (the common case: a
+        /// watcher that keeps up); `None` for a coalesced delta.
+        encoded: Option<Memo>,
     },
     /// The watcher is already at the current version.
     Current,
     /// The service does not exist.
     NotFound,
+}
+
+impl Catchup {
+    /// The coalesced delta of a [`Catchup::Delta`] (`None` for the other variants).
+    pub fn delta(&self) -> Option<Delta> {
+        match self {
+            Catchup::Delta { base, changes, .. } => {
+                Some(Delta::coalesce(*base, changes.iter().map(|c| &**c)))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// One change in a service's history.
+#[derive(Debug)]
+struct Entry {
+    change: Arc<Change>,
+    at: Instant,
+    encoded: Memo,
 }
 
 /// A watcher's wake-up handle: the services that changed since it last looked, and a
@@ -102,7 +141,9 @@ impl Waker {
 #[derive(Debug, Default)]
 struct SlotState {
     snapshot: Option<Arc<ServiceSnapshot>>,
-    history: VecDeque<(Arc<Change>, Instant)>,
+    /// The shared encoding of `snapshot` as a full update (replaced with the snapshot).
+    full: Memo,
+    history: VecDeque<Arc<Entry>>,
     watchers: HashMap<u64, Arc<Waker>>,
 }
 
@@ -243,7 +284,10 @@ impl Cache {
             return Catchup::NotFound;
         };
         let current = snap.version.version;
-        let full = || Catchup::Full(snap.clone());
+        let full = || Catchup::Full {
+            snapshot: snap.clone(),
+            encoded: st.full.clone(),
+        };
         let Some(known) = known.filter(|&k| k != 0) else {
             return full();
         };
@@ -254,12 +298,19 @@ impl Cache {
             return full();
         }
         // The first change newer than `known` must start exactly at `known`.
-        let idx = st.history.partition_point(|(c, _)| c.version <= known);
+        let idx = st.history.partition_point(|e| e.change.version <= known);
         match st.history.get(idx) {
-            Some((first, _)) if first.base == known => {
-                let at = st.history.back().map_or_else(Instant::now, |(_, at)| *at);
-                let delta = Delta::coalesce(known, st.history.range(idx..).map(|(c, _)| &**c));
-                Catchup::Delta { delta, at }
+            Some(first) if first.change.base == known => {
+                let changes: Vec<Arc<Change>> =
+                    st.history.range(idx..).map(|e| e.change.clone()).collect();
+                let last = st.history.back().unwrap_or(first);
+                Catchup::Delta {
+                    base: known,
+                    version: current,
+                    encoded: (changes.len() == 1).then(|| first.encoded.clone()),
+                    changes,
+                    at: last.at,
+                }
             }
             _ => full(),
         }
@@ -284,6 +335,7 @@ impl Cache {
             appeared |= st.snapshot.is_none();
             st.history.clear();
             st.snapshot = Some(Arc::new(s));
+            st.full = Memo::default();
             slot.wake_all(&st);
         }
         // Services that no longer exist in the store.
@@ -358,9 +410,14 @@ impl Cache {
                 if st.history.len() >= self.history {
                     st.history.pop_front();
                 }
-                st.history.push_back((c.clone(), now));
+                st.history.push_back(Arc::new(Entry {
+                    change: c.clone(),
+                    at: now,
+                    encoded: Memo::default(),
+                }));
             }
             st.snapshot = Some(Arc::new(snap));
+            st.full = Memo::default();
             slot.wake_all(&st);
             drop(st);
             if !consistent {
@@ -515,7 +572,8 @@ mod tests {
         let v2 = add(&store, &cache, "s", "b").await;
         assert!(v2 > v1 + 1);
         match cache.catch_up("s", Some(v1)) {
-            Catchup::Delta { delta, .. } => {
+            c @ Catchup::Delta { .. } => {
+                let delta = c.delta().expect("a delta");
                 assert_eq!((delta.base, delta.version), (v1, v2));
                 assert_eq!(delta.upserts.len(), 1);
                 assert_eq!(delta.upserts[0].server_id, "b");
@@ -526,15 +584,18 @@ mod tests {
         // A version that never existed for this service (another service's revision).
         assert!(matches!(
             cache.catch_up("s", Some(v1 + 1)),
-            Catchup::Full(_)
+            Catchup::Full { .. }
         ));
-        assert!(matches!(cache.catch_up("s", None), Catchup::Full(_)));
+        assert!(matches!(cache.catch_up("s", None), Catchup::Full { .. }));
         assert!(matches!(cache.catch_up("nope", None), Catchup::NotFound));
         // Past the history (4 changes): full.
         for i in 0..6 {
             add(&store, &cache, "s", &format!("c{i}")).await;
         }
-        assert!(matches!(cache.catch_up("s", Some(v2)), Catchup::Full(_)));
+        assert!(matches!(
+            cache.catch_up("s", Some(v2)),
+            Catchup::Full { .. }
+        ));
     }
 
     #[tokio::test]
