@@ -195,17 +195,19 @@ impl Session {
                     self.going_away().await;
                     return End::Done;
                 }
+                // Updates before client messages: a woken session does not poll its inbound
+                // stream (cheaper per update); client messages wait at most one catch-up.
+                _ = self.waker.notified() => {
+                    if let Err(end) = self.on_wake().await {
+                        return end;
+                    }
+                }
                 m = inbound.message() => {
                     let r = match m {
                         Ok(Some(msg)) => self.on_client(msg).await,
                         Ok(None) | Err(_) => return End::Done,
                     };
                     if let Err(end) = r {
-                        return end;
-                    }
-                }
-                _ = self.waker.notified() => {
-                    if let Err(end) = self.on_wake().await {
                         return end;
                     }
                 }
