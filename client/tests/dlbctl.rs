@@ -265,10 +265,89 @@ async fn watch_prints_human_lines() {
     let second = within("delta", lines.next_line()).await.unwrap().unwrap();
     assert!(second.starts_with('v'), "{second}");
     assert!(
-        second.contains("~web-1 127.0.0.1:8080 w=1 unhealthy"),
-        "{second}"
+        second.contains("~web-1 127.0.0.1:8080 w=1 unhealthy (admin: health_check_failed)"),
+        "watch does not show the reason: {second}"
     );
     assert!(within("exit", child.wait()).await.unwrap().success());
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn list_shows_why_a_backend_takes_no_traffic() {
+    let server = spawn_server().await;
+    let ep = endpoint(&server);
+    ok(&ep, &["add-server", "a", "127.0.0.1:8081"]).await;
+    ok(&ep, &["add-server", "b", "127.0.0.1:8082"]).await;
+    ok(&ep, &["add-server", "c", "127.0.0.1:8083"]).await;
+    ok(&ep, &["health-fail", "a"]).await;
+    ok(&ep, &["update-server", "b", "--drain"]).await;
+    ok(&ep, &["health-fail", "b"]).await;
+    let out = ok(&ep, &["list"]).await;
+    let line = |id: &str| {
+        out.lines()
+            .find(|l| l.trim_start().starts_with(&format!("{id} ")))
+            .unwrap_or_else(|| panic!("no line for {id}: {out}"))
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(
+        line("a"),
+        "a 127.0.0.1:8081 w=1 unhealthy (admin: health_check_failed)"
+    );
+    assert_eq!(
+        line("b"),
+        "b 127.0.0.1:8082 w=1 unhealthy (admin: health_check_failed; draining)"
+    );
+    assert_eq!(line("c"), "c 127.0.0.1:8083 w=1 healthy");
+    let j = json(&ok(&ep, &["--json", "list"]).await);
+    assert_eq!(j["servers"][0]["reason"], "admin: health_check_failed");
+    assert_eq!(j["servers"][2]["reason"], "");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn policy_set_and_update_server_refuse_a_stale_version() {
+    let server = spawn_server().await;
+    let ep = endpoint(&server);
+    let r = json(&ok(&ep, &["--json", "add-server", "a", "127.0.0.1:8081"]).await);
+    let v = r["version"]["version"].as_u64().unwrap();
+    ok(&ep, &["add-server", "b", "127.0.0.1:8082"]).await;
+    // Another admin wrote since `v` was read: the compare-and-set fails with exit 5.
+    let out = dlbctl(
+        &ep,
+        &[
+            "update-server",
+            "a",
+            "--weight",
+            "7",
+            "--expected-version",
+            &v.to_string(),
+        ],
+    )
+    .await;
+    assert_eq!(out.code, 5, "{}", out.stderr);
+    assert!(out.stderr.contains("not the expected"), "{}", out.stderr);
+    let list = json(&ok(&ep, &["--json", "list"]).await);
+    assert_eq!(
+        list["servers"][0]["weight"], 1,
+        "a stale write changed something"
+    );
+    let now = list["version"]["version"].as_u64().unwrap();
+    ok(
+        &ep,
+        &[
+            "update-server",
+            "a",
+            "--weight",
+            "7",
+            "--expected-version",
+            &now.to_string(),
+        ],
+    )
+    .await;
+    // `policy set` reads and writes with the version it read: it succeeds when nobody races it.
+    let out = ok(&ep, &["policy", "set", "--algorithm", "maglev"]).await;
+    assert!(out.contains("algorithm=maglev"), "{out}");
     server.shutdown().await.unwrap();
 }
 
