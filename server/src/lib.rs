@@ -177,15 +177,22 @@ pub async fn spawn_with_store(
             .set_service_status(name, tonic_health::ServingStatus::Serving)
             .await;
     }
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(dlb::proto::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Reflection in both versions tools speak (grpcurl and grpcio's reflection client still
+    // use v1alpha), listing the health service too.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(dlb::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflection_builder().build_v1()?;
+    let reflection_v1alpha = reflection_builder().build_v1alpha()?;
 
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(RegistryServer::new(RegistryService::new(shared.clone())))
         .add_service(DiscoveryServer::new(DiscoveryService::new(shared.clone())));
     let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));

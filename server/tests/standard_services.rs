@@ -1,5 +1,6 @@
 //! The standard gRPC services next to the DLB ones: health (SERVING for "", dlb.v1.Registry and
-//! dlb.v1.Discovery, NOT_SERVING once shutdown starts) and server reflection v1.
+//! dlb.v1.Discovery, NOT_SERVING once shutdown starts) and server reflection, v1 and v1alpha,
+//! listing the health service too.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -50,5 +51,39 @@ async fn health_and_reflection() {
     let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
     assert!(names.contains(&"dlb.v1.Registry"), "{names:?}");
     assert!(names.contains(&"dlb.v1.Discovery"), "{names:?}");
+    assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn reflection_v1alpha_for_older_tools() {
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+
+    let server = start().await;
+    let mut refl = ServerReflectionClient::new(channel(&server).await);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = refl
+        .server_reflection_info(tokio_stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = tokio::time::timeout(WAIT, stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("unexpected reflection answer {resp:?}");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    for expected in ["dlb.v1.Registry", "dlb.v1.Discovery", "grpc.health.v1.Health"] {
+        assert!(names.contains(&expected), "{expected} missing: {names:?}");
+    }
     server.shutdown().await.unwrap();
 }
