@@ -82,6 +82,22 @@ impl Discovery for DiscoveryService {
     }
 }
 
+/// Undoes what a session contributed to shared state when it ends, however it ends.
+struct Cleanup {
+    shared: Arc<Shared>,
+    id: u64,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for (service, totals) in self.shared.loads.remove_session(self.id) {
+            self.shared.pickers.set_baselines(&service, &totals);
+            self.shared.metrics.in_flight(&service, &totals);
+        }
+        self.shared.metrics.session_delta(-1);
+    }
+}
+
 /// What a session last sent for one followed service.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Sub {
@@ -116,6 +132,12 @@ impl Session {
     async fn run(mut self, mut inbound: Streaming<ClientMessage>) {
         let metrics = self.shared.metrics.clone();
         metrics.session_delta(1);
+        // Removes the session's load-report contribution and its gauge on every exit path,
+        // including a panic or the task being aborted.
+        let _cleanup = Cleanup {
+            shared: self.shared.clone(),
+            id: self.id,
+        };
         let end = self.main(&mut inbound).await;
         for service in self.subs.keys() {
             self.shared.cache.unfollow_service(service, &self.waker);
@@ -128,11 +150,6 @@ impl Session {
                 code
             }
         };
-        for (service, totals) in self.shared.loads.remove_session(self.id) {
-            self.shared.pickers.set_baselines(&service, &totals);
-            metrics.in_flight(&service, &totals);
-        }
-        metrics.session_delta(-1);
         metrics.rpc("Session", code);
         tracing::debug!(session = self.id, "session closed");
     }
@@ -274,6 +291,10 @@ impl Session {
                 if let Ok(service) = model::resolve_service(&u.service) {
                     if self.subs.remove(service).is_some() {
                         self.shared.cache.unfollow_service(service, &self.waker);
+                    }
+                    if let Some(totals) = self.shared.loads.remove_service(self.id, service) {
+                        self.shared.pickers.set_baselines(service, &totals);
+                        self.shared.metrics.in_flight(service, &totals);
                     }
                 }
                 Ok(())

@@ -7,12 +7,20 @@
 //! baselines (so `GetNextServer` least-connections sees the global view) and the per-service
 //! in-flight gauge.
 //!
+//! Reported values are client input: each is clamped to [`MAX_REPORTED_IN_FLIGHT`] and every sum
+//! saturates, so no report can overflow anything or pin a backend near 2^64.
+//!
 //! One `parking_lot::Mutex` guards both maps: an update touches both and must be atomic, and it
 //! is O(backends in the report); it is never held across `.await`.
 
 use std::collections::HashMap;
 
 use dlb::proto;
+
+/// Largest in-flight count one session may report for one backend; larger values are clamped.
+/// Reports are client input: without a bound one client could pin a backend's baseline near
+/// 2^64 (and sums could overflow).
+pub const MAX_REPORTED_IN_FLIGHT: u64 = 1_000_000;
 use parking_lot::Mutex;
 
 #[derive(Debug, Default)]
@@ -56,7 +64,8 @@ impl LoadTracker {
         let mut new: HashMap<String, u64> = HashMap::new();
         for b in backends {
             if b.in_flight > 0 {
-                *new.entry(b.server_id.clone()).or_default() += b.in_flight;
+                let n = new.entry(b.server_id.clone()).or_default();
+                *n = n.saturating_add(b.in_flight).min(MAX_REPORTED_IN_FLIGHT);
             }
         }
         let mut inner = self.inner.lock();
@@ -67,10 +76,22 @@ impl LoadTracker {
             subtract(totals, old);
         }
         for (id, n) in &new {
-            *totals.entry(id.clone()).or_default() += n;
+            let t = totals.entry(id.clone()).or_default();
+            *t = t.saturating_add(*n);
         }
         per_service.insert(service.to_owned(), new);
         totals.clone()
+    }
+
+    /// Removes a session's contribution to one service (it unsubscribed); returns the
+    /// service's new sums, or `None` when the session had not reported on it.
+    pub fn remove_service(&self, session: u64, service: &str) -> Option<HashMap<String, u64>> {
+        let mut inner = self.inner.lock();
+        let Inner { sessions, totals } = &mut *inner;
+        let old = sessions.get_mut(&session)?.remove(service)?;
+        let t = totals.entry(service.to_owned()).or_default();
+        subtract(t, &old);
+        Some(t.clone())
     }
 
     /// Removes a closed session's contribution; returns the new sums of every service it had
@@ -107,7 +128,7 @@ impl LoadTracker {
             .lock()
             .totals
             .get(service)
-            .map_or(0, |t| t.values().sum())
+            .map_or(0, |t| t.values().fold(0u64, |a, n| a.saturating_add(*n)))
     }
 }
 
@@ -136,5 +157,22 @@ mod tests {
         let left = t.remove_session(2);
         assert_eq!(left[0].1.get("a"), None);
         assert_eq!(t.service_total("s"), 4);
+    }
+
+    #[test]
+    fn hostile_values_are_clamped_and_saturate() {
+        let t = LoadTracker::new();
+        // Duplicate entries for one backend, each u64::MAX: no overflow, clamped.
+        let sums = t.report(1, "s", &[load("a", u64::MAX), load("a", u64::MAX)]);
+        assert_eq!(sums.get("a"), Some(&MAX_REPORTED_IN_FLIGHT));
+        let sums = t.report(2, "s", &[load("a", u64::MAX)]);
+        assert_eq!(sums.get("a"), Some(&(2 * MAX_REPORTED_IN_FLIGHT)));
+        assert_eq!(t.service_total("s"), 2 * MAX_REPORTED_IN_FLIGHT);
+        // Unsubscribing removes that session's share of the service.
+        let sums = t.remove_service(1, "s").expect("session 1 reported on s");
+        assert_eq!(sums.get("a"), Some(&MAX_REPORTED_IN_FLIGHT));
+        assert!(t.remove_service(1, "s").is_none());
+        t.remove_session(2);
+        assert_eq!(t.service_total("s"), 0);
     }
 }

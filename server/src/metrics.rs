@@ -194,7 +194,7 @@ impl Metrics {
 
     /// Sets the reported in-flight counts of a service from its per-backend sums.
     pub fn in_flight(&self, service: &str, totals: &HashMap<String, u64>) {
-        let total: u64 = totals.values().sum();
+        let total = totals.values().fold(0u64, |a, n| a.saturating_add(*n));
         self.in_flight
             .get_or_create(&vec![("service".to_owned(), service.to_owned())])
             .set(i64::try_from(total).unwrap_or(i64::MAX));

@@ -217,3 +217,71 @@ async fn per_backend_series_are_opt_in() {
     assert!(removed, "stale per-backend series kept");
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn hostile_load_reports_are_clamped_and_removed_on_every_exit() {
+    let server = start_with(ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        ..Default::default()
+    })
+    .await;
+    let maddr = server.metrics_addr().unwrap();
+    let mut c = registry(&server).await;
+    c.add_server(add("", "a", "10.0.0.1:80", 1)).await.unwrap();
+    let report = client_message::Kind::LoadReport(proto::LoadReport {
+        service: String::new(),
+        backends: vec![
+            proto::BackendLoad {
+                server_id: "a".into(),
+                in_flight: u64::MAX,
+                successes: u64::MAX,
+                failures: u64::MAX,
+                ..Default::default()
+            },
+            proto::BackendLoad {
+                server_id: "a".into(),
+                in_flight: u64::MAX,
+                ..Default::default()
+            },
+        ],
+        interval_ms: u64::MAX,
+    });
+    let mut s1 = Session::open(&server, subscribe(&[("", None)])).await;
+    s1.update().await;
+    let mut s2 = Session::open(&server, subscribe(&[("", None)])).await;
+    s2.update().await;
+    for _ in 0..3 {
+        s1.send(report.clone()).await;
+        s2.send(report.clone()).await;
+    }
+    let series = "dlb_in_flight{service=\"default\"} ";
+    let until = |want: f64| async move {
+        let mut seen = None;
+        for _ in 0..100 {
+            seen = value(&scrape(maddr).await, series);
+            if seen == Some(want) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("{series} is {seen:?}, expected {want}");
+    };
+    // Two sessions, each clamped to 1,000,000 (a debug build would have panicked on the sum).
+    until(2_000_000.0).await;
+    // Unsubscribe removes that session's share; the session itself keeps working.
+    s1.send(client_message::Kind::Unsubscribe(proto::Unsubscribe {
+        service: String::new(),
+    }))
+    .await;
+    until(1_000_000.0).await;
+    // Ending the other session removes the rest.
+    drop(s2);
+    until(0.0).await;
+    // The server still answers.
+    c.list_servers(proto::ListServersRequest::default())
+        .await
+        .unwrap();
+    drop(s1);
+    server.shutdown().await.unwrap();
+}
