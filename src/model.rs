@@ -34,14 +34,47 @@ pub const DEFAULT_STICKY_MAX_ENTRIES: usize = 100_000;
 /// Bounds of the bounded-load factor when it is enabled.
 pub const LOAD_FACTOR_RANGE: std::ops::RangeInclusive<f64> = 1.0..=100.0;
 
-/// A field that failed validation: which field, what value, and why.
+/// Longest prefix of an offending value (and of a field name) quoted in an error, in bytes.
+/// Errors go back to clients and into logs: a 9 KB value must not make a 9 KB message (a default
+/// grpcio client cannot even read a status that large).
+pub const MAX_QUOTED: usize = 64;
+
+/// At most `max` bytes of `s` (cut at a character boundary).
+pub fn prefix(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// A client-supplied string made safe for one log line: control characters and quotes escaped
+/// (no forged lines), at most `max` bytes of the original, with its length when cut.
+pub fn printable(s: &str, max: usize) -> String {
+    let p = prefix(s, max);
+    let escaped: String = p.escape_debug().collect();
+    if p.len() < s.len() {
+        format!("{escaped}…({} bytes)", s.len())
+    } else {
+        escaped
+    }
+}
+
+/// A field that failed validation: which field, what value, and why. The message quotes at most
+/// [`MAX_QUOTED`] bytes of the value (and of the field name), escaped, plus the value's length
+/// when it was cut.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid {field} {value:?}: {reason}")]
+#[error("invalid {field} {value:?}{}: {reason}", if *.value_len > .value.len() { format!("… ({} bytes)", .value_len) } else { String::new() })]
 pub struct ValidationError {
     /// The field's name as it appears on the wire (`server_id`, `address`, `weight`, …).
     pub field: String,
-    /// The rejected value, rendered for humans.
+    /// The rejected value, rendered for humans: at most [`MAX_QUOTED`] bytes of it.
     pub value: String,
+    /// The length of the whole rendered value, in bytes.
+    pub value_len: usize,
     /// What is wrong with it.
     pub reason: String,
 }
@@ -49,9 +82,17 @@ pub struct ValidationError {
 impl ValidationError {
     /// Builds an error for `field` holding `value`.
     pub fn new(field: impl Into<String>, value: impl ToString, reason: impl Into<String>) -> Self {
+        let field = field.into();
+        let value = value.to_string();
+        let field = if field.len() > MAX_QUOTED {
+            format!("{}…", prefix(&field, MAX_QUOTED))
+        } else {
+            field
+        };
         Self {
-            field: field.into(),
-            value: value.to_string(),
+            field,
+            value: prefix(&value, MAX_QUOTED).to_owned(),
+            value_len: value.len(),
             reason: reason.into(),
         }
     }
@@ -223,8 +264,9 @@ pub fn validate_server(server: &proto::Server) -> Result<(), ValidationError> {
     validate_hash_key(&server.hash_key)?;
     validate_metadata(&server.metadata)?;
     if server.effective_weight != 0 {
-        validate_weight(server.effective_weight)
-            .map_err(|e| ValidationError::new("effective_weight", e.value, e.reason))?;
+        validate_weight(server.effective_weight).map_err(|e| {
+            ValidationError::new("effective_weight", server.effective_weight, e.reason)
+        })?;
     }
     if let Some(sources) = &server.sources {
         if proto::Verdict::try_from(sources.admin).is_err() {
@@ -526,5 +568,34 @@ mod tests {
         p.bounded_load_factor = 0.0;
         p.algorithm = 99;
         assert_eq!(validate_policy(&p).unwrap_err().field, "policy.algorithm");
+    }
+
+    #[test]
+    fn errors_quote_a_short_prefix_of_huge_values() {
+        let huge = "x".repeat(9_000);
+        let e = validate_server_id(&huge).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.len() <= 512, "{} bytes: {msg}", msg.len());
+        assert!(msg.contains("(9000 bytes)"), "{msg}");
+        let key = "k".repeat(5_000);
+        let mut m = std::collections::HashMap::new();
+        m.insert(key, "v".into());
+        let msg = validate_metadata(&m).unwrap_err().to_string();
+        assert!(msg.len() <= 512, "{} bytes: {msg}", msg.len());
+        // Short values are quoted whole, as before.
+        let msg = validate_server_id("bad id").unwrap_err().to_string();
+        assert!(msg.starts_with("invalid server_id \"bad id\": "), "{msg}");
+        // Multi-byte characters are cut at a boundary.
+        let e = ValidationError::new("f", "é".repeat(100), "r");
+        assert!(e.value.len() <= MAX_QUOTED && e.value.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn printable_escapes_and_truncates() {
+        assert_eq!(printable("a\nb", 10), "a\\nb");
+        let forged = format!("ok\n2026-01-01 INFO forged line{}", "!".repeat(100));
+        let p = printable(&forged, 32);
+        assert!(!p.contains('\n'));
+        assert!(p.ends_with(&format!("…({} bytes)", forged.len())), "{p}");
     }
 }

@@ -25,6 +25,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use dlb::model;
 use dlb::proto::{self, client_message, server_message, ClientMessage, ServerMessage};
@@ -37,7 +38,7 @@ use crate::state::Shared;
 
 /// How long a session waits for room in its queue to hand over its last message (`GoingAway`
 /// or the error status that ends it).
-const GOING_AWAY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+const GOING_AWAY_TIMEOUT: Duration = Duration::from_secs(1);
 use crate::cache::{Catchup, Waker};
 use crate::store::Delta;
 
@@ -75,10 +76,41 @@ impl Discovery for DiscoveryService {
             nonce: 0,
             epoch: self.shared.cache.epoch(),
             waker: self.shared.cache.waker(),
+            nacked: HashMap::new(),
+            warned: None,
+            suppressed: 0,
         };
         tracing::debug!(session = id, ?peer, "session opened");
         tokio::spawn(session.run(inbound));
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// How long after a Nack-triggered full snapshot of a service another Nack of that service waits
+/// before it gets one (a client that fails on the same snapshot cannot make a tight loop).
+const NACK_COOLDOWN: Duration = Duration::from_secs(1);
+/// At most one warning per session per this period; the ones in between are counted.
+const WARN_EVERY: Duration = Duration::from_secs(1);
+/// Longest client string quoted in a log line.
+const LOG_QUOTE: usize = 128;
+
+/// The end of a session whose inbound stream failed: a message that cannot be decoded ends it
+/// with a status that says why; a client that went away just ends it.
+fn inbound_error(e: Status) -> End {
+    match e.code() {
+        tonic::Code::Internal if e.message().contains("decod") => {
+            End::Status(Status::invalid_argument(format!(
+                "undecodable client message: {}",
+                model::prefix(e.message(), 200)
+            )))
+        }
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => {
+            End::Status(Status::resource_exhausted(format!(
+                "client message too large: {}",
+                model::prefix(e.message(), 200)
+            )))
+        }
+        _ => End::Done,
     }
 }
 
@@ -105,6 +137,8 @@ enum Sub {
     NotFound,
     /// The client was brought to this version.
     At(u64),
+    /// The client nacked and is owed a full snapshot once the Nack cool-down has passed.
+    Resend,
 }
 
 /// Why the session loop stopped.
@@ -126,6 +160,11 @@ struct Session {
     epoch: u64,
     /// Woken by the cache when a followed service changes.
     waker: Arc<Waker>,
+    /// When each service last got a Nack-triggered full snapshot.
+    nacked: HashMap<String, tokio::time::Instant>,
+    /// When this session last logged a warning, and how many it suppressed since.
+    warned: Option<tokio::time::Instant>,
+    suppressed: u64,
 }
 
 impl Session {
@@ -193,7 +232,7 @@ impl Session {
             Ok(Some(ClientMessage {
                 kind: Some(client_message::Kind::Subscribe(sub)),
             })) => {
-                tracing::info!(session = self.id, client_id = %sub.client_id, services = sub.services.len(), "session subscribed");
+                tracing::info!(session = self.id, client_id = %model::printable(&sub.client_id, LOG_QUOTE), services = sub.services.len(), "session subscribed");
                 if let Err(end) = self.subscribe(sub).await {
                     return end;
                 }
@@ -203,7 +242,8 @@ impl Session {
                     "the first message of a session must be a Subscribe",
                 ))
             }
-            Ok(None) | Err(_) => return End::Done,
+            Ok(None) => return End::Done,
+            Err(e) => return inbound_error(e),
         }
         loop {
             tokio::select! {
@@ -222,7 +262,8 @@ impl Session {
                 m = inbound.message() => {
                     let r = match m {
                         Ok(Some(msg)) => self.on_client(msg).await,
-                        Ok(None) | Err(_) => return End::Done,
+                        Ok(None) => return End::Done,
+                        Err(e) => return inbound_error(e),
                     };
                     if let Err(end) = r {
                         return end;
@@ -238,11 +279,22 @@ impl Session {
             let Some(&sub) = self.subs.get(&*service) else {
                 continue;
             };
-            let known = match sub {
-                Sub::At(v) => Some(v),
-                Sub::NotFound => None,
-            };
-            self.catch_up(&service, known, false).await?;
+            match sub {
+                Sub::At(v) => self.catch_up(&service, Some(v), false).await?,
+                Sub::NotFound => self.catch_up(&service, None, false).await?,
+                Sub::Resend => {
+                    let now = tokio::time::Instant::now();
+                    let cooling = self
+                        .nacked
+                        .get(&*service)
+                        .is_some_and(|&last| now < last + NACK_COOLDOWN);
+                    // A change during the cool-down waits for the timer, which wakes us.
+                    if !cooling {
+                        self.nacked.insert(service.to_string(), now);
+                        self.catch_up(&service, None, true).await?;
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -274,16 +326,43 @@ impl Session {
         match msg.kind {
             Some(client_message::Kind::Subscribe(sub)) => self.subscribe(sub).await,
             Some(client_message::Kind::Ack(ack)) => {
-                tracing::trace!(session = self.id, service = %ack.service, nonce = %ack.nonce, "ack");
+                tracing::trace!(session = self.id, service = %model::printable(&ack.service, LOG_QUOTE), nonce = %model::printable(&ack.nonce, LOG_QUOTE), "ack");
                 Ok(())
             }
             Some(client_message::Kind::Nack(nack)) => {
                 let service = model::resolve_service(&nack.service)
                     .unwrap_or_default()
                     .to_owned();
-                tracing::warn!(session = self.id, service, nonce = %nack.nonce, detail = %nack.error_detail, "nack; sending a full snapshot");
-                if self.subs.contains_key(&service) {
-                    self.catch_up(&service, None, true).await?;
+                if self.may_warn() {
+                    tracing::warn!(
+                        session = self.id,
+                        service = %model::printable(&service, LOG_QUOTE),
+                        nonce = %model::printable(&nack.nonce, LOG_QUOTE),
+                        detail = %model::printable(&nack.error_detail, LOG_QUOTE),
+                        suppressed = std::mem::take(&mut self.suppressed),
+                        "nack; sending a full snapshot"
+                    );
+                }
+                if !self.subs.contains_key(&service) {
+                    return Ok(());
+                }
+                let now = tokio::time::Instant::now();
+                match self.nacked.get(&service) {
+                    Some(&last) if now < last + NACK_COOLDOWN => {
+                        // Owed a full snapshot when the cool-down ends; one timer per service.
+                        if self.subs.insert(service.clone(), Sub::Resend) != Some(Sub::Resend) {
+                            let waker = self.waker.clone();
+                            let name: Arc<str> = service.as_str().into();
+                            tokio::spawn(async move {
+                                tokio::time::sleep_until(last + NACK_COOLDOWN).await;
+                                waker.wake(&name);
+                            });
+                        }
+                    }
+                    _ => {
+                        self.nacked.insert(service.clone(), now);
+                        self.catch_up(&service, None, true).await?;
+                    }
                 }
                 Ok(())
             }
@@ -326,6 +405,21 @@ impl Session {
             None => {
                 tracing::debug!(session = self.id, "empty client message ignored");
                 Ok(())
+            }
+        }
+    }
+
+    /// Whether a warning may be logged now (at most one per [`WARN_EVERY`]); counts the rest.
+    fn may_warn(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        match self.warned {
+            Some(t) if now < t + WARN_EVERY => {
+                self.suppressed += 1;
+                false
+            }
+            _ => {
+                self.warned = Some(now);
+                true
             }
         }
     }

@@ -105,7 +105,9 @@ pub struct Waker {
 }
 
 impl Waker {
-    fn wake(&self, service: &Arc<str>) {
+    /// Marks `service` dirty and wakes the watcher (the cache calls it on every change of a
+    /// followed service; a front-end may call it to schedule its own catch-up).
+    pub fn wake(&self, service: &Arc<str>) {
         {
             let mut dirty = self.dirty.lock();
             if dirty.iter().any(|s| s == service) {

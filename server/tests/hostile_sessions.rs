@@ -1,0 +1,126 @@
+//! Sessions from clients that misbehave: a Nack storm is answered with at most one full
+//! snapshot per cool-down, and a message that cannot be decoded ends the session with an error
+//! status that says why (not OK).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use dlb::proto::{self, client_message, server_message};
+use prost::Message;
+use tonic::Code;
+
+#[tokio::test]
+async fn a_nack_storm_gets_one_full_snapshot_per_cooldown() {
+    let server = start().await;
+    let mut c = registry(&server).await;
+    c.add_server(add("", "a", "10.0.0.1:80", 1)).await.unwrap();
+    let mut s = Session::open(&server, subscribe(&[("", None)])).await;
+    let first = s.update().await;
+    assert!(first.full);
+    let nack = |nonce: &str| {
+        client_message::Kind::Nack(proto::Nack {
+            service: String::new(),
+            version: first.version,
+            nonce: nonce.into(),
+            error_detail: "cannot apply\nforged log line".into(),
+        })
+    };
+    let t0 = Instant::now();
+    for i in 0..50 {
+        s.send(nack(&format!("n{i}"))).await;
+    }
+    // The first Nack is answered at once...
+    let u = s.update().await;
+    assert!(u.full);
+    // ... the other 49 within the cool-down are owed one snapshot, not 49.
+    let mut fulls = 0;
+    let deadline = t0 + Duration::from_millis(900);
+    while Instant::now() < deadline {
+        match tokio::time::timeout_at(deadline.into(), s.rx.message()).await {
+            Ok(m) => {
+                let m = m.unwrap().unwrap();
+                if let Some(server_message::Kind::Update(u)) = m.kind {
+                    assert!(u.full);
+                    fulls += 1;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    if t0.elapsed() < Duration::from_secs(1) {
+        assert_eq!(fulls, 0, "a Nack storm was answered with a snapshot storm");
+    }
+    // The owed snapshot comes once the cool-down is over.
+    let u = s.update().await;
+    assert!(u.full);
+    assert!(
+        t0.elapsed() >= Duration::from_millis(950),
+        "{:?}",
+        t0.elapsed()
+    );
+    s.silent_for(Duration::from_millis(300)).await;
+    // The session still works: a change arrives as a delta.
+    c.add_server(add("", "b", "10.0.0.2:80", 1)).await.unwrap();
+    let d = s.update().await;
+    assert!(!d.full);
+    server.shutdown().await.unwrap();
+}
+
+/// Wire-compatible with `ClientMessage` (field 1 = Subscribe, length-delimited) but carrying
+/// arbitrary bytes, to send what no well-behaved client would.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawClientMessage {
+    #[prost(bytes = "vec", tag = "1")]
+    subscribe: Vec<u8>,
+}
+
+#[tokio::test]
+async fn garbage_after_subscribe_ends_with_an_error_status() {
+    let server = start().await;
+    let channel = channel(&server).await;
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let valid = proto::Subscribe {
+        client_id: "raw".into(),
+        services: vec![proto::ServiceSubscription::default()],
+    }
+    .encode_to_vec();
+    // A Subscribe whose client_id (field 1) holds invalid UTF-8.
+    let garbage = vec![0x0a, 0x03, 0xff, 0xfe, 0xfd];
+    let messages = vec![
+        RawClientMessage { subscribe: valid },
+        RawClientMessage { subscribe: garbage },
+    ];
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    for m in messages {
+        tx.send(m).await.unwrap();
+    }
+    let codec = tonic_prost::ProstCodec::<RawClientMessage, proto::ServerMessage>::default();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/dlb.v1.Discovery/Session");
+    let mut stream = grpc
+        .streaming(
+            tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx)),
+            path,
+            codec,
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    // The valid Subscribe is answered...
+    let first = tokio::time::timeout(WAIT, stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(first.kind, Some(server_message::Kind::Update(_))));
+    // ... then the garbage ends the session with an error that says why.
+    let end = tokio::time::timeout(WAIT, stream.message()).await.unwrap();
+    let status = end.expect_err("the session ended with OK after garbage");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("undecodable"), "{status:?}");
+    drop(tx);
+    server.shutdown().await.unwrap();
+}
