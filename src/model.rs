@@ -34,6 +34,25 @@ pub const DEFAULT_STICKY_MAX_ENTRIES: usize = 100_000;
 /// Bounds of the bounded-load factor when it is enabled.
 pub const LOAD_FACTOR_RANGE: std::ops::RangeInclusive<f64> = 1.0..=100.0;
 
+/// Largest gRPC message either end of DLB sends or accepts (both ends set it explicitly).
+pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+
+/// Largest encoded full snapshot of one service: [`MAX_MESSAGE_BYTES`] less room for the
+/// message envelope. A write that would push a service past it is refused
+/// (`RESOURCE_EXHAUSTED`), so every service always fits in one message to every SDK.
+pub const MAX_SNAPSHOT_BYTES: usize = MAX_MESSAGE_BYTES - (64 << 10);
+
+/// Most backends one service may have (the pickers index backends with `u16`).
+pub const MAX_BACKENDS_PER_SERVICE: usize = crate::balance::MAX_BACKENDS;
+
+/// What one backend record adds to an encoded full snapshot (`ServiceUpdate.upserts`, field 7):
+/// tag, length prefix and the record.
+pub fn snapshot_bytes(server: &proto::Server) -> usize {
+    use prost::Message;
+    let len = server.encoded_len();
+    1 + prost::encoding::encoded_len_varint(len as u64) + len
+}
+
 /// Longest prefix of an offending value (and of a field name) quoted in an error, in bytes.
 /// Errors go back to clients and into logs: a 9 KB value must not make a 9 KB message (a default
 /// grpcio client cannot even read a status that large).

@@ -249,7 +249,10 @@ impl AdminClient {
         let mut last = None;
         for i in 0..n {
             let idx = (start + i) % n;
-            let client = RegistryClient::new(self.channels[idx].1.clone());
+            // The same explicit limit as dlbd's: a ListServers of the largest service fits.
+            let client = RegistryClient::new(self.channels[idx].1.clone())
+                .max_decoding_message_size(model::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(model::MAX_MESSAGE_BYTES);
             let result = match tokio::time::timeout(self.request_timeout, f(client)).await {
                 Ok(r) => r,
                 Err(_) => Err(tonic::Status::deadline_exceeded(format!(

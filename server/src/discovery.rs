@@ -499,6 +499,11 @@ impl Session {
                     Some(m) => m.get_or_init(build).clone(),
                     None => build(),
                 };
+                if bytes.len() > model::MAX_SNAPSHOT_BYTES {
+                    // A coalesced delta (upserts plus removals) can outgrow the snapshot,
+                    // which always fits: send that instead.
+                    return Box::pin(self.catch_up(service, None, answer)).await;
+                }
                 (Outbound::Encoded(bytes), Sub::At(version))
             }
             Catchup::Current => {

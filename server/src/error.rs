@@ -84,6 +84,9 @@ pub enum Error {
         /// The service's current version (0: it does not exist).
         current: u64,
     },
+    /// A quota or size limit would be exceeded.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// The store's storage failed (disk, database file).
     #[error("storage: {0}")]
     Storage(String),
@@ -105,6 +108,7 @@ impl From<Error> for tonic::Status {
             }
             Error::Unavailable { .. } => tonic::Status::unavailable(msg),
             Error::VersionMismatch { .. } => tonic::Status::failed_precondition(msg),
+            Error::ResourceExhausted(_) => tonic::Status::resource_exhausted(msg),
             Error::Picker { .. }
             | Error::Bind { .. }
             | Error::Transport(_)

@@ -48,8 +48,8 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dlb::wire::discovery_server::DiscoveryServer;
 use dlb::proto::registry_server::RegistryServer;
+use dlb::wire::discovery_server::DiscoveryServer;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -193,8 +193,16 @@ pub async fn spawn_with_store(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
-        .add_service(RegistryServer::new(RegistryService::new(shared.clone())))
-        .add_service(DiscoveryServer::new(DiscoveryService::new(shared.clone())));
+        .add_service(
+            RegistryServer::new(RegistryService::new(shared.clone()))
+                .max_decoding_message_size(dlb::model::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(dlb::model::MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            DiscoveryServer::new(DiscoveryService::new(shared.clone()))
+                .max_decoding_message_size(dlb::model::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(dlb::model::MAX_MESSAGE_BYTES),
+        );
     let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
     let mut signal = shutdown_rx.clone();
     let grpc = tokio::spawn(async move {

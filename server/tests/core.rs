@@ -204,3 +204,106 @@ async fn list_servers_shows_sources_and_reason() {
     assert_eq!(a.reason, "");
     server.shutdown().await.unwrap();
 }
+
+fn meta_server(i: usize, entries: usize) -> proto::Server {
+    proto::Server {
+        server_id: format!("b{i:05}"),
+        address: format!("10.{}.{}.{}:80", i / 65_536, (i / 256) % 256, i % 256),
+        weight: 1,
+        metadata: (0..entries)
+            .map(|k| (format!("key-{k:03}-{}", "k".repeat(248)), "v".repeat(256)))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_service_reaches_sessions_and_one_too_large_is_refused() {
+    use dlb::proto::{discovery_client::DiscoveryClient, server_message};
+    use dlb_server::store::Mutation;
+
+    let server = start().await;
+    // 10,000 backends with 512 bytes of metadata each: ~6 MB, over tonic's default 4 MiB.
+    let big: Vec<Mutation> = (0..10_000)
+        .map(|i| {
+            let mut s = meta_server(i, 0);
+            s.metadata.insert("zone".into(), "z".repeat(252));
+            s.metadata.insert("rack".into(), "r".repeat(252));
+            Mutation::Add(s)
+        })
+        .collect();
+    let v = server.store().apply("big".into(), big, None).await.unwrap();
+    assert!(
+        server
+            .cache()
+            .wait_for_revision(v.version.version, WAIT)
+            .await
+    );
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(subscribe(&[("big", None)])).await.unwrap();
+    let mut d = DiscoveryClient::new(channel(&server).await)
+        .max_decoding_message_size(dlb::model::MAX_MESSAGE_BYTES);
+    let mut stream = d
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let m = tokio::time::timeout(WAIT, stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    match m.kind {
+        Some(server_message::Kind::Update(u)) => {
+            assert!(u.full);
+            assert_eq!(u.upserts.len(), 10_000);
+        }
+        other => panic!("{other:?}"),
+    }
+    drop(tx);
+
+    // A service that would pass the limit is refused at write time, naming the limit, and the
+    // write changes nothing. Each record here is ~32 KiB (64 entries of 256 + 256 bytes).
+    let mut c = registry(&server).await;
+    let mut accepted = 0;
+    let refused = loop {
+        let s = meta_server(accepted, 64);
+        let r = c
+            .add_server(proto::AddServerRequest {
+                service: "fat".into(),
+                server_id: s.server_id,
+                address: s.address,
+                weight: 1,
+                metadata: s.metadata,
+                ..Default::default()
+            })
+            .await;
+        match r {
+            Ok(_) => accepted += 1,
+            Err(e) => break e,
+        }
+        assert!(accepted < 2_000, "never refused");
+    };
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains(&dlb::model::MAX_SNAPSHOT_BYTES.to_string()),
+        "{}",
+        refused.message()
+    );
+    assert!(refused.message().len() <= 512);
+    // dlbctl's limit is dlbd's: the listing of the largest service fits in one message.
+    let mut c = c.max_decoding_message_size(dlb::model::MAX_MESSAGE_BYTES);
+    let list = c
+        .list_servers(proto::ListServersRequest {
+            service: "fat".into(),
+        })
+        .await;
+    let n = match list {
+        Ok(l) => l.into_inner().servers.len(),
+        Err(e) => panic!("{e:?}"),
+    };
+    assert_eq!(n, accepted);
+    server.shutdown().await.unwrap();
+}

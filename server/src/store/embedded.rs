@@ -179,14 +179,7 @@ impl EmbeddedStore {
             let (version, policy) = decode_service(v.value())
                 .ok_or_else(|| err(&format!("service {name:?}: undecodable record")))?;
             model::validate_policy(&policy).map_err(|e| err(&format!("service {name:?}: {e}")))?;
-            services.insert(
-                name,
-                ServiceState {
-                    version,
-                    policy,
-                    servers: Servers::new(),
-                },
-            );
+            services.insert(name, (version, policy, Servers::new()));
         }
         for row in backends_t.iter().map_err(|e| err(&e))? {
             let (k, v) = row.map_err(|e| err(&e))?;
@@ -204,9 +197,14 @@ impl EmbeddedStore {
             let state = services
                 .get_mut(service)
                 .ok_or_else(|| err(&format!("backend {id:?} of unknown service {service:?}")))?;
-            state.servers.insert(id.into(), Arc::new(record));
+            state.2.insert(id.into(), Arc::new(record));
         }
-        Ok(services)
+        Ok(services
+            .into_iter()
+            .map(|(name, (version, policy, servers))| {
+                (name, ServiceState::new(version, policy, servers))
+            })
+            .collect())
     }
 }
 

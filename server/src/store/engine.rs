@@ -40,6 +40,22 @@ pub(crate) struct ServiceState {
     pub policy: proto::Policy,
     /// The records.
     pub servers: Servers,
+    /// What the records add to an encoded full snapshot (`dlb::model::snapshot_bytes`, summed),
+    /// kept up to date on every write so the size limit costs O(changed records).
+    pub bytes: usize,
+}
+
+impl ServiceState {
+    /// A state holding `servers`, with its size computed (O(n)).
+    pub fn new(version: u64, policy: proto::Policy, servers: Servers) -> Self {
+        let bytes = servers.values().map(|s| model::snapshot_bytes(s)).sum();
+        Self {
+            version,
+            policy,
+            servers,
+            bytes,
+        }
+    }
 }
 
 /// Makes committed batches durable.
@@ -320,11 +336,9 @@ fn plan(
     current: Option<&ServiceState>,
     mutations: &[Mutation],
 ) -> Result<Plan, Error> {
-    let mut state = current.cloned().unwrap_or_else(|| ServiceState {
-        version: 0,
-        policy: model::default_policy(),
-        servers: Servers::new(),
-    });
+    let mut state = current
+        .cloned()
+        .unwrap_or_else(|| ServiceState::new(0, model::default_policy(), Servers::new()));
     let exists = current.is_some();
     let mut created_service = false;
     let mut touched: BTreeSet<Arc<str>> = BTreeSet::new();
@@ -420,6 +434,31 @@ fn plan(
         .collect();
     let empty = Servers::new();
     let before = current.map_or(&empty, |c| &c.servers);
+    // Quotas, in O(touched records): the backend count and the encoded snapshot size.
+    if state.servers.len() > model::MAX_BACKENDS_PER_SERVICE && state.servers.len() > before.len() {
+        return Err(Error::ResourceExhausted(format!(
+            "service {service:?} would have {} backends; at most {} are allowed",
+            state.servers.len(),
+            model::MAX_BACKENDS_PER_SERVICE
+        )));
+    }
+    let mut bytes = current.map_or(0, |c| c.bytes);
+    for id in &touched {
+        if let Some(old) = before.get(id) {
+            bytes = bytes.saturating_sub(model::snapshot_bytes(old));
+        }
+        if let Some(new) = state.servers.get(id) {
+            bytes = bytes.saturating_add(model::snapshot_bytes(new));
+        }
+    }
+    state.bytes = bytes;
+    if bytes > model::MAX_SNAPSHOT_BYTES && bytes > current.map_or(0, |c| c.bytes) {
+        return Err(Error::ResourceExhausted(format!(
+            "service {service:?} would encode to {bytes} bytes; a service's snapshot may take at \
+             most {} bytes (the message limit)",
+            model::MAX_SNAPSHOT_BYTES
+        )));
+    }
     let mut upserts = Vec::new();
     let mut created = Vec::new();
     let mut removals = Vec::new();
