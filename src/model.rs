@@ -53,6 +53,28 @@ pub fn snapshot_bytes(server: &proto::Server) -> usize {
     1 + prost::encoding::encoded_len_varint(len as u64) + len
 }
 
+/// Longest request key (`GetNextServer.key`, the SDK's `get_next_server(key)`), in bytes: keys
+/// are hashed and may be kept in a sticky table, so they are bounded like every other input.
+pub const MAX_KEY_LEN: usize = 1024;
+/// Longest sticky-binding idle TTL a policy may set, in seconds (7 days).
+pub const MAX_STICKY_TTL_SECONDS: u32 = 7 * 24 * 3600;
+/// Most sticky bindings a policy may ask each picker to keep.
+pub const MAX_STICKY_ENTRIES: u32 = 10_000_000;
+/// Most services one store may hold.
+pub const MAX_SERVICES: usize = 10_000;
+
+/// Checks a request key: at most [`MAX_KEY_LEN`] bytes.
+pub fn validate_key(key: &[u8]) -> Result<(), ValidationError> {
+    if key.len() > MAX_KEY_LEN {
+        return Err(ValidationError::new(
+            "key",
+            format!("{} bytes", key.len()),
+            format!("at most {MAX_KEY_LEN} bytes"),
+        ));
+    }
+    Ok(())
+}
+
 /// Longest prefix of an offending value (and of a field name) quoted in an error, in bytes.
 /// Errors go back to clients and into logs: a 9 KB value must not make a 9 KB message (a default
 /// grpcio client cannot even read a status that large).
@@ -380,6 +402,20 @@ pub fn validate_policy(policy: &proto::Policy) -> Result<(), ValidationError> {
                 "bounded load applies only to maglev and ring_hash",
             ));
         }
+    }
+    if policy.sticky_ttl_seconds > MAX_STICKY_TTL_SECONDS {
+        return Err(ValidationError::new(
+            "policy.sticky_ttl_seconds",
+            policy.sticky_ttl_seconds,
+            format!("must be at most {MAX_STICKY_TTL_SECONDS} (7 days); 0 means the default"),
+        ));
+    }
+    if policy.sticky_max_entries > MAX_STICKY_ENTRIES {
+        return Err(ValidationError::new(
+            "policy.sticky_max_entries",
+            policy.sticky_max_entries,
+            format!("must be at most {MAX_STICKY_ENTRIES}; 0 means the default"),
+        ));
     }
     if proto::StickyMode::try_from(policy.sticky_mode).is_err() {
         return Err(ValidationError::new(

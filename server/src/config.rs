@@ -94,6 +94,8 @@ pub struct ServerConfig {
     pub store_history: usize,
     /// Capacity of each session's outbound message channel.
     pub session_queue: usize,
+    /// Most Discovery sessions served at once (`RESOURCE_EXHAUSTED` beyond).
+    pub max_sessions: usize,
     /// How long a graceful shutdown waits for connections to close before aborting them.
     pub shutdown_grace: Duration,
     /// Also export per-backend metric series (off by default: cardinality grows with backends).
@@ -112,6 +114,7 @@ impl Default for ServerConfig {
             history_size: crate::cache::DEFAULT_HISTORY,
             store_history: crate::store::memory::DEFAULT_HISTORY,
             session_queue: 128,
+            max_sessions: 100_000,
             shutdown_grace: Duration::from_secs(5),
             per_backend_metrics: false,
         }

@@ -64,11 +64,30 @@ impl Discovery for DiscoveryService {
         &self,
         request: Request<Streaming<ClientMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        let open = self.shared.sessions.fetch_add(1, Ordering::Relaxed);
+        if open >= self.shared.max_sessions {
+            self.shared.sessions.fetch_sub(1, Ordering::Relaxed);
+            self.shared
+                .metrics
+                .rpc("Session", tonic::Code::ResourceExhausted);
+            return Err(Status::resource_exhausted(format!(
+                "dlbd serves at most {} sessions at once",
+                self.shared.max_sessions
+            )));
+        }
+        // From here the session's Cleanup gives the slot back, however it ends.
         let peer = request.remote_addr();
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(self.shared.session_queue.max(1));
         let id = self.shared.next_session.fetch_add(1, Ordering::Relaxed) + 1;
+        self.shared.metrics.session_delta(1);
         let session = Session {
+            // Gives back the session slot, the load-report contribution and the gauge on every
+            // exit path, including a panic or the task being dropped before it ever ran.
+            _cleanup: Cleanup {
+                shared: self.shared.clone(),
+                id,
+            },
             id,
             shared: self.shared.clone(),
             tx,
@@ -122,6 +141,7 @@ struct Cleanup {
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
+        self.shared.sessions.fetch_sub(1, Ordering::Relaxed);
         for (service, totals) in self.shared.loads.remove_session(self.id) {
             self.shared.pickers.set_baselines(&service, &totals);
             self.shared.metrics.in_flight(&service, &totals);
@@ -152,6 +172,7 @@ enum End {
 }
 
 struct Session {
+    _cleanup: Cleanup,
     id: u64,
     shared: Arc<Shared>,
     tx: mpsc::Sender<Result<Outbound, Status>>,
@@ -170,13 +191,6 @@ struct Session {
 impl Session {
     async fn run(mut self, mut inbound: Streaming<ClientMessage>) {
         let metrics = self.shared.metrics.clone();
-        metrics.session_delta(1);
-        // Removes the session's load-report contribution and its gauge on every exit path,
-        // including a panic or the task being aborted.
-        let _cleanup = Cleanup {
-            shared: self.shared.clone(),
-            id: self.id,
-        };
         let end = self.main(&mut inbound).await;
         for service in self.subs.keys() {
             self.shared.cache.unfollow_service(service, &self.waker);

@@ -164,6 +164,8 @@ pub async fn spawn_with_store(
         shutdown: shutdown_rx.clone(),
         session_queue: config.session_queue,
         next_session: AtomicU64::new(0),
+        sessions: std::sync::atomic::AtomicUsize::new(0),
+        max_sessions: config.max_sessions,
     });
     let mut signal = shutdown_rx.clone();
     let follower = tokio::spawn(cache.clone().follow(store.clone(), async move {

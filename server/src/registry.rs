@@ -230,6 +230,7 @@ impl RegistryService {
         req: proto::GetNextServerRequest,
     ) -> Result<proto::GetNextServerResponse, Error> {
         let service = model::resolve_service(&req.service)?.to_owned();
+        model::validate_key(&req.key)?;
         // Read-your-writes, bounded: wait for the builder to reach the version the cache holds
         // now, but never longer than PICKER_WAIT (then answer from the newest picker).
         if let Some(snap) = self.shared.cache.get(&service) {

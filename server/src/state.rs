@@ -7,7 +7,7 @@
 //! ([`crate::pickers::run_builders`]) are started by [`crate::spawn_with_store`]. The shutdown
 //! flag is a `tokio::sync::watch` channel so that every task can await it in a `select!`.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -37,4 +37,7 @@ pub(crate) struct Shared {
     pub session_queue: usize,
     /// Source of session ids (for nonces and load accounting).
     pub next_session: AtomicU64,
+    /// Sessions open now, and the most allowed.
+    pub sessions: AtomicUsize,
+    pub max_sessions: usize,
 }

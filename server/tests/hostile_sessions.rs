@@ -124,3 +124,116 @@ async fn garbage_after_subscribe_ends_with_an_error_status() {
     drop(tx);
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn sessions_beyond_the_quota_are_refused_until_one_closes() {
+    let server = start_with(dlb_server::ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
+        max_sessions: 2,
+        ..Default::default()
+    })
+    .await;
+    let mut a = Session::open(&server, subscribe(&[("", None)])).await;
+    a.update().await;
+    let mut b = Session::open(&server, subscribe(&[("", None)])).await;
+    b.update().await;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(subscribe(&[("", None)])).await.unwrap();
+    let refused = proto::discovery_client::DiscoveryClient::new(channel(&server).await)
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect_err("a third session was accepted");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("at most 2"), "{refused:?}");
+    drop(a);
+    // The slot comes back when a session ends.
+    let mut again = None;
+    for _ in 0..100 {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(subscribe(&[("", None)])).await.unwrap();
+        let r = proto::discovery_client::DiscoveryClient::new(channel(&server).await)
+            .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await;
+        if let Ok(s) = r {
+            again = Some((tx, s.into_inner()));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_tx, mut stream) = again.expect("the closed session's slot never came back");
+    assert!(stream.message().await.unwrap().is_some());
+    drop(b);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn request_quotas_are_enforced() {
+    let server = start().await;
+    let mut c = registry(&server).await;
+    c.add_server(add("", "a", "10.0.0.1:80", 1)).await.unwrap();
+    // A 4 MiB key is refused (it used to be stored verbatim in the sticky table).
+    let e = c
+        .get_next_server(proto::GetNextServerRequest {
+            service: String::new(),
+            key: vec![b'k'; 4 << 20],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("key"), "{e:?}");
+    assert!(e.message().len() <= 512);
+    // Sticky bounds.
+    for (ttl, max, field) in [
+        (u32::MAX, 0, "sticky_ttl_seconds"),
+        (0, u32::MAX, "sticky_max_entries"),
+    ] {
+        let e = c
+            .set_policy(proto::SetPolicyRequest {
+                policy: Some(proto::Policy {
+                    algorithm: proto::Algorithm::RoundRobin as i32,
+                    sticky_mode: proto::StickyMode::Fallback as i32,
+                    sticky_ttl_seconds: ttl,
+                    sticky_max_entries: max,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains(field), "{e:?}");
+    }
+    // The number of services.
+    for i in 0..dlb::model::MAX_SERVICES {
+        let r = server
+            .store()
+            .apply(
+                format!("s{i}"),
+                vec![dlb_server::store::Mutation::SetPolicy(
+                    dlb::model::default_policy(),
+                )],
+                Some(0),
+            )
+            .await;
+        if let Err(e) = r {
+            // `default` already counts.
+            assert!(
+                matches!(e, dlb_server::Error::ResourceExhausted(_)),
+                "{e:?}"
+            );
+            assert_eq!(i, dlb::model::MAX_SERVICES - 1);
+        }
+    }
+    let e = c
+        .add_server(add("one-too-many", "a", "10.0.0.1:80", 1))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("10000"), "{e:?}");
+    // Existing services still take writes.
+    c.add_server(add("s1", "a", "10.0.0.1:80", 1))
+        .await
+        .unwrap();
+    server.shutdown().await.unwrap();
+}

@@ -149,6 +149,15 @@ impl Engine {
             }
         }
         let plan = plan(service, current.as_ref(), &mutations)?;
+        if current.is_none() && plan.change.is_some() {
+            let services = self.state.lock().services.len();
+            if services >= model::MAX_SERVICES {
+                return Err(Error::ResourceExhausted(format!(
+                    "the store holds {services} services; at most {} are allowed",
+                    model::MAX_SERVICES
+                )));
+            }
+        }
         let Some(mut change) = plan.change else {
             let state = current.unwrap_or(plan.state);
             return Ok(Applied {
