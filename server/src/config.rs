@@ -11,8 +11,8 @@
 //! ```yaml
 //! listen: 127.0.0.1:50051
 //! metrics_listen: 127.0.0.1:9464     # null disables the metrics endpoint
-//! keepalive: { interval_seconds: 30, timeout_seconds: 10 }
-//! history_size: 1024
+//! keepalive: { interval_seconds: 30, timeout_seconds: 10 }   # 1..=3600 and 1..=600
+//! history_size: 1024                 # 1..=1,000,000
 //! per_backend_metrics: false         # opt-in per-backend series
 //! services:
 //!   - name: web
@@ -39,6 +39,13 @@ pub const DEFAULT_LISTEN: SocketAddr =
 /// Default metrics listen address, 127.0.0.1:9464.
 pub const DEFAULT_METRICS_LISTEN: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9464));
+
+/// Allowed `keepalive.interval_seconds` (HTTP/2 ping interval).
+pub const KEEPALIVE_INTERVAL_SECONDS: std::ops::RangeInclusive<u64> = 1..=3600;
+/// Allowed `keepalive.timeout_seconds` (how long a ping may go unanswered).
+pub const KEEPALIVE_TIMEOUT_SECONDS: std::ops::RangeInclusive<u64> = 1..=600;
+/// Allowed `history_size` (changes kept per service for delta catch-up).
+pub const HISTORY_SIZE: std::ops::RangeInclusive<u64> = 1..=1_000_000;
 
 /// One service defined in the configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -118,6 +125,54 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(5),
             per_backend_metrics: false,
         }
+    }
+}
+
+impl ServerConfig {
+    /// Checks the ranges of values set in code (the YAML loader checks the same ranges with
+    /// file positions). [`crate::spawn`] calls it.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        let secs = |field: &str, d: Duration, range: std::ops::RangeInclusive<u64>| {
+            let v = d.as_secs();
+            if d.subsec_nanos() == 0 && range.contains(&v) {
+                Ok(())
+            } else {
+                Err(ValidationError::new(
+                    field,
+                    format!("{d:?}"),
+                    format!(
+                        "must be whole seconds between {} and {}",
+                        range.start(),
+                        range.end()
+                    ),
+                ))
+            }
+        };
+        secs(
+            "keepalive_interval",
+            self.keepalive_interval,
+            KEEPALIVE_INTERVAL_SECONDS,
+        )?;
+        secs(
+            "keepalive_timeout",
+            self.keepalive_timeout,
+            KEEPALIVE_TIMEOUT_SECONDS,
+        )?;
+        if !HISTORY_SIZE.contains(&(self.history_size as u64)) {
+            return Err(ValidationError::new(
+                "history_size",
+                self.history_size,
+                "must be between 1 and 1000000",
+            ));
+        }
+        if self.shutdown_grace > Duration::from_secs(3600) {
+            return Err(ValidationError::new(
+                "shutdown_grace",
+                format!("{:?}", self.shutdown_grace),
+                "must be at most 1 hour",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -300,34 +355,34 @@ impl ServerConfig {
             }
             Some(Some(s)) => cfg.metrics_listen = Some(ctx.addr("metrics_listen", s)?),
         }
+        let ranged = |path: &str, v: u64, range: std::ops::RangeInclusive<u64>| {
+            if range.contains(&v) {
+                Ok(v)
+            } else {
+                let field = path.rsplit('.').next().unwrap_or(path);
+                Err(ctx.invalid(
+                    path.into(),
+                    ValidationError::new(
+                        field,
+                        v,
+                        format!("must be between {} and {}", range.start(), range.end()),
+                    ),
+                ))
+            }
+        };
         if let Some(k) = &raw.keepalive {
             if let Some(i) = k.interval_seconds {
-                if i == 0 {
-                    return Err(ctx.invalid(
-                        "keepalive.interval_seconds".into(),
-                        ValidationError::new("interval_seconds", i, "must be at least 1"),
-                    ));
-                }
+                let i = ranged("keepalive.interval_seconds", i, KEEPALIVE_INTERVAL_SECONDS)?;
                 cfg.keepalive_interval = Duration::from_secs(i);
             }
             if let Some(t) = k.timeout_seconds {
-                if t == 0 {
-                    return Err(ctx.invalid(
-                        "keepalive.timeout_seconds".into(),
-                        ValidationError::new("timeout_seconds", t, "must be at least 1"),
-                    ));
-                }
+                let t = ranged("keepalive.timeout_seconds", t, KEEPALIVE_TIMEOUT_SECONDS)?;
                 cfg.keepalive_timeout = Duration::from_secs(t);
             }
         }
         if let Some(h) = raw.history_size {
-            if h == 0 {
-                return Err(ctx.invalid(
-                    "history_size".into(),
-                    ValidationError::new("history_size", h, "must be at least 1"),
-                ));
-            }
-            cfg.history_size = h;
+            let h = ranged("history_size", h as u64, HISTORY_SIZE)?;
+            cfg.history_size = usize::try_from(h).unwrap_or(usize::MAX);
         }
         cfg.per_backend_metrics = raw.per_backend_metrics.unwrap_or(false);
         cfg.services.clear();

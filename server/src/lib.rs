@@ -88,6 +88,7 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
 /// random epoch, or the embedded store in a data directory) holding the configured services.
 /// Binds both listeners (port 0 picks a free port), starts serving and returns.
 pub async fn spawn(config: ServerConfig) -> Result<RunningServer, Error> {
+    config.validate()?;
     let store: Arc<dyn Store> = match &config.store {
         StoreConfig::Memory => Arc::new(MemoryStore::new(config.store_history)),
         StoreConfig::Embedded(dir) => {
@@ -135,6 +136,7 @@ pub async fn spawn_with_store(
     config: ServerConfig,
     store: Arc<dyn Store>,
 ) -> Result<RunningServer, Error> {
+    config.validate()?;
     apply_config(&config, &*store).await?;
     let grpc_listener = bind(config.listen)?;
     let grpc_addr = grpc_listener.local_addr().map_err(|source| Error::Bind {

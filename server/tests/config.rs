@@ -167,3 +167,40 @@ fn bad_configs_are_rejected_with_field_and_line() {
         }
     }
 }
+
+#[test]
+fn durations_and_sizes_have_stated_ranges() {
+    for (yaml, path) in [
+        (
+            "keepalive: { interval_seconds: 0 }\n",
+            "keepalive.interval_seconds",
+        ),
+        (
+            "keepalive: { interval_seconds: 18446744073709551615 }\n",
+            "keepalive.interval_seconds",
+        ),
+        (
+            "keepalive: { timeout_seconds: 601 }\n",
+            "keepalive.timeout_seconds",
+        ),
+        ("history_size: 0\n", "history_size"),
+        ("history_size: 1000001\n", "history_size"),
+    ] {
+        let e = ServerConfig::from_yaml_str(yaml).unwrap_err().to_string();
+        assert!(e.contains(path), "{yaml:?}: {e}");
+        assert!(e.contains("must be between"), "{yaml:?}: {e}");
+        assert!(e.contains("line 1"), "{yaml:?}: {e}");
+    }
+    let ok = ServerConfig::from_yaml_str(
+        "keepalive: { interval_seconds: 3600, timeout_seconds: 600 }\nhistory_size: 1000000\n",
+    )
+    .unwrap();
+    ok.validate().unwrap();
+    // Values set in code are checked by spawn too.
+    let huge = ServerConfig {
+        keepalive_interval: std::time::Duration::from_secs(u64::MAX / 2),
+        ..Default::default()
+    };
+    let e = huge.validate().unwrap_err().to_string();
+    assert!(e.contains("keepalive_interval"), "{e}");
+}
