@@ -99,8 +99,12 @@ pub struct ServerConfig {
     /// Changes (across all services) the store remembers for watches; a watcher further behind
     /// re-reads a snapshot.
     pub store_history: usize,
-    /// Capacity of each session's outbound message channel.
+    /// Capacity of each session's outbound message channel. Sessions coalesce updates while
+    /// the queue is full, so it needs no depth; it bounds what a client that stops reading pins.
     pub session_queue: usize,
+    /// How long a session whose client does not read may wait for room in its queue before it
+    /// is closed (1 s ..= 1 h).
+    pub stall_deadline: Duration,
     /// Most Discovery sessions served at once (`RESOURCE_EXHAUSTED` beyond).
     pub max_sessions: usize,
     /// How long a graceful shutdown waits for connections to close before aborting them.
@@ -120,7 +124,8 @@ impl Default for ServerConfig {
             store: StoreConfig::Memory,
             history_size: crate::cache::DEFAULT_HISTORY,
             store_history: crate::store::memory::DEFAULT_HISTORY,
-            session_queue: 128,
+            session_queue: 8,
+            stall_deadline: Duration::from_secs(30),
             max_sessions: 100_000,
             shutdown_grace: Duration::from_secs(5),
             per_backend_metrics: false,
@@ -163,6 +168,20 @@ impl ServerConfig {
                 "history_size",
                 self.history_size,
                 "must be between 1 and 1000000",
+            ));
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&self.stall_deadline) {
+            return Err(ValidationError::new(
+                "stall_deadline",
+                format!("{:?}", self.stall_deadline),
+                "must be between 1 s and 1 hour",
+            ));
+        }
+        if !(1..=1024).contains(&self.session_queue) {
+            return Err(ValidationError::new(
+                "session_queue",
+                self.session_queue,
+                "must be between 1 and 1024",
             ));
         }
         if self.shutdown_grace > Duration::from_secs(3600) {

@@ -214,12 +214,36 @@ impl Session {
 
     /// Hands a message to the stream; `Err(End::Gone)` when the client is gone, `Err(End::Done)`
     /// when a shutdown started while the queue was full.
+    ///
+    /// A client that stops reading fills the bounded queue: the session then counts as lagging
+    /// (`dlb_sessions_lagging`) and waits at most the stall deadline for room, after which it is
+    /// cut (`dlb_sessions_stalled_total`). What it can pin meanwhile is bounded by the queue
+    /// (`session_queue` messages, shared encodings included) plus the HTTP/2 stream's buffers.
     async fn send(&mut self, msg: Outbound) -> Result<(), End> {
+        let msg = match self.tx.try_send(Ok(msg)) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(End::Gone),
+            Err(mpsc::error::TrySendError::Full(msg)) => msg,
+        };
+        let metrics = self.shared.metrics.clone();
+        metrics.lagging(1);
         let mut shutdown = self.shared.shutdown.clone();
-        tokio::select! {
-            r = self.tx.send(Ok(msg)) => r.map_err(|_| End::Gone),
+        let deadline = self.shared.stall_deadline;
+        let r = tokio::select! {
+            r = tokio::time::timeout(deadline, self.tx.send(msg)) => match r {
+                Ok(r) => r.map_err(|_| End::Gone),
+                Err(_) => {
+                    metrics.stalled();
+                    tracing::warn!(session = self.id, deadline = ?deadline, "session stalled: not read within the deadline; closing it");
+                    Err(End::Status(Status::resource_exhausted(format!(
+                        "session closed: it did not read for {deadline:?}"
+                    ))))
+                }
+            },
             _ = crate::state::stopped(&mut shutdown) => Err(End::Done),
-        }
+        };
+        metrics.lagging(-1);
+        r
     }
 
     async fn going_away(&mut self) {

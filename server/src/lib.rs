@@ -165,6 +165,7 @@ pub async fn spawn_with_store(
         metrics: metrics.clone(),
         shutdown: shutdown_rx.clone(),
         session_queue: config.session_queue,
+        stall_deadline: config.stall_deadline,
         next_session: AtomicU64::new(0),
         sessions: std::sync::atomic::AtomicUsize::new(0),
         max_sessions: config.max_sessions,

@@ -13,7 +13,8 @@
 //! | `dlb_push_latency_seconds` | histogram | |
 //! | `dlb_service_version` | gauge | `service` |
 //! | `dlb_in_flight` | gauge | `service` (sum of in-flight calls reported by SDKs) |
-//! | `dlb_session_resyncs_total` | counter | | (a session fell behind the change feed) |
+//! | `dlb_sessions_lagging` | gauge | | (sessions whose outbound queue is full: not reading) |
+//! | `dlb_sessions_stalled_total` | counter | | (sessions cut for not reading past the deadline) |
 //! | `dlb_backend_in_flight` | gauge | `service`, `server_id` — only with per-backend metrics on |
 //!
 //! Per-backend series are opt-in ([`Metrics::with_per_backend`]): their exported ids per service
@@ -53,7 +54,8 @@ pub struct Metrics {
     push_latency: Histogram,
     versions: Family<Labels, Gauge>,
     in_flight: Family<Labels, Gauge>,
-    resyncs: Counter,
+    lagging: Gauge,
+    stalled: Counter,
     /// Per-backend in-flight gauges, when enabled, and the ids exported per service.
     per_backend: Option<PerBackend>,
 }
@@ -80,11 +82,17 @@ impl Metrics {
         let push_latency = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
         let versions = Family::<Labels, Gauge>::default();
         let in_flight = Family::<Labels, Gauge>::default();
-        let resyncs = Counter::default();
+        let lagging = Gauge::default();
         registry.register(
-            "dlb_session_resyncs",
-            "Times a slow session fell more than the change feed's capacity behind and was resynchronised",
-            resyncs.clone(),
+            "dlb_sessions_lagging",
+            "Sessions whose outbound queue is full (the client is not reading)",
+            lagging.clone(),
+        );
+        let stalled = Counter::default();
+        registry.register(
+            "dlb_sessions_stalled",
+            "Sessions cut because they did not read for longer than the stall deadline",
+            stalled.clone(),
         );
         registry.register(
             "dlb_sessions_connected",
@@ -126,7 +134,8 @@ impl Metrics {
             (family, Mutex::new(HashMap::new()))
         });
         Self {
-            resyncs,
+            lagging,
+            stalled,
             per_backend,
             registry,
             sessions,
@@ -153,9 +162,14 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts one session resynchronisation after it lagged behind the change feed.
-    pub fn resync(&self) {
-        self.resyncs.inc();
+    /// A session's outbound queue became full (`+1`) or drained again (`-1`).
+    pub fn lagging(&self, delta: i64) {
+        self.lagging.inc_by(delta);
+    }
+
+    /// Counts one session cut for stalling.
+    pub fn stalled(&self) {
+        self.stalled.inc();
     }
 
     /// Records one push latency.

@@ -99,7 +99,8 @@ async fn metrics_endpoint_exposes_the_expected_series() {
         "dlb_push_latency_seconds",
         "dlb_service_version",
         "dlb_in_flight",
-        "dlb_session_resyncs_total",
+        "dlb_sessions_lagging",
+        "dlb_sessions_stalled_total",
     ] {
         assert!(body.contains(name), "missing {name} in:\n{body}");
     }
@@ -283,5 +284,70 @@ async fn hostile_load_reports_are_clamped_and_removed_on_every_exit() {
         .await
         .unwrap();
     drop(s1);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_is_shown_then_cut() {
+    let server = start_with(ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        session_queue: 2,
+        stall_deadline: std::time::Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await;
+    let maddr = server.metrics_addr().unwrap();
+    let mut c = registry(&server).await;
+    // A session that reads its first update, then never again.
+    let mut s = Session::open(&server, subscribe(&[("", None)])).await;
+    s.update().await;
+    // Writes go through while it does not read; ~7.5 KiB records fill the HTTP/2 windows.
+    let mut lagging_seen = false;
+    for i in 0..600 {
+        c.add_server(proto::AddServerRequest {
+            metadata: (0..30)
+                .map(|k| (format!("k{k}"), "v".repeat(250)))
+                .collect(),
+            ..add("", &format!("s{i}"), "10.0.0.1:80", 1)
+        })
+        .await
+        .unwrap();
+        if i % 100 == 99 {
+            let m = scrape(maddr).await;
+            lagging_seen |= value(&m, "dlb_sessions_lagging ") == Some(1.0);
+        }
+    }
+    for _ in 0..50 {
+        if lagging_seen {
+            break;
+        }
+        let m = scrape(maddr).await;
+        lagging_seen |= value(&m, "dlb_sessions_lagging ") == Some(1.0);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        lagging_seen,
+        "the stalled session was never shown as lagging"
+    );
+    // Past the deadline it is cut.
+    let mut cut = false;
+    for _ in 0..200 {
+        let m = scrape(maddr).await;
+        if value(&m, "dlb_sessions_stalled_total ") == Some(1.0)
+            && value(&m, "dlb_sessions_connected ") == Some(0.0)
+            && value(&m, "dlb_sessions_lagging ") == Some(0.0)
+        {
+            cut = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        cut,
+        "the stalled session was not cut: {}",
+        scrape(maddr).await
+    );
+    drop(s);
     server.shutdown().await.unwrap();
 }
