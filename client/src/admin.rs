@@ -16,9 +16,56 @@ use std::time::Duration;
 use dlb::model;
 use dlb::proto;
 use dlb::proto::registry_client::RegistryClient;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{Error, Result};
+
+/// Adds `authorization: Bearer <token>` to every call when a token is set (see
+/// [`AdminClient::with_token`]); the token is never logged or printed by `Debug`.
+#[derive(Clone, Default)]
+pub struct TokenInterceptor(Option<MetadataValue<Ascii>>);
+
+impl std::fmt::Debug for TokenInterceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "TokenInterceptor(<token>)"
+        } else {
+            "TokenInterceptor(none)"
+        })
+    }
+}
+
+impl TokenInterceptor {
+    /// An interceptor sending `token` as a bearer token (`None`: sends nothing).
+    pub fn new(token: Option<&str>) -> Result<Self> {
+        let Some(token) = token else {
+            return Ok(Self(None));
+        };
+        if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Error::InvalidArgument(
+                "invalid token: it must be visible ASCII characters".into(),
+            ));
+        }
+        let value = format!("Bearer {token}")
+            .parse::<MetadataValue<Ascii>>()
+            .map_err(|_| Error::InvalidArgument("invalid token".into()))?;
+        Ok(Self(Some(value)))
+    }
+}
+
+impl tonic::service::Interceptor for TokenInterceptor {
+    fn call(
+        &mut self,
+        mut req: tonic::Request<()>,
+    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
 
 /// Transport settings shared by the session and the admin calls.
 #[derive(Debug, Clone)]
@@ -194,6 +241,8 @@ pub struct AdminClient {
     current: Arc<AtomicUsize>,
     /// Deadline of each call.
     request_timeout: Duration,
+    /// Bearer token sent with every call.
+    token: TokenInterceptor,
 }
 
 impl AdminClient {
@@ -231,7 +280,15 @@ impl AdminClient {
             channels: channels.into(),
             current: Arc::new(AtomicUsize::new(0)),
             request_timeout,
+            token: TokenInterceptor::default(),
         })
+    }
+
+    /// Sends `token` as `authorization: Bearer <token>` with every call (`dlbd
+    /// --admin-token-file` / `--read-token-file`).
+    pub fn with_token(mut self, token: &str) -> Result<Self> {
+        self.token = TokenInterceptor::new(Some(token))?;
+        Ok(self)
     }
 
     /// The endpoints, in the order given.
@@ -241,7 +298,7 @@ impl AdminClient {
 
     async fn call<T, F, Fut>(&self, f: F) -> Result<T>
     where
-        F: Fn(RegistryClient<Channel>) -> Fut,
+        F: Fn(RegistryClient<InterceptedService<Channel, TokenInterceptor>>) -> Fut,
         Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
     {
         let n = self.channels.len();
@@ -250,9 +307,10 @@ impl AdminClient {
         for i in 0..n {
             let idx = (start + i) % n;
             // The same explicit limit as dlbd's: a ListServers of the largest service fits.
-            let client = RegistryClient::new(self.channels[idx].1.clone())
-                .max_decoding_message_size(model::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(model::MAX_MESSAGE_BYTES);
+            let client =
+                RegistryClient::with_interceptor(self.channels[idx].1.clone(), self.token.clone())
+                    .max_decoding_message_size(model::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(model::MAX_MESSAGE_BYTES);
             let result = match tokio::time::timeout(self.request_timeout, f(client)).await {
                 Ok(r) => r,
                 Err(_) => Err(tonic::Status::deadline_exceeded(format!(

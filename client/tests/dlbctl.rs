@@ -524,3 +524,55 @@ async fn malformed_requests_fail_cleanly_and_change_nothing() {
     assert!(out.stderr.starts_with("error: "), "{}", out.stderr);
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn token_from_flag_or_environment() {
+    const TOKEN: &str = "dlbctl-admin-token-0001";
+    let mut cfg = config(vec![]);
+    cfg.auth.admin_tokens = vec![TOKEN.into()];
+    let server = dlb_server::spawn(cfg).await.unwrap();
+    let ep = endpoint(&server);
+    let out = dlbctl(&ep, &["add-server", "a", "127.0.0.1:8081"]).await;
+    assert_ne!(out.code, 0);
+    assert!(out.stderr.contains("bearer token"), "{}", out.stderr);
+    let out = dlbctl(
+        &ep,
+        &[
+            "--token",
+            "not-the-token-0001",
+            "add-server",
+            "a",
+            "127.0.0.1:8081",
+        ],
+    )
+    .await;
+    assert_ne!(out.code, 0);
+    assert!(!out.stderr.contains("not-the-token"), "{}", out.stderr);
+    ok(
+        &ep,
+        &["--token", TOKEN, "add-server", "a", "127.0.0.1:8081"],
+    )
+    .await;
+    let with_env = within(
+        "dlbctl with DLB_TOKEN",
+        Command::new(env!("CARGO_BIN_EXE_dlbctl"))
+            .args(["--endpoint", &ep, "add-server", "b", "127.0.0.1:8082"])
+            .env("DLB_TOKEN", TOKEN)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        with_env.status.success(),
+        "{}",
+        String::from_utf8_lossy(&with_env.stderr)
+    );
+    // Reads stay open without read tokens; `--help` never shows the token's value.
+    let out = ok(&ep, &["list"]).await;
+    assert!(
+        out.contains("a 127.0.0.1:8081") && out.contains("b 127.0.0.1:8082"),
+        "{out}"
+    );
+    server.shutdown().await.unwrap();
+}

@@ -111,6 +111,8 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Also export per-backend metric series (off by default: cardinality grows with backends).
     pub per_backend_metrics: bool,
+    /// Who may write and read (bearer tokens); empty: everything is open.
+    pub auth: crate::auth::AuthConfig,
 }
 
 impl Default for ServerConfig {
@@ -129,6 +131,7 @@ impl Default for ServerConfig {
             max_sessions: 100_000,
             shutdown_grace: Duration::from_secs(5),
             per_backend_metrics: false,
+            auth: crate::auth::AuthConfig::default(),
         }
     }
 }

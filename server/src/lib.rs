@@ -13,6 +13,7 @@
 //!   snapshots, bounded delta history and per-service watchers;
 //! * [`registry`] — the Registry RPCs; [`discovery`] — the DLB sessions, a thin front-end over
 //!   the cache;
+//! * [`auth`] — bearer tokens: who may write and who may read;
 //! * [`pickers`] — the server-side pickers `GetNextServer` answers from, one builder task per
 //!   service;
 //! * [`loads`] — in-flight sums from SDK load reports; [`metrics`] — Prometheus metrics;
@@ -32,6 +33,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod auth;
 pub mod cache;
 pub mod config;
 pub mod discovery;
@@ -195,6 +197,7 @@ pub async fn spawn_with_store(
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
+        .layer(auth::AuthLayer::new(config.auth.clone()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)

@@ -43,6 +43,9 @@ struct Cli {
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// Bearer token for a dlbd that requires one (`--admin-token-file` / `--read-token-file`).
+    #[arg(long, global = true, env = "DLB_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -284,7 +287,10 @@ fn parse_meta(entries: &[String]) -> Result<HashMap<String, String>, Error> {
 
 async fn run(cli: Cli) -> Result<(), Error> {
     let service = model::resolve_service(&cli.service)?.to_owned();
-    let admin = AdminClient::new([cli.endpoint.clone()])?;
+    let mut admin = AdminClient::new([cli.endpoint.clone()])?;
+    if let Some(t) = &cli.token {
+        admin = admin.with_token(t)?;
+    }
     let j = cli.json;
     match cli.command {
         Command::AddServer {
@@ -483,23 +489,37 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 println!("{} ({})", policy_text(&p), version_text(r.version));
             }
         }
-        Command::Watch { count } => watch(&cli.endpoint, &service, j, count).await?,
+        Command::Watch { count } => {
+            watch(&cli.endpoint, cli.token.as_deref(), &service, j, count).await?
+        }
     }
     Ok(())
 }
 
 /// Opens a Discovery session on `service` and prints every update (acking each), until `count`
 /// updates have been printed or the stream ends.
-async fn watch(endpoint: &str, service: &str, j: bool, count: Option<u64>) -> Result<(), Error> {
+async fn watch(
+    endpoint: &str,
+    token: Option<&str>,
+    service: &str,
+    j: bool,
+    count: Option<u64>,
+) -> Result<(), Error> {
     use tokio_stream::wrappers::ReceiverStream;
     let uri = if endpoint.contains("://") {
         endpoint.to_owned()
     } else {
         format!("http://{endpoint}")
     };
-    let mut client = proto::discovery_client::DiscoveryClient::connect(uri)
+    let interceptor = dlb_client::admin::TokenInterceptor::new(token)?;
+    let channel = tonic::transport::Endpoint::from_shared(uri)
+        .map_err(|e| Error::Unavailable(format!("invalid endpoint {endpoint}: {e}")))?
+        .connect()
         .await
         .map_err(|e| Error::Unavailable(format!("cannot connect to {endpoint}: {e}")))?;
+    let mut client =
+        proto::discovery_client::DiscoveryClient::with_interceptor(channel, interceptor)
+            .max_decoding_message_size(model::MAX_MESSAGE_BYTES);
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let subscribe = proto::ClientMessage {
         kind: Some(ClientKind::Subscribe(proto::Subscribe {

@@ -4,7 +4,9 @@
 //! empty `default` service, on the embedded durable store in `./dlbd-data` (created if missing;
 //! a restart serves the same epoch, versions and backends). `--data-dir DIR` moves it; `--store
 //! memory` keeps nothing across restarts. `--config FILE` loads a YAML configuration; `--listen`,
-//! `--metrics-listen` and `--no-metrics` override it. Logs go to stderr (`RUST_LOG`, default
+//! `--metrics-listen` and `--no-metrics` override it. `--admin-token-file` makes every Registry
+//! write need a bearer token from that file; `--read-token-file` does the same for reads and
+//! SDK sessions (see `dlb_server::auth`). Logs go to stderr (`RUST_LOG`, default
 //! `info`); once both listeners are bound it logs
 //! `dlbd listening grpc=ADDR metrics=ADDR|off`. SIGINT or SIGTERM start a graceful shutdown.
 
@@ -35,6 +37,12 @@ struct Args {
     /// Where routing state lives: `embedded` (durable, in --data-dir) or `memory` (lost on exit).
     #[arg(long, value_enum, default_value = "embedded", env = "DLBD_STORE")]
     store: StoreKind,
+    /// File of admin bearer tokens (one per line): every Registry write then needs one.
+    #[arg(long, value_name = "FILE", env = "DLBD_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// File of read tokens: Registry reads and SDK sessions then need one (or an admin token).
+    #[arg(long, value_name = "FILE", env = "DLBD_READ_TOKEN_FILE")]
+    read_token_file: Option<PathBuf>,
     /// Data directory of the embedded store.
     #[arg(
         long,
@@ -113,6 +121,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if args.no_metrics {
         config.metrics_listen = None;
+    }
+    if let Some(f) = &args.admin_token_file {
+        config.auth.admin_tokens =
+            dlb_server::auth::read_token_file(f).map_err(anyhow::Error::msg)?;
+    }
+    if let Some(f) = &args.read_token_file {
+        config.auth.read_tokens =
+            dlb_server::auth::read_token_file(f).map_err(anyhow::Error::msg)?;
     }
     config.store = match args.store {
         StoreKind::Embedded => StoreConfig::Embedded(args.data_dir.clone()),
