@@ -78,6 +78,32 @@ pub struct ChannelOptions {
     pub keepalive_timeout: Duration,
     /// Deadline of each unary admin call.
     pub request_timeout: Duration,
+    /// TLS towards the control plane; `None`: plaintext unless the endpoint says `https://`
+    /// (then the system has no roots here: set `tls`).
+    pub tls: Option<ClientTls>,
+}
+
+/// TLS settings of a client (rustls through tonic).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ClientTls {
+    /// CA certificates (PEM) that the control plane's certificate must chain to.
+    pub ca_pem: Vec<u8>,
+    /// This client's certificate chain and key (PEM), for a control plane that requires mutual
+    /// TLS.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name to verify the server's certificate against (default: the endpoint's host).
+    pub domain: Option<String>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        f.debug_struct("ClientTls")
+            .field("ca_pem", &format_args!("{} bytes", self.ca_pem.len()))
+            .field("identity", &self.identity.is_some())
+            .field("domain", &self.domain)
+            .finish()
+    }
 }
 
 impl Default for ChannelOptions {
@@ -87,21 +113,39 @@ impl Default for ChannelOptions {
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
 
-/// Normalizes an endpoint (`host:port` gets `http://`) and builds a tonic endpoint from it.
-pub(crate) fn make_endpoint(raw: &str, opts: &ChannelOptions) -> Result<Endpoint> {
+/// Normalizes an endpoint (`host:port` gets `http://`, or `https://` with TLS options) and
+/// builds a tonic endpoint from it with the transport options.
+pub fn make_endpoint(raw: &str, opts: &ChannelOptions) -> Result<Endpoint> {
     let uri = if raw.contains("://") {
         raw.to_owned()
+    } else if opts.tls.is_some() {
+        format!("https://{raw}")
     } else {
         format!("http://{raw}")
     };
-    let endpoint = Endpoint::from_shared(uri).map_err(|e| Error::InvalidEndpoint {
+    let invalid = |reason: String| Error::InvalidEndpoint {
         endpoint: raw.to_owned(),
-        reason: e.to_string(),
-    })?;
+        reason,
+    };
+    let mut endpoint = Endpoint::from_shared(uri).map_err(|e| invalid(e.to_string()))?;
+    if let Some(tls) = &opts.tls {
+        let mut cfg = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&tls.ca_pem));
+        if let Some((cert, key)) = &tls.identity {
+            cfg = cfg.identity(tonic::transport::Identity::from_pem(cert, key));
+        }
+        if let Some(d) = &tls.domain {
+            cfg = cfg.domain_name(d.clone());
+        }
+        endpoint = endpoint
+            .tls_config(cfg)
+            .map_err(|e| invalid(format!("TLS: {e}")))?;
+    }
     Ok(endpoint
         .connect_timeout(opts.connect_timeout)
         .http2_keep_alive_interval(opts.keepalive_interval)

@@ -113,6 +113,29 @@ pub struct ServerConfig {
     pub per_backend_metrics: bool,
     /// Who may write and read (bearer tokens); empty: everything is open.
     pub auth: crate::auth::AuthConfig,
+    /// TLS on the gRPC port; `None`: plaintext.
+    pub tls: Option<TlsConfig>,
+}
+
+/// TLS for the gRPC port (rustls through tonic), with optional client-certificate verification.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// The server's certificate chain, PEM.
+    pub cert_pem: Vec<u8>,
+    /// The server's private key, PEM.
+    pub key_pem: Vec<u8>,
+    /// When set, clients must present a certificate signed by one of these CAs (mTLS), PEM.
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        f.debug_struct("TlsConfig")
+            .field("cert_pem", &format_args!("{} bytes", self.cert_pem.len()))
+            .field("client_ca", &self.client_ca_pem.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for ServerConfig {
@@ -132,6 +155,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(5),
             per_backend_metrics: false,
             auth: crate::auth::AuthConfig::default(),
+            tls: None,
         }
     }
 }

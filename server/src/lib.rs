@@ -57,7 +57,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
-pub use config::{ConfigError, ServerConfig, ServiceConfig, StoreConfig};
+pub use config::{ConfigError, ServerConfig, ServiceConfig, StoreConfig, TlsConfig};
 pub use error::Error;
 
 use crate::cache::Cache;
@@ -194,7 +194,17 @@ pub async fn spawn_with_store(
     let reflection = reflection_builder().build_v1()?;
     let reflection_v1alpha = reflection_builder().build_v1alpha()?;
 
-    let router = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        let mut server_tls = tonic::transport::ServerTlsConfig::new().identity(
+            tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem),
+        );
+        if let Some(ca) = &tls.client_ca_pem {
+            server_tls = server_tls.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
+        builder = builder.tls_config(server_tls)?;
+    }
+    let router = builder
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .layer(auth::AuthLayer::new(config.auth.clone()))

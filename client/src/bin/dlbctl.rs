@@ -43,6 +43,27 @@ struct Cli {
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// CA certificate (PEM) to verify a TLS dlbd; turns TLS on.
+    #[arg(long, global = true, value_name = "FILE", env = "DLB_CA")]
+    ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for a dlbd that requires mutual TLS; needs --key and --ca.
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        requires = "key",
+        env = "DLB_CERT"
+    )]
+    cert: Option<std::path::PathBuf>,
+    /// The private key of --cert (PEM).
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        requires = "cert",
+        env = "DLB_KEY"
+    )]
+    key: Option<std::path::PathBuf>,
     /// Bearer token for a dlbd that requires one (`--admin-token-file` / `--read-token-file`).
     #[arg(long, global = true, env = "DLB_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -287,7 +308,8 @@ fn parse_meta(entries: &[String]) -> Result<HashMap<String, String>, Error> {
 
 async fn run(cli: Cli) -> Result<(), Error> {
     let service = model::resolve_service(&cli.service)?.to_owned();
-    let mut admin = AdminClient::new([cli.endpoint.clone()])?;
+    let opts = channel_options(&cli)?;
+    let mut admin = AdminClient::with_options([cli.endpoint.clone()], &opts)?;
     if let Some(t) = &cli.token {
         admin = admin.with_token(t)?;
     }
@@ -490,7 +512,15 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
         }
         Command::Watch { count } => {
-            watch(&cli.endpoint, cli.token.as_deref(), &service, j, count).await?
+            watch(
+                &cli.endpoint,
+                &opts,
+                cli.token.as_deref(),
+                &service,
+                j,
+                count,
+            )
+            .await?
         }
     }
     Ok(())
@@ -498,22 +528,40 @@ async fn run(cli: Cli) -> Result<(), Error> {
 
 /// Opens a Discovery session on `service` and prints every update (acking each), until `count`
 /// updates have been printed or the stream ends.
+/// Transport options from the command line (TLS files read here; errors name the file).
+fn channel_options(cli: &Cli) -> Result<dlb_client::ChannelOptions, Error> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| Error::InvalidArgument(format!("{}: {e}", p.display())))
+    };
+    let mut opts = dlb_client::ChannelOptions::default();
+    if cli.cert.is_some() && cli.ca.is_none() {
+        return Err(Error::InvalidArgument("--cert needs --ca".into()));
+    }
+    if let Some(ca) = &cli.ca {
+        let identity = match (&cli.cert, &cli.key) {
+            (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+            _ => None,
+        };
+        opts.tls = Some(dlb_client::admin::ClientTls {
+            ca_pem: read(ca)?,
+            identity,
+            domain: None,
+        });
+    }
+    Ok(opts)
+}
+
 async fn watch(
     endpoint: &str,
+    opts: &dlb_client::ChannelOptions,
     token: Option<&str>,
     service: &str,
     j: bool,
     count: Option<u64>,
 ) -> Result<(), Error> {
     use tokio_stream::wrappers::ReceiverStream;
-    let uri = if endpoint.contains("://") {
-        endpoint.to_owned()
-    } else {
-        format!("http://{endpoint}")
-    };
     let interceptor = dlb_client::admin::TokenInterceptor::new(token)?;
-    let channel = tonic::transport::Endpoint::from_shared(uri)
-        .map_err(|e| Error::Unavailable(format!("invalid endpoint {endpoint}: {e}")))?
+    let channel = dlb_client::admin::make_endpoint(endpoint, opts)?
         .connect()
         .await
         .map_err(|e| Error::Unavailable(format!("cannot connect to {endpoint}: {e}")))?;

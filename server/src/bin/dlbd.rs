@@ -6,7 +6,9 @@
 //! memory` keeps nothing across restarts. `--config FILE` loads a YAML configuration; `--listen`,
 //! `--metrics-listen` and `--no-metrics` override it. `--admin-token-file` makes every Registry
 //! write need a bearer token from that file; `--read-token-file` does the same for reads and
-//! SDK sessions (see `dlb_server::auth`). Logs go to stderr (`RUST_LOG`, default
+//! SDK sessions (see `dlb_server::auth`). `--tls-cert` / `--tls-key` serve gRPC over TLS;
+//! `--tls-client-ca` also requires client certificates (mTLS). The metrics port binds loopback
+//! unless told otherwise. Logs go to stderr (`RUST_LOG`, default
 //! `info`); once both listeners are bound it logs
 //! `dlbd listening grpc=ADDR metrics=ADDR|off`. SIGINT or SIGTERM start a graceful shutdown.
 
@@ -43,6 +45,15 @@ struct Args {
     /// File of read tokens: Registry reads and SDK sessions then need one (or an admin token).
     #[arg(long, value_name = "FILE", env = "DLBD_READ_TOKEN_FILE")]
     read_token_file: Option<PathBuf>,
+    /// Serve gRPC over TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mutual TLS.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// Data directory of the embedded store.
     #[arg(
         long,
@@ -129,6 +140,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(f) = &args.read_token_file {
         config.auth.read_tokens =
             dlb_server::auth::read_token_file(f).map_err(anyhow::Error::msg)?;
+    }
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let read =
+            |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        config.tls = Some(dlb_server::TlsConfig {
+            cert_pem: read(cert)?,
+            key_pem: read(key)?,
+            client_ca_pem: args.tls_client_ca.as_ref().map(read).transpose()?,
+        });
     }
     config.store = match args.store {
         StoreKind::Embedded => StoreConfig::Embedded(args.data_dir.clone()),
