@@ -13,6 +13,17 @@ use dlb::model::ValidationError;
 
 use crate::config::ConfigError;
 
+/// A client-supplied name as it appears in an error: quoted, escaped, at most
+/// `dlb::model::MAX_QUOTED` bytes, with its length when cut.
+fn quoted(s: &str) -> String {
+    let p = dlb::model::prefix(s, dlb::model::MAX_QUOTED);
+    if p.len() < s.len() {
+        format!("{p:?}… ({} bytes)", s.len())
+    } else {
+        format!("{s:?}")
+    }
+}
+
 /// Errors of the control plane.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -20,13 +31,17 @@ pub enum Error {
     #[error("{0}")]
     Invalid(#[from] ValidationError),
     /// The service does not exist.
-    #[error("service {0:?} not found")]
+    #[error("service {} not found", quoted(.0))]
     ServiceNotFound(String),
     /// The service already exists (creating it twice).
-    #[error("service {0:?} already exists")]
+    #[error("service {} already exists", quoted(.0))]
     ServiceExists(String),
     /// The backend does not exist in the service.
-    #[error("server_id {server_id:?} not found in service {service:?}")]
+    #[error(
+        "server_id {} not found in service {}",
+        quoted(server_id),
+        quoted(service)
+    )]
     ServerNotFound {
         /// The service.
         service: String,
@@ -34,7 +49,11 @@ pub enum Error {
         server_id: String,
     },
     /// The backend id is taken in the service.
-    #[error("server_id {server_id:?} already exists in service {service:?}")]
+    #[error(
+        "server_id {} already exists in service {}",
+        quoted(server_id),
+        quoted(service)
+    )]
     AlreadyExists {
         /// The service.
         service: String,
@@ -42,7 +61,7 @@ pub enum Error {
         server_id: String,
     },
     /// No backend could be picked.
-    #[error("service {service:?}: {source}")]
+    #[error("service {}: {source}", quoted(service))]
     Unavailable {
         /// The service.
         service: String,
@@ -50,7 +69,7 @@ pub enum Error {
         source: PickError,
     },
     /// The picker could not be built from stored state (a bug: stored state is validated).
-    #[error("service {service:?}: cannot build picker: {source}")]
+    #[error("service {}: cannot build picker: {source}", quoted(service))]
     Picker {
         /// The service.
         service: String,
@@ -75,7 +94,10 @@ pub enum Error {
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// A compare-and-set write found another version than it expected.
-    #[error("service {service:?} is at version {current}, not the expected {expected}; re-read and retry")]
+    #[error(
+        "service {} is at version {current}, not the expected {expected}; re-read and retry",
+        quoted(service)
+    )]
     VersionMismatch {
         /// The service.
         service: String,
