@@ -561,8 +561,82 @@ async fn malformed_requests_are_rejected_and_change_nothing() {
             Code::NotFound,
             "nosvc",
         ),
+        // Hostile sizes: the message quotes a short prefix and stays small.
+        (
+            "9 KB server id",
+            Bad::Add(add("", &"i".repeat(9_000), "10.0.0.9:80", 1)),
+            inv,
+            "server_id",
+        ),
+        (
+            "9 KB address",
+            Bad::Add(add("", "big", &format!("{}:80", "h".repeat(9_000)), 1)),
+            inv,
+            "address",
+        ),
+        (
+            "9 KB metadata key",
+            Bad::Add(proto::AddServerRequest {
+                metadata: [("k".repeat(9_000), "v".to_string())].into_iter().collect(),
+                ..add("", "big", "10.0.0.9:80", 1)
+            }),
+            inv,
+            "metadata",
+        ),
+        (
+            "remove a 9 KB id",
+            Bad::Remove(proto::RemoveServerRequest {
+                server_id: "r".repeat(9_000),
+                ..Default::default()
+            }),
+            inv,
+            "server_id",
+        ),
+        (
+            "4 MiB pick key",
+            Bad::Next(proto::GetNextServerRequest {
+                service: String::new(),
+                key: vec![7; 4 << 20],
+            }),
+            inv,
+            "key",
+        ),
+        (
+            "sticky TTL over 7 days",
+            Bad::Policy(proto::SetPolicyRequest {
+                policy: Some(proto::Policy {
+                    algorithm: proto::Algorithm::RoundRobin as i32,
+                    sticky_mode: proto::StickyMode::Strict as i32,
+                    sticky_ttl_seconds: 604_801,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            inv,
+            "sticky_ttl_seconds",
+        ),
+        (
+            "stale expected_version",
+            Bad::Update(proto::UpdateServerRequest {
+                server_id: "a".into(),
+                weight: Some(9),
+                expected_version: Some(1),
+                ..Default::default()
+            }),
+            Code::FailedPrecondition,
+            "expected",
+        ),
+        (
+            "expected_version 0 on an existing service",
+            Bad::Add(proto::AddServerRequest {
+                expected_version: Some(0),
+                ..add("", "new", "10.0.0.9:80", 1)
+            }),
+            Code::FailedPrecondition,
+            "expected",
+        ),
     ];
-    assert!(cases.len() >= 20);
+    assert!(cases.len() >= 40, "{} cases", cases.len());
     for (name, call, code, field) in cases {
         let status = match call {
             Bad::Add(r) => c.add_server(r).await.map(|_| ()),
@@ -576,6 +650,11 @@ async fn malformed_requests_are_rejected_and_change_nothing() {
         }
         .expect_err(name);
         assert_eq!(status.code(), code, "{name}: {status:?}");
+        assert!(
+            status.message().len() <= 512,
+            "{name}: a {}-byte message",
+            status.message().len()
+        );
         assert!(
             status.message().contains(field),
             "{name}: message {:?} does not name {field:?}",
