@@ -359,6 +359,8 @@ async fn malformed_requests_fail_cleanly_and_change_nothing() {
     let before = ok(&ep, &["list", "--json"]).await;
     let services_before = ok(&ep, &["services", "--json"]).await;
     let long = "a".repeat(129);
+    let huge = "h".repeat(9_000);
+    let huge_address = format!("{}:80", "h".repeat(9_000));
 
     // (args, exit code, text stderr must contain)
     let cases: Vec<(Vec<&str>, i32, &str)> = vec![
@@ -488,8 +490,41 @@ async fn malformed_requests_fail_cleanly_and_change_nothing() {
             "bounded_load",
         ),
         (vec!["frobnicate"], 2, "frobnicate"),
+        // Hostile sizes: the message quotes a short prefix and stays small.
+        (vec!["add-server", &huge, "127.0.0.1:1"], 2, "server_id"),
+        (vec!["add-server", "x", &huge_address], 2, "address"),
+        (vec!["next", "--key", &huge], 2, "key"),
+        (
+            vec![
+                "policy",
+                "set",
+                "--sticky",
+                "strict",
+                "--sticky-ttl",
+                "604801",
+            ],
+            2,
+            "sticky_ttl_seconds",
+        ),
+        (
+            vec![
+                "update-server",
+                "existing",
+                "--weight",
+                "2",
+                "--expected-version",
+                "1",
+            ],
+            5,
+            "expected",
+        ),
+        (
+            vec!["--tls-ca", "/nonexistent/ca.pem", "list"],
+            2,
+            "/nonexistent/ca.pem",
+        ),
     ];
-    assert!(cases.len() >= 20);
+    assert!(cases.len() >= 40, "{} cases", cases.len());
     for (args, code, needle) in &cases {
         let out = dlbctl(&ep, args).await;
         assert_eq!(
@@ -501,6 +536,14 @@ async fn malformed_requests_fail_cleanly_and_change_nothing() {
             out.stderr.contains(needle),
             "dlbctl {args:?}: stderr does not name {needle:?}: {}",
             out.stderr
+        );
+        assert!(
+            out.stderr.len() <= 600,
+            "dlbctl {:?}: a {}-byte message",
+            args.iter()
+                .map(|a| a.chars().take(20).collect::<String>())
+                .collect::<Vec<_>>(),
+            out.stderr.len()
         );
         assert!(
             out.stdout.is_empty(),

@@ -43,27 +43,33 @@ struct Cli {
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
-    /// CA certificate (PEM) to verify a TLS dlbd; turns TLS on.
-    #[arg(long, global = true, value_name = "FILE", env = "DLB_CA")]
-    ca: Option<std::path::PathBuf>,
-    /// Client certificate (PEM) for a dlbd that requires mutual TLS; needs --key and --ca.
+    /// CA certificate (PEM) to verify a TLS dlbd; turns TLS on. (`--tls-*`, as dlbd's flags:
+    /// `--key` is `next`'s request key.)
     #[arg(
-        long,
+        long = "tls-ca",
         global = true,
         value_name = "FILE",
-        requires = "key",
-        env = "DLB_CERT"
+        env = "DLB_TLS_CA"
+    )]
+    ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for a dlbd that requires mutual TLS; needs --tls-key, --tls-ca.
+    #[arg(
+        long = "tls-cert",
+        global = true,
+        value_name = "FILE",
+        requires = "cert_key",
+        env = "DLB_TLS_CERT"
     )]
     cert: Option<std::path::PathBuf>,
-    /// The private key of --cert (PEM).
+    /// The private key of --tls-cert (PEM).
     #[arg(
-        long,
+        long = "tls-key",
         global = true,
         value_name = "FILE",
         requires = "cert",
-        env = "DLB_KEY"
+        env = "DLB_TLS_KEY"
     )]
-    key: Option<std::path::PathBuf>,
+    cert_key: Option<std::path::PathBuf>,
     /// Bearer token for a dlbd that requires one (`--admin-token-file` / `--read-token-file`).
     #[arg(long, global = true, env = "DLB_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -535,10 +541,10 @@ fn channel_options(cli: &Cli) -> Result<dlb_client::ChannelOptions, Error> {
     };
     let mut opts = dlb_client::ChannelOptions::default();
     if cli.cert.is_some() && cli.ca.is_none() {
-        return Err(Error::InvalidArgument("--cert needs --ca".into()));
+        return Err(Error::InvalidArgument("--tls-cert needs --tls-ca".into()));
     }
     if let Some(ca) = &cli.ca {
-        let identity = match (&cli.cert, &cli.key) {
+        let identity = match (&cli.cert, &cli.cert_key) {
             (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
             _ => None,
         };
