@@ -81,6 +81,8 @@ pub struct ChannelOptions {
     /// TLS towards the control plane; `None`: plaintext unless the endpoint says `https://`
     /// (then the system has no roots here: set `tls`).
     pub tls: Option<ClientTls>,
+    /// Bearer token sent with every call and session ([`TokenInterceptor::new`]).
+    pub token: TokenInterceptor,
 }
 
 /// TLS settings of a client (rustls through tonic).
@@ -114,6 +116,7 @@ impl Default for ChannelOptions {
             keepalive_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
             tls: None,
+            token: TokenInterceptor::default(),
         }
     }
 }
@@ -307,12 +310,12 @@ impl AdminClient {
             let channel = make_endpoint(&raw, opts)?.connect_lazy();
             channels.push((raw, channel));
         }
-        Self::from_channels(channels, opts.request_timeout)
+        Self::from_channels(channels, opts)
     }
 
     pub(crate) fn from_channels(
         channels: Vec<(String, Channel)>,
-        request_timeout: Duration,
+        opts: &ChannelOptions,
     ) -> Result<Self> {
         if channels.is_empty() {
             return Err(Error::InvalidEndpoint {
@@ -323,8 +326,8 @@ impl AdminClient {
         Ok(Self {
             channels: channels.into(),
             current: Arc::new(AtomicUsize::new(0)),
-            request_timeout,
-            token: TokenInterceptor::default(),
+            request_timeout: opts.request_timeout,
+            token: opts.token.clone(),
         })
     }
 

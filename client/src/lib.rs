@@ -32,6 +32,7 @@
 
 pub mod admin;
 mod error;
+mod local;
 mod service;
 mod session;
 
@@ -45,7 +46,7 @@ use dlb::proto;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 
-pub use admin::{AdminClient, ChannelOptions, NewServer, ServerUpdate};
+pub use admin::{AdminClient, ChannelOptions, NewServer, ServerUpdate, TokenInterceptor};
 pub use error::{Error, Result};
 pub use service::{BackendInfo, CallGuard, ServiceHandle, ServiceStats, Version};
 
@@ -124,6 +125,20 @@ impl ClientBuilder {
         self
     }
 
+    /// Sends `token` as `authorization: Bearer <token>` on the session and every admin call
+    /// (for a `dlbd` started with `--admin-token-file` / `--read-token-file`).
+    pub fn token(mut self, token: &str) -> Result<Self> {
+        self.channel.token = admin::TokenInterceptor::new(Some(token))?;
+        Ok(self)
+    }
+
+    /// TLS towards the control plane (CA, and a client identity for mutual TLS); endpoints
+    /// given as `host:port` then use `https://`.
+    pub fn tls(mut self, tls: admin::ClientTls) -> Self {
+        self.channel.tls = Some(tls);
+        self
+    }
+
     /// Deadline of each admin (`Registry`) call (default 10 s).
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.channel.request_timeout = timeout;
@@ -151,7 +166,7 @@ impl ClientBuilder {
             let channel = admin::make_endpoint(raw, &self.channel)?.connect_lazy();
             channels.push((raw.clone(), channel));
         }
-        let admin = AdminClient::from_channels(channels.clone(), self.channel.request_timeout)?;
+        let admin = AdminClient::from_channels(channels.clone(), &self.channel)?;
         let link = Arc::new(Link::new());
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (closed_tx, closed_rx) = watch::channel(false);
@@ -164,6 +179,7 @@ impl ClientBuilder {
             backoff_min: self.backoff_min,
             backoff_max: self.backoff_max,
             connect_timeout: self.channel.connect_timeout,
+            token: self.channel.token.clone(),
         };
         let mut connected = link.connected.subscribe();
         tokio::spawn(session::run(
@@ -310,6 +326,21 @@ impl Client {
     /// Ends the session task now. Handles keep their last snapshot but get no more updates.
     pub fn close(&self) {
         self.inner.closed.send_replace(true);
+    }
+
+    /// Bench and test support, not a stable API: a handle on `update.service` that routes on
+    /// `update` (a full snapshot, validated and applied exactly as the session applies one) but
+    /// is detached from the session, so it never receives updates. Its admin calls go through
+    /// this client as usual.
+    #[doc(hidden)]
+    pub fn detached_service(&self, update: &proto::ServiceUpdate) -> Result<ServiceHandle> {
+        let name = model::resolve_service(&update.service)?.to_owned();
+        let state = Arc::new(ServiceState::new(name));
+        session::apply_detached(&state, update).map_err(Error::InvalidArgument)?;
+        Ok(ServiceHandle {
+            state,
+            client: self.clone(),
+        })
     }
 
     /// The admin (`Registry`) client, for calls on any service.

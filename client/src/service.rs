@@ -1,22 +1,31 @@
 //! Per-service routing state and the request-path API: [`ServiceHandle`] and [`CallGuard`].
 //!
 //! The session task (see [`crate::session`]) is the only writer of a service's state: it applies
-//! each update from the control plane, builds the next [`Picker`] with [`Picker::rebuild`] (so
-//! in-flight counts carry over by backend id) and publishes an immutable [`Snapshot`] through an
-//! `ArcSwap`. The request path only loads that snapshot and picks: no lock, no await, O(1) for
-//! every algorithm the picker offers (plus one `StickyTable` lookup when the policy is sticky).
+//! updates from the control plane, builds the next [`Picker`] with [`Picker::rebuild`] (so
+//! in-flight counts carry over by backend id; one build for a burst of updates) and publishes an
+//! immutable [`Snapshot`] through an `ArcSwap`. The request path picks from that snapshot: no
+//! lock, no await, O(1) for every algorithm the picker offers (plus one `StickyTable` lookup
+//! when the policy is sticky).
 //!
-//! Call outcomes are counted in per-backend atomics ([`OutcomeCounters`]) that the session task
-//! drains into periodic load reports.
+//! What a pick writes: each thread picks through its own view of the snapshot (see
+//! [`crate::local`]) and its [`CallGuard`] keeps that view, not the shared snapshot, alive. So
+//! round robin and the hashing policies without bounded load write only memory of the picking
+//! thread (the view's reference count and its in-flight counter for the picked backend). The
+//! policies that read in-flight counts to pick (least connections, bounded load) also write
+//! what they read: the backends' shared counts (and bounded load's total, and exact least
+//! connections' tree).
+//!
+//! Call outcomes are counted in the backend's [`dlb::balance::BackendLoad`] (atomics carried
+//! across picker generations by backend id), which the session task drains into periodic load
+//! reports.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use dlb::balance::{Backend, OwnedPick, Picker, StickyTable};
+use dlb::balance::{Backend, OwnedPick, PickError, Picker, StickyTable};
 use dlb::proto;
 use parking_lot::Mutex;
 use tokio::sync::watch;
@@ -24,6 +33,7 @@ use tokio::time::Instant;
 
 use crate::admin::{NewServer, ServerUpdate};
 use crate::error::{Error, Result};
+use crate::local::{self, LocalCall, LocalView, ViewRef};
 use crate::Client;
 
 /// One state of one service: the store incarnation (`epoch`) and the per-service counter.
@@ -66,32 +76,6 @@ impl fmt::Display for Version {
     }
 }
 
-/// Outcomes of calls to one backend since the last load report. Shared by `Arc` across snapshot
-/// generations (carried over by backend id, like the picker's in-flight counts); plain atomics so
-/// that completing a call takes no lock.
-#[derive(Debug, Default)]
-pub(crate) struct OutcomeCounters {
-    pub(crate) successes: AtomicU64,
-    pub(crate) failures: AtomicU64,
-    pub(crate) latency_count: AtomicU64,
-    pub(crate) latency_sum_us: AtomicU64,
-    pub(crate) latency_max_us: AtomicU64,
-}
-
-impl OutcomeCounters {
-    fn record(&self, ok: bool, latency: Duration) {
-        if ok {
-            self.successes.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.failures.fetch_add(1, Ordering::Relaxed);
-        }
-        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        self.latency_count.fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_us.fetch_add(us, Ordering::Relaxed);
-        self.latency_max_us.fetch_max(us, Ordering::Relaxed);
-    }
-}
-
 /// What a handle routes on. Immutable once published; replaced wholesale by the session task.
 #[derive(Debug, Default)]
 pub(crate) struct Snapshot {
@@ -102,9 +86,6 @@ pub(crate) struct Snapshot {
     pub(crate) picker: Option<Arc<Picker>>,
     /// The session-affinity table when the policy is sticky; lives across generations.
     pub(crate) sticky: Option<Arc<StickyTable>>,
-    /// Per-backend outcome counters, by id (shared with the next generation when the set of
-    /// ids is unchanged).
-    pub(crate) outcomes: Arc<HashMap<Arc<str>, Arc<OutcomeCounters>>>,
     /// The policy the picker was built with.
     pub(crate) policy: Option<proto::Policy>,
     /// The control plane said the service does not exist (and nothing is held).
@@ -128,6 +109,9 @@ pub struct ServiceStats {
     /// Updates that would have emptied the service from a new store incarnation and were held
     /// back (routing stayed on the previous snapshot).
     pub held_back: u64,
+    /// Pickers built. Updates that arrive together are applied in one go and cost one build,
+    /// so this grows slower than `full_updates + delta_updates` during bursts.
+    pub rebuilds: u64,
 }
 
 #[derive(Debug, Default)]
@@ -137,6 +121,21 @@ pub(crate) struct StatsCounters {
     pub(crate) nacks: AtomicU64,
     pub(crate) not_found: AtomicU64,
     pub(crate) held_back: AtomicU64,
+    pub(crate) rebuilds: AtomicU64,
+}
+
+impl StatsCounters {
+    /// The current values.
+    pub(crate) fn read(&self) -> ServiceStats {
+        ServiceStats {
+            full_updates: self.full_updates.load(Ordering::Relaxed),
+            delta_updates: self.delta_updates.load(Ordering::Relaxed),
+            nacks: self.nacks.load(Ordering::Relaxed),
+            not_found: self.not_found.load(Ordering::Relaxed),
+            held_back: self.held_back.load(Ordering::Relaxed),
+            rebuilds: self.rebuilds.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// Shared state of one subscribed service: written by the session task, read by handles.
@@ -155,6 +154,13 @@ pub(crate) struct ServiceState {
     /// Whether any answer (update or not-found) has arrived.
     pub(crate) answered: std::sync::atomic::AtomicBool,
     pub(crate) stats: StatsCounters,
+    /// Grows after every publish, so a thread can tell with one load whether its view of the
+    /// snapshot is current (see [`crate::local`]).
+    pub(crate) generation: AtomicU64,
+    /// The per-thread views that count calls, to sum their counts. A `Mutex` because it is
+    /// touched once per thread and generation (and by readers of in-flight counts), never on
+    /// the pick path itself.
+    pub(crate) views: Mutex<Vec<std::sync::Weak<LocalView>>>,
 }
 
 impl ServiceState {
@@ -166,6 +172,8 @@ impl ServiceState {
             last_update: Mutex::new(None),
             answered: std::sync::atomic::AtomicBool::new(false),
             stats: StatsCounters::default(),
+            generation: AtomicU64::new(0),
+            views: Mutex::new(Vec::new()),
         }
     }
 
@@ -173,6 +181,7 @@ impl ServiceState {
     pub(crate) fn publish(&self, snapshot: Snapshot) {
         let version = snapshot.version;
         self.snapshot.store(Arc::new(snapshot));
+        self.generation.fetch_add(1, Ordering::Release);
         *self.last_update.lock() = Some(Instant::now());
         self.answered.store(true, Ordering::Release);
         self.version_tx.send_replace(version);
@@ -219,33 +228,73 @@ impl ServiceHandle {
     /// [`Error::Unavailable`] before the first snapshot, [`Error::NoBackend`] when nothing is
     /// eligible (or a strict sticky session's backend is gone).
     pub fn get_next_server(&self, key: Option<&[u8]>) -> Result<CallGuard> {
-        let snap = self.state.snapshot.load();
-        let Some(picker) = &snap.picker else {
-            return Err(if snap.not_found {
-                Error::ServiceNotFound(self.state.name.clone())
-            } else {
-                Error::Unavailable(format!(
-                    "no snapshot of service {:?} received yet",
-                    self.state.name
-                ))
-            });
-        };
-        let pick = match (&snap.sticky, key) {
-            (Some(table), Some(key)) => table
-                .pick(picker, key, Instant::now().into_std())
-                .map(|p| p.into_owned(picker)),
-            _ => picker.pick_owned(key),
-        };
-        let pick = pick.map_err(|reason| Error::NoBackend {
-            service: self.state.name.clone(),
-            reason,
-        })?;
-        let outcome = snap.outcomes.get(pick.backend().id()).cloned();
+        let call = local::with_view(&self.state, |view| match view {
+            Some(view) => self.pick_in(view, key),
+            None => Err(self.no_picker()),
+        })
+        // No thread-local cache (thread exit): pick from the shared snapshot.
+        .unwrap_or_else(|| self.pick_shared(key))?;
         Ok(CallGuard {
-            pick,
-            outcome,
+            call,
             started: Instant::now(),
         })
+    }
+
+    /// A pick through this thread's view.
+    #[inline]
+    fn pick_in(&self, view: &Arc<LocalView>, key: Option<&[u8]>) -> Result<Held> {
+        let picker = &view.picker;
+        let owner = || ViewRef(view.clone());
+        if let (Some(table), Some(key)) = (&view.sticky, key) {
+            let pick = table.pick(picker, key, Instant::now().into_std());
+            return Ok(Held::Viewed(self.picked(pick)?.into_owned_by(owner())));
+        }
+        if !view.counts_locally() {
+            return Ok(Held::Viewed(
+                self.picked(picker.pick(key))?.into_owned_by(owner()),
+            ));
+        }
+        let pick = self.picked(picker.pick_uncounted(key))?;
+        if !pick.is_counted() {
+            if let Some(call) = view.start_call(pick.index()) {
+                return Ok(Held::Local(call));
+            }
+        }
+        Ok(Held::Viewed(pick.into_owned_by(owner())))
+    }
+
+    /// A pick from the shared snapshot, counted in the backends' shared loads.
+    fn pick_shared(&self, key: Option<&[u8]>) -> Result<Held> {
+        let snap = self.state.snapshot.load();
+        let Some(picker) = &snap.picker else {
+            return Err(self.no_picker());
+        };
+        let pick = match (&snap.sticky, key) {
+            (Some(table), Some(key)) => table.pick(picker, key, Instant::now().into_std()),
+            _ => picker.pick(key),
+        };
+        let owned = self.picked(pick)?.into_owned(picker);
+        Ok(Held::Shared(owned))
+    }
+
+    fn picked<T>(&self, pick: std::result::Result<T, PickError>) -> Result<T> {
+        pick.map_err(|reason| Error::NoBackend {
+            service: self.state.name.clone(),
+            reason,
+        })
+    }
+
+    /// The error of a pick while the published snapshot has no picker.
+    #[cold]
+    fn no_picker(&self) -> Error {
+        if self.state.snapshot.load().not_found {
+            Error::ServiceNotFound(self.state.name.clone())
+        } else {
+            Error::Unavailable(format!(
+                "no snapshot of service {:?} received yet",
+                self.state.name
+            ))
+        }
     }
 
     /// The version the handle currently routes on (`epoch` 0 before the first snapshot).
@@ -288,36 +337,30 @@ impl ServiceHandle {
         self.state.snapshot.load().stale
     }
 
-    /// Counters of applied, rejected and held-back updates.
+    /// Counters of applied, rejected and held-back updates, and of picker builds.
     pub fn stats(&self) -> ServiceStats {
-        let s = &self.state.stats;
-        ServiceStats {
-            full_updates: s.full_updates.load(Ordering::Relaxed),
-            delta_updates: s.delta_updates.load(Ordering::Relaxed),
-            nacks: s.nacks.load(Ordering::Relaxed),
-            not_found: s.not_found.load(Ordering::Relaxed),
-            held_back: s.held_back.load(Ordering::Relaxed),
-        }
+        self.state.stats.read()
     }
 
     /// The backends of the current snapshot, in server-id order.
     pub fn backends(&self) -> Vec<BackendInfo> {
         let snap = self.state.snapshot.load();
-        snap.picker
-            .as_ref()
-            .map(|p| {
-                p.backends()
-                    .iter()
-                    .map(|b| BackendInfo {
-                        server_id: b.id().to_owned(),
-                        address: b.address().to_owned(),
-                        weight: b.weight(),
-                        eligible: b.is_eligible(),
-                        in_flight: b.load().in_flight(),
-                    })
-                    .collect()
+        let Some(picker) = &snap.picker else {
+            return Vec::new();
+        };
+        let in_flight = local::in_flight(&self.state, picker);
+        picker
+            .backends()
+            .iter()
+            .zip(in_flight)
+            .map(|(b, in_flight)| BackendInfo {
+                server_id: b.id().to_owned(),
+                address: b.address().to_owned(),
+                weight: b.weight(),
+                eligible: b.is_eligible(),
+                in_flight,
             })
-            .unwrap_or_default()
+            .collect()
     }
 
     /// The policy of the current snapshot (`None` before the first one).
@@ -404,25 +447,40 @@ impl ServiceHandle {
 /// records **neither** outcome (a cancelled call says nothing about the backend's health).
 #[derive(Debug)]
 pub struct CallGuard {
-    pick: OwnedPick,
-    outcome: Option<Arc<OutcomeCounters>>,
+    pub(crate) call: Held,
     started: Instant,
+}
+
+/// How a [`CallGuard`] counts its call and keeps its backend alive (the count ends when this
+/// is dropped).
+#[derive(Debug)]
+pub(crate) enum Held {
+    /// Counted in the picking thread's view, which it holds.
+    Local(LocalCall),
+    /// Counted by the picker (in the backend's shared load); holds the picking thread's view.
+    Viewed(OwnedPick<ViewRef>),
+    /// Counted by the picker; holds the picker's shared `Arc` (picks made without a view).
+    Shared(OwnedPick),
 }
 
 impl CallGuard {
     /// The picked backend's id.
     pub fn server_id(&self) -> &str {
-        self.pick.backend().id()
+        self.backend().id()
     }
 
     /// The picked backend's `host:port`.
     pub fn address(&self) -> &str {
-        self.pick.backend().address()
+        self.backend().address()
     }
 
     /// The picked backend.
     pub fn backend(&self) -> &Backend {
-        self.pick.backend()
+        match &self.call {
+            Held::Local(call) => call.backend(),
+            Held::Viewed(pick) => pick.backend(),
+            Held::Shared(pick) => pick.backend(),
+        }
     }
 
     /// Time since the pick.
@@ -441,9 +499,9 @@ impl CallGuard {
     }
 
     fn finish(self, ok: bool) {
-        if let Some(o) = &self.outcome {
-            o.record(ok, self.started.elapsed());
-        }
-        // Dropping `self` (and its OwnedPick) ends the in-flight count.
+        self.backend()
+            .load()
+            .record_outcome(ok, self.started.elapsed());
+        // Dropping `self` (and what it holds) ends the in-flight count.
     }
 }

@@ -82,7 +82,11 @@ async fn reflection_v1alpha_for_older_tools() {
         panic!("unexpected reflection answer {resp:?}");
     };
     let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
-    for expected in ["dlb.v1.Registry", "dlb.v1.Discovery", "grpc.health.v1.Health"] {
+    for expected in [
+        "dlb.v1.Registry",
+        "dlb.v1.Discovery",
+        "grpc.health.v1.Health",
+    ] {
         assert!(names.contains(&expected), "{expected} missing: {names:?}");
     }
     server.shutdown().await.unwrap();

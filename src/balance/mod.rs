@@ -29,6 +29,15 @@
 //! started on an old picker is still counted (and released) correctly after a swap. A pick is
 //! counted when the policy asks for it ([`PolicyConfig::track_in_flight`]) and always for the
 //! least-connections and bounded-load policies; the [`Pick`] guard ends the call on drop.
+//! [`BackendLoad`] also counts the outcomes of finished calls (for the SDK's load reports), so
+//! they carry over the same way. A caller may count calls its own way where the policy does not
+//! read the counts ([`Picker::pick_uncounted`]; the SDK counts per thread).
+//!
+//! **Owned picks.** A [`Pick`] borrows its picker. [`Pick::into_owned`] turns it into an
+//! [`OwnedPick`] that holds the picker's `Arc` instead (`'static`: it can be held across
+//! `.await` and picker swaps); [`Pick::into_owned_by`] holds any handle that dereferences to the
+//! picker, such as a per-thread view of it, so that keeping the picker alive does not write a
+//! reference count shared by every thread.
 //!
 //! **Bounded load** (CHWBL; Maglev and ring hash with [`PolicyConfig::bounded_load_factor`]
 //! `= Some(c)`, `c ≥ 1`, 1.25 is a good default). Let `T` be the number of calls in flight from
@@ -45,6 +54,7 @@
 //! baseline, so that one atomic carries both the check and the increment.
 
 use std::collections::HashMap;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -175,11 +185,34 @@ pub enum PickError {
     StickyBackendUnavailable(String),
 }
 
-/// In-flight accounting of one backend, shared across picker generations.
+/// In-flight accounting of one backend, and the outcomes of its finished calls; shared across
+/// picker generations (carried over by backend id). Plain atomics: counting a call takes no
+/// lock.
 #[derive(Debug, Default)]
 pub struct BackendLoad {
     in_flight: AtomicU64,
     baseline: AtomicU64,
+    successes: AtomicU64,
+    failures: AtomicU64,
+    latency_count: AtomicU64,
+    latency_sum_us: AtomicU64,
+    latency_max_us: AtomicU64,
+}
+
+/// Outcomes of the calls to one backend that finished since they were last taken (see
+/// [`BackendLoad::take_outcomes`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Outcomes {
+    /// Calls that succeeded.
+    pub successes: u64,
+    /// Calls that failed.
+    pub failures: u64,
+    /// Calls with a recorded latency.
+    pub latency_count: u64,
+    /// Sum of their latencies, in microseconds (saturating).
+    pub latency_sum_us: u64,
+    /// The largest latency, in microseconds.
+    pub latency_max_us: u64,
 }
 
 impl BackendLoad {
@@ -201,6 +234,37 @@ impl BackendLoad {
     /// Local in-flight plus baseline: the count least-connections and bounded load compare.
     pub fn load(&self) -> u64 {
         self.in_flight().saturating_add(self.baseline())
+    }
+
+    /// Records the outcome of one finished call and its latency.
+    pub fn record_outcome(&self, ok: bool, latency: Duration) {
+        if ok {
+            self.successes.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.latency_count.fetch_add(1, Ordering::Relaxed);
+        // Saturating: a sum that would overflow stays at the maximum until taken.
+        let _ = self
+            .latency_sum_us
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_add(us))
+            });
+        self.latency_max_us.fetch_max(us, Ordering::Relaxed);
+    }
+
+    /// The outcomes recorded since the last call, resetting them to zero. Each counter is
+    /// swapped on its own, so a call recorded concurrently may be split across two reports,
+    /// but is never lost or counted twice.
+    pub fn take_outcomes(&self) -> Outcomes {
+        Outcomes {
+            successes: self.successes.swap(0, Ordering::Relaxed),
+            failures: self.failures.swap(0, Ordering::Relaxed),
+            latency_count: self.latency_count.swap(0, Ordering::Relaxed),
+            latency_sum_us: self.latency_sum_us.swap(0, Ordering::Relaxed),
+            latency_max_us: self.latency_max_us.swap(0, Ordering::Relaxed),
+        }
     }
 
     /// Increments the local in-flight count if it is below `cap`; whether it did.
@@ -246,7 +310,7 @@ impl Backend {
     pub fn is_eligible(&self) -> bool {
         self.eligible
     }
-    /// The backend's shared in-flight accounting.
+    /// The backend's shared in-flight and outcome accounting.
     pub fn load(&self) -> &Arc<BackendLoad> {
         &self.load
     }
@@ -447,6 +511,31 @@ impl Picker {
     /// when every backend is ineligible.
     #[inline]
     pub fn pick(&self, key: Option<&[u8]>) -> Result<Pick<'_>, PickError> {
+        self.pick_impl(key, self.counts)
+    }
+
+    /// Like [`Picker::pick`], but leaves counting the call to the caller when the policy does
+    /// not read in-flight counts ([`Picker::needs_counts`] is false: round robin, and the
+    /// hashing policies without bounded load). Pickers that need the counts count as
+    /// [`Picker::pick`] does; [`Pick::is_counted`] tells which happened.
+    #[inline]
+    pub fn pick_uncounted(&self, key: Option<&[u8]>) -> Result<Pick<'_>, PickError> {
+        self.pick_impl(key, false)
+    }
+
+    /// Whether picking reads the in-flight counts (least connections, bounded load), so that
+    /// every call must be counted in the backends' [`BackendLoad`].
+    pub fn needs_counts(&self) -> bool {
+        self.bounded.is_some()
+            || matches!(
+                self.policy.algorithm,
+                Algorithm::LeastConnExact | Algorithm::LeastConnP2c
+            )
+    }
+
+    /// The pick; `count` says whether a policy that does not need counts counts the call.
+    #[inline(always)]
+    fn pick_impl(&self, key: Option<&[u8]>, count: bool) -> Result<Pick<'_>, PickError> {
         let index = match &self.strategy {
             Strategy::Empty => {
                 return Err(if self.backends.is_empty() {
@@ -487,7 +576,15 @@ impl Picker {
                 }
             }
         };
-        Ok(self.acquire(index))
+        Ok(if count {
+            self.acquire(index)
+        } else {
+            Pick {
+                picker: self,
+                index,
+                counted: false,
+            }
+        })
     }
 
     /// The bounded-load walk (see the module docs): the first eligible backend in candidate
@@ -583,6 +680,10 @@ impl Picker {
     pub fn get(&self, id: &str) -> Option<&Backend> {
         self.by_id.get(id).map(|&i| &self.backends[i])
     }
+    /// The position in [`Picker::backends`] of the backend with this id.
+    pub fn position(&self, id: &str) -> Option<usize> {
+        self.by_id.get(id).copied()
+    }
     /// Number of eligible backends.
     pub fn eligible_count(&self) -> usize {
         self.eligible.len()
@@ -677,6 +778,10 @@ impl<'a> Pick<'a> {
     pub fn is_counted(&self) -> bool {
         self.counted
     }
+    /// The picked backend's position in [`Picker::backends`].
+    pub fn index(&self) -> usize {
+        self.index as usize
+    }
 }
 
 impl Pick<'_> {
@@ -684,13 +789,25 @@ impl Pick<'_> {
     ///
     /// # Panics
     /// Panics if `picker` is not the picker this pick came from (a programming error).
+    #[inline]
     pub fn into_owned(self, picker: &Arc<Picker>) -> OwnedPick {
+        self.into_owned_by(picker.clone())
+    }
+
+    /// Converts into an owned pick that holds `owner` — any handle that dereferences to the
+    /// picker this pick came from, such as a per-thread view of it — to end the call later.
+    ///
+    /// # Panics
+    /// Panics if `owner` does not dereference to the picker this pick came from (a programming
+    /// error).
+    #[inline]
+    pub fn into_owned_by<P: Deref<Target = Picker>>(self, owner: P) -> OwnedPick<P> {
         assert!(
-            std::ptr::eq(self.picker, Arc::as_ptr(picker)),
+            std::ptr::eq(self.picker, &*owner),
             "into_owned called with a different picker"
         );
         let owned = OwnedPick {
-            picker: picker.clone(),
+            picker: owner,
             index: self.index,
             counted: self.counted,
         };
@@ -699,23 +816,28 @@ impl Pick<'_> {
     }
 }
 
-/// A [`Pick`] that owns its picker: `'static`, `Send` and `Sync`. Dropping it ends the in-flight
-/// call it counts.
+/// A [`Pick`] that owns its picker through `P` (by default the picker's `Arc`): `'static`, and
+/// `Send` and `Sync` when `P` is. Dropping it ends the in-flight call it counts.
 #[derive(Debug)]
-pub struct OwnedPick {
-    picker: Arc<Picker>,
+pub struct OwnedPick<P: Deref<Target = Picker> = Arc<Picker>> {
+    picker: P,
     index: u32,
     counted: bool,
 }
 
-impl OwnedPick {
+impl<P: Deref<Target = Picker>> OwnedPick<P> {
     /// The picked backend.
     pub fn backend(&self) -> &Backend {
         &self.picker.backends[self.index as usize]
     }
+    /// Whether this pick counts as an in-flight call until dropped.
+    pub fn is_counted(&self) -> bool {
+        self.counted
+    }
 }
 
-impl Drop for OwnedPick {
+impl<P: Deref<Target = Picker>> Drop for OwnedPick<P> {
+    #[inline]
     fn drop(&mut self) {
         if self.counted {
             self.picker.release(self.index);

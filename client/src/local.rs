@@ -1,0 +1,345 @@
+//! Per-thread views of a service's published snapshot: the request path's fast lane.
+//!
+//! Picking straight from the shared snapshot writes shared memory on every call: the debt slot
+//! of `ArcSwap::load`, a reference count that keeps the picked backend alive for the `'static`
+//! [`CallGuard`](crate::CallGuard), and the backend's in-flight count. When several threads pick
+//! from one service those cache lines move between cores on every pick, and a second thread
+//! adds little throughput. So each thread keeps, per service, a [`LocalView`]: the picker it
+//! picks from plus its own in-flight counter for each backend of that picker. A pick reads
+//! shared memory (the service's generation number, the picker's tables) but writes only its
+//! own thread's: the view's reference count (held by the guard) and the view's counter of the
+//! picked backend.
+//!
+//! * **Freshness.** `ServiceState::generation` grows after every publish; a thread whose view is
+//!   older builds a view of the new snapshot on its next pick (`O(n)`: a zeroed counter array).
+//! * **Which policies.** Only pickers that do not read in-flight counts are counted here (round
+//!   robin, and Maglev and ring hash without bounded load: [`Picker::needs_counts`] is false).
+//!   Least connections and bounded load count in the backends' shared
+//!   [`BackendLoad`](dlb::balance::BackendLoad) (the pick reads those counts anyway), and so do
+//!   sticky-session picks; their guards still keep the picker alive through the view
+//!   ([`ViewRef`]), not through the picker's shared `Arc`. A view's counters are atomic because
+//!   a guard may end on another thread (then that one decrement crosses cores).
+//! * **Reading.** Every view registers (weakly) with its service; [`in_flight`] adds, per
+//!   backend of the current picker, the shared count and each live view's count for the same id
+//!   (views of older generations included: a call that started before a swap stays counted
+//!   until its guard ends it). `O(views · n)`, for load reports and `ServiceHandle::backends`.
+//! * **Retention.** A thread's view keeps its picker alive until the thread picks from a newer
+//!   snapshot of that service or exits: at most one superseded picker per thread and service.
+
+use std::cell::RefCell;
+use std::fmt;
+use std::ops::Deref;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+use dlb::balance::{Backend, Picker, StickyTable};
+
+use crate::service::ServiceState;
+
+/// One thread's view of one published snapshot that has a picker.
+pub(crate) struct LocalView {
+    pub(crate) picker: Arc<Picker>,
+    pub(crate) sticky: Option<Arc<StickyTable>>,
+    /// Calls in flight picked through this view, per backend index of `picker`; empty when the
+    /// picker counts calls itself ([`Picker::needs_counts`]).
+    in_flight: Box<[AtomicU64]>,
+}
+
+impl fmt::Debug for LocalView {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalView")
+            .field("backends", &self.picker.backends().len())
+            .field("counts", &!self.in_flight.is_empty())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalView {
+    /// Whether calls picked through this view are counted in it (rather than by the picker).
+    pub(crate) fn counts_locally(&self) -> bool {
+        !self.in_flight.is_empty()
+    }
+
+    /// Starts counting one call on `index`; `None` if the index is not one of this view's (then
+    /// nothing was counted).
+    #[inline]
+    pub(crate) fn start_call(self: &Arc<Self>, index: usize) -> Option<LocalCall> {
+        let counter = self.in_flight.get(index)?;
+        counter.fetch_add(1, Ordering::Relaxed);
+        Some(LocalCall {
+            view: self.clone(),
+            index: index as u32,
+        })
+    }
+}
+
+/// A view as the owner of an [`dlb::balance::OwnedPick`]: dereferences to the view's picker.
+#[derive(Debug, Clone)]
+pub(crate) struct ViewRef(pub(crate) Arc<LocalView>);
+
+impl Deref for ViewRef {
+    type Target = Picker;
+    fn deref(&self) -> &Picker {
+        &self.0.picker
+    }
+}
+
+/// One call counted in a [`LocalView`]; ends the count when dropped (on any thread).
+#[derive(Debug)]
+pub(crate) struct LocalCall {
+    view: Arc<LocalView>,
+    index: u32,
+}
+
+impl LocalCall {
+    /// The picked backend.
+    pub(crate) fn backend(&self) -> &Backend {
+        // `index` was checked against the counters, which are as many as the backends.
+        &self.view.picker.backends()[self.index as usize]
+    }
+}
+
+impl Drop for LocalCall {
+    #[inline]
+    fn drop(&mut self) {
+        self.view.in_flight[self.index as usize].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One service in a thread's cache.
+struct Cached {
+    /// The service; a `Weak` so the cache neither keeps it alive nor mistakes a new service at
+    /// a reused address for it (the allocation lives as long as this `Weak`).
+    state: Weak<ServiceState>,
+    /// The generation `view` was built from.
+    generation: u64,
+    /// `None` when that snapshot had no picker.
+    view: Option<Arc<LocalView>>,
+}
+
+thread_local! {
+    /// This thread's views, one per service it picked from (a handful: a linear scan).
+    static VIEWS: RefCell<Vec<Cached>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's view of `state`'s latest snapshot, building the view first when a
+/// newer snapshot was published since the thread's last pick. `f` gets `None` when the snapshot
+/// has no picker. Returns `None` without calling `f` when the thread's cache is unavailable (the
+/// thread is exiting, or a re-entrant call).
+#[inline]
+pub(crate) fn with_view<R>(
+    state: &Arc<ServiceState>,
+    f: impl FnOnce(Option<&Arc<LocalView>>) -> R,
+) -> Option<R> {
+    let generation = state.generation.load(Ordering::Acquire);
+    VIEWS
+        .try_with(|cache| {
+            let mut cache = cache.try_borrow_mut().ok()?;
+            let me = Arc::as_ptr(state);
+            let i = match cache.iter().position(|c| c.state.as_ptr() == me) {
+                Some(i) if cache[i].generation == generation => i,
+                _ => refresh(&mut cache, state, generation),
+            };
+            Some(f(cache[i].view.as_ref()))
+        })
+        .ok()
+        .flatten()
+}
+
+/// Puts a view of the snapshot `state` publishes now (labelled `generation`, read before it)
+/// into the thread's `cache`, registers it with `state`, and returns its position. Also drops
+/// the cache's entries of services that no longer exist, so their pickers are freed.
+#[cold]
+fn refresh(cache: &mut Vec<Cached>, state: &Arc<ServiceState>, generation: u64) -> usize {
+    let snapshot = state.snapshot.load_full();
+    let view = snapshot.picker.as_ref().map(|picker| {
+        let in_flight = if picker.needs_counts() {
+            Box::default()
+        } else {
+            picker
+                .backends()
+                .iter()
+                .map(|_| AtomicU64::new(0))
+                .collect()
+        };
+        let view = Arc::new(LocalView {
+            picker: picker.clone(),
+            sticky: snapshot.sticky.clone(),
+            in_flight,
+        });
+        if view.counts_locally() {
+            let mut views = state.views.lock();
+            views.retain(|v| v.strong_count() > 0);
+            views.push(Arc::downgrade(&view));
+        }
+        view
+    });
+    let entry = Cached {
+        state: Arc::downgrade(state),
+        generation,
+        view,
+    };
+    let me = Arc::as_ptr(state);
+    cache.retain(|c| c.state.strong_count() > 0);
+    match cache.iter().position(|c| c.state.as_ptr() == me) {
+        Some(i) => {
+            cache[i] = entry;
+            i
+        }
+        None => {
+            cache.push(entry);
+            cache.len() - 1
+        }
+    }
+}
+
+/// Calls in flight from this process on each backend of `picker` (by index): the count in the
+/// backend's shared load plus, for the same backend id, the count in every live view of
+/// `state` (whatever picker generation it was built from). `O(views · n)`.
+pub(crate) fn in_flight(state: &ServiceState, picker: &Arc<Picker>) -> Vec<u64> {
+    let mut out: Vec<u64> = picker
+        .backends()
+        .iter()
+        .map(|b| b.load().in_flight())
+        .collect();
+    let views: Vec<Arc<LocalView>> = {
+        let mut views = state.views.lock();
+        views.retain(|v| v.strong_count() > 0);
+        views.iter().filter_map(Weak::upgrade).collect()
+    };
+    for view in views {
+        let same = Arc::ptr_eq(&view.picker, picker);
+        for (i, counter) in view.in_flight.iter().enumerate() {
+            let n = counter.load(Ordering::Relaxed);
+            if n == 0 {
+                continue;
+            }
+            let at = if same {
+                Some(i)
+            } else {
+                picker.position(view.picker.backends()[i].id())
+            };
+            if let Some(slot) = at.and_then(|j| out.get_mut(j)) {
+                *slot = slot.saturating_add(n);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use dlb::proto;
+
+    use crate::{Client, ServiceHandle};
+
+    fn snapshot(version: u64, algorithm: proto::Algorithm, ids: &[&str]) -> proto::ServiceUpdate {
+        proto::ServiceUpdate {
+            service: "s".into(),
+            version: Some(proto::Version { epoch: 1, version }),
+            full: true,
+            policy: Some(proto::Policy {
+                algorithm: algorithm as i32,
+                ..Default::default()
+            }),
+            upserts: ids
+                .iter()
+                .map(|id| proto::Server {
+                    server_id: (*id).into(),
+                    address: "127.0.0.1:80".into(),
+                    weight: 1,
+                    health: proto::HealthStatus::Healthy as i32,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    async fn offline() -> Client {
+        let client = Client::builder(["http://127.0.0.1:9"])
+            .wait_connected(false)
+            .connect()
+            .await
+            .unwrap();
+        client.close();
+        client
+    }
+
+    fn in_flight(h: &ServiceHandle, id: &str) -> u64 {
+        h.backends()
+            .into_iter()
+            .find(|b| b.server_id == id)
+            .map_or(0, |b| b.in_flight)
+    }
+
+    fn live_views(h: &ServiceHandle) -> usize {
+        h.state
+            .views
+            .lock()
+            .iter()
+            .filter(|v| v.strong_count() > 0)
+            .count()
+    }
+
+    #[tokio::test]
+    async fn per_thread_counts_are_summed_across_threads_and_generations() {
+        let client = offline().await;
+        let rr = proto::Algorithm::RoundRobin;
+        let h = client.detached_service(&snapshot(1, rr, &["a"])).unwrap();
+        // Round robin counts in the picking thread's view, not in the shared load.
+        let g1 = h.get_next_server(None).unwrap();
+        let g2 = h.get_next_server(None).unwrap();
+        assert!(matches!(g1.call, crate::service::Held::Local(_)));
+        let picker = h.state.snapshot.load().picker.clone().unwrap();
+        assert_eq!(picker.backends()[0].load().in_flight(), 0);
+        // Another thread picks through its own view.
+        let h2 = h.clone();
+        let g3 = std::thread::spawn(move || h2.get_next_server(None).unwrap())
+            .join()
+            .unwrap();
+        assert_eq!(live_views(&h), 2);
+        assert_eq!(in_flight(&h, "a"), 3);
+
+        // A new generation (another backend added): the calls stay counted on "a".
+        crate::session::apply_detached(&h.state, &snapshot(2, rr, &["a", "b"])).unwrap();
+        assert_eq!(in_flight(&h, "a"), 3);
+        assert_eq!(in_flight(&h, "b"), 0);
+        let g4 = h.get_next_server(None).unwrap();
+        assert_eq!(in_flight(&h, "a") + in_flight(&h, "b"), 4);
+
+        // Guards end anywhere: on another thread, by outcome, by drop.
+        std::thread::spawn(move || drop(g3)).join().unwrap();
+        g1.success();
+        assert_eq!(in_flight(&h, "a") + in_flight(&h, "b"), 2);
+        drop(g2);
+        drop(g4);
+        assert!(h.backends().iter().all(|b| b.in_flight == 0));
+        // Views of the first generation are gone: the other thread exited, and this thread
+        // moved on to the second generation.
+        assert_eq!(live_views(&h), 1);
+        // The outcome was recorded in the backend's shared load.
+        let picker = h.state.snapshot.load().picker.clone().unwrap();
+        let a = picker.get("a").unwrap();
+        assert_eq!(a.load().take_outcomes().successes, 1);
+    }
+
+    #[tokio::test]
+    async fn policies_that_read_counts_count_in_the_shared_load() {
+        let client = offline().await;
+        let p2c = proto::Algorithm::LeastConnP2c;
+        let h = client.detached_service(&snapshot(1, p2c, &["a"])).unwrap();
+        let g = h.get_next_server(None).unwrap();
+        assert!(matches!(g.call, crate::service::Held::Viewed(_)));
+        let picker = h.state.snapshot.load().picker.clone().unwrap();
+        assert_eq!(picker.backends()[0].load().in_flight(), 1);
+        assert_eq!(in_flight(&h, "a"), 1);
+        assert_eq!(live_views(&h), 0, "no per-thread counters to register");
+        // Released in the picker's load after a swap too.
+        crate::session::apply_detached(&h.state, &snapshot(2, p2c, &["a", "b"])).unwrap();
+        drop(g);
+        assert_eq!(picker.backends()[0].load().in_flight(), 0);
+    }
+}

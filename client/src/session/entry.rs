@@ -1,0 +1,475 @@
+//! One followed service as the session task holds it ([`Entry`]): the backend records, policy
+//! and version the control plane sent, and the picker built from them.
+//!
+//! Updates are *staged* ([`Entry::stage`]: validated, checked against the held version, applied
+//! to the records) and *flushed* ([`Entry::flush`]: one picker built for the newest state and
+//! published), so a burst of updates costs one build. The rule that protects a service from
+//! being emptied by a control plane that lost its state (see the `session` module docs) is
+//! decided per update, as if each had been published on its own.
+
+// Wire messages are built with `..Default::default()` even when every field is named today: the
+// API grows by adding fields, and this code must keep compiling when one is added.
+#![allow(clippy::needless_update)]
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dlb::balance::{Picker, StickyTable, MAX_BACKENDS};
+use dlb::model;
+use dlb::proto;
+
+use crate::service::{ServiceState, Snapshot, Version};
+
+/// Task-owned state of one service.
+pub(super) struct Entry {
+    pub(super) state: Arc<ServiceState>,
+    /// The records as the control plane has them at `version`, by id.
+    records: BTreeMap<String, proto::Server>,
+    policy: Option<proto::Policy>,
+    /// The version `records` corresponds to (what we resubscribe with).
+    pub(super) version: Version,
+    /// The last picker built (the published one unless an update is held back).
+    picker: Option<Arc<Picker>>,
+    /// The session-affinity table while the policy is sticky (kept across updates).
+    sticky: Option<Arc<StickyTable>>,
+    /// Whether the last load report sent for this service named any backend (an empty report
+    /// is then needed once, to zero the server's view; after that empty reports are skipped).
+    reported_load: bool,
+    /// Whether staged updates changed the state since the last build (`flush` builds and
+    /// publishes it).
+    pub(super) dirty: bool,
+}
+
+impl Entry {
+    pub(super) fn new(state: Arc<ServiceState>) -> Self {
+        Self {
+            state,
+            records: BTreeMap::new(),
+            policy: None,
+            version: Version::default(),
+            picker: None,
+            sticky: None,
+            reported_load: false,
+            dirty: false,
+        }
+    }
+
+    pub(super) fn subscription(&self) -> proto::ServiceSubscription {
+        proto::ServiceSubscription {
+            service: self.state.name.clone(),
+            known: (self.version.epoch != 0).then(|| self.version.into()),
+            ..Default::default()
+        }
+    }
+
+    /// Whether the published snapshot routes to at least one backend.
+    fn publishes_backends(&self) -> bool {
+        self.state
+            .snapshot
+            .load()
+            .picker
+            .as_ref()
+            .is_some_and(|p| !p.backends().is_empty())
+    }
+
+    /// Applies one update and publishes the result at once; `Err` carries the Nack detail
+    /// (nothing changed then).
+    #[cfg(test)]
+    fn apply(&mut self, upd: &proto::ServiceUpdate) -> Result<(), String> {
+        self.stage(upd)?;
+        self.flush()
+    }
+
+    /// Applies an update to the bookkeeping (records, policy, version) without building a
+    /// picker: [`Entry::flush`] builds and publishes once however many updates were staged.
+    /// `Err` carries the Nack detail (nothing changed then).
+    ///
+    /// An update that would empty the service suspiciously (see the module docs) is decided
+    /// and held back at once, as if every earlier update had been published on its own: what
+    /// was staged before it is published first.
+    pub(super) fn stage(&mut self, upd: &proto::ServiceUpdate) -> Result<(), String> {
+        let version: Version = upd
+            .version
+            .ok_or_else(|| "update without version".to_owned())?
+            .into();
+        let policy = if upd.full {
+            upd.policy
+                .ok_or_else(|| "full snapshot without policy".to_owned())?
+        } else {
+            let base: Version = upd
+                .base
+                .ok_or_else(|| "delta without base version".to_owned())?
+                .into();
+            if self.version.epoch == 0 || base != self.version {
+                return Err(format!(
+                    "delta applies on {base}, but the client holds {}",
+                    self.version
+                ));
+            }
+            match (upd.policy, self.policy) {
+                (Some(p), _) | (None, Some(p)) => p,
+                (None, None) => return Err("delta without a policy to apply on".into()),
+            }
+        };
+        model::validate_policy(&policy).map_err(|e| e.to_string())?;
+        for s in &upd.upserts {
+            model::validate_server(s).map_err(|e| e.to_string())?;
+        }
+        // What the published snapshot would be had every staged update been published: a
+        // staged state is published fresh (not stale), with its records.
+        let (stale, publishes_backends) = if self.dirty {
+            (false, !self.records.is_empty())
+        } else {
+            (self.state.snapshot.load().stale, self.publishes_backends())
+        };
+        let suspicious = self.empties(upd)
+            && publishes_backends
+            && (stale || (upd.full && self.version.epoch != version.epoch));
+        if suspicious {
+            self.flush()?;
+        }
+        // Apply to the records in place, keeping an undo log: an update the picker could not
+        // hold must leave the held state untouched.
+        let mut undo: Vec<(String, Option<proto::Server>)> = Vec::new();
+        let previous_records = if upd.full {
+            Some(std::mem::take(&mut self.records))
+        } else {
+            for id in &upd.removals {
+                if let Some(old) = self.records.remove(id) {
+                    undo.push((id.clone(), Some(old)));
+                }
+            }
+            None
+        };
+        for s in &upd.upserts {
+            let old = self.records.insert(s.server_id.clone(), s.clone());
+            if previous_records.is_none() {
+                undo.push((s.server_id.clone(), old));
+            }
+        }
+        if self.records.len() > MAX_BACKENDS {
+            let detail = format!(
+                "{} backends, at most {MAX_BACKENDS} are supported",
+                self.records.len()
+            );
+            if let Some(previous) = previous_records {
+                self.records = previous;
+            } else {
+                for (id, old) in undo.into_iter().rev() {
+                    match old {
+                        Some(server) => self.records.insert(id, server),
+                        None => self.records.remove(&id),
+                    };
+                }
+            }
+            return Err(detail);
+        }
+
+        // Everything validated: commit.
+        self.policy = Some(policy);
+        self.version = version;
+        let stats = &self.state.stats;
+        if upd.full {
+            stats.full_updates.fetch_add(1, Ordering::Relaxed);
+        } else {
+            stats.delta_updates.fetch_add(1, Ordering::Relaxed);
+        }
+        if suspicious {
+            stats.held_back.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(service = %self.state.name, %version,
+                "holding back an update that would empty the service; routing on the previous snapshot");
+            self.mark_stale();
+        } else {
+            self.dirty = true;
+        }
+        Ok(())
+    }
+
+    /// Whether the service has no backend after `upd` (`O(changes)`).
+    fn empties(&self, upd: &proto::ServiceUpdate) -> bool {
+        if !upd.upserts.is_empty() {
+            return false;
+        }
+        if upd.full {
+            return true;
+        }
+        let removed: std::collections::HashSet<&str> = upd
+            .removals
+            .iter()
+            .map(String::as_str)
+            .filter(|id| self.records.contains_key(*id))
+            .collect();
+        removed.len() == self.records.len()
+    }
+
+    /// Builds the picker of the staged state (carrying in-flight counts over from the last
+    /// picker) and publishes it; nothing to do when nothing was staged since the last build.
+    ///
+    /// A build that fails (not expected: `stage` validated every record and the size) leaves
+    /// the published snapshot in place and forgets the staged state (records, policy and
+    /// version), so the control plane resends it in full; `Err` carries the Nack detail.
+    pub(super) fn flush(&mut self) -> Result<(), String> {
+        if !self.dirty {
+            return Ok(());
+        }
+        self.dirty = false;
+        let Some(policy) = self.policy else {
+            return Ok(());
+        };
+        let built = model::build_picker(self.picker.as_deref(), &policy, self.records.values());
+        let picker = match built {
+            Ok(p) => Arc::new(p),
+            Err(e) => {
+                tracing::error!(service = %self.state.name, error = %e,
+                    "could not build a picker for a validated state; asking for a full snapshot");
+                self.records.clear();
+                self.policy = None;
+                self.version = Version::default();
+                return Err(e.to_string());
+            }
+        };
+        self.state.stats.rebuilds.fetch_add(1, Ordering::Relaxed);
+        self.picker = Some(picker.clone());
+        self.sticky = model::carry_sticky(self.sticky.as_ref(), &policy);
+        self.state.publish(Snapshot {
+            version: self.version,
+            picker: Some(picker),
+            sticky: self.sticky.clone(),
+            policy: Some(policy),
+            not_found: false,
+            stale: false,
+        });
+        Ok(())
+    }
+
+    /// Re-publishes the current snapshot with the stale flag set.
+    fn mark_stale(&self) {
+        let old = self.state.snapshot.load();
+        self.state.publish(Snapshot {
+            version: old.version,
+            picker: old.picker.clone(),
+            sticky: old.sticky.clone(),
+            policy: old.policy,
+            not_found: false,
+            stale: true,
+        });
+    }
+
+    pub(super) fn not_found(&mut self, nf: &proto::ServiceNotFound) {
+        // Decide on what would be published had every staged update been: publish it first.
+        // (Should that fail, the state is forgotten below anyway.)
+        let _ = self.flush();
+        self.state.stats.not_found.fetch_add(1, Ordering::Relaxed);
+        let epoch = nf.version.map_or(0, |v| v.epoch);
+        let stale = self.state.snapshot.load().stale;
+        let suspicious = self.publishes_backends() && (stale || (self.version.epoch != epoch));
+        self.records.clear();
+        self.policy = None;
+        self.version = Version::default();
+        if suspicious {
+            self.state.stats.held_back.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(service = %self.state.name,
+                "control plane of another epoch says the service does not exist; routing on the previous snapshot");
+            self.mark_stale();
+            return;
+        }
+        self.picker = None;
+        self.sticky = None;
+        self.state.publish(Snapshot {
+            version: Version { epoch, version: 0 },
+            not_found: true,
+            ..Snapshot::default()
+        });
+    }
+
+    /// The load report due for this service, if any: `None` when there is no picker, or when
+    /// there is nothing to report and the previous report was empty too.
+    pub(super) fn load_report(&mut self, interval: Duration) -> Option<proto::LoadReport> {
+        let picker = self.state.snapshot.load().picker.clone()?;
+        let in_flight = crate::local::in_flight(&self.state, &picker);
+        let mut backends = Vec::new();
+        for (b, in_flight) in picker.backends().iter().zip(in_flight) {
+            let o = b.load().take_outcomes();
+            if in_flight == 0 && o.successes == 0 && o.failures == 0 {
+                continue;
+            }
+            let latency = (o.latency_count > 0).then(|| proto::LatencySummary {
+                count: o.latency_count,
+                mean_ms: o.latency_sum_us as f64 / o.latency_count as f64 / 1000.0,
+                max_ms: o.latency_max_us as f64 / 1000.0,
+                ..Default::default()
+            });
+            backends.push(proto::BackendLoad {
+                server_id: b.id().to_owned(),
+                in_flight,
+                successes: o.successes,
+                failures: o.failures,
+                latency,
+                ..Default::default()
+            });
+        }
+        if backends.is_empty() && !self.reported_load {
+            return None;
+        }
+        self.reported_load = !backends.is_empty();
+        Some(proto::LoadReport {
+            service: self.state.name.clone(),
+            backends,
+            interval_ms: u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
+            ..Default::default()
+        })
+    }
+}
+
+/// Applies `update` (a full snapshot) to a fresh entry of `state`, carrying the in-flight and
+/// outcome counters of the published picker over by backend id, and publishes it (or rejects
+/// it with its Nack detail); no session is involved. See `Client::detached_service`.
+pub(crate) fn apply_detached(
+    state: &Arc<ServiceState>,
+    update: &proto::ServiceUpdate,
+) -> Result<(), String> {
+    let mut entry = Entry::new(state.clone());
+    entry.picker = state.snapshot.load().picker.clone();
+    entry.stage(update)?;
+    entry.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(id: &str) -> proto::Server {
+        proto::Server {
+            server_id: id.into(),
+            address: "127.0.0.1:80".into(),
+            weight: 1,
+            health: proto::HealthStatus::Healthy as i32,
+            ..Default::default()
+        }
+    }
+
+    fn full(epoch: u64, version: u64, ids: &[&str]) -> proto::ServiceUpdate {
+        proto::ServiceUpdate {
+            service: "s".into(),
+            version: Some(proto::Version { epoch, version }),
+            full: true,
+            policy: Some(model::default_policy()),
+            upserts: ids.iter().map(|i| server(i)).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn deltas_need_the_right_base_and_emptying_is_guarded() {
+        let mut e = Entry::new(Arc::new(ServiceState::new("s".into())));
+        e.apply(&full(7, 1, &["a", "b"])).unwrap();
+        assert_eq!(
+            e.version,
+            Version {
+                epoch: 7,
+                version: 1
+            }
+        );
+        let mut d = proto::ServiceUpdate {
+            service: "s".into(),
+            version: Some(proto::Version {
+                epoch: 7,
+                version: 3,
+            }),
+            base: Some(proto::Version {
+                epoch: 7,
+                version: 2,
+            }),
+            removals: vec!["a".into()],
+            ..Default::default()
+        };
+        assert!(e.apply(&d).is_err(), "wrong base must be nacked");
+        d.base = Some(proto::Version {
+            epoch: 7,
+            version: 1,
+        });
+        e.apply(&d).unwrap();
+        assert_eq!(e.records.len(), 1);
+        // A full empty snapshot from another epoch is held back.
+        e.apply(&full(8, 1, &[])).unwrap();
+        let snap = e.state.snapshot.load();
+        assert!(snap.stale);
+        assert_eq!(snap.picker.as_ref().unwrap().backends().len(), 1);
+        assert_eq!(
+            e.version,
+            Version {
+                epoch: 8,
+                version: 1
+            }
+        );
+        // The service gets backends again: published.
+        e.apply(&full(8, 2, &["c"])).unwrap();
+        let snap = e.state.snapshot.load();
+        assert!(!snap.stale);
+        assert_eq!(snap.picker.as_ref().unwrap().backends()[0].id(), "c");
+        // Same epoch removal to empty is applied.
+        let d = proto::ServiceUpdate {
+            service: "s".into(),
+            version: Some(proto::Version {
+                epoch: 8,
+                version: 3,
+            }),
+            base: Some(proto::Version {
+                epoch: 8,
+                version: 2,
+            }),
+            removals: vec!["c".into()],
+            ..Default::default()
+        };
+        e.apply(&d).unwrap();
+        assert!(e
+            .state
+            .snapshot
+            .load()
+            .picker
+            .as_ref()
+            .unwrap()
+            .backends()
+            .is_empty());
+        // Invalid record: nacked, nothing changes.
+        let mut bad = full(8, 4, &["x"]);
+        bad.upserts[0].weight = 0;
+        assert!(e.apply(&bad).is_err());
+        assert_eq!(e.version.version, 3);
+    }
+
+    fn not_found(epoch: u64) -> proto::ServiceNotFound {
+        proto::ServiceNotFound {
+            service: "s".into(),
+            version: Some(proto::Version { epoch, version: 0 }),
+            nonce: "n".into(),
+        }
+    }
+
+    #[test]
+    fn not_found_is_applied_unless_it_comes_from_another_epoch() {
+        let mut e = Entry::new(Arc::new(ServiceState::new("s".into())));
+        // Nothing held: applied.
+        e.not_found(&not_found(7));
+        assert!(e.state.snapshot.load().not_found);
+        // A service that existed in the same epoch and was deleted: applied.
+        e.apply(&full(7, 1, &["a"])).unwrap();
+        e.not_found(&not_found(7));
+        let snap = e.state.snapshot.load();
+        assert!(snap.not_found && snap.picker.is_none());
+        // From another epoch while routing on a non-empty snapshot: held back.
+        e.apply(&full(7, 2, &["a"])).unwrap();
+        e.not_found(&not_found(9));
+        let snap = e.state.snapshot.load();
+        assert!(!snap.not_found && snap.stale);
+        assert_eq!(snap.picker.as_ref().unwrap().backends().len(), 1);
+        assert_eq!(
+            e.version,
+            Version::default(),
+            "resubscribes without a known version"
+        );
+        assert_eq!(e.state.stats.held_back.load(Ordering::Relaxed), 1);
+    }
+}

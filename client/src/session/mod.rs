@@ -1,0 +1,736 @@
+//! The session task: one per [`crate::Client`], multiplexing every subscribed service over one
+//! `Discovery.Session` stream.
+//!
+//! The task owns all mutable routing state ([`entry::Entry`] per service: the backend records,
+//! the policy, the held version) and is the only writer of each service's published snapshot.
+//! Loop:
+//!
+//! 1. connect to the current endpoint and send `Subscribe` with every service and the
+//!    `(epoch, version)` it holds, so the server can answer with a delta instead of a snapshot;
+//! 2. apply updates (full snapshot: replace; delta: check `base` == held version, else Nack so
+//!    the server resends a full snapshot) in batches: when a message arrives, every further one
+//!    already readable (up to [`MAX_BATCH`]) is applied with it to the records, and then each
+//!    service that changed gets one picker, built off the request path with `Picker::rebuild`
+//!    for its newest state and swapped in — a burst of N updates costs one build, not N (counted
+//!    in `ServiceStats::rebuilds`); then Ack — acks are coalesced for up to `ack_delay` (100 ms
+//!    by default) and name the latest version applied, so a burst of updates costs one Ack; a
+//!    Nack is sent at once and supersedes a deferred Ack; send a `LoadReport` per service every
+//!    interval (timers are tokio's, so all of this runs on paused time in tests);
+//! 3. when the stream ends, fails, or the server says `GoingAway`, mark the client disconnected
+//!    (handles keep routing on their last snapshot), rotate to the next endpoint and reconnect
+//!    after an exponential backoff with full jitter (after `GoingAway`: a jittered pause of at
+//!    most the minimum backoff, so a fleet does not reconnect in lock-step).
+//!
+//! Protection against a control plane that lost its state: an update that would empty a
+//! service's backend list is applied normally when it comes from the same store incarnation
+//! (`epoch`) as the state held — removals are deliberate operator actions. A full snapshot with no
+//! backends, or a `ServiceNotFound`, from a *different* epoch while the handle routes on a
+//! non-empty snapshot is recorded (so later deltas apply and are acked) but not published: the
+//! handle keeps routing on its previous snapshot, marked stale (`ServiceHandle::is_stale`,
+//! counted in `ServiceStats::held_back`), until the service has backends again (while it is
+//! stale, further empty states are held back too). Removals that empty a service through the
+//! control plane the SDK already follows are deliberate and always applied.
+
+// Wire messages are built with `..Default::default()` even when every field is named today: the
+// API grows by adding fields, and this code must keep compiling when one is added.
+#![allow(clippy::needless_update)]
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dlb::proto;
+use dlb::proto::client_message::Kind as ClientKind;
+use dlb::proto::discovery_client::DiscoveryClient;
+use dlb::proto::server_message::Kind as ServerKind;
+use futures::{FutureExt, Stream, StreamExt};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+use crate::service::ServiceState;
+
+mod entry;
+
+pub(crate) use entry::apply_detached;
+use entry::Entry;
+
+/// Requests from [`crate::Client`] to its session task.
+#[derive(Debug)]
+pub(crate) enum Command {
+    /// Follow one more service.
+    Subscribe(Arc<ServiceState>),
+}
+
+/// Settings of the session loop.
+#[derive(Debug, Clone)]
+pub(crate) struct SessionConfig {
+    pub(crate) client_id: String,
+    pub(crate) report_interval: Duration,
+    /// How long an Ack may wait to be coalesced with later ones (zero: ack at once).
+    pub(crate) ack_delay: Duration,
+    pub(crate) backoff_min: Duration,
+    pub(crate) backoff_max: Duration,
+    pub(crate) connect_timeout: Duration,
+    /// Bearer token for the session.
+    pub(crate) token: crate::admin::TokenInterceptor,
+}
+
+/// Connection state shared with the client.
+#[derive(Debug)]
+pub(crate) struct Link {
+    /// Whether a session is established; a watch so `Client::connect` can wait for it.
+    pub(crate) connected: watch::Sender<bool>,
+    /// Sessions established so far.
+    pub(crate) sessions: std::sync::atomic::AtomicU64,
+    /// Index of the endpoint in use (or last tried).
+    pub(crate) endpoint: std::sync::atomic::AtomicUsize,
+}
+
+impl Link {
+    pub(crate) fn new() -> Self {
+        Self {
+            connected: watch::Sender::new(false),
+            sessions: Default::default(),
+            endpoint: Default::default(),
+        }
+    }
+}
+
+/// How one session ended.
+enum Ended {
+    /// The client was closed: stop.
+    Closed,
+    /// The server asked us to go away: reconnect now, elsewhere.
+    GoingAway,
+    /// Connecting or the stream failed. `established` says whether a session was up (then the
+    /// backoff restarts from its minimum).
+    Failed { established: bool },
+}
+
+/// Full-jitter exponential backoff: uniform in `[0, min(max, min × 2^attempt)]`.
+pub(crate) fn backoff_delay(min: Duration, max: Duration, attempt: u32) -> Duration {
+    let cap = min
+        .saturating_mul(1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX))
+        .min(max);
+    let nanos = u64::try_from(cap.as_nanos()).unwrap_or(u64::MAX);
+    Duration::from_nanos(fastrand::u64(0..=nanos))
+}
+
+/// The session task. Runs until the client is closed (its command channel closes or `closed`
+/// flips to true).
+pub(crate) async fn run(
+    config: SessionConfig,
+    channels: Vec<(String, Channel)>,
+    link: Arc<Link>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    mut closed: watch::Receiver<bool>,
+) {
+    let mut entries: HashMap<String, Entry> = HashMap::new();
+    let mut attempt: u32 = 0;
+    let mut idx = 0usize;
+    loop {
+        link.endpoint.store(idx, Ordering::Relaxed);
+        let (endpoint, channel) = &channels[idx];
+        let ended = tokio::select! {
+            e = session_once(&config, endpoint, channel.clone(), &link, &mut entries, &mut commands) => e,
+            _ = closed.wait_for(|c| *c) => Ended::Closed,
+        };
+        link.connected.send_replace(false);
+        let delay = match ended {
+            Ended::Closed => return,
+            Ended::GoingAway => {
+                attempt = 0;
+                backoff_delay(Duration::ZERO, config.backoff_min, 0)
+            }
+            Ended::Failed { established } => {
+                if established {
+                    attempt = 0;
+                }
+                let d = backoff_delay(config.backoff_min, config.backoff_max, attempt);
+                attempt = attempt.saturating_add(1);
+                d
+            }
+        };
+        idx = (idx + 1) % channels.len();
+        // Sleep, but keep accepting subscriptions and notice a close.
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => break,
+                _ = closed.wait_for(|c| *c) => return,
+                cmd = commands.recv() => match cmd {
+                    None => return,
+                    Some(Command::Subscribe(state)) => {
+                        entries.entry(state.name.clone()).or_insert_with(|| Entry::new(state));
+                    }
+                },
+            }
+        }
+    }
+}
+
+async fn session_once(
+    config: &SessionConfig,
+    endpoint: &str,
+    channel: Channel,
+    link: &Link,
+    entries: &mut HashMap<String, Entry>,
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+) -> Ended {
+    // Take in subscriptions that arrived meanwhile, so the first Subscribe names them.
+    while let Ok(Command::Subscribe(state)) = commands.try_recv() {
+        entries
+            .entry(state.name.clone())
+            .or_insert_with(|| Entry::new(state));
+    }
+    let (tx, rx) = mpsc::channel::<proto::ClientMessage>(1024);
+    let subscribe = proto::Subscribe {
+        client_id: config.client_id.clone(),
+        services: entries.values().map(Entry::subscription).collect(),
+        ..Default::default()
+    };
+    if tx
+        .send(client_msg(ClientKind::Subscribe(subscribe)))
+        .await
+        .is_err()
+    {
+        return Ended::Failed { established: false };
+    }
+    // dlbd's explicit message limit: the largest service it accepts fits in one update.
+    let mut client = DiscoveryClient::with_interceptor(channel, config.token.clone())
+        .max_decoding_message_size(dlb::model::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(dlb::model::MAX_MESSAGE_BYTES);
+    let response = match tokio::time::timeout(
+        config.connect_timeout,
+        client.session(ReceiverStream::new(rx)),
+    )
+    .await
+    {
+        Ok(Ok(r)) => r,
+        Ok(Err(status)) => {
+            tracing::debug!(%endpoint, %status, "session failed to start");
+            return Ended::Failed { established: false };
+        }
+        Err(_) => {
+            tracing::debug!(%endpoint, "session start timed out");
+            return Ended::Failed { established: false };
+        }
+    };
+    let inbound = response.into_inner();
+    link.sessions.fetch_add(1, Ordering::Relaxed);
+    link.connected.send_replace(true);
+    tracing::debug!(%endpoint, services = entries.len(), "session established");
+    serve(config, endpoint, inbound, &tx, entries, commands).await
+}
+
+/// Most messages applied together (one picker build per service for all of them).
+const MAX_BATCH: usize = 256;
+
+/// The loop of an established session: applies what the server sends, acks it, forwards new
+/// subscriptions, sends load reports. Generic over the inbound stream so tests can drive it
+/// without a network.
+///
+/// Each time a message arrives, every further message that is already readable (up to
+/// [`MAX_BATCH`]) is taken too, and the whole batch applied at once ([`apply_batch`]): each
+/// service's picker is built once for the newest state, however many updates it got.
+async fn serve<S>(
+    config: &SessionConfig,
+    endpoint: &str,
+    mut inbound: S,
+    tx: &mpsc::Sender<proto::ClientMessage>,
+    entries: &mut HashMap<String, Entry>,
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+) -> Ended
+where
+    S: Stream<Item = Result<proto::ServerMessage, tonic::Status>> + Unpin,
+{
+    let mut report = tokio::time::interval(config.report_interval);
+    report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    report.tick().await;
+    let mut last_report = Instant::now();
+    // Acks waiting to be coalesced: the latest per service, sent when `ack_timer` fires.
+    let mut pending_acks: HashMap<String, proto::Ack> = HashMap::new();
+    let ack_timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(ack_timer);
+
+    loop {
+        tokio::select! {
+            () = &mut ack_timer, if !pending_acks.is_empty() => {
+                for (_, ack) in pending_acks.drain() {
+                    if tx.send(client_msg(ClientKind::Ack(ack))).await.is_err() {
+                        return Ended::Failed { established: true };
+                    }
+                }
+            }
+            msg = inbound.next() => {
+                let mut ended = None;
+                let mut batch = Vec::new();
+                match msg {
+                    Some(Ok(m)) => batch.push(m),
+                    Some(Err(status)) => {
+                        tracing::debug!(%endpoint, %status, "session failed");
+                        return Ended::Failed { established: true };
+                    }
+                    None => {
+                        tracing::debug!(%endpoint, "session ended by the server");
+                        return Ended::Failed { established: true };
+                    }
+                }
+                // Take whatever else is readable now, without waiting.
+                while batch.len() < MAX_BATCH {
+                    match inbound.next().now_or_never() {
+                        None => break,
+                        Some(Some(Ok(m))) => batch.push(m),
+                        Some(Some(Err(status))) => {
+                            tracing::debug!(%endpoint, %status, "session failed");
+                            ended = Some(Ended::Failed { established: true });
+                            break;
+                        }
+                        Some(None) => {
+                            tracing::debug!(%endpoint, "session ended by the server");
+                            ended = Some(Ended::Failed { established: true });
+                            break;
+                        }
+                    }
+                }
+                let applied = apply_batch(entries, batch, &mut pending_acks);
+                if let Some(reason) = &applied.going_away {
+                    tracing::info!(%endpoint, %reason, "control plane going away");
+                    ended = Some(Ended::GoingAway);
+                }
+                // Nacks at once (each supersedes its service's deferred Ack), then the Acks.
+                for nack in applied.nacks {
+                    if tx.send(client_msg(ClientKind::Nack(nack))).await.is_err() {
+                        return Ended::Failed { established: true };
+                    }
+                }
+                for (service, ack) in applied.acks {
+                    if config.ack_delay.is_zero() {
+                        if tx.send(client_msg(ClientKind::Ack(ack))).await.is_err() {
+                            return Ended::Failed { established: true };
+                        }
+                    } else {
+                        if pending_acks.is_empty() {
+                            ack_timer.as_mut().reset(Instant::now() + config.ack_delay);
+                        }
+                        pending_acks.insert(service, ack);
+                    }
+                }
+                if let Some(ended) = ended {
+                    return ended;
+                }
+            }
+            cmd = commands.recv() => match cmd {
+                None => return Ended::Closed,
+                Some(Command::Subscribe(state)) => {
+                    let name = state.name.clone();
+                    let entry = entries.entry(name).or_insert_with(|| Entry::new(state));
+                    let sub = proto::Subscribe {
+                        client_id: config.client_id.clone(),
+                        services: vec![entry.subscription()],
+                        ..Default::default()
+                    };
+                    if tx.send(client_msg(ClientKind::Subscribe(sub))).await.is_err() {
+                        return Ended::Failed { established: true };
+                    }
+                }
+            },
+            _ = report.tick() => {
+                let now = Instant::now();
+                let interval = now - last_report;
+                last_report = now;
+                for entry in entries.values_mut() {
+                    if let Some(r) = entry.load_report(interval) {
+                        if tx.send(client_msg(ClientKind::LoadReport(r))).await.is_err() {
+                            return Ended::Failed { established: true };
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What applying a batch of server messages calls for.
+#[derive(Debug, Default)]
+struct Applied {
+    /// The latest Ack per service (to send now or defer).
+    acks: HashMap<String, proto::Ack>,
+    /// Nacks, in order, to send at once.
+    nacks: Vec<proto::Nack>,
+    /// The server said `GoingAway` (with this reason); messages after it were not applied.
+    going_away: Option<String>,
+}
+
+/// Applies a batch of messages in order: updates are staged (validated and recorded; a Nack
+/// for those that cannot apply), `ServiceNotFound` and held-back updates take effect at once,
+/// and then each service that changed gets one picker built for its newest state and
+/// published. A Nack removes the service's Ack, both from this batch and from
+/// `pending_acks` (deferred from earlier batches).
+fn apply_batch(
+    entries: &mut HashMap<String, Entry>,
+    batch: Vec<proto::ServerMessage>,
+    pending_acks: &mut HashMap<String, proto::Ack>,
+) -> Applied {
+    let mut out = Applied::default();
+    let mut dirty: Vec<String> = Vec::new();
+    for msg in batch {
+        match msg.kind {
+            Some(ServerKind::Update(upd)) => {
+                let Some(entry) = entries.get_mut(&upd.service) else {
+                    tracing::debug!(service = %upd.service, "update for a service not subscribed");
+                    continue;
+                };
+                match entry.stage(&upd) {
+                    Ok(()) => {
+                        if entry.dirty && !dirty.contains(&upd.service) {
+                            dirty.push(upd.service.clone());
+                        }
+                        out.acks.insert(
+                            upd.service.clone(),
+                            proto::Ack {
+                                service: upd.service.clone(),
+                                version: upd.version,
+                                nonce: upd.nonce.clone(),
+                                ..Default::default()
+                            },
+                        );
+                    }
+                    Err(detail) => {
+                        tracing::info!(service = %upd.service, %detail, "nacking update");
+                        out.nacks
+                            .push(nack(entry, &upd.service, upd.nonce.clone(), detail));
+                        out.acks.remove(&upd.service);
+                        pending_acks.remove(&upd.service);
+                    }
+                }
+            }
+            Some(ServerKind::NotFound(nf)) => {
+                if let Some(entry) = entries.get_mut(&nf.service) {
+                    entry.not_found(&nf);
+                }
+            }
+            Some(ServerKind::GoingAway(g)) => {
+                out.going_away = Some(g.reason);
+                break;
+            }
+            None => {}
+        }
+    }
+    for service in dirty {
+        let Some(entry) = entries.get_mut(&service) else {
+            continue;
+        };
+        if let Err(detail) = entry.flush() {
+            // The staged updates are forgotten: nack the last one so the server resends.
+            if let Some(ack) = out.acks.remove(&service) {
+                out.nacks.push(nack(entry, &service, ack.nonce, detail));
+            }
+            pending_acks.remove(&service);
+        }
+    }
+    out
+}
+
+/// A Nack of the update with `nonce`, naming the version `entry` holds.
+fn nack(entry: &Entry, service: &str, nonce: String, detail: String) -> proto::Nack {
+    entry.state.stats.nacks.fetch_add(1, Ordering::Relaxed);
+    proto::Nack {
+        service: service.to_owned(),
+        version: (entry.version.epoch != 0).then(|| entry.version.into()),
+        nonce,
+        error_detail: detail,
+        ..Default::default()
+    }
+}
+
+fn client_msg(kind: ClientKind) -> proto::ClientMessage {
+    proto::ClientMessage {
+        kind: Some(kind),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_capped_full_jitter() {
+        let min = Duration::from_millis(100);
+        let max = Duration::from_secs(2);
+        for attempt in 0..40 {
+            let d = backoff_delay(min, max, attempt);
+            assert!(d <= max, "{d:?}");
+            let cap = min.saturating_mul(1 << attempt.min(5)).min(max);
+            assert!(d <= cap.max(min), "{attempt}: {d:?}");
+        }
+        assert_eq!(
+            backoff_delay(Duration::ZERO, Duration::ZERO, 3),
+            Duration::ZERO
+        );
+    }
+}
+
+/// The session loop driven without a network: scripted server messages in, client messages
+/// out, on paused time.
+#[cfg(test)]
+mod serve_tests {
+    use std::collections::BTreeMap;
+
+    use dlb::model;
+    use tokio::task::JoinHandle;
+    use tokio_stream::wrappers::UnboundedReceiverStream;
+
+    use super::*;
+
+    const ACK_DELAY: Duration = Duration::from_millis(100);
+
+    struct Harness {
+        state: Arc<ServiceState>,
+        out: mpsc::Receiver<proto::ClientMessage>,
+        task: JoinHandle<Ended>,
+        _inbound: mpsc::UnboundedSender<Result<proto::ServerMessage, tonic::Status>>,
+        _commands: mpsc::UnboundedSender<Command>,
+    }
+
+    /// Runs `serve` for one service "s" with `burst` already readable on the stream.
+    fn start(burst: Vec<proto::ServiceUpdate>) -> Harness {
+        let (in_tx, in_rx) = mpsc::unbounded_channel();
+        for upd in burst {
+            let msg = proto::ServerMessage {
+                kind: Some(ServerKind::Update(upd)),
+                ..Default::default()
+            };
+            in_tx.send(Ok(msg)).unwrap();
+        }
+        let (tx, out) = mpsc::channel(4096);
+        let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel();
+        let state = Arc::new(ServiceState::new("s".into()));
+        let mut entries = HashMap::from([("s".to_owned(), Entry::new(state.clone()))]);
+        let config = SessionConfig {
+            client_id: "test".into(),
+            report_interval: Duration::from_secs(1),
+            ack_delay: ACK_DELAY,
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+            token: Default::default(),
+        };
+        let task = tokio::spawn(async move {
+            let inbound = UnboundedReceiverStream::new(in_rx);
+            serve(&config, "test", inbound, &tx, &mut entries, &mut cmd_rx).await
+        });
+        Harness {
+            state,
+            out,
+            task,
+            _inbound: in_tx,
+            _commands: cmd_tx,
+        }
+    }
+
+    fn v(version: u64) -> Option<proto::Version> {
+        Some(proto::Version { epoch: 7, version })
+    }
+
+    fn server(id: &str, weight: u32) -> proto::Server {
+        proto::Server {
+            server_id: id.into(),
+            address: "127.0.0.1:80".into(),
+            weight,
+            health: proto::HealthStatus::Healthy as i32,
+            ..Default::default()
+        }
+    }
+
+    fn full(version: u64, servers: Vec<proto::Server>) -> proto::ServiceUpdate {
+        proto::ServiceUpdate {
+            service: "s".into(),
+            version: v(version),
+            nonce: format!("n{version}"),
+            full: true,
+            policy: Some(model::default_policy()),
+            upserts: servers,
+            ..Default::default()
+        }
+    }
+
+    fn delta(
+        base: u64,
+        version: u64,
+        upserts: Vec<proto::Server>,
+        removals: Vec<String>,
+    ) -> proto::ServiceUpdate {
+        proto::ServiceUpdate {
+            service: "s".into(),
+            version: v(version),
+            base: v(base),
+            nonce: format!("n{version}"),
+            upserts,
+            removals,
+            ..Default::default()
+        }
+    }
+
+    async fn next(h: &mut Harness) -> ClientKind {
+        let msg = tokio::time::timeout(Duration::from_secs(60), h.out.recv())
+            .await
+            .expect("a client message")
+            .expect("the session is running");
+        msg.kind.expect("a message kind")
+    }
+
+    /// The published backends as `id → weight`.
+    fn published(state: &ServiceState) -> BTreeMap<String, u32> {
+        let snap = state.snapshot.load();
+        let picker = snap.picker.as_ref().expect("a picker");
+        picker
+            .backends()
+            .iter()
+            .map(|b| (b.id().to_owned(), b.weight()))
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_deltas_costs_one_rebuild_and_one_ack() {
+        const N: u64 = 200;
+        // A full snapshot of 100 backends, then N deltas: each changes one weight, and every
+        // tenth also removes one backend and adds another.
+        let mut expected: BTreeMap<String, u32> = (0..100).map(|i| (format!("b{i}"), 1)).collect();
+        let mut burst = vec![full(
+            1,
+            expected.iter().map(|(id, w)| server(id, *w)).collect(),
+        )];
+        for k in 1..=N {
+            let id = format!("b{}", k % 100);
+            let weight = 2 + (k % 7) as u32;
+            let mut upserts = vec![server(&id, weight)];
+            let mut removals = Vec::new();
+            expected.insert(id, weight);
+            if k % 10 == 0 {
+                let gone = format!("b{}", k / 10);
+                expected.remove(&gone);
+                removals.push(gone);
+                let new = format!("x{k}");
+                expected.insert(new.clone(), 1);
+                upserts.push(server(&new, 1));
+            }
+            burst.push(delta(k, k + 1, upserts, removals));
+        }
+        let mut h = start(burst);
+        let mut versions = h.state.version_tx.subscribe();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            versions.wait_for(|x| x.version == N + 1),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let applied = Instant::now();
+
+        let stats = h.state.stats.read();
+        assert_eq!((stats.full_updates, stats.delta_updates), (1, N));
+        assert_eq!(stats.nacks, 0);
+        assert!(
+            stats.rebuilds <= N / 20,
+            "{} rebuilds for a burst of {} updates",
+            stats.rebuilds,
+            N + 1
+        );
+        // Newest state wins, exactly.
+        assert_eq!(published(&h.state), expected);
+        assert_eq!(h.state.snapshot.load().version.version, N + 1);
+
+        // One Ack, naming the latest update, after the coalescing delay (paused time: exact).
+        match next(&mut h).await {
+            ClientKind::Ack(ack) => {
+                assert_eq!(ack.version, v(N + 1));
+                assert_eq!(ack.nonce, format!("n{}", N + 1));
+            }
+            other => panic!("expected an Ack, got {other:?}"),
+        }
+        assert_eq!(Instant::now() - applied, ACK_DELAY);
+        // Nothing else: no more Acks, and no load report (no call was made).
+        let more = tokio::time::timeout(Duration::from_secs(5), h.out.recv()).await;
+        assert!(more.is_err(), "unexpected message {more:?}");
+        h.task.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_nack_in_a_burst_names_the_version_held_and_drops_the_deferred_ack() {
+        let burst = vec![
+            full(1, vec![server("a", 1), server("b", 1)]),
+            delta(1, 2, vec![], vec!["a".into()]),
+            // Its base is not what the client holds (v2): nacked.
+            delta(3, 4, vec![server("c", 1)], vec![]),
+            // The server answers a Nack with a full snapshot.
+            full(5, vec![server("c", 3), server("d", 1)]),
+        ];
+        let mut h = start(burst);
+        let start = Instant::now();
+        match next(&mut h).await {
+            ClientKind::Nack(nack) => {
+                assert_eq!(nack.nonce, "n4");
+                assert_eq!(nack.version, v(2), "the version held when the delta came");
+            }
+            other => panic!("expected a Nack first, got {other:?}"),
+        }
+        assert_eq!(Instant::now(), start, "a Nack is not deferred");
+        match next(&mut h).await {
+            ClientKind::Ack(ack) => assert_eq!(ack.version, v(5)),
+            other => panic!("expected an Ack, got {other:?}"),
+        }
+        assert_eq!(Instant::now() - start, ACK_DELAY);
+        let expected = BTreeMap::from([("c".to_owned(), 3), ("d".to_owned(), 1)]);
+        assert_eq!(published(&h.state), expected);
+        let stats = h.state.stats.read();
+        assert_eq!((stats.nacks, stats.rebuilds), (1, 1));
+        h.task.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_update_held_back_inside_a_burst_is_decided_as_if_published_one_by_one() {
+        let other_epoch = |version, servers| proto::ServiceUpdate {
+            version: Some(proto::Version { epoch: 8, version }),
+            ..full(version, servers)
+        };
+        let burst = vec![
+            full(1, vec![server("a", 1)]),
+            // Another store incarnation says "empty": held back, routing stays on {a}.
+            other_epoch(1, vec![]),
+            // That incarnation gets backends again: published.
+            proto::ServiceUpdate {
+                base: Some(proto::Version {
+                    epoch: 8,
+                    version: 1,
+                }),
+                version: Some(proto::Version {
+                    epoch: 8,
+                    version: 2,
+                }),
+                ..delta(1, 2, vec![server("b", 1)], vec![])
+            },
+        ];
+        let h = start(burst);
+        let mut versions = h.state.version_tx.subscribe();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            versions.wait_for(|x| x.epoch == 8 && x.version == 2),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let stats = h.state.stats.read();
+        assert_eq!(stats.held_back, 1);
+        // {a} was published before the held-back update (as it would have been on its own).
+        assert_eq!(stats.rebuilds, 2);
+        assert!(!h.state.snapshot.load().stale);
+        assert_eq!(published(&h.state), BTreeMap::from([("b".to_owned(), 1)]));
+        h.task.abort();
+    }
+}
