@@ -256,13 +256,17 @@ where
     let mut pending_acks: HashMap<String, proto::Ack> = HashMap::new();
     let ack_timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(ack_timer);
+    // The session counts as established (the reconnect backoff resets) only once it has applied
+    // an update: response headers alone prove nothing, and a session that fails right after them
+    // must not retry every few milliseconds forever.
+    let mut established = false;
 
     loop {
         tokio::select! {
             () = &mut ack_timer, if !pending_acks.is_empty() => {
                 for (_, ack) in pending_acks.drain() {
                     if tx.send(client_msg(ClientKind::Ack(ack))).await.is_err() {
-                        return Ended::Failed { established: true };
+                        return Ended::Failed { established };
                     }
                 }
             }
@@ -273,11 +277,11 @@ where
                     Some(Ok(m)) => batch.push(m),
                     Some(Err(status)) => {
                         tracing::debug!(%endpoint, %status, "session failed");
-                        return Ended::Failed { established: true };
+                        return Ended::Failed { established };
                     }
                     None => {
                         tracing::debug!(%endpoint, "session ended by the server");
-                        return Ended::Failed { established: true };
+                        return Ended::Failed { established };
                     }
                 }
                 // Take whatever else is readable now, without waiting.
@@ -287,17 +291,19 @@ where
                         Some(Some(Ok(m))) => batch.push(m),
                         Some(Some(Err(status))) => {
                             tracing::debug!(%endpoint, %status, "session failed");
-                            ended = Some(Ended::Failed { established: true });
+                            // `established` is decided after the batch is applied.
+                            ended = Some(Ended::Failed { established: false });
                             break;
                         }
                         Some(None) => {
                             tracing::debug!(%endpoint, "session ended by the server");
-                            ended = Some(Ended::Failed { established: true });
+                            ended = Some(Ended::Failed { established: false });
                             break;
                         }
                     }
                 }
                 let applied = apply_batch(entries, batch, &mut pending_acks);
+                established |= !applied.acks.is_empty();
                 if let Some(reason) = &applied.going_away {
                     tracing::info!(%endpoint, %reason, "control plane going away");
                     ended = Some(Ended::GoingAway);
@@ -305,13 +311,13 @@ where
                 // Nacks at once (each supersedes its service's deferred Ack), then the Acks.
                 for nack in applied.nacks {
                     if tx.send(client_msg(ClientKind::Nack(nack))).await.is_err() {
-                        return Ended::Failed { established: true };
+                        return Ended::Failed { established };
                     }
                 }
                 for (service, ack) in applied.acks {
                     if config.ack_delay.is_zero() {
                         if tx.send(client_msg(ClientKind::Ack(ack))).await.is_err() {
-                            return Ended::Failed { established: true };
+                            return Ended::Failed { established };
                         }
                     } else {
                         if pending_acks.is_empty() {
@@ -321,7 +327,10 @@ where
                     }
                 }
                 if let Some(ended) = ended {
-                    return ended;
+                    return match ended {
+                        Ended::Failed { .. } => Ended::Failed { established },
+                        other => other,
+                    };
                 }
             }
             cmd = commands.recv() => match cmd {
@@ -335,7 +344,7 @@ where
                         ..Default::default()
                     };
                     if tx.send(client_msg(ClientKind::Subscribe(sub))).await.is_err() {
-                        return Ended::Failed { established: true };
+                        return Ended::Failed { established };
                     }
                 }
             },
@@ -346,7 +355,7 @@ where
                 for entry in entries.values_mut() {
                     if let Some(r) = entry.load_report(interval) {
                         if tx.send(client_msg(ClientKind::LoadReport(r))).await.is_err() {
-                            return Ended::Failed { established: true };
+                            return Ended::Failed { established };
                         }
                     }
                 }
@@ -536,6 +545,28 @@ mod serve_tests {
 
     fn v(version: u64) -> Option<proto::Version> {
         Some(proto::Version { epoch: 7, version })
+    }
+
+    /// A session that fails right after its response headers must not reset the reconnect
+    /// backoff (or it retries every few milliseconds forever); one that applied an update does.
+    #[tokio::test(start_paused = true)]
+    async fn established_means_an_update_was_applied() {
+        let h = start(Vec::new());
+        h._inbound
+            .send(Err(tonic::Status::internal("fails at once")))
+            .unwrap();
+        assert!(
+            matches!(h.task.await.unwrap(), Ended::Failed { established: false }),
+            "a session that applied nothing counted as established"
+        );
+        let h = start(vec![full(1, vec![server("a", 1)])]);
+        h._inbound
+            .send(Err(tonic::Status::internal("fails later")))
+            .unwrap();
+        assert!(matches!(
+            h.task.await.unwrap(),
+            Ended::Failed { established: true }
+        ));
     }
 
     fn server(id: &str, weight: u32) -> proto::Server {
