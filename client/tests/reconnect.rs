@@ -35,8 +35,9 @@ async fn restarted_control_plane_sends_a_full_snapshot_and_routing_survives_the_
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(web.last_update_age().unwrap() >= Duration::from_millis(50));
 
-    // A new control plane on the same port, new epoch, other backends.
-    let mut cfg = config(vec![service_with("web", &["c", "d"])]);
+    // A new control plane on the same port, new epoch, a changed set that keeps half of the
+    // backends routed to (a set keeping fewer would be held back: restart flooding).
+    let mut cfg = config(vec![service_with("web", &["a", "c"])]);
     cfg.listen = addr;
     let second = within("respawn", async {
         loop {
@@ -55,7 +56,7 @@ async fn restarted_control_plane_sends_a_full_snapshot_and_routing_survives_the_
     .await
     .unwrap();
     assert!(client.is_connected());
-    assert_eq!(picked(&web, 10), set(&["c", "d"]));
+    assert_eq!(picked(&web, 20), set(&["a", "c"]));
     let stats = web.stats();
     assert_eq!(stats.full_updates, 2, "{stats:?}");
     assert!(client.sessions_established() >= 2);
@@ -161,12 +162,22 @@ async fn an_empty_snapshot_from_a_restarted_control_plane_is_held_back() {
         "still routing on the old set"
     );
 
-    // Once the new control plane has backends for it, routing follows.
-    let r = web.add_server("c", "127.0.0.1:9300", 1).await.unwrap();
+    // The first re-registered backend would take 100 % of the traffic: still held (the
+    // restart-flooding rule: fewer than half of the routed backends are back).
+    web.add_server("c", "127.0.0.1:9300", 1).await.unwrap();
+    eventually("the update to be held back too", || {
+        web.stats().held_back >= 2
+    })
+    .await;
+    assert!(web.is_stale());
+    assert_eq!(picked(&web, 10), set(&["a", "b"]));
+    // Once half of them are back, routing follows the new control plane.
+    let r = web.add_server("a", "127.0.0.1:9100", 1).await.unwrap();
     converge(&web, r.version).await;
     assert!(!web.is_stale());
-    assert_eq!(picked(&web, 10), set(&["c"]));
+    assert_eq!(picked(&web, 20), set(&["a", "c"]));
     // A deliberate removal through the same control plane empties it.
+    web.remove_server("a").await.unwrap();
     let r = web.remove_server("c").await.unwrap();
     converge(&web, r.version).await;
     assert!(web.backends().is_empty());

@@ -6,6 +6,13 @@
 //! published), so a burst of updates costs one build. The rule that protects a service from
 //! being emptied by a control plane that lost its state (see the `session` module docs) is
 //! decided per update, as if each had been published on its own.
+//!
+//! **Restart flooding.** A full snapshot from another epoch (a restarted control plane), or any
+//! update while one is held, that would keep fewer than half of the eligible backends the
+//! published snapshot routes to is held back: the SDK keeps routing on what it has (marked
+//! stale) until the control plane's state covers at least half of them again (backends
+//! re-registering) or for [`HOLD_GRACE`] (30 s), whichever comes first. Each hold is counted
+//! (`ServiceStats::held_back`) and logged. An empty update is the extreme case.
 
 // Wire messages are built with `..Default::default()` even when every field is named today: the
 // API grows by adding fields, and this code must keep compiling when one is added.
@@ -40,7 +47,13 @@ pub(super) struct Entry {
     /// Whether staged updates changed the state since the last build (`flush` builds and
     /// publishes it).
     pub(super) dirty: bool,
+    /// When the current hold began (an update is held back; see [`HOLD_GRACE`]).
+    held_since: Option<tokio::time::Instant>,
 }
+
+/// How long an update held back by the restart-flooding rule is held at most: after this the
+/// SDK routes on what the control plane says even if it covers few of the backends it had.
+pub(super) const HOLD_GRACE: Duration = Duration::from_secs(30);
 
 impl Entry {
     pub(super) fn new(state: Arc<ServiceState>) -> Self {
@@ -53,6 +66,7 @@ impl Entry {
             sticky: None,
             reported_load: false,
             dirty: false,
+            held_since: None,
         }
     }
 
@@ -124,10 +138,11 @@ impl Entry {
         } else {
             (self.state.snapshot.load().stale, self.publishes_backends())
         };
-        let suspicious = self.empties(upd)
-            && publishes_backends
-            && (stale || (upd.full && self.version.epoch != version.epoch));
-        if suspicious {
+        // An update from a control plane of another history (or while one is held) may come
+        // from a restarted, still-empty store: it is judged against what is published.
+        let candidate =
+            publishes_backends && (stale || (upd.full && self.version.epoch != version.epoch));
+        if candidate {
             self.flush()?;
         }
         // Apply to the records in place, keeping an undo log: an update the picker could not
@@ -167,6 +182,7 @@ impl Entry {
             return Err(detail);
         }
 
+        let suspicious = candidate && self.floods() && !self.hold_expired();
         // Everything validated: commit.
         self.policy = Some(policy);
         self.version = version;
@@ -178,30 +194,55 @@ impl Entry {
         }
         if suspicious {
             stats.held_back.fetch_add(1, Ordering::Relaxed);
+            if self.held_since.is_none() {
+                self.held_since = Some(tokio::time::Instant::now());
+            }
             tracing::warn!(service = %self.state.name, %version,
-                "holding back an update that would empty the service; routing on the previous snapshot");
+                "holding back an update that would remove most of the backends routed to; routing on the previous snapshot");
             self.mark_stale();
         } else {
+            self.held_since = None;
             self.dirty = true;
         }
         Ok(())
     }
 
-    /// Whether the service has no backend after `upd` (`O(changes)`).
-    fn empties(&self, upd: &proto::ServiceUpdate) -> bool {
-        if !upd.upserts.is_empty() {
+    /// Whether the staged records keep fewer than half of the eligible backends the published
+    /// snapshot routes to (by id, still eligible): the restart-flooding rule. `O(n)`.
+    fn floods(&self) -> bool {
+        let snap = self.state.snapshot.load();
+        let Some(picker) = snap.picker.as_ref() else {
+            return false;
+        };
+        let mut routed = 0usize;
+        let mut kept = 0usize;
+        for b in picker.backends().iter().filter(|b| b.is_eligible()) {
+            routed += 1;
+            if self.records.get(b.id()).is_some_and(model::is_eligible) {
+                kept += 1;
+            }
+        }
+        kept * 2 < routed
+    }
+
+    fn hold_expired(&self) -> bool {
+        self.held_since.is_some_and(|t| t.elapsed() >= HOLD_GRACE)
+    }
+
+    /// Publishes a held-back state once the hold has lasted [`HOLD_GRACE`] (the session calls
+    /// it periodically). Returns whether it did.
+    pub(super) fn release_expired_hold(&mut self) -> bool {
+        if !self.hold_expired() || !self.state.snapshot.load().stale {
             return false;
         }
-        if upd.full {
-            return true;
+        tracing::warn!(service = %self.state.name, version = %self.version,
+            "releasing a held-back update after the grace period");
+        self.held_since = None;
+        if self.policy.is_none() {
+            return false;
         }
-        let removed: std::collections::HashSet<&str> = upd
-            .removals
-            .iter()
-            .map(String::as_str)
-            .filter(|id| self.records.contains_key(*id))
-            .collect();
-        removed.len() == self.records.len()
+        self.dirty = true;
+        self.flush().is_ok()
     }
 
     /// Builds the picker of the staged state (carrying in-flight counts over from the last
@@ -404,11 +445,14 @@ mod tests {
                 version: 1
             }
         );
-        // The service gets backends again: published.
+        // Backends that do not cover the routed one: still held (restart-flooding rule).
         e.apply(&full(8, 2, &["c"])).unwrap();
+        assert!(e.state.snapshot.load().stale);
+        // The routed backend is back: published.
+        e.apply(&full(8, 2, &["b", "c"])).unwrap();
         let snap = e.state.snapshot.load();
         assert!(!snap.stale);
-        assert_eq!(snap.picker.as_ref().unwrap().backends()[0].id(), "c");
+        assert_eq!(snap.picker.as_ref().unwrap().backends().len(), 2);
         // Same epoch removal to empty is applied.
         let d = proto::ServiceUpdate {
             service: "s".into(),
@@ -420,7 +464,7 @@ mod tests {
                 epoch: 8,
                 version: 2,
             }),
-            removals: vec!["c".into()],
+            removals: vec!["b".into(), "c".into()],
             ..Default::default()
         };
         e.apply(&d).unwrap();
@@ -438,6 +482,82 @@ mod tests {
         bad.upserts[0].weight = 0;
         assert!(e.apply(&bad).is_err());
         assert_eq!(e.version.version, 3);
+    }
+
+    fn routed(e: &Entry) -> Vec<String> {
+        let snap = e.state.snapshot.load();
+        let mut ids: Vec<String> = snap
+            .picker
+            .as_ref()
+            .map(|p| p.backends().iter().map(|b| b.id().to_owned()).collect())
+            .unwrap_or_default();
+        ids.sort();
+        ids
+    }
+
+    fn add(epoch: u64, base: u64, id: &str) -> proto::ServiceUpdate {
+        proto::ServiceUpdate {
+            service: "s".into(),
+            version: Some(proto::Version {
+                epoch,
+                version: base + 1,
+            }),
+            base: Some(proto::Version {
+                epoch,
+                version: base,
+            }),
+            upserts: vec![server(id)],
+            ..Default::default()
+        }
+    }
+
+    /// A restarted control plane whose first re-registered backend would take all the traffic:
+    /// held back until half of the routed backends are back, then published.
+    #[test]
+    fn restart_flooding_is_held_back_until_half_are_back() {
+        let ten: Vec<String> = (0..10).map(|i| format!("b{i}")).collect();
+        let ids: Vec<&str> = ten.iter().map(String::as_str).collect();
+        let mut e = Entry::new(Arc::new(ServiceState::new("s".into())));
+        e.apply(&full(7, 5, &ids)).unwrap();
+        // New epoch, one backend re-registered: held.
+        e.apply(&full(8, 1, &["b0"])).unwrap();
+        assert!(e.state.snapshot.load().stale);
+        assert_eq!(routed(&e).len(), 10, "the first backend would take 100 %");
+        // Backends come back one by one; still fewer than half: held.
+        for (v, id) in (1..4).zip(["b1", "b2", "b3"]) {
+            e.apply(&add(8, v, id)).unwrap();
+            assert!(
+                e.state.snapshot.load().stale,
+                "published with {} of 10",
+                v + 1
+            );
+        }
+        // The fifth covers half: published.
+        e.apply(&add(8, 4, "b4")).unwrap();
+        let snap = e.state.snapshot.load();
+        assert!(!snap.stale);
+        assert_eq!(routed(&e), vec!["b0", "b1", "b2", "b3", "b4"]);
+        assert_eq!(e.state.stats.held_back.load(Ordering::Relaxed), 4);
+        // A new epoch that keeps most of them is applied at once.
+        e.apply(&full(9, 1, &["b0", "b1", "b2", "b9"])).unwrap();
+        assert!(!e.state.snapshot.load().stale);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hold_ends_after_the_grace_period() {
+        let mut e = Entry::new(Arc::new(ServiceState::new("s".into())));
+        e.apply(&full(7, 1, &["a", "b", "c"])).unwrap();
+        e.apply(&full(8, 1, &["z"])).unwrap();
+        assert!(e.state.snapshot.load().stale);
+        assert!(
+            !e.release_expired_hold(),
+            "released before the grace period"
+        );
+        tokio::time::advance(HOLD_GRACE).await;
+        assert!(e.release_expired_hold());
+        let snap = e.state.snapshot.load();
+        assert!(!snap.stale);
+        assert_eq!(routed(&e), vec!["z"]);
     }
 
     fn not_found(epoch: u64) -> proto::ServiceNotFound {

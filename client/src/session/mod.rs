@@ -21,15 +21,17 @@
 //!    after an exponential backoff with full jitter (after `GoingAway`: a jittered pause of at
 //!    most the minimum backoff, so a fleet does not reconnect in lock-step).
 //!
-//! Protection against a control plane that lost its state: an update that would empty a
-//! service's backend list is applied normally when it comes from the same store incarnation
-//! (`epoch`) as the state held — removals are deliberate operator actions. A full snapshot with no
-//! backends, or a `ServiceNotFound`, from a *different* epoch while the handle routes on a
-//! non-empty snapshot is recorded (so later deltas apply and are acked) but not published: the
+//! Protection against a control plane that lost its state (restart flooding): a full snapshot
+//! from a *different* epoch than the state held — a restarted control plane — that would keep
+//! fewer than half of the eligible backends the handle routes to, or a `ServiceNotFound` from a
+//! different epoch, is recorded (so later deltas apply and are acked) but not published: the
 //! handle keeps routing on its previous snapshot, marked stale (`ServiceHandle::is_stale`,
-//! counted in `ServiceStats::held_back`), until the service has backends again (while it is
-//! stale, further empty states are held back too). Removals that empty a service through the
-//! control plane the SDK already follows are deliberate and always applied.
+//! counted in `ServiceStats::held_back`, logged). While it is stale every update is judged the
+//! same way, so routing follows the new control plane as soon as its state covers at least half
+//! of the backends routed to (backends re-registering), or after `entry::HOLD_GRACE` (30 s,
+//! checked on every load-report tick), whichever comes first. Without this, the first backend to
+//! re-register with a restarted in-memory control plane took 100 % of every SDK's traffic.
+//! Changes within the same epoch — removals included — are deliberate and always applied.
 
 // Wire messages are built with `..Default::default()` even when every field is named today: the
 // API grows by adding fields, and this code must keep compiling when one is added.
@@ -353,6 +355,8 @@ where
                 let interval = now - last_report;
                 last_report = now;
                 for entry in entries.values_mut() {
+                    // A hold of the restart-flooding rule ends after its grace period.
+                    entry.release_expired_hold();
                     if let Some(r) = entry.load_report(interval) {
                         if tx.send(client_msg(ClientKind::LoadReport(r))).await.is_err() {
                             return Ended::Failed { established };
@@ -734,7 +738,7 @@ mod serve_tests {
             full(1, vec![server("a", 1)]),
             // Another store incarnation says "empty": held back, routing stays on {a}.
             other_epoch(1, vec![]),
-            // That incarnation gets backends again: published.
+            // That incarnation gets the routed backend back (and another): published.
             proto::ServiceUpdate {
                 base: Some(proto::Version {
                     epoch: 8,
@@ -744,7 +748,7 @@ mod serve_tests {
                     epoch: 8,
                     version: 2,
                 }),
-                ..delta(1, 2, vec![server("b", 1)], vec![])
+                ..delta(1, 2, vec![server("a", 1), server("b", 1)], vec![])
             },
         ];
         let h = start(burst);
@@ -761,7 +765,10 @@ mod serve_tests {
         // {a} was published before the held-back update (as it would have been on its own).
         assert_eq!(stats.rebuilds, 2);
         assert!(!h.state.snapshot.load().stale);
-        assert_eq!(published(&h.state), BTreeMap::from([("b".to_owned(), 1)]));
+        assert_eq!(
+            published(&h.state),
+            BTreeMap::from([("a".to_owned(), 1), ("b".to_owned(), 1)])
+        );
         h.task.abort();
     }
 }
