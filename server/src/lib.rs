@@ -43,6 +43,7 @@ pub mod metrics;
 pub mod pickers;
 pub mod registry;
 mod state;
+pub mod status_layer;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -207,6 +208,7 @@ pub async fn spawn_with_store(
     let router = builder
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
+        .layer(status_layer::OversizeLayer)
         .layer(auth::AuthLayer::new(config.auth.clone()))
         .add_service(health_service)
         .add_service(reflection)

@@ -237,3 +237,25 @@ async fn request_quotas_are_enforced() {
         .unwrap();
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_oversized_request_gets_resource_exhausted() {
+    let server = start().await;
+    let mut c = registry(&server).await.max_encoding_message_size(64 << 20);
+    let e = c
+        .add_server(proto::AddServerRequest {
+            hash_key: "k".repeat(dlb::model::MAX_MESSAGE_BYTES + 1),
+            ..add("", "a", "10.0.0.1:80", 1)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    // Nothing was created.
+    let e = c
+        .list_servers(proto::ListServersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(e.servers.is_empty());
+    server.shutdown().await.unwrap();
+}
