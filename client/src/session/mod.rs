@@ -229,6 +229,9 @@ async fn session_once(
     serve(config, endpoint, inbound, &tx, entries, commands).await
 }
 
+/// At most one Nack per service per this period (see `serve`).
+const NACK_EVERY: Duration = Duration::from_secs(1);
+
 /// Most messages applied together (one picker build per service for all of them).
 const MAX_BATCH: usize = 256;
 
@@ -262,6 +265,11 @@ where
     // an update: response headers alone prove nothing, and a session that fails right after them
     // must not retry every few milliseconds forever.
     let mut established = false;
+    // Nack pacing: at most one Nack per service per NACK_EVERY; a later one waits for the next
+    // load-report tick past the window (the newest replaces an older one), so a client and a
+    // server that disagree about a snapshot cannot loop Nack -> full -> Nack tightly.
+    let mut last_nack: HashMap<String, Instant> = HashMap::new();
+    let mut deferred_nacks: HashMap<String, proto::Nack> = HashMap::new();
 
     loop {
         tokio::select! {
@@ -310,8 +318,21 @@ where
                     tracing::info!(%endpoint, %reason, "control plane going away");
                     ended = Some(Ended::GoingAway);
                 }
+                // A service that applied an update again owes no deferred Nack.
+                for svc in applied.acks.keys() {
+                    deferred_nacks.remove(svc);
+                }
                 // Nacks at once (each supersedes its service's deferred Ack), then the Acks.
                 for nack in applied.nacks {
+                    let now = Instant::now();
+                    if last_nack
+                        .get(&nack.service)
+                        .is_some_and(|t| now < *t + NACK_EVERY)
+                    {
+                        deferred_nacks.insert(nack.service.clone(), nack);
+                        continue;
+                    }
+                    last_nack.insert(nack.service.clone(), now);
                     if tx.send(client_msg(ClientKind::Nack(nack))).await.is_err() {
                         return Ended::Failed { established };
                     }
@@ -354,6 +375,19 @@ where
                 let now = Instant::now();
                 let interval = now - last_report;
                 last_report = now;
+                let due: Vec<String> = deferred_nacks
+                    .keys()
+                    .filter(|svc| last_nack.get(*svc).is_none_or(|t| now >= *t + NACK_EVERY))
+                    .cloned()
+                    .collect();
+                for svc in due {
+                    if let Some(nack) = deferred_nacks.remove(&svc) {
+                        last_nack.insert(svc, now);
+                        if tx.send(client_msg(ClientKind::Nack(nack))).await.is_err() {
+                            return Ended::Failed { established };
+                        }
+                    }
+                }
                 for entry in entries.values_mut() {
                     // A hold of the restart-flooding rule ends after its grace period.
                     entry.release_expired_hold();
@@ -725,6 +759,44 @@ mod serve_tests {
         assert_eq!(published(&h.state), expected);
         let stats = h.state.stats.read();
         assert_eq!((stats.nacks, stats.rebuilds), (1, 1));
+        h.task.abort();
+    }
+
+    /// Updates that keep failing are nacked at most once a second per service: the rest wait
+    /// (the newest replacing older ones) for the next load-report tick past the window.
+    #[tokio::test(start_paused = true)]
+    async fn nacks_of_one_service_are_paced() {
+        let burst = vec![
+            full(1, vec![server("a", 1)]),
+            // Three deltas on bases the client does not hold: each would be nacked.
+            delta(3, 4, vec![], vec![]),
+            delta(5, 6, vec![], vec![]),
+            delta(7, 8, vec![], vec![]),
+        ];
+        let mut h = start(burst);
+        let start = Instant::now();
+        match next(&mut h).await {
+            ClientKind::Nack(nack) => assert_eq!(nack.nonce, "n4"),
+            other => panic!("expected a Nack, got {other:?}"),
+        }
+        assert_eq!(Instant::now(), start);
+        // The next message is the deferred (newest) Nack, one report tick after the window.
+        loop {
+            match next(&mut h).await {
+                ClientKind::Nack(nack) => {
+                    assert_eq!(nack.nonce, "n8", "the newest Nack replaces older ones");
+                    assert!(
+                        Instant::now() - start >= NACK_EVERY,
+                        "{:?}",
+                        Instant::now() - start
+                    );
+                    break;
+                }
+                ClientKind::Ack(_) | ClientKind::LoadReport(_) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(h.state.stats.read().nacks, 3);
         h.task.abort();
     }
 
