@@ -41,15 +41,7 @@ async fn restart_on_the_embedded_store_resumes_with_a_delta() {
     );
 
     cfg.listen = addr;
-    let second = within("respawn", async {
-        loop {
-            match dlb_server::spawn(cfg.clone()).await {
-                Ok(s) => break s,
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
-    })
-    .await;
+    let second = respawn(&cfg).await;
     assert_eq!(second.epoch(), epoch, "the durable store kept its epoch");
     eventually("the client to reconnect", || {
         client.is_connected() && web.stats().delta_updates > stats.delta_updates

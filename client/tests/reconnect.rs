@@ -39,15 +39,7 @@ async fn restarted_control_plane_sends_a_full_snapshot_and_routing_survives_the_
     // backends routed to (a set keeping fewer would be held back: restart flooding).
     let mut cfg = config(vec![service_with("web", &["a", "c"])]);
     cfg.listen = addr;
-    let second = within("respawn", async {
-        loop {
-            match dlb_server::spawn(cfg.clone()).await {
-                Ok(s) => break s,
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
-    })
-    .await;
+    let second = respawn(&cfg).await;
     let mut changed = web.changed();
     within(
         "the new epoch",
@@ -142,15 +134,7 @@ async fn an_empty_snapshot_from_a_restarted_control_plane_is_held_back() {
     // The restarted control plane lost its state: "web" exists but is empty.
     let mut cfg = config(vec![service_with("web", &[])]);
     cfg.listen = addr;
-    let second = within("respawn", async {
-        loop {
-            match dlb_server::spawn(cfg.clone()).await {
-                Ok(s) => break s,
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
-    })
-    .await;
+    let second = respawn(&cfg).await;
     eventually("the empty snapshot to be held back", || {
         web.stats().held_back == 1
     })

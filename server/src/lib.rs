@@ -159,7 +159,9 @@ pub async fn spawn_with_store(
     let metrics = Arc::new(Metrics::with_per_backend(config.per_backend_metrics));
     let cache = Arc::new(Cache::new(store.epoch(), config.history_size));
     // The cache is loaded before anything is served: a session's first catch-up sees the state.
-    cache.load(store.snapshot().await?);
+    let initial = store.snapshot().await?;
+    let loaded = initial.revision;
+    cache.load(initial);
     let shared = Arc::new(Shared {
         store: store.clone(),
         cache: cache.clone(),
@@ -174,9 +176,13 @@ pub async fn spawn_with_store(
         max_sessions: config.max_sessions,
     });
     let mut signal = shutdown_rx.clone();
-    let follower = tokio::spawn(cache.clone().follow(store.clone(), async move {
-        crate::state::stopped(&mut signal).await;
-    }));
+    let follower = tokio::spawn(
+        cache
+            .clone()
+            .follow(store.clone(), Some(loaded), async move {
+                crate::state::stopped(&mut signal).await;
+            }),
+    );
     let builders = tokio::spawn(pickers::run_builders(shared.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();

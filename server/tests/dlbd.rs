@@ -27,37 +27,17 @@ impl Drop for Guard {
 
 #[tokio::test]
 async fn dlbd_starts_serves_and_stops_on_sigterm() {
-    let child = Command::new(env!("CARGO_BIN_EXE_dlbd"))
-        .args([
+    let (mut guard, ready, rx) = start(
+        &[
             "--listen",
             "127.0.0.1:0",
             "--metrics-listen",
             "127.0.0.1:0",
             "--store",
             "memory",
-        ])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut guard = Guard(Some(child));
-    let stderr = guard.0.as_mut().unwrap().stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let ready = loop {
-        let line = rx.recv_timeout(WAIT).expect("no ready line");
-        if line.contains("dlbd listening") {
-            break line;
-        }
-    };
+        ],
+        None,
+    );
     let field = |name: &str| -> String {
         ready
             .split_whitespace()
@@ -150,12 +130,19 @@ fn dlbd_rejects_a_bad_config() {
     assert!(err.contains("line 6"), "{err}");
 }
 
-/// Starts `dlbd` on the embedded store in `data_dir`, listening on `listen`; returns the guard
-/// and the gRPC address from its ready line.
-fn start_embedded(data_dir: &std::path::Path, listen: &str) -> (Guard, String) {
-    let child = Command::new(env!("CARGO_BIN_EXE_dlbd"))
-        .args(["--listen", listen, "--no-metrics", "--data-dir"])
-        .arg(data_dir)
+/// Starts `dlbd` with `args` (and `--data-dir`), waits for its ready line; returns the guard,
+/// the ready line and the rest of its log. Its stderr is drained for its whole life (a closed
+/// pipe would fail dlbd's logging).
+fn start(
+    args: &[&str],
+    data_dir: Option<&std::path::Path>,
+) -> (Guard, String, mpsc::Receiver<String>) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dlbd"));
+    cmd.args(args);
+    if let Some(d) = data_dir {
+        cmd.arg("--data-dir").arg(d);
+    }
+    let child = cmd
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -165,7 +152,6 @@ fn start_embedded(data_dir: &std::path::Path, listen: &str) -> (Guard, String) {
     let stderr = guard.0.as_mut().unwrap().stderr.take().unwrap();
     let (tx, rx) = mpsc::channel::<String>();
     std::thread::spawn(move || {
-        // Keep draining after the receiver is gone: a closed pipe would fail dlbd's logging.
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
             let _ = tx.send(line);
@@ -177,6 +163,13 @@ fn start_embedded(data_dir: &std::path::Path, listen: &str) -> (Guard, String) {
             break line;
         }
     };
+    (guard, ready, rx)
+}
+
+/// Starts `dlbd` on the embedded store in `data_dir`, listening on `listen`; returns the guard
+/// and the gRPC address from its ready line.
+fn start_embedded(data_dir: &std::path::Path, listen: &str) -> (Guard, String) {
+    let (guard, ready, _log) = start(&["--listen", listen, "--no-metrics"], Some(data_dir));
     let grpc = ready
         .split_whitespace()
         .find_map(|w| w.strip_prefix("grpc="))

@@ -26,6 +26,20 @@ pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
     }
 }
 
+/// Starts a server with `cfg` on a port another server just left, retrying until the port is
+/// free again.
+pub async fn respawn(cfg: &ServerConfig) -> RunningServer {
+    within("respawn", async {
+        loop {
+            match dlb_server::spawn(cfg.clone()).await {
+                Ok(s) => break s,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await
+}
+
 /// A server config listening on a free port, metrics on a free port, with `services`.
 pub fn config(services: Vec<ServiceConfig>) -> ServerConfig {
     ServerConfig {

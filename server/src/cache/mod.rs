@@ -35,7 +35,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
-use crate::store::{Change, Delta, ServiceSnapshot, Store, StoreSnapshot, WatchEvent};
+use crate::store::{Change, ServiceSnapshot, Store, StoreSnapshot, WatchEvent};
 
 /// Default number of changes kept per service for delta catch-up.
 pub const DEFAULT_HISTORY: usize = 1024;
@@ -54,7 +54,7 @@ pub enum Catchup {
         /// The shared encoding of this snapshot as a full update.
         encoded: Memo,
     },
-    /// Apply the changes from `base` to `version` (one delta, see [`Catchup::delta`]).
+    /// Apply the changes from `base` to `version` (coalesce them with [`Delta::coalesce`](crate::store::Delta::coalesce)).
     Delta {
         /// The version the watcher holds.
         base: u64,
@@ -72,18 +72,6 @@ pub enum Catchup {
     Current,
     /// The service does not exist.
     NotFound,
-}
-
-impl Catchup {
-    /// The coalesced delta of a [`Catchup::Delta`] (`None` for the other variants).
-    pub fn delta(&self) -> Option<Delta> {
-        match self {
-            Catchup::Delta { base, changes, .. } => {
-                Some(Delta::coalesce(*base, changes.iter().map(|c| &**c)))
-            }
-            _ => None,
-        }
-    }
 }
 
 /// One change in a service's history.
@@ -269,12 +257,6 @@ impl Cache {
         }
     }
 
-    /// Number of watchers following `service`.
-    pub fn watcher_count(&self, service: &str) -> usize {
-        let slot = self.slots.read().get(service).cloned();
-        slot.map_or(0, |s| s.state.lock().watchers.len())
-    }
-
     /// What a watcher holding `known` (a version of this cache's epoch; `None` for nothing)
     /// must receive. O(changes since `known` × records touched) for a delta.
     pub fn catch_up(&self, service: &str, known: Option<u64>) -> Catchup {
@@ -437,15 +419,28 @@ impl Cache {
     }
 
     /// Keeps the cache in step with `store` until `stop` resolves: snapshot, watch, apply;
-    /// re-read on compaction or error (with a capped backoff on errors).
+    /// re-read on compaction or error (with a capped backoff on errors). `loaded`: the revision
+    /// of a snapshot the caller already [`load`](Cache::load)ed, so the first watch starts right
+    /// after it instead of reading the store again.
     pub async fn follow(
         self: Arc<Self>,
         store: Arc<dyn Store>,
+        loaded: Option<u64>,
         stop: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(stop);
         let mut backoff = Duration::from_millis(50);
+        let mut resume = loaded;
         loop {
+            if let Some(r) = resume.take() {
+                if !self
+                    .watch_from(&*store, r + 1, &mut backoff, &mut stop)
+                    .await
+                {
+                    return;
+                }
+                continue;
+            }
             let snapshot = tokio::select! {
                 s = store.snapshot() => s,
                 _ = &mut stop => return,
@@ -464,36 +459,53 @@ impl Cache {
             };
             let from = snapshot.revision + 1;
             self.load(snapshot);
-            let mut events = store.watch(from);
-            loop {
-                let ev = tokio::select! {
-                    e = events.next() => e,
-                    _ = &mut stop => return,
-                };
-                match ev {
-                    Some(Ok(WatchEvent::Changes(batch))) => {
-                        backoff = Duration::from_millis(50);
-                        if !self.apply(&batch) {
-                            break;
-                        }
+            if !self
+                .watch_from(&*store, from, &mut backoff, &mut stop)
+                .await
+            {
+                return;
+            }
+        }
+    }
+
+    /// Applies the store's changes from `from` until a re-read is needed (`true`) or `stop`
+    /// resolves (`false`).
+    async fn watch_from(
+        &self,
+        store: &dyn Store,
+        from: u64,
+        backoff: &mut Duration,
+        stop: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    ) -> bool {
+        let mut events = store.watch(from);
+        loop {
+            let ev = tokio::select! {
+                e = events.next() => e,
+                _ = &mut *stop => return false,
+            };
+            match ev {
+                Some(Ok(WatchEvent::Changes(batch))) => {
+                    *backoff = Duration::from_millis(50);
+                    if !self.apply(&batch) {
+                        return true;
                     }
-                    Some(Ok(WatchEvent::Compacted { compacted })) => {
-                        tracing::warn!(compacted, "cache: store history compacted; re-reading");
-                        break;
+                }
+                Some(Ok(WatchEvent::Compacted { compacted })) => {
+                    tracing::warn!(compacted, "cache: store history compacted; re-reading");
+                    return true;
+                }
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, "cache: store watch failed; re-reading");
+                    tokio::select! {
+                        _ = tokio::time::sleep(*backoff) => {}
+                        _ = &mut *stop => return false,
                     }
-                    Some(Err(e)) => {
-                        tracing::error!(error = %e, "cache: store watch failed; re-reading");
-                        tokio::select! {
-                            _ = tokio::time::sleep(backoff) => {}
-                            _ = &mut stop => return,
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                        break;
-                    }
-                    None => {
-                        tracing::warn!("cache: store watch ended; re-reading");
-                        break;
-                    }
+                    *backoff = (*backoff * 2).min(Duration::from_secs(5));
+                    return true;
+                }
+                None => {
+                    tracing::warn!("cache: store watch ended; re-reading");
+                    return true;
                 }
             }
         }
@@ -503,7 +515,7 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{MemoryStore, Mutation};
+    use crate::store::{Delta, MemoryStore, Mutation};
 
     fn server(id: &str) -> proto::Server {
         proto::Server {
@@ -525,7 +537,7 @@ mod tests {
         let cache = Arc::new(Cache::new(store.epoch(), history));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let s: Arc<dyn Store> = store.clone();
-        tokio::spawn(cache.clone().follow(s, async move {
+        tokio::spawn(cache.clone().follow(s, None, async move {
             let _ = rx.await;
         }));
         (store, cache, tx)
@@ -574,8 +586,8 @@ mod tests {
         let v2 = add(&store, &cache, "s", "b").await;
         assert!(v2 > v1 + 1);
         match cache.catch_up("s", Some(v1)) {
-            c @ Catchup::Delta { .. } => {
-                let delta = c.delta().expect("a delta");
+            Catchup::Delta { changes, .. } => {
+                let delta = Delta::coalesce(v1, changes.iter().map(|c| &**c));
                 assert_eq!((delta.base, delta.version), (v1, v2));
                 assert_eq!(delta.upserts.len(), 1);
                 assert_eq!(delta.upserts[0].server_id, "b");
@@ -619,7 +631,7 @@ mod tests {
         let s: Arc<dyn Store> = store.clone();
         // The cache starts from a snapshot: nothing to replay.
         let (_tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(cache.clone().follow(s, async move {
+        tokio::spawn(cache.clone().follow(s, None, async move {
             let _ = rx.await;
         }));
         let v = store
