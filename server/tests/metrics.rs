@@ -26,6 +26,21 @@ async fn scrape(addr: SocketAddr) -> String {
     .expect("scrape timed out")
 }
 
+/// Scrapes until `ready` holds (the per-service gauges are set by the picker builder and the
+/// load-report handler, both after the write or report has been acknowledged), or gives up
+/// after about five seconds and returns the last body for the assertions to explain.
+async fn scrape_until(addr: SocketAddr, ready: impl Fn(&str) -> bool) -> String {
+    let mut body = scrape(addr).await;
+    for _ in 0..250 {
+        if ready(&body) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        body = scrape(addr).await;
+    }
+    body
+}
+
 fn value(body: &str, series: &str) -> Option<f64> {
     body.lines()
         .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
@@ -91,7 +106,11 @@ async fn metrics_endpoint_exposes_the_expected_series() {
     c.add_server(add("", "c", "10.0.0.3:80", 1)).await.unwrap();
     s.update().await;
 
-    let body = scrape(maddr).await;
+    let body = scrape_until(maddr, |b| {
+        value(b, "dlb_service_version{service=\"default\"} ") == Some(5.0)
+            && value(b, "dlb_in_flight{service=\"default\"} ") == Some(7.0)
+    })
+    .await;
     for name in [
         "dlb_sessions_connected",
         "dlb_rpcs_total",
