@@ -35,6 +35,9 @@ struct Inner {
 #[derive(Debug, Default)]
 pub struct LoadTracker {
     inner: Mutex<Inner>,
+    /// Bumped on every change of any sum: sessions wait on it to push global loads
+    /// ([`crate::global_load`]).
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 fn subtract(totals: &mut HashMap<String, u64>, old: &HashMap<String, u64>) {
@@ -80,7 +83,30 @@ impl LoadTracker {
             *t = t.saturating_add(*n);
         }
         per_service.insert(service.to_owned(), new);
-        totals.clone()
+        let out = totals.clone();
+        drop(inner);
+        self.bump();
+        out
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    /// A receiver that changes whenever any sum may have changed.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// The per-backend sums of `service` without `session`'s own contribution: the load the
+    /// other sessions put on each backend (backends with nothing in flight left out).
+    pub fn others(&self, service: &str, session: u64) -> HashMap<String, u64> {
+        let inner = self.inner.lock();
+        let mut out = inner.totals.get(service).cloned().unwrap_or_default();
+        if let Some(own) = inner.sessions.get(&session).and_then(|s| s.get(service)) {
+            subtract(&mut out, own);
+        }
+        out
     }
 
     /// Removes a session's contribution to one service (it unsubscribed); returns the
@@ -91,7 +117,10 @@ impl LoadTracker {
         let old = sessions.get_mut(&session)?.remove(service)?;
         let t = totals.entry(service.to_owned()).or_default();
         subtract(t, &old);
-        Some(t.clone())
+        let out = t.clone();
+        drop(inner);
+        self.bump();
+        Some(out)
     }
 
     /// Removes a closed session's contribution; returns the new sums of every service it had
@@ -102,14 +131,17 @@ impl LoadTracker {
         let Some(reports) = sessions.remove(&session) else {
             return Vec::new();
         };
-        reports
+        let out = reports
             .into_iter()
             .map(|(service, old)| {
                 let t = totals.entry(service.clone()).or_default();
                 subtract(t, &old);
                 (service, t.clone())
             })
-            .collect()
+            .collect();
+        drop(inner);
+        self.bump();
+        out
     }
 
     /// The per-backend sums of `service` (backends with nothing in flight left out).

@@ -62,10 +62,12 @@ use std::time::Duration;
 pub mod hash;
 pub mod least_conn;
 pub mod maglev;
+pub mod panic;
 pub mod ring;
 pub mod sticky;
 pub mod wrr;
 
+pub use panic::{PanicConfig, PanicMode, PanicState};
 pub use sticky::StickyTable;
 
 /// Most backends a picker supports (65,535: tables store `u16` backend indices).
@@ -113,6 +115,8 @@ pub struct PolicyConfig {
     /// Whether every pick counts an in-flight call on its backend until the [`Pick`] is dropped.
     /// Least-connections and bounded-load pickers always count, whatever this says.
     pub track_in_flight: bool,
+    /// Panic threshold and mode ([`panic`]); `None`: no panic mode.
+    pub panic: Option<PanicConfig>,
 }
 
 impl PolicyConfig {
@@ -122,6 +126,7 @@ impl PolicyConfig {
             algorithm,
             bounded_load_factor: None,
             track_in_flight: true,
+            panic: None,
         }
     }
 }
@@ -183,6 +188,14 @@ pub enum PickError {
     /// Strict sticky mode: the session's backend is gone.
     #[error("session is bound to backend {0:?}, which is unavailable")]
     StickyBackendUnavailable(String),
+    /// The service is in panic with mode `fail` (too few eligible backends; see [`panic`]).
+    #[error("panic: {eligible} of {total} backends eligible, below the panic threshold")]
+    Panic {
+        /// Eligible backends.
+        eligible: usize,
+        /// All backends.
+        total: usize,
+    },
 }
 
 /// In-flight accounting of one backend, and the outcomes of its finished calls; shared across
@@ -359,6 +372,8 @@ pub struct Picker {
     /// Calls in flight through bounded pickers of this service; shared across generations.
     total: Arc<AtomicU64>,
     strategy: Strategy,
+    /// The panic state decided at build time.
+    panic: PanicState,
 }
 
 impl Picker {
@@ -433,6 +448,17 @@ impl Picker {
                 id,
             });
         }
+        // Panic mode is decided here, once, from the backends' own eligibility. In `route_all`
+        // panic every backend is treated as eligible by everything below (and by
+        // `Backend::is_eligible`); in `fail` panic nothing is.
+        let own_eligible = backends.iter().filter(|b| b.eligible).count();
+        let panic = panic::evaluate(policy.panic.as_ref(), own_eligible, backends.len());
+        if panic.active {
+            let all = panic.mode == Some(PanicMode::RouteAll);
+            for b in &mut backends {
+                b.eligible = all;
+            }
+        }
         let eligible: Box<[u32]> = (0..backends.len() as u32)
             .filter(|&i| backends[i as usize].eligible)
             .collect();
@@ -501,6 +527,7 @@ impl Picker {
             bounded,
             total,
             strategy,
+            panic,
         })
     }
 
@@ -540,6 +567,11 @@ impl Picker {
             Strategy::Empty => {
                 return Err(if self.backends.is_empty() {
                     PickError::NoBackends
+                } else if self.panic.active {
+                    PickError::Panic {
+                        eligible: self.panic.eligible,
+                        total: self.panic.total,
+                    }
                 } else {
                     PickError::NoEligibleBackends
                 });
@@ -666,6 +698,11 @@ impl Picker {
         if self.bounded.is_some() {
             self.total.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+
+    /// The panic state decided when this picker was built (see [`panic`]).
+    pub fn panic_state(&self) -> PanicState {
+        self.panic
     }
 
     /// The policy this picker was built with.

@@ -465,6 +465,11 @@ fn apply_batch(
                 out.going_away = Some(g.reason);
                 break;
             }
+            Some(ServerKind::GlobalLoad(g)) => {
+                if let Some(entry) = entries.get_mut(&g.service) {
+                    entry.global_load(&g);
+                }
+            }
             None => {}
         }
     }
