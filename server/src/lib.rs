@@ -41,6 +41,7 @@ mod error;
 pub mod loads;
 pub mod metrics;
 // Issue 9 (outlier detection, panic, global least connections, request metrics).
+mod config_health;
 pub mod global_load;
 pub mod health_metrics;
 pub mod outlier;
