@@ -311,12 +311,8 @@ mod tests {
         let c = config();
         let mut d = Detector::new(clock.now());
         // 4 failures, then a report with a success resets: no ejection.
-        assert!(d
-            .report(&c, 4, &[load("a", 0, 4)], clock.now())
-            .is_empty());
-        assert!(d
-            .report(&c, 4, &[load("a", 1, 2)], clock.now())
-            .is_empty());
+        assert!(d.report(&c, 4, &[load("a", 0, 4)], clock.now()).is_empty());
+        assert!(d.report(&c, 4, &[load("a", 1, 2)], clock.now()).is_empty());
         // 2 + 3 = 5 in a row: ejected for 10 s.
         let a = d.report(&c, 4, &[load("a", 0, 3)], clock.now());
         assert!(
