@@ -61,3 +61,47 @@ pub(crate) fn apply(
     };
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::ServerConfig;
+
+    #[test]
+    fn yaml_outlier_and_panic_settings() {
+        let cfg = ServerConfig::from_yaml_str(
+            "services:
+  - name: web
+    policy:
+      outlier_detection: { consecutive_failures: 3, max_ejection_percent: 50 }
+      panic: { threshold_percent: 40, mode: fail }
+",
+        )
+        .expect("valid");
+        let web = cfg.services.iter().find(|s| s.name == "web").expect("web");
+        let p = &web.policy;
+        let o = p.outlier_detection.expect("on");
+        assert_eq!((o.consecutive_failures, o.max_ejection_percent), (3, 50));
+        let panic = p.panic.expect("set");
+        assert_eq!(panic.threshold_percent, 40);
+        assert_eq!(panic.mode, dlb::proto::PanicMode::Fail as i32);
+
+        let bad = ServerConfig::from_yaml_str(
+            "services:
+  - name: web
+    policy:
+      panic: { threshold_percent: 40, mode: sometimes }
+",
+        )
+        .expect_err("bad mode");
+        assert!(bad.to_string().contains("panic.mode"), "{bad}");
+        let bad = ServerConfig::from_yaml_str(
+            "services:
+  - name: web
+    policy:
+      outlier_detection: { max_ejection_percent: 150 }
+",
+        )
+        .expect_err("bad percent");
+        assert!(bad.to_string().contains("max_ejection_percent"), "{bad}");
+    }
+}
