@@ -431,3 +431,54 @@ async fn global_least_connections_two_sdks() {
     drop(held);
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn stored_ejections_are_returned_when_detection_is_off_and_adopted_when_on() {
+    use dlb_server::store::{MemoryStore, Mutation, ServerPatch, Store};
+    use std::sync::Arc;
+    let store = Arc::new(MemoryStore::new(64));
+    let eject = |id: &str| {
+        Mutation::Update(
+            id.to_owned(),
+            ServerPatch {
+                outlier: Some(proto::SourceState {
+                    verdict: proto::Verdict::Unhealthy as i32,
+                    detail: "ejected before a restart".into(),
+                }),
+                ..Default::default()
+            },
+        )
+    };
+    // "off": no outlier detection; "on": detection with a 1 s base ejection time.
+    for name in ["off", "on"] {
+        let mut s = if name == "on" {
+            outlier_service(name, 3, 3, 50, 1_000)
+        } else {
+            service_with(name, &["b00", "b01", "b02"])
+        };
+        s.backends.iter_mut().for_each(|b| b.health = 0);
+        let mut m: Vec<Mutation> = vec![Mutation::SetPolicy(s.policy)];
+        m.extend(s.backends.into_iter().map(Mutation::Add));
+        m.push(eject("b01"));
+        store.apply(name.to_owned(), m, None).await.unwrap();
+    }
+    let server = dlb_server::spawn_with_store(config(vec![]), store)
+        .await
+        .unwrap();
+    let client = sdk(&server).await;
+    // Off: nobody would ever return it, so dlbd does at start.
+    within("stale ejection returned", async {
+        while !ejected(&client, "off").await.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // On: adopted (it counts against the limit) and returned after one base time.
+    within("adopted ejection returned", async {
+        while !ejected(&client, "on").await.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}

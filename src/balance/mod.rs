@@ -22,7 +22,9 @@
 //! **Eligibility.** Ineligible backends (unhealthy, ejected, draining) are never picked. Round
 //! robin and least connections build over the eligible backends only; the hashing policies
 //! build over *all* backends and resolve an ineligible owner to the next eligible candidate, so
-//! a health flap moves only the keys of the flapping backend.
+//! a health flap moves only the keys of the flapping backend. A policy with a
+//! [panic threshold](panic) is decided at build time from these flags: in `route_all` panic every
+//! backend counts as eligible, in `fail` panic every pick fails with [`PickError::Panic`].
 //!
 //! **In-flight accounting.** Counts live in [`BackendLoad`], shared by `Arc` across picker
 //! generations: [`Picker::rebuild`] carries each backend's load over by id, so a call that

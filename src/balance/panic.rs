@@ -70,6 +70,69 @@ mod tests {
     }
 
     #[test]
+    fn pickers_route_all_or_fail_in_panic() {
+        use crate::balance::{Algorithm, BackendSpec, PickError, Picker, PolicyConfig};
+        let specs: Vec<BackendSpec> = ["a", "b", "c", "d"]
+            .iter()
+            .enumerate()
+            .map(|(i, id)| BackendSpec {
+                id: (*id).into(),
+                address: format!("10.0.0.{i}:80"),
+                weight: 1,
+                hash_key: None,
+                eligible: i == 0,
+            })
+            .collect();
+        for algorithm in [
+            Algorithm::RoundRobin,
+            Algorithm::LeastConnExact,
+            Algorithm::LeastConnP2c,
+            Algorithm::Maglev,
+            Algorithm::RingHash,
+        ] {
+            let mut policy = PolicyConfig::new(algorithm);
+            policy.panic = Some(PanicConfig {
+                threshold_percent: 50,
+                mode: PanicMode::RouteAll,
+            });
+            let p = Picker::build(&policy, &specs).expect("valid");
+            assert!(p.panic_state().active);
+            let mut seen = std::collections::BTreeSet::new();
+            for i in 0..400u32 {
+                let key = i.to_le_bytes();
+                seen.insert(
+                    p.pick(Some(&key))
+                        .expect("route_all")
+                        .backend()
+                        .id()
+                        .to_owned(),
+                );
+            }
+            assert_eq!(seen.len(), 4, "{algorithm:?}");
+            policy.panic = Some(PanicConfig {
+                threshold_percent: 50,
+                mode: PanicMode::Fail,
+            });
+            let p = Picker::build(&policy, &specs).expect("valid");
+            assert_eq!(
+                p.pick(None).expect_err("fail"),
+                PickError::Panic {
+                    eligible: 1,
+                    total: 4
+                }
+            );
+            // 25 % threshold: 1 of 4 is not below it; only the eligible backend is picked.
+            policy.panic = Some(PanicConfig {
+                threshold_percent: 25,
+                mode: PanicMode::Fail,
+            });
+            let p = Picker::build(&policy, &specs).expect("valid");
+            assert!(!p.panic_state().active);
+            assert_eq!(p.pick(Some(b"k")).expect("eligible").backend().id(), "a");
+        }
+    }
+
+    #[test]
     fn threshold_is_exact() {
         // 50 %: 5 of 10 is not panic, 4 of 10 is.
         assert!(!evaluate(Some(&cfg(50)), 5, 10).active);

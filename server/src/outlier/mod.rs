@@ -91,6 +91,15 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Report>) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut shutdown = shared.shutdown.clone();
+    // At start: take over the ejections the store holds (detection on), or return them
+    // (detection off: nobody would ever return them otherwise).
+    for name in shared.cache.service_names() {
+        let (_, mut actions) = sync(&shared, &mut services, &name);
+        if !services.contains_key(&name) {
+            actions.extend(stale_ejections(&shared, &name));
+        }
+        write(&shared, &name, actions).await;
+    }
     loop {
         tokio::select! {
             r = rx.recv() => {
@@ -154,6 +163,23 @@ fn sync(
     let ids: HashSet<&str> = snap.servers.keys().map(|k| &**k).collect();
     svc.detector.retain(&ids);
     (Some(snap.servers.len()), Vec::new())
+}
+
+/// Returns for backends stored as ejected in a service without outlier detection.
+fn stale_ejections(shared: &Shared, name: &str) -> Vec<Action> {
+    let Some(snap) = shared.cache.get(name) else {
+        return Vec::new();
+    };
+    snap.servers
+        .iter()
+        .filter(|(_, s)| {
+            s.sources
+                .as_ref()
+                .and_then(|x| x.outlier.as_ref())
+                .is_some_and(|o| o.verdict == proto::Verdict::Unhealthy as i32)
+        })
+        .map(|(id, _)| Action::Return { id: id.to_string() })
+        .collect()
 }
 
 fn on_report(
