@@ -186,6 +186,14 @@ async fn an_ejected_backend_returns_after_its_time_and_the_time_grows_on_repeat(
         metric(&server, "dlb_outlier_ejections_total{service=\"s\"}").await,
         Some(2.0)
     );
+    // The request metrics saw the traffic: at least 2 × 3 failures, every call measured.
+    let text = scrape(server.metrics_addr().unwrap()).await;
+    let requests = sample(&text, "dlb_requests_total{service=\"s\"}").unwrap();
+    let errors = sample(&text, "dlb_request_errors_total{service=\"s\"}").unwrap();
+    let measured = sample(&text, "dlb_request_latency_measured_total{service=\"s\"}").unwrap();
+    assert!(errors >= 6.0 && requests > errors, "{requests} {errors}");
+    assert_eq!(measured, requests);
+    assert!(sample(&text, "dlb_request_latency_seconds_total{service=\"s\"}").is_some());
     server.shutdown().await.unwrap();
 }
 

@@ -192,6 +192,24 @@ mod tests {
     }
 
     #[test]
+    fn others_exclude_the_session_itself_and_changes_are_signalled() {
+        let t = LoadTracker::new();
+        let mut rx = t.subscribe();
+        t.report(1, "s", &[load("a", 3)]);
+        t.report(2, "s", &[load("a", 2), load("b", 1)]);
+        assert!(rx.has_changed().unwrap());
+        rx.borrow_and_update();
+        assert_eq!(t.others("s", 1).get("a"), Some(&2));
+        assert_eq!(t.others("s", 1).get("b"), Some(&1));
+        assert_eq!(t.others("s", 2).get("a"), Some(&3));
+        assert_eq!(t.others("s", 2).get("b"), None);
+        assert_eq!(t.others("s", 3).get("a"), Some(&5));
+        t.remove_session(2);
+        assert!(rx.has_changed().unwrap());
+        assert!(t.others("s", 1).is_empty());
+    }
+
+    #[test]
     fn hostile_values_are_clamped_and_saturate() {
         let t = LoadTracker::new();
         // Duplicate entries for one backend, each u64::MAX: no overflow, clamped.
