@@ -18,6 +18,7 @@
 //! | `dlb_outlier_ejected` | gauge | `service` |
 //! | `dlb_panic` | gauge | `service` (1 while in panic) |
 //! | `dlb_panic_transitions_total` | counter | `service`, `to` (`panic`, `normal`) |
+//! | `dlb_load_reports_dropped` | gauge | (reports the outlier task's full queue dropped, since start) |
 
 use dlb::proto;
 use prometheus_client::metrics::counter::Counter;
@@ -40,6 +41,7 @@ pub struct HealthMetrics {
     ejected: Family<Labels, Gauge>,
     panic: Family<Labels, Gauge>,
     transitions: Family<Labels, Counter>,
+    dropped: Gauge,
 }
 
 fn svc(service: &str) -> Labels {
@@ -60,7 +62,13 @@ impl HealthMetrics {
             ejected: Family::default(),
             panic: Family::default(),
             transitions: Family::default(),
+            dropped: Gauge::default(),
         };
+        registry.register(
+            "dlb_load_reports_dropped",
+            "Load reports not analysed because the outlier task's queue was full (since start)",
+            m.dropped.clone(),
+        );
         registry.register(
             "dlb_requests",
             "Calls completed, from the SDKs' load reports",
@@ -154,6 +162,11 @@ impl HealthMetrics {
             self.latency_sum.get_or_create(&labels).inc_by(sum);
             self.latency_max.get_or_create(&labels).set(max);
         }
+    }
+
+    /// Load reports dropped since start.
+    pub fn dropped_reports(&self, n: u64) {
+        self.dropped.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// One backend ejected.

@@ -32,6 +32,9 @@ use detector::{Action, Detector};
 
 /// Reports queued for the detector task at most; more are dropped (and counted).
 pub const QUEUE: usize = 65_536;
+/// Backend entries queued for the detector task at most, over all queued reports (a report is
+/// client input: this bounds the memory a burst of huge reports can pin, about 100 bytes each).
+pub const MAX_QUEUED_LOADS: usize = 1_000_000;
 /// How often the detectors' clocks run.
 pub const TICK: Duration = Duration::from_millis(100);
 
@@ -43,6 +46,8 @@ type Report = (Arc<str>, Vec<proto::BackendLoad>);
 pub struct Reports {
     tx: mpsc::Sender<Report>,
     dropped: AtomicU64,
+    /// Backend entries in queued reports (see [`MAX_QUEUED_LOADS`]).
+    queued: std::sync::atomic::AtomicUsize,
 }
 
 impl Reports {
@@ -53,6 +58,7 @@ impl Reports {
             Self {
                 tx,
                 dropped: AtomicU64::new(0),
+                queued: Default::default(),
             },
             rx,
         )
@@ -68,9 +74,21 @@ impl Reports {
         if loads.is_empty() {
             return;
         }
+        let n = loads.len();
+        if self.queued.fetch_add(n, Ordering::Relaxed) + n > MAX_QUEUED_LOADS {
+            self.queued.fetch_sub(n, Ordering::Relaxed);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         if self.tx.try_send((service.into(), loads)).is_err() {
+            self.queued.fetch_sub(n, Ordering::Relaxed);
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// The task took a report of `n` backend entries off the queue.
+    fn taken(&self, n: usize) {
+        self.queued.fetch_sub(n, Ordering::Relaxed);
     }
 
     /// Reports dropped because the task's queue was full.
@@ -104,11 +122,13 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Report>) {
         tokio::select! {
             r = rx.recv() => {
                 let Some((service, loads)) = r else { break };
+                shared.reports.taken(loads.len());
                 shared.health_metrics().requests(&service, &loads);
                 let actions = on_report(&shared, &mut services, &service, &loads);
                 write(&shared, &service, actions).await;
             }
             _ = tick.tick() => {
+                shared.health_metrics().dropped_reports(shared.reports.dropped());
                 let names: Vec<Arc<str>> = services.keys().cloned().collect();
                 for name in names {
                     let actions = on_tick(&shared, &mut services, &name);
