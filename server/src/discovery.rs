@@ -20,6 +20,9 @@
 //! * **Ack** is logged; **Nack** is answered with a full snapshot; **Unsubscribe** stops
 //!   updates; **LoadReport** replaces this session's in-flight counts for the service (see
 //!   [`crate::loads`]); they are removed when the session ends.
+//! * **GlobalLoad**: the other sessions' in-flight counts, pushed at most every 100 ms and only
+//!   when they moved ([`crate::global_load`]); load-report outcomes go to the outlier task
+//!   ([`crate::outlier`]).
 //! * **Shutdown**: every session sends `GoingAway` and then ends its stream.
 
 use std::collections::HashMap;
