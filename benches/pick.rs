@@ -33,6 +33,7 @@ fn policy(algorithm: Algorithm, track: bool, bounded: Option<f64>) -> PolicyConf
         algorithm,
         bounded_load_factor: bounded,
         track_in_flight: track,
+        panic: None,
     }
 }
 

@@ -10,11 +10,14 @@
 //!   function that derives a backend's effective state and the reason for it;
 //! * [`wire`] — server-side wire types: an outbound session message encoded once and shared by
 //!   every session that receives it;
+//! * [`health_policy`] — outlier detection and panic settings of a policy, and the exact
+//!   max-ejection rule;
 //! * [`balance`] — the balancing algorithms: immutable pickers (smooth weighted round robin,
 //!   least connections exact and P2C, Maglev, ring hash, bounded load) and sticky sessions. They are
 //!   plain data plus atomics, testable without tokio.
 
 pub mod balance;
+pub mod health_policy;
 pub mod model;
 pub mod sources;
 pub mod wire;

@@ -366,6 +366,8 @@ pub fn default_policy() -> proto::Policy {
         sticky_mode: proto::StickyMode::None as i32,
         sticky_ttl_seconds: 0,
         sticky_max_entries: 0,
+        outlier_detection: None,
+        panic: None,
     }
 }
 
@@ -424,7 +426,7 @@ pub fn validate_policy(policy: &proto::Policy) -> Result<(), ValidationError> {
             "must be none, strict or fallback",
         ));
     }
-    Ok(())
+    crate::health_policy::validate(policy)
 }
 
 /// Converts a stored (validated) policy to the picker's configuration.
@@ -441,6 +443,7 @@ pub fn policy_config(policy: &proto::Policy) -> PolicyConfig {
         bounded_load_factor: (policy.bounded_load_factor != 0.0)
             .then_some(policy.bounded_load_factor),
         track_in_flight: true,
+        panic: crate::health_policy::panic_config(policy),
     }
 }
 

@@ -19,6 +19,9 @@ use prost::{DecodeError, Message};
 use crate::proto;
 
 /// An outbound `dlb.v1.ServerMessage`: either encoded once and shared, or built for one session.
+// `Message` is larger than `Encoded`, but both are short-lived queue items (a session's queue is
+// bounded); boxing would add an allocation to every per-session message for no gain.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outbound {
     /// The complete encoding of a `ServerMessage` (see [`Outbound::encode_shared`]).

@@ -32,6 +32,7 @@
 
 pub mod admin;
 mod error;
+mod global;
 mod local;
 mod service;
 mod session;

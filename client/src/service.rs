@@ -112,6 +112,8 @@ pub struct ServiceStats {
     /// Pickers built. Updates that arrive together are applied in one go and cost one build,
     /// so this grows slower than `full_updates + delta_updates` during bursts.
     pub rebuilds: u64,
+    /// Times the service entered or left panic (see [`ServiceHandle::panic_state`]).
+    pub panic_transitions: u64,
 }
 
 #[derive(Debug, Default)]
@@ -122,6 +124,7 @@ pub(crate) struct StatsCounters {
     pub(crate) not_found: AtomicU64,
     pub(crate) held_back: AtomicU64,
     pub(crate) rebuilds: AtomicU64,
+    pub(crate) panic_transitions: AtomicU64,
 }
 
 impl StatsCounters {
@@ -134,6 +137,7 @@ impl StatsCounters {
             not_found: self.not_found.load(Ordering::Relaxed),
             held_back: self.held_back.load(Ordering::Relaxed),
             rebuilds: self.rebuilds.load(Ordering::Relaxed),
+            panic_transitions: self.panic_transitions.load(Ordering::Relaxed),
         }
     }
 }
@@ -201,6 +205,9 @@ pub struct BackendInfo {
     pub eligible: bool,
     /// Calls in flight from this process.
     pub in_flight: u64,
+    /// Calls in flight from the other SDKs, as last pushed by the control plane (global least
+    /// connections).
+    pub others_in_flight: u64,
 }
 
 /// A subscription to one service: picks locally from the latest snapshot, and offers the admin
@@ -359,8 +366,20 @@ impl ServiceHandle {
                 weight: b.weight(),
                 eligible: b.is_eligible(),
                 in_flight,
+                others_in_flight: b.load().baseline(),
             })
             .collect()
+    }
+
+    /// The panic state of the current snapshot (`None` before the first one): decided by the
+    /// picker from the records, identically in every SDK and in `dlbd`.
+    pub fn panic_state(&self) -> Option<dlb::balance::PanicState> {
+        self.state
+            .snapshot
+            .load()
+            .picker
+            .as_ref()
+            .map(|p| p.panic_state())
     }
 
     /// The policy of the current snapshot (`None` before the first one).

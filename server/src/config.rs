@@ -309,6 +309,8 @@ struct RawPolicy {
     sticky: Option<String>,
     sticky_ttl_seconds: Option<u32>,
     sticky_max_entries: Option<u32>,
+    outlier_detection: Option<crate::config_health::RawOutlier>,
+    panic: Option<crate::config_health::RawPanic>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -471,6 +473,8 @@ fn convert_service(ctx: &Ctx<'_>, i: usize, s: &RawService) -> Result<ServiceCon
         }
         policy.sticky_ttl_seconds = p.sticky_ttl_seconds.unwrap_or(0);
         policy.sticky_max_entries = p.sticky_max_entries.unwrap_or(0);
+        crate::config_health::apply(p.outlier_detection.as_ref(), p.panic.as_ref(), &mut policy)
+            .map_err(|e| ctx.invalid(at(&e.field.clone()), e))?;
     }
     model::validate_policy(&policy).map_err(|e| {
         let field = e.field.strip_prefix("policy.").unwrap_or(&e.field);

@@ -20,6 +20,9 @@
 //! * **Ack** is logged; **Nack** is answered with a full snapshot; **Unsubscribe** stops
 //!   updates; **LoadReport** replaces this session's in-flight counts for the service (see
 //!   [`crate::loads`]); they are removed when the session ends.
+//! * **GlobalLoad**: the other sessions' in-flight counts, pushed at most every 100 ms and only
+//!   when they moved ([`crate::global_load`]); load-report outcomes go to the outlier task
+//!   ([`crate::outlier`]).
 //! * **Shutdown**: every session sends `GoingAway` and then ends its stream.
 
 use std::collections::HashMap;
@@ -98,6 +101,7 @@ impl Discovery for DiscoveryService {
             nacked: HashMap::new(),
             warned: None,
             suppressed: 0,
+            global: crate::global_load::GlobalPush::new(&self.shared.loads),
         };
         tracing::debug!(session = id, ?peer, "session opened");
         tokio::spawn(session.run(inbound));
@@ -186,6 +190,8 @@ struct Session {
     /// When this session last logged a warning, and how many it suppressed since.
     warned: Option<tokio::time::Instant>,
     suppressed: u64,
+    /// Pushes the other sessions' in-flight counts ([`crate::global_load`]).
+    global: crate::global_load::GlobalPush,
 }
 
 impl Session {
@@ -295,6 +301,14 @@ impl Session {
                 _ = self.waker.notified() => {
                     if let Err(end) = self.on_wake().await {
                         return end;
+                    }
+                }
+                () = self.global.due() => {
+                    let msgs = self.global.collect(&self.shared.loads, self.id, self.subs.keys());
+                    for g in msgs {
+                        if let Err(end) = self.send(Self::message(server_message::Kind::GlobalLoad(g))).await {
+                            return end;
+                        }
                     }
                 }
                 m = inbound.message() => {
@@ -409,6 +423,7 @@ impl Session {
                     if self.subs.remove(service).is_some() {
                         self.shared.cache.unfollow_service(service, &self.waker);
                     }
+                    self.global.forget(service);
                     if let Some(totals) = self.shared.loads.remove_service(self.id, service) {
                         self.shared.pickers.set_baselines(service, &totals);
                         self.shared.metrics.in_flight(service, &totals);
@@ -434,6 +449,7 @@ impl Session {
                     report
                         .backends
                         .retain(|b| snap.servers.contains_key(b.server_id.as_str()));
+                    self.shared.reports.submit(service, &report.backends);
                     let totals = self.shared.loads.report(self.id, service, &report.backends);
                     self.shared.pickers.set_baselines(service, &totals);
                     self.shared.metrics.in_flight(service, &totals);
@@ -504,6 +520,10 @@ impl Session {
                             base: None,
                             nonce: format!("{epoch:x}-f{}", snapshot.version.version),
                             full: true,
+                            panic: Some(dlb::health_policy::panic_state(
+                                &snapshot.policy,
+                                snapshot.servers.values().map(|s| &**s),
+                            )),
                             policy: Some(snapshot.policy),
                             upserts: snapshot.server_list(),
                             removals: Vec::new(),
@@ -521,6 +541,19 @@ impl Session {
             } => {
                 at = Some(when);
                 let build = || {
+                    // The panic state at `version`, when the cache's snapshot is still at it (the
+                    // common case; otherwise the next delta carries it).
+                    let panic = self
+                        .shared
+                        .cache
+                        .get(service)
+                        .filter(|s| s.version.version == version)
+                        .map(|s| {
+                            dlb::health_policy::panic_state(
+                                &s.policy,
+                                s.servers.values().map(|s| &**s),
+                            )
+                        });
                     let d = Delta::coalesce(base, changes.iter().map(|c| &**c));
                     encoded(proto::ServiceUpdate {
                         service: service.to_owned(),
@@ -531,6 +564,7 @@ impl Session {
                         policy: d.policy,
                         upserts: d.upserts,
                         removals: d.removals,
+                        panic,
                     })
                 };
                 let bytes = match memo {
@@ -559,6 +593,7 @@ impl Session {
                         policy: None,
                         upserts: Vec::new(),
                         removals: Vec::new(),
+                        panic: None,
                     })),
                     Sub::At(v),
                 )

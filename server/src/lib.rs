@@ -40,6 +40,11 @@ pub mod discovery;
 mod error;
 pub mod loads;
 pub mod metrics;
+// Issue 9 (outlier detection, panic, global least connections, request metrics).
+mod config_health;
+pub mod global_load;
+pub mod health_metrics;
+pub mod outlier;
 pub mod pickers;
 pub mod registry;
 mod state;
@@ -162,7 +167,9 @@ pub async fn spawn_with_store(
     let initial = store.snapshot().await?;
     let loaded = initial.revision;
     cache.load(initial);
+    let (reports, reports_rx) = outlier::Reports::new();
     let shared = Arc::new(Shared {
+        reports,
         store: store.clone(),
         cache: cache.clone(),
         pickers: Pickers::new(),
@@ -184,6 +191,7 @@ pub async fn spawn_with_store(
             }),
     );
     let builders = tokio::spawn(pickers::run_builders(shared.clone()));
+    tokio::spawn(outlier::run(shared.clone(), reports_rx));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     for name in HEALTH_SERVICES {

@@ -35,6 +35,9 @@ struct Inner {
 #[derive(Debug, Default)]
 pub struct LoadTracker {
     inner: Mutex<Inner>,
+    /// Bumped on every change of any sum: sessions wait on it to push global loads
+    /// ([`crate::global_load`]).
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 fn subtract(totals: &mut HashMap<String, u64>, old: &HashMap<String, u64>) {
@@ -80,7 +83,30 @@ impl LoadTracker {
             *t = t.saturating_add(*n);
         }
         per_service.insert(service.to_owned(), new);
-        totals.clone()
+        let out = totals.clone();
+        drop(inner);
+        self.bump();
+        out
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    /// A receiver that changes whenever any sum may have changed.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// The per-backend sums of `service` without `session`'s own contribution: the load the
+    /// other sessions put on each backend (backends with nothing in flight left out).
+    pub fn others(&self, service: &str, session: u64) -> HashMap<String, u64> {
+        let inner = self.inner.lock();
+        let mut out = inner.totals.get(service).cloned().unwrap_or_default();
+        if let Some(own) = inner.sessions.get(&session).and_then(|s| s.get(service)) {
+            subtract(&mut out, own);
+        }
+        out
     }
 
     /// Removes a session's contribution to one service (it unsubscribed); returns the
@@ -91,7 +117,10 @@ impl LoadTracker {
         let old = sessions.get_mut(&session)?.remove(service)?;
         let t = totals.entry(service.to_owned()).or_default();
         subtract(t, &old);
-        Some(t.clone())
+        let out = t.clone();
+        drop(inner);
+        self.bump();
+        Some(out)
     }
 
     /// Removes a closed session's contribution; returns the new sums of every service it had
@@ -102,14 +131,17 @@ impl LoadTracker {
         let Some(reports) = sessions.remove(&session) else {
             return Vec::new();
         };
-        reports
+        let out = reports
             .into_iter()
             .map(|(service, old)| {
                 let t = totals.entry(service.clone()).or_default();
                 subtract(t, &old);
                 (service, t.clone())
             })
-            .collect()
+            .collect();
+        drop(inner);
+        self.bump();
+        out
     }
 
     /// The per-backend sums of `service` (backends with nothing in flight left out).
@@ -157,6 +189,24 @@ mod tests {
         let left = t.remove_session(2);
         assert_eq!(left[0].1.get("a"), None);
         assert_eq!(t.service_total("s"), 4);
+    }
+
+    #[test]
+    fn others_exclude_the_session_itself_and_changes_are_signalled() {
+        let t = LoadTracker::new();
+        let mut rx = t.subscribe();
+        t.report(1, "s", &[load("a", 3)]);
+        t.report(2, "s", &[load("a", 2), load("b", 1)]);
+        assert!(rx.has_changed().unwrap());
+        rx.borrow_and_update();
+        assert_eq!(t.others("s", 1).get("a"), Some(&2));
+        assert_eq!(t.others("s", 1).get("b"), Some(&1));
+        assert_eq!(t.others("s", 2).get("a"), Some(&3));
+        assert_eq!(t.others("s", 2).get("b"), None);
+        assert_eq!(t.others("s", 3).get("a"), Some(&5));
+        t.remove_session(2);
+        assert!(rx.has_changed().unwrap());
+        assert!(t.others("s", 1).is_empty());
     }
 
     #[test]

@@ -58,6 +58,8 @@ pub struct Metrics {
     stalled: Counter,
     /// Per-backend in-flight gauges, when enabled, and the ids exported per service.
     per_backend: Option<PerBackend>,
+    /// Request, outlier and panic metrics (see [`crate::health_metrics`]).
+    pub health: crate::health_metrics::HealthMetrics,
 }
 
 impl Default for Metrics {
@@ -124,6 +126,7 @@ impl Metrics {
             "Calls in flight per service, summed over the load reports of all SDK sessions",
             in_flight.clone(),
         );
+        let health = crate::health_metrics::HealthMetrics::register(&mut registry, per_backend);
         let per_backend = per_backend.then(|| {
             let family = Family::<Labels, Gauge>::default();
             registry.register(
@@ -134,6 +137,7 @@ impl Metrics {
             (family, Mutex::new(HashMap::new()))
         });
         Self {
+            health,
             lagging,
             stalled,
             per_backend,

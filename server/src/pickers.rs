@@ -214,6 +214,9 @@ async fn builder(shared: Arc<Shared>, service: Arc<str>) {
     let waker = shared.cache.waker();
     shared.cache.follow_service(&service, &waker);
     let mut shutdown = shared.shutdown.clone();
+    // Whether the service was in panic at the last build (entering and leaving are logged and
+    // counted here, once per dlbd; every SDK decides the same from the same records).
+    let mut in_panic = false;
     loop {
         waker.take_dirty();
         if let Some(snapshot) = shared.cache.get(&service) {
@@ -225,6 +228,19 @@ async fn builder(shared: Arc<Shared>, service: Arc<str>) {
                     let totals = shared.loads.totals(&service);
                     shared.pickers.set_baselines(&service, &totals);
                     shared.metrics.service(&snapshot);
+                    if let Some(state) = shared.pickers.get(&service) {
+                        let panic = state.picker.panic_state();
+                        let changed = panic.active != in_panic;
+                        if changed && panic.active {
+                            tracing::warn!(service = %service, eligible = panic.eligible, total = panic.total, mode = ?panic.mode, "service entered panic");
+                        } else if changed {
+                            tracing::info!(service = %service, eligible = panic.eligible, total = panic.total, "service left panic");
+                        }
+                        in_panic = panic.active;
+                        shared
+                            .health_metrics()
+                            .panic(&service, panic.active, changed);
+                    }
                 }
                 Ok(Ok(false)) => {}
                 Ok(Err(e)) => {

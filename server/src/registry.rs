@@ -217,11 +217,14 @@ impl RegistryService {
             .get_service(service.clone())
             .await?
             .ok_or_else(|| Error::ServiceNotFound(service.clone()))?;
+        let panic =
+            dlb::health_policy::panic_state(&snap.policy, snap.servers.values().map(|s| &**s));
         Ok(proto::ListServersResponse {
             service,
             version: Some(snap.version),
             policy: Some(snap.policy),
             servers: snap.server_list(),
+            panic: Some(panic),
         })
     }
 
@@ -305,6 +308,10 @@ impl RegistryService {
             services: services
                 .into_iter()
                 .map(|s| proto::ServiceSummary {
+                    panic: Some(dlb::health_policy::panic_state(
+                        &s.policy,
+                        s.servers.values().map(|s| &**s),
+                    )),
                     servers: u32::try_from(s.servers.len()).unwrap_or(u32::MAX),
                     eligible: u32::try_from(s.eligible()).unwrap_or(u32::MAX),
                     service: s.name,

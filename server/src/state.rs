@@ -42,4 +42,13 @@ pub(crate) struct Shared {
     /// Sessions open now, and the most allowed.
     pub sessions: AtomicUsize,
     pub max_sessions: usize,
+    /// Load-report outcomes on their way to the outlier task ([`crate::outlier`]).
+    pub reports: crate::outlier::Reports,
+}
+
+impl Shared {
+    /// The request, outlier and panic metrics.
+    pub(crate) fn health_metrics(&self) -> &crate::health_metrics::HealthMetrics {
+        &self.metrics.health
+    }
 }

@@ -22,7 +22,9 @@
 //! **Eligibility.** Ineligible backends (unhealthy, ejected, draining) are never picked. Round
 //! robin and least connections build over the eligible backends only; the hashing policies
 //! build over *all* backends and resolve an ineligible owner to the next eligible candidate, so
-//! a health flap moves only the keys of the flapping backend.
+//! a health flap moves only the keys of the flapping backend. A policy with a
+//! [panic threshold](panic) is decided at build time from these flags: in `route_all` panic every
+//! backend counts as eligible, in `fail` panic every pick fails with [`PickError::Panic`].
 //!
 //! **In-flight accounting.** Counts live in [`BackendLoad`], shared by `Arc` across picker
 //! generations: [`Picker::rebuild`] carries each backend's load over by id, so a call that
@@ -62,10 +64,12 @@ use std::time::Duration;
 pub mod hash;
 pub mod least_conn;
 pub mod maglev;
+pub mod panic;
 pub mod ring;
 pub mod sticky;
 pub mod wrr;
 
+pub use panic::{PanicConfig, PanicMode, PanicState};
 pub use sticky::StickyTable;
 
 /// Most backends a picker supports (65,535: tables store `u16` backend indices).
@@ -113,6 +117,8 @@ pub struct PolicyConfig {
     /// Whether every pick counts an in-flight call on its backend until the [`Pick`] is dropped.
     /// Least-connections and bounded-load pickers always count, whatever this says.
     pub track_in_flight: bool,
+    /// Panic threshold and mode ([`panic`]); `None`: no panic mode.
+    pub panic: Option<PanicConfig>,
 }
 
 impl PolicyConfig {
@@ -122,6 +128,7 @@ impl PolicyConfig {
             algorithm,
             bounded_load_factor: None,
             track_in_flight: true,
+            panic: None,
         }
     }
 }
@@ -183,6 +190,14 @@ pub enum PickError {
     /// Strict sticky mode: the session's backend is gone.
     #[error("session is bound to backend {0:?}, which is unavailable")]
     StickyBackendUnavailable(String),
+    /// The service is in panic with mode `fail` (too few eligible backends; see [`panic`]).
+    #[error("panic: {eligible} of {total} backends eligible, below the panic threshold")]
+    Panic {
+        /// Eligible backends.
+        eligible: usize,
+        /// All backends.
+        total: usize,
+    },
 }
 
 /// In-flight accounting of one backend, and the outcomes of its finished calls; shared across
@@ -359,6 +374,8 @@ pub struct Picker {
     /// Calls in flight through bounded pickers of this service; shared across generations.
     total: Arc<AtomicU64>,
     strategy: Strategy,
+    /// The panic state decided at build time.
+    panic: PanicState,
 }
 
 impl Picker {
@@ -433,6 +450,17 @@ impl Picker {
                 id,
             });
         }
+        // Panic mode is decided here, once, from the backends' own eligibility. In `route_all`
+        // panic every backend is treated as eligible by everything below (and by
+        // `Backend::is_eligible`); in `fail` panic nothing is.
+        let own_eligible = backends.iter().filter(|b| b.eligible).count();
+        let panic = panic::evaluate(policy.panic.as_ref(), own_eligible, backends.len());
+        if panic.active {
+            let all = panic.mode == Some(PanicMode::RouteAll);
+            for b in &mut backends {
+                b.eligible = all;
+            }
+        }
         let eligible: Box<[u32]> = (0..backends.len() as u32)
             .filter(|&i| backends[i as usize].eligible)
             .collect();
@@ -501,6 +529,7 @@ impl Picker {
             bounded,
             total,
             strategy,
+            panic,
         })
     }
 
@@ -540,6 +569,11 @@ impl Picker {
             Strategy::Empty => {
                 return Err(if self.backends.is_empty() {
                     PickError::NoBackends
+                } else if self.panic.active {
+                    PickError::Panic {
+                        eligible: self.panic.eligible,
+                        total: self.panic.total,
+                    }
                 } else {
                     PickError::NoEligibleBackends
                 });
@@ -666,6 +700,11 @@ impl Picker {
         if self.bounded.is_some() {
             self.total.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+
+    /// The panic state decided when this picker was built (see [`panic`]).
+    pub fn panic_state(&self) -> PanicState {
+        self.panic
     }
 
     /// The policy this picker was built with.

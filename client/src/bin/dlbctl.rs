@@ -185,6 +185,133 @@ struct PolicySet {
     /// Maximum number of session bindings (0 = default 100000).
     #[arg(long)]
     sticky_max: Option<u32>,
+    /// Outlier detection and panic settings.
+    #[command(flatten)]
+    health: HealthFlags,
+}
+
+/// `dlbctl policy set` flags for outlier detection and the panic threshold (docs/outlier.md).
+/// Setting any `--outlier-*` flag turns outlier detection on; 0 means "the default".
+#[derive(Debug, Args)]
+struct HealthFlags {
+    /// Turn outlier detection off.
+    #[arg(long)]
+    outlier_off: bool,
+    /// Eject after this many failures in a row (0 = default 5).
+    #[arg(long)]
+    outlier_consecutive: Option<u32>,
+    /// Eject at this failure percent over a window (0 = off).
+    #[arg(long)]
+    outlier_failure_rate: Option<u32>,
+    /// Minimum requests in a window for the failure-rate rule (0 = default 20).
+    #[arg(long)]
+    outlier_min_requests: Option<u32>,
+    /// Failure-rate window, milliseconds (0 = default 1000).
+    #[arg(long)]
+    outlier_interval_ms: Option<u32>,
+    /// Base ejection time, milliseconds (0 = default 30000).
+    #[arg(long)]
+    outlier_base_ms: Option<u32>,
+    /// Cap on the ejection time, milliseconds (0 = default 300000).
+    #[arg(long)]
+    outlier_max_ms: Option<u32>,
+    /// At most this percent of backends ejected at once (0 = default 10).
+    #[arg(long)]
+    outlier_max_percent: Option<u32>,
+    /// Panic threshold in percent of eligible backends (0 = off).
+    #[arg(long)]
+    panic_threshold: Option<u32>,
+    /// What a panicking service does: route_all or fail.
+    #[arg(long)]
+    panic_mode: Option<String>,
+}
+
+impl HealthFlags {
+    /// Applies the flags that were given to `policy`.
+    fn apply(&self, policy: &mut proto::Policy) -> Result<(), Error> {
+        let mode = self
+            .panic_mode
+            .as_deref()
+            .map(|m| dlb::health_policy::parse_panic_mode("policy.panic.mode", m))
+            .transpose()?;
+        if self.panic_threshold.is_some() || mode.is_some() {
+            let p = policy.panic.get_or_insert_with(Default::default);
+            if let Some(t) = self.panic_threshold {
+                p.threshold_percent = t;
+            }
+            if let Some(m) = mode {
+                p.mode = m as i32;
+            }
+        }
+        let fields = [
+            self.outlier_consecutive,
+            self.outlier_failure_rate,
+            self.outlier_min_requests,
+            self.outlier_interval_ms,
+            self.outlier_base_ms,
+            self.outlier_max_ms,
+            self.outlier_max_percent,
+        ];
+        if self.outlier_off {
+            policy.outlier_detection = None;
+        } else if fields.iter().any(Option::is_some) {
+            let o = policy
+                .outlier_detection
+                .get_or_insert_with(Default::default);
+            let slots = [
+                &mut o.consecutive_failures,
+                &mut o.failure_rate_percent,
+                &mut o.min_requests,
+                &mut o.interval_ms,
+                &mut o.base_ejection_ms,
+                &mut o.max_ejection_ms,
+                &mut o.max_ejection_percent,
+            ];
+            for (slot, value) in slots.into_iter().zip(fields) {
+                if let Some(v) = value {
+                    *slot = v;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The outlier and panic parts of a policy, as text.
+fn health_text(p: &proto::Policy) -> String {
+    let outlier = match &p.outlier_detection {
+        None => "outlier=off".to_owned(),
+        Some(o) => format!(
+            "outlier=on(consecutive={} failure_rate={} min_requests={} interval_ms={} base_ms={} max_ms={} max_percent={})",
+            o.consecutive_failures, o.failure_rate_percent, o.min_requests, o.interval_ms,
+            o.base_ejection_ms, o.max_ejection_ms, o.max_ejection_percent
+        ),
+    };
+    let panic = p.panic.unwrap_or_default();
+    format!(
+        "{outlier} panic_threshold={} panic_mode={}",
+        panic.threshold_percent,
+        dlb::health_policy::panic_mode_name(panic.mode)
+    )
+}
+
+/// A panic state, as text.
+fn panic_text(p: Option<proto::PanicState>) -> String {
+    let p = p.unwrap_or_default();
+    format!(
+        "panic={} ({}/{} eligible, mode {})",
+        if p.active { "ACTIVE" } else { "no" },
+        p.eligible,
+        p.total,
+        dlb::health_policy::panic_mode_name(p.mode)
+    )
+}
+
+/// A panic state, as JSON.
+fn panic_json(p: Option<proto::PanicState>) -> Value {
+    let p = p.unwrap_or_default();
+    json!({"active": p.active, "eligible": p.eligible, "total": p.total,
+           "mode": dlb::health_policy::panic_mode_name(p.mode)})
 }
 
 fn main() -> ExitCode {
@@ -270,17 +397,19 @@ fn policy_json(p: &proto::Policy) -> Value {
         "sticky_mode": model::sticky_mode_name(p.sticky_mode),
         "sticky_ttl_seconds": p.sticky_ttl_seconds,
         "sticky_max_entries": p.sticky_max_entries,
+        "health": health_text(p),
     })
 }
 
 fn policy_text(p: &proto::Policy) -> String {
     format!(
-        "algorithm={} bounded_load={} sticky={} sticky_ttl={} sticky_max={}",
+        "algorithm={} bounded_load={} sticky={} sticky_ttl={} sticky_max={} {}",
         model::algorithm_name(p.algorithm),
         p.bounded_load_factor,
         model::sticky_mode_name(p.sticky_mode),
         p.sticky_ttl_seconds,
-        p.sticky_max_entries
+        p.sticky_max_entries,
+        health_text(p)
     )
 }
 
@@ -382,14 +511,16 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 println!(
                     "{}",
                     json!({"service": r.service, "version": version_json(r.version),
-                           "policy": policy_json(&policy), "servers": servers})
+                           "policy": policy_json(&policy), "servers": servers,
+                           "panic": panic_json(r.panic)})
                 );
             } else {
                 println!(
-                    "service {} {} {}",
+                    "service {} {} {} {}",
                     r.service,
                     version_text(r.version),
-                    policy_text(&policy)
+                    policy_text(&policy),
+                    panic_text(r.panic)
                 );
                 for s in &r.servers {
                     println!("  {}", server_text(s));
@@ -405,19 +536,21 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     .map(|s| {
                         json!({"service": s.service, "version": version_json(s.version),
                                "policy": policy_json(&s.policy.unwrap_or_default()),
-                               "servers": s.servers, "eligible": s.eligible})
+                               "servers": s.servers, "eligible": s.eligible,
+                               "panic": panic_json(s.panic)})
                     })
                     .collect();
                 println!("{}", json!({ "services": services }));
             } else {
                 for s in &r.services {
                     println!(
-                        "{} {} servers={} eligible={} algorithm={}",
+                        "{} {} servers={} eligible={} algorithm={} {}",
                         s.service,
                         version_text(s.version),
                         s.servers,
                         s.eligible,
-                        model::algorithm_name(s.policy.unwrap_or_default().algorithm)
+                        model::algorithm_name(s.policy.unwrap_or_default().algorithm),
+                        panic_text(s.panic)
                     );
                 }
             }
@@ -503,6 +636,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             if let Some(m) = set.sticky_max {
                 policy.sticky_max_entries = m;
             }
+            set.health.apply(&mut policy)?;
             model::validate_policy(&policy)?;
             let r = admin
                 .set_policy_if(&service, policy, Some(read_version))
@@ -613,6 +747,9 @@ async fn watch(
                     if let Some(b) = u.base {
                         o["base"] = version_json(Some(b));
                     }
+                    if u.panic.is_some() {
+                        o["panic"] = panic_json(u.panic);
+                    }
                     o.to_string()
                 } else {
                     let mut parts = vec![version_text(u.version)];
@@ -636,6 +773,9 @@ async fn watch(
                     for id in &u.removals {
                         known.remove(id);
                         parts.push(format!("-{id}"));
+                    }
+                    if u.panic.is_some_and(|p| p.active) {
+                        parts.push(panic_text(u.panic));
                     }
                     parts.join(" ")
                 };
@@ -669,6 +809,8 @@ async fn watch(
                     g.reason
                 )));
             }
+            // Global in-flight counts are routing input for SDKs, not updates to print.
+            Some(ServerKind::GlobalLoad(_)) => continue,
             None => continue,
         };
         let mut out = stdout.lock();

@@ -49,6 +49,8 @@ pub(super) struct Entry {
     pub(super) dirty: bool,
     /// When the current hold began (an update is held back; see [`HOLD_GRACE`]).
     held_since: Option<tokio::time::Instant>,
+    /// The in-flight counts of the other SDKs, as last pushed (`GlobalLoad`), by backend id.
+    others: std::collections::HashMap<String, u64>,
 }
 
 /// How long an update held back by the restart-flooding rule is held at most: after this the
@@ -67,6 +69,25 @@ impl Entry {
             reported_load: false,
             dirty: false,
             held_since: None,
+            others: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Applies a `GlobalLoad` push: every backend's baseline becomes the other SDKs' count
+    /// (0 when left out), so least connections compares `own live count + others`.
+    pub(super) fn global_load(&mut self, g: &proto::GlobalLoad) {
+        self.others = g
+            .backends
+            .iter()
+            .map(|b| {
+                (
+                    b.server_id.clone(),
+                    b.in_flight.min(crate::global::MAX_OTHERS_IN_FLIGHT),
+                )
+            })
+            .collect();
+        if let Some(picker) = &self.picker {
+            crate::global::apply_baselines(picker, &self.others);
         }
     }
 
@@ -272,6 +293,13 @@ impl Entry {
             }
         };
         self.state.stats.rebuilds.fetch_add(1, Ordering::Relaxed);
+        // Backends new to this picker start from the pushed global counts too.
+        crate::global::apply_baselines(&picker, &self.others);
+        crate::global::panic_event(
+            &self.state,
+            self.picker.as_deref().map(|p| p.panic_state()),
+            picker.panic_state(),
+        );
         self.picker = Some(picker.clone());
         self.sticky = model::carry_sticky(self.sticky.as_ref(), &policy);
         self.state.publish(Snapshot {

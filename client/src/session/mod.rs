@@ -253,6 +253,11 @@ async fn serve<S>(
 where
     S: Stream<Item = Result<proto::ServerMessage, tonic::Status>> + Unpin,
 {
+    // A new session starts with no global loads: this control plane pushes the others' counts
+    // only once they differ from nothing, so counts pushed by a previous one must not linger.
+    for entry in entries.values_mut() {
+        entry.global_load(&proto::GlobalLoad::default());
+    }
     let mut report = tokio::time::interval(config.report_interval);
     report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     report.tick().await;
@@ -464,6 +469,11 @@ fn apply_batch(
             Some(ServerKind::GoingAway(g)) => {
                 out.going_away = Some(g.reason);
                 break;
+            }
+            Some(ServerKind::GlobalLoad(g)) => {
+                if let Some(entry) = entries.get_mut(&g.service) {
+                    entry.global_load(&g);
+                }
             }
             None => {}
         }

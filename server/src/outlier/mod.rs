@@ -1,0 +1,272 @@
+//! Passive health: outlier detection from the SDKs' load reports, and the request metrics.
+//!
+//! Every Discovery session hands the call outcomes of each load report it accepts to one task,
+//! [`run`], through a bounded channel ([`Reports::submit`]: never blocks a session; a report
+//! that does not fit is dropped and counted). That task **owns all detector state** (one
+//! [`detector::Detector`] per service with outlier detection on), so the outcomes of every SDK
+//! are summed in one place and decisions never split. Ejections and returns reach the store
+//! only as `Mutation::Update(id, ServerPatch { outlier: Some(SourceState { .. }) })`, so the
+//! effective state, the reason and the push to every SDK come from the core
+//! ([`dlb::sources`]): outlier `UNHEALTHY` takes precedence over the probe source, so a passing
+//! active check never reinstates an ejected backend early.
+//!
+//! The task also feeds the request metrics ([`crate::health_metrics`]) from every report, and
+//! every 100 ms runs each detector's clock (returns, failure-rate windows, decay). The
+//! max-ejection rule is [`dlb::health_policy::max_ejected`]; `docs/outlier.md` has the rules.
+
+pub mod detector;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dlb::health_policy::{outlier_config, OutlierConfig};
+use dlb::proto;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::state::Shared;
+use crate::store::{Mutation, ServerPatch};
+use detector::{Action, Detector};
+
+/// Reports queued for the detector task at most; more are dropped (and counted).
+pub const QUEUE: usize = 65_536;
+/// Backend entries queued for the detector task at most, over all queued reports (a report is
+/// client input: this bounds the memory a burst of huge reports can pin, about 100 bytes each).
+pub const MAX_QUEUED_LOADS: usize = 1_000_000;
+/// How often the detectors' clocks run.
+pub const TICK: Duration = Duration::from_millis(100);
+
+/// One accepted load report: the service and its backends' loads.
+type Report = (Arc<str>, Vec<proto::BackendLoad>);
+
+/// The sending side, held by the sessions.
+#[derive(Debug)]
+pub struct Reports {
+    tx: mpsc::Sender<Report>,
+    dropped: AtomicU64,
+    /// Backend entries in queued reports (see [`MAX_QUEUED_LOADS`]).
+    queued: std::sync::atomic::AtomicUsize,
+}
+
+impl Reports {
+    /// A channel pair: the handle for sessions and the receiver for [`run`].
+    pub fn new() -> (Self, mpsc::Receiver<Report>) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        (
+            Self {
+                tx,
+                dropped: AtomicU64::new(0),
+                queued: Default::default(),
+            },
+            rx,
+        )
+    }
+
+    /// Queues a report's outcomes (only the backends with any); never waits.
+    pub fn submit(&self, service: &str, loads: &[proto::BackendLoad]) {
+        let loads: Vec<proto::BackendLoad> = loads
+            .iter()
+            .filter(|l| l.successes > 0 || l.failures > 0)
+            .cloned()
+            .collect();
+        if loads.is_empty() {
+            return;
+        }
+        let n = loads.len();
+        if self.queued.fetch_add(n, Ordering::Relaxed) + n > MAX_QUEUED_LOADS {
+            self.queued.fetch_sub(n, Ordering::Relaxed);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if self.tx.try_send((service.into(), loads)).is_err() {
+            self.queued.fetch_sub(n, Ordering::Relaxed);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The task took a report of `n` backend entries off the queue.
+    fn taken(&self, n: usize) {
+        self.queued.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// Reports dropped because the task's queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// Per service: the detector and the configuration it runs with.
+struct Service {
+    detector: Detector,
+    config: OutlierConfig,
+}
+
+/// The detector task. See the module docs.
+pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Report>) {
+    let mut services: HashMap<Arc<str>, Service> = HashMap::new();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut shutdown = shared.shutdown.clone();
+    // At start: take over the ejections the store holds (detection on), or return them
+    // (detection off: nobody would ever return them otherwise).
+    for name in shared.cache.service_names() {
+        let (_, mut actions) = sync(&shared, &mut services, &name);
+        if !services.contains_key(&name) {
+            actions.extend(stale_ejections(&shared, &name));
+        }
+        write(&shared, &name, actions).await;
+    }
+    loop {
+        tokio::select! {
+            r = rx.recv() => {
+                let Some((service, loads)) = r else { break };
+                shared.reports.taken(loads.len());
+                shared.health_metrics().requests(&service, &loads);
+                let actions = on_report(&shared, &mut services, &service, &loads);
+                write(&shared, &service, actions).await;
+            }
+            _ = tick.tick() => {
+                shared.health_metrics().dropped_reports(shared.reports.dropped());
+                let names: Vec<Arc<str>> = services.keys().cloned().collect();
+                for name in names {
+                    let actions = on_tick(&shared, &mut services, &name);
+                    write(&shared, &name, actions).await;
+                }
+            }
+            _ = crate::state::stopped(&mut shutdown) => break,
+        }
+    }
+}
+
+/// Brings a service's detector in line with its snapshot: created (adopting stored ejections)
+/// when detection is on, reconfigured when the policy changed, dropped when it is off (then
+/// its ejected backends return). Returns the backend count.
+fn sync(
+    shared: &Shared,
+    services: &mut HashMap<Arc<str>, Service>,
+    name: &Arc<str>,
+) -> (Option<usize>, Vec<Action>) {
+    let now = Instant::now();
+    let snap = shared.cache.get(name);
+    let config = snap.as_ref().and_then(|s| outlier_config(&s.policy));
+    let (Some(snap), Some(config)) = (snap, config) else {
+        // Off (or the service is gone): every backend it ejected returns.
+        let mut out = Vec::new();
+        if let Some(svc) = services.remove(name) {
+            if let Some(snap) = shared.cache.get(name) {
+                for id in snap.servers.keys() {
+                    if svc.detector.is_ejected(id) {
+                        out.push(Action::Return { id: id.to_string() });
+                    }
+                }
+            }
+        }
+        return (None, out);
+    };
+    let svc = services.entry(name.clone()).or_insert_with(|| {
+        let mut detector = Detector::new(now);
+        for (id, s) in &snap.servers {
+            let ejected = s
+                .sources
+                .as_ref()
+                .and_then(|x| x.outlier.as_ref())
+                .is_some_and(|o| o.verdict == proto::Verdict::Unhealthy as i32);
+            if ejected {
+                detector.adopt(id, &config, now);
+            }
+        }
+        Service { detector, config }
+    });
+    svc.config = config;
+    let ids: HashSet<&str> = snap.servers.keys().map(|k| &**k).collect();
+    svc.detector.retain(&ids);
+    (Some(snap.servers.len()), Vec::new())
+}
+
+/// Returns for backends stored as ejected in a service without outlier detection.
+fn stale_ejections(shared: &Shared, name: &str) -> Vec<Action> {
+    let Some(snap) = shared.cache.get(name) else {
+        return Vec::new();
+    };
+    snap.servers
+        .iter()
+        .filter(|(_, s)| {
+            s.sources
+                .as_ref()
+                .and_then(|x| x.outlier.as_ref())
+                .is_some_and(|o| o.verdict == proto::Verdict::Unhealthy as i32)
+        })
+        .map(|(id, _)| Action::Return { id: id.to_string() })
+        .collect()
+}
+
+fn on_report(
+    shared: &Shared,
+    services: &mut HashMap<Arc<str>, Service>,
+    name: &Arc<str>,
+    loads: &[proto::BackendLoad],
+) -> Vec<Action> {
+    let (total, mut out) = sync(shared, services, name);
+    if let (Some(total), Some(svc)) = (total, services.get_mut(name)) {
+        out.extend(
+            svc.detector
+                .report(&svc.config, total, loads, Instant::now()),
+        );
+    }
+    out
+}
+
+fn on_tick(
+    shared: &Shared,
+    services: &mut HashMap<Arc<str>, Service>,
+    name: &Arc<str>,
+) -> Vec<Action> {
+    let (total, mut out) = sync(shared, services, name);
+    if let (Some(total), Some(svc)) = (total, services.get_mut(name)) {
+        out.extend(svc.detector.tick(&svc.config, total, Instant::now()));
+        shared
+            .health_metrics()
+            .ejected(name, svc.detector.ejected());
+    }
+    out
+}
+
+/// Writes the actions, one store write each (a backend removed meanwhile fails alone).
+async fn write(shared: &Shared, service: &str, actions: Vec<Action>) {
+    for action in actions {
+        let (id, state) = match action {
+            Action::Eject { id, detail, .. } => {
+                tracing::warn!(service, server_id = %id, %detail, "outlier ejected");
+                shared.health_metrics().ejection(service);
+                (
+                    id,
+                    proto::SourceState {
+                        verdict: proto::Verdict::Unhealthy as i32,
+                        detail: dlb::model::prefix(&detail, dlb::sources::MAX_DETAIL_LEN)
+                            .to_owned(),
+                    },
+                )
+            }
+            Action::Return { id } => {
+                tracing::info!(service, server_id = %id, "outlier returned");
+                (
+                    id,
+                    proto::SourceState {
+                        verdict: proto::Verdict::Healthy as i32,
+                        detail: "returned".to_owned(),
+                    },
+                )
+            }
+        };
+        let patch = ServerPatch {
+            outlier: Some(state),
+            ..Default::default()
+        };
+        let m = vec![Mutation::Update(id.clone(), patch)];
+        if let Err(e) = shared.store.apply(service.to_owned(), m, None).await {
+            tracing::debug!(service, server_id = %id, error = %e, "outlier write failed");
+        }
+    }
+}
