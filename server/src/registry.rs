@@ -5,8 +5,8 @@
 //! [`Store::apply`](crate::store::Store::apply) (with the request's `expected_version` as a
 //! compare-and-set), waits until the snapshot cache has the new revision (so the caller's next
 //! session read sees it), and counts itself in `dlb_rpcs_total`. Handlers never build pickers:
-//! `GetNextServer` waits at most 50 ms for the service's builder task to reach the cached
-//! version, then answers from the newest picker. The handlers hold no locks of their own.
+//! `GetNextServer` waits at most 1 s (as long as a write waits for the cache) for the service's
+//! builder task to reach the cached version, then answers from the newest picker. The handlers hold no locks of their own.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,8 +21,9 @@ use crate::Error;
 
 /// How long a committed write waits for the cache to apply it before answering anyway.
 const CACHE_WAIT: Duration = Duration::from_secs(1);
-/// How long `GetNextServer` waits for the picker to reach the cached version.
-const PICKER_WAIT: Duration = Duration::from_millis(50);
+/// How long `GetNextServer` waits for the picker to reach the cached version: as long as a write waits for the cache: a caller that just wrote reads its write, and the
+/// bound only matters when a build is slow (a million-backend service) or failing.
+const PICKER_WAIT: Duration = CACHE_WAIT;
 
 /// The Registry service implementation.
 pub struct RegistryService {
