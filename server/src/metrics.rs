@@ -16,6 +16,7 @@
 //! | `dlb_sessions_lagging` | gauge | | (sessions whose outbound queue is full: not reading) |
 //! | `dlb_sessions_stalled_total` | counter | | (sessions cut for not reading past the deadline) |
 //! | `dlb_backend_in_flight` | gauge | `service`, `server_id` — only with per-backend metrics on |
+//! | `dlb_xds_streams` / `dlb_xds_nacks_total` | gauge / counter | — / `type` (see [`crate::xds::XdsMetrics`]) |
 //!
 //! Per-backend series are opt-in ([`Metrics::with_per_backend`]): their exported ids per service
 //! are remembered in a `parking_lot::Mutex<HashMap<..>>` so that series of backends that no
@@ -58,6 +59,8 @@ pub struct Metrics {
     stalled: Counter,
     /// Per-backend in-flight gauges, when enabled, and the ids exported per service.
     per_backend: Option<PerBackend>,
+    /// The xDS front-end's metrics.
+    xds: crate::xds::XdsMetrics,
 }
 
 impl Default for Metrics {
@@ -133,7 +136,9 @@ impl Metrics {
             );
             (family, Mutex::new(HashMap::new()))
         });
+        let xds = crate::xds::XdsMetrics::register(&mut registry);
         Self {
+            xds,
             lagging,
             stalled,
             per_backend,
@@ -145,6 +150,11 @@ impl Metrics {
             versions,
             in_flight,
         }
+    }
+
+    /// The xDS front-end's metrics.
+    pub fn xds(&self) -> &crate::xds::XdsMetrics {
+        &self.xds
     }
 
     /// A session connected (+1) or closed (-1).

@@ -1,0 +1,182 @@
+//! Interop with stock xDS clients nobody here wrote: Python `grpcio` and Node
+//! `@grpc/grpc-js-xds`, each balancing real gRPC backends on loopback through `dlbd`'s ADS with a
+//! bootstrap file and the target `xds:///s`.
+//!
+//! The clients are the scripts in `interop/` (line protocol: `calls N [KEY]`), found through
+//! `DLB_INTEROP_PYTHON` (a Python with grpcio installed) and `DLB_INTEROP_NODE_DIR` (the
+//! `interop/node` directory after `npm install`); `.ci/interop` sets both. Without them the tests
+//! say they are skipped — unless `CI` is set, where a missing client is a failure.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+mod xds_support;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use dlb::proto;
+use xds_support::{within_4_sigma, Backend, Driver};
+
+/// Resolves a client from an environment variable, or says the test is skipped.
+fn client(var: &str) -> Option<PathBuf> {
+    match std::env::var_os(var) {
+        Some(v) if !v.is_empty() => Some(PathBuf::from(v)),
+        _ => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "{var} is not set and CI is: run the interop tests through .ci/interop"
+            );
+            eprintln!("SKIPPED: {var} is not set (run .ci/interop to install the stock clients)");
+            None
+        }
+    }
+}
+
+fn interop_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../interop")
+}
+
+/// The whole flow against one stock client: shares follow weights, a failed health check stops
+/// a backend's traffic, an added backend gets traffic, Maglev keeps a key on one backend.
+async fn scenario(program: PathBuf, args: Vec<String>) {
+    let server = common::start().await;
+    let mut reg = common::registry(&server).await;
+    let mut backends = Vec::new();
+    let weights = [("b1", 1u32), ("b2", 2), ("b3", 3)];
+    for (id, w) in weights {
+        let b = Backend::start(id).await;
+        reg.add_server(common::add("s", id, &b.addr.to_string(), w))
+            .await
+            .unwrap();
+        backends.push(b);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bootstrap = dir.path().join("bootstrap.json");
+    xds_support::write_bootstrap(&bootstrap, server.grpc_addr(), "interop-node");
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args.push("xds:///s");
+    let mut c = Driver::start(&program, &args, &bootstrap).await;
+    eprintln!("client version {}", c.version);
+
+    // Every backend reached, every call succeeds.
+    c.until(
+        60,
+        None,
+        Duration::from_secs(60),
+        "all three backends",
+        |r| r.errors.is_empty() && r.ok.len() == 3,
+    )
+    .await;
+
+    // Shares follow the weights: within 4 standard deviations of a binomial over 6,000 calls.
+    let r = c.calls(6000, None).await;
+    assert!(r.errors.is_empty(), "failed calls: {r:?}");
+    assert_eq!(r.total_ok(), 6000);
+    for (id, w) in weights {
+        let p = f64::from(w) / 6.0;
+        assert!(
+            within_4_sigma(r.of(id), 6000, p),
+            "{id}: {} of 6000 calls, expected {:.0} ± 4σ; {r:?}",
+            r.of(id),
+            6000.0 * p
+        );
+    }
+    eprintln!("shares over 6000 calls (weights 1:2:3): {:?}", r.ok);
+
+    // health_check_failed stops the backend's traffic.
+    let t0 = std::time::Instant::now();
+    reg.health_check_failed(common::hc("s", "b3"))
+        .await
+        .unwrap();
+    c.until(
+        20,
+        None,
+        Duration::from_secs(10),
+        "b3 drained of traffic",
+        |r| r.of("b3") == 0 && r.errors.is_empty(),
+    )
+    .await;
+    eprintln!(
+        "health_check_failed: traffic to b3 stopped after {:?} (observed)",
+        t0.elapsed()
+    );
+    let r = c.calls(600, None).await;
+    assert!(r.errors.is_empty(), "{r:?}");
+    assert_eq!(r.of("b3"), 0, "{r:?}");
+
+    // An added backend starts receiving traffic.
+    let b4 = Backend::start("b4").await;
+    reg.add_server(common::add("s", "b4", &b4.addr.to_string(), 1))
+        .await
+        .unwrap();
+    backends.push(b4);
+    c.until(
+        40,
+        None,
+        Duration::from_secs(10),
+        "b4 receives traffic",
+        |r| r.of("b4") > 0 && r.errors.is_empty(),
+    )
+    .await;
+
+    // Maglev: one header value keeps hitting one backend.
+    reg.set_policy(proto::SetPolicyRequest {
+        service: "s".into(),
+        policy: Some(proto::Policy {
+            algorithm: proto::Algorithm::Maglev as i32,
+            ..dlb::model::default_policy()
+        }),
+        expected_version: None,
+    })
+    .await
+    .unwrap();
+    c.until(30, Some("k0"), Duration::from_secs(10), "k0 sticks", |r| {
+        r.ok.len() == 1 && r.errors.is_empty()
+    })
+    .await;
+    let mut seen = std::collections::BTreeSet::new();
+    for k in 0..10 {
+        let key = format!("key-{k}");
+        let r = c.calls(40, Some(&key)).await;
+        assert!(r.errors.is_empty(), "{key}: {r:?}");
+        assert_eq!(r.ok.len(), 1, "{key} hit several backends: {r:?}");
+        seen.extend(r.ok.keys().cloned());
+    }
+    assert!(seen.len() >= 2, "ten keys all on one backend: {seen:?}");
+    assert!(!seen.contains("b3"), "an unhealthy backend got a key");
+
+    // The client is listed with its node id and acked versions.
+    let clients = server.xds_clients().list();
+    let me = clients
+        .iter()
+        .find(|c| c.node_id == "interop-node")
+        .expect("listed");
+    assert!(me
+        .types
+        .values()
+        .all(|t| !t.acked_version.is_empty() && t.nacks == 0));
+
+    c.quit().await;
+    for b in backends {
+        b.stop().await;
+    }
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_grpcio_balances_through_dlbd() {
+    let Some(python) = client("DLB_INTEROP_PYTHON") else {
+        return;
+    };
+    let script = interop_dir().join("python/xds_client.py");
+    scenario(python, vec![script.display().to_string()]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_grpc_js_balances_through_dlbd() {
+    let Some(dir) = client("DLB_INTEROP_NODE_DIR") else {
+        return;
+    };
+    let script = dir.join("xds_client.js");
+    scenario(PathBuf::from("node"), vec![script.display().to_string()]).await;
+}
