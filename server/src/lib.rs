@@ -240,7 +240,8 @@ pub async fn spawn_with_store(
                 shutdown_rx.clone(),
             )
             .into_server(),
-        );
+        )
+        .add_service(xds::status::XdsStatusService::new(xds_clients.clone()).into_server());
     let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
     let mut signal = shutdown_rx.clone();
     let grpc = tokio::spawn(async move {

@@ -9,7 +9,7 @@
 //! * [`sotw`] — state-of-the-world `StreamAggregatedResources`;
 //! * [`delta`] — incremental `DeltaAggregatedResources`;
 //! * [`clients`] — per-stream bookkeeping (subscriptions, versions and nonces sent and acked,
-//!   NACKs), listed by `dlbctl xds-clients`.
+//!   NACKs); [`status`] — the `dlb.v1.XdsStatus` RPC that lists it for `dlbctl xds-clients`.
 //!
 //! Like the DLB session ([`crate::discovery`]) this is a thin front-end of the snapshot cache
 //! ([`crate::cache`]): a stream follows the services it subscribed to with one cache
@@ -25,6 +25,7 @@ pub mod clients;
 pub mod delta;
 pub mod resources;
 pub mod sotw;
+pub mod status;
 
 use std::pin::Pin;
 use std::sync::Arc;
