@@ -119,17 +119,37 @@ async fn scenario(program: PathBuf, args: Vec<String>) {
     )
     .await;
 
-    // Maglev: one header value keeps hitting one backend.
-    reg.set_policy(proto::SetPolicyRequest {
+    // A draining backend gets no new calls; undrained, it gets them again.
+    let drain = |on: bool| proto::UpdateServerRequest {
         service: "s".into(),
-        policy: Some(proto::Policy {
-            algorithm: proto::Algorithm::Maglev as i32,
-            ..dlb::model::default_policy()
-        }),
-        expected_version: None,
+        server_id: "b4".into(),
+        draining: Some(on),
+        ..Default::default()
+    };
+    reg.update_server(drain(true)).await.unwrap();
+    c.until(40, None, Duration::from_secs(10), "b4 drained", |r| {
+        r.of("b4") == 0 && r.errors.is_empty()
     })
-    .await
-    .unwrap();
+    .await;
+    reg.update_server(drain(false)).await.unwrap();
+    c.until(40, None, Duration::from_secs(10), "b4 undrained", |r| {
+        r.of("b4") > 0 && r.errors.is_empty()
+    })
+    .await;
+
+    // Least connections: the client takes the first policy of the list it supports; with
+    // sequential calls the shares tell which (least_request ignores weights, the
+    // wrr_locality fallback follows them). Every call must succeed either way.
+    set_algorithm(&server, &mut reg, proto::Algorithm::LeastConnP2c).await;
+    let r = c.calls(3000, None).await;
+    assert!(r.errors.is_empty(), "least-conn: {r:?}");
+    eprintln!(
+        "least-conn (weights b1:b2:b4 = 1:2:1, b3 unhealthy), 3000 sequential calls: {:?}",
+        r.ok
+    );
+
+    // Maglev: one header value keeps hitting one backend.
+    set_algorithm(&server, &mut reg, proto::Algorithm::Maglev).await;
     c.until(30, Some("k0"), Duration::from_secs(10), "k0 sticks", |r| {
         r.ok.len() == 1 && r.errors.is_empty()
     })
@@ -161,6 +181,51 @@ async fn scenario(program: PathBuf, args: Vec<String>) {
         b.stop().await;
     }
     server.shutdown().await.unwrap();
+}
+
+/// Sets the service's algorithm and waits until the client has acknowledged the new Cluster
+/// (a NACK fails the test).
+async fn set_algorithm(
+    server: &dlb_server::RunningServer,
+    reg: &mut proto::registry_client::RegistryClient<tonic::transport::Channel>,
+    algorithm: proto::Algorithm,
+) {
+    let cds = dlb_server::xds::resources::CLUSTER;
+    let before = cluster_state(server).map_or(0, |t| t.responses);
+    reg.set_policy(proto::SetPolicyRequest {
+        service: "s".into(),
+        policy: Some(proto::Policy {
+            algorithm: algorithm as i32,
+            ..dlb::model::default_policy()
+        }),
+        expected_version: None,
+    })
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let t = cluster_state(server).expect("the client follows the cluster");
+        assert_eq!(t.nacks, 0, "{cds} rejected: {:?}", t.last_nack);
+        if t.responses > before && t.acked_version == t.sent_version {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "new cluster not acked: {t:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn cluster_state(
+    server: &dlb_server::RunningServer,
+) -> Option<dlb_server::xds::clients::TypeState> {
+    server
+        .xds_clients()
+        .list()
+        .into_iter()
+        .find(|c| c.node_id == "interop-node")
+        .and_then(|c| c.types.get(dlb_server::xds::resources::CLUSTER).cloned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
