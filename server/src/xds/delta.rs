@@ -157,24 +157,14 @@ impl Stream {
         let mut out = Vec::new();
         let mut removed = Vec::new();
         for name in names {
-            let any = if resources::served(type_url) {
-                ctx.cache
-                    .get(&name)
-                    .and_then(|snap| resources::resource(type_url, &snap))
-            } else {
-                None
-            };
-            match any {
-                Some(any) => {
-                    let mut h = Fnv::default();
-                    h.write(&any.value);
-                    let version = h.hex();
-                    if sub.held.get(&name) != Some(&Some(version.clone())) {
-                        sub.held.insert(name.clone(), Some(version.clone()));
+            match ctx.built(type_url, &name) {
+                Some(b) => {
+                    if sub.held.get(&name) != Some(&Some(b.hash.clone())) {
+                        sub.held.insert(name.clone(), Some(b.hash.clone()));
                         out.push(Resource {
                             name,
-                            version,
-                            resource: Some(any),
+                            version: b.hash.clone(),
+                            resource: Some(b.any.clone()),
                             ..Default::default()
                         });
                     }

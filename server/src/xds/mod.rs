@@ -27,6 +27,7 @@ pub mod resources;
 pub mod sotw;
 pub mod status;
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -110,6 +111,18 @@ impl XdsMetrics {
     }
 }
 
+/// One resource built from one service version: packed, with its content hash (the
+/// resource's version). Shared by every stream that sends it.
+#[derive(Debug)]
+pub(crate) struct Built {
+    pub any: envoy_types::pb::google::protobuf::Any,
+    pub hash: String,
+}
+
+/// The last resource built per (type URL, service), keyed by the service version it was built
+/// from: a change is mapped and encoded once, not once per stream. Bounded by services × 3.
+type Memo = parking_lot::Mutex<HashMap<(String, String), (u64, Arc<Built>)>>;
+
 /// What every ADS stream shares.
 #[derive(Debug)]
 pub(crate) struct Context {
@@ -117,6 +130,37 @@ pub(crate) struct Context {
     pub metrics: Arc<Metrics>,
     pub clients: Arc<XdsClients>,
     pub shutdown: watch::Receiver<bool>,
+    /// `parking_lot::Mutex`: held for a map lookup or insert only; resources are built
+    /// outside it (two streams may build the same one once each).
+    memo: Memo,
+}
+
+impl Context {
+    /// The resource of `type_url` for the newest snapshot of `service`; `None` when the
+    /// service does not exist or DLB does not serve the type.
+    pub fn built(&self, type_url: &str, service: &str) -> Option<Arc<Built>> {
+        if !resources::served(type_url) {
+            return None;
+        }
+        let snap = self.cache.get(service)?;
+        let version = snap.version.version;
+        let key = (type_url.to_owned(), service.to_owned());
+        if let Some((v, b)) = self.memo.lock().get(&key) {
+            if *v == version {
+                return Some(b.clone());
+            }
+        }
+        let any = resources::resource(type_url, &snap)?;
+        let mut h = Fnv::default();
+        h.write(&any.value);
+        let built = Arc::new(Built { hash: h.hex(), any });
+        let mut memo = self.memo.lock();
+        let newer = memo.get(&key).is_some_and(|(v, _)| *v > version);
+        if !newer {
+            memo.insert(key, (version, built.clone()));
+        }
+        Some(built)
+    }
 }
 
 /// The ADS gRPC service.
@@ -140,6 +184,7 @@ impl XdsService {
                 metrics,
                 clients,
                 shutdown,
+                memo: Memo::default(),
             }),
         }
     }

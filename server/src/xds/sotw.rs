@@ -8,7 +8,8 @@
 //! "does not exist" (and appears in a later response when the service is created); EDS names
 //! are simply not included until they exist.
 //!
-//! The version of a response is the FNV hash of its resources; a response identical to the
+//! The version of a response is the FNV hash of its resources (each built once per service
+//! version and shared by every stream, see `Context::built`); a response identical to the
 //! last one sent is not sent again. A client reconnecting with the version it holds is answered
 //! only when the state differs (resume). Cost per wake-up: O(subscribed services × backends).
 
@@ -16,12 +17,11 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
-use envoy_types::pb::google::protobuf::Any;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use super::clients::Registration;
-use super::{record_nack, record_node, resources, Context, Fnv};
+use super::{record_nack, record_node, resources, Built, Context, Fnv};
 use crate::cache::Waker;
 
 type Tx = mpsc::Sender<Result<DiscoveryResponse, tonic::Status>>;
@@ -37,14 +37,16 @@ struct Sub {
 }
 
 /// The resources of `type_url` for `names` (or every service with `wildcard`), in name order,
-/// and their content hash.
+/// and the response's version: a hash of the type and each resource's name and hash.
 pub(crate) fn resources_for(
     ctx: &Context,
     type_url: &str,
     names: &BTreeSet<String>,
     wildcard: bool,
-) -> (Vec<(String, Any)>, String) {
+) -> (Vec<Arc<Built>>, String) {
     let mut out = Vec::new();
+    let mut h = Fnv::default();
+    h.write(type_url.as_bytes());
     if resources::served(type_url) {
         let all: BTreeSet<String>;
         let names = if wildcard {
@@ -59,18 +61,12 @@ pub(crate) fn resources_for(
             names
         };
         for name in names {
-            if let Some(snap) = ctx.cache.get(name) {
-                if let Some(any) = resources::resource(type_url, &snap) {
-                    out.push((name.clone(), any));
-                }
+            if let Some(b) = ctx.built(type_url, name) {
+                h.write(name.as_bytes());
+                h.write(b.hash.as_bytes());
+                out.push(b);
             }
         }
-    }
-    let mut h = Fnv::default();
-    h.write(type_url.as_bytes());
-    for (name, any) in &out {
-        h.write(name.as_bytes());
-        h.write(&any.value);
     }
     (out, h.hex())
 }
@@ -202,7 +198,7 @@ impl Stream {
         self.ctx.metrics.xds().response(type_url);
         let response = DiscoveryResponse {
             version_info: version,
-            resources: resources.into_iter().map(|(_, any)| any).collect(),
+            resources: resources.iter().map(|b| b.any.clone()).collect(),
             type_url: type_url.to_owned(),
             nonce,
             ..Default::default()
