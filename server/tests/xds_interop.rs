@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use dlb::proto;
+use dlb_server::xds::resources::{CLUSTER, ENDPOINTS};
 use xds_support::{within_4_sigma, Backend, Driver};
 
 /// Resolves a client from an environment variable, or says the test is skipped.
@@ -155,15 +156,44 @@ async fn scenario(program: PathBuf, args: Vec<String>) {
     })
     .await;
     let mut seen = std::collections::BTreeSet::new();
+    let mut owner = std::collections::BTreeMap::new();
     for k in 0..10 {
         let key = format!("key-{k}");
         let r = c.calls(40, Some(&key)).await;
         assert!(r.errors.is_empty(), "{key}: {r:?}");
         assert_eq!(r.ok.len(), 1, "{key} hit several backends: {r:?}");
         seen.extend(r.ok.keys().cloned());
+        owner.insert(key, r.ok.keys().next().cloned().unwrap_or_default());
     }
     assert!(seen.len() >= 2, "ten keys all on one backend: {seen:?}");
     assert!(!seen.contains("b3"), "an unhealthy backend got a key");
+
+    // A backend that moves to a new address keeps its hash key (endpoint metadata
+    // envoy.lb/hash_key, gRFC A76): observed, not asserted (older clients hash the address).
+    let moved = owner["key-0"].clone();
+    let again = Backend::start(&moved).await;
+    let before = type_state(&server, ENDPOINTS).map_or(0, |t| t.responses);
+    reg.update_server(proto::UpdateServerRequest {
+        service: "s".into(),
+        server_id: moved.clone(),
+        address: Some(again.addr.to_string()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    backends.push(again);
+    wait_acked(&server, ENDPOINTS, before).await;
+    let mut kept = 0;
+    for (key, was) in &owner {
+        let r = c.calls(20, Some(key)).await;
+        assert!(r.errors.is_empty(), "{key}: {r:?}");
+        assert_eq!(r.ok.len(), 1, "{key} hit several backends: {r:?}");
+        kept += usize::from(r.ok.contains_key(was));
+    }
+    eprintln!(
+        "after {moved} moved to a new address: {kept} of {} keys kept their backend (observed)",
+        owner.len()
+    );
 
     // The client is listed with its node id and acked versions.
     let clients = server.xds_clients().list();
@@ -183,15 +213,13 @@ async fn scenario(program: PathBuf, args: Vec<String>) {
     server.shutdown().await.unwrap();
 }
 
-/// Sets the service's algorithm and waits until the client has acknowledged the new Cluster
-/// (a NACK fails the test).
+/// Sets the service's algorithm and waits until the client has acknowledged the new Cluster.
 async fn set_algorithm(
     server: &dlb_server::RunningServer,
     reg: &mut proto::registry_client::RegistryClient<tonic::transport::Channel>,
     algorithm: proto::Algorithm,
 ) {
-    let cds = dlb_server::xds::resources::CLUSTER;
-    let before = cluster_state(server).map_or(0, |t| t.responses);
+    let before = type_state(server, CLUSTER).map_or(0, |t| t.responses);
     reg.set_policy(proto::SetPolicyRequest {
         service: "s".into(),
         policy: Some(proto::Policy {
@@ -202,30 +230,37 @@ async fn set_algorithm(
     })
     .await
     .unwrap();
+    wait_acked(server, CLUSTER, before).await;
+}
+
+/// Waits until the client has acknowledged a response of `type_url` newer than the
+/// `before`-th (a NACK fails the test).
+async fn wait_acked(server: &dlb_server::RunningServer, type_url: &str, before: u64) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let t = cluster_state(server).expect("the client follows the cluster");
-        assert_eq!(t.nacks, 0, "{cds} rejected: {:?}", t.last_nack);
+        let t = type_state(server, type_url).expect("the client follows the type");
+        assert_eq!(t.nacks, 0, "{type_url} rejected: {:?}", t.last_nack);
         if t.responses > before && t.acked_version == t.sent_version {
             return;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "new cluster not acked: {t:?}"
+            "{type_url}: new response not acked: {t:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
-fn cluster_state(
+fn type_state(
     server: &dlb_server::RunningServer,
+    type_url: &str,
 ) -> Option<dlb_server::xds::clients::TypeState> {
     server
         .xds_clients()
         .list()
         .into_iter()
         .find(|c| c.node_id == "interop-node")
-        .and_then(|c| c.types.get(dlb_server::xds::resources::CLUSTER).cloned())
+        .and_then(|c| c.types.get(type_url).cloned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -32,7 +32,7 @@ use envoy_types::pb::envoy::config::route::v3 as route;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
 use envoy_types::pb::envoy::extensions::load_balancing_policies as lbp;
-use envoy_types::pb::google::protobuf::{Any, UInt32Value};
+use envoy_types::pb::google::protobuf::{value, Any, Struct, UInt32Value, Value};
 use envoy_types::util::pack_any;
 
 use crate::store::ServiceSnapshot;
@@ -275,8 +275,28 @@ fn lb_endpoint(server: &proto::Server, addr: SocketAddr) -> endpoint::LbEndpoint
         load_balancing_weight: Some(UInt32Value {
             value: weight_of(server),
         }),
+        metadata: Some(hash_key_metadata(server)),
         ..Default::default()
     }
+}
+
+/// `envoy.lb` → `hash_key`: the backend's stable hash key (its `hash_key`, else its id). Clients
+/// implementing gRFC A76 place the endpoint on the hash ring by it, so a backend that moves to
+/// a new address keeps its keys; older clients hash the address.
+fn hash_key_metadata(server: &proto::Server) -> core::Metadata {
+    let key = if server.hash_key.is_empty() {
+        server.server_id.clone()
+    } else {
+        server.hash_key.clone()
+    };
+    let value = Value {
+        kind: Some(value::Kind::StringValue(key)),
+    };
+    let mut lb = Struct::default();
+    lb.fields.insert("hash_key".into(), value);
+    let mut md = core::Metadata::default();
+    md.filter_metadata.insert("envoy.lb".into(), lb);
+    md
 }
 
 /// ClusterLoadAssignment `S` (see the module docs for the locality layout).
