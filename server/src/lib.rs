@@ -238,6 +238,7 @@ pub async fn spawn_with_store(
                 metrics.clone(),
                 xds_clients.clone(),
                 shutdown_rx.clone(),
+                config.max_sessions,
             )
             .into_server(),
         )

@@ -548,3 +548,50 @@ async fn ads_needs_a_read_token_where_configured() {
     );
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn oversized_subscriptions_and_too_many_streams_are_refused() {
+    let server = common::start_with(ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
+        max_sessions: 1,
+        ..Default::default()
+    })
+    .await;
+    // Over the per-type quota: the stream ends with RESOURCE_EXHAUSTED naming the field.
+    let mut c = Sotw::open(&server, "raw-quota").await;
+    let names: Vec<String> = (0..=dlb_server::xds::MAX_NAMES_PER_TYPE)
+        .map(|i| format!("n{i}"))
+        .collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    c.send(LISTENER, &refs, "", "").await;
+    let err = loop {
+        match tokio::time::timeout(WAIT, c.rx.message()).await.unwrap() {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("stream ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    assert!(err.message().contains("resource_names"), "{err:?}");
+    drop(c);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !server.xds_clients().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the refused stream stays listed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // One stream allowed: a second one is refused while the first is open.
+    let _first = Sotw::open(&server, "raw-first").await;
+    client_state(&server, "raw-first", |_| true).await;
+    let (_tx, rx) = mpsc::channel::<DiscoveryRequest>(1);
+    let err = AggregatedDiscoveryServiceClient::new(common::channel(&server).await)
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .expect_err("over max_sessions");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    server.shutdown().await.unwrap();
+}

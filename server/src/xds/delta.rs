@@ -108,6 +108,14 @@ impl Stream {
                 sub.wildcard = true;
             }
         }
+        super::check_names(
+            "DeltaDiscoveryRequest.resource_names_subscribe",
+            sub.names.len() + req.resource_names_subscribe.len(),
+        )?;
+        super::check_names(
+            "DeltaDiscoveryRequest.initial_resource_versions",
+            sub.held.len(),
+        )?;
         let mut changed = first;
         for name in req.resource_names_subscribe {
             if name == "*" {

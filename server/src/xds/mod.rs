@@ -52,8 +52,11 @@ pub use clients::XdsClients;
 /// Capacity of a stream's outbound queue (responses are full states: a few suffice).
 const QUEUE: usize = 16;
 
-/// Largest xDS message accepted or sent (bytes).
-pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Largest xDS message accepted or sent (bytes): DLB's limit for every message.
+pub const MAX_MESSAGE_BYTES: usize = dlb::model::MAX_MESSAGE_BYTES;
+
+/// Most resource names one stream may subscribe to per type (a quota where state is created).
+pub const MAX_NAMES_PER_TYPE: usize = 10_000;
 
 /// The xDS metrics (registered in the control plane's registry by [`Metrics`]).
 #[derive(Debug, Clone, Default)]
@@ -130,6 +133,8 @@ pub(crate) struct Context {
     pub metrics: Arc<Metrics>,
     pub clients: Arc<XdsClients>,
     pub shutdown: watch::Receiver<bool>,
+    /// Most ADS streams open at once (`ServerConfig::max_sessions`).
+    pub max_streams: usize,
     /// `parking_lot::Mutex`: held for a map lookup or insert only; resources are built
     /// outside it (two streams may build the same one once each).
     memo: Memo,
@@ -171,12 +176,13 @@ pub struct XdsService {
 
 impl XdsService {
     /// A service over `cache`, counting in `metrics`, listing its streams in `clients`, ending
-    /// every stream when `shutdown` becomes `true`.
+    /// every stream when `shutdown` becomes `true`; at most `max_streams` streams at once.
     pub fn new(
         cache: Arc<Cache>,
         metrics: Arc<Metrics>,
         clients: Arc<XdsClients>,
         shutdown: watch::Receiver<bool>,
+        max_streams: usize,
     ) -> Self {
         Self {
             ctx: Arc::new(Context {
@@ -184,6 +190,7 @@ impl XdsService {
                 metrics,
                 clients,
                 shutdown,
+                max_streams,
                 memo: Memo::default(),
             }),
         }
@@ -203,6 +210,29 @@ fn peer_of<T>(req: &tonic::Request<T>) -> String {
     req.remote_addr().map(|a| a.to_string()).unwrap_or_default()
 }
 
+impl Context {
+    /// Refuses a new stream past the limit.
+    fn admit(&self) -> Result<(), tonic::Status> {
+        if self.clients.len() >= self.max_streams {
+            return Err(tonic::Status::resource_exhausted(format!(
+                "too many xDS streams open (max_sessions = {})",
+                self.max_streams
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Checks a request's subscription size.
+pub(crate) fn check_names(field: &str, count: usize) -> Result<(), tonic::Status> {
+    if count > MAX_NAMES_PER_TYPE {
+        return Err(tonic::Status::resource_exhausted(format!(
+            "{field}: {count} names; at most {MAX_NAMES_PER_TYPE} per resource type"
+        )));
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl AggregatedDiscoveryService for XdsService {
     type StreamAggregatedResourcesStream = Out<DiscoveryResponse>;
@@ -212,6 +242,7 @@ impl AggregatedDiscoveryService for XdsService {
         &self,
         request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
     ) -> Result<tonic::Response<Self::StreamAggregatedResourcesStream>, tonic::Status> {
+        self.ctx.admit()?;
         let peer = peer_of(&request);
         let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
         let ctx = self.ctx.clone();
@@ -223,6 +254,7 @@ impl AggregatedDiscoveryService for XdsService {
         &self,
         request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, tonic::Status> {
+        self.ctx.admit()?;
         let peer = peer_of(&request);
         let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
         let ctx = self.ctx.clone();

@@ -276,7 +276,6 @@ fn lb_endpoint(server: &proto::Server, addr: SocketAddr) -> endpoint::LbEndpoint
             value: weight_of(server),
         }),
         metadata: Some(hash_key_metadata(server)),
-        ..Default::default()
     }
 }
 

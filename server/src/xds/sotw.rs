@@ -136,6 +136,7 @@ impl Stream {
                 t.acked_nonce = req.response_nonce.clone();
             }
         }
+        super::check_names("DiscoveryRequest.resource_names", req.resource_names.len())?;
         let names: BTreeSet<String> = req.resource_names.into_iter().collect();
         let wildcard = (first || sub.wildcard)
             && names.is_empty()
