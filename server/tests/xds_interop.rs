@@ -4,8 +4,9 @@
 //!
 //! The clients are the scripts in `interop/` (line protocol: `calls N [KEY]`), found through
 //! `DLB_INTEROP_PYTHON` (a Python with grpcio installed) and `DLB_INTEROP_NODE_DIR` (the
-//! `interop/node` directory after `npm install`); `.ci/interop` sets both. Without them the tests
-//! say they are skipped — unless `CI` is set, where a missing client is a failure.
+//! `interop/node` directory after `npm install`); `.ci/interop` sets both. Unset, the tests use
+//! what `.ci/interop` installed (`target/interop-venv`, `interop/node/node_modules`) if present;
+//! otherwise they say they are skipped — unless `CI` is set, where a missing client is a failure.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod common;
@@ -18,19 +19,24 @@ use dlb::proto;
 use dlb_server::xds::resources::{CLUSTER, ENDPOINTS};
 use xds_support::{within_4_sigma, Backend, Driver};
 
-/// Resolves a client from an environment variable, or says the test is skipped.
-fn client(var: &str) -> Option<PathBuf> {
+/// Resolves a client from an environment variable, else from where `.ci/interop` installs it
+/// (`default`, when `installed` exists), or says the test is skipped (a failure when `CI` is
+/// set).
+fn client(var: &str, default: PathBuf, installed: PathBuf) -> Option<PathBuf> {
     match std::env::var_os(var) {
-        Some(v) if !v.is_empty() => Some(PathBuf::from(v)),
-        _ => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "{var} is not set and CI is: run the interop tests through .ci/interop"
-            );
-            eprintln!("SKIPPED: {var} is not set (run .ci/interop to install the stock clients)");
-            None
-        }
+        Some(v) if !v.is_empty() => return Some(PathBuf::from(v)),
+        _ => {}
     }
+    if installed.exists() {
+        return Some(default);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{var} is not set, {} does not exist, and CI is set: run .ci/interop first",
+        installed.display()
+    );
+    eprintln!("SKIPPED: {var} is not set (run .ci/interop to install the stock clients)");
+    None
 }
 
 fn interop_dir() -> PathBuf {
@@ -265,7 +271,8 @@ fn type_state(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_grpcio_balances_through_dlbd() {
-    let Some(python) = client("DLB_INTEROP_PYTHON") else {
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/interop-venv/bin/python");
+    let Some(python) = client("DLB_INTEROP_PYTHON", venv.clone(), venv) else {
         return;
     };
     let script = interop_dir().join("python/xds_client.py");
@@ -274,7 +281,12 @@ async fn python_grpcio_balances_through_dlbd() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_grpc_js_balances_through_dlbd() {
-    let Some(dir) = client("DLB_INTEROP_NODE_DIR") else {
+    let node = interop_dir().join("node");
+    let Some(dir) = client(
+        "DLB_INTEROP_NODE_DIR",
+        node.clone(),
+        node.join("node_modules"),
+    ) else {
         return;
     };
     let script = dir.join("xds_client.js");
