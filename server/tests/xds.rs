@@ -595,3 +595,40 @@ async fn oversized_subscriptions_and_too_many_streams_are_refused() {
     assert_eq!(err.code(), tonic::Code::ResourceExhausted);
     server.shutdown().await.unwrap();
 }
+
+async fn status_of(c: &mut Sotw) -> tonic::Status {
+    loop {
+        match tokio::time::timeout(WAIT, c.rx.message()).await.unwrap() {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("stream ended without a status"),
+            Err(status) => break status,
+        }
+    }
+}
+
+#[tokio::test]
+async fn bad_type_urls_are_refused_naming_the_field() {
+    let server = common::start().await;
+    let mut c = Sotw::open(&server, "raw-type").await;
+    c.send("", &["s"], "", "").await;
+    let err = status_of(&mut c).await;
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("DiscoveryRequest.type_url"),
+        "{err:?}"
+    );
+
+    // More resource types than any xDS client uses.
+    let mut c = Sotw::open(&server, "raw-types").await;
+    for i in 0..dlb_server::xds::MAX_TYPES {
+        c.send(&format!("type.googleapis.com/x.T{i}"), &["s"], "", "")
+            .await;
+    }
+    let err = status_of(&mut c).await;
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        err.message().contains("DiscoveryRequest.type_url"),
+        "{err:?}"
+    );
+    server.shutdown().await.unwrap();
+}

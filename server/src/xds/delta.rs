@@ -73,12 +73,13 @@ impl Stream {
     fn request(&mut self, req: DeltaDiscoveryRequest) -> Result<Option<String>, tonic::Status> {
         record_node(&self.reg.state, req.node.as_ref());
         let type_url = req.type_url;
-        if type_url.is_empty() {
-            return Err(tonic::Status::invalid_argument(
-                "DeltaDiscoveryRequest.type_url: required on an ADS stream",
-            ));
-        }
         let first = !self.subs.contains_key(&type_url);
+        super::check_type(
+            "DeltaDiscoveryRequest.type_url",
+            &type_url,
+            first,
+            self.subs.len(),
+        )?;
         let sub = self.subs.entry(type_url.clone()).or_default();
         if !req.response_nonce.is_empty() && req.response_nonce == sub.nonce {
             if let Some(err) = &req.error_detail {

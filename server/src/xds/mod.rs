@@ -223,6 +223,36 @@ impl Context {
     }
 }
 
+/// Most resource types one stream may use (xDS has a handful).
+pub const MAX_TYPES: usize = 16;
+
+/// Checks a request's type URL: present, at most 256 bytes, and (for a type the stream has
+/// not used yet, `new`) within [`MAX_TYPES`] of the `used` ones.
+pub(crate) fn check_type(
+    field: &str,
+    type_url: &str,
+    new: bool,
+    used: usize,
+) -> Result<(), tonic::Status> {
+    if type_url.is_empty() {
+        return Err(tonic::Status::invalid_argument(format!(
+            "{field}: required on an ADS stream"
+        )));
+    }
+    if type_url.len() > 256 {
+        return Err(tonic::Status::invalid_argument(format!(
+            "{field}: {} bytes; at most 256",
+            type_url.len()
+        )));
+    }
+    if new && used >= MAX_TYPES {
+        return Err(tonic::Status::resource_exhausted(format!(
+            "{field}: at most {MAX_TYPES} resource types per stream"
+        )));
+    }
+    Ok(())
+}
+
 /// Checks a request's subscription size.
 pub(crate) fn check_names(field: &str, count: usize) -> Result<(), tonic::Status> {
     if count > MAX_NAMES_PER_TYPE {

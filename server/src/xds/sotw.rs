@@ -108,12 +108,13 @@ impl Stream {
     fn request(&mut self, req: DiscoveryRequest) -> Result<Option<String>, tonic::Status> {
         record_node(&self.reg.state, req.node.as_ref());
         let type_url = req.type_url;
-        if type_url.is_empty() {
-            return Err(tonic::Status::invalid_argument(
-                "DiscoveryRequest.type_url: required on an ADS stream",
-            ));
-        }
         let first = !self.subs.contains_key(&type_url);
+        super::check_type(
+            "DiscoveryRequest.type_url",
+            &type_url,
+            first,
+            self.subs.len(),
+        )?;
         let sub = self.subs.entry(type_url.clone()).or_default();
         if !req.response_nonce.is_empty() {
             if req.response_nonce != sub.nonce {

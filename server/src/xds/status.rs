@@ -1,13 +1,13 @@
 //! `dlb.v1.XdsStatus`: the read-only RPC behind `dlbctl xds-clients`, a translation of
 //! [`XdsClients::list`] into the wire types (bounded: at most [`MAX_CLIENTS`] streams and
-//! [`MAX_NAMES`] names per resource type).
+//! [`MAX_NAMES`] names per resource type; names and type URLs escaped, at most 256 bytes).
 
 use std::sync::Arc;
 
 use dlb::proto;
 use dlb::proto::xds_status_server::{XdsStatus, XdsStatusServer};
 
-use super::clients::{ClientState, XdsClients};
+use super::clients::{escaped, ClientState, XdsClients};
 
 /// Most streams listed in one response.
 pub const MAX_CLIENTS: usize = 10_000;
@@ -45,9 +45,14 @@ fn to_wire(c: ClientState) -> proto::XdsClient {
             .types
             .into_iter()
             .map(|(type_url, t)| proto::XdsResourceType {
-                type_url,
+                type_url: escaped(&type_url, 256),
                 names_total: u32::try_from(t.names.len()).unwrap_or(u32::MAX),
-                names: t.names.into_iter().take(MAX_NAMES).collect(),
+                names: t
+                    .names
+                    .iter()
+                    .take(MAX_NAMES)
+                    .map(|n| escaped(n, 256))
+                    .collect(),
                 wildcard: t.wildcard,
                 sent_version: t.sent_version,
                 sent_nonce: t.sent_nonce,
