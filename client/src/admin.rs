@@ -348,16 +348,31 @@ impl AdminClient {
         F: Fn(RegistryClient<InterceptedService<Channel, TokenInterceptor>>) -> Fut,
         Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
     {
+        self.call_on(
+            |channel, token| {
+                // The same explicit limit as dlbd's: a ListServers of the largest service fits.
+                RegistryClient::with_interceptor(channel, token)
+                    .max_decoding_message_size(model::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(model::MAX_MESSAGE_BYTES)
+            },
+            f,
+        )
+        .await
+    }
+
+    /// Like `call`, for a client of another service made by `make` from a channel.
+    async fn call_on<C, T, M, F, Fut>(&self, make: M, f: F) -> Result<T>
+    where
+        M: Fn(Channel, TokenInterceptor) -> C,
+        F: Fn(C) -> Fut,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
         let n = self.channels.len();
         let start = self.current.load(Ordering::Relaxed);
         let mut last = None;
         for i in 0..n {
             let idx = (start + i) % n;
-            // The same explicit limit as dlbd's: a ListServers of the largest service fits.
-            let client =
-                RegistryClient::with_interceptor(self.channels[idx].1.clone(), self.token.clone())
-                    .max_decoding_message_size(model::MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(model::MAX_MESSAGE_BYTES);
+            let client = make(self.channels[idx].1.clone(), self.token.clone());
             let result = match tokio::time::timeout(self.request_timeout, f(client)).await {
                 Ok(r) => r,
                 Err(_) => Err(tonic::Status::deadline_exceeded(format!(
@@ -552,6 +567,19 @@ impl AdminClient {
     pub async fn list_services(&self) -> Result<proto::ListServicesResponse> {
         self.call(|mut c| async move { c.list_services(proto::ListServicesRequest {}).await })
             .await
+    }
+
+    /// `XdsStatus.ListXdsClients`: the stock gRPC clients connected over standard xDS to the
+    /// endpoint that answers (each replica lists its own streams).
+    pub async fn list_xds_clients(&self) -> Result<proto::ListXdsClientsResponse> {
+        self.call_on(
+            |channel, token| {
+                proto::xds_status_client::XdsStatusClient::with_interceptor(channel, token)
+                    .max_decoding_message_size(model::MAX_MESSAGE_BYTES)
+            },
+            |mut c| async move { c.list_xds_clients(proto::ListXdsClientsRequest {}).await },
+        )
+        .await
     }
 }
 

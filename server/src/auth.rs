@@ -3,7 +3,7 @@
 //! With admin tokens configured (`dlbd --admin-token-file`), every Registry call that changes
 //! routing (`AddServer`, `RemoveServer`, `UpdateServer`, `HealthCheckPassed`,
 //! `HealthCheckFailed`, `SetPolicy`) needs `authorization: Bearer <admin token>`. Reads (the
-//! other Registry calls) and Discovery sessions are open unless read tokens are configured
+//! other Registry calls), Discovery sessions and xDS (ADS) streams are open unless read tokens are configured
 //! (`--read-token-file`); an admin token is also a read token. The standard health and reflection
 //! services stay open (load balancers and tools probe them).
 //!
@@ -85,7 +85,7 @@ enum Need {
 fn need(path: &str) -> Need {
     if WRITE_METHODS.contains(&path) {
         Need::Write
-    } else if path.starts_with("/dlb.v1.") {
+    } else if path.starts_with("/dlb.v1.") || path.starts_with("/envoy.service.discovery.v3.") {
         Need::Read
     } else {
         Need::Nothing

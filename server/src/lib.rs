@@ -50,6 +50,7 @@ pub mod registry;
 mod state;
 pub mod status_layer;
 pub mod store;
+pub mod xds;
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -209,6 +210,7 @@ pub async fn spawn_with_store(
     let reflection = reflection_builder().build_v1()?;
     let reflection_v1alpha = reflection_builder().build_v1alpha()?;
 
+    let xds_clients = Arc::new(xds::XdsClients::default());
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &config.tls {
         let mut server_tls = tonic::transport::ServerTlsConfig::new().identity(
@@ -236,7 +238,19 @@ pub async fn spawn_with_store(
             DiscoveryServer::new(DiscoveryService::new(shared.clone()))
                 .max_decoding_message_size(dlb::model::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(dlb::model::MAX_MESSAGE_BYTES),
-        );
+        )
+        // Standard xDS (ADS) for stock gRPC clients, on the same port (see `xds`).
+        .add_service(
+            xds::XdsService::new(
+                cache.clone(),
+                metrics.clone(),
+                xds_clients.clone(),
+                shutdown_rx.clone(),
+                config.max_sessions,
+            )
+            .into_server(),
+        )
+        .add_service(xds::status::XdsStatusService::new(xds_clients.clone()).into_server());
     let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
     let mut signal = shutdown_rx.clone();
     let grpc = tokio::spawn(async move {
@@ -272,6 +286,7 @@ pub async fn spawn_with_store(
         follower: Some(follower),
         builders: Some(builders),
         shared,
+        xds_clients,
     })
 }
 
@@ -291,6 +306,7 @@ pub struct RunningServer {
     follower: Option<JoinHandle<()>>,
     builders: Option<JoinHandle<()>>,
     shared: Arc<Shared>,
+    xds_clients: Arc<xds::XdsClients>,
 }
 
 impl std::fmt::Debug for RunningServer {
@@ -328,6 +344,11 @@ impl RunningServer {
     /// The snapshot cache every session reads from.
     pub fn cache(&self) -> &Arc<Cache> {
         &self.shared.cache
+    }
+
+    /// The xDS clients connected now (ADS streams and their bookkeeping).
+    pub fn xds_clients(&self) -> &Arc<xds::XdsClients> {
+        &self.xds_clients
     }
 
     /// Server-side pickers built since start, all services together (builds are coalesced:

@@ -16,6 +16,7 @@
 //! | `dlb_sessions_lagging` | gauge | | (sessions whose outbound queue is full: not reading) |
 //! | `dlb_sessions_stalled_total` | counter | | (sessions cut for not reading past the deadline) |
 //! | `dlb_backend_in_flight` | gauge | `service`, `server_id` — only with per-backend metrics on |
+//! | `dlb_xds_streams` / `dlb_xds_nacks_total` | gauge / counter | — / `type` (see [`crate::xds::XdsMetrics`]) |
 //!
 //! Per-backend series are opt-in ([`Metrics::with_per_backend`]): their exported ids per service
 //! are remembered in a `parking_lot::Mutex<HashMap<..>>` so that series of backends that no
@@ -60,6 +61,8 @@ pub struct Metrics {
     per_backend: Option<PerBackend>,
     /// Request, outlier and panic metrics (see [`crate::health_metrics`]).
     pub health: crate::health_metrics::HealthMetrics,
+    /// The xDS front-end's metrics.
+    xds: crate::xds::XdsMetrics,
 }
 
 impl Default for Metrics {
@@ -136,8 +139,10 @@ impl Metrics {
             );
             (family, Mutex::new(HashMap::new()))
         });
+        let xds = crate::xds::XdsMetrics::register(&mut registry);
         Self {
             health,
+            xds,
             lagging,
             stalled,
             per_backend,
@@ -149,6 +154,11 @@ impl Metrics {
             versions,
             in_flight,
         }
+    }
+
+    /// The xDS front-end's metrics.
+    pub fn xds(&self) -> &crate::xds::XdsMetrics {
+        &self.xds
     }
 
     /// A session connected (+1) or closed (-1).

@@ -130,6 +130,9 @@ enum Command {
     List,
     /// List the services.
     Services,
+    /// List the stock gRPC clients connected over standard xDS (ADS) to this endpoint: node id,
+    /// user agent, resource types with names and acked versions, last NACK.
+    XdsClients,
     /// Mark a backend healthy.
     #[command(visible_alias = "health_check_passed")]
     HealthPass {
@@ -527,6 +530,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 }
             }
         }
+        Command::XdsClients => print_xds_clients(j, &admin.list_xds_clients().await?),
         Command::Services => {
             let r = admin.list_services().await?;
             if j {
@@ -819,4 +823,70 @@ async fn watch(
         }
     }
     Ok(())
+}
+
+/// Prints `dlbctl xds-clients`.
+fn print_xds_clients(j: bool, r: &dlb::proto::ListXdsClientsResponse) {
+    let short = |t: &str| t.rsplit('.').next().unwrap_or(t).to_owned();
+    if j {
+        let clients: Vec<_> = r
+            .clients
+            .iter()
+            .map(|c| {
+                let types: Vec<_> = c
+                    .types
+                    .iter()
+                    .map(|t| {
+                        json!({"type_url": t.type_url, "names": t.names,
+                               "names_total": t.names_total, "wildcard": t.wildcard,
+                               "sent_version": t.sent_version, "acked_version": t.acked_version,
+                               "acked_nonce": t.acked_nonce, "responses": t.responses,
+                               "nacks": t.nacks,
+                               "last_nack": t.last_nack.as_ref().map(|n| json!({
+                                   "version": n.version, "nonce": n.nonce,
+                                   "message": n.message, "at_unix_ms": n.at_unix_ms}))})
+                    })
+                    .collect();
+                json!({"stream": c.stream, "protocol": c.protocol, "peer": c.peer,
+                       "node_id": c.node_id, "user_agent": c.user_agent, "types": types})
+            })
+            .collect();
+        println!("{}", json!({"clients": clients, "truncated": r.truncated}));
+        return;
+    }
+    if r.clients.is_empty() {
+        println!("no xDS clients connected");
+    }
+    for c in &r.clients {
+        println!(
+            "stream {} {} node={:?} agent={:?} peer={}",
+            c.stream, c.protocol, c.node_id, c.user_agent, c.peer
+        );
+        for t in &c.types {
+            let names = if t.wildcard {
+                "*".to_owned()
+            } else {
+                t.names.join(",")
+            };
+            println!(
+                "  {} [{}] acked={} sent={} responses={} nacks={}",
+                short(&t.type_url),
+                names,
+                if t.acked_version.is_empty() {
+                    "-"
+                } else {
+                    &t.acked_version
+                },
+                t.sent_version,
+                t.responses,
+                t.nacks
+            );
+            if let Some(n) = &t.last_nack {
+                println!("    last NACK (nonce {}): {}", n.nonce, n.message);
+            }
+        }
+    }
+    if r.truncated {
+        println!("(more streams are open than listed)");
+    }
 }

@@ -1,0 +1,375 @@
+//! The standard xDS front-end: the Aggregated Discovery Service (ADS) on `dlbd`'s gRPC port, so
+//! stock gRPC clients (grpcio, grpc-js, grpc-go, grpc-java) balance through DLB with a bootstrap
+//! file and an `xds:///S` target. Every DLB service `S` (the default service is named
+//! `default`: `xds:///default`) is served as Listener, Cluster and ClusterLoadAssignment `S`.
+//!
+//! Parts:
+//!
+//! * [`resources`] — the DLB → xDS mapping (pure functions);
+//! * [`sotw`] — state-of-the-world `StreamAggregatedResources`;
+//! * [`delta`] — incremental `DeltaAggregatedResources`;
+//! * [`clients`] — per-stream bookkeeping (subscriptions, versions and nonces sent and acked,
+//!   NACKs); [`status`] — the `dlb.v1.XdsStatus` RPC that lists it for `dlbctl xds-clients`.
+//!
+//! Like the DLB session ([`crate::discovery`]) this is a thin front-end of the snapshot cache
+//! ([`crate::cache`]): a stream follows the services it subscribed to with one cache
+//! [`Waker`](crate::cache::Waker); when woken it reads the newest snapshots and pushes what
+//! changed. A burst of writes costs a slow stream one coalesced update. Resource versions are a
+//! hash of the encoded resources, so a stream that reconnects with the version it holds (to this
+//! or another replica serving the same state) is not sent the same resources again.
+//!
+//! Auth and TLS are those of the whole port: the ADS path needs a read token when read tokens are
+//! configured ([`crate::auth`]).
+
+pub mod clients;
+pub mod delta;
+pub mod resources;
+pub mod sotw;
+pub mod status;
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use futures::Stream;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::cache::Cache;
+use crate::metrics::Metrics;
+pub use clients::XdsClients;
+
+/// Capacity of a stream's outbound queue (responses are full states: a few suffice).
+const QUEUE: usize = 16;
+
+/// Largest xDS message accepted or sent (bytes): DLB's limit for every message.
+pub const MAX_MESSAGE_BYTES: usize = dlb::model::MAX_MESSAGE_BYTES;
+
+/// Most resource names one stream may subscribe to per type (a quota where state is created).
+pub const MAX_NAMES_PER_TYPE: usize = 10_000;
+
+/// The xDS metrics (registered in the control plane's registry by [`Metrics`]).
+#[derive(Debug, Clone, Default)]
+pub struct XdsMetrics {
+    streams: Gauge,
+    nacks: Family<Vec<(String, String)>, Counter>,
+    responses: Family<Vec<(String, String)>, Counter>,
+}
+
+impl XdsMetrics {
+    /// Creates the metrics and registers them in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "dlb_xds_streams",
+            "ADS streams (state-of-the-world and delta) currently open",
+            m.streams.clone(),
+        );
+        registry.register(
+            "dlb_xds_nacks",
+            "xDS responses rejected by clients (NACKs), by resource type",
+            m.nacks.clone(),
+        );
+        registry.register(
+            "dlb_xds_responses",
+            "xDS responses sent, by resource type",
+            m.responses.clone(),
+        );
+        m
+    }
+
+    /// Counts one NACK of a resource type.
+    pub fn nack(&self, type_url: &str) {
+        self.nacks
+            .get_or_create(&vec![(
+                "type".to_owned(),
+                resources::short_name(type_url).to_owned(),
+            )])
+            .inc();
+    }
+
+    /// Counts one response of a resource type.
+    pub fn response(&self, type_url: &str) {
+        self.responses
+            .get_or_create(&vec![(
+                "type".to_owned(),
+                resources::short_name(type_url).to_owned(),
+            )])
+            .inc();
+    }
+
+    /// A stream opened (+1) or closed (-1).
+    pub fn streams(&self, delta: i64) {
+        self.streams.inc_by(delta);
+    }
+}
+
+/// One resource built from one service version: packed, with its content hash (the
+/// resource's version). Shared by every stream that sends it.
+#[derive(Debug)]
+pub(crate) struct Built {
+    pub any: envoy_types::pb::google::protobuf::Any,
+    pub hash: String,
+}
+
+/// The last resource built per (type URL, service), keyed by the service version it was built
+/// from: a change is mapped and encoded once, not once per stream. Bounded by services × 3.
+type Memo = parking_lot::Mutex<HashMap<(String, String), (u64, Arc<Built>)>>;
+
+/// What every ADS stream shares.
+#[derive(Debug)]
+pub(crate) struct Context {
+    pub cache: Arc<Cache>,
+    pub metrics: Arc<Metrics>,
+    pub clients: Arc<XdsClients>,
+    pub shutdown: watch::Receiver<bool>,
+    /// Most ADS streams open at once (`ServerConfig::max_sessions`).
+    pub max_streams: usize,
+    /// `parking_lot::Mutex`: held for a map lookup or insert only; resources are built
+    /// outside it (two streams may build the same one once each).
+    memo: Memo,
+}
+
+impl Context {
+    /// The resource of `type_url` for the newest snapshot of `service`; `None` when the
+    /// service does not exist or DLB does not serve the type.
+    pub fn built(&self, type_url: &str, service: &str) -> Option<Arc<Built>> {
+        if !resources::served(type_url) {
+            return None;
+        }
+        let snap = self.cache.get(service)?;
+        let version = snap.version.version;
+        let key = (type_url.to_owned(), service.to_owned());
+        if let Some((v, b)) = self.memo.lock().get(&key) {
+            if *v == version {
+                return Some(b.clone());
+            }
+        }
+        let any = resources::resource(type_url, &snap)?;
+        let mut h = Fnv::default();
+        h.write(&any.value);
+        let built = Arc::new(Built { hash: h.hex(), any });
+        let mut memo = self.memo.lock();
+        let newer = memo.get(&key).is_some_and(|(v, _)| *v > version);
+        if !newer {
+            memo.insert(key, (version, built.clone()));
+        }
+        Some(built)
+    }
+}
+
+/// The ADS gRPC service.
+#[derive(Debug, Clone)]
+pub struct XdsService {
+    ctx: Arc<Context>,
+}
+
+impl XdsService {
+    /// A service over `cache`, counting in `metrics`, listing its streams in `clients`, ending
+    /// every stream when `shutdown` becomes `true`; at most `max_streams` streams at once.
+    pub fn new(
+        cache: Arc<Cache>,
+        metrics: Arc<Metrics>,
+        clients: Arc<XdsClients>,
+        shutdown: watch::Receiver<bool>,
+        max_streams: usize,
+    ) -> Self {
+        Self {
+            ctx: Arc::new(Context {
+                cache,
+                metrics,
+                clients,
+                shutdown,
+                max_streams,
+                memo: Memo::default(),
+            }),
+        }
+    }
+
+    /// The tonic server for this service, with DLB's message size bounds.
+    pub fn into_server(self) -> AggregatedDiscoveryServiceServer<Self> {
+        AggregatedDiscoveryServiceServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+type Out<T> = Pin<Box<dyn Stream<Item = Result<T, tonic::Status>> + Send + 'static>>;
+
+fn peer_of<T>(req: &tonic::Request<T>) -> String {
+    req.remote_addr().map(|a| a.to_string()).unwrap_or_default()
+}
+
+impl Context {
+    /// Refuses a new stream past the limit.
+    fn admit(&self) -> Result<(), tonic::Status> {
+        if self.clients.len() >= self.max_streams {
+            return Err(tonic::Status::resource_exhausted(format!(
+                "too many xDS streams open (max_sessions = {})",
+                self.max_streams
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Most resource types one stream may use (xDS has a handful).
+pub const MAX_TYPES: usize = 16;
+
+/// Checks a request's type URL: present, at most 256 bytes, and (for a type the stream has
+/// not used yet, `new`) within [`MAX_TYPES`] of the `used` ones.
+pub(crate) fn check_type(
+    field: &str,
+    type_url: &str,
+    new: bool,
+    used: usize,
+) -> Result<(), tonic::Status> {
+    if type_url.is_empty() {
+        return Err(tonic::Status::invalid_argument(format!(
+            "{field}: required on an ADS stream"
+        )));
+    }
+    if type_url.len() > 256 {
+        return Err(tonic::Status::invalid_argument(format!(
+            "{field}: {} bytes; at most 256",
+            type_url.len()
+        )));
+    }
+    if new && used >= MAX_TYPES {
+        return Err(tonic::Status::resource_exhausted(format!(
+            "{field}: at most {MAX_TYPES} resource types per stream"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a request's subscription size.
+pub(crate) fn check_names(field: &str, count: usize) -> Result<(), tonic::Status> {
+    if count > MAX_NAMES_PER_TYPE {
+        return Err(tonic::Status::resource_exhausted(format!(
+            "{field}: {count} names; at most {MAX_NAMES_PER_TYPE} per resource type"
+        )));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for XdsService {
+    type StreamAggregatedResourcesStream = Out<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = Out<DeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
+    ) -> Result<tonic::Response<Self::StreamAggregatedResourcesStream>, tonic::Status> {
+        self.ctx.admit()?;
+        let peer = peer_of(&request);
+        let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
+        let ctx = self.ctx.clone();
+        tokio::spawn(sotw::run(ctx, peer, request.into_inner(), tx));
+        Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, tonic::Status> {
+        self.ctx.admit()?;
+        let peer = peer_of(&request);
+        let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
+        let ctx = self.ctx.clone();
+        tokio::spawn(delta::run(ctx, peer, request.into_inner(), tx));
+        Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// FNV-1a, 64 bits: the content hash behind resource versions (stable across processes, so a
+/// reconnecting client's version is recognised by any replica holding the same state).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    /// Mixes `bytes` in, followed by a separator (so ("ab","c") ≠ ("a","bc")).
+    pub fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes.iter().chain(&[0xff]) {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    /// The hash as 16 hex digits.
+    pub fn hex(&self) -> String {
+        format!("{:016x}", self.0)
+    }
+}
+
+/// Records the node of a stream's first request (escaped, truncated).
+pub(crate) fn record_node(
+    state: &parking_lot::Mutex<clients::ClientState>,
+    node: Option<&envoy_types::pb::envoy::config::core::v3::Node>,
+) {
+    let Some(node) = node else { return };
+    let mut st = state.lock();
+    if !st.node_id.is_empty() || !st.user_agent.is_empty() {
+        return;
+    }
+    st.node_id = clients::escaped(&node.id, 256);
+    let version = match &node.user_agent_version_type {
+        Some(
+            envoy_types::pb::envoy::config::core::v3::node::UserAgentVersionType::UserAgentVersion(
+                v,
+            ),
+        ) => v.as_str(),
+        _ => "",
+    };
+    let agent = format!("{} {}", node.user_agent_name, version);
+    st.user_agent = clients::escaped(agent.trim(), 256);
+}
+
+/// Records a NACK: bookkeeping, an escaped warning, the metric.
+pub(crate) fn record_nack(
+    ctx: &Context,
+    state: &parking_lot::Mutex<clients::ClientState>,
+    type_url: &str,
+    version: &str,
+    nonce: &str,
+    detail: &str,
+) {
+    let message = clients::escaped(detail, clients::MAX_NACK_DETAIL);
+    let node = {
+        let mut st = state.lock();
+        let t = st.types.entry(type_url.to_owned()).or_default();
+        t.nacks += 1;
+        t.last_nack = Some(clients::Nack {
+            version: clients::escaped(version, 128),
+            nonce: clients::escaped(nonce, 128),
+            message: message.clone(),
+            at: std::time::SystemTime::now(),
+        });
+        st.node_id.clone()
+    };
+    tracing::warn!(
+        node = %node,
+        r#type = resources::short_name(type_url),
+        nonce = %clients::escaped(nonce, 128),
+        error = %message,
+        "xds: client rejected a response (NACK)"
+    );
+    ctx.metrics.xds().nack(type_url);
+}

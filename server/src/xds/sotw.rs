@@ -1,0 +1,281 @@
+//! State-of-the-world ADS (`StreamAggregatedResources`).
+//!
+//! Per resource type the stream keeps the subscribed names (a LDS/CDS request with no names is a
+//! wildcard: every service) and the version of the last response. A request whose
+//! `response_nonce` is the last one sent is an ACK (no `error_detail`) or a NACK; a request with
+//! an older nonce is ignored, as the protocol says. Every response of a type carries every
+//! subscribed resource of that type that exists: for LDS and CDS a missing name therefore means
+//! "does not exist" (and appears in a later response when the service is created); EDS names
+//! are simply not included until they exist.
+//!
+//! The version of a response is the FNV hash of its resources (each built once per service
+//! version and shared by every stream, see `Context::built`); a response identical to the
+//! last one sent is not sent again. A client reconnecting with the version it holds is answered
+//! only when the state differs (resume). Cost per wake-up: O(subscribed services × backends).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+
+use super::clients::Registration;
+use super::{record_nack, record_node, resources, Built, Context, Fnv};
+use crate::cache::Waker;
+
+type Tx = mpsc::Sender<Result<DiscoveryResponse, tonic::Status>>;
+
+/// One resource type on this stream.
+#[derive(Debug, Default)]
+struct Sub {
+    names: BTreeSet<String>,
+    wildcard: bool,
+    /// Version (content hash) of the last response sent, or resumed.
+    version: Option<String>,
+    nonce: String,
+}
+
+/// The resources of `type_url` for `names` (or every service with `wildcard`), in name order,
+/// and the response's version: a hash of the type and each resource's name and hash.
+pub(crate) fn resources_for(
+    ctx: &Context,
+    type_url: &str,
+    names: &BTreeSet<String>,
+    wildcard: bool,
+) -> (Vec<Arc<Built>>, String) {
+    let mut out = Vec::new();
+    let mut h = Fnv::default();
+    h.write(type_url.as_bytes());
+    if resources::served(type_url) {
+        let all: BTreeSet<String>;
+        let names = if wildcard {
+            all = ctx
+                .cache
+                .service_names()
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            &all
+        } else {
+            names
+        };
+        for name in names {
+            if let Some(b) = ctx.built(type_url, name) {
+                h.write(name.as_bytes());
+                h.write(b.hash.as_bytes());
+                out.push(b);
+            }
+        }
+    }
+    (out, h.hex())
+}
+
+struct Stream {
+    ctx: Arc<Context>,
+    reg: Registration,
+    waker: Arc<Waker>,
+    subs: HashMap<String, Sub>,
+    followed: BTreeSet<String>,
+    next_nonce: u64,
+    tx: Tx,
+}
+
+impl Stream {
+    /// Follows exactly the services some type subscribes to (all of them for a wildcard).
+    fn refollow(&mut self) {
+        let mut want: BTreeSet<String> = BTreeSet::new();
+        for sub in self.subs.values() {
+            want.extend(sub.names.iter().cloned());
+            if sub.wildcard {
+                want.extend(self.ctx.cache.service_names().iter().map(|s| s.to_string()));
+            }
+        }
+        for gone in self.followed.difference(&want) {
+            self.ctx.cache.unfollow_service(gone, &self.waker);
+        }
+        for new in want.difference(&self.followed) {
+            self.ctx.cache.follow_service(new, &self.waker);
+        }
+        self.followed = want;
+    }
+
+    fn wildcard(&self) -> bool {
+        self.subs.values().any(|s| s.wildcard)
+    }
+
+    /// Handles one request; returns whether the type's subscription changed (push it).
+    fn request(&mut self, req: DiscoveryRequest) -> Result<Option<String>, tonic::Status> {
+        record_node(&self.reg.state, req.node.as_ref());
+        let type_url = req.type_url;
+        let first = !self.subs.contains_key(&type_url);
+        super::check_type(
+            "DiscoveryRequest.type_url",
+            &type_url,
+            first,
+            self.subs.len(),
+        )?;
+        let sub = self.subs.entry(type_url.clone()).or_default();
+        if !req.response_nonce.is_empty() {
+            if req.response_nonce != sub.nonce {
+                // A stale nonce: the client has not seen our newest response yet.
+                return Ok(None);
+            }
+            if let Some(err) = &req.error_detail {
+                record_nack(
+                    &self.ctx,
+                    &self.reg.state,
+                    &type_url,
+                    &req.version_info,
+                    &req.response_nonce,
+                    &err.message,
+                );
+            } else {
+                let mut st = self.reg.state.lock();
+                let t = st.types.entry(type_url.clone()).or_default();
+                t.acked_version = req.version_info.clone();
+                t.acked_nonce = req.response_nonce.clone();
+            }
+        }
+        super::check_names("DiscoveryRequest.resource_names", req.resource_names.len())?;
+        let names: BTreeSet<String> = req.resource_names.into_iter().collect();
+        let wildcard = (first || sub.wildcard)
+            && names.is_empty()
+            && matches!(type_url.as_str(), resources::LISTENER | resources::CLUSTER);
+        let wildcard = wildcard || names.contains("*");
+        let changed = first || names != sub.names || wildcard != sub.wildcard;
+        if !changed {
+            return Ok(None);
+        }
+        sub.names = names;
+        sub.wildcard = wildcard;
+        if first && !req.version_info.is_empty() && req.response_nonce.is_empty() {
+            // A reconnecting client says what it holds: resume from there.
+            let (_, version) = resources_for(&self.ctx, &type_url, &sub.names, sub.wildcard);
+            if version == req.version_info {
+                sub.version = Some(version.clone());
+                let mut st = self.reg.state.lock();
+                let t = st.types.entry(type_url.clone()).or_default();
+                t.acked_version = version;
+            }
+        }
+        {
+            let (names, wildcard) = (sub.names.clone(), sub.wildcard);
+            let mut st = self.reg.state.lock();
+            let t = st.types.entry(type_url.clone()).or_default();
+            t.names = names;
+            t.wildcard = wildcard;
+        }
+        self.refollow();
+        // A resumed type whose state matches is pushed only when it changes.
+        let resumed = self
+            .subs
+            .get(&type_url)
+            .is_some_and(|s| first && s.version.is_some());
+        Ok((!resumed).then_some(type_url))
+    }
+
+    /// Sends the type's resources if they differ from the last response.
+    async fn push(&mut self, type_url: &str, force: bool) -> bool {
+        let Some(sub) = self.subs.get(type_url) else {
+            return true;
+        };
+        let (resources, version) = resources_for(&self.ctx, type_url, &sub.names, sub.wildcard);
+        if !force && sub.version.as_deref() == Some(version.as_str()) {
+            return true;
+        }
+        self.next_nonce += 1;
+        let nonce = self.next_nonce.to_string();
+        if let Some(sub) = self.subs.get_mut(type_url) {
+            sub.version = Some(version.clone());
+            sub.nonce = nonce.clone();
+        }
+        {
+            let mut st = self.reg.state.lock();
+            let t = st.types.entry(type_url.to_owned()).or_default();
+            t.sent_version = version.clone();
+            t.sent_nonce = nonce.clone();
+            t.responses += 1;
+        }
+        self.ctx.metrics.xds().response(type_url);
+        let response = DiscoveryResponse {
+            version_info: version,
+            resources: resources.iter().map(|b| b.any.clone()).collect(),
+            type_url: type_url.to_owned(),
+            nonce,
+            ..Default::default()
+        };
+        self.tx.send(Ok(response)).await.is_ok()
+    }
+}
+
+/// Serves one SotW stream until the client ends it, it fails, or the server shuts down.
+pub(crate) async fn run(
+    ctx: Arc<Context>,
+    peer: String,
+    mut requests: tonic::Streaming<DiscoveryRequest>,
+    tx: Tx,
+) {
+    ctx.metrics.xds().streams(1);
+    let reg = ctx.clients.register("sotw", peer);
+    let waker = ctx.cache.waker();
+    let mut services = ctx.cache.services_changed();
+    let mut shutdown = ctx.shutdown.clone();
+    let mut s = Stream {
+        ctx: ctx.clone(),
+        reg,
+        waker: waker.clone(),
+        subs: HashMap::new(),
+        followed: BTreeSet::new(),
+        next_nonce: 0,
+        tx,
+    };
+    loop {
+        // (type, force): a (re)subscription always gets an answer; a wake-up only a change.
+        let mut pending: Vec<(String, bool)> = Vec::new();
+        tokio::select! {
+            req = requests.next() => match req {
+                Some(Ok(req)) => match s.request(req) {
+                    Ok(Some(t)) => pending.push((t, true)),
+                    Ok(None) => {}
+                    Err(status) => {
+                        let _ = s.tx.send(Err(status)).await;
+                        break;
+                    }
+                },
+                Some(Err(status)) => {
+                    tracing::debug!(code = ?status.code(), "xds: stream failed");
+                    break;
+                }
+                None => break,
+            },
+            _ = waker.notified() => {
+                waker.take_dirty();
+                pending.extend(s.subs.keys().map(|k| (k.clone(), false)));
+            }
+            r = services.changed(), if s.wildcard() => {
+                if r.is_err() { break; }
+                s.refollow();
+                pending.extend(
+                    s.subs.iter().filter(|(_, v)| v.wildcard).map(|(k, _)| (k.clone(), false)),
+                );
+            }
+            _ = crate::state::stopped(&mut shutdown) => {
+                let _ = s.tx.send(Err(tonic::Status::unavailable("dlbd is shutting down"))).await;
+                break;
+            }
+        }
+        let mut ok = true;
+        for (t, force) in pending {
+            ok &= s.push(&t, force).await;
+        }
+        if !ok {
+            break;
+        }
+    }
+    for name in &s.followed {
+        ctx.cache.unfollow_service(name, &waker);
+    }
+    drop(s);
+    ctx.metrics.xds().streams(-1);
+}
