@@ -366,6 +366,7 @@ pub fn default_policy() -> proto::Policy {
         sticky_mode: proto::StickyMode::None as i32,
         sticky_ttl_seconds: 0,
         sticky_max_entries: 0,
+        health_check: None,
     }
 }
 
@@ -423,6 +424,9 @@ pub fn validate_policy(policy: &proto::Policy) -> Result<(), ValidationError> {
             policy.sticky_mode,
             "must be none, strict or fallback",
         ));
+    }
+    if let Some(hc) = &policy.health_check {
+        crate::health_check::validate(hc)?;
     }
     Ok(())
 }

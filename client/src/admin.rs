@@ -265,7 +265,7 @@ impl ServerUpdate {
 /// Validates a policy as sent by `SetPolicy`: like [`model::validate_policy`], except that
 /// `ALGORITHM_UNSPECIFIED` ("keep the current algorithm") is accepted.
 pub fn validate_policy_request(policy: &proto::Policy) -> Result<()> {
-    let mut p = *policy;
+    let mut p = policy.clone();
     if p.algorithm == proto::Algorithm::Unspecified as i32 {
         // The stored algorithm is unknown here; substitute one that accepts the other fields so
         // that only their own ranges are checked. The server checks the combination.

@@ -504,7 +504,7 @@ impl Session {
                             base: None,
                             nonce: format!("{epoch:x}-f{}", snapshot.version.version),
                             full: true,
-                            policy: Some(snapshot.policy),
+                            policy: Some(snapshot.policy.clone()),
                             upserts: snapshot.server_list(),
                             removals: Vec::new(),
                         })

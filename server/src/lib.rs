@@ -116,14 +116,14 @@ async fn apply_config(config: &ServerConfig, store: &dyn Store) -> Result<(), Er
     for svc in &config.services {
         let declares = !svc.backends.is_empty() || svc.policy != dlb::model::default_policy();
         if !declares {
-            let create = vec![Mutation::SetPolicy(svc.policy)];
+            let create = vec![Mutation::SetPolicy(svc.policy.clone())];
             match store.apply(svc.name.clone(), create, Some(0)).await {
                 Ok(_) | Err(Error::VersionMismatch { .. }) => {}
                 Err(e) => return Err(e),
             }
             continue;
         }
-        let mut mutations = vec![Mutation::SetPolicy(svc.policy)];
+        let mut mutations = vec![Mutation::SetPolicy(svc.policy.clone())];
         mutations.extend(svc.backends.iter().cloned().map(Mutation::Declare));
         let applied = store.apply(svc.name.clone(), mutations, None).await?;
         if applied.changed {

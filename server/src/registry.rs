@@ -220,7 +220,7 @@ impl RegistryService {
         Ok(proto::ListServersResponse {
             service,
             version: Some(snap.version),
-            policy: Some(snap.policy),
+            policy: Some(snap.policy.clone()),
             servers: snap.server_list(),
         })
     }

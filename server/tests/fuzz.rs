@@ -78,6 +78,7 @@ fn policy() -> impl Strategy<Value = proto::Policy> {
             sticky_mode: sticky,
             sticky_ttl_seconds: ttl,
             sticky_max_entries: max,
+            ..Default::default()
         })
 }
 

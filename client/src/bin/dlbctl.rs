@@ -404,7 +404,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     .iter()
                     .map(|s| {
                         json!({"service": s.service, "version": version_json(s.version),
-                               "policy": policy_json(&s.policy.unwrap_or_default()),
+                               "policy": policy_json(&s.policy.clone().unwrap_or_default()),
                                "servers": s.servers, "eligible": s.eligible})
                     })
                     .collect();
@@ -417,7 +417,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                         version_text(s.version),
                         s.servers,
                         s.eligible,
-                        model::algorithm_name(s.policy.unwrap_or_default().algorithm)
+                        model::algorithm_name(s.policy.clone().unwrap_or_default().algorithm)
                     );
                 }
             }
