@@ -107,6 +107,9 @@ pub struct ServerConfig {
     pub stall_deadline: Duration,
     /// Most Discovery sessions served at once (`RESOURCE_EXHAUSTED` beyond).
     pub max_sessions: usize,
+    /// Bound on active health probes in flight; a probe due beyond it is *unknown* (not run,
+    /// never a failure). Default [`crate::health::DEFAULT_MAX_IN_FLIGHT`].
+    pub health_max_in_flight: usize,
     /// How long a graceful shutdown waits for connections to close before aborting them.
     pub shutdown_grace: Duration,
     /// Also export per-backend metric series (off by default: cardinality grows with backends).
@@ -152,6 +155,7 @@ impl Default for ServerConfig {
             session_queue: 8,
             stall_deadline: Duration::from_secs(30),
             max_sessions: 100_000,
+            health_max_in_flight: crate::health::DEFAULT_MAX_IN_FLIGHT,
             shutdown_grace: Duration::from_secs(5),
             per_backend_metrics: false,
             auth: crate::auth::AuthConfig::default(),
@@ -309,6 +313,7 @@ struct RawPolicy {
     sticky: Option<String>,
     sticky_ttl_seconds: Option<u32>,
     sticky_max_entries: Option<u32>,
+    health_check: Option<crate::health::config::RawHealthCheck>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -471,6 +476,13 @@ fn convert_service(ctx: &Ctx<'_>, i: usize, s: &RawService) -> Result<ServiceCon
         }
         policy.sticky_ttl_seconds = p.sticky_ttl_seconds.unwrap_or(0);
         policy.sticky_max_entries = p.sticky_max_entries.unwrap_or(0);
+        if let Some(h) = &p.health_check {
+            policy.health_check =
+                Some(h.to_proto().map_err(|e| {
+                    let field = e.field.strip_prefix("policy.").unwrap_or(&e.field).to_owned();
+                    ctx.invalid(at(&format!("policy.{field}")), e)
+                })?);
+        }
     }
     model::validate_policy(&policy).map_err(|e| {
         let field = e.field.strip_prefix("policy.").unwrap_or(&e.field);

@@ -38,6 +38,7 @@ pub mod cache;
 pub mod config;
 pub mod discovery;
 mod error;
+pub mod health;
 pub mod loads;
 pub mod metrics;
 pub mod pickers;
@@ -162,6 +163,14 @@ pub async fn spawn_with_store(
     let initial = store.snapshot().await?;
     let loaded = initial.revision;
     cache.load(initial);
+    let (health, _health_task) = health::start(
+        cache.clone(),
+        store.clone(),
+        Arc::new(health::probe::NetProber),
+        config.health_max_in_flight,
+        metrics.health.clone(),
+        shutdown_rx.clone(),
+    );
     let shared = Arc::new(Shared {
         store: store.clone(),
         cache: cache.clone(),
@@ -174,6 +183,7 @@ pub async fn spawn_with_store(
         next_session: AtomicU64::new(0),
         sessions: std::sync::atomic::AtomicUsize::new(0),
         max_sessions: config.max_sessions,
+        health,
     });
     let mut signal = shutdown_rx.clone();
     let follower = tokio::spawn(
@@ -320,6 +330,11 @@ impl RunningServer {
     /// The snapshot cache every session reads from.
     pub fn cache(&self) -> &Arc<Cache> {
         &self.shared.cache
+    }
+
+    /// The active health checker (its view of each checked backend).
+    pub fn health(&self) -> &health::HealthHandle {
+        &self.shared.health
     }
 
     /// Server-side pickers built since start, all services together (builds are coalesced:

@@ -58,6 +58,8 @@ pub struct Metrics {
     stalled: Counter,
     /// Per-backend in-flight gauges, when enabled, and the ids exported per service.
     per_backend: Option<PerBackend>,
+    /// The health checker's series (see [`crate::health::metrics`]).
+    pub health: crate::health::metrics::HealthMetrics,
 }
 
 impl Default for Metrics {
@@ -133,7 +135,9 @@ impl Metrics {
             );
             (family, Mutex::new(HashMap::new()))
         });
+        let health = crate::health::metrics::HealthMetrics::register(&mut registry);
         Self {
+            health,
             lagging,
             stalled,
             per_backend,

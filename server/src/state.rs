@@ -42,4 +42,6 @@ pub(crate) struct Shared {
     /// Sessions open now, and the most allowed.
     pub sessions: AtomicUsize,
     pub max_sessions: usize,
+    /// The active health checker.
+    pub health: crate::health::HealthHandle,
 }
