@@ -19,6 +19,9 @@ use prost::{DecodeError, Message};
 use crate::proto;
 
 /// An outbound `dlb.v1.ServerMessage`: either encoded once and shared, or built for one session.
+// The per-session variant is the rare one (not-found notices, going-away); boxing it would
+// only move the allocation. The policy's health check made `ServerMessage` larger.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outbound {
     /// The complete encoding of a `ServerMessage` (see [`Outbound::encode_shared`]).

@@ -477,11 +477,14 @@ fn convert_service(ctx: &Ctx<'_>, i: usize, s: &RawService) -> Result<ServiceCon
         policy.sticky_ttl_seconds = p.sticky_ttl_seconds.unwrap_or(0);
         policy.sticky_max_entries = p.sticky_max_entries.unwrap_or(0);
         if let Some(h) = &p.health_check {
-            policy.health_check =
-                Some(h.to_proto().map_err(|e| {
-                    let field = e.field.strip_prefix("policy.").unwrap_or(&e.field).to_owned();
-                    ctx.invalid(at(&format!("policy.{field}")), e)
-                })?);
+            policy.health_check = Some(h.to_proto().map_err(|e| {
+                let field = e
+                    .field
+                    .strip_prefix("policy.")
+                    .unwrap_or(&e.field)
+                    .to_owned();
+                ctx.invalid(at(&format!("policy.{field}")), e)
+            })?);
         }
     }
     model::validate_policy(&policy).map_err(|e| {

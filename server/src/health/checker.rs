@@ -97,6 +97,8 @@ struct Target {
     machine: Machine,
     damper: Damper,
     published: proto::Verdict,
+    /// The hold-down number last written (0: not held down).
+    published_hold: u32,
     gen: u64,
     in_flight: bool,
     last_detail: String,
@@ -334,6 +336,7 @@ impl Checker {
                             machine: Machine::new(state, spec.rise, spec.fall),
                             damper: damper(&spec),
                             published,
+                            published_hold: 0,
                             gen,
                             in_flight: false,
                             last_detail: String::new(),
@@ -504,7 +507,13 @@ impl Checker {
         now: Instant,
     ) -> Option<oneshot::Receiver<Result<proto::Version, Error>>> {
         let t = self.targets.get_mut(key)?;
-        let (verdict, detail) = if let Some(until) = t.damper.held_until(now) {
+        let held = t.damper.held_until(now);
+        let hold_no = if held.is_some() {
+            t.damper.repeats()
+        } else {
+            0
+        };
+        let (verdict, detail) = if let Some(until) = held {
             (
                 proto::Verdict::Unhealthy,
                 format!(
@@ -520,10 +529,12 @@ impl Checker {
                 Health::Unhealthy => (proto::Verdict::Unhealthy, t.last_detail.clone()),
             }
         };
-        if verdict == t.published {
+        if verdict == t.published && hold_no == t.published_hold {
             return None;
         }
+        let changed = verdict != t.published;
         t.published = verdict;
+        t.published_hold = hold_no;
         let mut detail = detail;
         if detail.len() > dlb::sources::MAX_DETAIL_LEN {
             let mut end = dlb::sources::MAX_DETAIL_LEN;
@@ -533,6 +544,7 @@ impl Checker {
             detail.truncate(end);
         }
         match verdict {
+            _ if !changed => {}
             proto::Verdict::Healthy => self.metrics.transition("healthy"),
             proto::Verdict::Unhealthy => self.metrics.transition("unhealthy"),
             proto::Verdict::Unset => {}

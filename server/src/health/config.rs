@@ -117,8 +117,8 @@ impl RawHealthCheck {
             })
         } else if let Some(t) = &self.tcp {
             Kind::Tcp(proto::TcpHealthCheck {
-                send: t.send.clone().unwrap_or_default().into_bytes().into(),
-                expect_prefix: t.expect.clone().unwrap_or_default().into_bytes().into(),
+                send: t.send.clone().unwrap_or_default().into_bytes(),
+                expect_prefix: t.expect.clone().unwrap_or_default().into_bytes(),
             })
         } else {
             Kind::Grpc(proto::GrpcHealthCheck {

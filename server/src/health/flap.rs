@@ -34,7 +34,12 @@ pub struct Damper {
 
 impl Damper {
     /// A damper; `threshold` 0 disables damping.
-    pub fn new(threshold: u32, window: Duration, hold_down: Duration, max_hold_down: Duration) -> Self {
+    pub fn new(
+        threshold: u32,
+        window: Duration,
+        hold_down: Duration,
+        max_hold_down: Duration,
+    ) -> Self {
         Self {
             threshold,
             window,
@@ -128,7 +133,11 @@ mod tests {
         for i in 0..3 {
             assert_eq!(d.on_transition(t0 + i * S), None, "{i}: at most K");
         }
-        assert_eq!(d.on_transition(t0 + 3 * S), Some(10 * S), "K + 1 within the window");
+        assert_eq!(
+            d.on_transition(t0 + 3 * S),
+            Some(10 * S),
+            "K + 1 within the window"
+        );
         assert_eq!(d.held_until(t0 + 5 * S), Some(t0 + 13 * S));
         assert_eq!(d.held_until(t0 + 13 * S), None, "over");
         // Flapping again: 20 s, then 35 s (capped), not 40.
@@ -174,7 +183,11 @@ mod tests {
         assert_eq!(d.on_transition(t0), Some(10 * S));
         let later = t0 + 10 * S + 40 * S;
         d.on_transition(later);
-        assert_eq!(d.on_transition(later), Some(10 * S), "back to the first step");
+        assert_eq!(
+            d.on_transition(later),
+            Some(10 * S),
+            "back to the first step"
+        );
     }
 
     #[test]

@@ -30,6 +30,9 @@ pub(crate) mod seed;
 pub mod state;
 pub(crate) mod writer;
 
+#[cfg(test)]
+mod checker_tests;
+
 use std::sync::Arc;
 
 use dlb::{model, proto};

@@ -74,7 +74,10 @@ async fn exchange(
         }
     };
     let status = response.status().as_u16();
-    if !expected.iter().any(|(lo, hi)| (*lo..=*hi).contains(&status)) {
+    if !expected
+        .iter()
+        .any(|(lo, hi)| (*lo..=*hi).contains(&status))
+    {
         return Outcome::Fail(format!("HTTP {status}"));
     }
     let Some(needle) = body_contains else {
