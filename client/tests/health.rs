@@ -334,3 +334,90 @@ async fn seed_calls_on_a_checked_service_count_as_one_result_each() {
         .unwrap();
     assert_eq!(r.server.unwrap().reason, "admin: health_check_failed");
 }
+
+async fn dlbctl(endpoint: &str, args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_dlbctl"))
+        .arg("--endpoint")
+        .arg(endpoint)
+        .args(args)
+        .output()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn dlbctl_sets_shows_and_removes_a_health_check() {
+    let server = dlb_server::spawn(config(vec![])).await.unwrap();
+    let ep = common::endpoint(&server);
+    let dead = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (live, _) = http_backend().await;
+    let client = Client::connect([ep.clone()]).await.unwrap();
+    for (id, addr) in [("dead", dead), ("live", live)] {
+        client
+            .admin()
+            .add_server("svc", dlb_client::NewServer::new(id, addr.to_string()))
+            .await
+            .unwrap();
+    }
+    // A mistake names the field and changes nothing.
+    let out = dlbctl(
+        &ep,
+        &[
+            "-s",
+            "svc",
+            "health",
+            "set",
+            "--http",
+            "/",
+            "--interval-ms",
+            "5",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("policy.health_check.interval_ms"));
+
+    let out = dlbctl(
+        &ep,
+        &[
+            "-s",
+            "svc",
+            "health",
+            "set",
+            "--http",
+            "/",
+            "--interval-ms",
+            "100",
+            "--timeout-ms",
+            "100",
+            "--rise",
+            "1",
+            "--fall",
+            "1",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    let shown = String::from_utf8_lossy(&dlbctl(&ep, &["-s", "svc", "health", "get"]).await.stdout)
+        .to_string();
+    assert!(shown.contains("interval_ms=100"), "{shown}");
+    within("dlbctl list shows the probe verdicts", async {
+        loop {
+            let out = dlbctl(&ep, &["-s", "svc", "list"]).await;
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            if text.contains("(probe: connection refused)")
+                && text.contains("probe=healthy (HTTP 200, rtt ")
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+
+    assert!(dlbctl(&ep, &["-s", "svc", "health", "off"])
+        .await
+        .status
+        .success());
+    until_reason(&client, "svc", "dead", |r| r.is_empty()).await;
+}

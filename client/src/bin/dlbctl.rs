@@ -20,6 +20,9 @@ use dlb::proto::server_message::Kind as ServerKind;
 use dlb_client::{AdminClient, Error, NewServer, ServerUpdate};
 use serde_json::{json, Value};
 
+#[path = "dlbctl/health.rs"]
+mod health;
+
 /// Command-line client of the DLB control plane.
 #[derive(Debug, Parser)]
 #[command(
@@ -152,6 +155,9 @@ enum Command {
     /// Read or change the service's balancing policy.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Read, set or remove the service's active health check.
+    #[command(subcommand)]
+    Health(health::HealthCommand),
     /// Stream live updates of the service through a Discovery session.
     Watch {
         /// Exit after this many updates.
@@ -236,6 +242,10 @@ fn server_json(s: &proto::Server) -> Value {
         "health": health_name(s.health),
         "draining": s.draining,
         "reason": s.reason,
+        "probe": s.sources.as_ref().and_then(|x| x.probe.as_ref()).map(|p| json!({
+            "verdict": proto::Verdict::try_from(p.verdict).map_or("unknown", |v| v.as_str_name()),
+            "detail": p.detail,
+        })),
     })
 }
 
@@ -252,6 +262,11 @@ fn server_text(s: &proto::Server) -> String {
         out.push_str(&format!(" ({})", s.reason));
     } else if s.draining {
         out.push_str(" draining");
+    }
+    if let Some(p) = s.sources.as_ref().and_then(|x| x.probe.as_ref()) {
+        if p.verdict == proto::Verdict::Healthy as i32 {
+            out.push_str(&format!(" probe=healthy ({})", p.detail));
+        }
     }
     if !s.hash_key.is_empty() {
         out.push_str(&format!(" hash_key={}", s.hash_key));
@@ -517,6 +532,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 println!("{} ({})", policy_text(&p), version_text(r.version));
             }
         }
+        Command::Health(cmd) => health::run(&admin, &service, cmd, j).await?,
         Command::Watch { count } => {
             watch(
                 &cli.endpoint,
