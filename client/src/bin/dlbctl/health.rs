@@ -13,7 +13,7 @@ pub enum HealthCommand {
     /// Print the service's health check.
     Get,
     /// Set the service's health check (replaces it; flags not given take their defaults).
-    Set(HealthSet),
+    Set(Box<HealthSet>),
     /// Remove the health check: probes stop and their verdicts are cleared.
     Off,
 }
