@@ -516,6 +516,18 @@ impl AdminClient {
         .await
     }
 
+    /// `GetHealth`: the health checker's live view of the service's checked backends.
+    pub async fn get_health(&self, service: &str) -> Result<proto::GetHealthResponse> {
+        let req = proto::GetHealthRequest {
+            service: model::resolve_service(service)?.to_owned(),
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.get_health(req).await }
+        })
+        .await
+    }
+
     /// `SetPolicy`: replaces the service's policy (`ALGORITHM_UNSPECIFIED` keeps the algorithm).
     pub async fn set_policy(
         &self,

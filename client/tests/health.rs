@@ -415,6 +415,20 @@ async fn dlbctl_sets_shows_and_removes_a_health_check() {
     })
     .await;
 
+    // The live view: state, counts and the last probe's RTT of each backend.
+    let out = dlbctl(&ep, &["-s", "svc", "health", "show"]).await;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("dead unhealthy"), "{text}");
+    assert!(text.contains("live healthy"), "{text}");
+    assert!(
+        text.contains("rtt=")
+            && !text.contains("live healthy passes=0 failures=0 published=healthy rtt=-"),
+        "{text}"
+    );
+    let r = client.admin().get_health("svc").await.unwrap();
+    assert_eq!(r.backends.len(), 2);
+    assert!(r.backends.iter().all(|b| b.last_rtt_us > 0));
+
     assert!(dlbctl(&ep, &["-s", "svc", "health", "off"])
         .await
         .status

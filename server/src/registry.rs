@@ -408,4 +408,12 @@ impl Registry for RegistryService {
         let r = self.list_services().await;
         self.done("ListServices", r)
     }
+
+    async fn get_health(
+        &self,
+        request: Request<proto::GetHealthRequest>,
+    ) -> Result<Response<proto::GetHealthResponse>, Status> {
+        let r = crate::health::api::get_health(&self.shared, request.into_inner()).await;
+        self.done("GetHealth", r)
+    }
 }

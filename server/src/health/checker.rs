@@ -55,6 +55,11 @@ pub(crate) enum Command {
         passed: bool,
         reply: oneshot::Sender<ReportReply>,
     },
+    /// The checker's view of every checked backend of a service (`GetHealth`).
+    InspectService {
+        service: String,
+        reply: oneshot::Sender<Vec<(String, TargetView)>>,
+    },
     /// The checker's view of one backend (tests, `dlbctl`).
     Inspect {
         service: String,
@@ -103,6 +108,20 @@ struct Target {
     in_flight: bool,
     last_detail: String,
     last_rtt: Option<Duration>,
+}
+
+impl Target {
+    fn view(&self, now: Instant) -> TargetView {
+        TargetView {
+            health: self.machine.state(),
+            counts: self.machine.counts(),
+            published: self.published,
+            last_detail: self.last_detail.clone(),
+            last_rtt: self.last_rtt,
+            held_down: self.damper.held_until(now).is_some(),
+            hold_downs: self.damper.repeats(),
+        }
+    }
 }
 
 fn damper(spec: &CheckSpec) -> Damper {
@@ -591,6 +610,24 @@ impl Checker {
                 };
                 let _ = reply.send(r);
             }
+            Command::InspectService { service, reply } => {
+                let now = Instant::now();
+                let service: Arc<str> = service.as_str().into();
+                let mut ids: Vec<Arc<str>> = self
+                    .by_service
+                    .get(&service)
+                    .map(|s| s.iter().cloned().collect())
+                    .unwrap_or_default();
+                ids.sort();
+                let views = ids
+                    .into_iter()
+                    .filter_map(|id| {
+                        let t = self.targets.get(&(service.clone(), id.clone()))?;
+                        Some((id.to_string(), t.view(now)))
+                    })
+                    .collect();
+                let _ = reply.send(views);
+            }
             Command::Inspect {
                 service,
                 server_id,
@@ -598,15 +635,7 @@ impl Checker {
             } => {
                 let key: Key = (service.as_str().into(), server_id.as_str().into());
                 let now = Instant::now();
-                let view = self.targets.get(&key).map(|t| TargetView {
-                    health: t.machine.state(),
-                    counts: t.machine.counts(),
-                    published: t.published,
-                    last_detail: t.last_detail.clone(),
-                    last_rtt: t.last_rtt,
-                    held_down: t.damper.held_until(now).is_some(),
-                    hold_downs: t.damper.repeats(),
-                });
+                let view = self.targets.get(&key).map(|t| t.view(now));
                 let _ = reply.send(view);
             }
         }

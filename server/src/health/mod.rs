@@ -21,6 +21,7 @@
 //! probe result (it counts towards `rise` / `fall` and flap damping, and its transitions are
 //! written to the probe source); the admin source is left alone. See `docs/health.md`.
 
+pub(crate) mod api;
 pub mod checker;
 pub mod config;
 pub mod flap;
@@ -88,6 +89,22 @@ impl HealthHandle {
                 Ok(Some(Some(v)))
             }
         }
+    }
+
+    /// The checker's view of every checked backend of `service`, ordered by id.
+    pub async fn inspect_service(&self, service: &str) -> Vec<(String, TargetView)> {
+        let (reply, rx) = oneshot::channel();
+        let sent = self
+            .commands
+            .send(Command::InspectService {
+                service: service.to_owned(),
+                reply,
+            })
+            .await;
+        if sent.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
     }
 
     /// The checker's view of one backend, or `None` when it is not under active checks.

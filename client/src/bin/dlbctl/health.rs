@@ -16,6 +16,8 @@ pub enum HealthCommand {
     Set(Box<HealthSet>),
     /// Remove the health check: probes stop and their verdicts are cleared.
     Off,
+    /// Show the checker's live view of each backend: state, counts, last result and RTT.
+    Show,
 }
 
 /// `dlbctl health set` flags.
@@ -191,6 +193,7 @@ pub async fn run(
     json_out: bool,
 ) -> Result<(), Error> {
     let new = match &cmd {
+        HealthCommand::Show => return show(admin, service, json_out).await,
         HealthCommand::Get => None,
         HealthCommand::Set(set) => Some(Some(set.to_proto()?)),
         HealthCommand::Off => Some(None),
@@ -230,6 +233,42 @@ pub async fn run(
             check_text(policy.health_check.as_ref()),
             dlb_client::Version::from(v)
         );
+    }
+    Ok(())
+}
+
+async fn show(admin: &AdminClient, service: &str, json_out: bool) -> Result<(), Error> {
+    let r = admin.get_health(service).await?;
+    for b in &r.backends {
+        let published = proto::Verdict::try_from(b.published).map_or("?", |v| match v {
+            proto::Verdict::Unset => "unset",
+            proto::Verdict::Healthy => "healthy",
+            proto::Verdict::Unhealthy => "unhealthy",
+        });
+        let rtt_ms = (b.last_rtt_us > 0).then(|| b.last_rtt_us as f64 / 1e3);
+        if json_out {
+            println!(
+                "{}",
+                json!({"service": r.service, "server_id": b.server_id, "state": b.state,
+                       "passes": b.consecutive_passes, "failures": b.consecutive_failures,
+                       "published": published, "last": b.last_detail, "rtt_ms": rtt_ms,
+                       "held_down": b.held_down, "hold_downs": b.hold_downs})
+            );
+        } else {
+            let rtt = rtt_ms.map_or("-".to_owned(), |ms| format!("{ms:.2}ms"));
+            println!(
+                "{} {} passes={} failures={} published={} rtt={} held_down={} hold_downs={} last=\"{}\"",
+                b.server_id,
+                b.state,
+                b.consecutive_passes,
+                b.consecutive_failures,
+                published,
+                rtt,
+                b.held_down,
+                b.hold_downs,
+                b.last_detail
+            );
+        }
     }
     Ok(())
 }
