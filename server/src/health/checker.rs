@@ -189,6 +189,8 @@ pub(crate) struct Checker {
     seq: u64,
     next_gen: u64,
     followed: HashSet<Arc<str>>,
+    /// Changes when a service appears; `None` until the first scan of the service names.
+    appeared: Option<tokio::sync::watch::Receiver<u64>>,
     waker: Arc<Waker>,
     results_tx: mpsc::UnboundedSender<ProbeDone>,
     results_rx: mpsc::UnboundedReceiver<ProbeDone>,
@@ -218,6 +220,7 @@ impl Checker {
             seq: 0,
             next_gen: 1,
             followed: HashSet::new(),
+            appeared: None,
             waker,
             results_tx,
             results_rx,
@@ -262,10 +265,28 @@ impl Checker {
 
     /// Follows services that appeared and reconciles every changed one.
     fn catch_up(&mut self) {
-        for name in self.cache.service_names() {
-            if self.followed.insert(name.clone()) {
-                self.cache.follow_service(&name, &self.waker);
-                self.reconcile(&name);
+        // The list of services is scanned only when one appeared (not once per probe).
+        let scan = match &mut self.appeared {
+            None => {
+                let mut rx = self.cache.services_changed();
+                rx.borrow_and_update();
+                self.appeared = Some(rx);
+                true
+            }
+            Some(rx) => {
+                let changed = rx.has_changed().unwrap_or(false);
+                if changed {
+                    rx.borrow_and_update();
+                }
+                changed
+            }
+        };
+        if scan {
+            for name in self.cache.service_names() {
+                if self.followed.insert(name.clone()) {
+                    self.cache.follow_service(&name, &self.waker);
+                    self.reconcile(&name);
+                }
             }
         }
         for name in self.waker.take_dirty() {
