@@ -14,6 +14,7 @@
 //! keepalive: { interval_seconds: 30, timeout_seconds: 10 }   # 1..=3600 and 1..=600
 //! history_size: 1024                 # 1..=1,000,000
 //! per_backend_metrics: false         # opt-in per-backend series
+//! health_max_in_flight: 1024         # active health probes in flight, 1..=65,536 (docs/health.md)
 //! services:
 //!   - name: web
 //!     policy: { algorithm: maglev, bounded_load_factor: 1.25, sticky: none }
@@ -44,6 +45,8 @@ pub const DEFAULT_METRICS_LISTEN: SocketAddr =
 pub const KEEPALIVE_INTERVAL_SECONDS: std::ops::RangeInclusive<u64> = 1..=3600;
 /// Allowed `keepalive.timeout_seconds` (how long a ping may go unanswered).
 pub const KEEPALIVE_TIMEOUT_SECONDS: std::ops::RangeInclusive<u64> = 1..=600;
+/// Allowed `health_max_in_flight` (active health probes in flight).
+pub const HEALTH_MAX_IN_FLIGHT: std::ops::RangeInclusive<u64> = 1..=65_536;
 /// Allowed `history_size` (changes kept per service for delta catch-up).
 pub const HISTORY_SIZE: std::ops::RangeInclusive<u64> = 1..=1_000_000;
 
@@ -194,6 +197,13 @@ impl ServerConfig {
             self.keepalive_timeout,
             KEEPALIVE_TIMEOUT_SECONDS,
         )?;
+        if !HEALTH_MAX_IN_FLIGHT.contains(&(self.health_max_in_flight as u64)) {
+            return Err(ValidationError::new(
+                "health_max_in_flight",
+                self.health_max_in_flight,
+                "must be between 1 and 65536",
+            ));
+        }
         if !HISTORY_SIZE.contains(&(self.history_size as u64)) {
             return Err(ValidationError::new(
                 "history_size",
@@ -285,6 +295,7 @@ struct RawConfig {
     keepalive: Option<RawKeepalive>,
     history_size: Option<usize>,
     per_backend_metrics: Option<bool>,
+    health_max_in_flight: Option<u64>,
     #[serde(default)]
     services: Vec<RawService>,
 }
@@ -384,6 +395,7 @@ impl ServerConfig {
                 keepalive: None,
                 history_size: None,
                 per_backend_metrics: None,
+                health_max_in_flight: None,
                 services: Vec::new(),
             }
         } else {
@@ -436,6 +448,10 @@ impl ServerConfig {
             cfg.history_size = usize::try_from(h).unwrap_or(usize::MAX);
         }
         cfg.per_backend_metrics = raw.per_backend_metrics.unwrap_or(false);
+        if let Some(n) = raw.health_max_in_flight {
+            let n = ranged("health_max_in_flight", n, HEALTH_MAX_IN_FLIGHT)?;
+            cfg.health_max_in_flight = usize::try_from(n).unwrap_or(usize::MAX);
+        }
         cfg.services.clear();
         let mut names = HashSet::new();
         for (i, s) in raw.services.iter().enumerate() {

@@ -5,6 +5,7 @@ use dlb::proto;
 use dlb_server::ServerConfig;
 
 const YAML: &str = r#"
+health_max_in_flight: 2048
 services:
   - name: web
     policy:
@@ -28,6 +29,7 @@ services:
 #[test]
 fn a_health_check_is_read_into_the_policy() {
     let cfg = ServerConfig::from_yaml_str(YAML).unwrap();
+    assert_eq!(cfg.health_max_in_flight, 2048);
     let web = cfg.services.iter().find(|s| s.name == "web").unwrap();
     let hc = web.policy.health_check.clone().unwrap();
     let spec = dlb::health_check::resolve(&hc).unwrap();
@@ -73,6 +75,9 @@ fn mistakes_name_the_path_and_line() {
     );
     let e = ServerConfig::from_yaml_str(&two).unwrap_err().to_string();
     assert!(e.contains("services[1].policy.health_check.kind"), "{e}");
+    let zero = YAML.replace("health_max_in_flight: 2048", "health_max_in_flight: 0");
+    let e = ServerConfig::from_yaml_str(&zero).unwrap_err().to_string();
+    assert!(e.contains("health_max_in_flight"), "{e}");
     let unknown = YAML.replace("jitter_percent: 10", "jitter: 10");
     assert!(ServerConfig::from_yaml_str(&unknown).is_err());
 }
