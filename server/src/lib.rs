@@ -14,6 +14,8 @@
 //! * [`registry`] — the Registry RPCs; [`discovery`] — the DLB sessions, a thin front-end over
 //!   the cache;
 //! * [`auth`] — bearer tokens: who may write and who may read;
+//! * [`health`] — active health checks: probes, one state machine per backend, flap damping,
+//!   verdicts written to the probe source on transitions;
 //! * [`pickers`] — the server-side pickers `GetNextServer` answers from, one builder task per
 //!   service;
 //! * [`loads`] — in-flight sums from SDK load reports; [`metrics`] — Prometheus metrics;
