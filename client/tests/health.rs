@@ -209,7 +209,7 @@ async fn grpc_health_status_not_serving_and_back() {
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     let (other, _) = http_backend().await;
-    let mut hc = check(proto::health_check::Kind::Grpc(proto::GrpcHealthCheck {
+    let hc = check(proto::health_check::Kind::Grpc(proto::GrpcHealthCheck {
         service: "shop.Cart".into(),
     }));
     let server = serve("cart", hc, vec![backend("g", addr), backend("o", other)]).await;
