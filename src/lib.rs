@@ -6,6 +6,7 @@
 //! * [`proto`] — the generated wire types and gRPC stubs for `proto/dlb/v1/dlb.proto`;
 //! * [`model`] — the domain rules every entry point applies the same way: identifier, address,
 //!   weight and policy validation, and conversions between wire and domain types;
+//! * [`health_check`] — validation and defaults of a service's active health check;
 //! * [`sources`] — backend state from separate sources (admin, probe, outlier) and the one pure
 //!   function that derives a backend's effective state and the reason for it;
 //! * [`wire`] — server-side wire types: an outbound session message encoded once and shared by
@@ -17,6 +18,7 @@
 //!   plain data plus atomics, testable without tokio.
 
 pub mod balance;
+pub mod health_check;
 pub mod health_policy;
 pub mod model;
 pub mod sources;

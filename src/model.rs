@@ -368,6 +368,7 @@ pub fn default_policy() -> proto::Policy {
         sticky_max_entries: 0,
         outlier_detection: None,
         panic: None,
+        health_check: None,
     }
 }
 
@@ -425,6 +426,9 @@ pub fn validate_policy(policy: &proto::Policy) -> Result<(), ValidationError> {
             policy.sticky_mode,
             "must be none, strict or fallback",
         ));
+    }
+    if let Some(hc) = &policy.health_check {
+        crate::health_check::validate(hc)?;
     }
     crate::health_policy::validate(policy)
 }

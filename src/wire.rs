@@ -19,8 +19,9 @@ use prost::{DecodeError, Message};
 use crate::proto;
 
 /// An outbound `dlb.v1.ServerMessage`: either encoded once and shared, or built for one session.
-// `Message` is larger than `Encoded`, but both are short-lived queue items (a session's queue is
-// bounded); boxing would add an allocation to every per-session message for no gain.
+// `Message` is larger than `Encoded` (the policy's health check, outlier and panic settings made
+// `ServerMessage` larger), but both are short-lived items of a bounded queue; boxing would add an
+// allocation to every per-session message for no gain.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outbound {

@@ -265,7 +265,7 @@ impl ServerUpdate {
 /// Validates a policy as sent by `SetPolicy`: like [`model::validate_policy`], except that
 /// `ALGORITHM_UNSPECIFIED` ("keep the current algorithm") is accepted.
 pub fn validate_policy_request(policy: &proto::Policy) -> Result<()> {
-    let mut p = *policy;
+    let mut p = policy.clone();
     if p.algorithm == proto::Algorithm::Unspecified as i32 {
         // The stored algorithm is unknown here; substitute one that accepts the other fields so
         // that only their own ranges are checked. The server checks the combination.
@@ -527,6 +527,18 @@ impl AdminClient {
         self.call(|mut c| {
             let req = req.clone();
             async move { c.get_policy(req).await }
+        })
+        .await
+    }
+
+    /// `GetHealth`: the health checker's live view of the service's checked backends.
+    pub async fn get_health(&self, service: &str) -> Result<proto::GetHealthResponse> {
+        let req = proto::GetHealthRequest {
+            service: model::resolve_service(service)?.to_owned(),
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.get_health(req).await }
         })
         .await
     }

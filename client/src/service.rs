@@ -384,7 +384,7 @@ impl ServiceHandle {
 
     /// The policy of the current snapshot (`None` before the first one).
     pub fn local_policy(&self) -> Option<proto::Policy> {
-        self.state.snapshot.load().policy
+        self.state.snapshot.load().policy.clone()
     }
 
     /// `AddServer` on this service.

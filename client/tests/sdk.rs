@@ -149,7 +149,7 @@ async fn named_services_policies_and_stickiness() {
     let mut p = web.get_policy().await.unwrap();
     assert_eq!(p.algorithm, proto::Algorithm::RoundRobin as i32);
     p.algorithm = proto::Algorithm::Maglev as i32;
-    let r = web.set_policy(p).await.unwrap();
+    let r = web.set_policy(p.clone()).await.unwrap();
     converge(&web, r.version).await;
     assert_eq!(
         web.local_policy().unwrap().algorithm,
@@ -168,7 +168,7 @@ async fn named_services_policies_and_stickiness() {
     // Strict stickiness: a session stays on its backend, and fails when it is gone.
     p.algorithm = proto::Algorithm::RoundRobin as i32;
     p.sticky_mode = proto::StickyMode::Strict as i32;
-    let r = web.set_policy(p).await.unwrap();
+    let r = web.set_policy(p.clone()).await.unwrap();
     converge(&web, r.version).await;
     let bound = web
         .get_next_server(Some(b"session-9"))

@@ -14,6 +14,7 @@
 //! keepalive: { interval_seconds: 30, timeout_seconds: 10 }   # 1..=3600 and 1..=600
 //! history_size: 1024                 # 1..=1,000,000
 //! per_backend_metrics: false         # opt-in per-backend series
+//! health_max_in_flight: 1024         # active health probes in flight, 1..=65,536 (docs/health.md)
 //! services:
 //!   - name: web
 //!     policy: { algorithm: maglev, bounded_load_factor: 1.25, sticky: none }
@@ -44,6 +45,8 @@ pub const DEFAULT_METRICS_LISTEN: SocketAddr =
 pub const KEEPALIVE_INTERVAL_SECONDS: std::ops::RangeInclusive<u64> = 1..=3600;
 /// Allowed `keepalive.timeout_seconds` (how long a ping may go unanswered).
 pub const KEEPALIVE_TIMEOUT_SECONDS: std::ops::RangeInclusive<u64> = 1..=600;
+/// Allowed `health_max_in_flight` (active health probes in flight).
+pub const HEALTH_MAX_IN_FLIGHT: std::ops::RangeInclusive<u64> = 1..=65_536;
 /// Allowed `history_size` (changes kept per service for delta catch-up).
 pub const HISTORY_SIZE: std::ops::RangeInclusive<u64> = 1..=1_000_000;
 
@@ -107,6 +110,9 @@ pub struct ServerConfig {
     pub stall_deadline: Duration,
     /// Most Discovery sessions served at once (`RESOURCE_EXHAUSTED` beyond).
     pub max_sessions: usize,
+    /// Bound on active health probes in flight; a probe due beyond it is *unknown* (not run,
+    /// never a failure). Default [`crate::health::DEFAULT_MAX_IN_FLIGHT`].
+    pub health_max_in_flight: usize,
     /// How long a graceful shutdown waits for connections to close before aborting them.
     pub shutdown_grace: Duration,
     /// Also export per-backend metric series (off by default: cardinality grows with backends).
@@ -152,6 +158,7 @@ impl Default for ServerConfig {
             session_queue: 8,
             stall_deadline: Duration::from_secs(30),
             max_sessions: 100_000,
+            health_max_in_flight: crate::health::DEFAULT_MAX_IN_FLIGHT,
             shutdown_grace: Duration::from_secs(5),
             per_backend_metrics: false,
             auth: crate::auth::AuthConfig::default(),
@@ -190,6 +197,13 @@ impl ServerConfig {
             self.keepalive_timeout,
             KEEPALIVE_TIMEOUT_SECONDS,
         )?;
+        if !HEALTH_MAX_IN_FLIGHT.contains(&(self.health_max_in_flight as u64)) {
+            return Err(ValidationError::new(
+                "health_max_in_flight",
+                self.health_max_in_flight,
+                "must be between 1 and 65536",
+            ));
+        }
         if !HISTORY_SIZE.contains(&(self.history_size as u64)) {
             return Err(ValidationError::new(
                 "history_size",
@@ -281,6 +295,7 @@ struct RawConfig {
     keepalive: Option<RawKeepalive>,
     history_size: Option<usize>,
     per_backend_metrics: Option<bool>,
+    health_max_in_flight: Option<u64>,
     #[serde(default)]
     services: Vec<RawService>,
 }
@@ -311,6 +326,7 @@ struct RawPolicy {
     sticky_max_entries: Option<u32>,
     outlier_detection: Option<crate::config_health::RawOutlier>,
     panic: Option<crate::config_health::RawPanic>,
+    health_check: Option<crate::health::config::RawHealthCheck>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -381,6 +397,7 @@ impl ServerConfig {
                 keepalive: None,
                 history_size: None,
                 per_backend_metrics: None,
+                health_max_in_flight: None,
                 services: Vec::new(),
             }
         } else {
@@ -433,6 +450,10 @@ impl ServerConfig {
             cfg.history_size = usize::try_from(h).unwrap_or(usize::MAX);
         }
         cfg.per_backend_metrics = raw.per_backend_metrics.unwrap_or(false);
+        if let Some(n) = raw.health_max_in_flight {
+            let n = ranged("health_max_in_flight", n, HEALTH_MAX_IN_FLIGHT)?;
+            cfg.health_max_in_flight = usize::try_from(n).unwrap_or(usize::MAX);
+        }
         cfg.services.clear();
         let mut names = HashSet::new();
         for (i, s) in raw.services.iter().enumerate() {
@@ -473,6 +494,16 @@ fn convert_service(ctx: &Ctx<'_>, i: usize, s: &RawService) -> Result<ServiceCon
         }
         policy.sticky_ttl_seconds = p.sticky_ttl_seconds.unwrap_or(0);
         policy.sticky_max_entries = p.sticky_max_entries.unwrap_or(0);
+        if let Some(h) = &p.health_check {
+            policy.health_check = Some(h.to_proto().map_err(|e| {
+                let field = e
+                    .field
+                    .strip_prefix("policy.")
+                    .unwrap_or(&e.field)
+                    .to_owned();
+                ctx.invalid(at(&format!("policy.{field}")), e)
+            })?);
+        }
         crate::config_health::apply(p.outlier_detection.as_ref(), p.panic.as_ref(), &mut policy)
             .map_err(|e| ctx.invalid(at(&e.field.clone()), e))?;
     }

@@ -524,7 +524,7 @@ impl Session {
                                 &snapshot.policy,
                                 snapshot.servers.values().map(|s| &**s),
                             )),
-                            policy: Some(snapshot.policy),
+                            policy: Some(snapshot.policy.clone()),
                             upserts: snapshot.server_list(),
                             removals: Vec::new(),
                         })

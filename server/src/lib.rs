@@ -14,6 +14,8 @@
 //! * [`registry`] — the Registry RPCs; [`discovery`] — the DLB sessions, a thin front-end over
 //!   the cache;
 //! * [`auth`] — bearer tokens: who may write and who may read;
+//! * [`health`] — active health checks: probes, one state machine per backend, flap damping,
+//!   verdicts written to the probe source on transitions;
 //! * [`pickers`] — the server-side pickers `GetNextServer` answers from, one builder task per
 //!   service;
 //! * [`loads`] — in-flight sums from SDK load reports; [`metrics`] — Prometheus metrics;
@@ -38,6 +40,7 @@ pub mod cache;
 pub mod config;
 pub mod discovery;
 mod error;
+pub mod health;
 pub mod loads;
 pub mod metrics;
 // Issue 9 (outlier detection, panic, global least connections, request metrics).
@@ -122,14 +125,14 @@ async fn apply_config(config: &ServerConfig, store: &dyn Store) -> Result<(), Er
     for svc in &config.services {
         let declares = !svc.backends.is_empty() || svc.policy != dlb::model::default_policy();
         if !declares {
-            let create = vec![Mutation::SetPolicy(svc.policy)];
+            let create = vec![Mutation::SetPolicy(svc.policy.clone())];
             match store.apply(svc.name.clone(), create, Some(0)).await {
                 Ok(_) | Err(Error::VersionMismatch { .. }) => {}
                 Err(e) => return Err(e),
             }
             continue;
         }
-        let mut mutations = vec![Mutation::SetPolicy(svc.policy)];
+        let mut mutations = vec![Mutation::SetPolicy(svc.policy.clone())];
         mutations.extend(svc.backends.iter().cloned().map(Mutation::Declare));
         let applied = store.apply(svc.name.clone(), mutations, None).await?;
         if applied.changed {
@@ -169,6 +172,14 @@ pub async fn spawn_with_store(
     let loaded = initial.revision;
     cache.load(initial);
     let (reports, reports_rx) = outlier::Reports::new();
+    let (health, _health_task) = health::start(
+        cache.clone(),
+        store.clone(),
+        Arc::new(health::probe::NetProber),
+        config.health_max_in_flight,
+        metrics.health.clone(),
+        shutdown_rx.clone(),
+    );
     let shared = Arc::new(Shared {
         reports,
         store: store.clone(),
@@ -182,6 +193,7 @@ pub async fn spawn_with_store(
         next_session: AtomicU64::new(0),
         sessions: std::sync::atomic::AtomicUsize::new(0),
         max_sessions: config.max_sessions,
+        health,
     });
     let mut signal = shutdown_rx.clone();
     let follower = tokio::spawn(
@@ -349,6 +361,11 @@ impl RunningServer {
     /// The xDS clients connected now (ADS streams and their bookkeeping).
     pub fn xds_clients(&self) -> &Arc<xds::XdsClients> {
         &self.xds_clients
+    }
+
+    /// The active health checker (its view of each checked backend).
+    pub fn health(&self) -> &health::HealthHandle {
+        &self.shared.health
     }
 
     /// Server-side pickers built since start, all services together (builds are coalesced:

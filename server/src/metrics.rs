@@ -60,9 +60,11 @@ pub struct Metrics {
     /// Per-backend in-flight gauges, when enabled, and the ids exported per service.
     per_backend: Option<PerBackend>,
     /// Request, outlier and panic metrics (see [`crate::health_metrics`]).
-    pub health: crate::health_metrics::HealthMetrics,
+    pub passive: crate::health_metrics::HealthMetrics,
     /// The xDS front-end's metrics.
     xds: crate::xds::XdsMetrics,
+    /// The health checker's series (see [`crate::health::metrics`]).
+    pub health: crate::health::metrics::HealthMetrics,
 }
 
 impl Default for Metrics {
@@ -129,7 +131,7 @@ impl Metrics {
             "Calls in flight per service, summed over the load reports of all SDK sessions",
             in_flight.clone(),
         );
-        let health = crate::health_metrics::HealthMetrics::register(&mut registry, per_backend);
+        let passive = crate::health_metrics::HealthMetrics::register(&mut registry, per_backend);
         let per_backend = per_backend.then(|| {
             let family = Family::<Labels, Gauge>::default();
             registry.register(
@@ -139,8 +141,10 @@ impl Metrics {
             );
             (family, Mutex::new(HashMap::new()))
         });
+        let health = crate::health::metrics::HealthMetrics::register(&mut registry);
         let xds = crate::xds::XdsMetrics::register(&mut registry);
         Self {
+            passive,
             health,
             xds,
             lagging,

@@ -200,6 +200,13 @@ impl RegistryService {
         req: proto::HealthCheckRequest,
         verdict: proto::Verdict,
     ) -> Result<proto::ServerResponse, Error> {
+        // On a service with active checks the call is one result in the state machine.
+        if let Some(r) =
+            crate::health::seed::report(&self.shared, &req, verdict == proto::Verdict::Healthy)
+                .await?
+        {
+            return Ok(r);
+        }
         let patch = ServerPatch {
             admin: Some(verdict),
             ..Default::default()
@@ -223,7 +230,7 @@ impl RegistryService {
         Ok(proto::ListServersResponse {
             service,
             version: Some(snap.version),
-            policy: Some(snap.policy),
+            policy: Some(snap.policy.clone()),
             servers: snap.server_list(),
             panic: Some(panic),
         })
@@ -408,5 +415,13 @@ impl Registry for RegistryService {
     ) -> Result<Response<proto::ListServicesResponse>, Status> {
         let r = self.list_services().await;
         self.done("ListServices", r)
+    }
+
+    async fn get_health(
+        &self,
+        request: Request<proto::GetHealthRequest>,
+    ) -> Result<Response<proto::GetHealthResponse>, Status> {
+        let r = crate::health::api::get_health(&self.shared, request.into_inner()).await;
+        self.done("GetHealth", r)
     }
 }

@@ -42,6 +42,8 @@ pub(crate) struct Shared {
     /// Sessions open now, and the most allowed.
     pub sessions: AtomicUsize,
     pub max_sessions: usize,
+    /// The active health checker.
+    pub health: crate::health::HealthHandle,
     /// Load-report outcomes on their way to the outlier task ([`crate::outlier`]).
     pub reports: crate::outlier::Reports,
 }
@@ -49,6 +51,6 @@ pub(crate) struct Shared {
 impl Shared {
     /// The request, outlier and panic metrics.
     pub(crate) fn health_metrics(&self) -> &crate::health_metrics::HealthMetrics {
-        &self.metrics.health
+        &self.metrics.passive
     }
 }

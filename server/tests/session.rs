@@ -83,7 +83,7 @@ async fn watcher_sees_each_change_once_in_order() {
     let u = s.update().await;
     assert_eq!(v(&u), last + 1);
     assert_eq!(
-        u.policy.unwrap().algorithm,
+        u.policy.as_ref().unwrap().algorithm,
         proto::Algorithm::LeastConnP2c as i32
     );
     assert!(u.upserts.is_empty());

@@ -20,6 +20,9 @@ use dlb::proto::server_message::Kind as ServerKind;
 use dlb_client::{AdminClient, Error, NewServer, ServerUpdate};
 use serde_json::{json, Value};
 
+#[path = "dlbctl/health.rs"]
+mod health;
+
 /// Command-line client of the DLB control plane.
 #[derive(Debug, Parser)]
 #[command(
@@ -155,6 +158,9 @@ enum Command {
     /// Read or change the service's balancing policy.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Read, set or remove the service's active health check.
+    #[command(subcommand)]
+    Health(health::HealthCommand),
     /// Stream live updates of the service through a Discovery session.
     Watch {
         /// Exit after this many updates.
@@ -366,6 +372,10 @@ fn server_json(s: &proto::Server) -> Value {
         "health": health_name(s.health),
         "draining": s.draining,
         "reason": s.reason,
+        "probe": s.sources.as_ref().and_then(|x| x.probe.as_ref()).map(|p| json!({
+            "verdict": proto::Verdict::try_from(p.verdict).map_or("unknown", |v| v.as_str_name()),
+            "detail": p.detail,
+        })),
     })
 }
 
@@ -382,6 +392,11 @@ fn server_text(s: &proto::Server) -> String {
         out.push_str(&format!(" ({})", s.reason));
     } else if s.draining {
         out.push_str(" draining");
+    }
+    if let Some(p) = s.sources.as_ref().and_then(|x| x.probe.as_ref()) {
+        if p.verdict == proto::Verdict::Healthy as i32 {
+            out.push_str(&format!(" probe=healthy ({})", p.detail));
+        }
     }
     if !s.hash_key.is_empty() {
         out.push_str(&format!(" hash_key={}", s.hash_key));
@@ -539,7 +554,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     .iter()
                     .map(|s| {
                         json!({"service": s.service, "version": version_json(s.version),
-                               "policy": policy_json(&s.policy.unwrap_or_default()),
+                               "policy": policy_json(&s.policy.clone().unwrap_or_default()),
                                "servers": s.servers, "eligible": s.eligible,
                                "panic": panic_json(s.panic)})
                     })
@@ -553,7 +568,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                         version_text(s.version),
                         s.servers,
                         s.eligible,
-                        model::algorithm_name(s.policy.unwrap_or_default().algorithm),
+                        model::algorithm_name(s.policy.clone().unwrap_or_default().algorithm),
                         panic_text(s.panic)
                     );
                 }
@@ -655,6 +670,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 println!("{} ({})", policy_text(&p), version_text(r.version));
             }
         }
+        Command::Health(cmd) => health::run(&admin, &service, cmd, j).await?,
         Command::Watch { count } => {
             watch(
                 &cli.endpoint,

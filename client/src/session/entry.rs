@@ -131,6 +131,7 @@ impl Entry {
             .into();
         let policy = if upd.full {
             upd.policy
+                .clone()
                 .ok_or_else(|| "full snapshot without policy".to_owned())?
         } else {
             let base: Version = upd
@@ -143,7 +144,7 @@ impl Entry {
                     self.version
                 ));
             }
-            match (upd.policy, self.policy) {
+            match (upd.policy.clone(), self.policy.clone()) {
                 (Some(p), _) | (None, Some(p)) => p,
                 (None, None) => return Err("delta without a policy to apply on".into()),
             }
@@ -277,7 +278,7 @@ impl Entry {
             return Ok(());
         }
         self.dirty = false;
-        let Some(policy) = self.policy else {
+        let Some(policy) = self.policy.clone() else {
             return Ok(());
         };
         let built = model::build_picker(self.picker.as_deref(), &policy, self.records.values());
@@ -320,7 +321,7 @@ impl Entry {
             version: old.version,
             picker: old.picker.clone(),
             sticky: old.sticky.clone(),
-            policy: old.policy,
+            policy: old.policy.clone(),
             not_found: false,
             stale: true,
         });

@@ -73,18 +73,41 @@ enum StoreKind {
     Memory,
 }
 
-async fn terminated() -> anyhow::Result<&'static str> {
+/// The stop signals, installed before the server starts serving: a SIGTERM sent as soon as the
+/// server answers must reach the handler, not kill the process.
+struct StopSignals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+fn stop_signals() -> anyhow::Result<StopSignals> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        Ok(StopSignals {})
+    }
+}
+
+async fn terminated(mut signals: StopSignals) -> anyhow::Result<&'static str> {
+    #[cfg(unix)]
+    {
         tokio::select! {
-            r = tokio::signal::ctrl_c() => { r.context("waiting for SIGINT")?; Ok("SIGINT") }
-            _ = term.recv() => Ok("SIGTERM"),
+            _ = signals.int.recv() => Ok("SIGINT"),
+            _ = signals.term.recv() => Ok("SIGTERM"),
         }
     }
     #[cfg(not(unix))]
     {
+        let _ = &mut signals;
         tokio::signal::ctrl_c()
             .await
             .context("waiting for Ctrl-C")?;
@@ -155,6 +178,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         StoreKind::Memory => StoreConfig::Memory,
     };
 
+    let signals = stop_signals()?;
     let server = dlb_server::spawn(config).await.context("starting dlbd")?;
     let metrics = server
         .metrics_addr()
@@ -171,7 +195,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         metrics
     );
 
-    let why = terminated().await?;
+    let why = terminated(signals).await?;
     tracing::info!(signal = why, "shutting down");
     server.shutdown().await.context("shutting down")?;
     tracing::info!("dlbd stopped");

@@ -387,8 +387,8 @@ impl Cache {
                     snap.servers
                         .insert(s.server_id.as_str().into(), Arc::new(s.clone()));
                 }
-                if let Some(p) = c.policy {
-                    snap.policy = p;
+                if let Some(p) = &c.policy {
+                    snap.policy = p.clone();
                 }
                 snap.version.version = c.version;
                 if st.history.len() >= self.history {

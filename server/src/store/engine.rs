@@ -174,7 +174,7 @@ impl Engine {
         if let Some(p) = &self.persist {
             p.commit(service, &state, &change)?;
         }
-        let policy = state.policy;
+        let policy = state.policy.clone();
         {
             let mut st = self.state.lock();
             st.revision = revision;
@@ -206,7 +206,7 @@ impl Engine {
         ServiceSnapshot {
             name: name.to_owned(),
             version: self.version(s.version),
-            policy: s.policy,
+            policy: s.policy.clone(),
             servers: s.servers.clone(),
         }
     }
@@ -427,7 +427,7 @@ fn plan(
                 named.push(id);
             }
             Mutation::SetPolicy(policy) => {
-                let mut policy = *policy;
+                let mut policy = policy.clone();
                 if policy.algorithm == proto::Algorithm::Unspecified as i32 {
                     policy.algorithm = state.policy.algorithm;
                 }
@@ -496,7 +496,7 @@ fn plan(
             upserts,
             created,
             removals,
-            policy: policy_changed.then_some(state.policy),
+            policy: policy_changed.then_some(state.policy.clone()),
         });
     Ok(Plan {
         state,

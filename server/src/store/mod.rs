@@ -150,7 +150,7 @@ impl Delta {
         for c in changes {
             version = c.version;
             if c.policy.is_some() {
-                policy = c.policy;
+                policy = c.policy.clone();
             }
             for s in &c.upserts {
                 let created = c.created.iter().any(|id| id == &s.server_id);

@@ -1,0 +1,44 @@
+//! `GetHealth`: the checker's live view of a service's checked backends, for `dlbctl health
+//! show`.
+
+use dlb::{model, proto};
+
+use super::state::Health;
+use crate::state::Shared;
+use crate::Error;
+
+/// Answers `GetHealth`. NOT_FOUND when the service does not exist.
+pub(crate) async fn get_health(
+    shared: &Shared,
+    req: proto::GetHealthRequest,
+) -> Result<proto::GetHealthResponse, Error> {
+    let service = model::resolve_service(&req.service)?.to_owned();
+    if shared.cache.get(&service).is_none() {
+        return Err(Error::ServiceNotFound(service));
+    }
+    let backends = shared
+        .health
+        .inspect_service(&service)
+        .await
+        .into_iter()
+        .map(|(id, v)| proto::BackendHealth {
+            server_id: id,
+            state: match v.health {
+                Health::Unknown => "unknown",
+                Health::Healthy => "healthy",
+                Health::Unhealthy => "unhealthy",
+            }
+            .to_owned(),
+            consecutive_passes: v.counts.0,
+            consecutive_failures: v.counts.1,
+            published: v.published as i32,
+            last_detail: v.last_detail,
+            last_rtt_us: v.last_rtt.map_or(0, |d| {
+                u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
+            }),
+            held_down: v.held_down,
+            hold_downs: v.hold_downs,
+        })
+        .collect();
+    Ok(proto::GetHealthResponse { service, backends })
+}

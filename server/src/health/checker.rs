@@ -1,0 +1,545 @@
+//! The scheduler: one task owns every checked backend's schedule, state machine and damper.
+//!
+//! [`Checker::run`] follows every service in the [cache](crate::cache). For a service whose
+//! policy has a `health_check`, each backend becomes a *target*; its first probe is due at a
+//! uniformly random offset within one interval (the **initial spread**: a restart or a new
+//! configuration does not probe every backend at once), each next one after the interval its
+//! state asks for — `down_interval` while unhealthy or held down, `fast_interval` while results
+//! count towards a change (or nothing is known yet), `interval` otherwise — each drawn within
+//! ± `jitter_percent`. Due times sit in one binary heap (O(log n) per probe); entries carry the
+//! target's generation so a reconfigured or removed target's stale entries are skipped.
+//!
+//! A due probe needs a permit of a semaphore of `max_in_flight`; when none is free the probe
+//! does not run and its result is **unknown** — counted in `dlb_health_probes_total{result=
+//! "unknown"}`, never fed to the state machine, so an overloaded checker cannot make a backend
+//! unhealthy. A probe runs in its own task under the check's timeout (a timeout is one failure)
+//! and sends its outcome and RTT back on a channel; the target never has two probes in flight.
+//!
+//! Results feed the backend's [`Machine`]; transitions between healthy and unhealthy feed its
+//! [`Damper`]. What the probe source should say is derived from both; **only when that verdict
+//! changes** is a write queued for the [writer](super::writer) — never one write per probe. So
+//! the effective state, the reason and the push come from the core (`dlb::sources`).
+//!
+//! When a service's health check is removed, its targets go and any probe verdict they left in
+//! the store is cleared (set back to unset). A stored verdict (after a restart of `dlbd` on the
+//! embedded store) is the machine's starting state.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dlb::health_check::{self, CheckSpec, ProbeKind};
+use dlb::proto;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::time::Instant;
+
+use super::flap::Damper;
+use super::metrics::HealthMetrics;
+use super::probe::{with_port, Outcome, ProbeTarget, Prober};
+use super::state::{Health, Machine};
+use super::writer::Write;
+use crate::cache::{Cache, Waker};
+use crate::Error;
+
+mod commands;
+
+pub use commands::TargetView;
+pub(crate) use commands::{Command, ReportReply};
+
+/// A backend: (service, server id).
+pub(crate) type Key = (Arc<str>, Arc<str>);
+
+struct Target {
+    address: String,
+    spec: Arc<CheckSpec>,
+    machine: Machine,
+    damper: Damper,
+    published: proto::Verdict,
+    /// The hold-down number last written (0: not held down).
+    published_hold: u32,
+    gen: u64,
+    in_flight: bool,
+    last_detail: String,
+    last_rtt: Option<Duration>,
+}
+
+fn damper(spec: &CheckSpec) -> Damper {
+    Damper::new(
+        spec.flap_threshold,
+        spec.flap_window,
+        spec.flap_hold_down,
+        spec.flap_max_hold_down,
+    )
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum TimerKind {
+    Probe,
+    Release,
+}
+
+type Timer = Reverse<(Instant, u64, TimerKind, Key, u64)>;
+
+/// One probe's result.
+struct ProbeDone {
+    key: Key,
+    gen: u64,
+    kind: &'static str,
+    outcome: Outcome,
+    rtt: Duration,
+}
+
+fn kind_name(k: &ProbeKind) -> &'static str {
+    match k {
+        ProbeKind::Http { .. } => "http",
+        ProbeKind::Tcp { .. } => "tcp",
+        ProbeKind::Grpc { .. } => "grpc",
+    }
+}
+
+fn jitter(d: Duration, percent: u32) -> Duration {
+    if percent == 0 {
+        return d;
+    }
+    let f = 1.0 + (fastrand::f64() * 2.0 - 1.0) * f64::from(percent) / 100.0;
+    d.mul_f64(f)
+}
+
+fn verdict_of(server: &proto::Server) -> proto::Verdict {
+    server
+        .sources
+        .as_ref()
+        .and_then(|s| s.probe.as_ref())
+        .and_then(|p| proto::Verdict::try_from(p.verdict).ok())
+        .unwrap_or(proto::Verdict::Unset)
+}
+
+/// The scheduler. See the module docs.
+pub(crate) struct Checker {
+    cache: Arc<Cache>,
+    prober: Arc<dyn Prober>,
+    permits: Arc<Semaphore>,
+    metrics: HealthMetrics,
+    writes: mpsc::UnboundedSender<Write>,
+    targets: HashMap<Key, Target>,
+    by_service: HashMap<Arc<str>, HashSet<Arc<str>>>,
+    specs: HashMap<Arc<str>, Arc<CheckSpec>>,
+    timers: BinaryHeap<Timer>,
+    seq: u64,
+    next_gen: u64,
+    followed: HashSet<Arc<str>>,
+    /// Changes when a service appears; `None` until the first scan of the service names.
+    appeared: Option<tokio::sync::watch::Receiver<u64>>,
+    waker: Arc<Waker>,
+    results_tx: mpsc::UnboundedSender<ProbeDone>,
+    results_rx: mpsc::UnboundedReceiver<ProbeDone>,
+}
+
+impl Checker {
+    /// A checker over `cache` running at most `max_in_flight` probes at once.
+    pub(crate) fn new(
+        cache: Arc<Cache>,
+        prober: Arc<dyn Prober>,
+        max_in_flight: usize,
+        metrics: HealthMetrics,
+        writes: mpsc::UnboundedSender<Write>,
+    ) -> Self {
+        let (results_tx, results_rx) = mpsc::unbounded_channel();
+        let waker = cache.waker();
+        Self {
+            cache,
+            prober,
+            permits: Arc::new(Semaphore::new(max_in_flight.max(1))),
+            metrics,
+            writes,
+            targets: HashMap::new(),
+            by_service: HashMap::new(),
+            specs: HashMap::new(),
+            timers: BinaryHeap::new(),
+            seq: 0,
+            next_gen: 1,
+            followed: HashSet::new(),
+            appeared: None,
+            waker,
+            results_tx,
+            results_rx,
+        }
+    }
+
+    /// Runs until `shutdown` resolves or every command sender is gone.
+    pub(crate) async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        let mut appeared = self.cache.services_changed();
+        let mut appeared_open = true;
+        tokio::pin!(shutdown);
+        loop {
+            appeared.borrow_and_update();
+            self.catch_up();
+            self.fire_due(Instant::now());
+            let next = self
+                .timers
+                .peek()
+                .map(|Reverse((t, ..))| *t)
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                Some(done) = self.results_rx.recv() => self.on_result(done),
+                cmd = commands.recv() => match cmd {
+                    Some(cmd) => self.on_command(cmd),
+                    None => break,
+                },
+                _ = self.waker.notified() => {}
+                r = appeared.changed(), if appeared_open => appeared_open = r.is_ok(),
+                _ = tokio::time::sleep_until(next) => {}
+            }
+        }
+        for s in &self.followed {
+            self.cache.unfollow_service(s, &self.waker);
+        }
+    }
+
+    /// Follows services that appeared and reconciles every changed one.
+    fn catch_up(&mut self) {
+        // The list of services is scanned only when one appeared (not once per probe).
+        let scan = match &mut self.appeared {
+            None => {
+                let mut rx = self.cache.services_changed();
+                rx.borrow_and_update();
+                self.appeared = Some(rx);
+                true
+            }
+            Some(rx) => {
+                let changed = rx.has_changed().unwrap_or(false);
+                if changed {
+                    rx.borrow_and_update();
+                }
+                changed
+            }
+        };
+        if scan {
+            for name in self.cache.service_names() {
+                if self.followed.insert(name.clone()) {
+                    self.cache.follow_service(&name, &self.waker);
+                    self.reconcile(&name);
+                }
+            }
+        }
+        for name in self.waker.take_dirty() {
+            self.reconcile(&name);
+        }
+        self.metrics.targets(self.targets.len());
+    }
+
+    fn push_timer(&mut self, at: Instant, kind: TimerKind, key: Key, gen: u64) {
+        self.seq += 1;
+        self.timers.push(Reverse((at, self.seq, kind, key, gen)));
+    }
+
+    /// Brings the targets of `service` in line with its newest snapshot. O(backends).
+    fn reconcile(&mut self, service: &Arc<str>) {
+        let snap = self.cache.get(service);
+        let spec = snap
+            .as_ref()
+            .and_then(|s| s.policy.health_check.as_ref())
+            .and_then(|hc| health_check::resolve(hc).ok())
+            .map(Arc::new);
+        let old: HashSet<Arc<str>> = self.by_service.remove(service).unwrap_or_default();
+        let Some(snap) = snap else {
+            for id in old {
+                self.targets.remove(&(service.clone(), id));
+            }
+            self.specs.remove(service);
+            return;
+        };
+        let Some(spec) = spec else {
+            for id in old {
+                self.targets.remove(&(service.clone(), id));
+            }
+            self.specs.remove(service);
+            // Clear any verdict probes left behind (a removed check, or a restart).
+            for s in snap.servers.values() {
+                if verdict_of(s) != proto::Verdict::Unset {
+                    let _ = self.writes.send(Write {
+                        service: service.clone(),
+                        id: s.server_id.as_str().into(),
+                        state: proto::SourceState::default(),
+                        done: None,
+                    });
+                }
+            }
+            return;
+        };
+        let spec_changed = self.specs.get(service).is_none_or(|s| **s != *spec);
+        if spec_changed {
+            self.specs.insert(service.clone(), spec.clone());
+        }
+        let now = Instant::now();
+        let mut ids = HashSet::with_capacity(snap.servers.len());
+        for (id, server) in snap.servers.iter() {
+            let key: Key = (service.clone(), id.clone());
+            ids.insert(id.clone());
+            let address = with_port(&server.address, spec.port);
+            let gen = self.next_gen;
+            let reschedule = match self.targets.get_mut(&key) {
+                Some(t) => {
+                    if t.address != address || spec_changed {
+                        t.address = address;
+                        if spec_changed {
+                            t.machine.set_thresholds(spec.rise, spec.fall);
+                            t.damper = damper(&spec);
+                            t.spec = spec.clone();
+                        }
+                        t.gen = gen;
+                        t.in_flight = false;
+                        true
+                    } else {
+                        false
+                    }
+                }
+                None => {
+                    let published = verdict_of(server);
+                    let state = match published {
+                        proto::Verdict::Healthy => Health::Healthy,
+                        proto::Verdict::Unhealthy => Health::Unhealthy,
+                        proto::Verdict::Unset => Health::Unknown,
+                    };
+                    self.targets.insert(
+                        key.clone(),
+                        Target {
+                            address,
+                            spec: spec.clone(),
+                            machine: Machine::new(state, spec.rise, spec.fall),
+                            damper: damper(&spec),
+                            published,
+                            published_hold: 0,
+                            gen,
+                            in_flight: false,
+                            last_detail: String::new(),
+                            last_rtt: None,
+                        },
+                    );
+                    true
+                }
+            };
+            if reschedule {
+                self.next_gen += 1;
+                // The initial spread: uniformly within one interval.
+                let offset = spec.interval.mul_f64(fastrand::f64());
+                self.push_timer(now + offset, TimerKind::Probe, key, gen);
+            }
+        }
+        for id in old.difference(&ids) {
+            self.targets.remove(&(service.clone(), id.clone()));
+        }
+        self.by_service.insert(service.clone(), ids);
+    }
+
+    /// Starts every probe that is due and handles due hold-down ends.
+    fn fire_due(&mut self, now: Instant) {
+        while let Some(Reverse((at, ..))) = self.timers.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(Reverse((_, _, kind, key, gen))) = self.timers.pop() else {
+                break;
+            };
+            let Some(t) = self.targets.get(&key) else {
+                continue;
+            };
+            if t.gen != gen {
+                continue;
+            }
+            match kind {
+                TimerKind::Release => self.on_release(&key, now),
+                TimerKind::Probe => self.start_probe(key, now),
+            }
+        }
+    }
+
+    fn start_probe(&mut self, key: Key, now: Instant) {
+        let Some(t) = self.targets.get_mut(&key) else {
+            return;
+        };
+        if t.in_flight {
+            return;
+        }
+        let kind = kind_name(&t.spec.kind);
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                // Overloaded: unknown, not a failure. Try again after the interval.
+                self.metrics.probe(kind, "unknown");
+                let delay = jitter(t.spec.interval, t.spec.jitter_percent);
+                let gen = t.gen;
+                self.push_timer(now + delay, TimerKind::Probe, key, gen);
+                return;
+            }
+        };
+        t.in_flight = true;
+        let target = ProbeTarget {
+            address: t.address.clone(),
+            spec: t.spec.clone(),
+        };
+        let gen = t.gen;
+        let timeout = t.spec.timeout;
+        let prober = self.prober.clone();
+        let tx = self.results_tx.clone();
+        self.metrics.in_flight(1);
+        tokio::spawn(async move {
+            let start = Instant::now();
+            let outcome = match tokio::time::timeout(timeout, prober.probe(target)).await {
+                Ok(o) => o,
+                Err(_) => Outcome::Fail(format!("timeout after {} ms", timeout.as_millis())),
+            };
+            let rtt = start.elapsed();
+            drop(permit);
+            let _ = tx.send(ProbeDone {
+                key,
+                gen,
+                kind,
+                outcome,
+                rtt,
+            });
+        });
+    }
+
+    fn on_result(&mut self, done: ProbeDone) {
+        self.metrics.in_flight(-1);
+        let passed = matches!(done.outcome, Outcome::Pass(_));
+        self.metrics
+            .probe(done.kind, if passed { "pass" } else { "fail" });
+        self.metrics.rtt(done.rtt.as_secs_f64());
+        let now = Instant::now();
+        let Some(t) = self.targets.get_mut(&done.key) else {
+            return;
+        };
+        if t.gen != done.gen {
+            return;
+        }
+        t.in_flight = false;
+        t.last_rtt = Some(done.rtt);
+        let detail = match done.outcome {
+            Outcome::Pass(d) => format!("{d}, rtt {:.1} ms", done.rtt.as_secs_f64() * 1e3),
+            Outcome::Fail(d) => d,
+        };
+        self.record(&done.key, passed, detail, now);
+        if let Some(t) = self.targets.get(&done.key) {
+            let base = if t.damper.held_until(now).is_some()
+                || (t.machine.state() == Health::Unhealthy && !t.machine.changing())
+            {
+                t.spec.down_interval
+            } else if t.machine.changing() {
+                t.spec.fast_interval
+            } else {
+                t.spec.interval
+            };
+            let delay = jitter(base, t.spec.jitter_percent);
+            let gen = t.gen;
+            self.push_timer(now + delay, TimerKind::Probe, done.key, gen);
+        }
+    }
+
+    /// Feeds one result to a target; returns the write it caused, if any.
+    fn record(
+        &mut self,
+        key: &Key,
+        passed: bool,
+        detail: String,
+        now: Instant,
+    ) -> Option<oneshot::Receiver<Result<proto::Version, Error>>> {
+        let t = self.targets.get_mut(key)?;
+        t.last_detail = detail;
+        let before = t.machine.state();
+        if t.machine.record(passed).is_some() && before != Health::Unknown {
+            if let Some(hold) = t.damper.on_transition(now) {
+                let gen = t.gen;
+                let repeats = t.damper.repeats();
+                self.metrics.hold_down();
+                tracing::warn!(service = %key.0, server_id = %key.1, hold_down_s = hold.as_secs_f64(), repeats, "backend flapping: held down");
+                self.push_timer(now + hold, TimerKind::Release, key.clone(), gen);
+            }
+        }
+        self.publish(key, now)
+    }
+
+    fn on_release(&mut self, key: &Key, now: Instant) {
+        let Some(t) = self.targets.get_mut(key) else {
+            return;
+        };
+        if let Some(hold) = t.damper.on_hold_end(now) {
+            let gen = t.gen;
+            self.metrics.hold_down();
+            tracing::warn!(service = %key.0, server_id = %key.1, hold_down_s = hold.as_secs_f64(), "backend still flapping: held down again");
+            self.push_timer(now + hold, TimerKind::Release, key.clone(), gen);
+        }
+        self.publish(key, now);
+    }
+
+    /// Queues a write when the verdict the probe source should hold changed.
+    fn publish(
+        &mut self,
+        key: &Key,
+        now: Instant,
+    ) -> Option<oneshot::Receiver<Result<proto::Version, Error>>> {
+        let t = self.targets.get_mut(key)?;
+        let held = t.damper.held_until(now);
+        let hold_no = if held.is_some() {
+            t.damper.repeats()
+        } else {
+            0
+        };
+        let (verdict, detail) = if let Some(until) = held {
+            (
+                proto::Verdict::Unhealthy,
+                format!(
+                    "flapping: held down for {} s (hold-down #{})",
+                    until.saturating_duration_since(now).as_secs_f64().ceil(),
+                    t.damper.repeats()
+                ),
+            )
+        } else {
+            match t.machine.state() {
+                Health::Unknown => (proto::Verdict::Unset, String::new()),
+                Health::Healthy => (proto::Verdict::Healthy, t.last_detail.clone()),
+                Health::Unhealthy => (proto::Verdict::Unhealthy, t.last_detail.clone()),
+            }
+        };
+        if verdict == t.published && hold_no == t.published_hold {
+            return None;
+        }
+        let changed = verdict != t.published;
+        t.published = verdict;
+        t.published_hold = hold_no;
+        let mut detail = detail;
+        if detail.len() > dlb::sources::MAX_DETAIL_LEN {
+            let mut end = dlb::sources::MAX_DETAIL_LEN;
+            while !detail.is_char_boundary(end) {
+                end -= 1;
+            }
+            detail.truncate(end);
+        }
+        match verdict {
+            _ if !changed => {}
+            proto::Verdict::Healthy => self.metrics.transition("healthy"),
+            proto::Verdict::Unhealthy => self.metrics.transition("unhealthy"),
+            proto::Verdict::Unset => {}
+        }
+        tracing::info!(service = %key.0, server_id = %key.1, verdict = verdict.as_str_name(), %detail, "probe verdict changed");
+        let (tx, rx) = oneshot::channel();
+        let _ = self.writes.send(Write {
+            service: key.0.clone(),
+            id: key.1.clone(),
+            state: proto::SourceState {
+                verdict: verdict as i32,
+                detail,
+            },
+            done: Some(tx),
+        });
+        Some(rx)
+    }
+}
