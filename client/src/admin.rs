@@ -348,16 +348,32 @@ impl AdminClient {
         F: Fn(RegistryClient<InterceptedService<Channel, TokenInterceptor>>) -> Fut,
         Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
     {
+        self.call_with(
+            |channel, token| {
+                // The same explicit limit as dlbd's: a ListServers of the largest service fits.
+                RegistryClient::with_interceptor(channel, token)
+                    .max_decoding_message_size(model::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(model::MAX_MESSAGE_BYTES)
+            },
+            f,
+        )
+        .await
+    }
+
+    /// Runs `f` on a client of any service built by `make` over the current endpoint, with the
+    /// deadline and the failover to the next endpoints on `UNAVAILABLE`.
+    pub(crate) async fn call_with<C, T, M, F, Fut>(&self, make: M, f: F) -> Result<T>
+    where
+        M: Fn(Channel, TokenInterceptor) -> C,
+        F: Fn(C) -> Fut,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
         let n = self.channels.len();
         let start = self.current.load(Ordering::Relaxed);
         let mut last = None;
         for i in 0..n {
             let idx = (start + i) % n;
-            // The same explicit limit as dlbd's: a ListServers of the largest service fits.
-            let client =
-                RegistryClient::with_interceptor(self.channels[idx].1.clone(), self.token.clone())
-                    .max_decoding_message_size(model::MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(model::MAX_MESSAGE_BYTES);
+            let client = make(self.channels[idx].1.clone(), self.token.clone());
             let result = match tokio::time::timeout(self.request_timeout, f(client)).await {
                 Ok(r) => r,
                 Err(_) => Err(tonic::Status::deadline_exceeded(format!(

@@ -33,6 +33,7 @@
 pub mod admin;
 mod error;
 mod local;
+pub mod membership;
 mod service;
 mod session;
 
@@ -48,6 +49,7 @@ use tokio::sync::{mpsc, watch};
 
 pub use admin::{AdminClient, ChannelOptions, NewServer, ServerUpdate, TokenInterceptor};
 pub use error::{Error, Result};
+pub use membership::{Lease, Registration};
 pub use service::{BackendInfo, CallGuard, ServiceHandle, ServiceStats, Version};
 
 use service::ServiceState;

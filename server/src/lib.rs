@@ -37,8 +37,11 @@ pub mod auth;
 pub mod cache;
 pub mod config;
 pub mod discovery;
+pub mod dns;
 mod error;
+pub mod leases;
 pub mod loads;
+pub mod membership;
 pub mod metrics;
 pub mod pickers;
 pub mod registry;
@@ -161,6 +164,20 @@ pub async fn spawn_with_store(
     // The cache is loaded before anything is served: a session's first catch-up sees the state.
     let initial = store.snapshot().await?;
     let loaded = initial.revision;
+    // Automatic discovery: lease deadlines restart from now; DNS names are followed.
+    let (leases, _lease_task) = leases::LeaseManager::start(
+        store.clone(),
+        metrics.clone(),
+        &initial,
+        shutdown_rx.clone(),
+    );
+    let dns = dns::DnsManager::start(
+        store.clone(),
+        metrics.clone(),
+        config.dns.clone(),
+        &initial,
+        shutdown_rx.clone(),
+    );
     cache.load(initial);
     let shared = Arc::new(Shared {
         store: store.clone(),
@@ -228,7 +245,10 @@ pub async fn spawn_with_store(
             DiscoveryServer::new(DiscoveryService::new(shared.clone()))
                 .max_decoding_message_size(dlb::model::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(dlb::model::MAX_MESSAGE_BYTES),
-        );
+        )
+        .add_service(dlb::proto::membership_server::MembershipServer::new(
+            membership::MembershipService::new(shared.clone(), Arc::new(leases), dns),
+        ));
     let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
     let mut signal = shutdown_rx.clone();
     let grpc = tokio::spawn(async move {

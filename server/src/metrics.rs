@@ -58,6 +58,8 @@ pub struct Metrics {
     stalled: Counter,
     /// Per-backend in-flight gauges, when enabled, and the ids exported per service.
     per_backend: Option<PerBackend>,
+    /// Automatic discovery: leases and DNS (see [`crate::membership::MembershipMetrics`]).
+    pub membership: crate::membership::MembershipMetrics,
 }
 
 impl Default for Metrics {
@@ -133,7 +135,9 @@ impl Metrics {
             );
             (family, Mutex::new(HashMap::new()))
         });
+        let membership = crate::membership::MembershipMetrics::registered(&mut registry);
         Self {
+            membership,
             lagging,
             stalled,
             per_backend,
