@@ -332,15 +332,11 @@ impl DnsManager {
         }
     }
 
-    /// Stops the task of `service`, if any; returns whether there was one.
-    fn unfollow(&self, service: &str) -> bool {
-        match self.inner.followed.lock().remove(service) {
-            Some(f) => {
-                f.task.abort();
-                true
-            }
-            None => false,
-        }
+    /// Stops the task of `service`, if any; returns what it followed.
+    fn unfollow(&self, service: &str) -> Option<(Target, u32)> {
+        let f = self.inner.followed.lock().remove(service)?;
+        f.task.abort();
+        Some((f.target, f.weight))
     }
 
     /// `DeclareDns`: resolves `target` once (a name that does not resolve is refused with
@@ -362,11 +358,14 @@ impl DnsManager {
         })?;
         // The old task (another name, or the same) stops before this write, so it cannot
         // write an older set after it.
-        self.unfollow(service);
+        let previous = self.unfollow(service);
         let status = match reconcile(&self.inner, service, &target, weight, &resolved).await {
             Ok(s) => s,
             Err(e) => {
-                // Keep following what was declared before this call, if anything, from the store.
+                // Nothing was written: keep following what was declared before, if anything.
+                if let Some((t, w)) = previous {
+                    self.follow(service.to_owned(), t, w, Status::default(), Duration::ZERO);
+                }
                 return Err(e.into());
             }
         };
@@ -385,7 +384,7 @@ impl DnsManager {
     /// `RemoveDns`: stops following and removes the service's DNS-owned backends. NOT_FOUND
     /// when the service follows no name and has no DNS-owned backend.
     pub async fn remove(&self, service: &str) -> Result<proto::Version, tonic::Status> {
-        let followed = self.unfollow(service);
+        let followed = self.unfollow(service).is_some();
         self.inner.metrics.membership.dns_forget(service);
         for _ in 0..RECONCILE_ATTEMPTS {
             let Some(snap) = self.inner.store.get_service(service.to_owned()).await? else {

@@ -13,6 +13,8 @@
 //!   snapshots, bounded delta history and per-service watchers;
 //! * [`registry`] — the Registry RPCs; [`discovery`] — the DLB sessions, a thin front-end over
 //!   the cache;
+//! * [`membership`] — the Membership RPCs (automatic discovery): [`leases`] (self-registration
+//!   with a TTL, one task owning the deadlines) and [`dns`] (services that follow a DNS name);
 //! * [`auth`] — bearer tokens: who may write and who may read;
 //! * [`pickers`] — the server-side pickers `GetNextServer` answers from, one builder task per
 //!   service;

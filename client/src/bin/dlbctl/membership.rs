@@ -50,7 +50,8 @@ pub async fn leases(admin: &AdminClient, service: &str) -> HashMap<String, proto
     }
 }
 
-/// What `dlbctl list` adds after a backend: its source, and a lease's remaining time.
+/// What `dlbctl list` adds after a backend: its source when it is not `api`, and a lease's
+/// remaining time.
 pub fn list_suffix(s: &proto::Server, leases: &HashMap<String, proto::LeaseInfo>) -> String {
     match (source_name(s), leases.get(&s.server_id)) {
         ("lease", Some(l)) => format!(
@@ -60,7 +61,8 @@ pub fn list_suffix(s: &proto::Server, leases: &HashMap<String, proto::LeaseInfo>
         ),
         ("lease", None) => format!(" source=lease lease=?/{}s", s.lease_ttl_seconds),
         ("dns", _) => format!(" source=dns dns={}", s.dns_name),
-        _ => " source=api".to_owned(),
+        // API-owned is the default and is not shown (`--json` always has `source`).
+        _ => String::new(),
     }
 }
 
