@@ -633,12 +633,20 @@ async fn refresh_loop(
             _ = crate::state::stopped(&mut shutdown) => return,
             _ = tokio::time::sleep(delay) => {}
         }
-        let outcome = match resolve(&resolver, &target).await {
-            Ok(resolved) => reconcile(&inner, &service, &target, weight, &resolved)
-                .await
-                .map(|s| (s, resolved.ttl))
-                .map_err(|e| format!("store: {e}")),
-            Err(e) => Err(e),
+        let refresh = async {
+            match resolve(&resolver, &target).await {
+                Ok(resolved) => reconcile(&inner, &service, &target, weight, &resolved)
+                    .await
+                    .map(|s| (s, resolved.ttl))
+                    .map_err(|e| format!("store: {e}")),
+                Err(e) => Err(e),
+            }
+        };
+        // A shutdown does not wait for a slow name server (a store write already started
+        // completes or not as a whole).
+        let outcome = tokio::select! {
+            _ = crate::state::stopped(&mut shutdown) => return,
+            o = refresh => o,
         };
         let failures = status.lock().consecutive_failures;
         match outcome {

@@ -6,9 +6,9 @@
 //! every SDK). Deadlines live in RAM, owned by one task, the [`LeaseManager`]:
 //!
 //! * **Renewal** ([`Leases::keep`]) moves the deadline to `now + ttl`. It writes nothing.
-//! * **Expiry**: the task sleeps until the earliest deadline; a lease past it is removed from the
-//!   store in one write (`Mutation::Remove`, compare-and-set on the version just read, and only
-//!   if the record is still lease-owned), logged as `lease expired` and counted in
+//! * **Expiry**: the task sleeps until the earliest deadline; the leases past it are removed from
+//!   the store in one write per service (`Mutation::Remove`s, compare-and-set on the version just
+//!   read, only records still lease-owned), each logged as `lease expired` and counted in
 //!   `dlb_lease_expiries_total`. The write is pushed like any other change. The wire carries no
 //!   reason for a removal (a delta lists removed ids only, and adding a per-removal reason would
 //!   change every session front-end), so watchers see the backend leave; the reason is in the
@@ -30,7 +30,7 @@
 //! the few whose first write failed, which expire harmlessly). The task keeps a map by key and
 //! an ordered set by deadline: renew and expire are O(log n).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,7 +50,7 @@ pub const MIN_TTL_SECONDS: u32 = 1;
 /// this long before health checks or the lease catch it).
 pub const MAX_TTL_SECONDS: u32 = 3600;
 /// How many compare-and-set attempts an expiry makes before it retries later.
-const EXPIRE_ATTEMPTS: usize = 8;
+const EXPIRE_ATTEMPTS: usize = 32;
 /// When an expiry's store write fails, it is retried this much later.
 const EXPIRE_RETRY: Duration = Duration::from_secs(1);
 
@@ -241,9 +241,19 @@ async fn run(
                 }
             },
             _ = sleep_until(next) => {
-                while let Some((key, ttl)) = table.pop_due(Instant::now()) {
-                    if !expire(&*store, &metrics, &key, ttl).await {
-                        table.set(key, Instant::now() + EXPIRE_RETRY, ttl);
+                // Everything due, one write per service.
+                let now = Instant::now();
+                let mut due: BTreeMap<String, Vec<(String, Duration)>> = BTreeMap::new();
+                while let Some((key, ttl)) = table.pop_due(now) {
+                    due.entry(key.service).or_default().push((key.server_id, ttl));
+                }
+                for (service, expired) in due {
+                    if !expire(&*store, &metrics, &service, &expired).await {
+                        let retry = Instant::now() + EXPIRE_RETRY;
+                        for (server_id, ttl) in expired {
+                            let key = LeaseKey { service: service.clone(), server_id };
+                            table.set(key, retry, ttl);
+                        }
                     }
                 }
             }
@@ -259,45 +269,59 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// Removes the expired lease's record if it is still lease-owned. `false`: the store write
-/// failed and the expiry must be retried.
-async fn expire(store: &dyn Store, metrics: &Metrics, key: &LeaseKey, ttl: Duration) -> bool {
+/// Removes the expired leases' records of `service` that are still lease-owned, in one write.
+/// `false`: the store write failed and the expiries must be retried.
+async fn expire(
+    store: &dyn Store,
+    metrics: &Metrics,
+    service: &str,
+    expired: &[(String, Duration)],
+) -> bool {
     for _ in 0..EXPIRE_ATTEMPTS {
-        let snapshot = match store.get_service(key.service.clone()).await {
+        let snapshot = match store.get_service(service.to_owned()).await {
             Ok(Some(s)) => s,
             Ok(None) => return true,
             Err(e) => {
-                tracing::warn!(service = %key.service, server_id = %key.server_id, error = %e, "lease expiry: cannot read the service; retrying");
+                tracing::warn!(%service, error = %e, "lease expiry: cannot read the service; retrying");
                 return false;
             }
         };
-        let Some(record) = snapshot.servers.get(key.server_id.as_str()) else {
-            return true;
-        };
-        if !is_leased(record) {
+        let gone: Vec<(&proto::Server, Duration)> = expired
+            .iter()
+            .filter_map(|(id, ttl)| {
+                let record = snapshot.servers.get(id.as_str())?;
+                is_leased(record).then_some((&**record, *ttl))
+            })
+            .collect();
+        if gone.is_empty() {
             return true;
         }
-        let remove = vec![Mutation::Remove(key.server_id.clone())];
+        let removals = gone
+            .iter()
+            .map(|(s, _)| Mutation::Remove(s.server_id.clone()))
+            .collect();
         match store
-            .apply(key.service.clone(), remove, Some(snapshot.version.version))
+            .apply(service.to_owned(), removals, Some(snapshot.version.version))
             .await
         {
             Ok(applied) => {
-                tracing::info!(
-                    service = %key.service,
-                    server_id = %key.server_id,
-                    address = %record.address,
-                    ttl_seconds = ttl.as_secs(),
-                    version = applied.version.version,
-                    reason = "lease expired",
-                    "backend removed: lease expired"
-                );
-                metrics.membership.expiries.inc();
+                for (record, ttl) in &gone {
+                    tracing::info!(
+                        %service,
+                        server_id = %record.server_id,
+                        address = %record.address,
+                        ttl_seconds = ttl.as_secs(),
+                        version = applied.version.version,
+                        reason = "lease expired",
+                        "backend removed: lease expired"
+                    );
+                }
+                metrics.membership.expiries.inc_by(gone.len() as u64);
                 return true;
             }
             Err(Error::VersionMismatch { .. }) => continue,
             Err(e) => {
-                tracing::warn!(service = %key.service, server_id = %key.server_id, error = %e, "lease expiry: the removal failed; retrying");
+                tracing::warn!(%service, error = %e, "lease expiry: the removal failed; retrying");
                 return false;
             }
         }

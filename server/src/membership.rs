@@ -13,8 +13,11 @@
 //! write, keeping its health sources and drain flag; a renewal that changes nothing writes
 //! nothing.
 //!
-//! Writes are compare-and-set on the version read for the ownership check, retried, so a
-//! concurrent `AddServer` cannot be overwritten by a lease.
+//! Writes never overwrite a record another owner holds: a creation is an `Add` (atomic on the
+//! id: it fails if the id was taken meanwhile, and the call re-reads), an update in place and a
+//! `Deregister` are compare-and-set on the version read for the ownership check, retried. A pure
+//! renewal touches the store only to read, so a burst of registrations on one service never makes
+//! renewals retry.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,8 +36,8 @@ use crate::state::Shared;
 use crate::store::Mutation;
 use crate::Error;
 
-/// Compare-and-set attempts of one `Register` / `Deregister`.
-const WRITE_ATTEMPTS: usize = 8;
+/// Compare-and-set attempts of one `Register` (update in place) / `Deregister`.
+const WRITE_ATTEMPTS: usize = 32;
 /// How long a committed write waits for the cache before answering anyway.
 const CACHE_WAIT: Duration = Duration::from_secs(1);
 
@@ -115,6 +118,15 @@ impl MembershipMetrics {
         self.dns_failing
             .remove(&vec![("service".to_owned(), service.to_owned())]);
     }
+}
+
+/// Whether a stored lease-owned record already says what a `Register` declares.
+fn same_declaration(have: &proto::Server, want: &proto::Server) -> bool {
+    have.address == want.address
+        && have.weight == want.weight
+        && have.hash_key == want.hash_key
+        && have.metadata == want.metadata
+        && have.lease_ttl_seconds == want.lease_ttl_seconds
 }
 
 /// The Membership service implementation.
@@ -222,14 +234,27 @@ impl MembershipService {
             // re-creates what it removed (see `leases`).
             self.leases.keep(key.clone(), ttl).await?;
             let version = snap.as_ref().map_or(0, |s| s.version.version);
+            // A pure renewal reads and writes nothing more (no store call, so a busy service's
+            // writes cannot make it retry).
+            if let Some(have) = existing.as_ref().filter(|h| same_declaration(h, &desired)) {
+                return Ok(proto::RegisterResponse {
+                    service,
+                    server: Some((**have).clone()),
+                    version: snap.map(|s| s.version),
+                    created: false,
+                });
+            }
+            // Creation needs no compare-and-set: `Add` fails if the id was taken meanwhile
+            // (then the loop re-reads who owns it). An update in place must still find the
+            // record lease-owned: compare-and-set on the version read.
+            let (mutation, expected) = match &existing {
+                None => (Mutation::Add(desired.clone()), None),
+                Some(_) => (Mutation::Declare(desired.clone()), Some(version)),
+            };
             match self
                 .shared
                 .store
-                .apply(
-                    service.clone(),
-                    vec![Mutation::Declare(desired.clone())],
-                    Some(version),
-                )
+                .apply(service.clone(), vec![mutation], expected)
                 .await
             {
                 Ok(applied) => {
@@ -251,7 +276,7 @@ impl MembershipService {
                         created,
                     });
                 }
-                Err(Error::VersionMismatch { .. }) => continue,
+                Err(Error::VersionMismatch { .. } | Error::AlreadyExists { .. }) => continue,
                 Err(e) => {
                     if existing.is_none() {
                         // Nothing was created: the lease must not outlive the refusal.
