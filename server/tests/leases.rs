@@ -371,3 +371,45 @@ async fn kill_9_and_restart_keeps_a_lease_and_gives_it_a_fresh_deadline() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn membership_writes_need_an_admin_token_and_reads_do_not() {
+    let server = start_with(dlb_server::ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
+        auth: dlb_server::auth::AuthConfig {
+            admin_tokens: vec!["admin-token-for-leases".into()],
+            read_tokens: Vec::new(),
+        },
+        ..Default::default()
+    })
+    .await;
+    let mut m = membership(&server).await;
+    let e = m
+        .register(reg("web", "w1", "10.0.0.1:80", 5))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let e = m
+        .declare_dns(proto::DeclareDnsRequest {
+            service: "web".into(),
+            target: "127.0.0.1:80".into(),
+            weight: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let mut req = tonic::Request::new(reg("web", "w1", "10.0.0.1:80", 5));
+    req.metadata_mut().insert(
+        "authorization",
+        "Bearer admin-token-for-leases".parse().unwrap(),
+    );
+    m.register(req).await.unwrap();
+    // Reads are open when no read tokens are configured.
+    m.list_leases(proto::ListLeasesRequest {
+        service: "web".into(),
+    })
+    .await
+    .unwrap();
+    m.list_dns(proto::ListDnsRequest::default()).await.unwrap();
+}
