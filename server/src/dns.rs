@@ -226,7 +226,7 @@ struct Followed {
     target: Target,
     weight: u32,
     status: Arc<Mutex<Status>>,
-    task: tokio::task::AbortHandle,
+    task: tokio::task::JoinHandle<()>,
 }
 
 struct Inner {
@@ -324,7 +324,7 @@ impl DnsManager {
                 target,
                 weight,
                 status,
-                task: task.abort_handle(),
+                task,
             },
         );
         if let Some(old) = old {
@@ -337,6 +337,21 @@ impl DnsManager {
         let f = self.inner.followed.lock().remove(service)?;
         f.task.abort();
         Some((f.target, f.weight))
+    }
+
+    /// Waits for every name's task to end (they end when the shutdown flag turns true), so
+    /// that nothing holds the store after a graceful shutdown.
+    pub async fn join(&self) {
+        let tasks: Vec<_> = self
+            .inner
+            .followed
+            .lock()
+            .drain()
+            .map(|(_, f)| f.task)
+            .collect();
+        for t in tasks {
+            let _ = t.await;
+        }
     }
 
     /// `DeclareDns`: resolves `target` once (a name that does not resolve is refused with

@@ -167,7 +167,7 @@ pub async fn spawn_with_store(
     let initial = store.snapshot().await?;
     let loaded = initial.revision;
     // Automatic discovery: lease deadlines restart from now; DNS names are followed.
-    let (leases, _lease_task) = leases::LeaseManager::start(
+    let (leases, lease_task) = leases::LeaseManager::start(
         store.clone(),
         metrics.clone(),
         &initial,
@@ -180,6 +180,11 @@ pub async fn spawn_with_store(
         &initial,
         shutdown_rx.clone(),
     );
+    let discovery = tokio::spawn(membership::run_until_stopped(
+        lease_task,
+        dns.clone(),
+        shutdown_rx.clone(),
+    ));
     cache.load(initial);
     let shared = Arc::new(Shared {
         store: store.clone(),
@@ -248,9 +253,13 @@ pub async fn spawn_with_store(
                 .max_decoding_message_size(dlb::model::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(dlb::model::MAX_MESSAGE_BYTES),
         )
-        .add_service(dlb::proto::membership_server::MembershipServer::new(
-            membership::MembershipService::new(shared.clone(), Arc::new(leases), dns),
-        ));
+        .add_service(
+            dlb::proto::membership_server::MembershipServer::new(
+                membership::MembershipService::new(shared.clone(), Arc::new(leases), dns),
+            )
+            .max_decoding_message_size(dlb::model::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(dlb::model::MAX_MESSAGE_BYTES),
+        );
     let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
     let mut signal = shutdown_rx.clone();
     let grpc = tokio::spawn(async move {
@@ -285,6 +294,7 @@ pub async fn spawn_with_store(
         metrics: metrics_task,
         follower: Some(follower),
         builders: Some(builders),
+        discovery: Some(discovery),
         shared,
     })
 }
@@ -304,6 +314,8 @@ pub struct RunningServer {
     metrics: Option<JoinHandle<std::io::Result<()>>>,
     follower: Option<JoinHandle<()>>,
     builders: Option<JoinHandle<()>>,
+    /// Leases and DNS tasks (see [`membership::run_until_stopped`]).
+    discovery: Option<JoinHandle<()>>,
     shared: Arc<Shared>,
 }
 
@@ -388,6 +400,9 @@ impl RunningServer {
         }
         if let Some(b) = self.builders.take() {
             let _ = b.await;
+        }
+        if let Some(d) = self.discovery.take() {
+            let _ = d.await;
         }
         result
     }

@@ -120,6 +120,19 @@ impl MembershipMetrics {
     }
 }
 
+/// Waits for a graceful shutdown, then for the lease task and every DNS task to end, so that
+/// nothing of automatic discovery holds the store once [`crate::RunningServer::shutdown`]
+/// returns (the embedded store can be reopened at once).
+pub(crate) async fn run_until_stopped(
+    lease_task: tokio::task::JoinHandle<()>,
+    dns: DnsManager,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    crate::state::stopped(&mut shutdown).await;
+    let _ = lease_task.await;
+    dns.join().await;
+}
+
 /// Whether a stored lease-owned record already says what a `Register` declares.
 fn same_declaration(have: &proto::Server, want: &proto::Server) -> bool {
     have.address == want.address
