@@ -130,7 +130,7 @@ async fn a_killed_dlbctl_register_expires_and_sigterm_deregisters() {
     let sdk = Client::connect([ep.clone()]).await.unwrap();
     let web = sdk.service("web").await.unwrap();
 
-    let killed = dlbctl_register(&ep, "k1", "10.0.0.1:80", 2).await;
+    let killed = dlbctl_register(&ep, "k1", "10.0.0.1:80", 3).await;
     let termed = dlbctl_register(&ep, "t1", "10.0.0.2:80", 3600).await;
     eventually("both registered backends in the picks", || {
         picked(&web, 8) == set(&["k1", "t1"])
@@ -141,7 +141,7 @@ async fn a_killed_dlbctl_register_expires_and_sigterm_deregisters() {
     let list = dlbctl(&ep, &["--service", "web", "list"]).await;
     let k1 = list.lines().find(|l| l.contains("k1 ")).unwrap();
     assert!(k1.contains("source=lease lease="), "{list}");
-    assert!(k1.contains("/2s"), "{list}");
+    assert!(k1.contains("/3s"), "{list}");
     let json = dlbctl(&ep, &["--service", "web", "--json", "list"]).await;
     let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
     let t1 = v["servers"]
@@ -153,7 +153,7 @@ async fn a_killed_dlbctl_register_expires_and_sigterm_deregisters() {
     assert_eq!(t1["source"], "lease");
     assert_eq!(t1["lease"]["ttl_seconds"], 3600);
 
-    // SIGKILL: no deregistration runs; the lease runs out (2 s) and the backend leaves.
+    // SIGKILL: no deregistration runs; the lease runs out (3 s) and the backend leaves.
     signal(&killed, "-KILL");
     eventually("the killed registration's backend to expire", || {
         picked(&web, 8) == set(&["t1"])

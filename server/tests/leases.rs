@@ -52,20 +52,20 @@ async fn register_renew_update_and_expire() {
     ));
 
     let r = m
-        .register(reg("web", "w1", "10.0.0.1:80", 2))
+        .register(reg("web", "w1", "10.0.0.1:80", 3))
         .await
         .unwrap()
         .into_inner();
     assert!(r.created);
     let s = r.server.unwrap();
     assert_eq!(s.source, proto::BackendSource::Lease as i32);
-    assert_eq!(s.lease_ttl_seconds, 2);
+    assert_eq!(s.lease_ttl_seconds, 3);
     let created = session.update().await;
     assert!(created.upserts.iter().any(|s| s.server_id == "w1"));
 
     // A renewal that changes nothing writes nothing.
     let again = m
-        .register(reg("web", "w1", "10.0.0.1:80", 2))
+        .register(reg("web", "w1", "10.0.0.1:80", 3))
         .await
         .unwrap()
         .into_inner();
@@ -74,7 +74,7 @@ async fn register_renew_update_and_expire() {
 
     // A re-register with another address updates the record in place: one write, a delta.
     let moved = m
-        .register(reg("web", "w1", "10.0.0.2:80", 2))
+        .register(reg("web", "w1", "10.0.0.2:80", 3))
         .await
         .unwrap()
         .into_inner();
@@ -94,13 +94,13 @@ async fn register_renew_update_and_expire() {
         .into_inner()
         .leases;
     assert_eq!(leases.len(), 1);
-    assert_eq!(leases[0].ttl_seconds, 2);
-    assert!(leases[0].remaining_ms <= 2000);
+    assert_eq!(leases[0].ttl_seconds, 3);
+    assert!(leases[0].remaining_ms <= 3000);
 
-    // Renewals keep it past several TTLs (renewing every 500 ms of a 2 s lease).
-    let until = Instant::now() + Duration::from_secs(5);
+    // Renewals keep it past several TTLs (renewing every 500 ms of a 3 s lease).
+    let until = Instant::now() + Duration::from_secs(7);
     while Instant::now() < until {
-        m.register(reg("web", "w1", "10.0.0.2:80", 2))
+        m.register(reg("web", "w1", "10.0.0.2:80", 3))
             .await
             .unwrap();
         assert!(has(&server, "web", "w1").await, "expired while renewed");
