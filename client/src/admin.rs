@@ -348,7 +348,7 @@ impl AdminClient {
         F: Fn(RegistryClient<InterceptedService<Channel, TokenInterceptor>>) -> Fut,
         Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
     {
-        self.call_on(
+        self.call_with(
             |channel, token| {
                 // The same explicit limit as dlbd's: a ListServers of the largest service fits.
                 RegistryClient::with_interceptor(channel, token)
@@ -360,8 +360,9 @@ impl AdminClient {
         .await
     }
 
-    /// Like `call`, for a client of another service made by `make` from a channel.
-    async fn call_on<C, T, M, F, Fut>(&self, make: M, f: F) -> Result<T>
+    /// Runs `f` on a client of any service built by `make` over the current endpoint, with the
+    /// deadline and the failover to the next endpoints on `UNAVAILABLE`.
+    pub(crate) async fn call_with<C, T, M, F, Fut>(&self, make: M, f: F) -> Result<T>
     where
         M: Fn(Channel, TokenInterceptor) -> C,
         F: Fn(C) -> Fut,
@@ -584,7 +585,7 @@ impl AdminClient {
     /// `XdsStatus.ListXdsClients`: the stock gRPC clients connected over standard xDS to the
     /// endpoint that answers (each replica lists its own streams).
     pub async fn list_xds_clients(&self) -> Result<proto::ListXdsClientsResponse> {
-        self.call_on(
+        self.call_with(
             |channel, token| {
                 proto::xds_status_client::XdsStatusClient::with_interceptor(channel, token)
                     .max_decoding_message_size(model::MAX_MESSAGE_BYTES)

@@ -34,6 +34,7 @@ pub mod admin;
 mod error;
 mod global;
 mod local;
+pub mod membership;
 mod service;
 mod session;
 
@@ -49,6 +50,7 @@ use tokio::sync::{mpsc, watch};
 
 pub use admin::{AdminClient, ChannelOptions, NewServer, ServerUpdate, TokenInterceptor};
 pub use error::{Error, Result};
+pub use membership::{Lease, Registration};
 pub use service::{BackendInfo, CallGuard, ServiceHandle, ServiceStats, Version};
 
 use service::ServiceState;

@@ -20,13 +20,17 @@ use futures::future::BoxFuture;
 use subtle::ConstantTimeEq;
 
 /// Registry methods that change routing state.
-pub const WRITE_METHODS: [&str; 6] = [
+pub const WRITE_METHODS: [&str; 10] = [
     "/dlb.v1.Registry/AddServer",
     "/dlb.v1.Registry/RemoveServer",
     "/dlb.v1.Registry/UpdateServer",
     "/dlb.v1.Registry/HealthCheckPassed",
     "/dlb.v1.Registry/HealthCheckFailed",
     "/dlb.v1.Registry/SetPolicy",
+    "/dlb.v1.Membership/Register",
+    "/dlb.v1.Membership/Deregister",
+    "/dlb.v1.Membership/DeclareDns",
+    "/dlb.v1.Membership/RemoveDns",
 ];
 
 /// The tokens a server accepts.

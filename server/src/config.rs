@@ -121,6 +121,8 @@ pub struct ServerConfig {
     pub auth: crate::auth::AuthConfig,
     /// TLS on the gRPC port; `None`: plaintext.
     pub tls: Option<TlsConfig>,
+    /// DNS discovery: name servers, refresh bounds, services that follow a DNS name.
+    pub dns: crate::dns::DnsConfig,
 }
 
 /// TLS for the gRPC port (rustls through tonic), with optional client-certificate verification.
@@ -163,6 +165,7 @@ impl Default for ServerConfig {
             per_backend_metrics: false,
             auth: crate::auth::AuthConfig::default(),
             tls: None,
+            dns: crate::dns::DnsConfig::default(),
         }
     }
 }
@@ -232,6 +235,7 @@ impl ServerConfig {
                 "must be at most 1 hour",
             ));
         }
+        self.dns.validate()?;
         Ok(())
     }
 }
@@ -298,6 +302,18 @@ struct RawConfig {
     health_max_in_flight: Option<u64>,
     #[serde(default)]
     services: Vec<RawService>,
+    dns: Option<RawDns>,
+}
+
+/// `dns:` — DNS discovery settings (see `crate::dns`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDns {
+    #[serde(default)]
+    nameservers: Vec<String>,
+    min_refresh_seconds: Option<u64>,
+    max_refresh_seconds: Option<u64>,
+    max_backends: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -314,6 +330,10 @@ struct RawService {
     policy: Option<RawPolicy>,
     #[serde(default)]
     backends: Vec<RawBackend>,
+    /// `name:port`: the service's DNS-owned backends follow this name.
+    dns: Option<String>,
+    /// Weight of the DNS-owned backends (default 1).
+    dns_weight: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -399,6 +419,7 @@ impl ServerConfig {
                 per_backend_metrics: None,
                 health_max_in_flight: None,
                 services: Vec::new(),
+                dns: None,
             }
         } else {
             serde_yaml::from_str(text).map_err(|e| ConfigError::Syntax {
@@ -464,7 +485,41 @@ impl ServerConfig {
                     ValidationError::new("service", &svc.name, "duplicate service name"),
                 ));
             }
+            if let Some(target) = &s.dns {
+                let d = crate::dns::DnsDeclaration {
+                    service: svc.name.clone(),
+                    target: target.clone(),
+                    weight: s.dns_weight.unwrap_or(1),
+                };
+                crate::dns::Target::parse(&d.target)
+                    .map_err(|e| ctx.invalid(format!("services[{i}].dns"), e))?;
+                model::validate_weight(d.weight)
+                    .map_err(|e| ctx.invalid(format!("services[{i}].dns_weight"), e))?;
+                cfg.dns.services.push(d);
+            }
             cfg.services.push(svc);
+        }
+        if let Some(d) = &raw.dns {
+            for (j, ns) in d.nameservers.iter().enumerate() {
+                let addr = ctx.addr(&format!("dns.nameservers[{j}]"), ns)?;
+                cfg.dns.nameservers.push(addr);
+            }
+            if let Some(s) = d.min_refresh_seconds {
+                let s = ranged("dns.min_refresh_seconds", s, 1..=86_400)?;
+                cfg.dns.min_refresh = Duration::from_secs(s);
+            }
+            if let Some(s) = d.max_refresh_seconds {
+                let s = ranged("dns.max_refresh_seconds", s, 1..=86_400)?;
+                cfg.dns.max_refresh = Duration::from_secs(s);
+            }
+            if let Some(n) = d.max_backends {
+                let n = ranged(
+                    "dns.max_backends",
+                    n as u64,
+                    1..=model::MAX_BACKENDS_PER_SERVICE as u64,
+                )?;
+                cfg.dns.max_backends = usize::try_from(n).unwrap_or(1);
+            }
         }
         if !names.contains(model::DEFAULT_SERVICE) {
             cfg.services

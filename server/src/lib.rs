@@ -13,6 +13,8 @@
 //!   snapshots, bounded delta history and per-service watchers;
 //! * [`registry`] — the Registry RPCs; [`discovery`] — the DLB sessions, a thin front-end over
 //!   the cache;
+//! * [`membership`] — the Membership RPCs (automatic discovery): [`leases`] (self-registration
+//!   with a TTL, one task owning the deadlines) and [`dns`] (services that follow a DNS name);
 //! * [`auth`] — bearer tokens: who may write and who may read;
 //! * [`health`] — active health checks: probes, one state machine per backend, flap damping,
 //!   verdicts written to the probe source on transitions;
@@ -39,9 +41,12 @@ pub mod auth;
 pub mod cache;
 pub mod config;
 pub mod discovery;
+pub mod dns;
 mod error;
 pub mod health;
+pub mod leases;
 pub mod loads;
+pub mod membership;
 pub mod metrics;
 // Issue 9 (outlier detection, panic, global least connections, request metrics).
 mod config_health;
@@ -170,6 +175,25 @@ pub async fn spawn_with_store(
     // The cache is loaded before anything is served: a session's first catch-up sees the state.
     let initial = store.snapshot().await?;
     let loaded = initial.revision;
+    // Automatic discovery: lease deadlines restart from now; DNS names are followed.
+    let (leases, lease_task) = leases::LeaseManager::start(
+        store.clone(),
+        metrics.clone(),
+        &initial,
+        shutdown_rx.clone(),
+    );
+    let dns = dns::DnsManager::start(
+        store.clone(),
+        metrics.clone(),
+        config.dns.clone(),
+        &initial,
+        shutdown_rx.clone(),
+    );
+    let discovery = tokio::spawn(membership::run_until_stopped(
+        lease_task,
+        dns.clone(),
+        shutdown_rx.clone(),
+    ));
     cache.load(initial);
     let (reports, reports_rx) = outlier::Reports::new();
     let (health, _health_task) = health::start(
@@ -262,7 +286,14 @@ pub async fn spawn_with_store(
             )
             .into_server(),
         )
-        .add_service(xds::status::XdsStatusService::new(xds_clients.clone()).into_server());
+        .add_service(xds::status::XdsStatusService::new(xds_clients.clone()).into_server())
+        .add_service(
+            dlb::proto::membership_server::MembershipServer::new(
+                membership::MembershipService::new(shared.clone(), Arc::new(leases), dns),
+            )
+            .max_decoding_message_size(dlb::model::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(dlb::model::MAX_MESSAGE_BYTES),
+        );
     let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
     let mut signal = shutdown_rx.clone();
     let grpc = tokio::spawn(async move {
@@ -297,6 +328,7 @@ pub async fn spawn_with_store(
         metrics: metrics_task,
         follower: Some(follower),
         builders: Some(builders),
+        discovery: Some(discovery),
         shared,
         xds_clients,
     })
@@ -317,6 +349,8 @@ pub struct RunningServer {
     metrics: Option<JoinHandle<std::io::Result<()>>>,
     follower: Option<JoinHandle<()>>,
     builders: Option<JoinHandle<()>>,
+    /// Leases and DNS tasks (see [`membership::run_until_stopped`]).
+    discovery: Option<JoinHandle<()>>,
     shared: Arc<Shared>,
     xds_clients: Arc<xds::XdsClients>,
 }
@@ -412,6 +446,9 @@ impl RunningServer {
         }
         if let Some(b) = self.builders.take() {
             let _ = b.await;
+        }
+        if let Some(d) = self.discovery.take() {
+            let _ = d.await;
         }
         result
     }

@@ -65,6 +65,8 @@ pub struct Metrics {
     xds: crate::xds::XdsMetrics,
     /// The health checker's series (see [`crate::health::metrics`]).
     pub health: crate::health::metrics::HealthMetrics,
+    /// Automatic discovery: leases and DNS (see [`crate::membership::MembershipMetrics`]).
+    pub membership: crate::membership::MembershipMetrics,
 }
 
 impl Default for Metrics {
@@ -141,12 +143,14 @@ impl Metrics {
             );
             (family, Mutex::new(HashMap::new()))
         });
+        let membership = crate::membership::MembershipMetrics::registered(&mut registry);
         let health = crate::health::metrics::HealthMetrics::register(&mut registry);
         let xds = crate::xds::XdsMetrics::register(&mut registry);
         Self {
             passive,
             health,
             xds,
+            membership,
             lagging,
             stalled,
             per_backend,

@@ -54,6 +54,7 @@ fn server() -> impl Strategy<Value = proto::Server> {
                     effective_weight: ew,
                     reason: "client-supplied".into(),
                     sources: None,
+                    ..Default::default()
                 }
             },
         )

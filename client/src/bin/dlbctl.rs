@@ -8,6 +8,9 @@
 //! Exit codes: 0 ok, 2 usage or invalid argument, 3 not found, 4 already exists, 5 changed
 //! concurrently (a compare-and-set lost: re-read and retry), 1 anything else.
 
+#[path = "dlbctl/membership.rs"]
+mod membership;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::process::ExitCode;
@@ -167,6 +170,26 @@ enum Command {
         #[arg(long)]
         count: Option<u64>,
     },
+    /// Register a backend with a lease and keep it alive until interrupted (Ctrl-C, SIGTERM),
+    /// then deregister it. Killed outright, the backend goes away when the lease expires.
+    Register {
+        /// Backend id.
+        id: String,
+        /// Address, host:port.
+        address: String,
+        /// Weight (default 1).
+        #[arg(long, default_value_t = 0)]
+        weight: u32,
+        /// Lease time to live, seconds (1..=3600); renewed every third of it.
+        #[arg(long, default_value_t = 10)]
+        ttl: u64,
+        /// Label, key=value (repeatable).
+        #[arg(long = "meta", value_name = "KEY=VALUE")]
+        meta: Vec<String>,
+    },
+    /// DNS discovery: declare, remove or list the DNS names services follow.
+    #[command(subcommand)]
+    Dns(membership::DnsCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -523,9 +546,22 @@ async fn run(cli: Cli) -> Result<(), Error> {
         }
         Command::List => {
             let r = admin.list_servers(&service).await?;
+            let leases = membership::leases(&admin, &service).await;
             let policy = r.policy.unwrap_or_default();
             if j {
-                let servers: Vec<_> = r.servers.iter().map(server_json).collect();
+                let servers: Vec<_> = r
+                    .servers
+                    .iter()
+                    .map(|s| {
+                        let mut v = server_json(s);
+                        if let (Some(o), Value::Object(m)) =
+                            (v.as_object_mut(), membership::list_json(s, &leases))
+                        {
+                            o.extend(m);
+                        }
+                        v
+                    })
+                    .collect();
                 println!(
                     "{}",
                     json!({"service": r.service, "version": version_json(r.version),
@@ -541,7 +577,11 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     panic_text(r.panic)
                 );
                 for s in &r.servers {
-                    println!("  {}", server_text(s));
+                    println!(
+                        "  {}{}",
+                        server_text(s),
+                        membership::list_suffix(s, &leases)
+                    );
                 }
             }
         }
@@ -596,6 +636,20 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 println!("{} {}", server.server_id, server.address);
             }
         }
+        Command::Register {
+            id,
+            address,
+            weight,
+            ttl,
+            meta,
+        } => {
+            let mut lease = dlb_client::Lease::new(id, address)
+                .weight(weight)
+                .ttl(std::time::Duration::from_secs(ttl));
+            lease.metadata = parse_meta(&meta)?;
+            membership::register(&admin, &service, lease, j).await?;
+        }
+        Command::Dns(cmd) => membership::dns(&admin, &service, "", cmd, j).await?,
         Command::Policy(PolicyCommand::Get) => {
             let r = admin.get_policy(&service).await?;
             let p = r.policy.unwrap_or_default();

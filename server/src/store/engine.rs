@@ -387,6 +387,11 @@ fn plan(
                         weight: server.weight,
                         hash_key: server.hash_key.clone(),
                         metadata: server.metadata.clone(),
+                        // Ownership is declared too: a lease or DNS record declared by the
+                        // config file becomes API-owned, a re-register updates its TTL.
+                        source: server.source,
+                        lease_ttl_seconds: server.lease_ttl_seconds,
+                        dns_name: server.dns_name.clone(),
                         ..(**old).clone()
                     })?,
                     None => finish(proto::Server {

@@ -215,9 +215,10 @@ pub enum Mutation {
     /// default policy if it does not exist. Its admin source starts `HEALTHY`, probe and outlier
     /// unset (eligible).
     Add(proto::Server),
-    /// Declares a backend's configuration — address, weight, hash key, metadata — as a config
-    /// file does: creates the backend, or sets those fields and keeps its runtime state (drain
-    /// flag, health sources). Creates the service if needed.
+    /// Declares a backend's configuration — address, weight, hash key, metadata, and its
+    /// ownership (source, lease TTL, DNS name) — as a config file, a lease or DNS discovery
+    /// does: creates the backend, or sets those fields and keeps its runtime state (drain flag,
+    /// health sources). Creates the service if needed.
     Declare(proto::Server),
     /// Removes a backend (`NOT_FOUND` if unknown).
     Remove(String),

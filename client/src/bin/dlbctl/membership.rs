@@ -1,0 +1,209 @@
+//! `dlbctl register` and `dlbctl dns …`: automatic discovery from the command line, and the
+//! source / lease columns of `dlbctl list`.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::time::Duration;
+
+use clap::Subcommand;
+use dlb::proto;
+use dlb_client::{AdminClient, Error, Lease};
+use serde_json::{json, Value};
+
+/// `dlbctl dns …`.
+#[derive(Debug, Subcommand)]
+pub enum DnsCommand {
+    /// Make the service's DNS-owned backends follow a DNS name (resolved once now: a name
+    /// that does not resolve is refused).
+    Declare {
+        /// `name:port`.
+        target: String,
+        /// Weight of every discovered backend.
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+    },
+    /// Stop following the service's DNS name and remove its DNS-owned backends.
+    Remove,
+    /// The followed DNS names, with the last refresh's outcome (all services unless
+    /// --service is given explicitly).
+    List,
+}
+
+/// The name of a backend's source.
+pub fn source_name(s: &proto::Server) -> &'static str {
+    match proto::BackendSource::try_from(s.source) {
+        Ok(proto::BackendSource::Lease) => "lease",
+        Ok(proto::BackendSource::Dns) => "dns",
+        _ => "api",
+    }
+}
+
+/// Remaining lease time by backend id (empty when the server has no Membership service).
+pub async fn leases(admin: &AdminClient, service: &str) -> HashMap<String, proto::LeaseInfo> {
+    match admin.list_leases(service).await {
+        Ok(r) => r
+            .leases
+            .into_iter()
+            .map(|l| (l.server_id.clone(), l))
+            .collect(),
+        Err(_) => HashMap::new(),
+    }
+}
+
+/// What `dlbctl list` adds after a backend: its source when it is not `api`, and a lease's
+/// remaining time.
+pub fn list_suffix(s: &proto::Server, leases: &HashMap<String, proto::LeaseInfo>) -> String {
+    match (source_name(s), leases.get(&s.server_id)) {
+        ("lease", Some(l)) => format!(
+            " source=lease lease={:.1}s/{}s",
+            l.remaining_ms as f64 / 1000.0,
+            l.ttl_seconds
+        ),
+        ("lease", None) => format!(" source=lease lease=?/{}s", s.lease_ttl_seconds),
+        ("dns", _) => format!(" source=dns dns={}", s.dns_name),
+        // API-owned is the default and is not shown (`--json` always has `source`).
+        _ => String::new(),
+    }
+}
+
+/// The JSON fields `dlbctl list --json` adds to a backend.
+pub fn list_json(s: &proto::Server, leases: &HashMap<String, proto::LeaseInfo>) -> Value {
+    let lease = leases
+        .get(&s.server_id)
+        .map(|l| json!({"ttl_seconds": l.ttl_seconds, "remaining_ms": l.remaining_ms}));
+    json!({"source": source_name(s), "lease": lease, "dns_name": s.dns_name})
+}
+
+/// `dlbctl register`: registers with a lease, renews it until Ctrl-C or SIGTERM, then
+/// deregisters.
+pub async fn register(
+    admin: &AdminClient,
+    service: &str,
+    lease: Lease,
+    json_out: bool,
+) -> Result<(), Error> {
+    let ttl = lease.ttl;
+    let reg = admin.register_and_keep(service, lease).await?;
+    let r = reg.registered();
+    let server = r.server.clone().unwrap_or_default();
+    if json_out {
+        println!(
+            "{}",
+            json!({"service": r.service, "registered": server.server_id, "address": server.address,
+                   "ttl_seconds": ttl.as_secs(), "created": r.created})
+        );
+    } else {
+        println!(
+            "registered {} {} in {} with a {}s lease; renewing until interrupted",
+            server.server_id,
+            server.address,
+            r.service,
+            ttl.as_secs()
+        );
+    }
+    let _ = std::io::stdout().flush();
+    interrupted().await;
+    let d = reg.deregister().await?;
+    if json_out {
+        println!(
+            "{}",
+            json!({"service": d.service, "deregistered": server.server_id})
+        );
+    } else {
+        println!("deregistered {} from {}", server.server_id, d.service);
+    }
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or (on Unix) SIGTERM.
+async fn interrupted() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn dns_json(d: &proto::DnsStatus) -> Value {
+    json!({"service": d.service, "target": d.target, "weight": d.weight, "backends": d.backends,
+           "resolved": d.resolved, "truncated": d.truncated,
+           "consecutive_failures": d.consecutive_failures, "last_error": d.last_error,
+           "next_refresh_ms": d.next_refresh_ms})
+}
+
+fn dns_text(d: &proto::DnsStatus) -> String {
+    let mut out = format!(
+        "{} dns={} w={} backends={} resolved={}",
+        d.service, d.target, d.weight, d.backends, d.resolved
+    );
+    if d.truncated {
+        out.push_str(" truncated");
+    }
+    if d.consecutive_failures > 0 {
+        out.push_str(&format!(
+            " FAILING failures={} last_error={:?}",
+            d.consecutive_failures, d.last_error
+        ));
+    } else {
+        out.push_str(" ok");
+    }
+    out.push_str(&format!(
+        " next_refresh={:.1}s",
+        Duration::from_millis(d.next_refresh_ms).as_secs_f64()
+    ));
+    out
+}
+
+/// `dlbctl dns …`. `only` is the service for `list` when one was given explicitly.
+pub async fn dns(
+    admin: &AdminClient,
+    service: &str,
+    only: &str,
+    cmd: DnsCommand,
+    json_out: bool,
+) -> Result<(), Error> {
+    match cmd {
+        DnsCommand::Declare { target, weight } => {
+            let d = admin.declare_dns(service, &target, weight).await?;
+            if json_out {
+                println!("{}", dns_json(&d));
+            } else {
+                println!("declared {}", dns_text(&d));
+            }
+        }
+        DnsCommand::Remove => {
+            let r = admin.remove_dns(service).await?;
+            if json_out {
+                println!("{}", json!({"service": r.service, "dns": "removed"}));
+            } else {
+                println!("{} follows no DNS name any more", r.service);
+            }
+        }
+        DnsCommand::List => {
+            let r = admin.list_dns(only).await?;
+            if json_out {
+                let names: Vec<_> = r.names.iter().map(dns_json).collect();
+                println!("{}", json!({ "names": names }));
+            } else {
+                for d in &r.names {
+                    println!("{}", dns_text(d));
+                }
+            }
+        }
+    }
+    Ok(())
+}

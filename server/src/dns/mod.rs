@@ -1,0 +1,490 @@
+//! DNS discovery: a service declared with `dns: name:port` has its DNS-owned backends kept equal
+//! to the name's A/AAAA records.
+//!
+//! One task per followed name ([`DnsManager`] starts, replaces and stops them) resolves it with
+//! `hickory-resolver` against the configured name servers (or the system's `resolv.conf`) and
+//! reconciles the service: a backend per address, id `<ip>-<port>` (e.g. `10.0.0.7-8080`,
+//! `2001:db8::7-8080`), address `ip:port` / `[ip]:port`, the declared weight, `source = DNS` and
+//! `dns_name = name:port`. Additions and removals are one ordinary store write (compare-and-set
+//! on the version just read, retried), pushed like any change; a refresh that finds the same set
+//! writes nothing. Only DNS-owned records are touched: an address whose id is taken by an API or
+//! lease record is skipped (and logged).
+//!
+//! **Timing.** The next refresh comes after the smallest TTL of the answer, clamped to
+//! [`DnsConfig::min_refresh`]..=[`DnsConfig::max_refresh`] (defaults 5 s ..= 300 s). After a
+//! failure it comes sooner: [`DnsConfig::retry_min`] doubling per consecutive failure up to
+//! [`DnsConfig::retry_max`] (defaults 1 s ..= 30 s). The resolver's own cache is cleared before
+//! each lookup, so each refresh asks the name servers.
+//!
+//! **Failure keeps the last good set.** A timeout, SERVFAIL, NXDOMAIN, an answer with no
+//! addresses or a refused store write changes nothing: the service is never emptied by DNS. The
+//! failure is counted (`dlb_dns_refreshes_total{result="error"}`), shown as
+//! `dlb_dns_consecutive_failures{service}` and in [`Status`] (`dlbctl dns list`).
+//!
+//! **Quota.** A name that resolves to more than [`DnsConfig::max_backends`] addresses (default
+//! 256) keeps the lowest ones in address order (deterministic, so every refresh and every
+//! replica picks the same subset), logs a warning and reports `truncated` in its status.
+//!
+//! **Durability.** A declaration through the API is resolved once before anything is written
+//! (a name that does not resolve is refused), so a declared service always has DNS-owned records
+//! carrying `dns_name`: at start, [`DnsManager::start`] follows every name found on them, plus
+//! the ones in the config file (the config wins for its services).
+//!
+//! Sync: the table of followed names is a `parking_lot::Mutex<HashMap>` touched for O(1) map
+//! operations only; each name's status is a `Mutex` written by its task after each refresh and
+//! read by `ListDns`. No lock is held across an `.await`.
+
+mod config;
+mod resolve;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dlb::{model, proto};
+use parking_lot::Mutex;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+pub use config::{backend_id, DnsConfig, DnsDeclaration, Target};
+
+use crate::metrics::Metrics;
+use crate::store::{Mutation, Store, StoreSnapshot};
+use crate::Error;
+use resolve::{build_resolver, resolve, Resolved};
+
+/// Compare-and-set attempts of one reconcile before it counts as a failure.
+const RECONCILE_ATTEMPTS: usize = 32;
+
+/// Whether a stored record is owned by DNS discovery.
+pub fn is_dns(server: &proto::Server) -> bool {
+    server.source == proto::BackendSource::Dns as i32
+}
+
+/// What the last refresh of one name found.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Status {
+    /// DNS-owned backends after the last successful refresh.
+    pub backends: usize,
+    /// Addresses the last successful resolution returned.
+    pub resolved: usize,
+    /// Whether they were more than the quota.
+    pub truncated: bool,
+    /// Failed refreshes since the last success.
+    pub consecutive_failures: u32,
+    /// The last failure; empty after a success.
+    pub last_error: String,
+    /// When the next refresh is due.
+    pub next_refresh: Option<Instant>,
+}
+
+struct Followed {
+    target: Target,
+    weight: u32,
+    status: Arc<Mutex<Status>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    config: DnsConfig,
+    shutdown: watch::Receiver<bool>,
+    /// Followed names by service.
+    followed: Mutex<HashMap<String, Followed>>,
+}
+
+/// Follows DNS names (see the module docs). Cheap to clone.
+#[derive(Clone)]
+pub struct DnsManager {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for DnsManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DnsManager")
+            .field("followed", &self.inner.followed.lock().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DnsManager {
+    /// Starts following every name declared in `config` and every name found on DNS-owned
+    /// records of `initial` (for services the config does not declare).
+    pub fn start(
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        config: DnsConfig,
+        initial: &StoreSnapshot,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        let mut declared: BTreeMap<String, (String, u32)> = BTreeMap::new();
+        for svc in &initial.services {
+            if let Some(s) = svc.servers.values().find(|s| is_dns(s)) {
+                declared.insert(svc.name.clone(), (s.dns_name.clone(), s.weight));
+            }
+        }
+        for d in &config.services {
+            declared.insert(d.service.clone(), (d.target.clone(), d.weight));
+        }
+        let manager = Self {
+            inner: Arc::new(Inner {
+                store,
+                metrics,
+                config,
+                shutdown,
+                followed: Mutex::new(HashMap::new()),
+            }),
+        };
+        for (service, (target, weight)) in declared {
+            match Target::parse(&target) {
+                Ok(t) => manager.follow(service, t, weight, Status::default(), Duration::ZERO),
+                Err(e) => {
+                    tracing::warn!(%service, error = %e, "stored DNS name is invalid; not followed")
+                }
+            }
+        }
+        manager
+    }
+
+    /// Starts (or replaces) the task following `target` for `service`, first refresh after
+    /// `first`.
+    fn follow(
+        &self,
+        service: String,
+        target: Target,
+        weight: u32,
+        status: Status,
+        first: Duration,
+    ) {
+        let status = Arc::new(Mutex::new(status));
+        let task = tokio::spawn(refresh_loop(
+            self.inner.clone(),
+            service.clone(),
+            target.clone(),
+            weight,
+            status.clone(),
+            first,
+        ));
+        let old = self.inner.followed.lock().insert(
+            service,
+            Followed {
+                target,
+                weight,
+                status,
+                task,
+            },
+        );
+        if let Some(old) = old {
+            old.task.abort();
+        }
+    }
+
+    /// Stops the task of `service`, if any; returns what it followed.
+    fn unfollow(&self, service: &str) -> Option<(Target, u32)> {
+        let f = self.inner.followed.lock().remove(service)?;
+        f.task.abort();
+        Some((f.target, f.weight))
+    }
+
+    /// Waits for every name's task to end (they end when the shutdown flag turns true), so
+    /// that nothing holds the store after a graceful shutdown.
+    pub async fn join(&self) {
+        let tasks: Vec<_> = self
+            .inner
+            .followed
+            .lock()
+            .drain()
+            .map(|(_, f)| f.task)
+            .collect();
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// `DeclareDns`: resolves `target` once (a name that does not resolve is refused with
+    /// FAILED_PRECONDITION and changes nothing), writes the backends, then follows it.
+    pub async fn declare(
+        &self,
+        service: &str,
+        target: &str,
+        weight: u32,
+    ) -> Result<proto::DnsStatus, tonic::Status> {
+        let target = Target::parse(target).map_err(Error::from)?;
+        model::validate_weight(weight).map_err(Error::from)?;
+        let resolver = build_resolver(&self.inner.config).map_err(tonic::Status::internal)?;
+        let resolved = resolve(&resolver, &target).await.map_err(|e| {
+            tonic::Status::failed_precondition(format!(
+                "DNS name {:?} does not resolve: {e}; nothing was changed",
+                target.name
+            ))
+        })?;
+        // The old task (another name, or the same) stops before this write, so it cannot
+        // write an older set after it.
+        let previous = self.unfollow(service);
+        let status = match reconcile(&self.inner, service, &target, weight, &resolved).await {
+            Ok(s) => s,
+            Err(e) => {
+                // Nothing was written: keep following what was declared before, if anything.
+                if let Some((t, w)) = previous {
+                    self.follow(service.to_owned(), t, w, Status::default(), Duration::ZERO);
+                }
+                return Err(e.into());
+            }
+        };
+        self.inner.metrics.membership.dns_refresh(service, true);
+        let delay = self.refresh_delay(&resolved);
+        let status = Status {
+            next_refresh: Some(Instant::now() + delay),
+            ..status
+        };
+        let reply = to_proto(service, &target, weight, &status);
+        tracing::info!(service, target = %target.to_text(), backends = status.backends, "DNS name declared");
+        self.follow(service.to_owned(), target, weight, status, delay);
+        Ok(reply)
+    }
+
+    /// `RemoveDns`: stops following and removes the service's DNS-owned backends. NOT_FOUND
+    /// when the service follows no name and has no DNS-owned backend.
+    pub async fn remove(&self, service: &str) -> Result<proto::Version, tonic::Status> {
+        let followed = self.unfollow(service).is_some();
+        self.inner.metrics.membership.dns_forget(service);
+        for _ in 0..RECONCILE_ATTEMPTS {
+            let Some(snap) = self.inner.store.get_service(service.to_owned()).await? else {
+                return Err(Error::ServiceNotFound(service.to_owned()).into());
+            };
+            let removals: Vec<Mutation> = snap
+                .servers
+                .values()
+                .filter(|s| is_dns(s))
+                .map(|s| Mutation::Remove(s.server_id.clone()))
+                .collect();
+            if removals.is_empty() {
+                if followed {
+                    return Ok(snap.version);
+                }
+                return Err(tonic::Status::not_found(format!(
+                    "service {service:?} follows no DNS name"
+                )));
+            }
+            match self
+                .inner
+                .store
+                .apply(service.to_owned(), removals, Some(snap.version.version))
+                .await
+            {
+                Ok(a) => return Ok(a.version),
+                Err(Error::VersionMismatch { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(tonic::Status::aborted(
+            "the service kept changing; retry RemoveDns",
+        ))
+    }
+
+    /// `ListDns`: the followed names (of `service` only, when given), ordered by service.
+    pub fn list(&self, service: Option<&str>) -> Vec<proto::DnsStatus> {
+        let followed = self.inner.followed.lock();
+        let mut out: Vec<proto::DnsStatus> = followed
+            .iter()
+            .filter(|(s, _)| service.is_none_or(|want| want == s.as_str()))
+            .map(|(s, f)| to_proto(s, &f.target, f.weight, &f.status.lock()))
+            .collect();
+        out.sort_by(|a, b| a.service.cmp(&b.service));
+        out
+    }
+
+    fn refresh_delay(&self, resolved: &Resolved) -> Duration {
+        resolved
+            .ttl
+            .clamp(self.inner.config.min_refresh, self.inner.config.max_refresh)
+    }
+}
+
+fn to_proto(service: &str, target: &Target, weight: u32, s: &Status) -> proto::DnsStatus {
+    proto::DnsStatus {
+        service: service.to_owned(),
+        target: target.to_text(),
+        weight,
+        backends: u32::try_from(s.backends).unwrap_or(u32::MAX),
+        resolved: u32::try_from(s.resolved).unwrap_or(u32::MAX),
+        truncated: s.truncated,
+        consecutive_failures: s.consecutive_failures,
+        last_error: s.last_error.clone(),
+        next_refresh_ms: s.next_refresh.map_or(0, |t| {
+            u64::try_from(t.saturating_duration_since(Instant::now()).as_millis())
+                .unwrap_or(u64::MAX)
+        }),
+    }
+}
+
+/// Makes the service's DNS-owned backends equal to `resolved` (truncated to the quota).
+async fn reconcile(
+    inner: &Inner,
+    service: &str,
+    target: &Target,
+    weight: u32,
+    resolved: &Resolved,
+) -> Result<Status, Error> {
+    let max = inner.config.max_backends;
+    let truncated = resolved.ips.len() > max;
+    if truncated {
+        tracing::warn!(
+            service,
+            target = %target.to_text(),
+            resolved = resolved.ips.len(),
+            kept = max,
+            "the DNS name resolves to more addresses than the per-name quota; keeping the lowest"
+        );
+    }
+    let dns_name = target.to_text();
+    let desired: BTreeMap<String, proto::Server> = resolved
+        .ips
+        .iter()
+        .take(max)
+        .map(|ip| {
+            let address = SocketAddr::new(*ip, target.port).to_string();
+            let id = backend_id(*ip, target.port);
+            let server = proto::Server {
+                server_id: id.clone(),
+                address,
+                weight,
+                source: proto::BackendSource::Dns as i32,
+                dns_name: dns_name.clone(),
+                ..Default::default()
+            };
+            (id, server)
+        })
+        .collect();
+    for _ in 0..RECONCILE_ATTEMPTS {
+        let snap = inner.store.get_service(service.to_owned()).await?;
+        let (version, servers) = match &snap {
+            Some(s) => (s.version.version, Some(&s.servers)),
+            None => (0, None),
+        };
+        let mut mutations = Vec::new();
+        let mut backends = 0;
+        if let Some(servers) = servers {
+            for s in servers.values().filter(|s| is_dns(s)) {
+                if !desired.contains_key(&s.server_id) {
+                    mutations.push(Mutation::Remove(s.server_id.clone()));
+                }
+            }
+        }
+        for (id, want) in &desired {
+            match servers.and_then(|m| m.get(id.as_str())) {
+                Some(have) if !is_dns(have) => {
+                    tracing::warn!(service, server_id = %id, "a DNS address's id is owned by an API or lease backend; skipped");
+                }
+                Some(have)
+                    if have.address == want.address
+                        && have.weight == want.weight
+                        && have.dns_name == want.dns_name =>
+                {
+                    backends += 1;
+                }
+                _ => {
+                    mutations.push(Mutation::Declare(want.clone()));
+                    backends += 1;
+                }
+            }
+        }
+        let status = Status {
+            backends,
+            resolved: resolved.ips.len(),
+            truncated,
+            ..Status::default()
+        };
+        if mutations.is_empty() {
+            return Ok(status);
+        }
+        match inner
+            .store
+            .apply(service.to_owned(), mutations, Some(version))
+            .await
+        {
+            Ok(applied) => {
+                tracing::info!(service, target = %dns_name, backends, version = applied.version.version, "DNS backends updated");
+                return Ok(status);
+            }
+            Err(Error::VersionMismatch { .. }) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Error::Task(format!(
+        "service {service:?} kept changing during {RECONCILE_ATTEMPTS} DNS reconcile attempts"
+    )))
+}
+
+async fn refresh_loop(
+    inner: Arc<Inner>,
+    service: String,
+    target: Target,
+    weight: u32,
+    status: Arc<Mutex<Status>>,
+    first: Duration,
+) {
+    let mut shutdown = inner.shutdown.clone();
+    let mut delay = first;
+    let resolver = match build_resolver(&inner.config) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(%service, error = %e, "cannot build the DNS resolver; the name is not followed");
+            status.lock().last_error = e;
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = crate::state::stopped(&mut shutdown) => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        let refresh = async {
+            match resolve(&resolver, &target).await {
+                Ok(resolved) => reconcile(&inner, &service, &target, weight, &resolved)
+                    .await
+                    .map(|s| (s, resolved.ttl))
+                    .map_err(|e| format!("store: {e}")),
+                Err(e) => Err(e),
+            }
+        };
+        // A shutdown does not wait for a slow name server (a store write already started
+        // completes or not as a whole).
+        let outcome = tokio::select! {
+            _ = crate::state::stopped(&mut shutdown) => return,
+            o = refresh => o,
+        };
+        let failures = status.lock().consecutive_failures;
+        match outcome {
+            Ok((new, ttl)) => {
+                delay = ttl.clamp(inner.config.min_refresh, inner.config.max_refresh);
+                *status.lock() = Status {
+                    next_refresh: Some(Instant::now() + delay),
+                    ..new
+                };
+                inner.metrics.membership.dns_refresh(&service, true);
+            }
+            Err(e) => {
+                let failures = failures.saturating_add(1);
+                let backoff = inner
+                    .config
+                    .retry_min
+                    .saturating_mul(1u32 << (failures - 1).min(16));
+                delay = backoff.min(inner.config.retry_max);
+                tracing::warn!(%service, target = %target.to_text(), failures, error = %e, "DNS refresh failed; keeping the last good set");
+                let mut st = status.lock();
+                st.consecutive_failures = failures;
+                st.last_error = model::prefix(&e, 256).to_owned();
+                st.next_refresh = Some(Instant::now() + delay);
+                drop(st);
+                inner.metrics.membership.dns_refresh(&service, false);
+                inner
+                    .metrics
+                    .membership
+                    .dns_failures(&service, i64::from(failures));
+            }
+        }
+    }
+}
