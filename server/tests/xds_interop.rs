@@ -144,6 +144,45 @@ async fn scenario(program: PathBuf, args: Vec<String>) {
     })
     .await;
 
+    // A killed backend: dlbd's active TCP check finds it down and pushes it unhealthy, and the
+    // stock client stops sending it calls; restarted on the same address, it passes the check
+    // and gets traffic again.
+    set_policy(
+        &mut reg,
+        proto::Policy {
+            health_check: Some(proto::HealthCheck {
+                kind: Some(proto::health_check::Kind::Tcp(
+                    proto::TcpHealthCheck::default(),
+                )),
+                interval_ms: 100,
+                timeout_ms: 500,
+                healthy_threshold: 1,
+                unhealthy_threshold: 2,
+                ..Default::default()
+            }),
+            ..dlb::model::default_policy()
+        },
+    )
+    .await;
+    let i = backends.iter().position(|b| b.id == "b2").unwrap();
+    let b2_addr = backends[i].addr;
+    backends.remove(i).kill().await;
+    wait_health(&mut reg, "b2", proto::HealthStatus::Unhealthy).await;
+    c.until(40, None, Duration::from_secs(10), "b2 (killed) out", |r| {
+        r.of("b2") == 0 && r.errors.is_empty()
+    })
+    .await;
+    backends.push(Backend::start_on("b2", b2_addr).await);
+    wait_health(&mut reg, "b2", proto::HealthStatus::Healthy).await;
+    c.until(
+        40,
+        None,
+        Duration::from_secs(10),
+        "b2 (restarted) back",
+        |r| r.of("b2") > 0 && r.errors.is_empty(),
+    )
+    .await;
+
     // Least connections: the client takes the first policy of the list it supports; with
     // sequential calls the shares tell which (least_request ignores weights, the
     // wrr_locality fallback follows them). Every call must succeed either way.
@@ -219,24 +258,59 @@ async fn scenario(program: PathBuf, args: Vec<String>) {
     server.shutdown().await.unwrap();
 }
 
-/// Sets the service's algorithm and waits until the client has acknowledged the new Cluster.
+type Registry = proto::registry_client::RegistryClient<tonic::transport::Channel>;
+
+/// Sets the service's algorithm (and no health check) and waits until the client has
+/// acknowledged the new Cluster.
 async fn set_algorithm(
     server: &dlb_server::RunningServer,
-    reg: &mut proto::registry_client::RegistryClient<tonic::transport::Channel>,
+    reg: &mut Registry,
     algorithm: proto::Algorithm,
 ) {
     let before = type_state(server, CLUSTER).map_or(0, |t| t.responses);
-    reg.set_policy(proto::SetPolicyRequest {
-        service: "s".into(),
-        policy: Some(proto::Policy {
+    set_policy(
+        reg,
+        proto::Policy {
             algorithm: algorithm as i32,
             ..dlb::model::default_policy()
-        }),
+        },
+    )
+    .await;
+    wait_acked(server, CLUSTER, before).await;
+}
+
+/// Replaces the policy of service `s`.
+async fn set_policy(reg: &mut Registry, policy: proto::Policy) {
+    reg.set_policy(proto::SetPolicyRequest {
+        service: "s".into(),
+        policy: Some(policy),
         expected_version: None,
     })
     .await
     .unwrap();
-    wait_acked(server, CLUSTER, before).await;
+}
+
+/// Waits (up to 10 s) until backend `id` of service `s` has the effective `health`.
+async fn wait_health(reg: &mut Registry, id: &str, health: proto::HealthStatus) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = reg
+            .list_servers(proto::ListServersRequest {
+                service: "s".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let s = list.servers.iter().find(|s| s.server_id == id).cloned();
+        if s.as_ref().is_some_and(|s| s.health == health as i32) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{id} never became {health:?}: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Waits until the client has acknowledged a response of `type_url` newer than the

@@ -72,7 +72,12 @@ pub struct Backend {
 impl Backend {
     /// Starts a backend on 127.0.0.1:0.
     pub async fn start(id: &str) -> Backend {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(id, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// Starts a backend on `addr` (a port a killed backend used: its restart).
+    pub async fn start_on(id: &str, addr: SocketAddr) -> Backend {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let svc = Echo(id.into());
@@ -93,6 +98,14 @@ impl Backend {
             stop: Some(tx),
             task,
         }
+    }
+
+    /// Kills the backend's listener at once (no graceful shutdown): new connections, such as
+    /// dlbd's health probes, are refused from now on.
+    pub async fn kill(mut self) {
+        self.stop.take();
+        self.task.abort();
+        let _ = (&mut self.task).await;
     }
 
     /// Stops the backend and waits for it.
