@@ -44,7 +44,9 @@ fn interop_dir() -> PathBuf {
 }
 
 /// The whole flow against one stock client: shares follow weights, a failed health check stops
-/// a backend's traffic, an added backend gets traffic, Maglev keeps a key on one backend.
+/// a backend's traffic, an added backend gets traffic, a draining one gets none, a killed one is
+/// found by dlbd's active check and loses its traffic until it is restarted, Maglev keeps a key
+/// on one backend.
 async fn scenario(program: PathBuf, args: Vec<String>) {
     let server = common::start().await;
     let mut reg = common::registry(&server).await;
@@ -155,7 +157,7 @@ async fn scenario(program: PathBuf, args: Vec<String>) {
                     proto::TcpHealthCheck::default(),
                 )),
                 interval_ms: 100,
-                timeout_ms: 500,
+                timeout_ms: 100,
                 healthy_threshold: 1,
                 unhealthy_threshold: 2,
                 ..Default::default()

@@ -254,7 +254,27 @@ pub fn weight_of(server: &proto::Server) -> u32 {
     w.max(1)
 }
 
-fn lb_endpoint(server: &proto::Server, addr: SocketAddr) -> endpoint::LbEndpoint {
+/// What the service's panic decision does to the health stock clients are told (they use only
+/// HEALTHY and UNKNOWN endpoints, gRFC A27), computed exactly as DLB's pickers decide it: in
+/// `route_all` panic every endpoint is HEALTHY (every backend gets traffic, as in the SDK); in
+/// `fail` panic every endpoint is UNHEALTHY (calls fail `UNAVAILABLE`, as picks fail in the
+/// SDK). `None` outside panic: each backend's own health.
+pub fn panic_health(snap: &ServiceSnapshot) -> Option<core::HealthStatus> {
+    let state = dlb::health_policy::panic_state(&snap.policy, snap.servers.values().map(|s| &**s));
+    if !state.active {
+        return None;
+    }
+    match proto::PanicMode::try_from(state.mode) {
+        Ok(proto::PanicMode::Fail) => Some(core::HealthStatus::Unhealthy),
+        _ => Some(core::HealthStatus::Healthy),
+    }
+}
+
+fn lb_endpoint(
+    server: &proto::Server,
+    addr: SocketAddr,
+    health: Option<core::HealthStatus>,
+) -> endpoint::LbEndpoint {
     endpoint::LbEndpoint {
         host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(
             endpoint::Endpoint {
@@ -271,7 +291,7 @@ fn lb_endpoint(server: &proto::Server, addr: SocketAddr) -> endpoint::LbEndpoint
                 ..Default::default()
             },
         )),
-        health_status: health_of(server) as i32,
+        health_status: health.unwrap_or_else(|| health_of(server)) as i32,
         load_balancing_weight: Some(UInt32Value {
             value: weight_of(server),
         }),
@@ -303,6 +323,7 @@ pub fn endpoints_for(snap: &ServiceSnapshot) -> endpoint::ClusterLoadAssignment 
     let mut endpoints = Vec::new();
     let mut shared = Vec::new();
     let per_backend = !hashing(&snap.policy);
+    let panic = panic_health(snap);
     for server in snap.servers.values() {
         let Ok(addr) = server.address.parse::<SocketAddr>() else {
             tracing::warn!(
@@ -313,7 +334,7 @@ pub fn endpoints_for(snap: &ServiceSnapshot) -> endpoint::ClusterLoadAssignment 
             );
             continue;
         };
-        let ep = lb_endpoint(server, addr);
+        let ep = lb_endpoint(server, addr, panic);
         if per_backend {
             endpoints.push(endpoint::LocalityLbEndpoints {
                 locality: Some(core::Locality {
@@ -412,6 +433,39 @@ mod tests {
                 core::HealthStatus::Draining as i32
             ]
         );
+    }
+
+    #[test]
+    fn panic_route_all_marks_every_endpoint_healthy_and_fail_every_one_unhealthy() {
+        let health = |mode: proto::PanicMode| {
+            let mut s = snap(Algorithm::RoundRobin);
+            // 2 of 4 backends eligible ("b" is unhealthy, "c" draining) is below 60 %.
+            s.policy.panic = Some(proto::PanicPolicy {
+                threshold_percent: 60,
+                mode: mode as i32,
+            });
+            endpoints_for(&s)
+                .endpoints
+                .iter()
+                .map(|l| l.lb_endpoints[0].health_status)
+                .collect::<Vec<_>>()
+        };
+        let all = |h: core::HealthStatus| vec![h as i32; 3];
+        assert_eq!(
+            health(proto::PanicMode::RouteAll),
+            all(core::HealthStatus::Healthy)
+        );
+        assert_eq!(
+            health(proto::PanicMode::Fail),
+            all(core::HealthStatus::Unhealthy)
+        );
+        // Above the threshold: each backend's own health.
+        let mut s = snap(Algorithm::RoundRobin);
+        s.policy.panic = Some(proto::PanicPolicy {
+            threshold_percent: 10,
+            mode: proto::PanicMode::Fail as i32,
+        });
+        assert_eq!(panic_health(&s), None);
     }
 
     #[test]
