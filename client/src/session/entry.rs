@@ -51,6 +51,9 @@ pub(super) struct Entry {
     held_since: Option<tokio::time::Instant>,
     /// The in-flight counts of the other SDKs, as last pushed (`GlobalLoad`), by backend id.
     others: std::collections::HashMap<String, u64>,
+    /// Slow start: when the picker must be rebuilt for a ramp to progress (see
+    /// `dlb::slow_start`); `None` when nothing ramps.
+    pub(super) ramp_at: Option<tokio::time::Instant>,
 }
 
 /// How long an update held back by the restart-flooding rule is held at most: after this the
@@ -70,6 +73,19 @@ impl Entry {
             dirty: false,
             held_since: None,
             others: std::collections::HashMap::new(),
+            ramp_at: None,
+        }
+    }
+
+    /// A slow-start tick: rebuilds the picker (same records, weights ramped at the current
+    /// time) when `ramp_at` has passed.
+    pub(super) fn ramp_tick(&mut self, now: tokio::time::Instant) {
+        if self.ramp_at.is_some_and(|t| now >= t) {
+            self.ramp_at = None;
+            self.dirty = true;
+            if let Err(e) = self.flush() {
+                tracing::warn!(service = %self.state.name, error = %e, "slow-start rebuild failed");
+            }
         }
     }
 
@@ -293,6 +309,9 @@ impl Entry {
             }
         };
         self.state.stats.rebuilds.fetch_add(1, Ordering::Relaxed);
+        self.ramp_at =
+            dlb::slow_start::next_tick(&policy, self.records.values(), dlb::slow_start::now_ms())
+                .map(|d| tokio::time::Instant::now() + d);
         // Backends new to this picker start from the pushed global counts too.
         crate::global::apply_baselines(&picker, &self.others);
         crate::global::panic_event(
