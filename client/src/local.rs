@@ -40,6 +40,8 @@ use crate::service::ServiceState;
 pub(crate) struct LocalView {
     pub(crate) picker: Arc<Picker>,
     pub(crate) sticky: Option<Arc<StickyTable>>,
+    /// The circuit breakers of `picker`'s backends, when the policy has them.
+    pub(crate) breakers: Option<Arc<crate::breaker::Breakers>>,
     /// Calls in flight picked through this view, per backend index of `picker`; empty when the
     /// picker counts calls itself ([`Picker::needs_counts`]).
     in_flight: Box<[AtomicU64]>,
@@ -165,6 +167,7 @@ fn refresh(cache: &mut Vec<Cached>, state: &Arc<ServiceState>, generation: u64) 
         let view = Arc::new(LocalView {
             picker: picker.clone(),
             sticky: snapshot.sticky.clone(),
+            breakers: snapshot.breakers.clone(),
             in_flight,
         });
         if view.counts_locally() {

@@ -41,7 +41,9 @@ mod error;
 pub mod loads;
 pub mod metrics;
 // Issue 9 (outlier detection, panic, global least connections, request metrics).
+pub mod circuits;
 mod config_health;
+mod config_sdk_health;
 pub mod global_load;
 pub mod health_metrics;
 pub mod outlier;
@@ -181,6 +183,7 @@ pub async fn spawn_with_store(
         next_session: AtomicU64::new(0),
         sessions: std::sync::atomic::AtomicUsize::new(0),
         max_sessions: config.max_sessions,
+        circuits: circuits::CircuitTracker::new(),
     });
     let mut signal = shutdown_rx.clone();
     let follower = tokio::spawn(

@@ -60,6 +60,8 @@ pub struct Metrics {
     per_backend: Option<PerBackend>,
     /// Request, outlier and panic metrics (see [`crate::health_metrics`]).
     pub health: crate::health_metrics::HealthMetrics,
+    /// The SDKs' circuit-breaker states (see [`crate::circuits`]).
+    pub circuits: crate::circuits::CircuitMetrics,
 }
 
 impl Default for Metrics {
@@ -127,6 +129,7 @@ impl Metrics {
             in_flight.clone(),
         );
         let health = crate::health_metrics::HealthMetrics::register(&mut registry, per_backend);
+        let circuits = crate::circuits::CircuitMetrics::register(&mut registry);
         let per_backend = per_backend.then(|| {
             let family = Family::<Labels, Gauge>::default();
             registry.register(
@@ -137,6 +140,7 @@ impl Metrics {
             (family, Mutex::new(HashMap::new()))
         });
         Self {
+            circuits,
             health,
             lagging,
             stalled,
