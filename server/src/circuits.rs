@@ -21,12 +21,14 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 type Labels = Vec<(String, String)>;
+/// service → backend id → state, for one session.
+type SessionStates = HashMap<String, HashMap<String, proto::CircuitState>>;
 
 /// Per-session non-closed circuit states. See the module docs.
 #[derive(Debug, Default)]
 pub struct CircuitTracker {
     /// session id → service → backend id → state (OPEN or HALF_OPEN only).
-    inner: Mutex<HashMap<u64, HashMap<String, HashMap<String, proto::CircuitState>>>>,
+    inner: Mutex<HashMap<u64, SessionStates>>,
 }
 
 /// How many sessions report a backend's circuit open and half-open.

@@ -165,7 +165,7 @@ enum PolicyCommand {
     /// Print the policy.
     Get,
     /// Change the policy; fields not given keep their current value.
-    Set(PolicySet),
+    Set(Box<PolicySet>),
 }
 
 #[derive(Debug, Args)]
