@@ -99,6 +99,11 @@ impl LocalCall {
         // `index` was checked against the counters, which are as many as the backends.
         &self.view.picker.backends()[self.index as usize]
     }
+
+    /// The picked backend's position in the view's picker.
+    pub(crate) fn index(&self) -> usize {
+        self.index as usize
+    }
 }
 
 impl Drop for LocalCall {

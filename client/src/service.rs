@@ -277,7 +277,6 @@ impl ServiceHandle {
                 done: false,
             })
         };
-        let index_of = |held: &Held| view.picker.position(held.backend().id());
         let mut refused = None;
         for _ in 0..=(if key.is_none() {
             crate::breaker::RETRIES
@@ -285,9 +284,7 @@ impl ServiceHandle {
             0
         }) {
             let held = self.pick_in(view, key)?;
-            let Some(i) = index_of(&held) else {
-                return Ok((held, None));
-            };
+            let i = held.index();
             let admit = breakers
                 .slot(i)
                 .map_or(Admit::Call, |s| s.admit(crate::breaker::now));
@@ -588,6 +585,15 @@ pub(crate) enum Held {
 }
 
 impl Held {
+    /// The picked backend's position in the picker it was picked from.
+    fn index(&self) -> usize {
+        match self {
+            Held::Local(call) => call.index(),
+            Held::Viewed(pick) => pick.index(),
+            Held::Shared(pick) => pick.index(),
+        }
+    }
+
     fn backend(&self) -> &Backend {
         match self {
             Held::Local(call) => call.backend(),

@@ -58,3 +58,45 @@ pub(crate) fn apply(
         max_concurrent_calls: b.max_concurrent_calls.unwrap_or(0),
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::ServerConfig;
+
+    #[test]
+    fn yaml_slow_start_and_circuit_breaker() {
+        let cfg = ServerConfig::from_yaml_str(
+            "services:
+  - name: web
+    policy:
+      slow_start: { window_ms: 30000 }
+      circuit_breaker: { consecutive_failures: 3, max_concurrent_calls: 100 }
+",
+        )
+        .expect("valid");
+        let web = cfg.services.iter().find(|s| s.name == "web").expect("web");
+        let s = web.policy.slow_start.expect("on");
+        assert_eq!((s.window_ms, s.min_percent), (30_000, 0));
+        let b = web.policy.circuit_breaker.expect("on");
+        assert_eq!((b.consecutive_failures, b.max_concurrent_calls), (3, 100));
+
+        let bad = ServerConfig::from_yaml_str(
+            "services:
+  - name: web
+    policy:
+      slow_start: { window_ms: 10 }
+",
+        )
+        .expect_err("bad window");
+        assert!(bad.to_string().contains("slow_start.window_ms"), "{bad}");
+        let bad = ServerConfig::from_yaml_str(
+            "services:
+  - name: web
+    policy:
+      circuit_breaker: { base_cooldown_ms: 5000, max_cooldown_ms: 100 }
+",
+        )
+        .expect_err("bad cap");
+        assert!(bad.to_string().contains("max_cooldown_ms"), "{bad}");
+    }
+}
