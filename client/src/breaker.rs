@@ -136,8 +136,8 @@ impl Breakers {
     }
 
     /// Takes a permit of the concurrent-call cap; `None` when the cap is reached (nothing
-    /// taken). Always succeeds without a cap.
-    pub(crate) fn permit(&self) -> Option<Option<Arc<AtomicU64>>> {
+    /// taken). Always succeeds without a cap (an empty permit).
+    pub(crate) fn permit(&self) -> Option<Option<Permit>> {
         let cap = u64::from(self.cfg.max_concurrent_calls);
         if cap == 0 {
             return Some(None);
@@ -146,7 +146,18 @@ impl Breakers {
             self.in_flight.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
-        Some(Some(self.in_flight.clone()))
+        Some(Some(Permit(self.in_flight.clone())))
+    }
+}
+
+/// One call counted against the service's concurrent-call cap, returned on drop (on every
+/// path: a pick that fails after taking it gives it back too).
+#[derive(Debug)]
+pub(crate) struct Permit(Arc<AtomicU64>);
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -155,7 +166,8 @@ impl Breakers {
 pub(crate) struct Ticket {
     pub(crate) slot: Arc<Slot>,
     pub(crate) trial: bool,
-    pub(crate) permit: Option<Arc<AtomicU64>>,
+    /// Dropped with the ticket (after the breaker bookkeeping).
+    pub(crate) _permit: Option<Permit>,
     pub(crate) done: bool,
 }
 
@@ -171,9 +183,6 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         if self.trial && !self.done {
             self.slot.breaker.lock().release_trial();
-        }
-        if let Some(p) = &self.permit {
-            p.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }

@@ -273,7 +273,7 @@ impl ServiceHandle {
             breakers.slot(index).map(|slot| crate::breaker::Ticket {
                 slot: slot.clone(),
                 trial: admit == Admit::Trial,
-                permit,
+                _permit: permit,
                 done: false,
             })
         };

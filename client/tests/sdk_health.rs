@@ -309,6 +309,27 @@ async fn concurrent_call_cap_fails_fast_with_resource_exhausted() {
         .collect();
     assert!(handle.get_next_server(None).is_err());
     drop(guards);
+
+    // Picks that fail for want of a backend give their permit back too.
+    handle.health_check_failed("a").await.unwrap();
+    let down = handle.health_check_failed("b").await.unwrap();
+    converge(&handle, down.version).await;
+    for _ in 0..5 {
+        assert!(matches!(
+            handle.get_next_server(None),
+            Err(Error::NoBackend { .. })
+        ));
+    }
+    let up = handle.health_check_passed("a").await.unwrap();
+    converge(&handle, up.version).await;
+    let guards: Vec<_> = (0..2)
+        .map(|_| handle.get_next_server(None).unwrap())
+        .collect();
+    assert!(matches!(
+        handle.get_next_server(None),
+        Err(Error::ResourceExhausted(_))
+    ));
+    drop(guards);
 }
 
 #[tokio::test]
