@@ -104,6 +104,11 @@ impl LocalCall {
     pub(crate) fn index(&self) -> usize {
         self.index as usize
     }
+
+    /// The view the call was picked through.
+    pub(crate) fn view(&self) -> &Arc<LocalView> {
+        &self.view
+    }
 }
 
 impl Drop for LocalCall {
