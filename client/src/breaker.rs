@@ -11,10 +11,9 @@
 //! onward to the next eligible one whose breaker admits a call. The cap is one shared atomic per
 //! service: a pick over it fails with [`crate::Error::ResourceExhausted`].
 //!
-//! Outcomes are recorded through [`Ticket`] (held by the `CallGuard`, which reaches the slot
-//! through the view it holds anyway, so the ticket is an index and no reference count is
-//! written per pick): success/failure go to the breaker; a half-open trial dropped without an
-//! outcome frees its slot; the cap's permit is returned on drop.
+//! Outcomes are recorded by [`Ticket`] (held by the `CallGuard`): success/failure go to the
+//! breaker; a half-open trial dropped without an outcome frees its slot; the cap's permit is
+//! returned on drop.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -67,8 +66,7 @@ impl Slot {
         self.breaker.lock().state()
     }
 
-    /// Records a call's outcome (`trial`: the call was a half-open trial).
-    pub(crate) fn record(&self, ok: bool, trial: bool) {
+    fn record(&self, ok: bool, trial: bool) {
         let mut b = self.breaker.lock();
         let before = b.state();
         if b.record(&self.cfg, ok, trial, crate::breaker::now()) {
@@ -163,15 +161,28 @@ impl Drop for Permit {
     }
 }
 
-/// A call's claim on its backend's breaker (slot `index` of the breakers of the view the call
-/// was picked through) and on the service's cap.
+/// A call's claim on its backend's breaker (and on the service's cap).
 #[derive(Debug)]
 pub(crate) struct Ticket {
-    pub(crate) index: u32,
-    /// The call is a half-open trial: its slot must be freed if it ends without an outcome.
+    pub(crate) slot: Arc<Slot>,
     pub(crate) trial: bool,
-    /// An outcome was recorded.
-    pub(crate) done: bool,
-    /// Returned when the ticket is dropped.
+    /// Dropped with the ticket (after the breaker bookkeeping).
     pub(crate) _permit: Option<Permit>,
+    pub(crate) done: bool,
+}
+
+impl Ticket {
+    /// Records the call's outcome.
+    pub(crate) fn record(&mut self, ok: bool) {
+        self.done = true;
+        self.slot.record(ok, self.trial);
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.trial && !self.done {
+            self.slot.breaker.lock().release_trial();
+        }
+    }
 }

@@ -104,11 +104,6 @@ impl LocalCall {
     pub(crate) fn index(&self) -> usize {
         self.index as usize
     }
-
-    /// The view the call was picked through.
-    pub(crate) fn view(&self) -> &Arc<LocalView> {
-        &self.view
-    }
 }
 
 impl Drop for LocalCall {

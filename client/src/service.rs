@@ -255,6 +255,7 @@ impl ServiceHandle {
 
     /// A pick under the service's circuit breakers and concurrent-call cap (see
     /// [`crate::breaker`]).
+    #[cold]
     fn pick_guarded(
         &self,
         view: &Arc<LocalView>,
@@ -269,11 +270,11 @@ impl ServiceHandle {
             )));
         };
         let ticket = |index: usize, admit: Admit, permit| {
-            Some(crate::breaker::Ticket {
-                index: u32::try_from(index).ok()?,
+            breakers.slot(index).map(|slot| crate::breaker::Ticket {
+                slot: slot.clone(),
                 trial: admit == Admit::Trial,
-                done: false,
                 _permit: permit,
+                done: false,
             })
         };
         let mut refused = None;
@@ -571,19 +572,6 @@ pub struct CallGuard {
     ticket: Option<crate::breaker::Ticket>,
 }
 
-impl Drop for CallGuard {
-    fn drop(&mut self) {
-        // A half-open trial that ends without an outcome frees its trial slot.
-        if let Some(t) = &self.ticket {
-            if t.trial && !t.done {
-                if let Some(slot) = self.call.breaker_slot(t.index) {
-                    slot.admit_released();
-                }
-            }
-        }
-    }
-}
-
 /// How a [`CallGuard`] counts its call and keeps its backend alive (the count ends when this
 /// is dropped).
 #[derive(Debug)]
@@ -597,17 +585,6 @@ pub(crate) enum Held {
 }
 
 impl Held {
-    /// The breaker slot `index` of the view this call was picked through (breaker picks are
-    /// always made through a view).
-    fn breaker_slot(&self, index: u32) -> Option<&crate::breaker::Slot> {
-        let view = match self {
-            Held::Local(call) => call.view(),
-            Held::Viewed(pick) => &pick.owner().0,
-            Held::Shared(_) => return None,
-        };
-        view.breakers.as_ref()?.slot(index as usize).map(|s| &**s)
-    }
-
     /// The picked backend's position in the picker it was picked from.
     fn index(&self) -> usize {
         match self {
@@ -659,10 +636,7 @@ impl CallGuard {
 
     fn finish(mut self, ok: bool) {
         if let Some(t) = &mut self.ticket {
-            t.done = true;
-            if let Some(slot) = self.call.breaker_slot(t.index) {
-                slot.record(ok, t.trial);
-            }
+            t.record(ok);
         }
         self.backend()
             .load()

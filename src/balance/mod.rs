@@ -877,10 +877,6 @@ impl<P: Deref<Target = Picker>> OwnedPick<P> {
     pub fn index(&self) -> usize {
         self.index as usize
     }
-    /// The handle that keeps the picker alive.
-    pub fn owner(&self) -> &P {
-        &self.picker
-    }
 }
 
 impl<P: Deref<Target = Picker>> Drop for OwnedPick<P> {
