@@ -15,12 +15,16 @@
 //!   max-ejection rule;
 //! * [`balance`] — the balancing algorithms: immutable pickers (smooth weighted round robin,
 //!   least connections exact and P2C, Maglev, ring hash, bounded load) and sticky sessions. They are
-//!   plain data plus atomics, testable without tokio.
+//!   plain data plus atomics, testable without tokio;
+//! * [`circuit`] — the SDK's per-backend circuit breaker (configuration and pure state machine);
+//! * [`slow_start`] — the weight ramp of newly eligible backends, applied by every picker builder.
 
 pub mod balance;
+pub mod circuit;
 pub mod health_check;
 pub mod health_policy;
 pub mod model;
+pub mod slow_start;
 pub mod sources;
 pub mod wire;
 

@@ -369,6 +369,8 @@ pub fn default_policy() -> proto::Policy {
         outlier_detection: None,
         panic: None,
         health_check: None,
+        slow_start: None,
+        circuit_breaker: None,
     }
 }
 
@@ -430,6 +432,8 @@ pub fn validate_policy(policy: &proto::Policy) -> Result<(), ValidationError> {
     if let Some(hc) = &policy.health_check {
         crate::health_check::validate(hc)?;
     }
+    crate::slow_start::validate(policy)?;
+    crate::circuit::validate(policy)?;
     crate::health_policy::validate(policy)
 }
 
@@ -475,13 +479,20 @@ pub fn sticky_config(policy: &proto::Policy) -> Option<StickyConfig> {
 
 /// Builds the picker for a service state (`policy` and its stored `servers`), off the request
 /// path. With the `previous` picker of the same service it rebuilds, so in-flight accounting and
-/// unchanged strings carry over by id. Used by `dlbd` and the SDK alike.
+/// unchanged strings carry over by id. Used by `dlbd` and the SDK alike. With slow start in the
+/// policy, ramping backends get their ramped weight at the local wall clock's now (see
+/// [`crate::slow_start`]; rebuild again at [`crate::slow_start::next_tick`]).
 pub fn build_picker<'a>(
     previous: Option<&Picker>,
     policy: &proto::Policy,
     servers: impl IntoIterator<Item = &'a proto::Server>,
 ) -> Result<Picker, BuildError> {
-    let specs: Vec<BackendSpec> = servers.into_iter().map(backend_spec).collect();
+    let servers: Vec<&proto::Server> = servers.into_iter().collect();
+    let mut specs: Vec<BackendSpec> = servers.iter().map(|s| backend_spec(s)).collect();
+    if let Some(ramp) = crate::slow_start::config(policy) {
+        let ready: Vec<u64> = servers.iter().map(|s| s.ready_since_ms).collect();
+        crate::slow_start::apply(&mut specs, &ready, crate::slow_start::now_ms(), &ramp);
+    }
     let config = policy_config(policy);
     match previous {
         Some(old) => old.rebuild(&config, &specs),

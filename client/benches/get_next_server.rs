@@ -13,6 +13,8 @@
 //! / total picks). 1 thread ÷ 2 threads is the speed-up. `control_xxh3` hashes without touching
 //! shared memory: it shows how much of the second core the machine gives during the run.
 //! `baseline/clock_now` is the clock read every pick makes to time its call.
+//! `sdk_pick_breaker/…` repeats `sdk_pick/…` with the SDK circuit breaker on (every breaker
+//! closed): the cost of the breaker check and of recording into it on the pick path.
 //!
 //! Run: `cargo bench -p dlb-client --bench get_next_server`; for the paired 1- vs 2-thread
 //! rounds (see `paired`): `DLB_PAIRED_ROUNDS=30 cargo bench -p dlb-client --bench
@@ -28,6 +30,16 @@ use dlb::proto;
 use dlb_client::{Client, ServiceHandle};
 
 const SIZES: [usize; 2] = [1_000, 10_000];
+
+/// [`snapshot`] with the SDK circuit breaker on (defaults, no concurrency cap): every pick
+/// also checks its backend's breaker and the guard records into it (docs/sdk-health.md).
+fn snapshot_with_breaker(algorithm: proto::Algorithm, n: usize) -> proto::ServiceUpdate {
+    let mut s = snapshot(algorithm, n);
+    if let Some(p) = s.policy.as_mut() {
+        p.circuit_breaker = Some(proto::CircuitBreaker::default());
+    }
+    s
+}
 
 /// A full snapshot of `n` backends with weights 1..=100 drawn from seed 42.
 fn snapshot(algorithm: proto::Algorithm, n: usize) -> proto::ServiceUpdate {
@@ -203,6 +215,24 @@ fn bench(c: &mut Criterion) {
                 handle.backends().iter().all(|b| b.in_flight == 0),
                 "every guard was dropped"
             );
+        }
+    }
+
+    // The same picks with the circuit breaker on (all closed): the breaker's pick-path cost.
+    for (name, algorithm, keyed) in CASES {
+        for n in SIZES {
+            let handle = client
+                .detached_service(&snapshot_with_breaker(algorithm, n))
+                .unwrap();
+            let mut group = c.benchmark_group(format!("sdk_pick_breaker/{name}"));
+            group.bench_with_input(BenchmarkId::from_parameter(n), &handle, |b, h| {
+                let mut i = 0usize;
+                b.iter(|| {
+                    i = (i + 1) & 4095;
+                    pick_once(h, keyed.then(|| &keys[i][..]));
+                });
+            });
+            group.finish();
         }
     }
 }

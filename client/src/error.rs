@@ -50,6 +50,10 @@ pub enum Error {
         /// Why it was rejected.
         reason: String,
     },
+    /// The service's concurrent-call cap (policy `circuit_breaker.max_concurrent_calls`) is
+    /// reached in this SDK: the call was not started (like `RESOURCE_EXHAUSTED`).
+    #[error("resource exhausted: {0}")]
+    ResourceExhausted(String),
     /// Any other gRPC failure, with its status.
     #[error("rpc failed: {0}")]
     Rpc(tonic::Status),

@@ -31,6 +31,7 @@
 //! plane that lost its state.
 
 pub mod admin;
+mod breaker;
 mod error;
 mod global;
 mod local;

@@ -40,6 +40,8 @@ use crate::service::ServiceState;
 pub(crate) struct LocalView {
     pub(crate) picker: Arc<Picker>,
     pub(crate) sticky: Option<Arc<StickyTable>>,
+    /// The circuit breakers of `picker`'s backends, when the policy has them.
+    pub(crate) breakers: Option<Arc<crate::breaker::Breakers>>,
     /// Calls in flight picked through this view, per backend index of `picker`; empty when the
     /// picker counts calls itself ([`Picker::needs_counts`]).
     in_flight: Box<[AtomicU64]>,
@@ -96,6 +98,11 @@ impl LocalCall {
     pub(crate) fn backend(&self) -> &Backend {
         // `index` was checked against the counters, which are as many as the backends.
         &self.view.picker.backends()[self.index as usize]
+    }
+
+    /// The picked backend's position in the view's picker.
+    pub(crate) fn index(&self) -> usize {
+        self.index as usize
     }
 }
 
@@ -165,6 +172,7 @@ fn refresh(cache: &mut Vec<Cached>, state: &Arc<ServiceState>, generation: u64) 
         let view = Arc::new(LocalView {
             picker: picker.clone(),
             sticky: snapshot.sticky.clone(),
+            breakers: snapshot.breakers.clone(),
             in_flight,
         });
         if view.counts_locally() {

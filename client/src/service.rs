@@ -88,6 +88,8 @@ pub(crate) struct Snapshot {
     pub(crate) sticky: Option<Arc<StickyTable>>,
     /// The policy the picker was built with.
     pub(crate) policy: Option<proto::Policy>,
+    /// The circuit breakers of `picker`'s backends, when the policy has them.
+    pub(crate) breakers: Option<Arc<crate::breaker::Breakers>>,
     /// The control plane said the service does not exist (and nothing is held).
     pub(crate) not_found: bool,
     /// Routing continues on an older snapshot because the control plane sent one that would
@@ -235,16 +237,114 @@ impl ServiceHandle {
     /// [`Error::Unavailable`] before the first snapshot, [`Error::NoBackend`] when nothing is
     /// eligible (or a strict sticky session's backend is gone).
     pub fn get_next_server(&self, key: Option<&[u8]>) -> Result<CallGuard> {
-        let call = local::with_view(&self.state, |view| match view {
-            Some(view) => self.pick_in(view, key),
+        let (call, ticket) = local::with_view(&self.state, |view| match view {
+            Some(view) => match &view.breakers {
+                None => Ok((self.pick_in(view, key)?, None)),
+                Some(b) => self.pick_guarded(view, b, key),
+            },
             None => Err(self.no_picker()),
         })
-        // No thread-local cache (thread exit): pick from the shared snapshot.
-        .unwrap_or_else(|| self.pick_shared(key))?;
+        // No thread-local cache (thread exit): pick from the shared snapshot (no breakers).
+        .unwrap_or_else(|| self.pick_shared(key).map(|c| (c, None)))?;
         Ok(CallGuard {
             call,
             started: Instant::now(),
+            ticket,
         })
+    }
+
+    /// A pick under the service's circuit breakers and concurrent-call cap (see
+    /// [`crate::breaker`]).
+    #[cold]
+    fn pick_guarded(
+        &self,
+        view: &Arc<LocalView>,
+        breakers: &crate::breaker::Breakers,
+        key: Option<&[u8]>,
+    ) -> Result<(Held, Option<crate::breaker::Ticket>)> {
+        use dlb::circuit::Admit;
+        let Some(permit) = breakers.permit() else {
+            return Err(Error::ResourceExhausted(format!(
+                "service {:?} has {} calls in flight from this client (circuit_breaker.max_concurrent_calls)",
+                self.state.name, breakers.cfg.max_concurrent_calls
+            )));
+        };
+        let ticket = |index: usize, admit: Admit, permit| {
+            breakers.slot(index).map(|slot| crate::breaker::Ticket {
+                slot: slot.clone(),
+                trial: admit == Admit::Trial,
+                _permit: permit,
+                done: false,
+            })
+        };
+        let mut refused = None;
+        for _ in 0..=(if key.is_none() {
+            crate::breaker::RETRIES
+        } else {
+            0
+        }) {
+            let held = self.pick_in(view, key)?;
+            let i = held.index();
+            let admit = breakers
+                .slot(i)
+                .map_or(Admit::Call, |s| s.admit(crate::breaker::now));
+            if admit != Admit::Refused {
+                return Ok((held, ticket(i, admit, permit)));
+            }
+            refused = Some(i);
+        }
+        // Walk on from the refused backend to the next eligible one that admits a call.
+        let n = view.picker.backends().len();
+        let start = refused.unwrap_or(0);
+        for off in 1..n {
+            let j = (start + off) % n;
+            let b = &view.picker.backends()[j];
+            if !b.is_eligible() {
+                continue;
+            }
+            let Some(slot) = breakers.slot(j) else {
+                continue;
+            };
+            let admit = slot.admit(crate::breaker::now);
+            if admit == Admit::Refused {
+                continue;
+            }
+            if let Some(pick) = view.picker.pick_id(b.id()) {
+                let held = Held::Viewed(pick.into_owned_by(ViewRef(view.clone())));
+                return Ok((held, ticket(j, admit, permit)));
+            }
+            if admit == Admit::Trial {
+                slot.admit_released();
+            }
+        }
+        Err(Error::NoBackend {
+            service: self.state.name.clone(),
+            reason: PickError::NoEligibleBackends,
+        })
+    }
+
+    /// This SDK's circuit-breaker state per backend (empty when the policy has no breaker).
+    pub fn circuit_states(&self) -> Vec<(String, dlb::circuit::State)> {
+        let snap = self.state.snapshot.load();
+        let (Some(picker), Some(b)) = (&snap.picker, &snap.breakers) else {
+            return Vec::new();
+        };
+        picker
+            .backends()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, be)| Some((be.id().to_owned(), b.state(i)?)))
+            .collect()
+    }
+
+    /// Closed → open transitions of this service's breakers in this SDK.
+    pub fn circuit_trips(&self) -> u64 {
+        self.state
+            .snapshot
+            .load()
+            .breakers
+            .as_ref()
+            .map_or(0, |b| b.trips.load(Ordering::Relaxed))
     }
 
     /// A pick through this thread's view.
@@ -468,6 +568,8 @@ impl ServiceHandle {
 pub struct CallGuard {
     pub(crate) call: Held,
     started: Instant,
+    /// The circuit-breaker claim, when the policy has breakers (dropped after `call`).
+    ticket: Option<crate::breaker::Ticket>,
 }
 
 /// How a [`CallGuard`] counts its call and keeps its backend alive (the count ends when this
@@ -480,6 +582,25 @@ pub(crate) enum Held {
     Viewed(OwnedPick<ViewRef>),
     /// Counted by the picker; holds the picker's shared `Arc` (picks made without a view).
     Shared(OwnedPick),
+}
+
+impl Held {
+    /// The picked backend's position in the picker it was picked from.
+    fn index(&self) -> usize {
+        match self {
+            Held::Local(call) => call.index(),
+            Held::Viewed(pick) => pick.index(),
+            Held::Shared(pick) => pick.index(),
+        }
+    }
+
+    fn backend(&self) -> &Backend {
+        match self {
+            Held::Local(call) => call.backend(),
+            Held::Viewed(pick) => pick.backend(),
+            Held::Shared(pick) => pick.backend(),
+        }
+    }
 }
 
 impl CallGuard {
@@ -495,11 +616,7 @@ impl CallGuard {
 
     /// The picked backend.
     pub fn backend(&self) -> &Backend {
-        match &self.call {
-            Held::Local(call) => call.backend(),
-            Held::Viewed(pick) => pick.backend(),
-            Held::Shared(pick) => pick.backend(),
-        }
+        self.call.backend()
     }
 
     /// Time since the pick.
@@ -517,7 +634,10 @@ impl CallGuard {
         self.finish(false);
     }
 
-    fn finish(self, ok: bool) {
+    fn finish(mut self, ok: bool) {
+        if let Some(t) = &mut self.ticket {
+            t.record(ok);
+        }
         self.backend()
             .load()
             .record_outcome(ok, self.started.elapsed());

@@ -347,6 +347,8 @@ struct RawPolicy {
     outlier_detection: Option<crate::config_health::RawOutlier>,
     panic: Option<crate::config_health::RawPanic>,
     health_check: Option<crate::health::config::RawHealthCheck>,
+    slow_start: Option<crate::config_sdk_health::RawSlowStart>,
+    circuit_breaker: Option<crate::config_sdk_health::RawCircuitBreaker>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -561,6 +563,11 @@ fn convert_service(ctx: &Ctx<'_>, i: usize, s: &RawService) -> Result<ServiceCon
         }
         crate::config_health::apply(p.outlier_detection.as_ref(), p.panic.as_ref(), &mut policy)
             .map_err(|e| ctx.invalid(at(&e.field.clone()), e))?;
+        crate::config_sdk_health::apply(
+            p.slow_start.as_ref(),
+            p.circuit_breaker.as_ref(),
+            &mut policy,
+        );
     }
     model::validate_policy(&policy).map_err(|e| {
         let field = e.field.strip_prefix("policy.").unwrap_or(&e.field);

@@ -150,6 +150,12 @@ impl Drop for Cleanup {
             self.shared.pickers.set_baselines(&service, &totals);
             self.shared.metrics.in_flight(&service, &totals);
         }
+        for service in self.shared.circuits.remove_session(self.id) {
+            self.shared
+                .metrics
+                .circuits
+                .update(&service, &self.shared.circuits);
+        }
         self.shared.metrics.session_delta(-1);
     }
 }
@@ -424,6 +430,11 @@ impl Session {
                         self.shared.cache.unfollow_service(service, &self.waker);
                     }
                     self.global.forget(service);
+                    self.shared.circuits.remove_service(self.id, service);
+                    self.shared
+                        .metrics
+                        .circuits
+                        .update(service, &self.shared.circuits);
                     if let Some(totals) = self.shared.loads.remove_service(self.id, service) {
                         self.shared.pickers.set_baselines(service, &totals);
                         self.shared.metrics.in_flight(service, &totals);
@@ -450,6 +461,16 @@ impl Session {
                         .backends
                         .retain(|b| snap.servers.contains_key(b.server_id.as_str()));
                     self.shared.reports.submit(service, &report.backends);
+                    if self
+                        .shared
+                        .circuits
+                        .report(self.id, service, &report.backends)
+                    {
+                        self.shared
+                            .metrics
+                            .circuits
+                            .update(service, &self.shared.circuits);
+                    }
                     let totals = self.shared.loads.report(self.id, service, &report.backends);
                     self.shared.pickers.set_baselines(service, &totals);
                     self.shared.metrics.in_flight(service, &totals);

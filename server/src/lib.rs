@@ -49,7 +49,9 @@ pub mod loads;
 pub mod membership;
 pub mod metrics;
 // Issue 9 (outlier detection, panic, global least connections, request metrics).
+pub mod circuits;
 mod config_health;
+mod config_sdk_health;
 pub mod global_load;
 pub mod health_metrics;
 pub mod outlier;
@@ -218,6 +220,7 @@ pub async fn spawn_with_store(
         sessions: std::sync::atomic::AtomicUsize::new(0),
         max_sessions: config.max_sessions,
         health,
+        circuits: circuits::CircuitTracker::new(),
     });
     let mut signal = shutdown_rx.clone();
     let follower = tokio::spawn(

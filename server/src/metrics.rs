@@ -67,6 +67,8 @@ pub struct Metrics {
     pub health: crate::health::metrics::HealthMetrics,
     /// Automatic discovery: leases and DNS (see [`crate::membership::MembershipMetrics`]).
     pub membership: crate::membership::MembershipMetrics,
+    /// The SDKs' circuit-breaker states (see [`crate::circuits`]).
+    pub circuits: crate::circuits::CircuitMetrics,
 }
 
 impl Default for Metrics {
@@ -134,6 +136,7 @@ impl Metrics {
             in_flight.clone(),
         );
         let passive = crate::health_metrics::HealthMetrics::register(&mut registry, per_backend);
+        let circuits = crate::circuits::CircuitMetrics::register(&mut registry);
         let per_backend = per_backend.then(|| {
             let family = Family::<Labels, Gauge>::default();
             registry.register(
@@ -148,6 +151,7 @@ impl Metrics {
         let xds = crate::xds::XdsMetrics::register(&mut registry);
         Self {
             passive,
+            circuits,
             health,
             xds,
             membership,

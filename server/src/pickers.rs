@@ -102,13 +102,14 @@ impl Pickers {
             .is_ok_and(|r| r.is_ok())
     }
 
-    /// Builds and installs the picker for `snapshot` unless the installed one is as new.
-    /// Blocking (run it off the async workers). Only the service's builder calls it.
-    fn install(&self, snapshot: Arc<ServiceSnapshot>) -> Result<bool, Error> {
+    /// Builds and installs the picker for `snapshot` unless the installed one is as new (or
+    /// `ramp` asks for a rebuild of the same version: a slow-start tick). Blocking (run it off
+    /// the async workers). Only the service's builder calls it.
+    fn install(&self, snapshot: Arc<ServiceSnapshot>, ramp: bool) -> Result<bool, Error> {
         let entry = self.entry(&snapshot.name);
         let current = entry.current.load_full();
         if let Some(cur) = &current {
-            if cur.version == snapshot.version {
+            if cur.version == snapshot.version && !ramp {
                 return Ok(false);
             }
         }
@@ -217,12 +218,22 @@ async fn builder(shared: Arc<Shared>, service: Arc<str>) {
     // Whether the service was in panic at the last build (entering and leaving are logged and
     // counted here, once per dlbd; every SDK decides the same from the same records).
     let mut in_panic = false;
+    // Slow start: while a backend ramps, rebuild the same version at the next tick (the ramp
+    // is computed from the records and the clock, see `dlb::slow_start`).
+    let mut ramp_tick: Option<std::time::Duration> = None;
+    let mut ramp = false;
     loop {
         waker.take_dirty();
         if let Some(snapshot) = shared.cache.get(&service) {
             let s = shared.clone();
             let snap = snapshot.clone();
-            match tokio::task::spawn_blocking(move || s.pickers.install(snap)).await {
+            ramp_tick = dlb::slow_start::next_tick(
+                &snapshot.policy,
+                snapshot.servers.values().map(|s| &**s),
+                dlb::slow_start::now_ms(),
+            );
+            let force = std::mem::take(&mut ramp);
+            match tokio::task::spawn_blocking(move || s.pickers.install(snap, force)).await {
                 Ok(Ok(true)) => {
                     // A new picker starts from the reported global in-flight counts.
                     let totals = shared.loads.totals(&service);
@@ -249,8 +260,10 @@ async fn builder(shared: Arc<Shared>, service: Arc<str>) {
                 Err(e) => tracing::error!(service = %service, error = %e, "picker build failed"),
             }
         }
+        let tick = ramp_tick.unwrap_or(std::time::Duration::MAX);
         tokio::select! {
             _ = waker.notified() => {}
+            _ = tokio::time::sleep(tick), if ramp_tick.is_some() => ramp = true,
             _ = crate::state::stopped(&mut shutdown) => break,
         }
     }

@@ -227,12 +227,14 @@ impl RegistryService {
             .ok_or_else(|| Error::ServiceNotFound(service.clone()))?;
         let panic =
             dlb::health_policy::panic_state(&snap.policy, snap.servers.values().map(|s| &**s));
+        let circuits = self.shared.circuits.reports(&service);
         Ok(proto::ListServersResponse {
             service,
             version: Some(snap.version),
             policy: Some(snap.policy.clone()),
             servers: snap.server_list(),
             panic: Some(panic),
+            circuits,
         })
     }
 

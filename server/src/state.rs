@@ -46,6 +46,8 @@ pub(crate) struct Shared {
     pub health: crate::health::HealthHandle,
     /// Load-report outcomes on their way to the outlier task ([`crate::outlier`]).
     pub reports: crate::outlier::Reports,
+    /// The SDKs' reported circuit-breaker states ([`crate::circuits`]).
+    pub circuits: crate::circuits::CircuitTracker,
 }
 
 impl Shared {

@@ -54,6 +54,8 @@ fn server() -> impl Strategy<Value = proto::Server> {
                     effective_weight: ew,
                     reason: "client-supplied".into(),
                     sources: None,
+                    // Client-supplied; the store stamps its own.
+                    ready_since_ms: u64::from(ew),
                     ..Default::default()
                 }
             },

@@ -873,6 +873,10 @@ impl<P: Deref<Target = Picker>> OwnedPick<P> {
     pub fn is_counted(&self) -> bool {
         self.counted
     }
+    /// The picked backend's position in [`Picker::backends`].
+    pub fn index(&self) -> usize {
+        self.index as usize
+    }
 }
 
 impl<P: Deref<Target = Picker>> Drop for OwnedPick<P> {

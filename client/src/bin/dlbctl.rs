@@ -197,7 +197,7 @@ enum PolicyCommand {
     /// Print the policy.
     Get,
     /// Change the policy; fields not given keep their current value.
-    Set(PolicySet),
+    Set(Box<PolicySet>),
 }
 
 #[derive(Debug, Args)]
@@ -220,6 +220,116 @@ struct PolicySet {
     /// Outlier detection and panic settings.
     #[command(flatten)]
     health: HealthFlags,
+    /// Slow start and circuit breaker settings.
+    #[command(flatten)]
+    sdk_health: SdkHealthFlags,
+}
+
+/// `dlbctl policy set` flags for slow start and the SDK's circuit breaker
+/// (docs/sdk-health.md). Setting any `--breaker-*` flag turns the breaker on; 0 means "the
+/// default" (or "off" where the proto says so).
+#[derive(Debug, Args)]
+struct SdkHealthFlags {
+    /// Slow-start window, milliseconds (0 = off).
+    #[arg(long)]
+    slow_start_ms: Option<u32>,
+    /// Slow-start weight at the start of the ramp, percent (0 = default 10).
+    #[arg(long)]
+    slow_start_min_percent: Option<u32>,
+    /// Turn the circuit breaker off.
+    #[arg(long)]
+    breaker_off: bool,
+    /// Open after this many failures in a row (0 = default 5).
+    #[arg(long)]
+    breaker_consecutive: Option<u32>,
+    /// Open at this failure percent over a window (0 = off).
+    #[arg(long)]
+    breaker_failure_rate: Option<u32>,
+    /// Minimum calls in a window for the failure-rate rule (0 = default 20).
+    #[arg(long)]
+    breaker_min_requests: Option<u32>,
+    /// Failure-rate window, milliseconds (0 = default 10000).
+    #[arg(long)]
+    breaker_window_ms: Option<u32>,
+    /// First cool-down, milliseconds (0 = default 1000).
+    #[arg(long)]
+    breaker_base_ms: Option<u32>,
+    /// Cap on the cool-down, milliseconds (0 = default 60000).
+    #[arg(long)]
+    breaker_max_ms: Option<u32>,
+    /// Concurrent trial calls while half-open (0 = default 1).
+    #[arg(long)]
+    breaker_trials: Option<u32>,
+    /// At most this many calls in flight per SDK to the service (0 = no cap).
+    #[arg(long)]
+    max_concurrent_calls: Option<u32>,
+}
+
+/// A policy's slow start and circuit breaker, as text (0 = the default, see dlb.proto).
+fn sdk_health_text(p: &proto::Policy) -> String {
+    let slow = match p.slow_start {
+        Some(s) if s.window_ms > 0 => {
+            format!(
+                "slow_start=on(window_ms={} min_percent={})",
+                s.window_ms, s.min_percent
+            )
+        }
+        _ => "slow_start=off".to_owned(),
+    };
+    let breaker = match p.circuit_breaker {
+        None => "breaker=off".to_owned(),
+        Some(b) => format!(
+            "breaker=on(consecutive={} failure_rate={} min_requests={} window_ms={} base_ms={} max_ms={} trials={} max_concurrent={})",
+            b.consecutive_failures, b.failure_rate_percent, b.min_requests, b.window_ms,
+            b.base_cooldown_ms, b.max_cooldown_ms, b.half_open_max_calls, b.max_concurrent_calls
+        ),
+    };
+    format!("{slow} {breaker}")
+}
+
+impl SdkHealthFlags {
+    /// Applies the flags that were given to `policy`.
+    fn apply(&self, policy: &mut proto::Policy) {
+        if self.slow_start_ms.is_some() || self.slow_start_min_percent.is_some() {
+            let s = policy.slow_start.get_or_insert_with(Default::default);
+            if let Some(v) = self.slow_start_ms {
+                s.window_ms = v;
+            }
+            if let Some(v) = self.slow_start_min_percent {
+                s.min_percent = v;
+            }
+        }
+        let fields = [
+            self.breaker_consecutive,
+            self.breaker_failure_rate,
+            self.breaker_min_requests,
+            self.breaker_window_ms,
+            self.breaker_base_ms,
+            self.breaker_max_ms,
+            self.breaker_trials,
+            self.max_concurrent_calls,
+        ];
+        if self.breaker_off {
+            policy.circuit_breaker = None;
+        } else if fields.iter().any(Option::is_some) {
+            let b = policy.circuit_breaker.get_or_insert_with(Default::default);
+            let slots = [
+                &mut b.consecutive_failures,
+                &mut b.failure_rate_percent,
+                &mut b.min_requests,
+                &mut b.window_ms,
+                &mut b.base_cooldown_ms,
+                &mut b.max_cooldown_ms,
+                &mut b.half_open_max_calls,
+                &mut b.max_concurrent_calls,
+            ];
+            for (slot, value) in slots.into_iter().zip(fields) {
+                if let Some(v) = value {
+                    *slot = v;
+                }
+            }
+        }
+    }
 }
 
 /// `dlbctl policy set` flags for outlier detection and the panic threshold (docs/outlier.md).
@@ -399,6 +509,7 @@ fn server_json(s: &proto::Server) -> Value {
             "verdict": proto::Verdict::try_from(p.verdict).map_or("unknown", |v| v.as_str_name()),
             "detail": p.detail,
         })),
+        "ready_since_ms": s.ready_since_ms,
     })
 }
 
@@ -439,18 +550,20 @@ fn policy_json(p: &proto::Policy) -> Value {
         "sticky_ttl_seconds": p.sticky_ttl_seconds,
         "sticky_max_entries": p.sticky_max_entries,
         "health": health_text(p),
+        "sdk_health": sdk_health_text(p),
     })
 }
 
 fn policy_text(p: &proto::Policy) -> String {
     format!(
-        "algorithm={} bounded_load={} sticky={} sticky_ttl={} sticky_max={} {}",
+        "algorithm={} bounded_load={} sticky={} sticky_ttl={} sticky_max={} {} {}",
         model::algorithm_name(p.algorithm),
         p.bounded_load_factor,
         model::sticky_mode_name(p.sticky_mode),
         p.sticky_ttl_seconds,
         p.sticky_max_entries,
-        health_text(p)
+        health_text(p),
+        sdk_health_text(p)
     )
 }
 
@@ -566,7 +679,10 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     "{}",
                     json!({"service": r.service, "version": version_json(r.version),
                            "policy": policy_json(&policy), "servers": servers,
-                           "panic": panic_json(r.panic)})
+                           "panic": panic_json(r.panic),
+                           "circuits": r.circuits.iter().map(|c| json!({
+                               "server_id": c.server_id, "open_sessions": c.open_sessions,
+                               "half_open_sessions": c.half_open_sessions})).collect::<Vec<_>>()})
                 );
             } else {
                 println!(
@@ -581,6 +697,12 @@ async fn run(cli: Cli) -> Result<(), Error> {
                         "  {}{}",
                         server_text(s),
                         membership::list_suffix(s, &leases)
+                    );
+                }
+                for c in &r.circuits {
+                    println!(
+                        "  circuit {}: open in {} SDK session(s), half-open in {}",
+                        c.server_id, c.open_sessions, c.half_open_sessions
                     );
                 }
             }
@@ -710,6 +832,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 policy.sticky_max_entries = m;
             }
             set.health.apply(&mut policy)?;
+            set.sdk_health.apply(&mut policy);
             model::validate_policy(&policy)?;
             let r = admin
                 .set_policy_if(&service, policy, Some(read_version))

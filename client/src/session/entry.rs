@@ -51,6 +51,11 @@ pub(super) struct Entry {
     held_since: Option<tokio::time::Instant>,
     /// The in-flight counts of the other SDKs, as last pushed (`GlobalLoad`), by backend id.
     others: std::collections::HashMap<String, u64>,
+    /// Slow start: when the picker must be rebuilt for a ramp to progress (see
+    /// `dlb::slow_start`); `None` when nothing ramps.
+    pub(super) ramp_at: Option<tokio::time::Instant>,
+    /// The circuit breakers built with `picker` (see [`crate::breaker`]).
+    breakers: Option<Arc<crate::breaker::Breakers>>,
 }
 
 /// How long an update held back by the restart-flooding rule is held at most: after this the
@@ -70,6 +75,20 @@ impl Entry {
             dirty: false,
             held_since: None,
             others: std::collections::HashMap::new(),
+            ramp_at: None,
+            breakers: None,
+        }
+    }
+
+    /// A slow-start tick: rebuilds the picker (same records, weights ramped at the current
+    /// time) when `ramp_at` has passed.
+    pub(super) fn ramp_tick(&mut self, now: tokio::time::Instant) {
+        if self.ramp_at.is_some_and(|t| now >= t) {
+            self.ramp_at = None;
+            self.dirty = true;
+            if let Err(e) = self.flush() {
+                tracing::warn!(service = %self.state.name, error = %e, "slow-start rebuild failed");
+            }
         }
     }
 
@@ -294,6 +313,9 @@ impl Entry {
             }
         };
         self.state.stats.rebuilds.fetch_add(1, Ordering::Relaxed);
+        self.ramp_at =
+            dlb::slow_start::next_tick(&policy, self.records.values(), dlb::slow_start::now_ms())
+                .map(|d| tokio::time::Instant::now() + d);
         // Backends new to this picker start from the pushed global counts too.
         crate::global::apply_baselines(&picker, &self.others);
         crate::global::panic_event(
@@ -301,12 +323,20 @@ impl Entry {
             self.picker.as_deref().map(|p| p.panic_state()),
             picker.panic_state(),
         );
+        self.breakers = dlb::circuit::config(&policy).map(|cfg| {
+            Arc::new(crate::breaker::Breakers::build(
+                cfg,
+                &picker,
+                self.breakers.as_deref().zip(self.picker.as_deref()),
+            ))
+        });
         self.picker = Some(picker.clone());
         self.sticky = model::carry_sticky(self.sticky.as_ref(), &policy);
         self.state.publish(Snapshot {
             version: self.version,
             picker: Some(picker),
             sticky: self.sticky.clone(),
+            breakers: self.breakers.clone(),
             policy: Some(policy),
             not_found: false,
             stale: false,
@@ -321,6 +351,7 @@ impl Entry {
             version: old.version,
             picker: old.picker.clone(),
             sticky: old.sticky.clone(),
+            breakers: old.breakers.clone(),
             policy: old.policy.clone(),
             not_found: false,
             stale: true,
@@ -347,6 +378,7 @@ impl Entry {
         }
         self.picker = None;
         self.sticky = None;
+        self.breakers = None;
         self.state.publish(Snapshot {
             version: Version { epoch, version: 0 },
             not_found: true,
@@ -357,12 +389,20 @@ impl Entry {
     /// The load report due for this service, if any: `None` when there is no picker, or when
     /// there is nothing to report and the previous report was empty too.
     pub(super) fn load_report(&mut self, interval: Duration) -> Option<proto::LoadReport> {
-        let picker = self.state.snapshot.load().picker.clone()?;
+        let snap = self.state.snapshot.load();
+        let picker = snap.picker.clone()?;
+        let breakers = snap.breakers.clone();
+        drop(snap);
         let in_flight = crate::local::in_flight(&self.state, &picker);
         let mut backends = Vec::new();
-        for (b, in_flight) in picker.backends().iter().zip(in_flight) {
+        for (i, (b, in_flight)) in picker.backends().iter().zip(in_flight).enumerate() {
             let o = b.load().take_outcomes();
-            if in_flight == 0 && o.successes == 0 && o.failures == 0 {
+            let circuit = breakers
+                .as_ref()
+                .and_then(|br| br.state(i))
+                .map(|s| s.to_proto());
+            let tripped = circuit.is_some_and(|c| c != proto::CircuitState::Closed);
+            if in_flight == 0 && o.successes == 0 && o.failures == 0 && !tripped {
                 continue;
             }
             let latency = (o.latency_count > 0).then(|| proto::LatencySummary {
@@ -377,6 +417,7 @@ impl Entry {
                 successes: o.successes,
                 failures: o.failures,
                 latency,
+                circuit: circuit.map_or(0, |c| c as i32),
                 ..Default::default()
             });
         }

@@ -275,9 +275,24 @@ where
     // server that disagree about a snapshot cannot loop Nack -> full -> Nack tightly.
     let mut last_nack: HashMap<String, Instant> = HashMap::new();
     let mut deferred_nacks: HashMap<String, proto::Nack> = HashMap::new();
+    // Slow start: the earliest picker rebuild a ramp asks for (see `Entry::ramp_tick`).
+    let ramp_timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(ramp_timer);
 
     loop {
+        let next_ramp = entries.values().filter_map(|e| e.ramp_at).min();
+        if let Some(at) = next_ramp {
+            if ramp_timer.deadline() != at {
+                ramp_timer.as_mut().reset(at);
+            }
+        }
         tokio::select! {
+            () = &mut ramp_timer, if next_ramp.is_some() => {
+                let now = Instant::now();
+                for entry in entries.values_mut() {
+                    entry.ramp_tick(now);
+                }
+            }
             () = &mut ack_timer, if !pending_acks.is_empty() => {
                 for (_, ack) in pending_acks.drain() {
                     if tx.send(client_msg(ClientKind::Ack(ack))).await.is_err() {

@@ -148,7 +148,12 @@ impl Engine {
                 });
             }
         }
-        let plan = plan(service, current.as_ref(), &mutations)?;
+        let plan = plan(
+            service,
+            current.as_ref(),
+            &mutations,
+            dlb::slow_start::now_ms(),
+        )?;
         if current.is_none() && plan.change.is_some() {
             let services = self.state.lock().services.len();
             if services >= model::MAX_SERVICES {
@@ -302,14 +307,24 @@ fn new_sources() -> proto::HealthSources {
     }
 }
 
-/// Stamps derived fields and validates a record about to be stored.
-fn finish(mut server: proto::Server) -> Result<proto::Server, Error> {
+/// Stamps derived fields (and `ready_since_ms` from the record it replaces, `old`, at `now_ms`)
+/// and validates a record about to be stored.
+fn finish(
+    mut server: proto::Server,
+    old: Option<&proto::Server>,
+    now_ms: u64,
+) -> Result<proto::Server, Error> {
     sources::stamp(&mut server);
+    dlb::slow_start::stamp_ready_since(old, &mut server, now_ms);
     model::validate_server(&server)?;
     Ok(server)
 }
 
-fn patch_record(old: &proto::Server, patch: &ServerPatch) -> Result<proto::Server, Error> {
+fn patch_record(
+    old: &proto::Server,
+    patch: &ServerPatch,
+    now_ms: u64,
+) -> Result<proto::Server, Error> {
     let mut new = old.clone();
     if let Some(w) = patch.weight {
         new.weight = w;
@@ -336,14 +351,16 @@ fn patch_record(old: &proto::Server, patch: &ServerPatch) -> Result<proto::Serve
     if let Some(o) = &patch.outlier {
         sources.outlier = Some(o.clone());
     }
-    finish(new)
+    finish(new, Some(old), now_ms)
 }
 
-/// Computes the effect of `mutations` on `current` (pure; O(mutations × log n)).
+/// Computes the effect of `mutations` on `current` at wall-clock `now_ms` (pure; O(mutations ×
+/// log n)).
 fn plan(
     service: &str,
     current: Option<&ServiceState>,
     mutations: &[Mutation],
+    now_ms: u64,
 ) -> Result<Plan, Error> {
     let mut state = current
         .cloned()
@@ -367,13 +384,17 @@ fn plan(
                         server_id: server.server_id.clone(),
                     });
                 }
-                let record = finish(proto::Server {
-                    health: 0,
-                    reason: String::new(),
-                    effective_weight: 0,
-                    sources: Some(new_sources()),
-                    ..server.clone()
-                })?;
+                let record = finish(
+                    proto::Server {
+                        health: 0,
+                        reason: String::new(),
+                        effective_weight: 0,
+                        sources: Some(new_sources()),
+                        ..server.clone()
+                    },
+                    None,
+                    now_ms,
+                )?;
                 state.servers.insert(id.clone(), Arc::new(record));
                 created_service |= !exists;
                 touched.insert(id.clone());
@@ -382,25 +403,33 @@ fn plan(
             Mutation::Declare(server) => {
                 let id: Arc<str> = server.server_id.as_str().into();
                 let record = match state.servers.get(&id) {
-                    Some(old) => finish(proto::Server {
-                        address: server.address.clone(),
-                        weight: server.weight,
-                        hash_key: server.hash_key.clone(),
-                        metadata: server.metadata.clone(),
-                        // Ownership is declared too: a lease or DNS record declared by the
-                        // config file becomes API-owned, a re-register updates its TTL.
-                        source: server.source,
-                        lease_ttl_seconds: server.lease_ttl_seconds,
-                        dns_name: server.dns_name.clone(),
-                        ..(**old).clone()
-                    })?,
-                    None => finish(proto::Server {
-                        health: 0,
-                        reason: String::new(),
-                        effective_weight: 0,
-                        sources: Some(new_sources()),
-                        ..server.clone()
-                    })?,
+                    Some(old) => finish(
+                        proto::Server {
+                            address: server.address.clone(),
+                            weight: server.weight,
+                            hash_key: server.hash_key.clone(),
+                            metadata: server.metadata.clone(),
+                            // Ownership is declared too: a lease or DNS record declared by the
+                            // config file becomes API-owned, a re-register updates its TTL.
+                            source: server.source,
+                            lease_ttl_seconds: server.lease_ttl_seconds,
+                            dns_name: server.dns_name.clone(),
+                            ..(**old).clone()
+                        },
+                        Some(old),
+                        now_ms,
+                    )?,
+                    None => finish(
+                        proto::Server {
+                            health: 0,
+                            reason: String::new(),
+                            effective_weight: 0,
+                            sources: Some(new_sources()),
+                            ..server.clone()
+                        },
+                        None,
+                        now_ms,
+                    )?,
                 };
                 state.servers.insert(id.clone(), Arc::new(record));
                 created_service |= !exists;
@@ -426,7 +455,7 @@ fn plan(
                     .servers
                     .get(&id)
                     .ok_or_else(|| server_not_found(&id))?;
-                let new = patch_record(old, patch)?;
+                let new = patch_record(old, patch, now_ms)?;
                 state.servers.insert(id.clone(), Arc::new(new));
                 touched.insert(id.clone());
                 named.push(id);
