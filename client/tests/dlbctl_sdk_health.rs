@@ -11,32 +11,14 @@ use std::time::Duration;
 use common::*;
 use dlb_client::Client;
 use serde_json::Value;
-use tokio::process::Command;
 
 async fn dlbctl(endpoint: &str, args: &[&str]) -> (i32, String, String) {
-    let out = within(
-        &format!("dlbctl {args:?}"),
-        Command::new(env!("CARGO_BIN_EXE_dlbctl"))
-            .arg("--endpoint")
-            .arg(endpoint)
-            .args(args)
-            .env_remove("DLB_ENDPOINT")
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let out = run_dlbctl(endpoint, args).await;
+    (out.code, out.stdout, out.stderr)
 }
 
 async fn ok(endpoint: &str, args: &[&str]) -> String {
-    let (code, stdout, stderr) = dlbctl(endpoint, args).await;
-    assert_eq!(code, 0, "dlbctl {args:?} failed: {stderr}");
-    stdout
+    dlbctl_ok(endpoint, args).await
 }
 
 #[tokio::test]

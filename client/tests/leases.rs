@@ -59,24 +59,7 @@ fn signal(child: &Child, sig: &str) {
 }
 
 async fn dlbctl(endpoint: &str, args: &[&str]) -> String {
-    let out = within(
-        &format!("dlbctl {args:?}"),
-        Command::new(env!("CARGO_BIN_EXE_dlbctl"))
-            .arg("--endpoint")
-            .arg(endpoint)
-            .args(args)
-            .env_remove("DLB_ENDPOINT")
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "dlbctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    dlbctl_ok(endpoint, args).await
 }
 
 #[tokio::test]

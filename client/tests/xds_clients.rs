@@ -21,22 +21,7 @@ const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 
 async fn xds_clients(endpoint: &str) -> Value {
-    let out = within(
-        "dlbctl xds-clients",
-        Command::new(env!("CARGO_BIN_EXE_dlbctl"))
-            .args(["--endpoint", endpoint, "xds-clients", "--json"])
-            .env_remove("DLB_ENDPOINT")
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    serde_json::from_str(&dlbctl_ok(endpoint, &["xds-clients", "--json"]).await).unwrap()
 }
 
 #[tokio::test]

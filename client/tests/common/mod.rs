@@ -201,3 +201,41 @@ impl Drop for Proxy {
         }
     }
 }
+
+/// What a `dlbctl` run printed and its exit code (-1 when killed by a signal).
+pub struct DlbctlOut {
+    /// Exit code.
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+/// Runs the real `dlbctl` binary against `endpoint` with `args` (bounded by `within`).
+pub async fn run_dlbctl(endpoint: &str, args: &[&str]) -> DlbctlOut {
+    let out = within(
+        &format!("dlbctl {args:?}"),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_dlbctl"))
+            .arg("--endpoint")
+            .arg(endpoint)
+            .args(args)
+            .env_remove("DLB_ENDPOINT")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap();
+    DlbctlOut {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Runs `dlbctl` and returns its standard output, failing the test unless it exits 0.
+pub async fn dlbctl_ok(endpoint: &str, args: &[&str]) -> String {
+    let out = run_dlbctl(endpoint, args).await;
+    assert_eq!(out.code, 0, "dlbctl {args:?} failed: {}", out.stderr);
+    out.stdout
+}
