@@ -22,8 +22,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use super::clients::Registration;
-use super::{record_nack, record_node, resources, Context, Fnv};
-use crate::cache::Waker;
+use super::{record_nack, record_node, resources, Context, Fnv, Followed};
 
 type Tx = mpsc::Sender<Result<DeltaDiscoveryResponse, tonic::Status>>;
 
@@ -41,29 +40,17 @@ struct Sub {
 struct Stream {
     ctx: Arc<Context>,
     reg: Registration,
-    waker: Arc<Waker>,
     subs: HashMap<String, Sub>,
-    followed: BTreeSet<String>,
+    followed: Followed,
     next_nonce: u64,
     tx: Tx,
 }
 
 impl Stream {
+    /// Follows exactly the services some type subscribes to (all of them for a wildcard).
     fn refollow(&mut self) {
-        let mut want: BTreeSet<String> = BTreeSet::new();
-        for sub in self.subs.values() {
-            want.extend(sub.names.iter().cloned());
-            if sub.wildcard {
-                want.extend(self.ctx.cache.service_names().iter().map(|s| s.to_string()));
-            }
-        }
-        for gone in self.followed.difference(&want) {
-            self.ctx.cache.unfollow_service(gone, &self.waker);
-        }
-        for new in want.difference(&self.followed) {
-            self.ctx.cache.follow_service(new, &self.waker);
-        }
-        self.followed = want;
+        self.followed
+            .update(self.subs.values().map(|s| (&s.names, s.wildcard)));
     }
 
     fn wildcard(&self) -> bool {
@@ -231,15 +218,15 @@ pub(crate) async fn run(
 ) {
     ctx.metrics.xds().streams(1);
     let reg = ctx.clients.register("delta", peer);
-    let waker = ctx.cache.waker();
+    let followed = Followed::new(ctx.cache.clone());
+    let waker = followed.waker().clone();
     let mut services = ctx.cache.services_changed();
     let mut shutdown = ctx.shutdown.clone();
     let mut s = Stream {
         ctx: ctx.clone(),
         reg,
-        waker: waker.clone(),
         subs: HashMap::new(),
-        followed: BTreeSet::new(),
+        followed,
         next_nonce: 0,
         tx,
     };
@@ -282,9 +269,6 @@ pub(crate) async fn run(
         if !ok {
             break;
         }
-    }
-    for name in &s.followed {
-        ctx.cache.unfollow_service(name, &waker);
     }
     drop(s);
     ctx.metrics.xds().streams(-1);

@@ -126,6 +126,64 @@ pub(crate) struct Built {
 /// from: a change is mapped and encoded once, not once per stream. Bounded by services × 3.
 type Memo = parking_lot::Mutex<HashMap<(String, String), (u64, Arc<Built>)>>;
 
+/// The services one ADS stream follows in the cache, all with the stream's one [`Waker`]:
+/// exactly those some resource type subscribes to (every service for a wildcard). Unfollows
+/// them all when dropped, however the stream ends.
+pub(crate) struct Followed {
+    cache: Arc<Cache>,
+    waker: Arc<crate::cache::Waker>,
+    names: std::collections::BTreeSet<String>,
+}
+
+impl Followed {
+    /// Follows nothing yet.
+    pub(crate) fn new(cache: Arc<Cache>) -> Self {
+        let waker = cache.waker();
+        Self {
+            cache,
+            waker,
+            names: Default::default(),
+        }
+    }
+
+    /// The stream's waker (notified when a followed service changes).
+    pub(crate) fn waker(&self) -> &Arc<crate::cache::Waker> {
+        &self.waker
+    }
+
+    /// Follows exactly the services that `subs` (each type's names and whether it is a
+    /// wildcard) ask for. O(followed + wanted).
+    pub(crate) fn update<'a>(
+        &mut self,
+        subs: impl IntoIterator<Item = (&'a std::collections::BTreeSet<String>, bool)>,
+    ) {
+        let mut want = std::collections::BTreeSet::new();
+        let mut wildcard = false;
+        for (names, w) in subs {
+            want.extend(names.iter().cloned());
+            wildcard |= w;
+        }
+        if wildcard {
+            want.extend(self.cache.service_names().iter().map(|s| s.to_string()));
+        }
+        for gone in self.names.difference(&want) {
+            self.cache.unfollow_service(gone, &self.waker);
+        }
+        for new in want.difference(&self.names) {
+            self.cache.follow_service(new, &self.waker);
+        }
+        self.names = want;
+    }
+}
+
+impl Drop for Followed {
+    fn drop(&mut self) {
+        for name in &self.names {
+            self.cache.unfollow_service(name, &self.waker);
+        }
+    }
+}
+
 /// What every ADS stream shares.
 #[derive(Debug)]
 pub(crate) struct Context {
