@@ -292,13 +292,13 @@ async fn list_shows_why_a_backend_takes_no_traffic() {
     };
     assert_eq!(
         line("a"),
-        "a 127.0.0.1:8081 w=1 unhealthy (admin: health_check_failed)"
+        "a 127.0.0.1:8081 w=1 unhealthy (admin: health_check_failed) source=api"
     );
     assert_eq!(
         line("b"),
-        "b 127.0.0.1:8082 w=1 unhealthy (admin: health_check_failed; draining)"
+        "b 127.0.0.1:8082 w=1 unhealthy (admin: health_check_failed; draining) source=api"
     );
-    assert_eq!(line("c"), "c 127.0.0.1:8083 w=1 healthy");
+    assert_eq!(line("c"), "c 127.0.0.1:8083 w=1 healthy source=api");
     let j = json(&ok(&ep, &["--json", "list"]).await);
     assert_eq!(j["servers"][0]["reason"], "admin: health_check_failed");
     assert_eq!(j["servers"][2]["reason"], "");

@@ -2,7 +2,8 @@
 //! backend appears in an SDK's picks; dropping the SDK's handle deregisters; a `dlbctl register`
 //! killed with SIGKILL stops renewing and its backend is gone within TTL + one check (counted
 //! as an expiry); SIGTERM deregisters at once; `dlbctl list` shows the source and the lease's
-//! remaining time; `dlbctl dns list` shows a failing name.
+//! remaining time; `dlbctl watch` shows an expiry with its reason; `dlbctl dns list` shows a
+//! failing name.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -166,6 +167,47 @@ async fn a_killed_dlbctl_register_expires_and_sigterm_deregisters() {
     assert!(left.servers.is_empty(), "{:?}", left.servers);
     let metrics = scrape(server.metrics_addr().unwrap()).await;
     assert_eq!(sample(&metrics, "dlb_lease_expiries_total"), Some(1.0));
+}
+
+#[tokio::test]
+async fn dlbctl_watch_shows_a_lease_expiry_with_its_reason() {
+    let server = spawn_server().await;
+    let ep = endpoint(&server);
+    let registered = dlbctl_register(&ep, "k1", "10.0.0.1:80", 3).await;
+    let mut watch = Command::new(env!("CARGO_BIN_EXE_dlbctl"))
+        .args([
+            "--endpoint",
+            &ep,
+            "--service",
+            "web",
+            "watch",
+            "--count",
+            "2",
+        ])
+        .env_remove("DLB_ENDPOINT")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    let first = within("the snapshot line", lines.next_line())
+        .await
+        .unwrap()
+        .expect("dlbctl watch exited");
+    assert!(
+        first.contains(" full ") && first.contains("+k1 "),
+        "{first}"
+    );
+
+    // SIGKILL: nobody renews; the expiry reaches the watcher as a removal with its reason.
+    signal(&registered, "-KILL");
+    let second = within("the expiry line", lines.next_line())
+        .await
+        .unwrap()
+        .expect("dlbctl watch exited");
+    assert!(second.ends_with(" -k1 (lease expired)"), "{second}");
+    let status = within("dlbctl watch to exit", watch.wait()).await.unwrap();
+    assert!(status.success(), "{status}");
 }
 
 #[tokio::test]

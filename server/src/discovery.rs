@@ -548,6 +548,7 @@ impl Session {
                             policy: Some(snapshot.policy.clone()),
                             upserts: snapshot.server_list(),
                             removals: Vec::new(),
+                            removal_reasons: Default::default(),
                         })
                     })
                     .clone();
@@ -585,6 +586,7 @@ impl Session {
                         policy: d.policy,
                         upserts: d.upserts,
                         removals: d.removals,
+                        removal_reasons: d.removal_reasons.into_iter().collect(),
                         panic,
                     })
                 };
@@ -614,6 +616,7 @@ impl Session {
                         policy: None,
                         upserts: Vec::new(),
                         removals: Vec::new(),
+                        removal_reasons: Default::default(),
                         panic: None,
                     })),
                     Sub::At(v),

@@ -7,13 +7,12 @@
 //!
 //! * **Renewal** ([`Leases::keep`]) moves the deadline to `now + ttl`. It writes nothing.
 //! * **Expiry**: the task sleeps until the earliest deadline; the leases past it are removed from
-//!   the store in one write per service (`Mutation::Remove`s, compare-and-set on the version just
-//!   read, only records still lease-owned), each logged as `lease expired` and counted in
-//!   `dlb_lease_expiries_total`. The write is pushed like any other change. The wire carries no
-//!   reason for a removal (a delta lists removed ids only, and adding a per-removal reason would
-//!   change every session front-end), so watchers see the backend leave; the reason is in the
-//!   log and the metric. Expiry is exact to the timer: a backend is gone within TTL (+ the time
-//!   one store write takes) after its last renewal.
+//!   the store in one write per service (`Mutation::RemoveWithReason`s with the reason
+//!   [`EXPIRED_REASON`], compare-and-set on the version just read, only records still
+//!   lease-owned), each logged and counted in `dlb_lease_expiries_total`. The write is pushed
+//!   like any other change, the reason with it: a DLB session's delta names it in
+//!   `ServiceUpdate.removal_reasons`. Expiry is exact to the timer: a backend is gone within
+//!   TTL (+ the time one store write takes) after its last renewal.
 //! * **Restart**: at start every lease-owned record of the store gets a fresh deadline of its
 //!   TTL from now ([`LeaseManager::start`]), so a restart never expires everybody at once, and a
 //!   backend that died with the old `dlbd` still goes away one TTL later.
@@ -51,6 +50,8 @@ pub const MIN_TTL_SECONDS: u32 = 1;
 pub const MAX_TTL_SECONDS: u32 = 3600;
 /// How many compare-and-set attempts an expiry makes before it retries later.
 const EXPIRE_ATTEMPTS: usize = 32;
+/// The removal reason of a backend whose lease expired, as watchers receive it.
+pub const EXPIRED_REASON: &str = "lease expired";
 /// When an expiry's store write fails, it is retried this much later.
 const EXPIRE_RETRY: Duration = Duration::from_secs(1);
 
@@ -298,7 +299,7 @@ async fn expire(
         }
         let removals = gone
             .iter()
-            .map(|(s, _)| Mutation::Remove(s.server_id.clone()))
+            .map(|(s, _)| Mutation::RemoveWithReason(s.server_id.clone(), EXPIRED_REASON.into()))
             .collect();
         match store
             .apply(service.to_owned(), removals, Some(snapshot.version.version))
@@ -312,7 +313,7 @@ async fn expire(
                         address = %record.address,
                         ttl_seconds = ttl.as_secs(),
                         version = applied.version.version,
-                        reason = "lease expired",
+                        reason = EXPIRED_REASON,
                         "backend removed: lease expired"
                     );
                 }

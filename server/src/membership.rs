@@ -337,7 +337,10 @@ impl MembershipService {
                 .store
                 .apply(
                     service.clone(),
-                    vec![Mutation::Remove(req.server_id.clone())],
+                    vec![Mutation::RemoveWithReason(
+                        req.server_id.clone(),
+                        "deregistered".into(),
+                    )],
                     Some(snap.version.version),
                 )
                 .await

@@ -126,7 +126,10 @@ impl RegistryService {
         let applied = self
             .apply(
                 &service,
-                vec![Mutation::Remove(req.server_id.clone())],
+                vec![Mutation::RemoveWithReason(
+                    req.server_id.clone(),
+                    "removed".into(),
+                )],
                 req.expected_version,
             )
             .await?;

@@ -1,5 +1,5 @@
 //! Leases through `dlb.v1.Membership` on a real server: registration, renewal without writes,
-//! expiry as one pushed removal, the ownership rule, bad input; and a real `dlbd` killed with
+//! expiry as one pushed removal with the reason `lease expired`, the ownership rule, bad input; and a real `dlbd` killed with
 //! `kill -9` and restarted on the embedded store keeps a lease-owned backend and gives it a
 //! fresh deadline.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -112,6 +112,11 @@ async fn register_renew_update_and_expire() {
         .await
         .expect("no removal pushed");
     assert_eq!(gone.removals, vec!["w1".to_string()]);
+    assert_eq!(
+        gone.removal_reasons.get("w1").map(String::as_str),
+        Some("lease expired"),
+        "{gone:?}"
+    );
     assert!(gone.upserts.is_empty());
     assert!(!has(&server, "web", "w1").await);
     let leases = m

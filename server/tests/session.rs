@@ -101,6 +101,10 @@ async fn watcher_sees_each_change_once_in_order() {
     let u = s.update().await;
     assert_eq!(v(&u), last + 1);
     assert_eq!(u.removals, vec!["a".to_string()]);
+    assert_eq!(
+        u.removal_reasons.get("a").map(String::as_str),
+        Some("removed")
+    );
     nonces.push(u.nonce.clone());
 
     // nothing else
@@ -140,6 +144,11 @@ async fn resume_from_known_version() {
     let ids: Vec<_> = u.upserts.iter().map(|s| s.server_id.as_str()).collect();
     assert_eq!(ids, ["c"]);
     assert_eq!(u.removals, vec!["a".to_string()]);
+    // The reason survives the cache's history and the coalescing of three changes.
+    assert_eq!(
+        u.removal_reasons.get("a").map(String::as_str),
+        Some("removed")
+    );
 
     // Up to date already: an empty delta.
     let current = u.version.unwrap();

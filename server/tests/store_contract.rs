@@ -1,6 +1,7 @@
 //! The store contract (see `dlb_server::store`), one suite run against every implementation:
 //! revisions and versions, no-ops, compare-and-set, atomic batches, watch order, resume,
-//! compaction, validation and derived fields of stored records, declarative writes. The
+//! compaction, validation and derived fields of stored records, declarative writes, removal
+//! reasons. The
 //! embedded store also keeps everything across a reopen.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -434,6 +435,72 @@ async fn declare_keeps_runtime_state(s: Subject) {
 }
 
 /// `test = history`: each test runs against each store, which remembers `history` changes.
+/// The next watched change (bounded wait: the change is already committed).
+async fn next_change(
+    w: &mut futures::stream::BoxStream<'static, Result<WatchEvent, Error>>,
+) -> Arc<dlb_server::store::Change> {
+    match tokio::time::timeout(Duration::from_secs(10), w.next()).await {
+        Ok(Some(Ok(WatchEvent::Changes(cs)))) if cs.len() == 1 => cs[0].clone(),
+        other => panic!("expected one change, got {other:?}"),
+    }
+}
+
+async fn removals_carry_their_reason(s: Subject) {
+    let st = &*s.store;
+    add(st, "s", "a").await;
+    add(st, "s", "b").await;
+    let v = add(st, "s", "c").await;
+    let mut w = st.watch(v + 1);
+    st.apply(
+        "s".into(),
+        vec![
+            Mutation::RemoveWithReason("a".into(), "lease expired".into()),
+            Mutation::Remove("b".into()),
+        ],
+        None,
+    )
+    .await
+    .unwrap();
+    let c = next_change(&mut w).await;
+    assert_eq!(c.removals, ["a", "b"]);
+    assert_eq!(
+        c.removal_reasons,
+        [("a".to_string(), "lease expired".to_string())].into()
+    );
+    // Removed with a reason and re-added in the same batch: no removal, no reason.
+    st.apply(
+        "s".into(),
+        vec![
+            Mutation::RemoveWithReason("c".into(), "removed".into()),
+            Mutation::Add(server("c", 2)),
+        ],
+        None,
+    )
+    .await
+    .unwrap();
+    let c = next_change(&mut w).await;
+    assert!(
+        c.removals.is_empty() && c.removal_reasons.is_empty(),
+        "{c:?}"
+    );
+    // A removal without a reason has none; a missing id is NOT_FOUND like `Remove`.
+    st.apply("s".into(), vec![Mutation::Remove("c".into())], None)
+        .await
+        .unwrap();
+    let c = next_change(&mut w).await;
+    assert_eq!(c.removals, ["c"]);
+    assert!(c.removal_reasons.is_empty(), "{c:?}");
+    let err = st
+        .apply(
+            "s".into(),
+            vec![Mutation::RemoveWithReason("c".into(), "removed".into())],
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::ServerNotFound { .. }), "{err:?}");
+}
+
 macro_rules! contract {
     ($($name:ident = $history:expr),* $(,)?) => {
         mod memory_store {
@@ -464,6 +531,7 @@ contract!(
     compaction_is_explicit = 4,
     records_are_validated_and_stamped = 1024,
     declare_keeps_runtime_state = 1024,
+    removals_carry_their_reason = 1024,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

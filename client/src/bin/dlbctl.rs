@@ -937,6 +937,7 @@ async fn watch(
                         "service": u.service, "version": version_json(u.version),
                         "full": u.full, "nonce": u.nonce,
                         "upserts": upserts, "removals": u.removals,
+                        "removal_reasons": u.removal_reasons,
                     });
                     if let Some(p) = &u.policy {
                         o["policy"] = policy_json(p);
@@ -969,7 +970,10 @@ async fn watch(
                     }
                     for id in &u.removals {
                         known.remove(id);
-                        parts.push(format!("-{id}"));
+                        match u.removal_reasons.get(id) {
+                            Some(r) => parts.push(format!("-{id} ({r})")),
+                            None => parts.push(format!("-{id}")),
+                        }
                     }
                     if u.panic.is_some_and(|p| p.active) {
                         parts.push(panic_text(u.panic));

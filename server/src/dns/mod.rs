@@ -258,7 +258,12 @@ impl DnsManager {
                 .servers
                 .values()
                 .filter(|s| is_dns(s))
-                .map(|s| Mutation::Remove(s.server_id.clone()))
+                .map(|s| {
+                    Mutation::RemoveWithReason(
+                        s.server_id.clone(),
+                        "dns: no longer followed".into(),
+                    )
+                })
                 .collect();
             if removals.is_empty() {
                 if followed {
@@ -369,7 +374,10 @@ async fn reconcile(
         if let Some(servers) = servers {
             for s in servers.values().filter(|s| is_dns(s)) {
                 if !desired.contains_key(&s.server_id) {
-                    mutations.push(Mutation::Remove(s.server_id.clone()));
+                    mutations.push(Mutation::RemoveWithReason(
+                        s.server_id.clone(),
+                        "dns: no longer resolved".into(),
+                    ));
                 }
             }
         }

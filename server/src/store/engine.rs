@@ -369,6 +369,8 @@ fn plan(
     let mut created_service = false;
     let mut touched: BTreeSet<Arc<str>> = BTreeSet::new();
     let mut named: Vec<Arc<str>> = Vec::new();
+    // The reason of each id's latest removal in this batch, when it had one.
+    let mut reasons: BTreeMap<Arc<str>, String> = BTreeMap::new();
     let not_found = || Error::ServiceNotFound(service.to_owned());
     let server_not_found = |id: &str| Error::ServerNotFound {
         service: service.to_owned(),
@@ -436,7 +438,7 @@ fn plan(
                 touched.insert(id.clone());
                 named.push(id);
             }
-            Mutation::Remove(id) => {
+            Mutation::Remove(id) | Mutation::RemoveWithReason(id, _) => {
                 if !exists && !created_service {
                     return Err(not_found());
                 }
@@ -444,6 +446,12 @@ fn plan(
                 if state.servers.remove(&id).is_none() {
                     return Err(server_not_found(&id));
                 }
+                match m {
+                    Mutation::RemoveWithReason(_, reason) => {
+                        reasons.insert(id.clone(), reason.clone())
+                    }
+                    _ => reasons.remove(&id),
+                };
                 touched.insert(id);
             }
             Mutation::Update(id, patch) => {
@@ -505,6 +513,7 @@ fn plan(
     let mut upserts = Vec::new();
     let mut created = Vec::new();
     let mut removals = Vec::new();
+    let mut removal_reasons = BTreeMap::new();
     for id in &touched {
         match (before.get(id), state.servers.get(id)) {
             (Some(a), Some(b)) if a == b => {}
@@ -514,7 +523,12 @@ fn plan(
                 }
                 upserts.push((**b).clone());
             }
-            (Some(_), None) => removals.push(id.to_string()),
+            (Some(_), None) => {
+                if let Some(r) = reasons.remove(id) {
+                    removal_reasons.insert(id.to_string(), r);
+                }
+                removals.push(id.to_string());
+            }
             (None, None) => {}
         }
     }
@@ -530,6 +544,7 @@ fn plan(
             upserts,
             created,
             removals,
+            removal_reasons,
             policy: policy_changed.then_some(state.policy.clone()),
         });
     Ok(Plan {

@@ -35,7 +35,7 @@ pub mod embedded;
 mod engine;
 pub mod memory;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use dlb::proto;
@@ -105,6 +105,9 @@ pub struct Change {
     pub created: Vec<String>,
     /// Ids of removed backends, ordered.
     pub removals: Vec<String>,
+    /// Why backends were removed, by id: only ids among `removals` that were removed with a
+    /// reason ([`Mutation::RemoveWithReason`], e.g. `lease expired`).
+    pub removal_reasons: BTreeMap<String, String>,
     /// The new policy, when the write changed it (always set when the write created the service).
     pub policy: Option<proto::Policy>,
 }
@@ -134,6 +137,9 @@ pub struct Delta {
     pub upserts: Vec<proto::Server>,
     /// Removed backend ids, ordered.
     pub removals: Vec<String>,
+    /// Why backends were removed, by id: for ids among `removals`, the reason of the change
+    /// that removed them last (absent when that removal had none).
+    pub removal_reasons: BTreeMap<String, String>,
     /// The policy, when it changed between `base` and `version`.
     pub policy: Option<proto::Policy>,
 }
@@ -141,10 +147,13 @@ pub struct Delta {
 impl Delta {
     /// Coalesces consecutive changes of one service (`changes[i].version ==
     /// changes[i+1].base`) into one delta from `base`. A backend created and removed within the
-    /// range is left out entirely. O(total records in `changes`).
+    /// range is left out entirely; a removed backend keeps the reason of its last removal.
+    /// O(total records in `changes`).
     pub fn coalesce<'a>(base: u64, changes: impl IntoIterator<Item = &'a Change>) -> Self {
         // id -> (existed at base, latest record or None if removed)
         let mut touched: HashMap<&str, (bool, Option<&proto::Server>)> = HashMap::new();
+        // id -> the reason of its latest removal, if that removal had one.
+        let mut reasons: HashMap<&str, &str> = HashMap::new();
         let mut policy = None;
         let mut version = base;
         for c in changes {
@@ -164,14 +173,24 @@ impl Delta {
                     .entry(id)
                     .and_modify(|e| e.1 = None)
                     .or_insert((true, None));
+                match c.removal_reasons.get(id) {
+                    Some(r) => reasons.insert(id, r),
+                    None => reasons.remove(id.as_str()),
+                };
             }
         }
         let mut upserts: Vec<proto::Server> = Vec::new();
         let mut removals: Vec<String> = Vec::new();
+        let mut removal_reasons = BTreeMap::new();
         for (id, (existed, last)) in touched {
             match last {
                 Some(s) => upserts.push(s.clone()),
-                None if existed => removals.push(id.to_owned()),
+                None if existed => {
+                    if let Some(r) = reasons.get(id) {
+                        removal_reasons.insert(id.to_owned(), (*r).to_owned());
+                    }
+                    removals.push(id.to_owned());
+                }
                 None => {}
             }
         }
@@ -182,6 +201,7 @@ impl Delta {
             version,
             upserts,
             removals,
+            removal_reasons,
             policy,
         }
     }
@@ -222,6 +242,9 @@ pub enum Mutation {
     Declare(proto::Server),
     /// Removes a backend (`NOT_FOUND` if unknown).
     Remove(String),
+    /// Removes a backend like [`Mutation::Remove`], recording why (`lease expired`, …): the
+    /// reason travels with the change ([`Change::removal_reasons`]) to every watcher.
+    RemoveWithReason(String, String),
     /// Changes fields of a backend (`NOT_FOUND` if unknown).
     Update(String, ServerPatch),
     /// Sets the policy, creating the service if needed. `ALGORITHM_UNSPECIFIED` keeps the
@@ -299,6 +322,7 @@ mod tests {
             upserts: upserts.iter().map(|i| server(i)).collect(),
             created: created.iter().map(|s| s.to_string()).collect(),
             removals: removals.iter().map(|s| s.to_string()).collect(),
+            removal_reasons: BTreeMap::new(),
             policy: None,
         }
     }
@@ -316,5 +340,29 @@ mod tests {
         assert_eq!(d.upserts.len(), 1);
         assert_eq!(d.upserts[0].server_id, "b");
         assert_eq!(d.removals, vec!["c".to_string()]);
+    }
+
+    fn because(mut c: Change, id: &str, reason: &str) -> Change {
+        c.removal_reasons.insert(id.into(), reason.into());
+        c
+    }
+
+    #[test]
+    fn coalesce_keeps_the_reason_of_the_last_removal() {
+        let cs = [
+            because(change(3, 4, &[], &[], &["a", "b"]), "a", "lease expired"),
+            change(4, 5, &["a", "b"], &["a", "b"], &[]),
+            because(change(5, 6, &[], &[], &["a", "b"]), "a", "removed"),
+            change(6, 7, &["c"], &["c"], &[]),
+            because(change(7, 8, &[], &[], &["d"]), "d", "lease expired"),
+            change(8, 9, &["d"], &["d"], &[]),
+        ];
+        let d = Delta::coalesce(3, &cs);
+        assert_eq!(d.removals, vec!["a".to_string(), "b".to_string()]);
+        // `a`: its last removal's reason; `b`: its last removal had none; `d` came back.
+        assert_eq!(
+            d.removal_reasons,
+            BTreeMap::from([("a".to_string(), "removed".to_string())])
+        );
     }
 }

@@ -50,8 +50,8 @@ pub async fn leases(admin: &AdminClient, service: &str) -> HashMap<String, proto
     }
 }
 
-/// What `dlbctl list` adds after a backend: its source when it is not `api`, and a lease's
-/// remaining time.
+/// What `dlbctl list` adds after a backend: its source (`api`, `lease` or `dns`), a lease's
+/// remaining time and a DNS backend's name.
 pub fn list_suffix(s: &proto::Server, leases: &HashMap<String, proto::LeaseInfo>) -> String {
     match (source_name(s), leases.get(&s.server_id)) {
         ("lease", Some(l)) => format!(
@@ -61,8 +61,7 @@ pub fn list_suffix(s: &proto::Server, leases: &HashMap<String, proto::LeaseInfo>
         ),
         ("lease", None) => format!(" source=lease lease=?/{}s", s.lease_ttl_seconds),
         ("dns", _) => format!(" source=dns dns={}", s.dns_name),
-        // API-owned is the default and is not shown (`--json` always has `source`).
-        _ => String::new(),
+        (source, _) => format!(" source={source}"),
     }
 }
 
