@@ -34,6 +34,7 @@
 pub mod embedded;
 mod engine;
 pub mod memory;
+mod plan;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
