@@ -80,6 +80,40 @@ pub enum StoreConfig {
     Memory,
     /// The embedded durable store in this data directory (`dlbd`'s default: `./dlbd-data`).
     Embedded(std::path::PathBuf),
+    /// An etcd cluster, shared by every replica on the same prefix (`dlbd --store etcd`). Needs
+    /// the crate's `etcd` feature: without it [`crate::spawn`] refuses this store.
+    Etcd(EtcdConfig),
+}
+
+/// Where the etcd store keeps its state. Plain data, present with or without the `etcd`
+/// feature, so a configuration naming etcd gets a clear error from a build without it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdConfig {
+    /// Client endpoints, `host:port` or `http://host:port`.
+    pub endpoints: Vec<String>,
+    /// Key prefix of this deployment's state (default [`EtcdConfig::DEFAULT_PREFIX`]).
+    pub prefix: String,
+    /// Per-request deadline.
+    pub timeout: std::time::Duration,
+    /// After each write, compact etcd so that this many revisions stay (`None`, the default:
+    /// leave compaction to etcd's `--auto-compaction-*`). Compaction is cluster-wide, so this
+    /// is for tests and single-tenant clusters.
+    pub history: Option<u64>,
+}
+
+impl EtcdConfig {
+    /// The default key prefix.
+    pub const DEFAULT_PREFIX: &'static str = "/dlb";
+
+    /// These endpoints, the default prefix, a 10 s deadline, no compaction by DLB.
+    pub fn new(endpoints: Vec<String>) -> Self {
+        Self {
+            endpoints,
+            prefix: Self::DEFAULT_PREFIX.to_owned(),
+            timeout: std::time::Duration::from_secs(10),
+            history: None,
+        }
+    }
 }
 
 /// Everything `dlbd` needs to start.

@@ -74,7 +74,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
-pub use config::{ConfigError, ServerConfig, ServiceConfig, StoreConfig, TlsConfig};
+pub use config::{ConfigError, EtcdConfig, ServerConfig, ServiceConfig, StoreConfig, TlsConfig};
 pub use error::Error;
 
 use crate::cache::Cache;
@@ -119,8 +119,21 @@ pub async fn spawn(config: ServerConfig) -> Result<RunningServer, Error> {
                     .map_err(|e| Error::Task(e.to_string()))??,
             )
         }
+        StoreConfig::Etcd(etcd) => open_etcd(etcd).await?,
     };
     spawn_with_store(config, store).await
+}
+
+#[cfg(feature = "etcd")]
+async fn open_etcd(config: &EtcdConfig) -> Result<Arc<dyn Store>, Error> {
+    Ok(Arc::new(store::EtcdStore::connect(config).await?))
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn open_etcd(_: &EtcdConfig) -> Result<Arc<dyn Store>, Error> {
+    Err(Error::Storage(
+        "this build has no etcd store: rebuild dlb-server (dlbd) with `--features etcd`".into(),
+    ))
 }
 
 /// Applies the configured services to the store as declarative writes. A service that lists a

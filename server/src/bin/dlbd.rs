@@ -3,7 +3,9 @@
 //! `dlbd` with no arguments serves gRPC on 127.0.0.1:50051 and metrics on 127.0.0.1:9464 with an
 //! empty `default` service, on the embedded durable store in `./dlbd-data` (created if missing;
 //! a restart serves the same epoch, versions and backends). `--data-dir DIR` moves it; `--store
-//! memory` keeps nothing across restarts. `--config FILE` loads a YAML configuration; `--listen`,
+//! memory` keeps nothing across restarts; `--store etcd --etcd-endpoints H:P,... [--etcd-prefix
+//! /dlb]` keeps the state in etcd, shared by replicas (a build without the `etcd` feature refuses
+//! it with an error saying so). `--config FILE` loads a YAML configuration; `--listen`,
 //! `--metrics-listen` and `--no-metrics` override it. `--admin-token-file` makes every Registry
 //! write need a bearer token from that file; `--read-token-file` does the same for reads and
 //! SDK sessions (see `dlb_server::auth`). `--tls-cert` / `--tls-key` serve gRPC over TLS;
@@ -36,9 +38,22 @@ struct Args {
     /// Disable the metrics endpoint.
     #[arg(long)]
     no_metrics: bool,
-    /// Where routing state lives: `embedded` (durable, in --data-dir) or `memory` (lost on exit).
+    /// Where routing state lives: `embedded` (durable, in --data-dir), `memory` (lost on exit)
+    /// or `etcd` (shared by replicas, at --etcd-endpoints; needs a build with `--features etcd`).
     #[arg(long, value_enum, default_value = "embedded", env = "DLBD_STORE")]
     store: StoreKind,
+    /// etcd client endpoints, comma-separated `host:port` (with `--store etcd`).
+    #[arg(
+        long,
+        value_name = "HOST:PORT,...",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:2379",
+        env = "DLBD_ETCD_ENDPOINTS"
+    )]
+    etcd_endpoints: Vec<String>,
+    /// Key prefix of this deployment's state in etcd (with `--store etcd`).
+    #[arg(long, value_name = "PREFIX", default_value = dlb_server::EtcdConfig::DEFAULT_PREFIX, env = "DLBD_ETCD_PREFIX")]
+    etcd_prefix: String,
     /// File of admin bearer tokens (one per line): every Registry write then needs one.
     #[arg(long, value_name = "FILE", env = "DLBD_ADMIN_TOKEN_FILE")]
     admin_token_file: Option<PathBuf>,
@@ -71,6 +86,8 @@ enum StoreKind {
     Embedded,
     /// In memory: a new epoch on every start.
     Memory,
+    /// etcd (--etcd-endpoints, --etcd-prefix): the state replicas share.
+    Etcd,
 }
 
 /// The stop signals, installed before the server starts serving: a SIGTERM sent as soon as the
@@ -176,6 +193,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.store = match args.store {
         StoreKind::Embedded => StoreConfig::Embedded(args.data_dir.clone()),
         StoreKind::Memory => StoreConfig::Memory,
+        StoreKind::Etcd => StoreConfig::Etcd(dlb_server::EtcdConfig {
+            prefix: args.etcd_prefix.clone(),
+            ..dlb_server::EtcdConfig::new(args.etcd_endpoints.clone())
+        }),
     };
 
     let signals = stop_signals()?;
@@ -186,6 +207,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let store = match args.store {
         StoreKind::Embedded => format!("embedded:{}", args.data_dir.display()),
         StoreKind::Memory => "memory".to_owned(),
+        StoreKind::Etcd => format!("etcd:{}{}", args.etcd_endpoints.join(","), args.etcd_prefix),
     };
     tracing::info!(
         epoch = %format_args!("{:x}", server.epoch()),

@@ -2,7 +2,8 @@
 //!
 //! The store owns the versioned state of every service — its policy and one record per backend —
 //! and is the single source of truth that writes go to. The contract, which the memory, embedded
-//! and (later) etcd stores all honour and which `tests/store_contract.rs` checks against each:
+//! and etcd (feature `etcd`) stores all honour and which `tests/store_contract.rs` checks against
+//! each:
 //!
 //! * **Revisions.** The store has one strictly increasing `revision`. Every write that changes a
 //!   service commits exactly one [`Change`] at the next revision, and the service's **version**
@@ -23,7 +24,7 @@
 //!   reaches back it says so ([`WatchEvent::Compacted`]): the consumer re-reads a
 //!   [`Store::snapshot`] at revision R and watches from R + 1.
 //!
-//! Backend records and the policy are separate records (one etcd key each, later), and the
+//! Backend records and the policy are separate records (one etcd key each), and the
 //! in-process stores keep each service's backends in a persistent map ([`Servers`]) so a snapshot
 //! is an O(1) clone however large the service.
 //!
@@ -33,6 +34,8 @@
 
 pub mod embedded;
 mod engine;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod memory;
 mod plan;
 
@@ -44,6 +47,8 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 
 pub use embedded::EmbeddedStore;
+#[cfg(feature = "etcd")]
+pub use etcd::EtcdStore;
 pub use memory::MemoryStore;
 
 use crate::Error;

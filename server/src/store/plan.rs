@@ -43,7 +43,6 @@ impl ServiceState {
     }
 }
 
-
 /// What a batch does to one service.
 #[derive(Debug)]
 pub(crate) struct Plan {
