@@ -2,7 +2,9 @@
 //! revisions and versions, no-ops, compare-and-set, atomic batches, watch order, resume,
 //! compaction, validation and derived fields of stored records, declarative writes, removal
 //! reasons. The
-//! embedded store also keeps everything across a reopen.
+//! embedded store also keeps everything across a reopen. With the `etcd` feature the suite also
+//! runs against the etcd store, each test on its own freshly started etcd (`etcd_support`), so
+//! revisions are the test's own.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -13,16 +15,37 @@ use dlb_server::store::{EmbeddedStore, MemoryStore, Mutation, ServerPatch, Store
 use dlb_server::Error;
 use futures::StreamExt;
 
-/// A store under test plus whatever must outlive it (a temporary directory).
+#[cfg(feature = "etcd")]
+mod etcd_support;
+
+/// A store under test plus whatever must outlive it (a temporary directory, an etcd process),
+/// dropped after the store.
 struct Subject {
     store: Arc<dyn Store>,
-    _dir: Option<tempfile::TempDir>,
+    _guard: Option<Box<dyn std::any::Any + Send>>,
 }
 
 fn memory(history: usize) -> Subject {
     Subject {
         store: Arc::new(MemoryStore::new(history)),
-        _dir: None,
+        _guard: None,
+    }
+}
+
+/// An etcd store on its own etcd, compacting so that `history` revisions stay.
+#[cfg(feature = "etcd")]
+async fn etcd(history: usize) -> Subject {
+    let server = etcd_support::Etcd::start().await;
+    let config = dlb_server::EtcdConfig {
+        history: Some(history as u64),
+        ..server.config(&format!("/contract-{:x}", fastrand::u64(..)))
+    };
+    let store = dlb_server::store::EtcdStore::connect(&config)
+        .await
+        .unwrap();
+    Subject {
+        store: Arc::new(store),
+        _guard: Some(Box::new(server)),
     }
 }
 
@@ -31,7 +54,7 @@ fn embedded(history: usize) -> Subject {
     let store = EmbeddedStore::open_with_history(dir.path(), history).unwrap();
     Subject {
         store: Arc::new(store),
-        _dir: Some(dir),
+        _guard: Some(Box::new(dir)),
     }
 }
 
@@ -434,7 +457,6 @@ async fn declare_keeps_runtime_state(s: Subject) {
     assert_eq!(r.servers[1].health, proto::HealthStatus::Healthy as i32);
 }
 
-/// `test = history`: each test runs against each store, which remembers `history` changes.
 /// The next watched change (bounded wait: the change is already committed).
 async fn next_change(
     w: &mut futures::stream::BoxStream<'static, Result<WatchEvent, Error>>,
@@ -501,6 +523,7 @@ async fn removals_carry_their_reason(s: Subject) {
     assert!(matches!(err, Error::ServerNotFound { .. }), "{err:?}");
 }
 
+/// `test = history`: each test runs against each store, which remembers `history` changes.
 macro_rules! contract {
     ($($name:ident = $history:expr),* $(,)?) => {
         mod memory_store {
@@ -516,6 +539,15 @@ macro_rules! contract {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name(super::embedded($history)).await;
+                }
+            )*
+        }
+        #[cfg(feature = "etcd")]
+        mod etcd_store {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::etcd($history).await).await;
                 }
             )*
         }
