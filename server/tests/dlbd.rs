@@ -1,8 +1,13 @@
 //! The real `dlbd` binary: starts on ephemeral ports, logs its ready line, answers an RPC, and
 //! exits 0 on SIGTERM; a bad config file makes it exit non-zero with the field in the message;
 //! killed with `kill -9` on the embedded store and restarted on the same data dir, it serves the
-//! same epoch, versions and backends, and a session that resumes gets a delta.
+//! same epoch, versions and backends, and a session that resumes gets a delta. `--store etcd`:
+//! with the `etcd` feature a second `dlbd` on the same etcd serves what the first one wrote;
+//! without it `dlbd` refuses the store with an error naming the feature.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[cfg(feature = "etcd")]
+mod etcd_support;
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
@@ -279,4 +284,65 @@ async fn kill_9_on_the_embedded_store_loses_nothing() {
     assert_eq!(resumed.base, held.version);
     assert_eq!(resumed.version, held.version);
     assert!(resumed.upserts.is_empty() && resumed.removals.is_empty());
+}
+
+#[cfg(not(feature = "etcd"))]
+#[test]
+fn dlbd_without_the_etcd_feature_refuses_store_etcd() {
+    let out = Command::new(env!("CARGO_BIN_EXE_dlbd"))
+        .args(["--listen", "127.0.0.1:0", "--no-metrics", "--store", "etcd"])
+        .args(["--etcd-endpoints", "127.0.0.1:1"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("--features etcd"), "{err}");
+}
+
+#[cfg(feature = "etcd")]
+#[tokio::test]
+async fn dlbd_on_etcd_serves_what_another_dlbd_wrote() {
+    let etcd = etcd_support::Etcd::start().await;
+    let endpoint = etcd.endpoint();
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--no-metrics",
+        "--store",
+        "etcd",
+        "--etcd-endpoints",
+        endpoint.as_str(),
+        "--etcd-prefix",
+        "/dlbd-test",
+    ];
+    let grpc_of = |ready: &str| {
+        ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("grpc="))
+            .expect("grpc= in the ready line")
+            .to_owned()
+    };
+    let (first, ready, _log) = start(&args, None);
+    assert!(ready.contains("etcd:"), "{ready}");
+    let grpc = grpc_of(&ready);
+    let mut c = proto::registry_client::RegistryClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    c.add_server(proto::AddServerRequest {
+        service: "web".into(),
+        server_id: "a".into(),
+        address: "10.0.0.1:80".into(),
+        weight: 3,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let before = list(&grpc).await;
+    drop(c);
+    drop(first);
+    let (_second, ready, _log) = start(&args, None);
+    let after = list(&grpc_of(&ready)).await;
+    assert_eq!(after.version, before.version, "same epoch and version");
+    assert_eq!(after.servers, before.servers);
 }
