@@ -218,3 +218,24 @@ async fn the_store_recovers_when_etcd_restarts() {
     let again = EtcdStore::connect(&config).await.unwrap();
     assert_eq!(again.epoch(), epoch);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_watch_outlives_the_request_deadline() {
+    let etcd = Etcd::start().await;
+    let config = dlb_server::EtcdConfig {
+        timeout: Duration::from_millis(500),
+        ..etcd.config("/idle")
+    };
+    let st = EtcdStore::connect(&config).await.unwrap();
+    let v = add(&st, "s", "x").await.unwrap();
+    let mut w = st.watch(v + 1);
+    // Nothing to say for longer than the per-request deadline: the watch must stay open.
+    assert!(tokio::time::timeout(Duration::from_millis(1500), w.next())
+        .await
+        .is_err());
+    let v2 = add(&st, "s", "y").await.unwrap();
+    match tokio::time::timeout(WAIT, w.next()).await {
+        Ok(Some(Ok(WatchEvent::Changes(cs)))) => assert_eq!(cs[0].version, v2),
+        other => panic!("{other:?}"),
+    }
+}
