@@ -149,15 +149,13 @@ pub fn validate(policy: &proto::Policy) -> Result<(), ValidationError> {
 /// The share of its configured weight a stored record gets from its latency source, percent:
 /// 100 when the source is unset (or says 0 or 100), else 1..=99.
 pub fn weight_percent(server: &proto::Server) -> u32 {
-    match server
+    server
         .sources
         .as_ref()
         .and_then(|s| s.latency.as_ref())
         .map(|l| l.weight_percent)
-    {
-        Some(p @ 1..=99) => p,
-        _ => 100,
-    }
+        .filter(|p| (1..100).contains(p))
+        .unwrap_or(100)
 }
 
 /// `max(1, ⌈weight × percent / 100⌉)`: a share of a weight, never 0.
