@@ -7,7 +7,7 @@
 //! * [`model`] — the domain rules every entry point applies the same way: identifier, address,
 //!   weight and policy validation, and conversions between wire and domain types;
 //! * [`health_check`] — validation and defaults of a service's active health check;
-//! * [`sources`] — backend state from separate sources (admin, probe, outlier) and the one pure
+//! * [`sources`] — backend state from separate sources (admin, probe, outlier, latency) and the one pure
 //!   function that derives a backend's effective state and the reason for it;
 //! * [`wire`] — server-side wire types: an outbound session message encoded once and shared by
 //!   every session that receives it;
@@ -17,8 +17,11 @@
 //!   least connections exact and P2C, Maglev, ring hash, bounded load) and sticky sessions. They are
 //!   plain data plus atomics, testable without tokio;
 //! * [`circuit`] — the SDK's per-backend circuit breaker (configuration and pure state machine);
-//! * [`slow_start`] — the weight ramp of newly eligible backends, applied by every picker builder.
+//! * [`slow_start`] — the weight ramp of newly eligible backends, applied by every picker builder;
+//! * [`adaptive`] — adaptive weights: the pure decision that lowers a slow backend's share, and
+//!   its application to picker inputs.
 
+pub mod adaptive;
 pub mod balance;
 pub mod circuit;
 pub mod health_check;

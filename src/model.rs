@@ -337,6 +337,22 @@ pub fn validate_server(server: &proto::Server) -> Result<(), ValidationError> {
                 ));
             }
         }
+        if let Some(l) = &sources.latency {
+            if l.weight_percent > 100 {
+                return Err(ValidationError::new(
+                    "sources.latency.weight_percent",
+                    l.weight_percent,
+                    "must be at most 100",
+                ));
+            }
+            if l.detail.len() > crate::sources::MAX_DETAIL_LEN {
+                return Err(ValidationError::new(
+                    "sources.latency.detail",
+                    format!("{} bytes", l.detail.len()),
+                    format!("at most {} bytes", crate::sources::MAX_DETAIL_LEN),
+                ));
+            }
+        }
     }
     Ok(())
 }
@@ -371,6 +387,7 @@ pub fn default_policy() -> proto::Policy {
         health_check: None,
         slow_start: None,
         circuit_breaker: None,
+        adaptive_weights: None,
     }
 }
 
@@ -434,6 +451,7 @@ pub fn validate_policy(policy: &proto::Policy) -> Result<(), ValidationError> {
     }
     crate::slow_start::validate(policy)?;
     crate::circuit::validate(policy)?;
+    crate::adaptive::validate(policy)?;
     crate::health_policy::validate(policy)
 }
 
@@ -479,7 +497,8 @@ pub fn sticky_config(policy: &proto::Policy) -> Option<StickyConfig> {
 
 /// Builds the picker for a service state (`policy` and its stored `servers`), off the request
 /// path. With the `previous` picker of the same service it rebuilds, so in-flight accounting and
-/// unchanged strings carry over by id. Used by `dlbd` and the SDK alike. With slow start in the
+/// unchanged strings carry over by id. Used by `dlbd` and the SDK alike. Backends with a latency
+/// share get it with precision ([`crate::adaptive::apply`]). With slow start in the
 /// policy, ramping backends get their ramped weight at the local wall clock's now (see
 /// [`crate::slow_start`]; rebuild again at [`crate::slow_start::next_tick`]).
 pub fn build_picker<'a>(
@@ -489,6 +508,7 @@ pub fn build_picker<'a>(
 ) -> Result<Picker, BuildError> {
     let servers: Vec<&proto::Server> = servers.into_iter().collect();
     let mut specs: Vec<BackendSpec> = servers.iter().map(|s| backend_spec(s)).collect();
+    crate::adaptive::apply(&mut specs, &servers);
     if let Some(ramp) = crate::slow_start::config(policy) {
         let ready: Vec<u64> = servers.iter().map(|s| s.ready_since_ms).collect();
         crate::slow_start::apply(&mut specs, &ready, crate::slow_start::now_ms(), &ramp);

@@ -5,7 +5,9 @@
 //! * **admin** — the operator: `health_check_failed` / `health_check_passed` (the seed API), plus
 //!   the `draining` flag and the configured `weight`;
 //! * **probe** — active health checks run by `dlbd`;
-//! * **outlier** — passive ejection decided from the SDKs' call outcomes.
+//! * **outlier** — passive ejection decided from the SDKs' call outcomes;
+//! * **latency** — adaptive weights: a share of the configured weight for a backend much slower
+//!   than its service's median ([`crate::adaptive`]). It never makes a backend ineligible.
 //!
 //! Each source's verdict is kept in its own slot of [`proto::HealthSources`]; [`effective`] is the
 //! only place that combines them. **Precedence** (first match is the primary reason; every cause
@@ -14,11 +16,13 @@
 //! 1. admin `UNHEALTHY` → unhealthy, reason `admin: health_check_failed`;
 //! 2. outlier `UNHEALTHY` → unhealthy, reason `outlier: <detail>`;
 //! 3. probe `UNHEALTHY` → unhealthy, reason `probe: <detail>`;
-//! 4. `draining` → ineligible but healthy, reason `draining`.
+//! 4. `draining` → ineligible but healthy, reason `draining`;
+//! 5. latency `weight_percent` p in 1..=99 → still eligible, effective weight
+//!    `max(1, ⌈weight × p / 100⌉)` (never 0), reason `latency: <detail>`.
 //!
 //! A `HEALTHY` verdict never overrides another source's `UNHEALTHY`: the operator can take a
-//! backend out, not force it in against a failing probe. With no unhealthy source and no drain
-//! the backend is eligible at its configured weight and the reason is empty. The function is pure
+//! backend out, not force it in against a failing probe. With no unhealthy source, no drain and
+//! no latency share the backend is eligible at its configured weight and the reason is empty. The function is pure
 //! and O(length of the details).
 
 use crate::proto;
@@ -73,10 +77,22 @@ pub fn effective(server: &proto::Server) -> Effective {
     if server.draining {
         causes.push("draining".to_owned());
     }
+    let eligible = causes.is_empty();
+    let percent = crate::adaptive::weight_percent(server);
+    let mut weight = server.weight;
+    if percent < 100 {
+        weight = crate::adaptive::scaled(server.weight, percent);
+        let detail = sources.latency.as_ref().map_or("", |l| l.detail.as_str());
+        causes.push(if detail.is_empty() {
+            format!("latency: weight {percent} %")
+        } else {
+            format!("latency: {detail}")
+        });
+    }
     Effective {
-        eligible: causes.is_empty(),
+        eligible,
         health,
-        weight: server.weight,
+        weight,
         reason: causes.join("; "),
     }
 }
@@ -121,6 +137,7 @@ mod tests {
                     detail: "HTTP 503".into(),
                 }),
                 outlier: None,
+                latency: None,
             }),
             ..Default::default()
         }
@@ -179,6 +196,44 @@ mod tests {
             "admin: health_check_failed; outlier: unhealthy; probe: HTTP 503; draining"
         );
         assert_eq!(e.health, proto::HealthStatus::Unhealthy);
+    }
+
+    #[test]
+    fn a_latency_share_lowers_the_weight_not_eligibility() {
+        let mut b = backend(N, N, false);
+        b.weight = 8;
+        b.sources.as_mut().expect("set").latency = Some(proto::LatencyState {
+            weight_percent: 25,
+            detail: "mean 84 ms vs service median 9.0 ms (weight 25 %)".into(),
+        });
+        let e = effective(&b);
+        assert!(e.eligible);
+        assert_eq!(e.health, proto::HealthStatus::Healthy);
+        assert_eq!(e.weight, 2);
+        assert_eq!(
+            e.reason,
+            "latency: mean 84 ms vs service median 9.0 ms (weight 25 %)"
+        );
+        stamp(&mut b);
+        assert_eq!(b.effective_weight, 2);
+        // Never 0: 1 % of weight 1 is 1. And after the other causes, still listed.
+        b.weight = 1;
+        b.sources.as_mut().expect("set").latency = Some(proto::LatencyState {
+            weight_percent: 1,
+            detail: String::new(),
+        });
+        b.draining = true;
+        let e = effective(&b);
+        assert_eq!(e.weight, 1);
+        assert!(!e.eligible);
+        assert_eq!(e.reason, "draining; latency: weight 1 %");
+        // 100 (or 0) is full weight, no reason.
+        b.draining = false;
+        b.sources.as_mut().expect("set").latency = Some(proto::LatencyState {
+            weight_percent: 100,
+            detail: "x".into(),
+        });
+        assert_eq!(effective(&b).reason, "");
     }
 
     #[test]

@@ -383,6 +383,8 @@ struct RawPolicy {
     health_check: Option<crate::health::config::RawHealthCheck>,
     slow_start: Option<crate::config_sdk_health::RawSlowStart>,
     circuit_breaker: Option<crate::config_sdk_health::RawCircuitBreaker>,
+    #[serde(alias = "adaptive_weights")]
+    adaptive: Option<crate::config_adaptive::RawAdaptive>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -602,13 +604,14 @@ fn convert_service(ctx: &Ctx<'_>, i: usize, s: &RawService) -> Result<ServiceCon
             p.circuit_breaker.as_ref(),
             &mut policy,
         );
+        crate::config_adaptive::apply(p.adaptive.as_ref(), &mut policy);
     }
     model::validate_policy(&policy).map_err(|e| {
         let field = e.field.strip_prefix("policy.").unwrap_or(&e.field);
         let field = if field == "sticky_mode" {
-            "sticky"
+            "sticky".to_owned()
         } else {
-            field
+            crate::config_adaptive::yaml_field(field)
         };
         ctx.invalid(at(&format!("policy.{field}")), e)
     })?;

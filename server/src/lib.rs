@@ -50,6 +50,7 @@ pub mod membership;
 pub mod metrics;
 // Issue 9 (outlier detection, panic, global least connections, request metrics).
 pub mod circuits;
+mod config_adaptive;
 mod config_health;
 mod config_sdk_health;
 pub mod global_load;

@@ -113,6 +113,7 @@ fn mutation() -> impl Strategy<Value = Mutation> {
                 admin,
                 probe,
                 outlier: None,
+                latency: None,
             },
         );
     prop_oneof![

@@ -23,6 +23,8 @@ use dlb::proto::server_message::Kind as ServerKind;
 use dlb_client::{AdminClient, Error, NewServer, ServerUpdate};
 use serde_json::{json, Value};
 
+#[path = "dlbctl/adaptive.rs"]
+mod adaptive;
 #[path = "dlbctl/health.rs"]
 mod health;
 
@@ -223,6 +225,9 @@ struct PolicySet {
     /// Slow start and circuit breaker settings.
     #[command(flatten)]
     sdk_health: SdkHealthFlags,
+    /// Adaptive weights settings.
+    #[command(flatten)]
+    adaptive: adaptive::AdaptiveFlags,
 }
 
 /// `dlbctl policy set` flags for slow start and the SDK's circuit breaker
@@ -500,6 +505,7 @@ fn server_json(s: &proto::Server) -> Value {
         "server_id": s.server_id,
         "address": s.address,
         "weight": s.weight,
+        "effective_weight": dlb::sources::picker_weight(s),
         "hash_key": s.hash_key,
         "metadata": metadata,
         "health": health_name(s.health),
@@ -514,13 +520,11 @@ fn server_json(s: &proto::Server) -> Value {
 }
 
 fn server_text(s: &proto::Server) -> String {
-    let mut out = format!(
-        "{} {} w={} {}",
-        s.server_id,
-        s.address,
-        s.weight,
-        health_name(s.health)
-    );
+    let mut out = format!("{} {} w={}", s.server_id, s.address, s.weight);
+    if s.effective_weight != 0 && s.effective_weight != s.weight {
+        out.push_str(&format!(" (effective {})", s.effective_weight));
+    }
+    out.push_str(&format!(" {}", health_name(s.health)));
     if !s.reason.is_empty() {
         // The reason already says "draining" when the backend drains.
         out.push_str(&format!(" ({})", s.reason));
@@ -551,19 +555,21 @@ fn policy_json(p: &proto::Policy) -> Value {
         "sticky_max_entries": p.sticky_max_entries,
         "health": health_text(p),
         "sdk_health": sdk_health_text(p),
+        "adaptive": adaptive::text(p),
     })
 }
 
 fn policy_text(p: &proto::Policy) -> String {
     format!(
-        "algorithm={} bounded_load={} sticky={} sticky_ttl={} sticky_max={} {} {}",
+        "algorithm={} bounded_load={} sticky={} sticky_ttl={} sticky_max={} {} {} {}",
         model::algorithm_name(p.algorithm),
         p.bounded_load_factor,
         model::sticky_mode_name(p.sticky_mode),
         p.sticky_ttl_seconds,
         p.sticky_max_entries,
         health_text(p),
-        sdk_health_text(p)
+        sdk_health_text(p),
+        adaptive::text(p)
     )
 }
 
@@ -833,6 +839,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
             set.health.apply(&mut policy)?;
             set.sdk_health.apply(&mut policy);
+            set.adaptive.apply(&mut policy);
             model::validate_policy(&policy)?;
             let r = admin
                 .set_policy_if(&service, policy, Some(read_version))

@@ -62,6 +62,7 @@ struct Target {
     in_flight: bool,
     last_detail: String,
     last_rtt: Option<Duration>,
+    last_pass_rtt: Option<Duration>,
 }
 
 fn damper(spec: &CheckSpec) -> Damper {
@@ -321,6 +322,7 @@ impl Checker {
                             in_flight: false,
                             last_detail: String::new(),
                             last_rtt: None,
+                            last_pass_rtt: None,
                         },
                     );
                     true
@@ -423,6 +425,9 @@ impl Checker {
         }
         t.in_flight = false;
         t.last_rtt = Some(done.rtt);
+        if passed {
+            t.last_pass_rtt = Some(done.rtt);
+        }
         let detail = match done.outcome {
             Outcome::Pass(d) => format!("{d}, rtt {:.1} ms", done.rtt.as_secs_f64() * 1e3),
             Outcome::Fail(d) => d,

@@ -13,14 +13,21 @@
 //! The task also feeds the request metrics ([`crate::health_metrics`]) from every report, and
 //! every 100 ms runs each detector's clock (returns, failure-rate windows, decay). The
 //! max-ejection rule is [`dlb::health_policy::max_ejected`]; `docs/outlier.md` has the rules.
+//!
+//! It also owns **adaptive weights** ([`latency`]): per service with `adaptive_weights` on, a
+//! latency window summed over every report; when a window closes, the pure decision
+//! [`dlb::adaptive::decide`] (with probe RTTs from the checker where active checks run) gives
+//! the shares that change, written to each backend's latency source (`docs/adaptive.md`).
 
 pub mod detector;
+pub mod latency;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use dlb::adaptive::{self, Decision};
 use dlb::health_policy::{outlier_config, OutlierConfig};
 use dlb::proto;
 use tokio::sync::mpsc;
@@ -106,6 +113,7 @@ struct Service {
 /// The detector task. See the module docs.
 pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Report>) {
     let mut services: HashMap<Arc<str>, Service> = HashMap::new();
+    let mut windows: HashMap<Arc<str>, latency::Window> = HashMap::new();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut shutdown = shared.shutdown.clone();
@@ -117,6 +125,8 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Report>) {
             actions.extend(stale_ejections(&shared, &name));
         }
         write(&shared, &name, actions).await;
+        let clears = adaptive_sync(&shared, &mut windows, &name, true);
+        write_latency(&shared, &name, clears).await;
     }
     loop {
         tokio::select! {
@@ -126,6 +136,11 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Report>) {
                 shared.health_metrics().requests(&service, &loads);
                 let actions = on_report(&shared, &mut services, &service, &loads);
                 write(&shared, &service, actions).await;
+                if let Some(w) = windows.get_mut(&service) {
+                    if let Some(snap) = shared.cache.get(&service) {
+                        w.add(&loads, |id| snap.servers.contains_key(id));
+                    }
+                }
             }
             _ = tick.tick() => {
                 shared.health_metrics().dropped_reports(shared.reports.dropped());
@@ -133,6 +148,12 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Report>) {
                 for name in names {
                     let actions = on_tick(&shared, &mut services, &name);
                     write(&shared, &name, actions).await;
+                }
+                for name in shared.cache.service_names() {
+                    let clears = adaptive_sync(&shared, &mut windows, &name, false);
+                    write_latency(&shared, &name, clears).await;
+                    let decisions = close_window(&shared, &mut windows, &name).await;
+                    write_latency(&shared, &name, decisions).await;
                 }
             }
             _ = crate::state::stopped(&mut shutdown) => break,
@@ -183,6 +204,105 @@ fn sync(
     let ids: HashSet<&str> = snap.servers.keys().map(|k| &**k).collect();
     svc.detector.retain(&ids);
     (Some(snap.servers.len()), Vec::new())
+}
+
+/// Keeps a latency window for every service with adaptive weights on. Returns the shares to
+/// clear: every stored one of a service whose adaptive weights went off (or, with `startup`,
+/// were off with shares left in the store), so nobody keeps a lowered weight nobody updates.
+fn adaptive_sync(
+    shared: &Shared,
+    windows: &mut HashMap<Arc<str>, latency::Window>,
+    name: &Arc<str>,
+    startup: bool,
+) -> Vec<Decision> {
+    let snap = shared.cache.get(name);
+    let on = snap
+        .as_ref()
+        .is_some_and(|s| adaptive::config(&s.policy).is_some());
+    if on {
+        windows
+            .entry(name.clone())
+            .or_insert_with(|| latency::Window::new(Instant::now()));
+        return Vec::new();
+    }
+    let was_on = windows.remove(name).is_some();
+    let Some(snap) = snap.filter(|_| was_on || startup) else {
+        return Vec::new();
+    };
+    snap.servers
+        .iter()
+        .filter(|(_, s)| s.sources.as_ref().is_some_and(|x| x.latency.is_some()))
+        .map(|(id, _)| Decision {
+            id: id.to_string(),
+            percent: 100,
+            detail: "adaptive weights off".to_owned(),
+        })
+        .collect()
+}
+
+/// Closes a service's latency window when it is due and decides (see [`latency`]).
+async fn close_window(
+    shared: &Shared,
+    windows: &mut HashMap<Arc<str>, latency::Window>,
+    name: &Arc<str>,
+) -> Vec<Decision> {
+    let Some(snap) = shared.cache.get(name) else {
+        return Vec::new();
+    };
+    let Some(cfg) = adaptive::config(&snap.policy) else {
+        return Vec::new();
+    };
+    let now = Instant::now();
+    let Some(window) = windows.get_mut(name) else {
+        return Vec::new();
+    };
+    if !window.due(now, cfg.window) {
+        return Vec::new();
+    }
+    let mut requests = window.take(cfg.min_requests, now);
+    // Probe RTTs of backends whose checker says healthy (the last passing probe's).
+    let mut probes: HashMap<String, f64> = HashMap::new();
+    if snap.policy.health_check.is_some() {
+        for (id, view) in shared.health.inspect_service(name).await {
+            if view.health != crate::health::state::Health::Healthy {
+                continue;
+            }
+            if let Some(rtt) = view.last_pass_rtt {
+                probes.insert(id, rtt.as_secs_f64() * 1e3);
+            }
+        }
+    }
+    let samples: Vec<adaptive::Sample> = snap
+        .servers
+        .iter()
+        .map(|(id, s)| adaptive::Sample {
+            id: id.to_string(),
+            eligible: dlb::model::is_eligible(s),
+            percent: adaptive::weight_percent(s),
+            request_ms: requests.remove(&**id),
+            probe_ms: probes.remove(&**id),
+        })
+        .collect();
+    adaptive::decide(&cfg, &samples)
+}
+
+/// Writes latency shares, one store write each (a backend removed meanwhile fails alone).
+async fn write_latency(shared: &Shared, service: &str, decisions: Vec<Decision>) {
+    for d in decisions {
+        tracing::info!(service, server_id = %d.id, percent = d.percent, detail = %d.detail,
+            "adaptive weight");
+        let patch = ServerPatch {
+            latency: Some(proto::LatencyState {
+                weight_percent: d.percent,
+                detail: dlb::model::prefix(&d.detail, dlb::sources::MAX_DETAIL_LEN).to_owned(),
+            }),
+            ..Default::default()
+        };
+        let m = vec![Mutation::Update(d.id.clone(), patch)];
+        if let Err(e) = shared.store.apply(service.to_owned(), m, None).await {
+            tracing::debug!(service, server_id = %d.id, error = %e, "latency write failed");
+        }
+    }
 }
 
 /// Returns for backends stored as ejected in a service without outlier detection.

@@ -232,6 +232,8 @@ pub struct ServerPatch {
     pub probe: Option<proto::SourceState>,
     /// New state of the outlier-detection health source.
     pub outlier: Option<proto::SourceState>,
+    /// New state of the latency source (adaptive weights); a share of 100 (or 0) clears it.
+    pub latency: Option<proto::LatencyState>,
 }
 
 /// One step of an atomic write to one service.

@@ -62,6 +62,7 @@ fn new_sources() -> proto::HealthSources {
         admin: proto::Verdict::Healthy as i32,
         probe: None,
         outlier: None,
+        latency: None,
     }
 }
 
@@ -108,6 +109,10 @@ fn patch_record(
     }
     if let Some(o) = &patch.outlier {
         sources.outlier = Some(o.clone());
+    }
+    if let Some(l) = &patch.latency {
+        // Full weight (100, or 0) clears the source: nothing limits the backend.
+        sources.latency = (1..100).contains(&l.weight_percent).then(|| l.clone());
     }
     finish(new, Some(old), now_ms)
 }

@@ -56,6 +56,8 @@ pub struct TargetView {
     pub last_detail: String,
     /// The last probe's round-trip time.
     pub last_rtt: Option<Duration>,
+    /// The round-trip time of the last probe that passed (adaptive weights compare it).
+    pub last_pass_rtt: Option<Duration>,
     /// Whether flap damping holds the backend down now.
     pub held_down: bool,
     /// Hold-downs in a row so far.
@@ -70,6 +72,7 @@ impl Target {
             published: self.published,
             last_detail: self.last_detail.clone(),
             last_rtt: self.last_rtt,
+            last_pass_rtt: self.last_pass_rtt,
             held_down: self.damper.held_until(now).is_some(),
             hold_downs: self.damper.repeats(),
         }
