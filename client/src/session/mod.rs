@@ -60,8 +60,8 @@ mod persist;
 
 pub(crate) use entry::apply_detached;
 use entry::Entry;
-pub(crate) use persist::{restore, Restored};
 use persist::Saver;
+pub(crate) use persist::{restore, Restored};
 
 /// Requests from [`crate::Client`] to its session task.
 #[derive(Debug)]
@@ -111,6 +111,13 @@ impl Link {
     }
 }
 
+/// The routing state the session task owns across sessions: every followed service, and the
+/// snapshot file's writer when there is one.
+struct Routing {
+    entries: HashMap<String, Entry>,
+    saver: Option<Saver>,
+}
+
 /// How one session ended.
 enum Ended {
     /// The client was closed: stop.
@@ -142,24 +149,26 @@ pub(crate) async fn run(
     restored: Restored,
     snapshot_file: Option<std::path::PathBuf>,
 ) {
-    let mut saver = snapshot_file.map(|path| Saver::new(path, &restored.saved));
-    let mut entries: HashMap<String, Entry> = restored
-        .entries
-        .into_iter()
-        .map(|e| (e.state.name.clone(), e))
-        .collect();
+    let mut routing = Routing {
+        saver: snapshot_file.map(|path| Saver::new(path, &restored.saved)),
+        entries: restored
+            .entries
+            .into_iter()
+            .map(|e| (e.state.name.clone(), e))
+            .collect(),
+    };
     let mut attempt: u32 = 0;
     let mut idx = 0usize;
-    loop {
+    'sessions: loop {
         link.endpoint.store(idx, Ordering::Relaxed);
         let (endpoint, channel) = &channels[idx];
         let ended = tokio::select! {
-            e = session_once(&config, endpoint, channel.clone(), &link, &mut entries, &mut commands, &mut saver) => e,
+            e = session_once(&config, endpoint, channel.clone(), &link, &mut routing, &mut commands) => e,
             _ = closed.wait_for(|c| *c) => Ended::Closed,
         };
         link.connected.send_replace(false);
         let delay = match ended {
-            Ended::Closed => return,
+            Ended::Closed => break 'sessions,
             Ended::GoingAway => {
                 attempt = 0;
                 backoff_delay(Duration::ZERO, config.backoff_min, 0)
@@ -180,15 +189,20 @@ pub(crate) async fn run(
         loop {
             tokio::select! {
                 _ = &mut sleep => break,
-                _ = closed.wait_for(|c| *c) => return,
+                _ = closed.wait_for(|c| *c) => break 'sessions,
                 cmd = commands.recv() => match cmd {
-                    None => return,
+                    None => break 'sessions,
                     Some(Command::Subscribe(state)) => {
-                        entries.entry(state.name.clone()).or_insert_with(|| Entry::new(state));
+                        routing.entries.entry(state.name.clone()).or_insert_with(|| Entry::new(state));
                     }
                 },
             }
         }
+    }
+    // Closing: the newest state goes to the snapshot file before the task ends.
+    if let Some(saver) = routing.saver.as_mut() {
+        saver.note(&routing.entries);
+        saver.flush().await;
     }
 }
 
@@ -197,10 +211,10 @@ async fn session_once(
     endpoint: &str,
     channel: Channel,
     link: &Link,
-    entries: &mut HashMap<String, Entry>,
+    routing: &mut Routing,
     commands: &mut mpsc::UnboundedReceiver<Command>,
-    saver: &mut Option<Saver>,
 ) -> Ended {
+    let entries = &mut routing.entries;
     // Take in subscriptions that arrived meanwhile, so the first Subscribe names them.
     while let Ok(Command::Subscribe(state)) = commands.try_recv() {
         entries
@@ -244,7 +258,7 @@ async fn session_once(
     link.sessions.fetch_add(1, Ordering::Relaxed);
     link.connected.send_replace(true);
     tracing::debug!(%endpoint, services = entries.len(), "session established");
-    serve(config, endpoint, inbound, &tx, entries, commands, link, saver).await
+    serve(config, endpoint, inbound, &tx, routing, commands, link).await
 }
 
 /// At most one Nack per service per this period (see `serve`).
@@ -265,14 +279,14 @@ async fn serve<S>(
     endpoint: &str,
     mut inbound: S,
     tx: &mpsc::Sender<proto::ClientMessage>,
-    entries: &mut HashMap<String, Entry>,
+    routing: &mut Routing,
     commands: &mut mpsc::UnboundedReceiver<Command>,
     link: &Link,
-    saver: &mut Option<Saver>,
 ) -> Ended
 where
     S: Stream<Item = Result<proto::ServerMessage, tonic::Status>> + Unpin,
 {
+    let Routing { entries, saver } = routing;
     // A new session starts with no global loads: this control plane pushes the others' counts
     // only once they differ from nothing, so counts pushed by a previous one must not linger.
     for entry in entries.values_mut() {
@@ -303,6 +317,9 @@ where
     // is dead or stuck although the connection (and its HTTP/2 keepalive) may look fine.
     let deadline = tokio::time::sleep(config.update_deadline);
     tokio::pin!(deadline);
+    // A snapshot-file write held back by its period (see `persist`).
+    let save_timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(save_timer);
 
     loop {
         let next_ramp = entries.values().filter_map(|e| e.ramp_at).min();
@@ -311,7 +328,18 @@ where
                 ramp_timer.as_mut().reset(at);
             }
         }
+        let save_due = saver.as_ref().and_then(Saver::due);
+        if let Some(at) = save_due {
+            if save_timer.deadline() != at {
+                save_timer.as_mut().reset(at);
+            }
+        }
         tokio::select! {
+            () = &mut save_timer, if save_due.is_some() => {
+                if let Some(saver) = saver.as_mut() {
+                    saver.maybe_write();
+                }
+            }
             () = &mut ramp_timer, if next_ramp.is_some() => {
                 let now = Instant::now();
                 for entry in entries.values_mut() {
@@ -629,7 +657,10 @@ mod serve_tests {
         let (tx, out) = mpsc::channel(4096);
         let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel();
         let state = Arc::new(ServiceState::new("s".into()));
-        let mut entries = HashMap::from([("s".to_owned(), Entry::new(state.clone()))]);
+        let mut routing = Routing {
+            entries: HashMap::from([("s".to_owned(), Entry::new(state.clone()))]),
+            saver: None,
+        };
         let config = SessionConfig {
             client_id: "test".into(),
             report_interval: Duration::from_secs(1),
@@ -649,10 +680,9 @@ mod serve_tests {
                 "test",
                 inbound,
                 &tx,
-                &mut entries,
+                &mut routing,
                 &mut cmd_rx,
                 &task_link,
-                &mut None,
             )
             .await
         });
@@ -686,7 +716,10 @@ mod serve_tests {
             h._inbound.send(Ok(heartbeat())).unwrap();
         }
         tokio::task::yield_now().await;
-        assert!(!h.task.is_finished(), "a session with heartbeats was abandoned");
+        assert!(
+            !h.task.is_finished(),
+            "a session with heartbeats was abandoned"
+        );
         assert_eq!(h.link.deadline_expiries.load(Ordering::Relaxed), 0);
         // Then silence: it ends at the deadline, as an established session (fast reconnect).
         let silent = Instant::now();

@@ -90,6 +90,17 @@ impl Saver {
         }
     }
 
+    /// When a write held back by [`SAVE_EVERY`] is due (`None`: nothing waits).
+    pub(crate) fn due(&self) -> Option<Instant> {
+        if !self.dirty {
+            return None;
+        }
+        Some(
+            self.last_write
+                .map_or_else(Instant::now, |t| t + SAVE_EVERY),
+        )
+    }
+
     /// Starts a write if something changed, the last write finished and [`SAVE_EVERY`] has
     /// passed since it started.
     pub(crate) fn maybe_write(&mut self) {
@@ -102,6 +113,24 @@ impl Saver {
         if self.last_write.is_some_and(|t| t.elapsed() < SAVE_EVERY) {
             return;
         }
+        self.write();
+    }
+
+    /// Writes what is pending now, whatever the period, and waits for it (the client is
+    /// closing: the newest state must not be lost).
+    pub(crate) async fn flush(&mut self) {
+        if let Some(w) = self.writing.take() {
+            let _ = w.await;
+        }
+        if self.dirty {
+            self.write();
+            if let Some(w) = self.writing.take() {
+                let _ = w.await;
+            }
+        }
+    }
+
+    fn write(&mut self) {
         self.dirty = false;
         self.last_write = Some(Instant::now());
         let mut names: Vec<&String> = self.saved.keys().collect();
@@ -306,7 +335,13 @@ mod tests {
             assert_eq!(snap.version.epoch, 9);
         }
         let web = restored.states.iter().find(|s| s.name == "web").unwrap();
-        let ids: Vec<_> = web.snapshot.load().picker.as_ref().unwrap().backends()
+        let ids: Vec<_> = web
+            .snapshot
+            .load()
+            .picker
+            .as_ref()
+            .unwrap()
+            .backends()
             .iter()
             .map(|b| b.id().to_owned())
             .collect();
