@@ -67,13 +67,16 @@ pub struct ClientBuilder {
     backoff_min: Duration,
     backoff_max: Duration,
     subscribe_timeout: Duration,
+    update_deadline: Duration,
     wait_connected: bool,
     channel: ChannelOptions,
+    snapshot_file: Option<std::path::PathBuf>,
 }
 
 impl ClientBuilder {
     /// Options with defaults: report every 1 s, acks coalesced for up to 100 ms, backoff 50 ms..5 s, connect timeout 2 s,
-    /// keepalive 10 s (5 s timeout), first-snapshot timeout 5 s, wait for the first session.
+    /// keepalive 10 s (5 s timeout), update deadline 15 s, first-snapshot timeout 5 s, wait for
+    /// the first session, no snapshot file.
     pub fn new(endpoints: impl IntoIterator<Item = impl Into<String>>) -> Self {
         Self {
             endpoints: endpoints.into_iter().map(Into::into).collect(),
@@ -83,8 +86,10 @@ impl ClientBuilder {
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(5),
             subscribe_timeout: Duration::from_secs(5),
+            update_deadline: Duration::from_secs(15),
             wait_connected: true,
             channel: ChannelOptions::default(),
+            snapshot_file: None,
         }
     }
 
@@ -126,6 +131,29 @@ impl ClientBuilder {
     pub fn keepalive(mut self, interval: Duration, timeout: Duration) -> Self {
         self.channel.keepalive_interval = interval;
         self.channel.keepalive_timeout = timeout;
+        self
+    }
+
+    /// How long an established session may receive nothing at all before the client declares
+    /// the control plane dead or stuck and fails over to the next endpoint (default 15 s, at
+    /// least 100 ms). `dlbd` sends a `Heartbeat` after 5 s of silence (its
+    /// `session_heartbeat`), so keep this a few heartbeats long. HTTP/2 keepalives
+    /// ([`ClientBuilder::keepalive`]) catch a dead connection; this catches a replica that is
+    /// connected but no longer follows its store.
+    pub fn update_deadline(mut self, deadline: Duration) -> Self {
+        self.update_deadline = deadline.max(Duration::from_millis(100));
+        self
+    }
+
+    /// Keeps a copy of the last good routing state in `path` (written at most once a second
+    /// while it changes, atomically: a temporary file renamed over the old one). A client that
+    /// starts while no control plane can be reached routes on this copy, marked stale
+    /// ([`ServiceHandle::is_stale`]; [`ServiceHandle::last_update_age`] counts from when the
+    /// state was received), and resubscribes with its versions, so a control plane of the same
+    /// store history answers with deltas. A missing, unreadable or corrupt file is ignored (and
+    /// logged). The format is `dlb.v1.SdkSnapshotFile`.
+    pub fn snapshot_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.snapshot_file = Some(path.into());
         self
     }
 
@@ -183,8 +211,18 @@ impl ClientBuilder {
             backoff_min: self.backoff_min,
             backoff_max: self.backoff_max,
             connect_timeout: self.channel.connect_timeout,
+            update_deadline: self.update_deadline,
             token: self.channel.token.clone(),
         };
+        let restored = match &self.snapshot_file {
+            Some(path) => session::restore(path),
+            None => session::Restored::empty(),
+        };
+        let services: HashMap<String, Arc<ServiceState>> = restored
+            .states
+            .iter()
+            .map(|s| (s.name.clone(), s.clone()))
+            .collect();
         let mut connected = link.connected.subscribe();
         tokio::spawn(session::run(
             config,
@@ -192,12 +230,15 @@ impl ClientBuilder {
             link.clone(),
             cmd_rx,
             closed_rx,
+            restored,
+            self.snapshot_file.clone(),
         ));
+        let routes_from_file = !services.is_empty();
         let client = Client {
             inner: Arc::new(Inner {
                 admin,
                 link,
-                services: Mutex::new(HashMap::new()),
+                services: Mutex::new(services),
                 commands: cmd_tx,
                 closed: closed_tx,
                 subscribe_timeout: self.subscribe_timeout,
@@ -207,7 +248,10 @@ impl ClientBuilder {
             let waited =
                 tokio::time::timeout(self.channel.connect_timeout, connected.wait_for(|c| *c))
                     .await;
-            if !matches!(waited, Ok(Ok(_))) {
+            if !matches!(waited, Ok(Ok(_))) && routes_from_file {
+                tracing::warn!(endpoints = ?self.endpoints,
+                    "no control plane reachable; routing on the snapshot file (stale) and retrying");
+            } else if !matches!(waited, Ok(Ok(_))) {
                 client.close();
                 return Err(Error::Unavailable(format!(
                     "no control plane reachable at {:?} within {:?}",
@@ -302,6 +346,12 @@ impl Client {
     /// The handle of the default service (subscribing on first use).
     pub async fn default_service(&self) -> Result<ServiceHandle> {
         self.service(model::DEFAULT_SERVICE).await
+    }
+
+    /// Sessions abandoned because nothing (not even a heartbeat) arrived within the update
+    /// deadline ([`ClientBuilder::update_deadline`]).
+    pub fn update_deadline_expiries(&self) -> u64 {
+        self.inner.link.deadline_expiries.load(Ordering::Relaxed)
     }
 
     /// Whether the session with the control plane is up.

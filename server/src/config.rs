@@ -142,6 +142,10 @@ pub struct ServerConfig {
     /// How long a session whose client does not read may wait for room in its queue before it
     /// is closed (1 s ..= 1 h).
     pub stall_deadline: Duration,
+    /// How long a Discovery session may go without sending anything before it sends a
+    /// `Heartbeat` (100 ms ..= 60 s, default 5 s), so an SDK can tell a live but quiet control
+    /// plane from a dead or stuck one (its update deadline, 15 s by default, must exceed this).
+    pub session_heartbeat: Duration,
     /// Most Discovery sessions served at once (`RESOURCE_EXHAUSTED` beyond).
     pub max_sessions: usize,
     /// Bound on active health probes in flight; a probe due beyond it is *unknown* (not run,
@@ -193,6 +197,7 @@ impl Default for ServerConfig {
             store_history: crate::store::memory::DEFAULT_HISTORY,
             session_queue: 8,
             stall_deadline: Duration::from_secs(30),
+            session_heartbeat: Duration::from_secs(5),
             max_sessions: 100_000,
             health_max_in_flight: crate::health::DEFAULT_MAX_IN_FLIGHT,
             shutdown_grace: Duration::from_secs(5),
@@ -253,6 +258,14 @@ impl ServerConfig {
                 "stall_deadline",
                 format!("{:?}", self.stall_deadline),
                 "must be between 1 s and 1 hour",
+            ));
+        }
+        if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&self.session_heartbeat)
+        {
+            return Err(ValidationError::new(
+                "session_heartbeat",
+                format!("{:?}", self.session_heartbeat),
+                "must be between 100 ms and 60 s",
             ));
         }
         if !(1..=1024).contains(&self.session_queue) {

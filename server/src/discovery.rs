@@ -23,6 +23,9 @@
 //! * **GlobalLoad**: the other sessions' in-flight counts, pushed at most every 100 ms and only
 //!   when they moved ([`crate::global_load`]); load-report outcomes go to the outlier task
 //!   ([`crate::outlier`]).
+//! * **Heartbeat**: a session that has sent nothing for `session_heartbeat` (5 s by default)
+//!   sends a `Heartbeat` with the cache's revision, so an SDK can fail over from a control plane
+//!   that is connected but no longer talking (its update deadline).
 //! * **Shutdown**: every session sends `GoingAway` and then ends its stream.
 
 use std::collections::HashMap;
@@ -102,6 +105,7 @@ impl Discovery for DiscoveryService {
             warned: None,
             suppressed: 0,
             global: crate::global_load::GlobalPush::new(&self.shared.loads),
+            last_sent: tokio::time::Instant::now(),
         };
         tracing::debug!(session = id, ?peer, "session opened");
         tokio::spawn(session.run(inbound));
@@ -198,6 +202,9 @@ struct Session {
     suppressed: u64,
     /// Pushes the other sessions' in-flight counts ([`crate::global_load`]).
     global: crate::global_load::GlobalPush,
+    /// When a message was last handed to the stream: a `Heartbeat` goes out once the session
+    /// has been silent for `session_heartbeat`.
+    last_sent: tokio::time::Instant,
 }
 
 impl Session {
@@ -232,6 +239,7 @@ impl Session {
     /// cut (`dlb_sessions_stalled_total`). What it can pin meanwhile is bounded by the queue
     /// (`session_queue` messages, shared encodings included) plus the HTTP/2 stream's buffers.
     async fn send(&mut self, msg: Outbound) -> Result<(), End> {
+        self.last_sent = tokio::time::Instant::now();
         let msg = match self.tx.try_send(Ok(msg)) {
             Ok(()) => return Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => return Err(End::Gone),
@@ -295,12 +303,24 @@ impl Session {
             Ok(None) => return End::Done,
             Err(e) => return inbound_error(e),
         }
+        let heartbeat = tokio::time::sleep_until(self.last_sent + self.shared.session_heartbeat);
+        tokio::pin!(heartbeat);
         loop {
+            let due = self.last_sent + self.shared.session_heartbeat;
+            if heartbeat.deadline() != due {
+                heartbeat.as_mut().reset(due);
+            }
             tokio::select! {
                 biased;
                 _ = crate::state::stopped(&mut shutdown) => {
                     self.going_away().await;
                     return End::Done;
+                }
+                () = &mut heartbeat => {
+                    let beat = proto::Heartbeat { revision: self.shared.cache.revision() };
+                    if let Err(end) = self.send(Self::message(server_message::Kind::Heartbeat(beat))).await {
+                        return end;
+                    }
                 }
                 // Updates before client messages: a woken session does not poll its inbound
                 // stream (cheaper per update); client messages wait at most one catch-up.

@@ -230,6 +230,7 @@ pub async fn spawn_with_store(
         shutdown: shutdown_rx.clone(),
         session_queue: config.session_queue,
         stall_deadline: config.stall_deadline,
+        session_heartbeat: config.session_heartbeat,
         next_session: AtomicU64::new(0),
         sessions: std::sync::atomic::AtomicUsize::new(0),
         max_sessions: config.max_sessions,

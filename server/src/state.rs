@@ -37,6 +37,8 @@ pub(crate) struct Shared {
     pub session_queue: usize,
     /// How long a session may stay unable to hand over a message before it is cut.
     pub stall_deadline: std::time::Duration,
+    /// Longest a session stays silent before it sends a `Heartbeat`.
+    pub session_heartbeat: std::time::Duration,
     /// Source of session ids (for nonces and load accounting).
     pub next_session: AtomicU64,
     /// Sessions open now, and the most allowed.

@@ -371,3 +371,48 @@ async fn restart_on_the_same_port_gets_a_new_epoch() {
         .unwrap();
     again.shutdown().await.unwrap();
 }
+
+/// A quiet session gets a `Heartbeat` (with the cache's revision) once it has been silent for
+/// `session_heartbeat`, and only then: updates reset the silence.
+#[tokio::test]
+async fn a_quiet_session_gets_heartbeats() {
+    let mut cfg = dlb_server::ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
+        session_heartbeat: Duration::from_millis(300),
+        ..Default::default()
+    };
+    cfg.services = vec![dlb_server::ServiceConfig::empty("default")];
+    let server = start_with(cfg).await;
+    let mut s = Session::open(&server, subscribe(&[("", None)])).await;
+    s.update().await;
+    let opened = tokio::time::Instant::now();
+    let msg = tokio::time::timeout(WAIT, s.rx.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let waited = opened.elapsed();
+    match msg.kind {
+        Some(server_message::Kind::Heartbeat(h)) => {
+            assert_eq!(
+                h.revision,
+                server.cache().revision(),
+                "heartbeat names the cache revision"
+            )
+        }
+        other => panic!("expected a heartbeat, got {other:?}"),
+    }
+    assert!(
+        waited >= Duration::from_millis(250),
+        "a heartbeat came {waited:?} after an update, before the silence period"
+    );
+    // A bad period is refused at start.
+    let bad = dlb_server::ServerConfig {
+        session_heartbeat: Duration::from_millis(5),
+        ..Default::default()
+    };
+    let err = dlb_server::spawn(bad).await.expect_err("5 ms accepted");
+    assert!(err.to_string().contains("session_heartbeat"), "{err}");
+    server.shutdown().await.unwrap();
+}

@@ -1019,6 +1019,8 @@ async fn watch(
             }
             // Global in-flight counts are routing input for SDKs, not updates to print.
             Some(ServerKind::GlobalLoad(_)) => continue,
+            // Proof of life on a quiet stream.
+            Some(ServerKind::Heartbeat(_)) => continue,
             None => continue,
         };
         let mut out = stdout.lock();

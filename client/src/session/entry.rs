@@ -344,8 +344,26 @@ impl Entry {
         Ok(())
     }
 
+    /// The state to keep in the snapshot file: a full snapshot of the records at `version`,
+    /// when the published state is fresh (neither held back nor itself restored from the file)
+    /// and nothing is staged but unpublished.
+    pub(super) fn saved_form(&self) -> Option<proto::ServiceUpdate> {
+        let policy = self.policy.clone()?;
+        if self.version.epoch == 0 || self.dirty || self.state.snapshot.load().stale {
+            return None;
+        }
+        Some(proto::ServiceUpdate {
+            service: self.state.name.clone(),
+            version: Some(self.version.into()),
+            full: true,
+            policy: Some(policy),
+            upserts: self.records.values().cloned().collect(),
+            ..Default::default()
+        })
+    }
+
     /// Re-publishes the current snapshot with the stale flag set.
-    fn mark_stale(&self) {
+    pub(super) fn mark_stale(&self) {
         let old = self.state.snapshot.load();
         self.state.publish(Snapshot {
             version: old.version,

@@ -16,7 +16,8 @@
 //!    by default) and name the latest version applied, so a burst of updates costs one Ack; a
 //!    Nack is sent at once and supersedes a deferred Ack; send a `LoadReport` per service every
 //!    interval (timers are tokio's, so all of this runs on paused time in tests);
-//! 3. when the stream ends, fails, or the server says `GoingAway`, mark the client disconnected
+//! 3. when the stream ends, fails, the server says `GoingAway`, or nothing at all (not even a
+//!    `Heartbeat`) arrives within the update deadline (15 s by default), mark the client disconnected
 //!    (handles keep routing on their last snapshot), rotate to the next endpoint and reconnect
 //!    after an exponential backoff with full jitter (after `GoingAway`: a jittered pause of at
 //!    most the minimum backoff, so a fleet does not reconnect in lock-step).
@@ -55,9 +56,12 @@ use tonic::transport::Channel;
 use crate::service::ServiceState;
 
 mod entry;
+mod persist;
 
 pub(crate) use entry::apply_detached;
 use entry::Entry;
+use persist::Saver;
+pub(crate) use persist::{restore, Restored};
 
 /// Requests from [`crate::Client`] to its session task.
 #[derive(Debug)]
@@ -76,6 +80,9 @@ pub(crate) struct SessionConfig {
     pub(crate) backoff_min: Duration,
     pub(crate) backoff_max: Duration,
     pub(crate) connect_timeout: Duration,
+    /// An established session that receives nothing (not even a `Heartbeat`) for this long is
+    /// declared dead and the client fails over to the next endpoint.
+    pub(crate) update_deadline: Duration,
     /// Bearer token for the session.
     pub(crate) token: crate::admin::TokenInterceptor,
 }
@@ -89,6 +96,8 @@ pub(crate) struct Link {
     pub(crate) sessions: std::sync::atomic::AtomicU64,
     /// Index of the endpoint in use (or last tried).
     pub(crate) endpoint: std::sync::atomic::AtomicUsize,
+    /// Sessions abandoned because nothing arrived within the update deadline.
+    pub(crate) deadline_expiries: std::sync::atomic::AtomicU64,
 }
 
 impl Link {
@@ -97,8 +106,16 @@ impl Link {
             connected: watch::Sender::new(false),
             sessions: Default::default(),
             endpoint: Default::default(),
+            deadline_expiries: Default::default(),
         }
     }
+}
+
+/// The routing state the session task owns across sessions: every followed service, and the
+/// snapshot file's writer when there is one.
+struct Routing {
+    entries: HashMap<String, Entry>,
+    saver: Option<Saver>,
 }
 
 /// How one session ended.
@@ -129,20 +146,29 @@ pub(crate) async fn run(
     link: Arc<Link>,
     mut commands: mpsc::UnboundedReceiver<Command>,
     mut closed: watch::Receiver<bool>,
+    restored: Restored,
+    snapshot_file: Option<std::path::PathBuf>,
 ) {
-    let mut entries: HashMap<String, Entry> = HashMap::new();
+    let mut routing = Routing {
+        saver: snapshot_file.map(|path| Saver::new(path, &restored.saved)),
+        entries: restored
+            .entries
+            .into_iter()
+            .map(|e| (e.state.name.clone(), e))
+            .collect(),
+    };
     let mut attempt: u32 = 0;
     let mut idx = 0usize;
-    loop {
+    'sessions: loop {
         link.endpoint.store(idx, Ordering::Relaxed);
         let (endpoint, channel) = &channels[idx];
         let ended = tokio::select! {
-            e = session_once(&config, endpoint, channel.clone(), &link, &mut entries, &mut commands) => e,
+            e = session_once(&config, endpoint, channel.clone(), &link, &mut routing, &mut commands) => e,
             _ = closed.wait_for(|c| *c) => Ended::Closed,
         };
         link.connected.send_replace(false);
         let delay = match ended {
-            Ended::Closed => return,
+            Ended::Closed => break 'sessions,
             Ended::GoingAway => {
                 attempt = 0;
                 backoff_delay(Duration::ZERO, config.backoff_min, 0)
@@ -163,15 +189,20 @@ pub(crate) async fn run(
         loop {
             tokio::select! {
                 _ = &mut sleep => break,
-                _ = closed.wait_for(|c| *c) => return,
+                _ = closed.wait_for(|c| *c) => break 'sessions,
                 cmd = commands.recv() => match cmd {
-                    None => return,
+                    None => break 'sessions,
                     Some(Command::Subscribe(state)) => {
-                        entries.entry(state.name.clone()).or_insert_with(|| Entry::new(state));
+                        routing.entries.entry(state.name.clone()).or_insert_with(|| Entry::new(state));
                     }
                 },
             }
         }
+    }
+    // Closing: the newest state goes to the snapshot file before the task ends.
+    if let Some(saver) = routing.saver.as_mut() {
+        saver.note(&routing.entries);
+        saver.flush().await;
     }
 }
 
@@ -180,9 +211,10 @@ async fn session_once(
     endpoint: &str,
     channel: Channel,
     link: &Link,
-    entries: &mut HashMap<String, Entry>,
+    routing: &mut Routing,
     commands: &mut mpsc::UnboundedReceiver<Command>,
 ) -> Ended {
+    let entries = &mut routing.entries;
     // Take in subscriptions that arrived meanwhile, so the first Subscribe names them.
     while let Ok(Command::Subscribe(state)) = commands.try_recv() {
         entries
@@ -226,7 +258,7 @@ async fn session_once(
     link.sessions.fetch_add(1, Ordering::Relaxed);
     link.connected.send_replace(true);
     tracing::debug!(%endpoint, services = entries.len(), "session established");
-    serve(config, endpoint, inbound, &tx, entries, commands).await
+    serve(config, endpoint, inbound, &tx, routing, commands, link).await
 }
 
 /// At most one Nack per service per this period (see `serve`).
@@ -247,12 +279,14 @@ async fn serve<S>(
     endpoint: &str,
     mut inbound: S,
     tx: &mpsc::Sender<proto::ClientMessage>,
-    entries: &mut HashMap<String, Entry>,
+    routing: &mut Routing,
     commands: &mut mpsc::UnboundedReceiver<Command>,
+    link: &Link,
 ) -> Ended
 where
     S: Stream<Item = Result<proto::ServerMessage, tonic::Status>> + Unpin,
 {
+    let Routing { entries, saver } = routing;
     // A new session starts with no global loads: this control plane pushes the others' counts
     // only once they differ from nothing, so counts pushed by a previous one must not linger.
     for entry in entries.values_mut() {
@@ -278,6 +312,14 @@ where
     // Slow start: the earliest picker rebuild a ramp asks for (see `Entry::ramp_tick`).
     let ramp_timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(ramp_timer);
+    // The update deadline: reset by every message from the server (the server sends a
+    // `Heartbeat` when it has nothing else to say), so it expires only when the control plane
+    // is dead or stuck although the connection (and its HTTP/2 keepalive) may look fine.
+    let deadline = tokio::time::sleep(config.update_deadline);
+    tokio::pin!(deadline);
+    // A snapshot-file write held back by its period (see `persist`).
+    let save_timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(save_timer);
 
     loop {
         let next_ramp = entries.values().filter_map(|e| e.ramp_at).min();
@@ -286,7 +328,18 @@ where
                 ramp_timer.as_mut().reset(at);
             }
         }
+        let save_due = saver.as_ref().and_then(Saver::due);
+        if let Some(at) = save_due {
+            if save_timer.deadline() != at {
+                save_timer.as_mut().reset(at);
+            }
+        }
         tokio::select! {
+            () = &mut save_timer, if save_due.is_some() => {
+                if let Some(saver) = saver.as_mut() {
+                    saver.maybe_write();
+                }
+            }
             () = &mut ramp_timer, if next_ramp.is_some() => {
                 let now = Instant::now();
                 for entry in entries.values_mut() {
@@ -300,7 +353,14 @@ where
                     }
                 }
             }
+            () = &mut deadline => {
+                link.deadline_expiries.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%endpoint, deadline = ?config.update_deadline,
+                    "nothing from the control plane within the update deadline; failing over");
+                return Ended::Failed { established };
+            }
             msg = inbound.next() => {
+                deadline.as_mut().reset(Instant::now() + config.update_deadline);
                 let mut ended = None;
                 let mut batch = Vec::new();
                 match msg {
@@ -334,6 +394,12 @@ where
                 }
                 let applied = apply_batch(entries, batch, &mut pending_acks);
                 established |= !applied.acks.is_empty();
+                if let Some(saver) = saver.as_mut() {
+                    if !applied.acks.is_empty() {
+                        saver.note(entries);
+                    }
+                    saver.maybe_write();
+                }
                 if let Some(reason) = &applied.going_away {
                     tracing::info!(%endpoint, %reason, "control plane going away");
                     ended = Some(Ended::GoingAway);
@@ -407,6 +473,11 @@ where
                             return Ended::Failed { established };
                         }
                     }
+                }
+                if let Some(saver) = saver.as_mut() {
+                    // A write held back by its period goes out now; a released hold is noted.
+                    saver.note(entries);
+                    saver.maybe_write();
                 }
                 for entry in entries.values_mut() {
                     // A hold of the restart-flooding rule ends after its grace period.
@@ -490,6 +561,8 @@ fn apply_batch(
                     entry.global_load(&g);
                 }
             }
+            // Proof of life only: receiving it already reset the update deadline.
+            Some(ServerKind::Heartbeat(_)) => {}
             None => {}
         }
     }
@@ -568,6 +641,7 @@ mod serve_tests {
         task: JoinHandle<Ended>,
         _inbound: mpsc::UnboundedSender<Result<proto::ServerMessage, tonic::Status>>,
         _commands: mpsc::UnboundedSender<Command>,
+        link: Arc<Link>,
     }
 
     /// Runs `serve` for one service "s" with `burst` already readable on the stream.
@@ -583,7 +657,10 @@ mod serve_tests {
         let (tx, out) = mpsc::channel(4096);
         let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel();
         let state = Arc::new(ServiceState::new("s".into()));
-        let mut entries = HashMap::from([("s".to_owned(), Entry::new(state.clone()))]);
+        let mut routing = Routing {
+            entries: HashMap::from([("s".to_owned(), Entry::new(state.clone()))]),
+            saver: None,
+        };
         let config = SessionConfig {
             client_id: "test".into(),
             report_interval: Duration::from_secs(1),
@@ -591,11 +668,23 @@ mod serve_tests {
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(2),
+            update_deadline: UPDATE_DEADLINE,
             token: Default::default(),
         };
+        let link = Arc::new(Link::new());
+        let task_link = link.clone();
         let task = tokio::spawn(async move {
             let inbound = UnboundedReceiverStream::new(in_rx);
-            serve(&config, "test", inbound, &tx, &mut entries, &mut cmd_rx).await
+            serve(
+                &config,
+                "test",
+                inbound,
+                &tx,
+                &mut routing,
+                &mut cmd_rx,
+                &task_link,
+            )
+            .await
         });
         Harness {
             state,
@@ -603,7 +692,47 @@ mod serve_tests {
             task,
             _inbound: in_tx,
             _commands: cmd_tx,
+            link,
         }
+    }
+
+    const UPDATE_DEADLINE: Duration = Duration::from_secs(15);
+
+    fn heartbeat() -> proto::ServerMessage {
+        proto::ServerMessage {
+            kind: Some(ServerKind::Heartbeat(proto::Heartbeat { revision: 1 })),
+            ..Default::default()
+        }
+    }
+
+    /// A control plane that stops talking (no update, no heartbeat) is abandoned after the
+    /// update deadline; heartbeats keep a quiet session alive however long it is quiet.
+    #[tokio::test(start_paused = true)]
+    async fn the_update_deadline_fails_over_unless_heartbeats_arrive() {
+        let h = start(vec![full(1, vec![server("a", 1)])]);
+        // Heartbeats every 10 s for a minute: the session stays up.
+        for _ in 0..6 {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            h._inbound.send(Ok(heartbeat())).unwrap();
+        }
+        tokio::task::yield_now().await;
+        assert!(
+            !h.task.is_finished(),
+            "a session with heartbeats was abandoned"
+        );
+        assert_eq!(h.link.deadline_expiries.load(Ordering::Relaxed), 0);
+        // Then silence: it ends at the deadline, as an established session (fast reconnect).
+        let silent = Instant::now();
+        let ended = h.task.await.unwrap();
+        assert!(matches!(ended, Ended::Failed { established: true }));
+        let waited = silent.elapsed();
+        assert!(
+            waited >= UPDATE_DEADLINE - Duration::from_secs(1) && waited <= UPDATE_DEADLINE,
+            "ended {waited:?} after the last heartbeat, not at the {UPDATE_DEADLINE:?} deadline"
+        );
+        assert_eq!(h.link.deadline_expiries.load(Ordering::Relaxed), 1);
+        // The routing state is untouched: picks keep working on the last snapshot.
+        assert_eq!(published(&h.state).len(), 1);
     }
 
     fn v(version: u64) -> Option<proto::Version> {

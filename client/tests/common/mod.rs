@@ -145,6 +145,30 @@ pub struct Proxy {
 struct ProxyState {
     paused: bool,
     conns: Vec<JoinHandle<()>>,
+    /// While set, open connections stay open but nothing is forwarded either way (a peer
+    /// that is connected but stuck).
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Copies `from` to `to`, holding data back while `frozen` is set.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while frozen.load(std::sync::atomic::Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Proxy {
@@ -156,16 +180,19 @@ impl Proxy {
         let st = state.clone();
         let accept = tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
+                let Ok((inbound, _)) = listener.accept().await else {
                     return;
                 };
                 if st.lock().paused {
                     drop(inbound);
                     continue;
                 }
+                let frozen = st.lock().frozen.clone();
                 let conn = tokio::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    if let Ok(outbound) = TcpStream::connect(upstream).await {
+                        let (ir, iw) = inbound.into_split();
+                        let (or, ow) = outbound.into_split();
+                        tokio::join!(pump(ir, ow, frozen.clone()), pump(or, iw, frozen));
                     }
                 });
                 st.lock().conns.push(conn);
@@ -185,6 +212,14 @@ impl Proxy {
         for c in st.conns.drain(..) {
             c.abort();
         }
+    }
+
+    /// Keeps every connection open but stops forwarding anything (a stuck peer).
+    pub fn freeze(&self) {
+        self.state
+            .lock()
+            .frozen
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Accepts connections again.

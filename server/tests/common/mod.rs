@@ -107,14 +107,20 @@ impl Session {
             .unwrap();
     }
 
-    /// The next message (panics after a timeout or when the stream ends or fails).
+    /// The next message other than a `Heartbeat` (panics after a timeout or when the stream
+    /// ends or fails).
     pub async fn next(&mut self) -> server_message::Kind {
-        let msg = tokio::time::timeout(WAIT, self.rx.message())
-            .await
-            .expect("no message within the timeout")
-            .expect("stream failed")
-            .expect("stream ended");
-        msg.kind.expect("empty server message")
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.rx.message())
+                .await
+                .expect("no message within the timeout")
+                .expect("stream failed")
+                .expect("stream ended");
+            match msg.kind.expect("empty server message") {
+                server_message::Kind::Heartbeat(_) => continue,
+                other => return other,
+            }
+        }
     }
 
     /// The next message, which must be a ServiceUpdate.
