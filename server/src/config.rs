@@ -161,6 +161,13 @@ pub struct ServerConfig {
     pub tls: Option<TlsConfig>,
     /// DNS discovery: name servers, refresh bounds, services that follow a DNS name.
     pub dns: crate::dns::DnsConfig,
+    /// How long the cache may be out of step with the store (watch failed, re-reading) before
+    /// this replica stops counting as ready (`docs/etcd.md`, "Replicas"; 0 ..= 60 s, default
+    /// 1 s).
+    pub ready_grace: Duration,
+    /// How long after it stopped counting as ready a replica sends its open sessions
+    /// `GoingAway` (0 ..= 1 h, default 5 s).
+    pub going_away_after: Duration,
 }
 
 /// TLS for the gRPC port (rustls through tonic), with optional client-certificate verification.
@@ -205,6 +212,8 @@ impl Default for ServerConfig {
             auth: crate::auth::AuthConfig::default(),
             tls: None,
             dns: crate::dns::DnsConfig::default(),
+            ready_grace: crate::readiness::DEFAULT_GRACE,
+            going_away_after: crate::readiness::DEFAULT_GOING_AWAY_AFTER,
         }
     }
 }
@@ -279,6 +288,20 @@ impl ServerConfig {
             return Err(ValidationError::new(
                 "shutdown_grace",
                 format!("{:?}", self.shutdown_grace),
+                "must be at most 1 hour",
+            ));
+        }
+        if self.ready_grace > Duration::from_secs(60) {
+            return Err(ValidationError::new(
+                "ready_grace",
+                format!("{:?}", self.ready_grace),
+                "must be at most 60 s",
+            ));
+        }
+        if self.going_away_after > Duration::from_secs(3600) {
+            return Err(ValidationError::new(
+                "going_away_after",
+                format!("{:?}", self.going_away_after),
                 "must be at most 1 hour",
             ));
         }

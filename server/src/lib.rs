@@ -21,6 +21,7 @@
 //! * [`pickers`] — the server-side pickers `GetNextServer` answers from, one builder task per
 //!   service;
 //! * [`loads`] — in-flight sums from SDK load reports; [`metrics`] — Prometheus metrics;
+//! * [`readiness`] — whether this replica serves: its cache in step with the store;
 //! * [`spawn`] / [`RunningServer`] — start and gracefully stop everything.
 //!
 //! ```no_run
@@ -57,6 +58,7 @@ pub mod global_load;
 pub mod health_metrics;
 pub mod outlier;
 pub mod pickers;
+pub mod readiness;
 pub mod registry;
 mod state;
 pub mod status_layer;
@@ -86,7 +88,9 @@ use crate::registry::RegistryService;
 use crate::state::Shared;
 use crate::store::{EmbeddedStore, MemoryStore, Mutation, Store};
 
-/// gRPC service names reported SERVING by the health service (besides `""`).
+/// gRPC service names the health service reports (besides `""`). `dlb.v1.Registry` is
+/// SERVING while the server runs; `""` and `dlb.v1.Discovery` follow the replica's
+/// [`readiness`].
 pub const HEALTH_SERVICES: [&str; 2] = ["dlb.v1.Registry", "dlb.v1.Discovery"];
 
 /// Binds a TCP listener with `SO_REUSEADDR`, so a restarted server can take the same port at
@@ -211,6 +215,9 @@ pub async fn spawn_with_store(
         shutdown_rx.clone(),
     ));
     cache.load(initial);
+    // Loaded before anything is served: ready from the start (the readiness task follows).
+    cache.set_synced(true);
+    let (ready_tx, readiness) = readiness::channel(readiness::State::Ready);
     let (reports, reports_rx) = outlier::Reports::new();
     let (health, _health_task) = health::start(
         cache.clone(),
@@ -236,6 +243,7 @@ pub async fn spawn_with_store(
         max_sessions: config.max_sessions,
         health,
         circuits: circuits::CircuitTracker::new(),
+        readiness: readiness.clone(),
     });
     let mut signal = shutdown_rx.clone();
     let follower = tokio::spawn(
@@ -254,6 +262,17 @@ pub async fn spawn_with_store(
             .set_service_status(name, tonic_health::ServingStatus::Serving)
             .await;
     }
+    let ready_task = tokio::spawn(readiness::run(
+        cache.clone(),
+        readiness::Timing {
+            grace: config.ready_grace,
+            going_away_after: config.going_away_after,
+        },
+        ready_tx,
+        health.clone(),
+        metrics.readiness.clone(),
+        shutdown_rx.clone(),
+    ));
     // Reflection in both versions tools speak (grpcurl and grpcio's reflection client still
     // use v1alpha), listing the health service too.
     let reflection_builder = || {
@@ -302,6 +321,7 @@ pub async fn spawn_with_store(
                 shutdown_rx.clone(),
                 config.max_sessions,
             )
+            .with_readiness(readiness.clone())
             .into_server(),
         )
         .add_service(xds::status::XdsStatusService::new(xds_clients.clone()).into_server())
@@ -347,6 +367,7 @@ pub async fn spawn_with_store(
         follower: Some(follower),
         builders: Some(builders),
         discovery: Some(discovery),
+        ready_task: Some(ready_task),
         shared,
         xds_clients,
     })
@@ -369,6 +390,8 @@ pub struct RunningServer {
     builders: Option<JoinHandle<()>>,
     /// Leases and DNS tasks (see [`membership::run_until_stopped`]).
     discovery: Option<JoinHandle<()>>,
+    /// The readiness decision ([`readiness::run`]).
+    ready_task: Option<JoinHandle<()>>,
     shared: Arc<Shared>,
     xds_clients: Arc<xds::XdsClients>,
 }
@@ -415,6 +438,11 @@ impl RunningServer {
         &self.xds_clients
     }
 
+    /// This replica's readiness (see [`readiness`]).
+    pub fn readiness(&self) -> &readiness::Readiness {
+        &self.shared.readiness
+    }
+
     /// The active health checker (its view of each checked backend).
     pub fn health(&self) -> &health::HealthHandle {
         &self.shared.health
@@ -436,6 +464,10 @@ impl RunningServer {
                 .await;
         }
         let _ = self.shutdown.send(true);
+        // The readiness task stops at the flag; it never turns health back to SERVING after.
+        if let Some(r) = self.ready_task.take() {
+            let _ = r.await;
+        }
         let deadline = tokio::time::Instant::now() + self.grace;
         let mut result = Ok(());
         if let Some(mut grpc) = self.grpc.take() {
