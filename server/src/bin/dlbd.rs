@@ -63,6 +63,11 @@ struct Args {
     /// Key prefix of this deployment's state in etcd (with `--store etcd`).
     #[arg(long, value_name = "PREFIX", default_value = dlb_server::EtcdConfig::DEFAULT_PREFIX, env = "DLBD_ETCD_PREFIX")]
     etcd_prefix: String,
+    /// This replica's id among the replicas of one deployment ([A-Za-z0-9._:-], at most 128;
+    /// default: <hostname>-<pid>-<random>). With `--store etcd` it names the replica's
+    /// membership key `<prefix>/replicas/<id>` and splits health checks among replicas.
+    #[arg(long, value_name = "ID", env = "DLBD_REPLICA_ID")]
+    replica_id: Option<String>,
     /// File of admin bearer tokens (one per line): every Registry write then needs one.
     #[arg(long, value_name = "FILE", env = "DLBD_ADMIN_TOKEN_FILE")]
     admin_token_file: Option<PathBuf>,
@@ -198,6 +203,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             key_pem: read(key)?,
             client_ca_pem: args.tls_client_ca.as_ref().map(read).transpose()?,
         });
+    }
+    if let Some(id) = &args.replica_id {
+        config.replica_id = Some(id.clone());
     }
     config.store = match args.store {
         StoreKind::Embedded => StoreConfig::Embedded(args.data_dir.clone()),
