@@ -53,6 +53,7 @@ use crate::replicas::{Members, Share};
 use crate::Error;
 
 mod commands;
+mod share;
 
 pub use commands::TargetView;
 pub(crate) use commands::{Command, ReportReply};
@@ -278,36 +279,6 @@ impl Checker {
             self.metrics
                 .probed(self.targets.values().filter(|t| t.probed).count());
         }
-    }
-
-    /// Whether this replica probes `(service, id)` under the current member set.
-    fn owns(&self, service: &str, id: &str) -> bool {
-        self.members
-            .owner(service, id)
-            .is_some_and(|o| *o == self.share.me)
-    }
-
-    /// The replica that probes `(service, id)` under the current member set.
-    pub(crate) fn prober(&self, service: &str, id: &str) -> String {
-        self.members
-            .owner(service, id)
-            .map(|o| o.to_string())
-            .unwrap_or_default()
-    }
-
-    /// The member set changed: every checked service is reconciled (backends move in and out
-    /// of this replica's share). O(checked backends × members).
-    fn reassign(&mut self, members: Members) {
-        if members == self.members {
-            return;
-        }
-        tracing::info!(replica = %self.share.me, members = ?members.ids(), "health checks reassigned among replicas");
-        self.members = members;
-        let services: Vec<Arc<str>> = self.by_service.keys().cloned().collect();
-        for s in services {
-            self.reconcile(&s);
-        }
-        self.recount = true;
     }
 
     fn push_timer(&mut self, at: Instant, kind: TimerKind, key: Key, gen: u64) {
