@@ -161,6 +161,20 @@ pub struct ServerConfig {
     pub tls: Option<TlsConfig>,
     /// DNS discovery: name servers, refresh bounds, services that follow a DNS name.
     pub dns: crate::dns::DnsConfig,
+    /// How long the cache may be out of step with the store (watch failed, re-reading) before
+    /// this replica stops counting as ready (`docs/etcd.md`, "Replicas"; 0 ..= 60 s, default
+    /// 1 s).
+    pub ready_grace: Duration,
+    /// How long after it stopped counting as ready a replica sends its open sessions
+    /// `GoingAway` (0 ..= 1 h, default 5 s).
+    pub going_away_after: Duration,
+    /// This replica's id among the replicas of one deployment (`[A-Za-z0-9._:-]`, at most 128
+    /// characters); `None`: `<hostname>-<pid>-<random>` ([`crate::replicas::default_id`]).
+    pub replica_id: Option<String>,
+    /// TTL of the membership lease of a replica on etcd (whole seconds, 1 ..= 60, default 3):
+    /// a replica that dies is out of the member set, and its share of the health checks taken
+    /// over, within it.
+    pub replica_ttl: Duration,
 }
 
 /// TLS for the gRPC port (rustls through tonic), with optional client-certificate verification.
@@ -205,6 +219,10 @@ impl Default for ServerConfig {
             auth: crate::auth::AuthConfig::default(),
             tls: None,
             dns: crate::dns::DnsConfig::default(),
+            ready_grace: crate::readiness::DEFAULT_GRACE,
+            going_away_after: crate::readiness::DEFAULT_GOING_AWAY_AFTER,
+            replica_id: None,
+            replica_ttl: Duration::from_secs(3),
         }
     }
 }
@@ -282,6 +300,24 @@ impl ServerConfig {
                 "must be at most 1 hour",
             ));
         }
+        if self.ready_grace > Duration::from_secs(60) {
+            return Err(ValidationError::new(
+                "ready_grace",
+                format!("{:?}", self.ready_grace),
+                "must be at most 60 s",
+            ));
+        }
+        if self.going_away_after > Duration::from_secs(3600) {
+            return Err(ValidationError::new(
+                "going_away_after",
+                format!("{:?}", self.going_away_after),
+                "must be at most 1 hour",
+            ));
+        }
+        if let Some(id) = &self.replica_id {
+            crate::replicas::validate_id(id)?;
+        }
+        secs("replica_ttl", self.replica_ttl, 1..=60)?;
         self.dns.validate()?;
         Ok(())
     }

@@ -27,6 +27,8 @@
 //!   sends a `Heartbeat` with the cache's revision, so an SDK can fail over from a control plane
 //!   that is connected but no longer talking (its update deadline).
 //! * **Shutdown**: every session sends `GoingAway` and then ends its stream.
+//! * **Readiness** ([`crate::readiness`]): a replica out of step with its store refuses new
+//!   sessions with `UNAVAILABLE`, and past the going-away bound sends open ones `GoingAway`.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -70,6 +72,10 @@ impl Discovery for DiscoveryService {
         &self,
         request: Request<Streaming<ClientMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        if let Err(status) = self.shared.readiness.admit() {
+            self.shared.metrics.rpc("Session", status.code());
+            return Err(status);
+        }
         let open = self.shared.sessions.fetch_add(1, Ordering::Relaxed);
         if open >= self.shared.max_sessions {
             self.shared.sessions.fetch_sub(1, Ordering::Relaxed);
@@ -267,9 +273,13 @@ impl Session {
     }
 
     async fn going_away(&mut self) {
+        self.going_away_because("dlbd is shutting down").await;
+    }
+
+    async fn going_away_because(&mut self, reason: &str) {
         let msg = ServerMessage {
             kind: Some(server_message::Kind::GoingAway(proto::GoingAway {
-                reason: "dlbd is shutting down".into(),
+                reason: reason.into(),
             })),
         };
         // Best effort: a client that does not read for a while does not get it.
@@ -303,6 +313,7 @@ impl Session {
             Ok(None) => return End::Done,
             Err(e) => return inbound_error(e),
         }
+        let mut readiness = self.shared.readiness.clone();
         let heartbeat = tokio::time::sleep_until(self.last_sent + self.shared.session_heartbeat);
         tokio::pin!(heartbeat);
         loop {
@@ -314,6 +325,11 @@ impl Session {
                 biased;
                 _ = crate::state::stopped(&mut shutdown) => {
                     self.going_away().await;
+                    return End::Done;
+                }
+                () = readiness.going_away() => {
+                    tracing::info!(session = self.id, "session sent away: {}", crate::readiness::NOT_SYNCED);
+                    self.going_away_because(crate::readiness::NOT_SYNCED).await;
                     return End::Done;
                 }
                 () = &mut heartbeat => {

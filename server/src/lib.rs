@@ -21,6 +21,9 @@
 //! * [`pickers`] — the server-side pickers `GetNextServer` answers from, one builder task per
 //!   service;
 //! * [`loads`] — in-flight sums from SDK load reports; [`metrics`] — Prometheus metrics;
+//! * [`readiness`] — whether this replica serves: its cache in step with the store;
+//! * [`replicas`] — the live replicas of a deployment ([`replicas::Coordination`]: alone, or
+//!   leased keys in etcd) and how per-backend work is split among them;
 //! * [`spawn`] / [`RunningServer`] — start and gracefully stop everything.
 //!
 //! ```no_run
@@ -57,7 +60,9 @@ pub mod global_load;
 pub mod health_metrics;
 pub mod outlier;
 pub mod pickers;
+pub mod readiness;
 pub mod registry;
+pub mod replicas;
 mod state;
 pub mod status_layer;
 pub mod store;
@@ -86,7 +91,9 @@ use crate::registry::RegistryService;
 use crate::state::Shared;
 use crate::store::{EmbeddedStore, MemoryStore, Mutation, Store};
 
-/// gRPC service names reported SERVING by the health service (besides `""`).
+/// gRPC service names the health service reports (besides `""`). `dlb.v1.Registry` is
+/// SERVING while the server runs; `""` and `dlb.v1.Discovery` follow the replica's
+/// [`readiness`].
 pub const HEALTH_SERVICES: [&str; 2] = ["dlb.v1.Registry", "dlb.v1.Discovery"];
 
 /// Binds a TCP listener with `SO_REUSEADDR`, so a restarted server can take the same port at
@@ -109,29 +116,56 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
 /// Binds both listeners (port 0 picks a free port), starts serving and returns.
 pub async fn spawn(config: ServerConfig) -> Result<RunningServer, Error> {
     config.validate()?;
-    let store: Arc<dyn Store> = match &config.store {
-        StoreConfig::Memory => Arc::new(MemoryStore::new(config.store_history)),
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let id = config
+        .replica_id
+        .clone()
+        .unwrap_or_else(replicas::default_id);
+    let (store, coordination): (Arc<dyn Store>, Arc<dyn replicas::Coordination>) = match &config
+        .store
+    {
+        StoreConfig::Memory => (
+            Arc::new(MemoryStore::new(config.store_history)),
+            Arc::new(replicas::Single::new(&id)),
+        ),
         StoreConfig::Embedded(dir) => {
             let dir = dir.clone();
             let history = config.store_history;
-            Arc::new(
+            let store =
                 tokio::task::spawn_blocking(move || EmbeddedStore::open_with_history(dir, history))
                     .await
-                    .map_err(|e| Error::Task(e.to_string()))??,
-            )
+                    .map_err(|e| Error::Task(e.to_string()))??;
+            (Arc::new(store), Arc::new(replicas::Single::new(&id)))
         }
-        StoreConfig::Etcd(etcd) => open_etcd(etcd).await?,
+        StoreConfig::Etcd(etcd) => {
+            open_etcd(etcd, &id, config.replica_ttl, shutdown_rx.clone()).await?
+        }
     };
-    spawn_with_store(config, store).await
+    start(config, store, coordination, shutdown_tx, shutdown_rx).await
 }
 
+/// The store and the replica set of a deployment in etcd.
+type Opened = (Arc<dyn Store>, Arc<dyn replicas::Coordination>);
+
 #[cfg(feature = "etcd")]
-async fn open_etcd(config: &EtcdConfig) -> Result<Arc<dyn Store>, Error> {
-    Ok(Arc::new(store::EtcdStore::connect(config).await?))
+async fn open_etcd(
+    config: &EtcdConfig,
+    id: &str,
+    ttl: Duration,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Opened, Error> {
+    let store = Arc::new(store::EtcdStore::connect(config).await?);
+    let members = replicas::etcd::EtcdCoordination::start(config, id, ttl, shutdown).await?;
+    Ok((store, members))
 }
 
 #[cfg(not(feature = "etcd"))]
-async fn open_etcd(_: &EtcdConfig) -> Result<Arc<dyn Store>, Error> {
+async fn open_etcd(
+    _: &EtcdConfig,
+    _: &str,
+    _: Duration,
+    _: watch::Receiver<bool>,
+) -> Result<Opened, Error> {
     Err(Error::Storage(
         "this build has no etcd store: rebuild dlb-server (dlbd) with `--features etcd`".into(),
     ))
@@ -165,11 +199,29 @@ async fn apply_config(config: &ServerConfig, store: &dyn Store) -> Result<(), Er
 
 /// Like [`spawn`], on a given store. See [`apply_config`] for how the configured services meet
 /// the stored state.
+/// The replica is alone ([`replicas::Single`]).
 pub async fn spawn_with_store(
     config: ServerConfig,
     store: Arc<dyn Store>,
 ) -> Result<RunningServer, Error> {
     config.validate()?;
+    let id = config
+        .replica_id
+        .clone()
+        .unwrap_or_else(replicas::default_id);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let single = Arc::new(replicas::Single::new(&id));
+    start(config, store, single, shutdown_tx, shutdown_rx).await
+}
+
+/// Starts everything on an open store and replica set.
+async fn start(
+    config: ServerConfig,
+    store: Arc<dyn Store>,
+    coordination: Arc<dyn replicas::Coordination>,
+    shutdown_tx: watch::Sender<bool>,
+    shutdown_rx: watch::Receiver<bool>,
+) -> Result<RunningServer, Error> {
     apply_config(&config, &*store).await?;
     let grpc_listener = bind(config.listen)?;
     let grpc_addr = grpc_listener.local_addr().map_err(|source| Error::Bind {
@@ -185,7 +237,6 @@ pub async fn spawn_with_store(
         None => None,
     };
 
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let metrics = Arc::new(Metrics::with_per_backend(config.per_backend_metrics));
     let cache = Arc::new(Cache::new(store.epoch(), config.history_size));
     // The cache is loaded before anything is served: a session's first catch-up sees the state.
@@ -211,6 +262,9 @@ pub async fn spawn_with_store(
         shutdown_rx.clone(),
     ));
     cache.load(initial);
+    // Loaded before anything is served: ready from the start (the readiness task follows).
+    cache.set_synced(true);
+    let (ready_tx, readiness) = readiness::channel(readiness::State::Ready);
     let (reports, reports_rx) = outlier::Reports::new();
     let (health, _health_task) = health::start(
         cache.clone(),
@@ -218,6 +272,7 @@ pub async fn spawn_with_store(
         Arc::new(health::probe::NetProber),
         config.health_max_in_flight,
         metrics.health.clone(),
+        replicas::Share::of(&*coordination),
         shutdown_rx.clone(),
     );
     let shared = Arc::new(Shared {
@@ -236,6 +291,7 @@ pub async fn spawn_with_store(
         max_sessions: config.max_sessions,
         health,
         circuits: circuits::CircuitTracker::new(),
+        readiness: readiness.clone(),
     });
     let mut signal = shutdown_rx.clone();
     let follower = tokio::spawn(
@@ -254,6 +310,17 @@ pub async fn spawn_with_store(
             .set_service_status(name, tonic_health::ServingStatus::Serving)
             .await;
     }
+    let ready_task = tokio::spawn(readiness::run(
+        cache.clone(),
+        readiness::Timing {
+            grace: config.ready_grace,
+            going_away_after: config.going_away_after,
+        },
+        ready_tx,
+        health.clone(),
+        metrics.readiness.clone(),
+        shutdown_rx.clone(),
+    ));
     // Reflection in both versions tools speak (grpcurl and grpcio's reflection client still
     // use v1alpha), listing the health service too.
     let reflection_builder = || {
@@ -302,6 +369,7 @@ pub async fn spawn_with_store(
                 shutdown_rx.clone(),
                 config.max_sessions,
             )
+            .with_readiness(readiness.clone())
             .into_server(),
         )
         .add_service(xds::status::XdsStatusService::new(xds_clients.clone()).into_server())
@@ -347,6 +415,8 @@ pub async fn spawn_with_store(
         follower: Some(follower),
         builders: Some(builders),
         discovery: Some(discovery),
+        ready_task: Some(ready_task),
+        coordination,
         shared,
         xds_clients,
     })
@@ -369,6 +439,10 @@ pub struct RunningServer {
     builders: Option<JoinHandle<()>>,
     /// Leases and DNS tasks (see [`membership::run_until_stopped`]).
     discovery: Option<JoinHandle<()>>,
+    /// The readiness decision ([`readiness::run`]).
+    ready_task: Option<JoinHandle<()>>,
+    /// The replica set this replica is a member of.
+    coordination: Arc<dyn replicas::Coordination>,
     shared: Arc<Shared>,
     xds_clients: Arc<xds::XdsClients>,
 }
@@ -415,6 +489,21 @@ impl RunningServer {
         &self.xds_clients
     }
 
+    /// This replica's id among the replicas of its deployment.
+    pub fn replica_id(&self) -> &str {
+        self.coordination.replica_id()
+    }
+
+    /// The live replicas as this one sees them.
+    pub fn members(&self) -> replicas::Members {
+        self.coordination.members().borrow().clone()
+    }
+
+    /// This replica's readiness (see [`readiness`]).
+    pub fn readiness(&self) -> &readiness::Readiness {
+        &self.shared.readiness
+    }
+
     /// The active health checker (its view of each checked backend).
     pub fn health(&self) -> &health::HealthHandle {
         &self.shared.health
@@ -436,6 +525,12 @@ impl RunningServer {
                 .await;
         }
         let _ = self.shutdown.send(true);
+        // Out of the replica set at once: the others take over its health checks now.
+        self.coordination.leave().await;
+        // The readiness task stops at the flag; it never turns health back to SERVING after.
+        if let Some(r) = self.ready_task.take() {
+            let _ = r.await;
+        }
         let deadline = tokio::time::Instant::now() + self.grace;
         let mut result = Ok(());
         if let Some(mut grpc) = self.grpc.take() {

@@ -17,6 +17,7 @@
 //! | `dlb_sessions_stalled_total` | counter | | (sessions cut for not reading past the deadline) |
 //! | `dlb_backend_in_flight` | gauge | `service`, `server_id` — only with per-backend metrics on |
 //! | `dlb_xds_streams` / `dlb_xds_nacks_total` | gauge / counter | — / `type` (see [`crate::xds::XdsMetrics`]) |
+//! | `dlb_ready` / `dlb_cache_revision` | gauge | | (see [`crate::readiness`]) |
 //!
 //! Per-backend series are opt-in ([`Metrics::with_per_backend`]): their exported ids per service
 //! are remembered in a `parking_lot::Mutex<HashMap<..>>` so that series of backends that no
@@ -69,6 +70,8 @@ pub struct Metrics {
     pub membership: crate::membership::MembershipMetrics,
     /// The SDKs' circuit-breaker states (see [`crate::circuits`]).
     pub circuits: crate::circuits::CircuitMetrics,
+    /// `dlb_ready` and `dlb_cache_revision` (see [`crate::readiness`]).
+    pub readiness: crate::readiness::ReadinessMetrics,
 }
 
 impl Default for Metrics {
@@ -149,7 +152,9 @@ impl Metrics {
         let membership = crate::membership::MembershipMetrics::registered(&mut registry);
         let health = crate::health::metrics::HealthMetrics::register(&mut registry);
         let xds = crate::xds::XdsMetrics::register(&mut registry);
+        let readiness = crate::readiness::ReadinessMetrics::registered(&mut registry);
         Self {
+            readiness,
             passive,
             circuits,
             health,

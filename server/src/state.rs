@@ -50,6 +50,8 @@ pub(crate) struct Shared {
     pub reports: crate::outlier::Reports,
     /// The SDKs' reported circuit-breaker states ([`crate::circuits`]).
     pub circuits: crate::circuits::CircuitTracker,
+    /// Whether this replica serves sessions ([`crate::readiness`]).
+    pub readiness: crate::readiness::Readiness,
 }
 
 impl Shared {

@@ -13,14 +13,23 @@
 //! unless told otherwise. Logs go to stderr (`RUST_LOG`, default
 //! `info`); once both listeners are bound it logs
 //! `dlbd listening grpc=ADDR metrics=ADDR|off`. SIGINT or SIGTERM start a graceful shutdown.
+//! With `--store etcd`, an etcd that cannot be reached at start is retried (500 ms doubling to
+//! 10 s, logged) until it answers or a signal arrives; the ports are bound only once the state
+//! is loaded, so until then health checks and SDKs see a replica that is not up.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use dlb_server::{ServerConfig, StoreConfig};
 use tracing_subscriber::EnvFilter;
+
+/// First wait before `dlbd --store etcd` tries an unreachable etcd again (doubling).
+const STORE_RETRY_MIN: Duration = Duration::from_millis(500);
+/// Longest wait between two attempts to reach etcd at start.
+const STORE_RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// The DLB control plane.
 #[derive(Debug, Parser)]
@@ -54,6 +63,11 @@ struct Args {
     /// Key prefix of this deployment's state in etcd (with `--store etcd`).
     #[arg(long, value_name = "PREFIX", default_value = dlb_server::EtcdConfig::DEFAULT_PREFIX, env = "DLBD_ETCD_PREFIX")]
     etcd_prefix: String,
+    /// This replica's id among the replicas of one deployment ([A-Za-z0-9._:-], at most 128;
+    /// default: <hostname>-<pid>-<random>). With `--store etcd` it names the replica's
+    /// membership key `<prefix>/replicas/<id>` and splits health checks among replicas.
+    #[arg(long, value_name = "ID", env = "DLBD_REPLICA_ID")]
+    replica_id: Option<String>,
     /// File of admin bearer tokens (one per line): every Registry write then needs one.
     #[arg(long, value_name = "FILE", env = "DLBD_ADMIN_TOKEN_FILE")]
     admin_token_file: Option<PathBuf>,
@@ -114,7 +128,7 @@ fn stop_signals() -> anyhow::Result<StopSignals> {
     }
 }
 
-async fn terminated(mut signals: StopSignals) -> anyhow::Result<&'static str> {
+async fn terminated(signals: &mut StopSignals) -> anyhow::Result<&'static str> {
     #[cfg(unix)]
     {
         tokio::select! {
@@ -124,7 +138,7 @@ async fn terminated(mut signals: StopSignals) -> anyhow::Result<&'static str> {
     }
     #[cfg(not(unix))]
     {
-        let _ = &mut signals;
+        let _ = signals;
         tokio::signal::ctrl_c()
             .await
             .context("waiting for Ctrl-C")?;
@@ -190,6 +204,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             client_ca_pem: args.tls_client_ca.as_ref().map(read).transpose()?,
         });
     }
+    if let Some(id) = &args.replica_id {
+        config.replica_id = Some(id.clone());
+    }
     config.store = match args.store {
         StoreKind::Embedded => StoreConfig::Embedded(args.data_dir.clone()),
         StoreKind::Memory => StoreConfig::Memory,
@@ -199,8 +216,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }),
     };
 
-    let signals = stop_signals()?;
-    let server = dlb_server::spawn(config).await.context("starting dlbd")?;
+    let mut signals = stop_signals()?;
+    let etcd = matches!(args.store, StoreKind::Etcd);
+    // With etcd, an unreachable store is waited for (the replica is simply not up yet; SDKs
+    // use the other replicas); anything else wrong at start is an error.
+    let mut backoff = STORE_RETRY_MIN;
+    let server = loop {
+        match dlb_server::spawn(config.clone()).await {
+            Ok(server) => break server,
+            Err(e @ dlb_server::Error::Storage(_)) if etcd => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "the store is unreachable; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    why = terminated(&mut signals) => {
+                        tracing::info!(signal = why?, "stopped before the store was reachable");
+                        return Ok(());
+                    }
+                }
+                backoff = (backoff * 2).min(STORE_RETRY_MAX);
+            }
+            Err(e) => return Err(e).context("starting dlbd"),
+        }
+    };
     let metrics = server
         .metrics_addr()
         .map_or_else(|| "off".to_owned(), |a| a.to_string());
@@ -217,7 +254,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         metrics
     );
 
-    let why = terminated(signals).await?;
+    let why = terminated(&mut signals).await?;
     tracing::info!(signal = why, "shutting down");
     server.shutdown().await.context("shutting down")?;
     tracing::info!("dlbd stopped");

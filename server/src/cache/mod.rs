@@ -15,6 +15,9 @@
 //!   wakes only them, and a woken watcher reads the newest state — so a burst of changes costs a
 //!   slow watcher one coalesced catch-up, never a queue of stale deltas.
 //!
+//! [`follow`] holds the follower and publishes whether it is in step with the store
+//! ([`Cache::synced`]).
+//!
 //! Catch-up logic (full vs delta, lagging watchers, compaction) lives only here: the DLB session
 //! ([`crate::discovery`]) and the xDS front-end are thin translations of [`Catchup`].
 //!
@@ -30,12 +33,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dlb::proto;
-use futures::StreamExt;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
-use crate::store::{Change, ServiceSnapshot, Store, StoreSnapshot, WatchEvent};
+mod follow;
+
+use crate::store::{Change, ServiceSnapshot, StoreSnapshot};
 
 /// Default number of changes kept per service for delta catch-up.
 pub const DEFAULT_HISTORY: usize = 1024;
@@ -161,6 +165,9 @@ pub struct Cache {
     revision: watch::Sender<u64>,
     /// Bumped whenever a service appears (for the builder manager).
     services: watch::Sender<u64>,
+    /// Whether the follower is in step with the store (see [`follow`]): `true` while it
+    /// watches after a successful load, `false` before the first load and while it re-reads.
+    synced: watch::Sender<bool>,
     next_waker: AtomicU64,
 }
 
@@ -173,6 +180,7 @@ impl Cache {
             slots: RwLock::new(HashMap::new()),
             revision: watch::Sender::new(0),
             services: watch::Sender::new(0),
+            synced: watch::Sender::new(false),
             next_waker: AtomicU64::new(1),
         }
     }
@@ -193,6 +201,18 @@ impl Cache {
         tokio::time::timeout(limit, rx.wait_for(|r| *r >= revision))
             .await
             .is_ok_and(|r| r.is_ok())
+    }
+
+    /// A receiver of the newest store revision applied (it changes with every change).
+    pub fn revisions(&self) -> watch::Receiver<u64> {
+        self.revision.subscribe()
+    }
+
+    /// A receiver of whether the follower is in step with the store ([`Cache::follow`]):
+    /// `false` until the first load and whenever the store's watch failed and the cache is
+    /// re-reading (the readiness of a replica is derived from it: [`crate::readiness`]).
+    pub fn synced(&self) -> watch::Receiver<bool> {
+        self.synced.subscribe()
     }
 
     /// A receiver that changes whenever a new service appears.
@@ -417,105 +437,12 @@ impl Cache {
         }
         true
     }
-
-    /// Keeps the cache in step with `store` until `stop` resolves: snapshot, watch, apply;
-    /// re-read on compaction or error (with a capped backoff on errors). `loaded`: the revision
-    /// of a snapshot the caller already [`load`](Cache::load)ed, so the first watch starts right
-    /// after it instead of reading the store again.
-    pub async fn follow(
-        self: Arc<Self>,
-        store: Arc<dyn Store>,
-        loaded: Option<u64>,
-        stop: impl std::future::Future<Output = ()>,
-    ) {
-        tokio::pin!(stop);
-        let mut backoff = Duration::from_millis(50);
-        let mut resume = loaded;
-        loop {
-            if let Some(r) = resume.take() {
-                if !self
-                    .watch_from(&*store, r + 1, &mut backoff, &mut stop)
-                    .await
-                {
-                    return;
-                }
-                continue;
-            }
-            let snapshot = tokio::select! {
-                s = store.snapshot() => s,
-                _ = &mut stop => return,
-            };
-            let snapshot = match snapshot {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(error = %e, "cache: cannot read the store; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = &mut stop => return,
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    continue;
-                }
-            };
-            let from = snapshot.revision + 1;
-            self.load(snapshot);
-            if !self
-                .watch_from(&*store, from, &mut backoff, &mut stop)
-                .await
-            {
-                return;
-            }
-        }
-    }
-
-    /// Applies the store's changes from `from` until a re-read is needed (`true`) or `stop`
-    /// resolves (`false`).
-    async fn watch_from(
-        &self,
-        store: &dyn Store,
-        from: u64,
-        backoff: &mut Duration,
-        stop: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
-    ) -> bool {
-        let mut events = store.watch(from);
-        loop {
-            let ev = tokio::select! {
-                e = events.next() => e,
-                _ = &mut *stop => return false,
-            };
-            match ev {
-                Some(Ok(WatchEvent::Changes(batch))) => {
-                    *backoff = Duration::from_millis(50);
-                    if !self.apply(&batch) {
-                        return true;
-                    }
-                }
-                Some(Ok(WatchEvent::Compacted { compacted })) => {
-                    tracing::warn!(compacted, "cache: store history compacted; re-reading");
-                    return true;
-                }
-                Some(Err(e)) => {
-                    tracing::error!(error = %e, "cache: store watch failed; re-reading");
-                    tokio::select! {
-                        _ = tokio::time::sleep(*backoff) => {}
-                        _ = &mut *stop => return false,
-                    }
-                    *backoff = (*backoff * 2).min(Duration::from_secs(5));
-                    return true;
-                }
-                None => {
-                    tracing::warn!("cache: store watch ended; re-reading");
-                    return true;
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{Delta, MemoryStore, Mutation};
+    use crate::store::{Delta, MemoryStore, Mutation, Store};
 
     fn server(id: &str) -> proto::Server {
         proto::Server {

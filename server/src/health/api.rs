@@ -38,6 +38,8 @@ pub(crate) async fn get_health(
             }),
             held_down: v.held_down,
             hold_downs: v.hold_downs,
+            prober: v.prober,
+            probed_here: v.probed,
         })
         .collect();
     Ok(proto::GetHealthResponse { service, backends })

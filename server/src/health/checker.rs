@@ -20,6 +20,15 @@
 //! changes** is a write queued for the [writer](super::writer) — never one write per probe. So
 //! the effective state, the reason and the push come from the core (`dlb::sources`).
 //!
+//! **Shared among replicas.** Every replica keeps a target (state machine, published verdict)
+//! for every checked backend, but only *probes* the ones it owns: the owner of `(service,
+//! backend id)` is chosen by rendezvous hashing over the live replica ids
+//! ([`crate::replicas::Members::owner`]), so each backend is probed by exactly one live replica.
+//! A target this replica does not probe follows the verdict stored by its prober (its machine
+//! restarts from it), so when the member set changes and a backend moves here, its first probe
+//! (within one interval: the initial spread) continues from the stored state, and verdicts are
+//! still written on transitions only. A single replica owns everything.
+//!
 //! When a service's health check is removed, its targets go and any probe verdict they left in
 //! the store is cleared (set back to unset). A stored verdict (after a restart of `dlbd` on the
 //! embedded store) is the machine's starting state.
@@ -40,9 +49,11 @@ use super::probe::{with_port, Outcome, ProbeTarget, Prober};
 use super::state::{Health, Machine};
 use super::writer::Write;
 use crate::cache::{Cache, Waker};
+use crate::replicas::{Members, Share};
 use crate::Error;
 
 mod commands;
+mod share;
 
 pub use commands::TargetView;
 pub(crate) use commands::{Command, ReportReply};
@@ -63,6 +74,18 @@ struct Target {
     last_detail: String,
     last_rtt: Option<Duration>,
     last_pass_rtt: Option<Duration>,
+    /// Whether this replica probes the backend (it owns it among the live replicas).
+    probed: bool,
+    /// Probes this replica started on it.
+    probes: u64,
+}
+
+fn health_of(v: proto::Verdict) -> Health {
+    match v {
+        proto::Verdict::Healthy => Health::Healthy,
+        proto::Verdict::Unhealthy => Health::Unhealthy,
+        proto::Verdict::Unset => Health::Unknown,
+    }
 }
 
 fn damper(spec: &CheckSpec) -> Damper {
@@ -135,6 +158,12 @@ pub(crate) struct Checker {
     waker: Arc<Waker>,
     results_tx: mpsc::UnboundedSender<ProbeDone>,
     results_rx: mpsc::UnboundedReceiver<ProbeDone>,
+    /// This replica and the live member set: which backends it probes.
+    share: Share,
+    /// The member set the targets were last assigned with.
+    members: Members,
+    /// Whether the number of probed targets must be counted again.
+    recount: bool,
 }
 
 impl Checker {
@@ -145,9 +174,11 @@ impl Checker {
         max_in_flight: usize,
         metrics: HealthMetrics,
         writes: mpsc::UnboundedSender<Write>,
+        share: Share,
     ) -> Self {
         let (results_tx, results_rx) = mpsc::unbounded_channel();
         let waker = cache.waker();
+        let members = share.members.borrow().clone();
         Self {
             cache,
             prober,
@@ -165,6 +196,9 @@ impl Checker {
             waker,
             results_tx,
             results_rx,
+            share,
+            members,
+            recount: true,
         }
     }
 
@@ -176,6 +210,8 @@ impl Checker {
     ) {
         let mut appeared = self.cache.services_changed();
         let mut appeared_open = true;
+        let mut members = self.share.members.clone();
+        let mut members_open = true;
         tokio::pin!(shutdown);
         loop {
             appeared.borrow_and_update();
@@ -196,6 +232,11 @@ impl Checker {
                 },
                 _ = self.waker.notified() => {}
                 r = appeared.changed(), if appeared_open => appeared_open = r.is_ok(),
+                r = members.changed(), if members_open => {
+                    members_open = r.is_ok();
+                    let view = members.borrow_and_update().clone();
+                    self.reassign(view);
+                }
                 _ = tokio::time::sleep_until(next) => {}
             }
         }
@@ -234,6 +275,10 @@ impl Checker {
             self.reconcile(&name);
         }
         self.metrics.targets(self.targets.len());
+        if std::mem::take(&mut self.recount) {
+            self.metrics
+                .probed(self.targets.values().filter(|t| t.probed).count());
+        }
     }
 
     fn push_timer(&mut self, at: Instant, kind: TimerKind, key: Key, gen: u64) {
@@ -281,20 +326,31 @@ impl Checker {
         }
         let now = Instant::now();
         let mut ids = HashSet::with_capacity(snap.servers.len());
+        self.recount = true;
         for (id, server) in snap.servers.iter() {
             let key: Key = (service.clone(), id.clone());
             ids.insert(id.clone());
             let address = with_port(&server.address, spec.port);
             let gen = self.next_gen;
+            let owned = self.owns(service, id);
             let reschedule = match self.targets.get_mut(&key) {
                 Some(t) => {
-                    if t.address != address || spec_changed {
+                    if !owned {
+                        // Another replica probes it: follow the verdict it stored.
+                        let stored = verdict_of(server);
+                        if stored != t.published {
+                            t.published = stored;
+                            t.machine = Machine::new(health_of(stored), spec.rise, spec.fall);
+                        }
+                    }
+                    if t.address != address || spec_changed || t.probed != owned {
                         t.address = address;
                         if spec_changed {
                             t.machine.set_thresholds(spec.rise, spec.fall);
                             t.damper = damper(&spec);
                             t.spec = spec.clone();
                         }
+                        t.probed = owned;
                         t.gen = gen;
                         t.in_flight = false;
                         true
@@ -304,11 +360,7 @@ impl Checker {
                 }
                 None => {
                     let published = verdict_of(server);
-                    let state = match published {
-                        proto::Verdict::Healthy => Health::Healthy,
-                        proto::Verdict::Unhealthy => Health::Unhealthy,
-                        proto::Verdict::Unset => Health::Unknown,
-                    };
+                    let state = health_of(published);
                     self.targets.insert(
                         key.clone(),
                         Target {
@@ -323,13 +375,19 @@ impl Checker {
                             last_detail: String::new(),
                             last_rtt: None,
                             last_pass_rtt: None,
+                            probed: owned,
+                            probes: 0,
                         },
                     );
                     true
                 }
             };
             if reschedule {
+                // A new generation cancels the timers and results of the old one.
                 self.next_gen += 1;
+                if !owned {
+                    continue;
+                }
                 // The initial spread: uniformly within one interval.
                 let offset = spec.interval.mul_f64(fastrand::f64());
                 self.push_timer(now + offset, TimerKind::Probe, key, gen);
@@ -367,7 +425,7 @@ impl Checker {
         let Some(t) = self.targets.get_mut(&key) else {
             return;
         };
-        if t.in_flight {
+        if t.in_flight || !t.probed {
             return;
         }
         let kind = kind_name(&t.spec.kind);
@@ -383,6 +441,7 @@ impl Checker {
             }
         };
         t.in_flight = true;
+        t.probes += 1;
         let target = ProbeTarget {
             address: t.address.clone(),
             spec: t.spec.clone(),

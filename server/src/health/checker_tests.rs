@@ -118,7 +118,14 @@ fn start(cache: Arc<Cache>, max_in_flight: usize, scripts: &[(&str, Script)]) ->
     let metrics = HealthMetrics::register(&mut registry);
     let (wtx, writes) = mpsc::unbounded_channel();
     let (commands, crx) = mpsc::channel(16);
-    let checker = Checker::new(cache, Arc::new(prober.clone()), max_in_flight, metrics, wtx);
+    let checker = Checker::new(
+        cache,
+        Arc::new(prober.clone()),
+        max_in_flight,
+        metrics,
+        wtx,
+        crate::replicas::Share::alone(),
+    );
     tokio::spawn(checker.run(crx, futures::future::pending()));
     Running {
         prober,

@@ -8,7 +8,8 @@
 //! | `dlb_health_probes_in_flight` | gauge | |
 //! | `dlb_health_transitions_total` | counter | `to` (healthy, unhealthy) |
 //! | `dlb_health_flap_hold_downs_total` | counter | | (hold-downs started by flap damping) |
-//! | `dlb_health_targets` | gauge | | (backends under active checks) |
+//! | `dlb_health_targets` | gauge | | (backends under active checks, by any replica) |
+//! | `dlb_health_backends_probed` | gauge | | (of those, the ones this replica probes) |
 //!
 //! `unknown` counts probes that could not run because the checker was at its bound of probes in
 //! flight: they are never failures.
@@ -30,6 +31,7 @@ pub struct HealthMetrics {
     transitions: Family<Labels, Counter>,
     hold_downs: Counter,
     targets: Gauge,
+    probed: Gauge,
 }
 
 impl Default for HealthMetrics {
@@ -42,6 +44,7 @@ impl Default for HealthMetrics {
             transitions: Family::default(),
             hold_downs: Counter::default(),
             targets: Gauge::default(),
+            probed: Gauge::default(),
         }
     }
 }
@@ -80,6 +83,11 @@ impl HealthMetrics {
             "Backends under active health checks",
             m.targets.clone(),
         );
+        registry.register(
+            "dlb_health_backends_probed",
+            "Backends under active health checks that this replica probes (its share)",
+            m.probed.clone(),
+        );
         m
     }
 
@@ -113,5 +121,12 @@ impl HealthMetrics {
     /// Sets the number of checked backends.
     pub fn targets(&self, n: usize) {
         self.targets.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+}
+
+impl HealthMetrics {
+    /// Sets the number of checked backends this replica probes.
+    pub fn probed(&self, n: usize) {
+        self.probed.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 }

@@ -129,11 +129,12 @@ pub(crate) fn start(
     prober: Arc<dyn probe::Prober>,
     max_in_flight: usize,
     metrics: metrics::HealthMetrics,
+    share: crate::replicas::Share,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> (HealthHandle, JoinHandle<()>) {
     let (commands, commands_rx) = mpsc::channel(1024);
     let (writes, writes_rx) = mpsc::unbounded_channel();
-    let checker = Checker::new(cache, prober, max_in_flight, metrics, writes);
+    let checker = Checker::new(cache, prober, max_in_flight, metrics, writes, share);
     let mut s1 = shutdown.clone();
     let mut s2 = shutdown;
     let task = tokio::spawn(async move {

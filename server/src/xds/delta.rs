@@ -222,6 +222,7 @@ pub(crate) async fn run(
     let waker = followed.waker().clone();
     let mut services = ctx.cache.services_changed();
     let mut shutdown = ctx.shutdown.clone();
+    let mut readiness = ctx.readiness.clone();
     let mut s = Stream {
         ctx: ctx.clone(),
         reg,
@@ -259,6 +260,11 @@ pub(crate) async fn run(
             }
             _ = crate::state::stopped(&mut shutdown) => {
                 let _ = s.tx.send(Err(tonic::Status::unavailable("dlbd is shutting down"))).await;
+                break;
+            }
+            () = readiness.going_away() => {
+                let status = tonic::Status::unavailable(crate::readiness::NOT_SYNCED);
+                let _ = s.tx.send(Err(status)).await;
                 break;
             }
         }

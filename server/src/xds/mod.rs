@@ -193,6 +193,9 @@ pub(crate) struct Context {
     pub shutdown: watch::Receiver<bool>,
     /// Most ADS streams open at once (`ServerConfig::max_sessions`).
     pub max_streams: usize,
+    /// The replica's readiness: no new stream while not ready; open streams end with
+    /// `UNAVAILABLE` when it says go away ([`crate::readiness`]).
+    pub readiness: crate::readiness::Readiness,
     /// `parking_lot::Mutex`: held for a map lookup or insert only; resources are built
     /// outside it (two streams may build the same one once each).
     memo: Memo,
@@ -249,9 +252,19 @@ impl XdsService {
                 clients,
                 shutdown,
                 max_streams,
+                readiness: crate::readiness::Readiness::always(),
                 memo: Memo::default(),
             }),
         }
+    }
+
+    /// Gates the service on `readiness` (by default it is always ready). Call before
+    /// [`XdsService::into_server`], while this is the only handle.
+    pub fn with_readiness(mut self, readiness: crate::readiness::Readiness) -> Self {
+        if let Some(ctx) = Arc::get_mut(&mut self.ctx) {
+            ctx.readiness = readiness;
+        }
+        self
     }
 
     /// The tonic server for this service, with DLB's message size bounds.
@@ -271,6 +284,7 @@ fn peer_of<T>(req: &tonic::Request<T>) -> String {
 impl Context {
     /// Refuses a new stream past the limit.
     fn admit(&self) -> Result<(), tonic::Status> {
+        self.readiness.admit()?;
         if self.clients.len() >= self.max_streams {
             return Err(tonic::Status::resource_exhausted(format!(
                 "too many xDS streams open (max_sessions = {})",

@@ -252,12 +252,13 @@ async fn show(admin: &AdminClient, service: &str, json_out: bool) -> Result<(), 
                 json!({"service": r.service, "server_id": b.server_id, "state": b.state,
                        "passes": b.consecutive_passes, "failures": b.consecutive_failures,
                        "published": published, "last": b.last_detail, "rtt_ms": rtt_ms,
-                       "held_down": b.held_down, "hold_downs": b.hold_downs})
+                       "held_down": b.held_down, "hold_downs": b.hold_downs,
+                       "prober": b.prober, "probed_here": b.probed_here})
             );
         } else {
             let rtt = rtt_ms.map_or("-".to_owned(), |ms| format!("{ms:.2}ms"));
             println!(
-                "{} {} passes={} failures={} published={} rtt={} held_down={} hold_downs={} last=\"{}\"",
+                "{} {} passes={} failures={} published={} rtt={} held_down={} hold_downs={} prober={} last=\"{}\"",
                 b.server_id,
                 b.state,
                 b.consecutive_passes,
@@ -266,6 +267,7 @@ async fn show(admin: &AdminClient, service: &str, json_out: bool) -> Result<(), 
                 rtt,
                 b.held_down,
                 b.hold_downs,
+                b.prober,
                 b.last_detail
             );
         }

@@ -62,11 +62,21 @@ pub struct TargetView {
     pub held_down: bool,
     /// Hold-downs in a row so far.
     pub hold_downs: u32,
+    /// Whether this replica probes the backend (else another live replica does, and this view
+    /// follows the verdict it stored).
+    pub probed: bool,
+    /// The replica that probes it, by the current member set.
+    pub prober: String,
+    /// Probes this replica started on it.
+    pub probes: u64,
 }
 
 impl Target {
-    fn view(&self, now: Instant) -> TargetView {
+    fn view(&self, now: Instant, prober: String) -> TargetView {
         TargetView {
+            probed: self.probed,
+            prober,
+            probes: self.probes,
             health: self.machine.state(),
             counts: self.machine.counts(),
             published: self.published,
@@ -121,7 +131,8 @@ impl Checker {
                     .into_iter()
                     .filter_map(|id| {
                         let t = self.targets.get(&(service.clone(), id.clone()))?;
-                        Some((id.to_string(), t.view(now)))
+                        let prober = self.prober(&service, &id);
+                        Some((id.to_string(), t.view(now, prober)))
                     })
                     .collect();
                 let _ = reply.send(views);
@@ -133,7 +144,8 @@ impl Checker {
             } => {
                 let key: Key = (service.as_str().into(), server_id.as_str().into());
                 let now = Instant::now();
-                let view = self.targets.get(&key).map(|t| t.view(now));
+                let prober = self.prober(&key.0, &key.1);
+                let view = self.targets.get(&key).map(|t| t.view(now, prober));
                 let _ = reply.send(view);
             }
         }

@@ -1,0 +1,346 @@
+//! Replica membership through etcd (feature `etcd`): each replica keeps a leased key
+//! `<prefix>/replicas/<replica-id>` alive and follows the prefix to know the live member set.
+//!
+//! One task ([`EtcdCoordination::start`] spawns it) owns the lease and the view:
+//!
+//! * **Join**: grant a lease of `ttl` (default 3 s), put the key with it, read the prefix at
+//!   revision R (the member set), watch it from R + 1. `start` returns only after this first
+//!   join, so a replica starts its share of the work from a real view.
+//! * **Renew** every `ttl / 3` on one keep-alive stream (etcd-client's `LeaseKeeper::keep_alive`
+//!   sends a single keep-alive: the schedule is ours). A response with TTL 0 means etcd expired
+//!   the lease (this replica was cut off longer than the TTL): join again with a new lease.
+//! * **Watch**: a put adds a member, a delete (lease expiry, revoke) removes it. Any error —
+//!   watch or keep-alive stream broken, etcd unreachable — is followed by a join again after a
+//!   backoff (250 ms doubling to 2 s); the view is kept meanwhile, so work does not move
+//!   because of a blip. A replica that stays cut off loses its key to the TTL and the others
+//!   take its work over; it does not know it is not a member until it reaches etcd again.
+//! * **Leave** ([`Coordination::leave`], graceful shutdown): revoke the lease, so the others
+//!   see the key deleted at once.
+//!
+//! Sync: the member view is a `tokio::sync::watch` written only by the task.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{
+    Client, ConnectOptions, GetOptions, LeaseClient, LeaseKeepAliveStream, LeaseKeeper, PutOptions,
+    WatchOptions, WatchStream,
+};
+use futures::future::BoxFuture;
+use parking_lot::Mutex;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::{Coordination, Members};
+use crate::config::EtcdConfig;
+use crate::Error;
+
+/// Default membership lease TTL.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(3);
+const MIN_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+fn etcd(e: etcd_client::Error) -> Error {
+    Error::Storage(format!("etcd (replica membership): {e}"))
+}
+
+/// Membership through etcd. See the module docs.
+pub struct EtcdCoordination {
+    id: Arc<str>,
+    members: watch::Sender<Members>,
+    lease: LeaseClient,
+    /// The lease this replica's key is attached to now (0: none). A `parking_lot::Mutex`
+    /// around an `i64`, never held across an `.await`.
+    lease_id: Arc<Mutex<i64>>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for EtcdCoordination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdCoordination")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the task needs to (re)join.
+struct Joiner {
+    client: Client,
+    id: Arc<str>,
+    key: String,
+    prefix: String,
+    ttl: Duration,
+}
+
+/// A joined membership: the lease, its keep-alive stream and the watch of the prefix.
+struct Joined {
+    lease: i64,
+    keeper: LeaseKeeper,
+    acks: LeaseKeepAliveStream,
+    watch: WatchStream,
+    members: BTreeSet<Arc<str>>,
+}
+
+impl Joiner {
+    /// Grants a lease (or keeps `lease` when it is still alive), puts the key, reads the
+    /// members and watches the prefix.
+    async fn join(&mut self, lease: i64) -> Result<Joined, Error> {
+        let ttl_s = i64::try_from(self.ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        let mut leases = self.client.lease_client();
+        let mut lease = lease;
+        let mut keep = None;
+        if lease != 0 {
+            let (mut keeper, mut acks) = leases.keep_alive(lease).await.map_err(etcd)?;
+            keeper.keep_alive().await.map_err(etcd)?;
+            match acks.message().await.map_err(etcd)? {
+                Some(r) if r.ttl() > 0 => keep = Some((keeper, acks)),
+                _ => lease = 0,
+            }
+        }
+        let (keeper, acks) = match keep {
+            Some(k) => k,
+            None => {
+                lease = leases.grant(ttl_s, None).await.map_err(etcd)?.id();
+                leases.keep_alive(lease).await.map_err(etcd)?
+            }
+        };
+        let mut kv = self.client.kv_client();
+        kv.put(
+            self.key.clone(),
+            self.id.as_bytes().to_vec(),
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .map_err(etcd)?;
+        let resp = kv
+            .get(self.prefix.clone(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(etcd)?;
+        let rev = resp.header().map_or(0, |h| h.revision());
+        let members = resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| self.member(kv.key()))
+            .collect();
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(rev + 1);
+        let watch = self
+            .client
+            .watch_client()
+            .watch(self.prefix.clone(), Some(options))
+            .await
+            .map_err(etcd)?;
+        Ok(Joined {
+            lease,
+            keeper,
+            acks,
+            watch,
+            members,
+        })
+    }
+
+    /// The replica id a key under the prefix names.
+    fn member(&self, key: &[u8]) -> Option<Arc<str>> {
+        let id = std::str::from_utf8(key).ok()?.strip_prefix(&self.prefix)?;
+        super::validate_id(id).ok()?;
+        Some(id.into())
+    }
+}
+
+impl EtcdCoordination {
+    /// Connects, joins the member set as `id` with a lease of `ttl`, and keeps it up until
+    /// `shutdown` flips. Fails when etcd cannot be reached for the first join.
+    pub async fn start(
+        config: &EtcdConfig,
+        id: &str,
+        ttl: Duration,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<Arc<Self>, Error> {
+        super::validate_id(id)?;
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_timeout(config.timeout.min(ttl.max(Duration::from_secs(1))))
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true)
+            .with_require_leader(true);
+        let client = Client::connect(&config.endpoints, Some(options))
+            .await
+            .map_err(etcd)?;
+        let prefix = format!("{}/replicas/", config.prefix.trim_end_matches('/'));
+        let id: Arc<str> = id.into();
+        let mut joiner = Joiner {
+            key: format!("{prefix}{id}"),
+            client: client.clone(),
+            id: id.clone(),
+            prefix,
+            ttl,
+        };
+        let joined = joiner.join(0).await?;
+        let lease_id = Arc::new(Mutex::new(joined.lease));
+        let this = Arc::new(Self {
+            id: id.clone(),
+            members: watch::Sender::new(Members::new(joined.members.iter().cloned())),
+            lease: client.lease_client(),
+            lease_id: lease_id.clone(),
+            task: Mutex::new(None),
+        });
+        tracing::info!(replica = %id, lease = joined.lease, members = ?this.members.borrow().ids(), "joined the replica set");
+        let members = this.members.clone();
+        let task = tokio::spawn(async move {
+            tokio::select! {
+                () = run(joiner, joined, members, lease_id) => {}
+                _ = crate::state::stopped(&mut shutdown) => {}
+            }
+        });
+        *this.task.lock() = Some(task);
+        Ok(this)
+    }
+}
+
+/// Keeps the membership up (see the module docs). Never returns on its own.
+async fn run(
+    mut joiner: Joiner,
+    joined: Joined,
+    members: watch::Sender<Members>,
+    lease_id: Arc<Mutex<i64>>,
+) {
+    let mut joined = Some(joined);
+    let mut lease = 0;
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        let mut j = match joined.take() {
+            Some(j) => j,
+            None => match joiner.join(lease).await {
+                Ok(j) => {
+                    tracing::info!(replica = %joiner.id, lease = j.lease, "rejoined the replica set");
+                    j
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "replica membership: cannot reach etcd; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            },
+        };
+        backoff = MIN_BACKOFF;
+        lease = j.lease;
+        *lease_id.lock() = lease;
+        publish(&members, &j.members);
+        let why = follow(&joiner, &mut j, &members).await;
+        tracing::warn!(replica = %joiner.id, reason = %why, "replica membership interrupted; rejoining");
+        if why.lease_lost {
+            lease = 0;
+        }
+        tokio::time::sleep(backoff).await;
+    }
+}
+
+/// Why [`follow`] stopped.
+struct Interrupted {
+    reason: String,
+    lease_lost: bool,
+}
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+fn publish(members: &watch::Sender<Members>, set: &BTreeSet<Arc<str>>) {
+    let view = Members::new(set.iter().cloned());
+    members.send_if_modified(|m| {
+        if *m == view {
+            return false;
+        }
+        tracing::info!(members = ?view.ids(), "replica set changed");
+        *m = view;
+        true
+    });
+}
+
+/// Renews the lease and applies membership events until something breaks.
+async fn follow(joiner: &Joiner, j: &mut Joined, members: &watch::Sender<Members>) -> Interrupted {
+    let every = joiner.ttl / 3;
+    let mut next = Instant::now() + every;
+    let broken = |reason: String| Interrupted {
+        reason,
+        lease_lost: false,
+    };
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(next) => {
+                next = Instant::now() + every;
+                if let Err(e) = j.keeper.keep_alive().await {
+                    return broken(format!("keep-alive: {e}"));
+                }
+            }
+            ack = j.acks.message() => match ack {
+                Ok(Some(r)) if r.ttl() > 0 => {}
+                Ok(Some(_)) => return Interrupted { reason: "the lease expired".into(), lease_lost: true },
+                Ok(None) => return broken("keep-alive stream ended".into()),
+                Err(e) => return broken(format!("keep-alive: {e}")),
+            },
+            resp = j.watch.message() => match resp {
+                Ok(Some(resp)) => {
+                    if resp.canceled() || resp.compact_revision() > 0 {
+                        return broken(format!("watch cancelled: {}", resp.cancel_reason()));
+                    }
+                    let mut mine_deleted = false;
+                    for e in resp.events() {
+                        let Some(kv) = e.kv() else { continue };
+                        let Some(id) = joiner.member(kv.key()) else { continue };
+                        // A delete event's key has version 0.
+                        if kv.version() == 0 {
+                            mine_deleted |= id == joiner.id;
+                            j.members.remove(&id);
+                        } else {
+                            j.members.insert(id);
+                        }
+                    }
+                    publish(members, &j.members);
+                    if mine_deleted {
+                        return Interrupted { reason: "this replica's key was deleted".into(), lease_lost: true };
+                    }
+                }
+                Ok(None) => return broken("watch ended".into()),
+                Err(e) => return broken(format!("watch: {e}")),
+            },
+        }
+    }
+}
+
+impl Coordination for EtcdCoordination {
+    fn replica_id(&self) -> &Arc<str> {
+        &self.id
+    }
+
+    fn members(&self) -> watch::Receiver<Members> {
+        self.members.subscribe()
+    }
+
+    fn leave(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Some(task) = self.task.lock().take() {
+                task.abort();
+            }
+            let lease = std::mem::take(&mut *self.lease_id.lock());
+            if lease == 0 {
+                return;
+            }
+            let mut client = self.lease.clone();
+            match tokio::time::timeout(Duration::from_secs(2), client.revoke(lease)).await {
+                Ok(Ok(_)) => tracing::info!(replica = %self.id, "left the replica set"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "leaving the replica set failed; the lease will expire")
+                }
+                Err(_) => {
+                    tracing::warn!("leaving the replica set timed out; the lease will expire")
+                }
+            }
+        })
+    }
+}

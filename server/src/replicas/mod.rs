@@ -1,0 +1,236 @@
+//! Replica coordination: who the live `dlbd` replicas of one deployment are, and how work is
+//! split among them.
+//!
+//! The seam is [`Coordination`]: this replica's id and a live, sorted view of the member set
+//! ([`Members`]). Two implementations:
+//!
+//! * [`Single`] — the only replica (memory and embedded stores, and any build without the
+//!   `etcd` feature): the member set is this replica, forever.
+//! * `etcd::EtcdCoordination` (feature `etcd`) — each replica keeps a leased key
+//!   `<prefix>/replicas/<replica-id>` alive and watches the prefix (`docs/etcd.md`, "Replicas").
+//!
+//! Work that must be done by exactly one live replica per item (active health checks, one per
+//! backend) is assigned by [rendezvous hashing](Members::owner) over the member set: every
+//! replica computes the same owner from the same view, and when a member joins or leaves only
+//! the items it owned (or now owns) move — O(members) per item, no coordination traffic.
+
+#[cfg(feature = "etcd")]
+pub mod etcd;
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use tokio::sync::watch;
+
+use dlb::model::ValidationError;
+
+/// Longest replica id accepted.
+pub const MAX_ID_LEN: usize = 128;
+
+/// The live replicas as this replica sees them: ids, sorted, without duplicates.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Members {
+    ids: Arc<[Arc<str>]>,
+}
+
+impl Members {
+    /// A member set of these ids (sorted and deduplicated here).
+    pub fn new(ids: impl IntoIterator<Item = Arc<str>>) -> Self {
+        let mut v: Vec<Arc<str>> = ids.into_iter().collect();
+        v.sort();
+        v.dedup();
+        Self { ids: v.into() }
+    }
+
+    /// The ids, sorted.
+    pub fn ids(&self) -> &[Arc<str>] {
+        &self.ids
+    }
+
+    /// Whether `id` is a member.
+    pub fn contains(&self, id: &str) -> bool {
+        self.ids.binary_search_by(|m| (**m).cmp(id)).is_ok()
+    }
+
+    /// The member that owns `(service, backend)`: the one with the highest
+    /// [`score`]`(member, service, backend)` (rendezvous / highest-random-weight hashing).
+    /// `None` when there are no members. O(members).
+    pub fn owner(&self, service: &str, backend: &str) -> Option<&Arc<str>> {
+        self.ids
+            .iter()
+            .max_by_key(|m| (score(m, service, backend), Arc::clone(m)))
+    }
+}
+
+/// The rendezvous score of `member` for `(service, backend)`: FNV-1a 64 over the three
+/// strings (each followed by a 0xff separator, a byte no valid id or name contains), finished
+/// with the splitmix64 mixer. Stable across builds and platforms, so replicas of different
+/// versions agree on owners.
+pub fn score(member: &str, service: &str, backend: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in [member, service, backend] {
+        for b in part.bytes().chain([0xff]) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+/// Checks a replica id: 1..=[`MAX_ID_LEN`] characters of `[A-Za-z0-9._:-]` (it is an etcd key
+/// segment and a metric label value).
+pub fn validate_id(id: &str) -> Result<(), ValidationError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ValidationError::new(
+            "replica_id",
+            format!("{:?}", dlb::model::prefix(id, 64)),
+            format!("must be 1..={MAX_ID_LEN} characters of [A-Za-z0-9._:-]"),
+        ))
+    }
+}
+
+/// A default replica id: `<hostname>-<pid>-<4 random hex digits>` (characters outside the
+/// allowed set become `-`).
+pub fn default_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "dlbd".to_owned());
+    let host: String = host
+        .chars()
+        .take(64)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._:-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    format!("{host}-{}-{:04x}", std::process::id(), fastrand::u16(..))
+}
+
+/// Who the live replicas are (see the module docs).
+pub trait Coordination: Send + Sync + 'static {
+    /// This replica's id.
+    fn replica_id(&self) -> &Arc<str>;
+    /// The live member set, updated as replicas join and leave.
+    fn members(&self) -> watch::Receiver<Members>;
+    /// Leaves the member set now (graceful shutdown: the others take over at once instead of
+    /// after the membership TTL). Best effort.
+    fn leave(&self) -> BoxFuture<'_, ()>;
+}
+
+/// The only replica: the member set is this replica.
+#[derive(Debug)]
+pub struct Single {
+    id: Arc<str>,
+    members: watch::Sender<Members>,
+}
+
+impl Single {
+    /// The only replica, named `id`.
+    pub fn new(id: &str) -> Self {
+        let id: Arc<str> = id.into();
+        Self {
+            members: watch::Sender::new(Members::new([id.clone()])),
+            id,
+        }
+    }
+}
+
+impl Coordination for Single {
+    fn replica_id(&self) -> &Arc<str> {
+        &self.id
+    }
+
+    fn members(&self) -> watch::Receiver<Members> {
+        self.members.subscribe()
+    }
+
+    fn leave(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// This replica's share of per-backend work: its id and the live member set.
+#[derive(Debug, Clone)]
+pub struct Share {
+    /// This replica.
+    pub me: Arc<str>,
+    /// The live members.
+    pub members: watch::Receiver<Members>,
+}
+
+impl Share {
+    /// The share of a replica that is alone.
+    pub fn alone() -> Self {
+        let single = Single::new("dlbd");
+        Self {
+            me: single.id.clone(),
+            members: single.members(),
+        }
+    }
+
+    /// The share of `coordination`'s replica.
+    pub fn of(coordination: &dyn Coordination) -> Self {
+        Self {
+            me: coordination.replica_id().clone(),
+            members: coordination.members(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(n: usize) -> Vec<Arc<str>> {
+        (0..n).map(|i| format!("replica-{i}").into()).collect()
+    }
+
+    #[test]
+    fn each_backend_has_one_owner_and_a_departure_moves_only_its_own() {
+        let three = Members::new(ids(3));
+        let two = Members::new(ids(3).into_iter().filter(|m| &**m != "replica-1"));
+        let mut counts = [0usize; 3];
+        for b in 0..3000 {
+            let backend = format!("b{b}");
+            let o3 = three.owner("svc", &backend).expect("an owner");
+            let o2 = two.owner("svc", &backend).expect("an owner");
+            let i: usize = o3["replica-".len()..].parse().expect("index");
+            counts[i] += 1;
+            if &**o3 != "replica-1" {
+                assert_eq!(o3, o2, "{backend} moved though its owner stayed");
+            }
+        }
+        // Roughly even: each within 25 % of a third.
+        for c in counts {
+            assert!((750..=1250).contains(&c), "{counts:?}");
+        }
+        assert!(Members::default().owner("s", "b").is_none());
+    }
+
+    #[test]
+    fn ids_are_checked_and_defaults_are_valid() {
+        assert!(validate_id("host-1.example:7").is_ok());
+        assert!(validate_id("").is_err());
+        assert!(validate_id("a/b").is_err());
+        assert!(validate_id(&"x".repeat(MAX_ID_LEN + 1)).is_err());
+        validate_id(&default_id()).expect("the default id is valid");
+        let m = Members::new(["b".into(), "a".into(), "b".into()]);
+        assert_eq!(m.ids().len(), 2);
+        assert!(m.contains("a") && !m.contains("c"));
+    }
+}
