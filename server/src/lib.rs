@@ -121,13 +121,10 @@ pub async fn spawn(config: ServerConfig) -> Result<RunningServer, Error> {
         .replica_id
         .clone()
         .unwrap_or_else(replicas::default_id);
-    let (store, coordination): (Arc<dyn Store>, Arc<dyn replicas::Coordination>) = match &config
-        .store
-    {
-        StoreConfig::Memory => (
-            Arc::new(MemoryStore::new(config.store_history)),
-            Arc::new(replicas::Single::new(&id)),
-        ),
+    let opened: Opened = match &config.store {
+        StoreConfig::Memory => {
+            Opened::single(Arc::new(MemoryStore::new(config.store_history)), &id)
+        }
         StoreConfig::Embedded(dir) => {
             let dir = dir.clone();
             let history = config.store_history;
@@ -135,17 +132,38 @@ pub async fn spawn(config: ServerConfig) -> Result<RunningServer, Error> {
                 tokio::task::spawn_blocking(move || EmbeddedStore::open_with_history(dir, history))
                     .await
                     .map_err(|e| Error::Task(e.to_string()))??;
-            (Arc::new(store), Arc::new(replicas::Single::new(&id)))
+            Opened::single(Arc::new(store), &id)
         }
         StoreConfig::Etcd(etcd) => {
             open_etcd(etcd, &id, config.replica_ttl, shutdown_rx.clone()).await?
         }
     };
-    start(config, store, coordination, shutdown_tx, shutdown_rx).await
+    start(config, opened, shutdown_tx, shutdown_rx).await
 }
 
-/// The store and the replica set of a deployment in etcd.
-type Opened = (Arc<dyn Store>, Arc<dyn replicas::Coordination>);
+/// The store and the replica set of a deployment.
+struct Opened {
+    store: Arc<dyn Store>,
+    coordination: Arc<dyn replicas::Coordination>,
+    /// What the leader's singleton jobs write through (fenced on etcd, `store` on one node).
+    leader_store: Arc<dyn Store>,
+    /// Self-registration leases kept in etcd (`None`: the in-process [`leases::LeaseManager`]).
+    #[cfg(feature = "etcd")]
+    etcd_leases: Option<leases::etcd::EtcdLeases>,
+}
+
+impl Opened {
+    /// A replica alone on `store`.
+    fn single(store: Arc<dyn Store>, id: &str) -> Self {
+        Self {
+            leader_store: store.clone(),
+            store,
+            coordination: Arc::new(replicas::Single::new(id)),
+            #[cfg(feature = "etcd")]
+            etcd_leases: None,
+        }
+    }
+}
 
 #[cfg(feature = "etcd")]
 async fn open_etcd(
@@ -154,9 +172,16 @@ async fn open_etcd(
     ttl: Duration,
     shutdown: watch::Receiver<bool>,
 ) -> Result<Opened, Error> {
-    let store = Arc::new(store::EtcdStore::connect(config).await?);
+    let store = store::EtcdStore::connect(config).await?;
     let members = replicas::etcd::EtcdCoordination::start(config, id, ttl, shutdown).await?;
-    Ok((store, members))
+    let leases = leases::etcd::EtcdLeases::connect(config).await?;
+    let leader_store = Arc::new(store.fenced(replicas::Coordination::leadership(&*members)));
+    Ok(Opened {
+        store: Arc::new(store),
+        coordination: members,
+        leader_store,
+        etcd_leases: Some(leases),
+    })
 }
 
 #[cfg(not(feature = "etcd"))]
@@ -210,18 +235,20 @@ pub async fn spawn_with_store(
         .clone()
         .unwrap_or_else(replicas::default_id);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let single = Arc::new(replicas::Single::new(&id));
-    start(config, store, single, shutdown_tx, shutdown_rx).await
+    start(config, Opened::single(store, &id), shutdown_tx, shutdown_rx).await
 }
 
 /// Starts everything on an open store and replica set.
 async fn start(
     config: ServerConfig,
-    store: Arc<dyn Store>,
-    coordination: Arc<dyn replicas::Coordination>,
+    opened: Opened,
     shutdown_tx: watch::Sender<bool>,
     shutdown_rx: watch::Receiver<bool>,
 ) -> Result<RunningServer, Error> {
+    let store = opened.store.clone();
+    let coordination = opened.coordination.clone();
+    let leader_store = opened.leader_store.clone();
+    let leadership = coordination.leadership();
     apply_config(&config, &*store).await?;
     let grpc_listener = bind(config.listen)?;
     let grpc_addr = grpc_listener.local_addr().map_err(|source| Error::Bind {
@@ -242,15 +269,13 @@ async fn start(
     // The cache is loaded before anything is served: a session's first catch-up sees the state.
     let initial = store.snapshot().await?;
     let loaded = initial.revision;
-    // Automatic discovery: lease deadlines restart from now; DNS names are followed.
-    let (leases, lease_task) = leases::LeaseManager::start(
-        store.clone(),
-        metrics.clone(),
-        &initial,
-        shutdown_rx.clone(),
-    );
+    // Automatic discovery: lease deadlines restart from now (or live in etcd, expired by the
+    // leader); DNS names are followed (refreshed by the leader).
+    let (leases, lease_task) = start_leases(&opened, &metrics, &initial, &shutdown_rx);
     let dns = dns::DnsManager::start(
         store.clone(),
+        leader_store.clone(),
+        leadership.clone(),
         metrics.clone(),
         config.dns.clone(),
         &initial,
@@ -278,6 +303,7 @@ async fn start(
     let shared = Arc::new(Shared {
         reports,
         store: store.clone(),
+        leader_store,
         cache: cache.clone(),
         pickers: Pickers::new(),
         loads: loads::LoadTracker::new(),
@@ -302,7 +328,7 @@ async fn start(
             }),
     );
     let builders = tokio::spawn(pickers::run_builders(shared.clone()));
-    tokio::spawn(outlier::run(shared.clone(), reports_rx));
+    tokio::spawn(outlier::run(shared.clone(), reports_rx, leadership));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     for name in HEALTH_SERVICES {
@@ -375,7 +401,7 @@ async fn start(
         .add_service(xds::status::XdsStatusService::new(xds_clients.clone()).into_server())
         .add_service(
             dlb::proto::membership_server::MembershipServer::new(
-                membership::MembershipService::new(shared.clone(), Arc::new(leases), dns),
+                membership::MembershipService::new(shared.clone(), leases, dns),
             )
             .max_decoding_message_size(dlb::model::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(dlb::model::MAX_MESSAGE_BYTES),
@@ -420,6 +446,34 @@ async fn start(
         shared,
         xds_clients,
     })
+}
+
+/// Starts the lease keeper: leases in etcd with expiry on the leader, or the in-process
+/// [`leases::LeaseManager`].
+fn start_leases(
+    opened: &Opened,
+    metrics: &Arc<Metrics>,
+    initial: &store::StoreSnapshot,
+    shutdown: &watch::Receiver<bool>,
+) -> (Arc<dyn leases::Leases>, JoinHandle<()>) {
+    #[cfg(feature = "etcd")]
+    if let Some(etcd) = &opened.etcd_leases {
+        let task = leases::etcd::start_expiry(
+            etcd.clone(),
+            opened.leader_store.clone(),
+            metrics.clone(),
+            opened.coordination.leadership(),
+            shutdown.clone(),
+        );
+        return (Arc::new(etcd.clone()), task);
+    }
+    let (manager, task) = leases::LeaseManager::start(
+        opened.store.clone(),
+        metrics.clone(),
+        initial,
+        shutdown.clone(),
+    );
+    (Arc::new(manager), task)
 }
 
 /// A running control plane. Dropping it starts a graceful shutdown in the background;
@@ -492,6 +546,18 @@ impl RunningServer {
     /// This replica's id among the replicas of its deployment.
     pub fn replica_id(&self) -> &str {
         self.coordination.replica_id()
+    }
+
+    /// Whether this replica is the leader now (runs lease expiry, DNS refreshes and outlier
+    /// decisions). Always `true` on a single-node store.
+    pub fn is_leader(&self) -> bool {
+        self.coordination.is_leader()
+    }
+
+    /// This replica's leadership as it changes: `Some(fence)` while it leads (see
+    /// [`replicas::Coordination::leadership`]).
+    pub fn leadership(&self) -> watch::Receiver<Option<i64>> {
+        self.coordination.leadership()
     }
 
     /// The live replicas as this one sees them.

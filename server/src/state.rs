@@ -27,6 +27,9 @@ pub(crate) async fn stopped(flag: &mut watch::Receiver<bool>) {
 /// Shared by the Registry and Discovery services.
 pub(crate) struct Shared {
     pub store: Arc<dyn Store>,
+    /// The store as the leader's singleton jobs write it: fenced by the leader key on etcd
+    /// (writes refused unless this replica leads), `store` itself on one node.
+    pub leader_store: Arc<dyn Store>,
     pub cache: Arc<Cache>,
     pub pickers: Pickers,
     pub loads: LoadTracker,

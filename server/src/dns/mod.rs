@@ -30,6 +30,16 @@
 //! carrying `dns_name`: at start, [`DnsManager::start`] follows every name found on them, plus
 //! the ones in the config file (the config wins for its services).
 //!
+//! **Leader only.** With several replicas, refreshes run on the leader alone
+//! ([`crate::replicas::Coordination::leadership`]): every replica keeps its table of followed
+//! names (so `ListDns` answers anywhere and a new leader starts at once), but a name's task
+//! resolves and writes only while its replica leads, through the leader's fenced store view
+//! (a deposed leader cannot write); a replica that loses leadership abandons a refresh in
+//! progress at once. `DeclareDns` and `RemoveDns` are API writes and run on the replica that
+//! receives them; the leader picks up names declared elsewhere (and drops names removed
+//! elsewhere) by re-scanning its cache every [`RESCAN`] while it leads. Single-node stores are
+//! always the leader.
+//!
 //! Sync: the table of followed names is a `parking_lot::Mutex<HashMap>` touched for O(1) map
 //! operations only; each name's status is a `Mutex` written by its task after each refresh and
 //! read by `ListDns`. No lock is held across an `.await`.
@@ -56,6 +66,9 @@ use resolve::{build_resolver, resolve, Resolved};
 
 /// Compare-and-set attempts of one reconcile before it counts as a failure.
 const RECONCILE_ATTEMPTS: usize = 32;
+/// How often the leader re-scans its cache for names declared or removed through other
+/// replicas.
+pub const RESCAN: Duration = Duration::from_secs(2);
 
 /// Whether a stored record is owned by DNS discovery.
 pub fn is_dns(server: &proto::Server) -> bool {
@@ -88,6 +101,10 @@ struct Followed {
 
 struct Inner {
     store: Arc<dyn Store>,
+    /// The leader's fenced view of the store: refreshes write through it.
+    fenced: Arc<dyn Store>,
+    /// `Some(fence)` while this replica leads.
+    leadership: watch::Receiver<Option<i64>>,
     metrics: Arc<Metrics>,
     config: DnsConfig,
     shutdown: watch::Receiver<bool>,
@@ -112,8 +129,11 @@ impl std::fmt::Debug for DnsManager {
 impl DnsManager {
     /// Starts following every name declared in `config` and every name found on DNS-owned
     /// records of `initial` (for services the config does not declare).
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         store: Arc<dyn Store>,
+        fenced: Arc<dyn Store>,
+        leadership: watch::Receiver<Option<i64>>,
         metrics: Arc<Metrics>,
         config: DnsConfig,
         initial: &StoreSnapshot,
@@ -131,6 +151,8 @@ impl DnsManager {
         let manager = Self {
             inner: Arc::new(Inner {
                 store,
+                fenced,
+                leadership,
                 metrics,
                 config,
                 shutdown,
@@ -223,16 +245,18 @@ impl DnsManager {
         // The old task (another name, or the same) stops before this write, so it cannot
         // write an older set after it.
         let previous = self.unfollow(service);
-        let status = match reconcile(&self.inner, service, &target, weight, &resolved).await {
-            Ok(s) => s,
-            Err(e) => {
-                // Nothing was written: keep following what was declared before, if anything.
-                if let Some((t, w)) = previous {
-                    self.follow(service.to_owned(), t, w, Status::default(), Duration::ZERO);
+        let store = self.inner.store.clone();
+        let status =
+            match reconcile(&self.inner, &*store, service, &target, weight, &resolved).await {
+                Ok(s) => s,
+                Err(e) => {
+                    // Nothing was written: keep following what was declared before, if anything.
+                    if let Some((t, w)) = previous {
+                        self.follow(service.to_owned(), t, w, Status::default(), Duration::ZERO);
+                    }
+                    return Err(e.into());
                 }
-                return Err(e.into());
-            }
-        };
+            };
         self.inner.metrics.membership.dns_refresh(service, true);
         let delay = self.refresh_delay(&resolved);
         let status = Status {
@@ -328,6 +352,7 @@ fn to_proto(service: &str, target: &Target, weight: u32, s: &Status) -> proto::D
 /// Makes the service's DNS-owned backends equal to `resolved` (truncated to the quota).
 async fn reconcile(
     inner: &Inner,
+    store: &dyn Store,
     service: &str,
     target: &Target,
     weight: u32,
@@ -364,7 +389,7 @@ async fn reconcile(
         })
         .collect();
     for _ in 0..RECONCILE_ATTEMPTS {
-        let snap = inner.store.get_service(service.to_owned()).await?;
+        let snap = store.get_service(service.to_owned()).await?;
         let (version, servers) = match &snap {
             Some(s) => (s.version.version, Some(&s.servers)),
             None => (0, None),
@@ -408,8 +433,7 @@ async fn reconcile(
         if mutations.is_empty() {
             return Ok(status);
         }
-        match inner
-            .store
+        match store
             .apply(service.to_owned(), mutations, Some(version))
             .await
         {
@@ -435,6 +459,7 @@ async fn refresh_loop(
     first: Duration,
 ) {
     let mut shutdown = inner.shutdown.clone();
+    let mut leadership = inner.leadership.clone();
     let mut delay = first;
     let resolver = match build_resolver(&inner.config) {
         Ok(r) => r,
@@ -449,12 +474,21 @@ async fn refresh_loop(
             _ = crate::state::stopped(&mut shutdown) => return,
             _ = tokio::time::sleep(delay) => {}
         }
+        // Only the leader refreshes (see the module docs).
+        let fence = tokio::select! {
+            _ = crate::state::stopped(&mut shutdown) => return,
+            f = crate::replicas::until_leader(&mut leadership) => f,
+        };
+        let Some(fence) = fence else { return };
+        let mut lost = leadership.clone();
         let refresh = async {
             match resolve(&resolver, &target).await {
-                Ok(resolved) => reconcile(&inner, &service, &target, weight, &resolved)
-                    .await
-                    .map(|s| (s, resolved.ttl))
-                    .map_err(|e| format!("store: {e}")),
+                Ok(resolved) => {
+                    reconcile(&inner, &*inner.fenced, &service, &target, weight, &resolved)
+                        .await
+                        .map(|s| (s, resolved.ttl))
+                        .map_err(|e| format!("store: {e}"))
+                }
                 Err(e) => Err(e),
             }
         };
@@ -462,6 +496,11 @@ async fn refresh_loop(
         // completes or not as a whole).
         let outcome = tokio::select! {
             _ = crate::state::stopped(&mut shutdown) => return,
+            () = crate::replicas::until_not_leader(&mut lost, fence) => {
+                tracing::info!(%service, "DNS refresh abandoned: this replica is no longer the leader");
+                delay = Duration::ZERO;
+                continue;
+            }
             o = refresh => o,
         };
         let failures = status.lock().consecutive_failures;

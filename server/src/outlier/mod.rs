@@ -14,6 +14,15 @@
 //! every 100 ms runs each detector's clock (returns, failure-rate windows, decay). The
 //! max-ejection rule is [`dlb::health_policy::max_ejected`]; `docs/outlier.md` has the rules.
 //!
+//! **Leader only.** With several replicas the decisions are the leader's
+//! ([`crate::replicas::Coordination::leadership`]): every replica feeds its request metrics
+//! from its own sessions' reports, but only the leader keeps detectors and latency windows and
+//! writes ejections and shares, through its fenced store view (`Shared::leader_store`). On
+//! becoming leader the task adopts the ejections the store holds (as at start); on losing it,
+//! it drops all decision state at once, and any write still in flight is refused by the fence.
+//! The leader decides on the reports its own sessions send (see `docs/etcd.md`: load reports
+//! are not yet forwarded to the leader).
+//!
 //! It also owns **adaptive weights** ([`latency`]): per service with `adaptive_weights` on, a
 //! latency window summed over every report; when a window closes, the pure decision
 //! [`dlb::adaptive::decide`] (with probe RTTs from the checker where active checks run) gives
@@ -111,29 +120,46 @@ struct Service {
 }
 
 /// The detector task. See the module docs.
-pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Report>) {
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    mut rx: mpsc::Receiver<Report>,
+    mut leadership: tokio::sync::watch::Receiver<Option<i64>>,
+) {
     let mut services: HashMap<Arc<str>, Service> = HashMap::new();
     let mut windows: HashMap<Arc<str>, latency::Window> = HashMap::new();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut shutdown = shared.shutdown.clone();
-    // At start: take over the ejections the store holds (detection on), or return them
-    // (detection off: nobody would ever return them otherwise).
-    for name in shared.cache.service_names() {
-        let (_, mut actions) = sync(&shared, &mut services, &name);
-        if !services.contains_key(&name) {
-            actions.extend(stale_ejections(&shared, &name));
-        }
-        write(&shared, &name, actions).await;
-        let clears = adaptive_sync(&shared, &mut windows, &name, true);
-        write_latency(&shared, &name, clears).await;
-    }
+    let mut leading: Option<i64> = None;
+    let mut follow_leadership = true;
+    leadership.mark_changed();
     loop {
         tokio::select! {
+            changed = leadership.changed(), if follow_leadership => {
+                if changed.is_err() {
+                    follow_leadership = false;
+                    continue;
+                }
+                let now = *leadership.borrow_and_update();
+                if now == leading {
+                    continue;
+                }
+                services.clear();
+                windows.clear();
+                leading = now;
+                if leading.is_some() {
+                    take_over(&shared, &mut services, &mut windows).await;
+                } else {
+                    tracing::info!("outlier decisions stopped: this replica is no longer the leader");
+                }
+            }
             r = rx.recv() => {
                 let Some((service, loads)) = r else { break };
                 shared.reports.taken(loads.len());
                 shared.health_metrics().requests(&service, &loads);
+                if leading.is_none() {
+                    continue;
+                }
                 let actions = on_report(&shared, &mut services, &service, &loads);
                 write(&shared, &service, actions).await;
                 if let Some(w) = windows.get_mut(&service) {
@@ -144,6 +170,9 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Report>) {
             }
             _ = tick.tick() => {
                 shared.health_metrics().dropped_reports(shared.reports.dropped());
+                if leading.is_none() {
+                    continue;
+                }
                 let names: Vec<Arc<str>> = services.keys().cloned().collect();
                 for name in names {
                     let actions = on_tick(&shared, &mut services, &name);
@@ -158,6 +187,24 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Report>) {
             }
             _ = crate::state::stopped(&mut shutdown) => break,
         }
+    }
+}
+
+/// On becoming leader (at start on a single node): take over the ejections the store holds
+/// (detection on), or return them (detection off: nobody would ever return them otherwise).
+async fn take_over(
+    shared: &Shared,
+    services: &mut HashMap<Arc<str>, Service>,
+    windows: &mut HashMap<Arc<str>, latency::Window>,
+) {
+    for name in shared.cache.service_names() {
+        let (_, mut actions) = sync(shared, services, &name);
+        if !services.contains_key(&name) {
+            actions.extend(stale_ejections(shared, &name));
+        }
+        write(shared, &name, actions).await;
+        let clears = adaptive_sync(shared, windows, &name, true);
+        write_latency(shared, &name, clears).await;
     }
 }
 
@@ -299,7 +346,7 @@ async fn write_latency(shared: &Shared, service: &str, decisions: Vec<Decision>)
             ..Default::default()
         };
         let m = vec![Mutation::Update(d.id.clone(), patch)];
-        if let Err(e) = shared.store.apply(service.to_owned(), m, None).await {
+        if let Err(e) = shared.leader_store.apply(service.to_owned(), m, None).await {
             tracing::debug!(service, server_id = %d.id, error = %e, "latency write failed");
         }
     }
@@ -385,7 +432,7 @@ async fn write(shared: &Shared, service: &str, actions: Vec<Action>) {
             ..Default::default()
         };
         let m = vec![Mutation::Update(id.clone(), patch)];
-        if let Err(e) = shared.store.apply(service.to_owned(), m, None).await {
+        if let Err(e) = shared.leader_store.apply(service.to_owned(), m, None).await {
             tracing::debug!(service, server_id = %id, error = %e, "outlier write failed");
         }
     }

@@ -16,6 +16,14 @@
 //!   take its work over; it does not know it is not a member until it reaches etcd again.
 //! * **Leave** ([`Coordination::leave`], graceful shutdown): revoke the lease, so the others
 //!   see the key deleted at once.
+//! * **Leader election**: after each join the replica campaigns — a txn
+//!   `if create_revision(<prefix>/leader) == 0 then put(<prefix>/leader = id, lease) else get` —
+//!   and watches the key. It leads when its put won, or when the key already holds its id on its
+//!   current lease (a rejoin that kept the lease); the fence is the key's `create_revision`. When
+//!   the key is deleted (the leader's lease expired or was revoked) every replica campaigns
+//!   again; one txn wins. Any interruption (the same ones that make it rejoin) drops this
+//!   replica's leadership at once; the rejoin's campaign takes it back if the key is still its
+//!   own.
 //!
 //! Sync: the member view is a `tokio::sync::watch` written only by the task.
 
@@ -24,8 +32,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, ConnectOptions, GetOptions, LeaseClient, LeaseKeepAliveStream, LeaseKeeper, PutOptions,
-    WatchOptions, WatchStream,
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaseClient, LeaseKeepAliveStream,
+    LeaseKeeper, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions, WatchStream,
 };
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
@@ -49,6 +57,8 @@ fn etcd(e: etcd_client::Error) -> Error {
 pub struct EtcdCoordination {
     id: Arc<str>,
     members: watch::Sender<Members>,
+    /// `Some(fence)` while this replica leads (see [`Coordination::leadership`]).
+    leader: watch::Sender<Option<i64>>,
     lease: LeaseClient,
     /// The lease this replica's key is attached to now (0: none). A `parking_lot::Mutex`
     /// around an `i64`, never held across an `.await`.
@@ -70,6 +80,8 @@ struct Joiner {
     id: Arc<str>,
     key: String,
     prefix: String,
+    /// `<prefix>/leader`.
+    leader_key: String,
     ttl: Duration,
 }
 
@@ -80,6 +92,10 @@ struct Joined {
     acks: LeaseKeepAliveStream,
     watch: WatchStream,
     members: BTreeSet<Arc<str>>,
+    /// The watch of the leader key.
+    leader_watch: WatchStream,
+    /// `Some(fence)` when this replica leads.
+    fence: Option<i64>,
 }
 
 impl Joiner {
@@ -132,13 +148,58 @@ impl Joiner {
             .watch(self.prefix.clone(), Some(options))
             .await
             .map_err(etcd)?;
+        let (fence, rev) = self.campaign(lease).await?;
+        let leader_watch = self
+            .client
+            .watch_client()
+            .watch(
+                self.leader_key.clone(),
+                Some(WatchOptions::new().with_start_revision(rev + 1)),
+            )
+            .await
+            .map_err(etcd)?;
         Ok(Joined {
             lease,
             keeper,
             acks,
             watch,
             members,
+            leader_watch,
+            fence,
         })
+    }
+
+    /// Creates the leader key with `lease` if it is absent. Returns this replica's fence
+    /// (`Some(create_revision)` when it leads) and the revision the answer is from.
+    async fn campaign(&self, lease: i64) -> Result<(Option<i64>, i64), Error> {
+        let key = self.leader_key.clone();
+        let resp = self
+            .client
+            .kv_client()
+            .txn(
+                Txn::new()
+                    .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                    .and_then([TxnOp::put(
+                        key.clone(),
+                        self.id.as_bytes().to_vec(),
+                        Some(PutOptions::new().with_lease(lease)),
+                    )])
+                    .or_else([TxnOp::get(key, None)]),
+            )
+            .await
+            .map_err(etcd)?;
+        let rev = resp.header().map_or(0, |h| h.revision());
+        if resp.succeeded() {
+            return Ok((Some(rev), rev));
+        }
+        let held = resp.op_responses().into_iter().find_map(|op| match op {
+            TxnOpResponse::Get(g) => g.kvs().first().cloned(),
+            _ => None,
+        });
+        let fence = held
+            .filter(|kv| kv.lease() == lease && kv.value() == self.id.as_bytes())
+            .map(|kv| kv.create_revision());
+        Ok((fence, rev))
     }
 
     /// The replica id a key under the prefix names.
@@ -171,6 +232,7 @@ impl EtcdCoordination {
         let prefix = format!("{}/replicas/", config.prefix.trim_end_matches('/'));
         let id: Arc<str> = id.into();
         let mut joiner = Joiner {
+            leader_key: format!("{}/leader", config.prefix.trim_end_matches('/')),
             key: format!("{prefix}{id}"),
             client: client.clone(),
             id: id.clone(),
@@ -182,15 +244,17 @@ impl EtcdCoordination {
         let this = Arc::new(Self {
             id: id.clone(),
             members: watch::Sender::new(Members::new(joined.members.iter().cloned())),
+            leader: watch::Sender::new(None),
             lease: client.lease_client(),
             lease_id: lease_id.clone(),
             task: Mutex::new(None),
         });
         tracing::info!(replica = %id, lease = joined.lease, members = ?this.members.borrow().ids(), "joined the replica set");
         let members = this.members.clone();
+        let leader = this.leader.clone();
         let task = tokio::spawn(async move {
             tokio::select! {
-                () = run(joiner, joined, members, lease_id) => {}
+                () = run(joiner, joined, members, leader, lease_id) => {}
                 _ = crate::state::stopped(&mut shutdown) => {}
             }
         });
@@ -204,6 +268,7 @@ async fn run(
     mut joiner: Joiner,
     joined: Joined,
     members: watch::Sender<Members>,
+    leader: watch::Sender<Option<i64>>,
     lease_id: Arc<Mutex<i64>>,
 ) {
     let mut joined = Some(joined);
@@ -229,7 +294,10 @@ async fn run(
         lease = j.lease;
         *lease_id.lock() = lease;
         publish(&members, &j.members);
-        let why = follow(&joiner, &mut j, &members).await;
+        lead(&leader, &joiner.id, j.fence);
+        let why = follow(&joiner, &mut j, &members, &leader).await;
+        // Whatever broke, this replica may no longer hold the leader key: stop leading now.
+        lead(&leader, &joiner.id, None);
         tracing::warn!(replica = %joiner.id, reason = %why, "replica membership interrupted; rejoining");
         if why.lease_lost {
             lease = 0;
@@ -262,8 +330,31 @@ fn publish(members: &watch::Sender<Members>, set: &BTreeSet<Arc<str>>) {
     });
 }
 
-/// Renews the lease and applies membership events until something breaks.
-async fn follow(joiner: &Joiner, j: &mut Joined, members: &watch::Sender<Members>) -> Interrupted {
+/// Publishes this replica's leadership, logging a change.
+fn lead(leader: &watch::Sender<Option<i64>>, id: &str, fence: Option<i64>) {
+    leader.send_if_modified(|f| {
+        if *f == fence {
+            return false;
+        }
+        match fence {
+            Some(fence) => tracing::info!(replica = %id, fence, "this replica is the leader"),
+            None if f.is_some() => {
+                tracing::warn!(replica = %id, "this replica is no longer the leader")
+            }
+            None => {}
+        }
+        *f = fence;
+        true
+    });
+}
+
+/// Renews the lease and applies membership and leader-key events until something breaks.
+async fn follow(
+    joiner: &Joiner,
+    j: &mut Joined,
+    members: &watch::Sender<Members>,
+    leader: &watch::Sender<Option<i64>>,
+) -> Interrupted {
     let every = joiner.ttl / 3;
     let mut next = Instant::now() + every;
     let broken = |reason: String| Interrupted {
@@ -309,6 +400,32 @@ async fn follow(joiner: &Joiner, j: &mut Joined, members: &watch::Sender<Members
                 Ok(None) => return broken("watch ended".into()),
                 Err(e) => return broken(format!("watch: {e}")),
             },
+            resp = j.leader_watch.message() => match resp {
+                Ok(Some(resp)) => {
+                    if resp.canceled() || resp.compact_revision() > 0 {
+                        return broken(format!("leader watch cancelled: {}", resp.cancel_reason()));
+                    }
+                    // A delete event's key has version 0: the leader is gone, campaign.
+                    let vacant = resp
+                        .events()
+                        .iter()
+                        .filter_map(|e| e.kv())
+                        .next_back()
+                        .is_some_and(|kv| kv.version() == 0);
+                    if vacant {
+                        lead(leader, &joiner.id, None);
+                        match joiner.campaign(j.lease).await {
+                            Ok((fence, _)) => {
+                                j.fence = fence;
+                                lead(leader, &joiner.id, fence);
+                            }
+                            Err(e) => return broken(format!("campaign: {e}")),
+                        }
+                    }
+                }
+                Ok(None) => return broken("leader watch ended".into()),
+                Err(e) => return broken(format!("leader watch: {e}")),
+            },
         }
     }
 }
@@ -322,8 +439,13 @@ impl Coordination for EtcdCoordination {
         self.members.subscribe()
     }
 
+    fn leadership(&self) -> watch::Receiver<Option<i64>> {
+        self.leader.subscribe()
+    }
+
     fn leave(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
+            self.leader.send_replace(None);
             if let Some(task) = self.task.lock().take() {
                 task.abort();
             }

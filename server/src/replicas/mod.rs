@@ -9,6 +9,14 @@
 //! * `etcd::EtcdCoordination` (feature `etcd`) — each replica keeps a leased key
 //!   `<prefix>/replicas/<replica-id>` alive and watches the prefix (`docs/etcd.md`, "Replicas").
 //!
+//! **Leadership.** Singleton jobs (lease expiry, DNS discovery, outlier and adaptive-weight
+//! decisions) run on one replica at a time, the leader ([`Coordination::leadership`]). `Single`
+//! is always the leader; on etcd the leader holds the key `<prefix>/leader`, attached to its
+//! membership lease. The leadership value carries the **fence**: the `create_revision` of the
+//! leader key this replica won with; every singleton write compares it in its etcd txn
+//! ([`crate::store::EtcdStore`]'s fenced writes), so a replica that lost the key without knowing
+//! it yet cannot write.
+//!
 //! Work that must be done by exactly one live replica per item (active health checks, one per
 //! backend) is assigned by [rendezvous hashing](Members::owner) over the member set: every
 //! replica computes the same owner from the same view, and when a member joins or leaves only
@@ -127,6 +135,14 @@ pub trait Coordination: Send + Sync + 'static {
     fn replica_id(&self) -> &Arc<str>;
     /// The live member set, updated as replicas join and leave.
     fn members(&self) -> watch::Receiver<Members>;
+    /// Whether this replica leads, and its fence: `Some(create_revision of the leader key)`
+    /// while it does (`Some(0)` for [`Single`]), `None` otherwise. Updated at once when
+    /// leadership is won or lost (or may have been lost: any break of the connection to etcd).
+    fn leadership(&self) -> watch::Receiver<Option<i64>>;
+    /// Whether this replica is the leader now.
+    fn is_leader(&self) -> bool {
+        self.leadership().borrow().is_some()
+    }
     /// Leaves the member set now (graceful shutdown: the others take over at once instead of
     /// after the membership TTL). Best effort.
     fn leave(&self) -> BoxFuture<'_, ()>;
@@ -137,6 +153,7 @@ pub trait Coordination: Send + Sync + 'static {
 pub struct Single {
     id: Arc<str>,
     members: watch::Sender<Members>,
+    leader: watch::Sender<Option<i64>>,
 }
 
 impl Single {
@@ -145,6 +162,7 @@ impl Single {
         let id: Arc<str> = id.into();
         Self {
             members: watch::Sender::new(Members::new([id.clone()])),
+            leader: watch::Sender::new(Some(0)),
             id,
         }
     }
@@ -159,8 +177,27 @@ impl Coordination for Single {
         self.members.subscribe()
     }
 
+    fn leadership(&self) -> watch::Receiver<Option<i64>> {
+        self.leader.subscribe()
+    }
+
     fn leave(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
+    }
+}
+
+/// Waits until `leadership` says this replica leads; returns its fence. `None`: the sender is
+/// gone (shutdown).
+pub async fn until_leader(leadership: &mut watch::Receiver<Option<i64>>) -> Option<i64> {
+    let fence = *leadership.wait_for(Option::is_some).await.ok()?;
+    fence
+}
+
+/// Waits until `leadership` no longer says this replica leads with `fence` (lost, or won
+/// again with another fence). Never returns while it does.
+pub async fn until_not_leader(leadership: &mut watch::Receiver<Option<i64>>, fence: i64) {
+    if leadership.wait_for(|f| *f != Some(fence)).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 

@@ -33,6 +33,12 @@
 //!   keeps a mirror of the services it has read (`mirror`), keyed by version: a read fetches
 //!   the `meta` key and re-reads the records only when the version moved.
 //!
+//! * **Fenced writes** ([`EtcdStore::fenced`], [`FencedStore`]): the leader's singleton jobs
+//!   (lease expiry, DNS, outlier decisions) write through a view that adds
+//!   `create_revision(<prefix>/leader) == fence` to every txn, where the fence is the revision
+//!   the replica won leadership at. A replica that lost the leader key (its lease expired while
+//!   it was cut off, say) cannot write even if it has not noticed yet: etcd refuses the txn.
+//!
 //! Sync primitives: the etcd clients are cheap clones of one channel (no lock); `mirror` is a
 //! `parking_lot::Mutex` held only for a map lookup or insert and O(1) clones, never across an
 //! `.await`.
@@ -51,6 +57,7 @@ use futures::future::BoxFuture;
 use futures::stream::{self, BoxStream, StreamExt};
 use parking_lot::Mutex;
 use prost::Message;
+use tokio::sync::watch;
 
 use super::plan::{check_service_quota, plan, ServiceState};
 use super::{
@@ -456,6 +463,7 @@ impl Inner {
         service: String,
         mutations: Vec<Mutation>,
         expected_version: Option<u64>,
+        fence: Option<(&str, i64)>,
     ) -> Result<Applied, Error> {
         // Before the name becomes part of a key.
         model::validate_id("service", &service)?;
@@ -484,6 +492,9 @@ impl Inner {
                 CompareOp::Equal,
                 base,
             )];
+            if let Some((key, revision)) = fence {
+                compares.push(Compare::create_revision(key, CompareOp::Equal, revision));
+            }
             let mut ops = Vec::with_capacity(change.upserts.len() + change.removals.len() + 2);
             if current.is_none() {
                 let (count, count_revision) = self.service_count().await?;
@@ -521,6 +532,9 @@ impl Inner {
                 .await
                 .map_err(etcd)?;
             if !resp.succeeded() {
+                if let Some((key, revision)) = fence {
+                    self.check_fence(key, revision).await?;
+                }
                 // Another writer got there first: re-read and re-plan.
                 continue;
             }
@@ -541,6 +555,19 @@ impl Inner {
         Err(Error::Storage(format!(
             "etcd: service {service:?}: gave up after {MAX_ATTEMPTS} writes lost to concurrent \
              writers"
+        )))
+    }
+
+    /// `Ok` while the leader key still has `create_revision == revision`.
+    async fn check_fence(&self, key: &str, revision: i64) -> Result<(), Error> {
+        let resp = self.kv.clone().get(key, None).await.map_err(etcd)?;
+        let now = resp.kvs().first().map_or(0, KeyValue::create_revision);
+        if now == revision {
+            return Ok(());
+        }
+        Err(Error::Storage(format!(
+            "etcd: this replica is no longer the leader (fence {revision}, leader key created at \
+             {now}); singleton write refused"
         )))
     }
 
@@ -691,6 +718,75 @@ fn watch_failed(what: impl std::fmt::Display) -> Error {
     Error::Storage(format!("etcd watch: {what}; re-read and watch again"))
 }
 
+impl EtcdStore {
+    /// A view of this store whose writes are fenced by the leader key `<prefix>/leader`: each
+    /// write compares the key's `create_revision` with the fence `leadership` holds, and is
+    /// refused (a storage error) while `leadership` is `None` or once the key changed. Reads
+    /// and watches are this store's.
+    pub fn fenced(&self, leadership: watch::Receiver<Option<i64>>) -> FencedStore {
+        FencedStore {
+            store: self.clone(),
+            key: format!("{}/leader", self.inner.keys.prefix),
+            leadership,
+        }
+    }
+}
+
+/// The leader's view of an [`EtcdStore`]: writes fenced by the leader key (see
+/// [`EtcdStore::fenced`]).
+#[derive(Debug)]
+pub struct FencedStore {
+    store: EtcdStore,
+    key: String,
+    leadership: watch::Receiver<Option<i64>>,
+}
+
+impl Store for FencedStore {
+    fn epoch(&self) -> u64 {
+        self.store.epoch()
+    }
+
+    fn apply(
+        &self,
+        service: String,
+        mutations: Vec<Mutation>,
+        expected_version: Option<u64>,
+    ) -> BoxFuture<'_, Result<Applied, Error>> {
+        let fence = *self.leadership.borrow();
+        Box::pin(async move {
+            let Some(fence) = fence else {
+                return Err(Error::Storage(
+                    "this replica is not the leader; singleton write refused".into(),
+                ));
+            };
+            self.store
+                .inner
+                .apply(
+                    service,
+                    mutations,
+                    expected_version,
+                    Some((&self.key, fence)),
+                )
+                .await
+        })
+    }
+
+    fn get_service(
+        &self,
+        service: String,
+    ) -> BoxFuture<'_, Result<Option<ServiceSnapshot>, Error>> {
+        self.store.get_service(service)
+    }
+
+    fn snapshot(&self) -> BoxFuture<'_, Result<StoreSnapshot, Error>> {
+        self.store.snapshot()
+    }
+
+    fn watch(&self, from_revision: u64) -> BoxStream<'static, Result<WatchEvent, Error>> {
+        self.store.watch(from_revision)
+    }
+}
+
 impl Store for EtcdStore {
     fn epoch(&self) -> u64 {
         self.inner.epoch
@@ -702,7 +798,7 @@ impl Store for EtcdStore {
         mutations: Vec<Mutation>,
         expected_version: Option<u64>,
     ) -> BoxFuture<'_, Result<Applied, Error>> {
-        Box::pin(self.inner.apply(service, mutations, expected_version))
+        Box::pin(self.inner.apply(service, mutations, expected_version, None))
     }
 
     fn get_service(

@@ -48,7 +48,7 @@ use futures::stream::BoxStream;
 
 pub use embedded::EmbeddedStore;
 #[cfg(feature = "etcd")]
-pub use etcd::EtcdStore;
+pub use etcd::{EtcdStore, FencedStore};
 pub use memory::MemoryStore;
 
 use crate::Error;

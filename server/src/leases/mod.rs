@@ -23,7 +23,11 @@
 //! time the renewal's write runs, which re-creates it; an expiry after it sees a later deadline.
 //!
 //! The seam for the HA store: handlers talk to `dyn` [`Leases`], three operations an etcd lease
-//! (grant/keep-alive, revoke, time-to-live) maps onto one to one.
+//! (grant/keep-alive, revoke, time-to-live) maps onto one to one. With several replicas on
+//! etcd (feature `etcd`) that is what happens: [`etcd::EtcdLeases`] maps each DLB lease onto an
+//! etcd lease, so a renewal through any replica keeps it, and only the leader expires
+//! ([`etcd`] module docs). This module's [`LeaseManager`] is the single-node keeper (memory
+//! and embedded stores): renewals there write nothing.
 //!
 //! Bounds: TTL [`MIN_TTL_SECONDS`]..=[`MAX_TTL_SECONDS`]; leases ≤ lease-owned records (plus
 //! the few whose first write failed, which expire harmlessly). The task keeps a map by key and
@@ -42,6 +46,9 @@ use tokio::time::Instant;
 use crate::metrics::Metrics;
 use crate::store::{Mutation, Store, StoreSnapshot};
 use crate::Error;
+
+#[cfg(feature = "etcd")]
+pub mod etcd;
 
 /// Shortest lease a backend may ask for, seconds.
 pub const MIN_TTL_SECONDS: u32 = 1;
@@ -249,7 +256,8 @@ async fn run(
                     due.entry(key.service).or_default().push((key.server_id, ttl));
                 }
                 for (service, expired) in due {
-                    if !expire(&*store, &metrics, &service, &expired).await {
+                    let ids: Vec<String> = expired.iter().map(|(id, _)| id.clone()).collect();
+                    if !expire(&*store, &metrics, &service, &ids).await {
                         let retry = Instant::now() + EXPIRE_RETRY;
                         for (server_id, ttl) in expired {
                             let key = LeaseKey { service: service.clone(), server_id };
@@ -272,11 +280,11 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 /// Removes the expired leases' records of `service` that are still lease-owned, in one write.
 /// `false`: the store write failed and the expiries must be retried.
-async fn expire(
+pub(crate) async fn expire(
     store: &dyn Store,
     metrics: &Metrics,
     service: &str,
-    expired: &[(String, Duration)],
+    expired: &[String],
 ) -> bool {
     for _ in 0..EXPIRE_ATTEMPTS {
         let snapshot = match store.get_service(service.to_owned()).await {
@@ -287,11 +295,11 @@ async fn expire(
                 return false;
             }
         };
-        let gone: Vec<(&proto::Server, Duration)> = expired
+        let gone: Vec<&proto::Server> = expired
             .iter()
-            .filter_map(|(id, ttl)| {
+            .filter_map(|id| {
                 let record = snapshot.servers.get(id.as_str())?;
-                is_leased(record).then_some((&**record, *ttl))
+                is_leased(record).then_some(&**record)
             })
             .collect();
         if gone.is_empty() {
@@ -299,19 +307,19 @@ async fn expire(
         }
         let removals = gone
             .iter()
-            .map(|(s, _)| Mutation::RemoveWithReason(s.server_id.clone(), EXPIRED_REASON.into()))
+            .map(|s| Mutation::RemoveWithReason(s.server_id.clone(), EXPIRED_REASON.into()))
             .collect();
         match store
             .apply(service.to_owned(), removals, Some(snapshot.version.version))
             .await
         {
             Ok(applied) => {
-                for (record, ttl) in &gone {
+                for record in &gone {
                     tracing::info!(
                         %service,
                         server_id = %record.server_id,
                         address = %record.address,
-                        ttl_seconds = ttl.as_secs(),
+                        ttl_seconds = record.lease_ttl_seconds,
                         version = applied.version.version,
                         reason = EXPIRED_REASON,
                         "backend removed: lease expired"
