@@ -560,6 +560,12 @@ impl RunningServer {
         self.coordination.leadership()
     }
 
+    /// Backends this replica removed because their lease expired (`dlb_lease_expiries_total`;
+    /// only the leader expires leases).
+    pub fn lease_expiries(&self) -> u64 {
+        self.shared.metrics.membership.expiries.get()
+    }
+
     /// The live replicas as this one sees them.
     pub fn members(&self) -> replicas::Members {
         self.coordination.members().borrow().clone()

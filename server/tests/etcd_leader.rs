@@ -1,0 +1,245 @@
+//! One leader among several `dlbd` replicas on a real etcd (feature `etcd`), the singleton
+//! jobs on it only, fenced writes, and self-registration leases that any replica renews. Each
+//! test starts its own etcd (`etcd_support`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+mod etcd_support;
+
+use std::time::{Duration, Instant};
+
+use dlb::proto::{self, membership_client::MembershipClient};
+use dlb_server::store::{Mutation, Store};
+use dlb_server::{RunningServer, ServerConfig, StoreConfig};
+use etcd_support::Etcd;
+
+/// Longest any state change below may take.
+const WAIT: Duration = Duration::from_secs(20);
+
+fn config(etcd: &Etcd, prefix: &str, id: &str) -> ServerConfig {
+    ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
+        store: StoreConfig::Etcd(etcd.config(prefix)),
+        replica_id: Some(id.into()),
+        replica_ttl: Duration::from_secs(2),
+        ..Default::default()
+    }
+}
+
+async fn replicas(etcd: &Etcd, prefix: &str, n: usize) -> Vec<RunningServer> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        out.push(
+            dlb_server::spawn(config(etcd, prefix, &format!("r{i}")))
+                .await
+                .unwrap(),
+        );
+    }
+    out
+}
+
+/// Waits until exactly one of `servers` leads; its index.
+async fn one_leader(servers: &[&RunningServer]) -> usize {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let leaders: Vec<usize> = (0..servers.len())
+            .filter(|i| servers[*i].is_leader())
+            .collect();
+        if leaders.len() == 1 {
+            return leaders[0];
+        }
+        assert!(Instant::now() < deadline, "leaders: {leaders:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_one_leader_and_another_takes_over() {
+    let etcd = Etcd::start().await;
+    let mut servers = replicas(&etcd, "/lead", 3).await;
+    let refs: Vec<&RunningServer> = servers.iter().collect();
+    let first = one_leader(&refs).await;
+    // It stays one for a while (no flapping, no second leader).
+    for _ in 0..20 {
+        let n = servers.iter().filter(|s| s.is_leader()).count();
+        assert_eq!(n, 1);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Graceful shutdown: the lease is revoked, the others campaign at once.
+    let leader = servers.remove(first);
+    let t = Instant::now();
+    leader.shutdown().await.unwrap();
+    let refs: Vec<&RunningServer> = servers.iter().collect();
+    let second = one_leader(&refs).await;
+    let graceful = t.elapsed();
+
+    // A leader that stops renewing (dropped: no revoke) is replaced once its lease expires.
+    let leader = servers.remove(second);
+    let t = Instant::now();
+    drop(leader);
+    let refs: Vec<&RunningServer> = servers.iter().collect();
+    one_leader(&refs).await;
+    let crashed = t.elapsed();
+    assert!(crashed < Duration::from_secs(5), "{crashed:?}");
+    eprintln!("leader takeover: graceful {graceful:?}, lease expiry (TTL 2 s) {crashed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn singleton_writes_are_fenced_by_the_leader_key() {
+    let etcd = Etcd::start().await;
+    let servers = replicas(&etcd, "/fence", 2).await;
+    let refs: Vec<&RunningServer> = servers.iter().collect();
+    let leader = one_leader(&refs).await;
+    let fence = (*servers[leader].leadership().borrow()).expect("the leader has a fence");
+    let store = dlb_server::store::EtcdStore::connect(&etcd.config("/fence"))
+        .await
+        .unwrap();
+    let add = |id: &str| {
+        vec![Mutation::Add(proto::Server {
+            server_id: id.into(),
+            address: "10.0.0.1:80".into(),
+            weight: 1,
+            ..Default::default()
+        })]
+    };
+    // The current fence writes.
+    let (_tx, rx) = tokio::sync::watch::channel(Some(fence));
+    store
+        .fenced(rx)
+        .apply("svc".into(), add("a"), None)
+        .await
+        .unwrap();
+    // A stale fence (a leadership won earlier) is refused by etcd.
+    let (_tx, rx) = tokio::sync::watch::channel(Some(fence - 1));
+    let e = store
+        .fenced(rx)
+        .apply("svc".into(), add("b"), None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("no longer the leader"), "{e}");
+    // Not leading at all: refused before anything is sent.
+    let (_tx, rx) = tokio::sync::watch::channel(None);
+    let e = store
+        .fenced(rx)
+        .apply("svc".into(), add("c"), None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("not the leader"), "{e}");
+    let svc = store.get_service("svc".into()).await.unwrap().unwrap();
+    assert!(svc.servers.contains_key("a"));
+    assert!(!svc.servers.contains_key("b") && !svc.servers.contains_key("c"));
+}
+
+fn reg(id: &str, ttl: u32) -> proto::RegisterRequest {
+    proto::RegisterRequest {
+        service: "svc".into(),
+        server_id: id.into(),
+        address: "10.0.0.7:80".into(),
+        ttl_seconds: ttl,
+        ..Default::default()
+    }
+}
+
+fn registered(server: &RunningServer, id: &str) -> bool {
+    server
+        .cache()
+        .get("svc")
+        .is_some_and(|s| s.servers.contains_key(id))
+}
+
+/// Renews `id` through `server` every 500 ms for `d`, asserting it stays registered on every
+/// one of `all`.
+async fn renew_for(server: &RunningServer, all: &[&RunningServer], id: &str, d: Duration) {
+    let mut client = MembershipClient::new(common::channel(server).await);
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        client.register(reg(id, 2)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for s in all {
+            assert!(registered(s, id), "{id} vanished from {}", s.replica_id());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_are_renewed_through_any_replica_and_expired_by_the_leader() {
+    let etcd = Etcd::start().await;
+    let mut servers = replicas(&etcd, "/leases", 3).await;
+    let refs: Vec<&RunningServer> = servers.iter().collect();
+    one_leader(&refs).await;
+
+    // Registered and renewed through r0: stays on every replica well past one TTL.
+    let mut client = MembershipClient::new(common::channel(&servers[0]).await);
+    client.register(reg("b1", 2)).await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    while !servers.iter().all(|s| registered(s, "b1")) {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    renew_for(&servers[0], &refs, "b1", Duration::from_secs(5)).await;
+    // ListLeases answers on any replica, from etcd.
+    let mut other = MembershipClient::new(common::channel(&servers[2]).await);
+    let listed = other
+        .list_leases(proto::ListLeasesRequest {
+            service: "svc".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.leases.len(), 1, "{listed:?}");
+
+    // r0 goes away; the backend renews through r1 and stays.
+    let r0 = servers.remove(0);
+    r0.shutdown().await.unwrap();
+    let refs: Vec<&RunningServer> = servers.iter().collect();
+    one_leader(&refs).await;
+    renew_for(&servers[0], &refs, "b1", Duration::from_secs(4)).await;
+
+    // Renewals stop: removed everywhere within TTL + a margin, reason `lease expired`.
+    let mut session = common::Session::open(&servers[1], common::subscribe(&[("svc", None)])).await;
+    assert!(session.update().await.full);
+    let stopped = Instant::now();
+    let removed = loop {
+        let u = session.update().await;
+        if let Some(reason) = u.removal_reasons.get("b1") {
+            break reason.clone();
+        }
+    };
+    let took = stopped.elapsed();
+    assert_eq!(removed, "lease expired");
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    let deadline = Instant::now() + WAIT;
+    while servers.iter().any(|s| registered(s, "b1")) {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Only the leader expired it.
+    let expiries: Vec<(bool, u64)> = servers
+        .iter()
+        .map(|s| (s.is_leader(), s.lease_expiries()))
+        .collect();
+    assert_eq!(
+        expiries.iter().map(|(_, n)| n).sum::<u64>(),
+        1,
+        "{expiries:?}"
+    );
+    assert!(
+        expiries.iter().all(|(lead, n)| *lead || *n == 0),
+        "{expiries:?}"
+    );
+    eprintln!("lease expiry across replicas (TTL 2 s): removed {took:?} after the last renewal");
+
+    // Deregister through any replica removes it at once.
+    let mut client = MembershipClient::new(common::channel(&servers[0]).await);
+    client.register(reg("b2", 2)).await.unwrap();
+    client
+        .deregister(proto::DeregisterRequest {
+            service: "svc".into(),
+            server_id: "b2".into(),
+        })
+        .await
+        .unwrap();
+    assert!(!registered(&servers[0], "b2"));
+}
