@@ -281,6 +281,11 @@ async fn start(
         &initial,
         shutdown_rx.clone(),
     );
+    #[cfg(feature = "etcd")]
+    if opened.etcd_leases.is_some() {
+        // Several replicas: names declared or removed through another one reach the leader.
+        dns.rescan_while_leading(cache.clone());
+    }
     let discovery = tokio::spawn(membership::run_until_stopped(
         lease_task,
         dns.clone(),

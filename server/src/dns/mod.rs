@@ -210,6 +210,88 @@ impl DnsManager {
         Some((f.target, f.weight))
     }
 
+    /// With several replicas: while this replica leads, every [`RESCAN`] follows the names found
+    /// on DNS-owned records in `cache` that it does not follow yet (declared through another
+    /// replica), and stops following names not declared in the config file whose service has
+    /// had no DNS-owned record in two scans in a row (removed through another replica; two, so
+    /// a declaration this replica has just written but its cache not yet applied is kept).
+    /// O(backends) per scan, on the leader only. Ends at shutdown.
+    pub fn rescan_while_leading(&self, cache: Arc<crate::cache::Cache>) {
+        let manager = self.clone();
+        let mut shutdown = self.inner.shutdown.clone();
+        tokio::spawn(async move {
+            let mut suspects = std::collections::HashSet::new();
+            let mut tick = tokio::time::interval(RESCAN);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = crate::state::stopped(&mut shutdown) => return,
+                    _ = tick.tick() => {}
+                }
+                if manager.inner.leadership.borrow().is_some() {
+                    manager.rescan(&cache, &mut suspects);
+                }
+            }
+        });
+    }
+
+    fn rescan(
+        &self,
+        cache: &crate::cache::Cache,
+        suspects: &mut std::collections::HashSet<String>,
+    ) {
+        let configured = |service: &str| {
+            self.inner
+                .config
+                .services
+                .iter()
+                .any(|d| d.service == service)
+        };
+        let mut found: HashMap<String, (String, u32)> = HashMap::new();
+        for name in cache.service_names() {
+            let Some(snap) = cache.get(&name) else {
+                continue;
+            };
+            if let Some(s) = snap.servers.values().find(|s| is_dns(s)) {
+                found.insert(name.to_string(), (s.dns_name.clone(), s.weight));
+            }
+        }
+        let followed: HashMap<String, String> = self
+            .inner
+            .followed
+            .lock()
+            .iter()
+            .map(|(s, f)| (s.clone(), f.target.to_text()))
+            .collect();
+        let missing: std::collections::HashSet<String> = followed
+            .keys()
+            .filter(|s| !found.contains_key(*s) && !configured(s))
+            .cloned()
+            .collect();
+        for service in missing.intersection(suspects) {
+            tracing::info!(%service, "DNS name removed through another replica; no longer followed");
+            self.unfollow(service);
+            self.inner.metrics.membership.dns_forget(service);
+        }
+        *suspects = missing;
+        for (service, (target, weight)) in found {
+            // Followed already (a name redeclared elsewhere is followed anew); the config file
+            // wins for its services.
+            if followed.get(&service) == Some(&target) || configured(&service) {
+                continue;
+            }
+            match Target::parse(&target) {
+                Ok(t) => {
+                    tracing::info!(%service, target = %target, "following a DNS name declared through another replica");
+                    self.follow(service, t, weight, Status::default(), Duration::ZERO);
+                }
+                Err(e) => {
+                    tracing::warn!(%service, error = %e, "stored DNS name is invalid; not followed")
+                }
+            }
+        }
+    }
+
     /// Waits for every name's task to end (they end when the shutdown flag turns true), so
     /// that nothing holds the store after a graceful shutdown.
     pub async fn join(&self) {
