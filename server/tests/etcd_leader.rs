@@ -5,6 +5,7 @@
 
 mod common;
 mod etcd_support;
+mod fake_dns;
 
 use std::time::{Duration, Instant};
 
@@ -249,4 +250,64 @@ async fn leases_are_renewed_through_any_replica_and_expired_by_the_leader() {
         .await
         .unwrap();
     assert!(!registered(&servers[0], "b2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_refreshes_dns_and_a_new_leader_takes_over() {
+    use dlb_server::dns::{DnsConfig, DnsDeclaration};
+    let etcd = Etcd::start().await;
+    // One name server per replica, so each one's lookups are counted apart.
+    let fakes = [
+        fake_dns::FakeDns::start().await,
+        fake_dns::FakeDns::start().await,
+    ];
+    let mut servers = Vec::new();
+    for (i, fake) in fakes.iter().enumerate() {
+        fake.set("web.test", &["127.0.0.1"]);
+        let mut c = config(&etcd, "/dns", &format!("r{i}"));
+        c.dns = DnsConfig {
+            nameservers: vec![fake.addr],
+            services: vec![DnsDeclaration {
+                service: "web".into(),
+                target: "web.test:80".into(),
+                weight: 1,
+            }],
+            min_refresh: Duration::from_millis(200),
+            max_refresh: Duration::from_millis(300),
+            timeout: Duration::from_millis(300),
+            attempts: 1,
+            ..DnsConfig::default()
+        };
+        servers.push(dlb_server::spawn(c).await.unwrap());
+    }
+    let refs: Vec<&RunningServer> = servers.iter().collect();
+    let leader = one_leader(&refs).await;
+    let other = 1 - leader;
+    let ids = |s: &RunningServer| {
+        s.cache()
+            .get("web")
+            .map(|s| s.servers.keys().map(|k| k.to_string()).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    let deadline = Instant::now() + WAIT;
+    while ids(&servers[other]) != ["127.0.0.1-80"] {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (l0, o0) = (fakes[leader].queries(), fakes[other].queries());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(fakes[leader].queries() > l0, "the leader refreshes");
+    assert_eq!(fakes[other].queries(), o0, "a non-leader never resolves");
+    assert_eq!(o0, 0);
+
+    // The leader goes; the other leads and refreshes from its own name server.
+    fakes[other].set("web.test", &["127.0.0.2"]);
+    let gone = servers.remove(leader);
+    gone.shutdown().await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    while ids(&servers[0]) != ["127.0.0.2-80"] {
+        assert!(Instant::now() < deadline, "{:?}", ids(&servers[0]));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(servers[0].is_leader());
 }
