@@ -141,6 +141,10 @@ pub async fn spawn(config: ServerConfig) -> Result<RunningServer, Error> {
     start(config, opened, shutdown_tx, shutdown_rx).await
 }
 
+/// Whether this build has the etcd store (cargo feature `etcd`); without it `StoreConfig::Etcd`
+/// fails at start with an error naming the feature.
+pub const ETCD_SUPPORTED: bool = cfg!(feature = "etcd");
+
 /// The store and the replica set of a deployment.
 struct Opened {
     store: Arc<dyn Store>,

@@ -289,14 +289,34 @@ async fn kill_9_on_the_embedded_store_loses_nothing() {
 #[cfg(not(feature = "etcd"))]
 #[test]
 fn dlbd_without_the_etcd_feature_refuses_store_etcd() {
-    let out = Command::new(env!("CARGO_BIN_EXE_dlbd"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dlbd"))
         .args(["--listen", "127.0.0.1:0", "--no-metrics", "--store", "etcd"])
         .args(["--etcd-endpoints", "127.0.0.1:1"])
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    // Bounded: a dlbd that waits for a store it can never reach must fail the test, not hang it.
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > WAIT {
+            let _ = child.kill();
+            panic!("dlbd without the etcd feature kept running with --store etcd");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!status.success());
     assert!(err.contains("--features etcd"), "{err}");
 }
 

@@ -1,0 +1,155 @@
+//! High availability with real processes (feature `etcd`): one etcd, three `dlbd --store etcd`
+//! replicas, twenty SDK clients picking continuously while an admin adds and removes backends.
+//!
+//! * `kill -9` one replica, then a second: no pick fails, every client converges to the
+//!   store's final state, and the failover time (replica killed → the client applies an update
+//!   from another replica) is printed;
+//! * all replicas restarted: the state is preserved (same epoch and version) and clients
+//!   resume with deltas, never a full snapshot;
+//! * concurrent `AddServer` of one id through two replicas: exactly one wins.
+#![cfg(feature = "etcd")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod etcd_support;
+mod ha_support;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use dlb_client::{AdminClient, NewServer};
+use etcd_support::Etcd;
+use ha_support::*;
+
+const SERVICE: &str = "web";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_two_of_three_replicas_fails_no_pick() {
+    let etcd = Etcd::start().await;
+    let mut replicas: Vec<Replica> = (0..3)
+        .map(|_| Replica::start(&etcd.endpoint(), "127.0.0.1:0"))
+        .collect();
+    let urls: Vec<String> = replicas.iter().map(Replica::url).collect();
+    seed(&urls[0], SERVICE, 5).await;
+    let mut fleet = Fleet::start(20, &urls, SERVICE, Duration::from_millis(1)).await;
+    let mut writer = Writer::start(&urls, SERVICE, Duration::from_millis(20), 5);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    for victim in [0usize, 1] {
+        let url = replicas[victim].url();
+        let watched = fleet.on(&url);
+        assert!(!watched.is_empty(), "no client uses replica {victim}");
+        let versions: Vec<u64> = fleet
+            .clients
+            .iter()
+            .map(|(_, h)| h.version().version)
+            .collect();
+        let killed = Instant::now();
+        replicas[victim].kill9();
+        let times =
+            failover_times(&fleet, &watched, &versions, killed, Duration::from_secs(10)).await;
+        println!(
+            "kill -9 of replica {victim}: {} clients failed over; p50 {:?}, max {:?}",
+            watched.len(),
+            quantile(&times, 0.5),
+            quantile(&times, 1.0)
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    writer.stop().await;
+    let survivor = replicas[2].url();
+    let listed = AdminClient::new([survivor])
+        .unwrap()
+        .list_servers(SERVICE)
+        .await
+        .unwrap();
+    let last = listed.version.map_or(0, |v| v.version);
+    fleet.converge(last, Duration::from_secs(10)).await;
+    fleet.stop().await;
+    let picks = fleet.picks.load(Ordering::Relaxed);
+    let failed = fleet.failed.load(Ordering::Relaxed);
+    println!(
+        "{picks} picks, {failed} failed, {} writes",
+        writer.writes.load(Ordering::Relaxed)
+    );
+    assert!(picks > 1_000, "the fleet barely picked: {picks}");
+    assert_eq!(failed, 0, "picks failed during failover");
+    // Every client routes on exactly the store's backends.
+    let want: Vec<String> = listed.servers.iter().map(|s| s.server_id.clone()).collect();
+    for (_, h) in &fleet.clients {
+        let mut have: Vec<String> = h.backends().into_iter().map(|b| b.server_id).collect();
+        have.sort();
+        assert_eq!(have, want);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_every_replica_keeps_the_state_and_clients_resume_with_deltas() {
+    let etcd = Etcd::start().await;
+    let mut replicas: Vec<Replica> = (0..3)
+        .map(|_| Replica::start(&etcd.endpoint(), "127.0.0.1:0"))
+        .collect();
+    let urls: Vec<String> = replicas.iter().map(Replica::url).collect();
+    seed(&urls[0], SERVICE, 3).await;
+    let mut fleet = Fleet::start(6, &urls, SERVICE, Duration::from_millis(5)).await;
+    let version = store_version(&urls[1], SERVICE).await;
+    fleet.converge(version, Duration::from_secs(5)).await;
+    let before: Vec<_> = fleet.clients.iter().map(|(_, h)| h.stats()).collect();
+
+    for r in &mut replicas {
+        r.kill9();
+    }
+    for r in &mut replicas {
+        r.restart();
+    }
+    assert_eq!(store_version(&urls[2], SERVICE).await, version);
+    // Every client reconnects and gets an (empty) delta from the version it holds.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let resumed = fleet
+            .clients
+            .iter()
+            .zip(&before)
+            .all(|((c, h), b)| c.is_connected() && h.stats().delta_updates > b.delta_updates);
+        if resumed {
+            break;
+        }
+        assert!(Instant::now() < deadline, "clients did not resume");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for ((_, h), b) in fleet.clients.iter().zip(&before) {
+        assert_eq!(
+            h.stats().full_updates,
+            b.full_updates,
+            "a full snapshot after restart"
+        );
+        assert_eq!(h.version().version, version);
+    }
+    fleet.stop().await;
+    assert_eq!(fleet.failed.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_add_of_one_id_on_two_replicas_has_one_winner() {
+    let etcd = Etcd::start().await;
+    let a = Replica::start(&etcd.endpoint(), "127.0.0.1:0");
+    let b = Replica::start(&etcd.endpoint(), "127.0.0.1:0");
+    let (ca, cb) = (
+        AdminClient::new([a.url()]).unwrap(),
+        AdminClient::new([b.url()]).unwrap(),
+    );
+    for round in 0..20 {
+        let id = format!("race-{round}");
+        let (ra, rb) = tokio::join!(
+            ca.add_server(SERVICE, NewServer::new(&id, "127.0.0.1:9001")),
+            cb.add_server(SERVICE, NewServer::new(&id, "127.0.0.1:9002")),
+        );
+        let wins = [&ra, &rb].iter().filter(|r| r.is_ok()).count();
+        assert_eq!(wins, 1, "round {round}: {ra:?} / {rb:?}");
+        let loser = if ra.is_ok() { rb } else { ra };
+        assert!(
+            matches!(loser, Err(dlb_client::Error::AlreadyExists(_))),
+            "{loser:?}"
+        );
+    }
+}

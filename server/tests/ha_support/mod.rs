@@ -1,0 +1,365 @@
+//! A replicated DLB deployment made of real processes, for the HA tests (`tests/ha_etcd.rs`)
+//! and the failover benchmark (`examples/failover_bench.rs`), feature `etcd`:
+//!
+//! * [`Replica`]: one `dlbd --store etcd` process (the binary this package builds), started on
+//!   loopback, `kill -9`-able and restartable on the same address;
+//! * [`Fleet`]: SDK clients (`dlb-client`) that each follow a service through every replica
+//!   (in a rotated order, so sessions spread over the replicas) and pick from it continuously,
+//!   counting every failed pick;
+//! * [`Writer`]: an admin that adds and removes backends at a steady pace through any replica,
+//!   so there is always an update in flight to measure failover with.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dlb_client::{AdminClient, Client, NewServer, ServiceHandle};
+
+/// How long a replica gets to print its ready line.
+const READY: Duration = Duration::from_secs(30);
+
+/// The `dlbd` binary: `$DLBD_BIN`; else the one Cargo built for this package's tests; else (an
+/// example) `dlbd` in the profile directory above the running executable.
+fn dlbd_bin() -> String {
+    if let Ok(bin) = std::env::var("DLBD_BIN") {
+        return bin;
+    }
+    if let Some(bin) = option_env!("CARGO_BIN_EXE_dlbd") {
+        return bin.to_owned();
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("dlbd")))
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "dlbd".into())
+}
+
+/// One `dlbd` replica process on an etcd store; killed on drop.
+pub struct Replica {
+    child: Option<Child>,
+    etcd: String,
+    /// `127.0.0.1:PORT`, kept across restarts.
+    pub grpc: String,
+}
+
+impl Replica {
+    /// Starts a replica on `etcd` (an endpoint `host:port`) listening on `listen`
+    /// (`127.0.0.1:0` for a free port) and waits for its ready line.
+    pub fn start(etcd: &str, listen: &str) -> Self {
+        let mut r = Self {
+            child: None,
+            etcd: etcd.to_owned(),
+            grpc: listen.to_owned(),
+        };
+        r.launch();
+        r
+    }
+
+    /// The endpoint URL SDKs use.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    fn launch(&mut self) {
+        let mut child = Command::new(dlbd_bin())
+            .args(["--store", "etcd", "--etcd-endpoints", &self.etcd])
+            .args(["--listen", &self.grpc, "--no-metrics"])
+            .env("RUST_LOG", "warn,dlbd=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot run dlbd");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        // Drain its log for its whole life (a closed pipe would fail its logging).
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        self.child = Some(child);
+        let deadline = Instant::now() + READY;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("dlbd on {} printed no ready line", self.grpc));
+            if line.contains("dlbd listening") {
+                if let Some(addr) = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("grpc="))
+                {
+                    self.grpc = addr.to_owned();
+                }
+                return;
+            }
+        }
+    }
+
+    /// `kill -9`: no shutdown path runs, sessions are cut by the kernel.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = child.id().to_string();
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the replica again on the same address.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.launch();
+    }
+
+    /// Whether the process is running.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// SDK clients picking continuously from one service.
+pub struct Fleet {
+    /// Each client and its handle on the service.
+    pub clients: Vec<(Client, ServiceHandle)>,
+    /// Picks that failed (no backend could be picked).
+    pub failed: Arc<AtomicU64>,
+    /// Picks made.
+    pub picks: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Fleet {
+    /// `n` clients of `service`, client `i` trying the endpoints from `i mod len` on, each
+    /// picking every `pace` until stopped. Failure detection: a killed replica's connections
+    /// are reset by the kernel (seen at once); HTTP/2 keepalive 500 ms for a vanished host;
+    /// update deadline 12 s (dlbd heartbeats quiet sessions every 5 s); reconnect backoff
+    /// 10–200 ms.
+    pub async fn start(n: usize, endpoints: &[String], service: &str, pace: Duration) -> Self {
+        let failed = Arc::new(AtomicU64::new(0));
+        let picks = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut clients = Vec::with_capacity(n);
+        let mut tasks = Vec::with_capacity(n);
+        for i in 0..n {
+            let mut order = endpoints.to_vec();
+            order.rotate_left(i % endpoints.len());
+            let client = Client::builder(order)
+                .client_id(format!("fleet-{i}"))
+                .update_deadline(Duration::from_secs(12))
+                .keepalive(Duration::from_millis(500), Duration::from_millis(500))
+                .backoff(Duration::from_millis(10), Duration::from_millis(200))
+                .connect_timeout(Duration::from_secs(1))
+                .connect()
+                .await
+                .expect("fleet client connects");
+            let handle = client.service(service).await.expect("fleet subscribes");
+            let (h, f, p, s) = (handle.clone(), failed.clone(), picks.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                while !s.load(Ordering::Relaxed) {
+                    match h.get_next_server(None) {
+                        Ok(call) => {
+                            call.success();
+                            p.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(_) => {
+                            f.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    tokio::time::sleep(pace).await;
+                }
+            }));
+            clients.push((client, handle));
+        }
+        Self {
+            clients,
+            failed,
+            picks,
+            stop,
+            tasks,
+        }
+    }
+
+    /// Indexes of the clients whose session uses `url` now.
+    pub fn on(&self, url: &str) -> Vec<usize> {
+        self.clients
+            .iter()
+            .enumerate()
+            .filter(|(_, (c, _))| c.is_connected() && c.current_endpoint() == url)
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Waits until every client routes on `version` (panics after `within`).
+    pub async fn converge(&self, version: u64, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let behind: Vec<usize> = self
+                .clients
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, h))| h.version().version != version)
+                .map(|(i, _)| i)
+                .collect();
+            if behind.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "clients {behind:?} did not reach version {version} within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stops the picking loops.
+    pub async fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks.drain(..) {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+}
+
+/// For each client among `watched`, how long after `since` it was back: connected to another
+/// session than the one it had, with an update applied on it (its version moved past
+/// `version_at_kill`, which the writer guarantees happens within one write period).
+pub async fn failover_times(
+    fleet: &Fleet,
+    watched: &[usize],
+    version_at_kill: &[u64],
+    since: Instant,
+    within: Duration,
+) -> Vec<Duration> {
+    let mut out = vec![None; watched.len()];
+    let deadline = since + within;
+    while out.iter().any(Option::is_none) {
+        for (k, &i) in watched.iter().enumerate() {
+            if out[k].is_some() {
+                continue;
+            }
+            let (c, h) = &fleet.clients[i];
+            if c.is_connected() && h.version().version > version_at_kill[i] {
+                out[k] = Some(since.elapsed());
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "clients did not fail over within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    out.into_iter().map(Option::unwrap_or_default).collect()
+}
+
+/// Adds a backend every `pace` and removes the one added `keep` steps before, through any
+/// replica (the admin client rotates on `UNAVAILABLE`); errors are retried on the next step.
+pub struct Writer {
+    stop: Arc<AtomicBool>,
+    /// Writes that succeeded.
+    pub writes: Arc<AtomicU64>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Writer {
+    /// Starts writing to `service` through `endpoints`.
+    pub fn start(endpoints: &[String], service: &str, pace: Duration, keep: u64) -> Self {
+        let admin = AdminClient::new(endpoints.to_vec()).expect("admin client");
+        let stop = Arc::new(AtomicBool::new(false));
+        let writes = Arc::new(AtomicU64::new(0));
+        let (s, w, service) = (stop.clone(), writes.clone(), service.to_owned());
+        let task = tokio::spawn(async move {
+            let mut next: u64 = 0;
+            while !s.load(Ordering::Relaxed) {
+                tokio::time::sleep(pace).await;
+                let id = format!("churn-{next}");
+                let port = 20_000 + (next % 10_000) as u16;
+                let added = admin
+                    .add_server(&service, NewServer::new(&id, format!("127.0.0.1:{port}")))
+                    .await;
+                let ok = match added {
+                    Ok(_) | Err(dlb_client::Error::AlreadyExists(_)) => true,
+                    Err(e) => {
+                        eprintln!("writer: add {id}: {e}");
+                        false
+                    }
+                };
+                if !ok {
+                    continue;
+                }
+                w.fetch_add(1, Ordering::Relaxed);
+                if next >= keep {
+                    let old = format!("churn-{}", next - keep);
+                    match admin.remove_server(&service, &old).await {
+                        Ok(_) | Err(dlb_client::Error::NotFound(_)) => {
+                            w.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => eprintln!("writer: remove {old}: {e}"),
+                    }
+                }
+                next += 1;
+            }
+        });
+        Self {
+            stop,
+            writes,
+            task: Some(task),
+        }
+    }
+
+    /// Stops writing and waits for the last write to finish.
+    pub async fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+/// The service's version as a replica reports it.
+pub async fn store_version(url: &str, service: &str) -> u64 {
+    let admin = AdminClient::new([url.to_owned()]).expect("admin client");
+    admin
+        .list_servers(service)
+        .await
+        .expect("list servers")
+        .version
+        .map_or(0, |v| v.version)
+}
+
+/// Registers `n` permanent backends `base-0..` in `service` (so picks never run out).
+pub async fn seed(url: &str, service: &str, n: usize) {
+    let admin = AdminClient::new([url.to_owned()]).expect("admin client");
+    for i in 0..n {
+        admin
+            .add_server(
+                service,
+                NewServer::new(format!("base-{i}"), format!("127.0.0.1:{}", 19_000 + i)),
+            )
+            .await
+            .expect("seed backend");
+    }
+}
+
+/// p-quantile (nearest rank) of `xs`, which need not be sorted.
+pub fn quantile(xs: &[Duration], p: f64) -> Duration {
+    if xs.is_empty() {
+        return Duration::ZERO;
+    }
+    let mut v = xs.to_vec();
+    v.sort();
+    let rank = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}
