@@ -337,7 +337,7 @@ async fn start(
             }),
     );
     let builders = tokio::spawn(pickers::run_builders(shared.clone()));
-    tokio::spawn(outlier::run(shared.clone(), reports_rx, leadership));
+    let outlier_task = tokio::spawn(outlier::run(shared.clone(), reports_rx, leadership));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     for name in HEALTH_SERVICES {
@@ -449,6 +449,7 @@ async fn start(
         metrics: metrics_task,
         follower: Some(follower),
         builders: Some(builders),
+        outlier: Some(outlier_task),
         discovery: Some(discovery),
         ready_task: Some(ready_task),
         coordination,
@@ -500,6 +501,9 @@ pub struct RunningServer {
     metrics: Option<JoinHandle<std::io::Result<()>>>,
     follower: Option<JoinHandle<()>>,
     builders: Option<JoinHandle<()>>,
+    /// The outlier task holds the store too: awaited so a restart in the same process finds
+    /// the embedded store unlocked.
+    outlier: Option<JoinHandle<()>>,
     /// Leases and DNS tasks (see [`membership::run_until_stopped`]).
     discovery: Option<JoinHandle<()>>,
     /// The readiness decision ([`readiness::run`]).
@@ -637,6 +641,9 @@ impl RunningServer {
         }
         if let Some(f) = self.follower.take() {
             let _ = f.await;
+        }
+        if let Some(o) = self.outlier.take() {
+            let _ = o.await;
         }
         if let Some(b) = self.builders.take() {
             let _ = b.await;
