@@ -32,7 +32,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
+use etcd_client::{Client, GetOptions, PutOptions, WatchOptions};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use tokio::sync::watch;
@@ -69,15 +69,10 @@ impl std::fmt::Debug for EtcdLeases {
 impl EtcdLeases {
     /// Connects to etcd (its own connection).
     pub async fn connect(config: &EtcdConfig) -> Result<Self, Error> {
-        let options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(5))
-            .with_timeout(config.timeout)
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-            .with_keep_alive_while_idle(true)
-            .with_require_leader(true);
-        let client = Client::connect(&config.endpoints, Some(options))
-            .await
-            .map_err(etcd)?;
+        let client =
+            crate::store::etcd::connect(config, config.timeout, crate::store::etcd::KEEP_ALIVE)
+                .await
+                .map_err(etcd)?;
         Ok(Self {
             client,
             prefix: format!("{}/leases/", config.prefix.trim_end_matches('/')),
@@ -330,10 +325,13 @@ async fn lead_inner(
         }
         let mut deleted: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for e in resp.events() {
-            let Some((service, id)) = e.kv().and_then(|kv| leases.parse(kv.key())) else {
+            let Some(kv) = e.kv() else { continue };
+            let Some((service, id)) = leases.parse(kv.key()) else {
                 continue;
             };
-            if e.event_type() == EventType::Delete {
+            // A delete event's key has version 0. (Not `Event::event_type`, which panics on a
+            // type it does not know.)
+            if kv.version() == 0 {
                 deleted
                     .entry(service.to_owned())
                     .or_default()

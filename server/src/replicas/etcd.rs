@@ -32,8 +32,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaseClient, LeaseKeepAliveStream,
-    LeaseKeeper, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions, WatchStream,
+    Client, Compare, CompareOp, GetOptions, LeaseClient, LeaseKeepAliveStream, LeaseKeeper,
+    PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions, WatchStream,
 };
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
@@ -220,13 +220,10 @@ impl EtcdCoordination {
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<Arc<Self>, Error> {
         super::validate_id(id)?;
-        let options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(5))
-            .with_timeout(config.timeout.min(ttl.max(Duration::from_secs(1))))
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
-            .with_keep_alive_while_idle(true)
-            .with_require_leader(true);
-        let client = Client::connect(&config.endpoints, Some(options))
+        // Requests and pings bounded by the TTL: a replica cut off notices before its key expires.
+        let timeout = config.timeout.min(ttl.max(Duration::from_secs(1)));
+        let keep_alive = (Duration::from_secs(2), Duration::from_secs(2));
+        let client = crate::store::etcd::connect(config, timeout, keep_alive)
             .await
             .map_err(etcd)?;
         let prefix = format!("{}/replicas/", config.prefix.trim_end_matches('/'));

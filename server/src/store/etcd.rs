@@ -242,6 +242,29 @@ impl std::fmt::Debug for EtcdStore {
     }
 }
 
+/// Opens one of `dlbd`'s etcd connections (the store, the replica membership and the leases
+/// each have their own): `config`'s endpoints, a 5 s connect timeout, `timeout` per request,
+/// HTTP/2 keepalive pings every `keep_alive.0` (answer within `keep_alive.1`) even while idle,
+/// and `require_leader`, so a member cut off from its leader answers with an error instead of
+/// stale reads and silent watches.
+pub(crate) async fn connect(
+    config: &EtcdConfig,
+    timeout: Duration,
+    keep_alive: (Duration, Duration),
+) -> Result<Client, etcd_client::Error> {
+    let options = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_timeout(timeout)
+        .with_keep_alive(keep_alive.0, keep_alive.1)
+        .with_keep_alive_while_idle(true)
+        .with_require_leader(true);
+    Client::connect(&config.endpoints, Some(options)).await
+}
+
+/// The keepalive of the store's and the leases' connections.
+pub(crate) const KEEP_ALIVE: (Duration, Duration) =
+    (Duration::from_secs(10), Duration::from_secs(5));
+
 impl EtcdStore {
     /// Connects to etcd and reads (or, first of all replicas, creates) the epoch. Fails when no
     /// endpoint answers within the connect timeout.
@@ -249,15 +272,7 @@ impl EtcdStore {
         if config.endpoints.is_empty() {
             return Err(Error::Storage("etcd: no endpoints given".into()));
         }
-        let options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(5))
-            .with_timeout(config.timeout)
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-            .with_keep_alive_while_idle(true)
-            // A member cut off from its leader answers with an error instead of stale reads
-            // and silent watches.
-            .with_require_leader(true);
-        let client = Client::connect(&config.endpoints, Some(options))
+        let client = connect(config, config.timeout, KEEP_ALIVE)
             .await
             .map_err(etcd)?;
         let kv = client
