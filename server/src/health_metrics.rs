@@ -19,6 +19,7 @@
 //! | `dlb_panic` | gauge | `service` (1 while in panic) |
 //! | `dlb_panic_transitions_total` | counter | `service`, `to` (`panic`, `normal`) |
 //! | `dlb_load_reports_dropped` | gauge | (reports the outlier task's full queue dropped, since start) |
+//! | `dlb_load_forward_batches_total` | counter | `result`: `sent` (to the leader), `failed` (not sent), `received` (by the leader) — replicas on etcd only |
 
 use dlb::proto;
 use prometheus_client::metrics::counter::Counter;
@@ -42,6 +43,7 @@ pub struct HealthMetrics {
     panic: Family<Labels, Gauge>,
     transitions: Family<Labels, Counter>,
     dropped: Gauge,
+    forwards: Family<Labels, Counter>,
 }
 
 fn svc(service: &str) -> Labels {
@@ -63,7 +65,13 @@ impl HealthMetrics {
             panic: Family::default(),
             transitions: Family::default(),
             dropped: Gauge::default(),
+            forwards: Family::default(),
         };
+        registry.register(
+            "dlb_load_forward_batches",
+            "Batches of load-report sums forwarded between replicas, by result (sent, failed, received)",
+            m.forwards.clone(),
+        );
         registry.register(
             "dlb_load_reports_dropped",
             "Load reports not analysed because the outlier task's queue was full (since start)",
@@ -167,6 +175,13 @@ impl HealthMetrics {
     /// Load reports dropped since start.
     pub fn dropped_reports(&self, n: u64) {
         self.dropped.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// One batch of load-report sums forwarded: `result` is `sent`, `failed` or `received` (see [`crate::outlier::forward`]).
+    pub fn forward(&self, result: &'static str) {
+        self.forwards
+            .get_or_create(&vec![("result".to_owned(), result.to_owned())])
+            .inc();
     }
 
     /// One backend ejected.

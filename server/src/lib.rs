@@ -337,7 +337,11 @@ async fn start(
             }),
     );
     let builders = tokio::spawn(pickers::run_builders(shared.clone()));
-    let outlier_task = tokio::spawn(outlier::run(shared.clone(), reports_rx, leadership));
+    let outlier_task = tokio::spawn(outlier::run(
+        shared.clone(),
+        reports_rx,
+        coordination.clone(),
+    ));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     for name in HEALTH_SERVICES {

@@ -311,3 +311,86 @@ async fn only_the_leader_refreshes_dns_and_a_new_leader_takes_over() {
     }
     assert!(servers[0].is_leader());
 }
+
+/// Backends of `service` whose outlier source says UNHEALTHY.
+async fn ejected(admin: &dlb_client::AdminClient, service: &str) -> Vec<String> {
+    let r = admin.list_servers(service).await.unwrap();
+    r.servers
+        .into_iter()
+        .filter(|s| {
+            s.sources
+                .as_ref()
+                .and_then(|x| x.outlier.as_ref())
+                .is_some_and(|o| o.verdict == proto::Verdict::Unhealthy as i32)
+        })
+        .map(|s| s.server_id)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcomes_reported_to_a_follower_reach_the_leaders_outlier_detection() {
+    let etcd = Etcd::start().await;
+    let servers = replicas(&etcd, "/fwd", 2).await;
+    let refs: Vec<&RunningServer> = servers.iter().collect();
+    let leader = one_leader(&refs).await;
+    let follower = &servers[1 - leader];
+    let endpoint = format!("http://{}", follower.grpc_addr());
+    // Only the follower is known to the SDK: every report goes to a replica that does not lead.
+    let client = dlb_client::Client::builder([endpoint.as_str()])
+        .report_interval(Duration::from_millis(50))
+        .connect()
+        .await
+        .unwrap();
+    let admin = client.admin();
+    for i in 0..4 {
+        admin
+            .add_server(
+                "s",
+                dlb_client::NewServer::new(format!("b{i}"), format!("127.0.0.1:{}", 9000 + i)),
+            )
+            .await
+            .unwrap();
+    }
+    let policy = proto::Policy {
+        outlier_detection: Some(proto::OutlierDetection {
+            consecutive_failures: 3,
+            max_ejection_percent: 50,
+            base_ejection_ms: 60_000,
+            max_ejection_ms: 3_600_000,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    admin.set_policy("s", policy).await.unwrap();
+    let handle = client.service("s").await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    // b2 fails every call, the others succeed: the leader ejects b2, and only b2.
+    loop {
+        for _ in 0..8 {
+            if let Ok(g) = handle.get_next_server(None) {
+                if g.server_id() == "b2" {
+                    g.failure();
+                } else {
+                    g.success();
+                }
+            }
+        }
+        if ejected(admin, "s").await == ["b2"] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "b2 not ejected: {:?}",
+            ejected(admin, "s").await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = admin.list_servers("s").await.unwrap();
+    let b2 = r.servers.iter().find(|s| s.server_id == "b2").unwrap();
+    assert!(b2.reason.starts_with("outlier: "), "{:?}", b2.reason);
+    assert!(servers[leader].is_leader() && !follower.is_leader());
+    client.close();
+    for s in servers {
+        s.shutdown().await.unwrap();
+    }
+}

@@ -20,8 +20,13 @@
 //! writes ejections and shares, through its fenced store view (`Shared::leader_store`). On
 //! becoming leader the task adopts the ejections the store holds (as at start); on losing it,
 //! it drops all decision state at once, and any write still in flight is refused by the fence.
-//! The leader decides on the reports its own sessions send (see `docs/etcd.md`: load reports
-//! are not yet forwarded to the leader).
+//! The leader decides on the reports its own sessions send and on the sums every other replica
+//! forwards ([`forward`]): a replica that does not lead adds its sessions' outcomes to an
+//! [`forward::Outbox`] (services with outlier detection or adaptive weights on only) and sends
+//! the sums every [`forward::FORWARD_EVERY`] through
+//! [`crate::replicas::Coordination::forward`], off this task (one send in flight at a time);
+//! the leader treats each forwarded report as one more SDK's (`docs/etcd.md`, "Load reports").
+//! On becoming leader the replica decides on what its outbox still holds.
 //!
 //! It also owns **adaptive weights** ([`latency`]): per service with `adaptive_weights` on, a
 //! latency window summed over every report; when a window closes, the pure decision
@@ -29,6 +34,7 @@
 //! the shares that change, written to each backend's latency source (`docs/adaptive.md`).
 
 pub mod detector;
+pub mod forward;
 pub mod latency;
 
 use std::collections::{HashMap, HashSet};
@@ -42,6 +48,7 @@ use dlb::proto;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::replicas::Coordination;
 use crate::state::Shared;
 use crate::store::{Mutation, ServerPatch};
 use detector::{Action, Detector};
@@ -119,14 +126,25 @@ struct Service {
     config: OutlierConfig,
 }
 
+/// What the leader decides with: per service, the detector and the latency window.
+#[derive(Default)]
+struct Decisions {
+    services: HashMap<Arc<str>, Service>,
+    windows: HashMap<Arc<str>, latency::Window>,
+}
+
 /// The detector task. See the module docs.
 pub(crate) async fn run(
     shared: Arc<Shared>,
     mut rx: mpsc::Receiver<Report>,
-    mut leadership: tokio::sync::watch::Receiver<Option<i64>>,
+    coordination: Arc<dyn Coordination>,
 ) {
-    let mut services: HashMap<Arc<str>, Service> = HashMap::new();
-    let mut windows: HashMap<Arc<str>, latency::Window> = HashMap::new();
+    let mut leadership = coordination.leadership();
+    let mut forwarded = coordination.take_forwarded();
+    let mut d = Decisions::default();
+    let mut outbox = forward::Outbox::new();
+    let mut sending: Option<tokio::task::JoinHandle<()>> = None;
+    let mut next_forward = Instant::now() + forward::FORWARD_EVERY;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut shutdown = shared.shutdown.clone();
@@ -144,11 +162,16 @@ pub(crate) async fn run(
                 if now == leading {
                     continue;
                 }
-                services.clear();
-                windows.clear();
+                d = Decisions::default();
                 leading = now;
                 if leading.is_some() {
-                    take_over(&shared, &mut services, &mut windows).await;
+                    take_over(&shared, &mut d).await;
+                    // What this replica had not forwarded yet is decided on here.
+                    for reports in outbox.take() {
+                        for r in reports {
+                            decide(&shared, &mut d, &r.service.into(), &r.backends).await;
+                        }
+                    }
                 } else {
                     tracing::info!("outlier decisions stopped: this replica is no longer the leader");
                 }
@@ -157,53 +180,132 @@ pub(crate) async fn run(
                 let Some((service, loads)) = r else { break };
                 shared.reports.taken(loads.len());
                 shared.health_metrics().requests(&service, &loads);
+                if leading.is_some() {
+                    decide(&shared, &mut d, &service, &loads).await;
+                } else if let Some(snap) = shared.cache.get(&service).filter(|s| {
+                    outlier_config(&s.policy).is_some() || adaptive::config(&s.policy).is_some()
+                }) {
+                    outbox.add(&service, &loads, |id| snap.servers.contains_key(id));
+                }
+            }
+            batch = next_forwarded(&mut forwarded) => {
+                let Some(batch) = batch else {
+                    forwarded = None;
+                    continue;
+                };
                 if leading.is_none() {
                     continue;
                 }
-                let actions = on_report(&shared, &mut services, &service, &loads);
-                write(&shared, &service, actions).await;
-                if let Some(w) = windows.get_mut(&service) {
-                    if let Some(snap) = shared.cache.get(&service) {
-                        w.add(&loads, |id| snap.servers.contains_key(id));
-                    }
+                shared.health_metrics().forward("received");
+                for r in batch.reports {
+                    decide(&shared, &mut d, &r.service.into(), &r.backends).await;
                 }
             }
             _ = tick.tick() => {
                 shared.health_metrics().dropped_reports(shared.reports.dropped());
                 if leading.is_none() {
+                    let now = Instant::now();
+                    if now >= next_forward {
+                        next_forward = now + forward::FORWARD_EVERY;
+                        send_outbox(&shared, &coordination, &mut outbox, &mut sending);
+                    }
                     continue;
                 }
-                let names: Vec<Arc<str>> = services.keys().cloned().collect();
+                let names: Vec<Arc<str>> = d.services.keys().cloned().collect();
                 for name in names {
-                    let actions = on_tick(&shared, &mut services, &name);
+                    let actions = on_tick(&shared, &mut d.services, &name);
                     write(&shared, &name, actions).await;
                 }
                 for name in shared.cache.service_names() {
-                    let clears = adaptive_sync(&shared, &mut windows, &name, false);
+                    let clears = adaptive_sync(&shared, &mut d.windows, &name, false);
                     write_latency(&shared, &name, clears).await;
-                    let decisions = close_window(&shared, &mut windows, &name).await;
+                    let decisions = close_window(&shared, &mut d.windows, &name).await;
                     write_latency(&shared, &name, decisions).await;
                 }
             }
             _ = crate::state::stopped(&mut shutdown) => break,
         }
     }
+    // The send holds the shared state (the store among it): it ends with this task.
+    if let Some(task) = sending {
+        task.abort();
+        let _ = task.await;
+    }
+}
+
+/// The next forwarded batch; never resolves without a receiver.
+async fn next_forwarded(rx: &mut Option<mpsc::Receiver<forward::Batch>>) -> Option<forward::Batch> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The leader's step for one report (an SDK's, or another replica's sums): detector, then the
+/// latency window.
+async fn decide(
+    shared: &Shared,
+    d: &mut Decisions,
+    service: &Arc<str>,
+    loads: &[proto::BackendLoad],
+) {
+    let actions = on_report(shared, &mut d.services, service, loads);
+    write(shared, service, actions).await;
+    if let Some(w) = d.windows.get_mut(service) {
+        if let Some(snap) = shared.cache.get(service) {
+            w.add(loads, |id| snap.servers.contains_key(id));
+        }
+    }
+}
+
+/// Sends what the outbox holds to the leader, off the task, unless the previous send is still
+/// on its way (then the sums wait for the next period).
+fn send_outbox(
+    shared: &Arc<Shared>,
+    coordination: &Arc<dyn Coordination>,
+    outbox: &mut forward::Outbox,
+    sending: &mut Option<tokio::task::JoinHandle<()>>,
+) {
+    if outbox.is_empty() || sending.as_ref().is_some_and(|t| !t.is_finished()) {
+        return;
+    }
+    if outbox.dropped() > 0 {
+        tracing::warn!(
+            dropped = outbox.dropped(),
+            max = forward::MAX_ENTRIES,
+            "load-report sums dropped: the outbox was full"
+        );
+    }
+    let batches = outbox.take();
+    let replica = coordination.replica_id().to_string();
+    let (coordination, shared) = (coordination.clone(), shared.clone());
+    *sending = Some(tokio::spawn(async move {
+        for reports in batches {
+            let batch = forward::Batch {
+                replica: replica.clone(),
+                reports,
+            };
+            match coordination.forward(batch).await {
+                Ok(()) => shared.health_metrics().forward("sent"),
+                Err(e) => {
+                    tracing::debug!(error = %e, "forwarding load reports to the leader failed");
+                    shared.health_metrics().forward("failed");
+                }
+            }
+        }
+    }));
 }
 
 /// On becoming leader (at start on a single node): take over the ejections the store holds
 /// (detection on), or return them (detection off: nobody would ever return them otherwise).
-async fn take_over(
-    shared: &Shared,
-    services: &mut HashMap<Arc<str>, Service>,
-    windows: &mut HashMap<Arc<str>, latency::Window>,
-) {
+async fn take_over(shared: &Shared, d: &mut Decisions) {
     for name in shared.cache.service_names() {
-        let (_, mut actions) = sync(shared, services, &name);
-        if !services.contains_key(&name) {
+        let (_, mut actions) = sync(shared, &mut d.services, &name);
+        if !d.services.contains_key(&name) {
             actions.extend(stale_ejections(shared, &name));
         }
         write(shared, &name, actions).await;
-        let clears = adaptive_sync(shared, windows, &name, true);
+        let clears = adaptive_sync(shared, &mut d.windows, &name, true);
         write_latency(shared, &name, clears).await;
     }
 }

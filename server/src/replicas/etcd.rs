@@ -25,6 +25,9 @@
 //!   replica's leadership at once; the rejoin's campaign takes it back if the key is still its
 //!   own.
 //!
+//! * **Load reports** to the leader: [`super::forwarding`] (sending through this connection with
+//!   the membership lease, and a second task receiving while this replica leads).
+//!
 //! Sync: the member view is a `tokio::sync::watch` written only by the task.
 
 use std::collections::BTreeSet;
@@ -37,11 +40,12 @@ use etcd_client::{
 };
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::{Coordination, Members};
+use super::{forwarding, Coordination, Members};
 use crate::config::EtcdConfig;
+use crate::outlier::forward::Batch;
 use crate::Error;
 
 /// Default membership lease TTL.
@@ -63,7 +67,14 @@ pub struct EtcdCoordination {
     /// The lease this replica's key is attached to now (0: none). A `parking_lot::Mutex`
     /// around an `i64`, never held across an `.await`.
     lease_id: Arc<Mutex<i64>>,
-    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The membership task and the forwarded-loads receiver task.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// For forwarding load reports.
+    client: Client,
+    /// `<prefix>/loads/<replica-id>`.
+    loads_key: String,
+    /// Batches the other replicas forward, until taken.
+    forwarded: Mutex<Option<mpsc::Receiver<Batch>>>,
 }
 
 impl std::fmt::Debug for EtcdCoordination {
@@ -238,24 +249,37 @@ impl EtcdCoordination {
         };
         let joined = joiner.join(0).await?;
         let lease_id = Arc::new(Mutex::new(joined.lease));
+        let loads = forwarding::prefix(&config.prefix);
+        let (forward_tx, forward_rx) = mpsc::channel(super::FORWARDED_QUEUE);
         let this = Arc::new(Self {
             id: id.clone(),
             members: watch::Sender::new(Members::new(joined.members.iter().cloned())),
             leader: watch::Sender::new(None),
             lease: client.lease_client(),
             lease_id: lease_id.clone(),
-            task: Mutex::new(None),
+            tasks: Mutex::new(Vec::new()),
+            client: client.clone(),
+            loads_key: format!("{loads}{id}"),
+            forwarded: Mutex::new(Some(forward_rx)),
         });
         tracing::info!(replica = %id, lease = joined.lease, members = ?this.members.borrow().ids(), "joined the replica set");
         let members = this.members.clone();
         let leader = this.leader.clone();
+        let mut stop = shutdown.clone();
         let task = tokio::spawn(async move {
             tokio::select! {
                 () = run(joiner, joined, members, leader, lease_id) => {}
                 _ = crate::state::stopped(&mut shutdown) => {}
             }
         });
-        *this.task.lock() = Some(task);
+        let receive = forwarding::receive(client, loads, id, this.leader.subscribe(), forward_tx);
+        let receiver = tokio::spawn(async move {
+            tokio::select! {
+                () = receive => {}
+                _ = crate::state::stopped(&mut stop) => {}
+            }
+        });
+        *this.tasks.lock() = vec![task, receiver];
         Ok(this)
     }
 }
@@ -443,7 +467,7 @@ impl Coordination for EtcdCoordination {
     fn leave(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             self.leader.send_replace(None);
-            if let Some(task) = self.task.lock().take() {
+            for task in self.tasks.lock().drain(..) {
                 task.abort();
             }
             let lease = std::mem::take(&mut *self.lease_id.lock());
@@ -461,5 +485,16 @@ impl Coordination for EtcdCoordination {
                 }
             }
         })
+    }
+
+    fn forward(&self, batch: Batch) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async move {
+            let lease = *self.lease_id.lock();
+            forwarding::send(&self.client, self.loads_key.clone(), lease, &batch).await
+        })
+    }
+
+    fn take_forwarded(&self) -> Option<mpsc::Receiver<Batch>> {
+        self.forwarded.lock().take()
     }
 }

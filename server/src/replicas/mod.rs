@@ -17,6 +17,13 @@
 //! ([`crate::store::EtcdStore`]'s fenced writes), so a replica that lost the key without knowing
 //! it yet cannot write.
 //!
+//! **Load reports to the leader.** SDKs report call outcomes to whichever replica they are
+//! connected to, but outlier and adaptive-weight decisions are the leader's: a replica that does
+//! not lead forwards the sums of its sessions' reports ([`Coordination::forward`], see
+//! [`crate::outlier::forward`]); the leader receives everyone's
+//! ([`Coordination::take_forwarded`]). On etcd a batch is a put of `<prefix>/loads/<replica-id>`
+//! (attached to the membership lease), and the leader watches `<prefix>/loads/` while it leads.
+//!
 //! Work that must be done by exactly one live replica per item (active health checks, one per
 //! backend) is assigned by [rendezvous hashing](Members::owner) over the member set: every
 //! replica computes the same owner from the same view, and when a member joins or leaves only
@@ -24,13 +31,21 @@
 
 #[cfg(feature = "etcd")]
 pub mod etcd;
+#[cfg(feature = "etcd")]
+mod forwarding;
 
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use dlb::model::ValidationError;
+
+use crate::outlier::forward::Batch;
+use crate::Error;
+
+/// Forwarded batches the leader buffers at most before it drops the newest (and counts them).
+pub const FORWARDED_QUEUE: usize = 256;
 
 /// Longest replica id accepted.
 pub const MAX_ID_LEN: usize = 128;
@@ -146,6 +161,13 @@ pub trait Coordination: Send + Sync + 'static {
     /// Leaves the member set now (graceful shutdown: the others take over at once instead of
     /// after the membership TTL). Best effort.
     fn leave(&self) -> BoxFuture<'_, ()>;
+    /// Sends a batch of this replica's load-report sums to the leader. Fails (changing
+    /// nothing) when the batch cannot be delivered, e.g. etcd is unreachable.
+    fn forward(&self, batch: Batch) -> BoxFuture<'_, Result<(), Error>>;
+    /// The batches the other replicas forward, delivered while this replica leads (a batch
+    /// sent while it does not is never delivered to it). The receiver can be taken once;
+    /// `None` afterwards, and where there are no other replicas ([`Single`]).
+    fn take_forwarded(&self) -> Option<mpsc::Receiver<Batch>>;
 }
 
 /// The only replica: the member set is this replica.
@@ -183,6 +205,15 @@ impl Coordination for Single {
 
     fn leave(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
+    }
+
+    /// Nobody to forward to: the only replica leads and decides on its own reports.
+    fn forward(&self, _: Batch) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn take_forwarded(&self) -> Option<mpsc::Receiver<Batch>> {
+        None
     }
 }
 
