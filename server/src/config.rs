@@ -13,6 +13,7 @@
 //! metrics_listen: 127.0.0.1:9464     # null disables the metrics endpoint
 //! keepalive: { interval_seconds: 30, timeout_seconds: 10 }   # 1..=3600 and 1..=600
 //! history_size: 1024                 # 1..=1,000,000
+//! max_session_age_seconds: 1800      # SDK sessions sent away (±10 %) to rebalance; 1..=2,592,000
 //! per_backend_metrics: false         # opt-in per-backend series
 //! health_max_in_flight: 1024         # active health probes in flight, 1..=65,536 (docs/health.md)
 //! services:
@@ -146,6 +147,12 @@ pub struct ServerConfig {
     /// `Heartbeat` (100 ms ..= 60 s, default 5 s), so an SDK can tell a live but quiet control
     /// plane from a dead or stuck one (its update deadline, 15 s by default, must exceed this).
     pub session_heartbeat: Duration,
+    /// Longest a Discovery session lives before it is sent `GoingAway` (each session's limit
+    /// is drawn uniformly within ±10 % of this, so a fleet does not reconnect in lock-step); the
+    /// SDK then resumes on its next endpoint with a delta. Rebalances sessions across replicas
+    /// after a failover or a scale-out, like gRPC's `MAX_CONNECTION_AGE`. `None` (the default):
+    /// sessions live until they break. 1 s ..= 30 days.
+    pub max_session_age: Option<Duration>,
     /// Most Discovery sessions served at once (`RESOURCE_EXHAUSTED` beyond).
     pub max_sessions: usize,
     /// Bound on active health probes in flight; a probe due beyond it is *unknown* (not run,
@@ -212,6 +219,7 @@ impl Default for ServerConfig {
             session_queue: 8,
             stall_deadline: Duration::from_secs(30),
             session_heartbeat: Duration::from_secs(5),
+            max_session_age: None,
             max_sessions: 100_000,
             health_max_in_flight: crate::health::DEFAULT_MAX_IN_FLIGHT,
             shutdown_grace: Duration::from_secs(5),
@@ -285,6 +293,15 @@ impl ServerConfig {
                 format!("{:?}", self.session_heartbeat),
                 "must be between 100 ms and 60 s",
             ));
+        }
+        if let Some(age) = self.max_session_age {
+            if !(Duration::from_secs(1)..=Duration::from_secs(30 * 86_400)).contains(&age) {
+                return Err(ValidationError::new(
+                    "max_session_age",
+                    format!("{age:?}"),
+                    "must be between 1 s and 30 days",
+                ));
+            }
         }
         if !(1..=1024).contains(&self.session_queue) {
             return Err(ValidationError::new(
@@ -381,6 +398,7 @@ struct RawConfig {
     metrics_listen: Option<Option<String>>,
     keepalive: Option<RawKeepalive>,
     history_size: Option<usize>,
+    max_session_age_seconds: Option<u64>,
     per_backend_metrics: Option<bool>,
     health_max_in_flight: Option<u64>,
     #[serde(default)]
@@ -503,6 +521,7 @@ impl ServerConfig {
                 metrics_listen: None,
                 keepalive: None,
                 history_size: None,
+                max_session_age_seconds: None,
                 per_backend_metrics: None,
                 health_max_in_flight: None,
                 services: Vec::new(),
@@ -556,6 +575,10 @@ impl ServerConfig {
         if let Some(h) = raw.history_size {
             let h = ranged("history_size", h as u64, HISTORY_SIZE)?;
             cfg.history_size = usize::try_from(h).unwrap_or(usize::MAX);
+        }
+        if let Some(s) = raw.max_session_age_seconds {
+            let s = ranged("max_session_age_seconds", s, 1..=30 * 86_400)?;
+            cfg.max_session_age = Some(Duration::from_secs(s));
         }
         cfg.per_backend_metrics = raw.per_backend_metrics.unwrap_or(false);
         if let Some(n) = raw.health_max_in_flight {

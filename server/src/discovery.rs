@@ -26,6 +26,10 @@
 //! * **Heartbeat**: a session that has sent nothing for `session_heartbeat` (5 s by default)
 //!   sends a `Heartbeat` with the cache's revision, so an SDK can fail over from a control plane
 //!   that is connected but no longer talking (its update deadline).
+//! * **Maximum age** (`ServerConfig::max_session_age`, off by default): a session that has
+//!   lived its limit (drawn within ±10 % of the setting) sends `GoingAway` and ends; the SDK
+//!   resumes on its next endpoint with a delta. This spreads sessions back over the replicas
+//!   after a failover piled them on the survivors.
 //! * **Shutdown**: every session sends `GoingAway` and then ends its stream.
 //! * **Readiness** ([`crate::readiness`]): a replica out of step with its store refuses new
 //!   sessions with `UNAVAILABLE`, and past the going-away bound sends open ones `GoingAway`.
@@ -47,6 +51,13 @@ use crate::state::Shared;
 /// How long a session waits for room in its queue to hand over its last message (`GoingAway`
 /// or the error status that ends it).
 const GOING_AWAY_TIMEOUT: Duration = Duration::from_secs(1);
+/// Why a session that reached its maximum age is sent away.
+pub const MAX_AGE_REASON: &str = "session reached its maximum age (rebalancing)";
+
+/// A session's age limit: `age` scaled by a factor drawn uniformly in [0.9, 1.1].
+fn jittered(age: Duration) -> Duration {
+    age.mul_f64(0.9 + 0.2 * fastrand::f64())
+}
 use crate::cache::{Catchup, Waker};
 use crate::store::Delta;
 
@@ -314,6 +325,14 @@ impl Session {
             Err(e) => return inbound_error(e),
         }
         let mut readiness = self.shared.readiness.clone();
+        let age_limit = self.shared.max_session_age.map(jittered);
+        let aged = async move {
+            match age_limit {
+                Some(limit) => tokio::time::sleep(limit).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(aged);
         let heartbeat = tokio::time::sleep_until(self.last_sent + self.shared.session_heartbeat);
         tokio::pin!(heartbeat);
         loop {
@@ -330,6 +349,11 @@ impl Session {
                 () = readiness.going_away() => {
                     tracing::info!(session = self.id, "session sent away: {}", crate::readiness::NOT_SYNCED);
                     self.going_away_because(crate::readiness::NOT_SYNCED).await;
+                    return End::Done;
+                }
+                () = &mut aged => {
+                    tracing::debug!(session = self.id, "session sent away: {MAX_AGE_REASON}");
+                    self.going_away_because(MAX_AGE_REASON).await;
                     return End::Done;
                 }
                 () = &mut heartbeat => {

@@ -321,6 +321,7 @@ async fn start(
         session_queue: config.session_queue,
         stall_deadline: config.stall_deadline,
         session_heartbeat: config.session_heartbeat,
+        max_session_age: config.max_session_age,
         next_session: AtomicU64::new(0),
         sessions: std::sync::atomic::AtomicUsize::new(0),
         max_sessions: config.max_sessions,

@@ -42,6 +42,8 @@ pub(crate) struct Shared {
     pub stall_deadline: std::time::Duration,
     /// Longest a session stays silent before it sends a `Heartbeat`.
     pub session_heartbeat: std::time::Duration,
+    /// Longest a session lives before it is sent `GoingAway` (±10 %; `None`: no limit).
+    pub max_session_age: Option<std::time::Duration>,
     /// Source of session ids (for nonces and load accounting).
     pub next_session: AtomicU64,
     /// Sessions open now, and the most allowed.

@@ -204,3 +204,22 @@ fn durations_and_sizes_have_stated_ranges() {
     let e = huge.validate().unwrap_err().to_string();
     assert!(e.contains("keepalive_interval"), "{e}");
 }
+
+#[test]
+fn max_session_age_is_read_and_bounded() {
+    let c = ServerConfig::from_yaml_str("max_session_age_seconds: 1800\n").unwrap();
+    assert_eq!(
+        c.max_session_age,
+        Some(std::time::Duration::from_secs(1800))
+    );
+    assert_eq!(
+        ServerConfig::from_yaml_str("").unwrap().max_session_age,
+        None
+    );
+    for bad in ["0", "2592001"] {
+        let e = ServerConfig::from_yaml_str(&format!("max_session_age_seconds: {bad}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_session_age_seconds"), "{e}");
+    }
+}

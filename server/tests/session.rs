@@ -416,3 +416,58 @@ async fn a_quiet_session_gets_heartbeats() {
     assert!(err.to_string().contains("session_heartbeat"), "{err}");
     server.shutdown().await.unwrap();
 }
+
+/// With `max_session_age`, a session is sent `GoingAway` once it has lived its limit (within
+/// ±10 %), then ends; a new session that names the version it holds gets a delta, not a
+/// snapshot. Without it, sessions live on.
+#[tokio::test]
+async fn old_sessions_are_sent_away_and_resume_with_a_delta() {
+    let cfg = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
+        max_session_age: Some(Duration::from_secs(1)),
+        ..Default::default()
+    };
+    let server = start_with(cfg).await;
+    let mut c = registry(&server).await;
+    c.add_server(add("", "a", "127.0.0.1:9001", 1))
+        .await
+        .unwrap();
+    let mut s = Session::open(&server, subscribe(&[("", None)])).await;
+    let opened = tokio::time::Instant::now();
+    let first = s.update().await;
+    assert!(first.full);
+    match s.next().await {
+        server_message::Kind::GoingAway(g) => {
+            assert_eq!(g.reason, dlb_server::discovery::MAX_AGE_REASON)
+        }
+        other => panic!("expected GoingAway, got {other:?}"),
+    }
+    let lived = opened.elapsed();
+    assert!(
+        (Duration::from_millis(850)..Duration::from_millis(1500)).contains(&lived),
+        "sent away after {lived:?}, not within 10 % of 1 s"
+    );
+    let end = tokio::time::timeout(WAIT, s.rx.message()).await.unwrap();
+    assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
+
+    // A write meanwhile; the next session resumes from the version it holds.
+    c.add_server(add("", "b", "127.0.0.1:9002", 1))
+        .await
+        .unwrap();
+    let known = first.version;
+    let mut again = Session::open(&server, subscribe(&[("", known)])).await;
+    let u = again.update().await;
+    assert!(!u.full, "resumed with a snapshot: {u:?}");
+    assert_eq!(u.upserts.len(), 1, "{u:?}");
+    assert_eq!(u.upserts[0].server_id, "b");
+
+    // Out of range is refused at start, naming the field.
+    let bad = ServerConfig {
+        max_session_age: Some(Duration::from_millis(10)),
+        ..Default::default()
+    };
+    let err = dlb_server::spawn(bad).await.expect_err("10 ms accepted");
+    assert!(err.to_string().contains("max_session_age"), "{err}");
+    server.shutdown().await.unwrap();
+}

@@ -83,6 +83,10 @@ struct Args {
     /// Require client certificates signed by this CA (PEM): mutual TLS.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Send each SDK session `GoingAway` after about this many seconds (±10 %), so SDKs
+    /// rebalance over the replicas after a failover (overrides the file; 1..=2592000).
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=2_592_000), env = "DLBD_MAX_SESSION_AGE_SECONDS")]
+    max_session_age_seconds: Option<u64>,
     /// Data directory of the embedded store.
     #[arg(
         long,
@@ -186,6 +190,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if args.no_metrics {
         config.metrics_listen = None;
+    }
+    if let Some(s) = args.max_session_age_seconds {
+        config.max_session_age = Some(Duration::from_secs(s));
     }
     if let Some(f) = &args.admin_token_file {
         config.auth.admin_tokens =
