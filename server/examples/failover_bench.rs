@@ -67,20 +67,11 @@ async fn main() -> anyhow::Result<()> {
         let victim = (0..replicas.len())
             .max_by_key(|&r| fleet.on(&replicas[r].url()).len())
             .unwrap_or(0);
-        let watched = fleet.on(&replicas[victim].url());
-        let versions: Vec<u64> = fleet
-            .clients
-            .iter()
-            .map(|(_, h)| h.version().version)
-            .collect();
-        let killed = Instant::now();
-        replicas[victim].kill9();
-        let times =
-            failover_times(&fleet, &watched, &versions, killed, Duration::from_secs(30)).await;
+        let times = kill_and_measure(&fleet, &mut replicas[victim], Duration::from_secs(30)).await;
         let max = quantile(&times, 1.0);
         println!(
             "kill {round:>2}: replica {victim}, {:>2} clients, failover p50 {}, max {}",
-            watched.len(),
+            times.len(),
             ms(quantile(&times, 0.5)),
             ms(max)
         );

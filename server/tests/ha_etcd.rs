@@ -35,21 +35,11 @@ async fn killing_two_of_three_replicas_fails_no_pick() {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     for victim in [0usize, 1] {
-        let url = replicas[victim].url();
-        let watched = fleet.on(&url);
-        assert!(!watched.is_empty(), "no client uses replica {victim}");
-        let versions: Vec<u64> = fleet
-            .clients
-            .iter()
-            .map(|(_, h)| h.version().version)
-            .collect();
-        let killed = Instant::now();
-        replicas[victim].kill9();
-        let times =
-            failover_times(&fleet, &watched, &versions, killed, Duration::from_secs(10)).await;
+        let times = kill_and_measure(&fleet, &mut replicas[victim], Duration::from_secs(10)).await;
+        assert!(!times.is_empty(), "no client used replica {victim}");
         println!(
             "kill -9 of replica {victim}: {} clients failed over; p50 {:?}, max {:?}",
-            watched.len(),
+            times.len(),
             quantile(&times, 0.5),
             quantile(&times, 1.0)
         );

@@ -233,10 +233,29 @@ impl Fleet {
     }
 }
 
+/// `kill -9`s `victim` and returns, for each client that used it, how long after the kill it was
+/// back (see [`failover_times`]; panics unless all are back `within`). The client count is the
+/// length of the answer.
+pub async fn kill_and_measure(
+    fleet: &Fleet,
+    victim: &mut Replica,
+    within: Duration,
+) -> Vec<Duration> {
+    let watched = fleet.on(&victim.url());
+    let versions: Vec<u64> = fleet
+        .clients
+        .iter()
+        .map(|(_, h)| h.version().version)
+        .collect();
+    let killed = Instant::now();
+    victim.kill9();
+    failover_times(fleet, &watched, &versions, killed, within).await
+}
+
 /// For each client among `watched`, how long after `since` it was back: connected to another
 /// session than the one it had, with an update applied on it (its version moved past
 /// `version_at_kill`, which the writer guarantees happens within one write period).
-pub async fn failover_times(
+async fn failover_times(
     fleet: &Fleet,
     watched: &[usize],
     version_at_kill: &[u64],
