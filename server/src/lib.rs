@@ -195,9 +195,13 @@ async fn open_etcd(
     _: Duration,
     _: watch::Receiver<bool>,
 ) -> Result<Opened, Error> {
-    Err(Error::Storage(
-        "this build has no etcd store: rebuild dlb-server (dlbd) with `--features etcd`".into(),
-    ))
+    // A configuration error, not a storage one: no retry can make this build talk to etcd, and
+    // callers (dlbd among them) retry storage errors of an etcd store.
+    Err(Error::Invalid(dlb::model::ValidationError::new(
+        "store",
+        "etcd",
+        "this build has no etcd store: rebuild dlb-server (dlbd) with `--features etcd`",
+    )))
 }
 
 /// Applies the configured services to the store as declarative writes. A service that lists a

@@ -225,12 +225,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let mut signals = stop_signals()?;
     let etcd = matches!(args.store, StoreKind::Etcd);
-    if etcd && !dlb_server::ETCD_SUPPORTED {
-        // Not worth waiting for: no retry can make this build talk to etcd.
-        anyhow::bail!(
-            "this build has no etcd store: rebuild dlb-server (dlbd) with `--features etcd`"
-        );
-    }
     // With etcd, an unreachable store is waited for (the replica is simply not up yet; SDKs
     // use the other replicas); anything else wrong at start is an error.
     let mut backoff = STORE_RETRY_MIN;
