@@ -5,10 +5,13 @@
 //! on the wire (so a malformed request fails with the same message the server would give, without a
 //! round trip), then tries the current endpoint and, when that one is unreachable
 //! (`UNAVAILABLE`), the next ones in list order. `dlbctl`, [`crate::Client`] and
-//! [`crate::ServiceHandle`] all go through it.
+//! [`crate::ServiceHandle`] all go through it. A `dns:///host:port` endpoint is one entry here:
+//! the transport resolves the name at each connection with the system resolver and tries each
+//! address in turn ([`make_endpoint`]).
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +24,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{Error, Result};
+use crate::resolve::DnsName;
 
 /// Adds `authorization: Bearer <token>` to every call when a token is set (see
 /// [`AdminClient::with_token`]); the token is never logged or printed by `Debug`.
@@ -121,16 +125,53 @@ impl Default for ChannelOptions {
     }
 }
 
-/// Normalizes an endpoint (`host:port` gets `http://`, or `https://` with TLS options) and
-/// builds a tonic endpoint from it with the transport options.
+/// Normalizes an endpoint and builds a tonic endpoint from it with the transport options:
+/// `host:port` gets `http://`, or `https://` with TLS options; `dns:///host:port` (see
+/// [`crate::Resolve`]) becomes `http(s)://host:port`, which the transport resolves with the
+/// system resolver at each connection, trying each address in turn — what admin calls and
+/// `dlbctl` use. (The session instead resolves such a name itself and rotates over every
+/// address.) A malformed endpoint is an [`Error::InvalidEndpoint`] naming it.
 pub fn make_endpoint(raw: &str, opts: &ChannelOptions) -> Result<Endpoint> {
-    let uri = if raw.contains("://") {
+    let uri = if let Some(name) = DnsName::parse(raw) {
+        format!("{}://{}", scheme(opts), name?.authority())
+    } else if raw.contains("://") {
         raw.to_owned()
-    } else if opts.tls.is_some() {
-        format!("https://{raw}")
     } else {
-        format!("http://{raw}")
+        format!("{}://{raw}", scheme(opts))
     };
+    build_endpoint(raw, uri, opts, None)
+}
+
+/// The endpoint of one resolved address of the name `name` (the `dns:` endpoint `raw`):
+/// `http(s)://ip:port`. With TLS, the server's certificate is verified against the name (unless
+/// [`ClientTls::domain`] says otherwise), not against the address.
+pub(crate) fn resolved_endpoint(
+    raw: &str,
+    name: &DnsName,
+    addr: SocketAddr,
+    opts: &ChannelOptions,
+) -> Result<Endpoint> {
+    let uri = format!("{}://{addr}", scheme(opts));
+    build_endpoint(raw, uri, opts, Some(&name.host))
+}
+
+/// `https` with TLS options, `http` without.
+fn scheme(opts: &ChannelOptions) -> &'static str {
+    if opts.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    }
+}
+
+/// A tonic endpoint for `uri` (given as `raw`, for errors) with the transport options. The TLS
+/// name is [`ClientTls::domain`], else `tls_name`, else the URI's host (tonic's default).
+fn build_endpoint(
+    raw: &str,
+    uri: String,
+    opts: &ChannelOptions,
+    tls_name: Option<&str>,
+) -> Result<Endpoint> {
     let invalid = |reason: String| Error::InvalidEndpoint {
         endpoint: raw.to_owned(),
         reason,
@@ -142,8 +183,8 @@ pub fn make_endpoint(raw: &str, opts: &ChannelOptions) -> Result<Endpoint> {
         if let Some((cert, key)) = &tls.identity {
             cfg = cfg.identity(tonic::transport::Identity::from_pem(cert, key));
         }
-        if let Some(d) = &tls.domain {
-            cfg = cfg.domain_name(d.clone());
+        if let Some(d) = tls.domain.as_deref().or(tls_name) {
+            cfg = cfg.domain_name(d.to_owned());
         }
         endpoint = endpoint
             .tls_config(cfg)
@@ -293,7 +334,8 @@ pub struct AdminClient {
 }
 
 impl AdminClient {
-    /// Builds a client over `endpoints` (`http://host:port` or `host:port`) with default options.
+    /// Builds a client over `endpoints` (`http://host:port`, `host:port` or `dns:///host:port`)
+    /// with default options.
     /// Connections are made on first use.
     pub fn new(endpoints: impl IntoIterator<Item = impl Into<String>>) -> Result<Self> {
         Self::with_options(endpoints, &ChannelOptions::default())
@@ -638,5 +680,35 @@ mod tests {
         let e = make_endpoint("127.0.0.1:1", &opts).unwrap();
         assert_eq!(e.uri().to_string(), "http://127.0.0.1:1/");
         assert!(make_endpoint("http://[bad", &opts).is_err());
+    }
+
+    /// Admin calls and `dlbctl` reach a `dns:` endpoint through the transport's own resolver.
+    #[test]
+    fn dns_endpoints_become_host_uris_for_admin_calls() {
+        let opts = ChannelOptions::default();
+        let e = make_endpoint("dns:///dlb.test:50051", &opts).unwrap();
+        assert_eq!(e.uri().to_string(), "http://dlb.test:50051/");
+        let e = make_endpoint("dns:[::1]:7", &opts).unwrap();
+        assert_eq!(e.uri().to_string(), "http://[::1]:7/");
+        let tls = ChannelOptions {
+            tls: Some(ClientTls::default()),
+            ..ChannelOptions::default()
+        };
+        let e = make_endpoint("dns:///dlb.test:1", &tls).unwrap();
+        assert_eq!(e.uri().to_string(), "https://dlb.test:1/");
+        match make_endpoint("dns:///dlb.test", &opts) {
+            Err(Error::InvalidEndpoint { endpoint, reason }) => {
+                assert_eq!(endpoint, "dns:///dlb.test");
+                assert!(reason.contains("port"), "{reason}");
+            }
+            other => panic!("accepted: {other:?}"),
+        }
+        let name = DnsName {
+            host: "dlb.test".into(),
+            port: 1,
+        };
+        let addr: SocketAddr = "[::1]:4000".parse().unwrap();
+        let e = resolved_endpoint("dns:///dlb.test:1", &name, addr, &tls).unwrap();
+        assert_eq!(e.uri().to_string(), "https://[::1]:4000/");
     }
 }

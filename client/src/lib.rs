@@ -15,9 +15,10 @@
 //! ```
 //!
 //! Parts:
-//! * [`Client`] / [`ClientBuilder`] — endpoints, options, the session task, and the seed API
-//!   (`add_server`, `remove_server`, `health_check_passed`, `health_check_failed`,
-//!   `get_next_server`) on the default service;
+//! * [`Client`] / [`ClientBuilder`] — endpoints (static, or a DNS name standing for every
+//!   replica: `dns:///host:port`, resolved through a [`Resolve`]), options, the session task,
+//!   and the seed API (`add_server`, `remove_server`, `health_check_passed`,
+//!   `health_check_failed`, `get_next_server`) on the default service;
 //! * [`ServiceHandle`] — one subscribed service: local picks ([`CallGuard`]), version watch,
 //!   staleness, and the same admin calls on that service;
 //! * [`admin`] — the `Registry` RPCs, validated locally with [`dlb::model`] first;
@@ -36,6 +37,7 @@ mod error;
 mod global;
 mod local;
 pub mod membership;
+mod resolve;
 mod service;
 mod session;
 
@@ -52,9 +54,12 @@ use tokio::sync::{mpsc, watch};
 pub use admin::{AdminClient, ChannelOptions, NewServer, ServerUpdate, TokenInterceptor};
 pub use error::{Error, Result};
 pub use membership::{Lease, Registration};
+pub use resolve::{Resolve, SystemResolver};
 pub use service::{BackendInfo, CallGuard, ServiceHandle, ServiceStats, Version};
 
+use resolve::DnsName;
 use service::ServiceState;
+use session::targets::{Target, Targets};
 use session::{Command, Link, SessionConfig};
 
 /// Options for a [`Client`]. Start with [`Client::builder`].
@@ -71,12 +76,20 @@ pub struct ClientBuilder {
     wait_connected: bool,
     channel: ChannelOptions,
     snapshot_file: Option<std::path::PathBuf>,
+    resolver: Arc<dyn Resolve>,
 }
 
 impl ClientBuilder {
     /// Options with defaults: report every 1 s, acks coalesced for up to 100 ms, backoff 50 ms..5 s, connect timeout 2 s,
     /// keepalive 10 s (5 s timeout), update deadline 15 s, first-snapshot timeout 5 s, wait for
-    /// the first session, no snapshot file.
+    /// the first session, no snapshot file, the system resolver.
+    ///
+    /// Each endpoint is `http://host:port`, `https://host:port`, `host:port`, or a DNS name
+    /// standing for every control-plane replica: `dns:///host:port` (also `dns:host:port`; the
+    /// port is required). The session rotates over the endpoints in order, a name's addresses
+    /// (shuffled) in its place, and resolves names again after each round; see
+    /// [`ClientBuilder::resolver`]. A malformed endpoint fails [`ClientBuilder::connect`] with
+    /// [`Error::InvalidEndpoint`].
     pub fn new(endpoints: impl IntoIterator<Item = impl Into<String>>) -> Self {
         Self {
             endpoints: endpoints.into_iter().map(Into::into).collect(),
@@ -90,7 +103,17 @@ impl ClientBuilder {
             wait_connected: true,
             channel: ChannelOptions::default(),
             snapshot_file: None,
+            resolver: Arc::new(SystemResolver),
         }
+    }
+
+    /// How the session resolves `dns:///host:port` endpoints (default: [`SystemResolver`]).
+    /// Each lookup is bounded by the connect timeout; one that fails, times out or answers
+    /// nothing keeps the previous answer. Admin calls ([`Client::admin`]) on such an endpoint
+    /// go to `http(s)://host:port` and use the system resolver whatever is set here.
+    pub fn resolver(mut self, resolver: Arc<dyn Resolve>) -> Self {
+        self.resolver = resolver;
+        self
     }
 
     /// Identity sent in `Subscribe` (default: `pid<pid>-<random>`).
@@ -165,7 +188,9 @@ impl ClientBuilder {
     }
 
     /// TLS towards the control plane (CA, and a client identity for mutual TLS); endpoints
-    /// given as `host:port` then use `https://`.
+    /// given as `host:port` or `dns:///host:port` then use `https://`. The server's certificate
+    /// is verified against [`admin::ClientTls::domain`] when set, else the endpoint's host —
+    /// for a `dns:` endpoint the name, not the address it resolved to.
     pub fn tls(mut self, tls: admin::ClientTls) -> Self {
         self.channel.tls = Some(tls);
         self
@@ -194,12 +219,19 @@ impl ClientBuilder {
     /// Builds the client and starts its session task. Must be called inside a tokio runtime.
     pub async fn connect(self) -> Result<Client> {
         let mut channels = Vec::with_capacity(self.endpoints.len());
+        let mut targets = Vec::with_capacity(self.endpoints.len());
         for raw in &self.endpoints {
+            // Checks the endpoint (a `dns:` one too); the admin calls' channel.
             let channel = admin::make_endpoint(raw, &self.channel)?.connect_lazy();
+            targets.push(match DnsName::parse(raw) {
+                Some(name) => Target::name(raw, name?),
+                None => Target::fixed(raw, channel.clone()),
+            });
             channels.push((raw.clone(), channel));
         }
-        let admin = AdminClient::from_channels(channels.clone(), &self.channel)?;
-        let link = Arc::new(Link::new());
+        let admin = AdminClient::from_channels(channels, &self.channel)?;
+        let targets = Targets::new(targets, self.resolver.clone(), self.channel.clone());
+        let link = Arc::new(Link::new(self.endpoints.first().map_or("", String::as_str)));
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (closed_tx, closed_rx) = watch::channel(false);
         let config = SessionConfig {
@@ -226,7 +258,7 @@ impl ClientBuilder {
         let mut connected = link.connected.subscribe();
         tokio::spawn(session::run(
             config,
-            channels,
+            targets,
             link.clone(),
             cmd_rx,
             closed_rx,
@@ -291,7 +323,8 @@ pub struct Client {
 
 impl Client {
     /// Connects with default options (see [`ClientBuilder::new`]) to `endpoints`
-    /// (`http://host:port` or `host:port`), tried in order, rotating on failure.
+    /// (`http://host:port`, `host:port` or `dns:///host:port`), tried in order, rotating on
+    /// failure.
     pub async fn connect(endpoints: impl IntoIterator<Item = impl Into<String>>) -> Result<Self> {
         ClientBuilder::new(endpoints).connect().await
     }
@@ -371,10 +404,11 @@ impl Client {
         self.inner.link.sessions.load(Ordering::Relaxed)
     }
 
-    /// The endpoint the session uses (or tried last).
-    pub fn current_endpoint(&self) -> &str {
-        let i = self.inner.link.endpoint.load(Ordering::Relaxed);
-        self.inner.admin.endpoints().nth(i).unwrap_or_default()
+    /// The endpoint the session uses (or tried last; the first one configured before any
+    /// was tried): a static endpoint as given, or for a `dns:///host:port` endpoint the
+    /// resolved address, as `http(s)://ip:port`.
+    pub fn current_endpoint(&self) -> String {
+        self.inner.link.endpoint.lock().to_string()
     }
 
     /// Ends the session task now. Handles keep their last snapshot but get no more updates.

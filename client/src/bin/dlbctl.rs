@@ -37,7 +37,8 @@ mod health;
     after_help = "Exit codes: 0 ok, 2 usage or invalid argument, 3 not found, 4 already exists, 5 changed concurrently, 1 other."
 )]
 struct Cli {
-    /// Control-plane endpoint (`http://host:port` or `host:port`).
+    /// Control-plane endpoint (`http://host:port`, `host:port`, or `dns:///host:port`: a name
+    /// whose addresses are tried in turn).
     #[arg(
         long,
         global = true,

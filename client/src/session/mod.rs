@@ -5,8 +5,9 @@
 //! the policy, the held version) and is the only writer of each service's published snapshot.
 //! Loop:
 //!
-//! 1. connect to the current endpoint and send `Subscribe` with every service and the
-//!    `(epoch, version)` it holds, so the server can answer with a delta instead of a snapshot;
+//! 1. connect to the next endpoint of the rotation ([`targets`]) and send `Subscribe` with
+//!    every service and the `(epoch, version)` it holds, so the server can answer with a delta
+//!    instead of a snapshot;
 //! 2. apply updates (full snapshot: replace; delta: check `base` == held version, else Nack so
 //!    the server resends a full snapshot) in batches: when a message arrives, every further one
 //!    already readable (up to [`MAX_BATCH`]) is applied with it to the records, and then each
@@ -19,8 +20,16 @@
 //! 3. when the stream ends, fails, the server says `GoingAway`, or nothing at all (not even a
 //!    `Heartbeat`) arrives within the update deadline (15 s by default), mark the client disconnected
 //!    (handles keep routing on their last snapshot), rotate to the next endpoint and reconnect
-//!    after an exponential backoff with full jitter (after `GoingAway`: a jittered pause of at
-//!    most the minimum backoff, so a fleet does not reconnect in lock-step).
+//!    after an exponential backoff with full jitter (after `GoingAway`: to an endpoint drawn at
+//!    random among the others, after a jittered pause of at most the minimum backoff, so a fleet
+//!    does not reconnect in lock-step nor pile onto one replica).
+//!
+//! Endpoints and names ([`targets`]): the rotation goes over the endpoints in the order given;
+//! a `dns:///host:port` endpoint stands for every address of the name (shuffled once per
+//! answer), each its own connection. Names are resolved again whenever the rotation has tried
+//! every entry once, after an established session ended and after `GoingAway`; a failed lookup
+//! keeps the previous answer. When nothing is left to try (no static endpoint and no name with
+//! an address yet), the task backs off as after a failed connection and tries again.
 //!
 //! Protection against a control plane that lost its state (restart flooding): a full snapshot
 //! from a *different* epoch than the state held — a restarted control plane — that would keep
@@ -57,11 +66,13 @@ use crate::service::ServiceState;
 
 mod entry;
 mod persist;
+pub(crate) mod targets;
 
 pub(crate) use entry::apply_detached;
 use entry::Entry;
 use persist::Saver;
 pub(crate) use persist::{restore, Restored};
+use targets::Targets;
 
 /// Requests from [`crate::Client`] to its session task.
 #[derive(Debug)]
@@ -94,18 +105,20 @@ pub(crate) struct Link {
     pub(crate) connected: watch::Sender<bool>,
     /// Sessions established so far.
     pub(crate) sessions: std::sync::atomic::AtomicU64,
-    /// Index of the endpoint in use (or last tried).
-    pub(crate) endpoint: std::sync::atomic::AtomicUsize,
+    /// The endpoint in use (or tried last): as configured for a static endpoint, the resolved
+    /// `http(s)://ip:port` for a name. A mutex held only to swap or clone the `Arc`.
+    pub(crate) endpoint: parking_lot::Mutex<Arc<str>>,
     /// Sessions abandoned because nothing arrived within the update deadline.
     pub(crate) deadline_expiries: std::sync::atomic::AtomicU64,
 }
 
 impl Link {
-    pub(crate) fn new() -> Self {
+    /// A disconnected link whose endpoint reads `first` until one is tried.
+    pub(crate) fn new(first: &str) -> Self {
         Self {
             connected: watch::Sender::new(false),
             sessions: Default::default(),
-            endpoint: Default::default(),
+            endpoint: parking_lot::Mutex::new(first.into()),
             deadline_expiries: Default::default(),
         }
     }
@@ -142,7 +155,7 @@ pub(crate) fn backoff_delay(min: Duration, max: Duration, attempt: u32) -> Durat
 /// flips to true).
 pub(crate) async fn run(
     config: SessionConfig,
-    channels: Vec<(String, Channel)>,
+    mut targets: Targets,
     link: Arc<Link>,
     mut commands: mpsc::UnboundedReceiver<Command>,
     mut closed: watch::Receiver<bool>,
@@ -158,31 +171,42 @@ pub(crate) async fn run(
             .collect(),
     };
     let mut attempt: u32 = 0;
-    let mut idx = 0usize;
     'sessions: loop {
-        link.endpoint.store(idx, Ordering::Relaxed);
-        let (endpoint, channel) = &channels[idx];
-        let ended = tokio::select! {
-            e = session_once(&config, endpoint, channel.clone(), &link, &mut routing, &mut commands) => e,
-            _ = closed.wait_for(|c| *c) => Ended::Closed,
+        let next = tokio::select! {
+            next = targets.next() => next,
+            _ = closed.wait_for(|c| *c) => break 'sessions,
+        };
+        let ended = match next {
+            Some((endpoint, channel)) => {
+                *link.endpoint.lock() = endpoint.clone();
+                tokio::select! {
+                    e = session_once(&config, &endpoint, channel, &link, &mut routing, &mut commands) => e,
+                    _ = closed.wait_for(|c| *c) => Ended::Closed,
+                }
+            }
+            None => {
+                tracing::debug!("no control-plane address to try yet; backing off");
+                Ended::Failed { established: false }
+            }
         };
         link.connected.send_replace(false);
         let delay = match ended {
             Ended::Closed => break 'sessions,
             Ended::GoingAway => {
                 attempt = 0;
+                targets.go_elsewhere();
                 backoff_delay(Duration::ZERO, config.backoff_min, 0)
             }
             Ended::Failed { established } => {
                 if established {
                     attempt = 0;
+                    targets.restart();
                 }
                 let d = backoff_delay(config.backoff_min, config.backoff_max, attempt);
                 attempt = attempt.saturating_add(1);
                 d
             }
         };
-        idx = (idx + 1) % channels.len();
         // Sleep, but keep accepting subscriptions and notice a close.
         let sleep = tokio::time::sleep(delay);
         tokio::pin!(sleep);
@@ -671,7 +695,7 @@ mod serve_tests {
             update_deadline: UPDATE_DEADLINE,
             token: Default::default(),
         };
-        let link = Arc::new(Link::new());
+        let link = Arc::new(Link::new("test"));
         let task_link = link.clone();
         let task = tokio::spawn(async move {
             let inbound = UnboundedReceiverStream::new(in_rx);
