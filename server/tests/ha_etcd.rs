@@ -143,3 +143,49 @@ async fn concurrent_add_of_one_id_on_two_replicas_has_one_winner() {
         );
     }
 }
+
+/// After two replicas are killed every client sits on the survivor; with a maximum session age
+/// the restarted replicas get their share back within a few periods (each session moves to a
+/// random other replica when sent away), and no pick fails meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_maximum_session_age_spreads_clients_again_after_a_failover() {
+    let etcd = Etcd::start().await;
+    let age = ["--max-session-age-seconds", "1"];
+    let mut replicas: Vec<Replica> = (0..3)
+        .map(|_| Replica::start_with(&etcd.endpoint(), "127.0.0.1:0", &age))
+        .collect();
+    let urls: Vec<String> = replicas.iter().map(Replica::url).collect();
+    seed(&urls[0], SERVICE, 5).await;
+    let fleet = Fleet::start(30, &urls, SERVICE, Duration::from_millis(2)).await;
+    // Kill two replicas and wait until every client is on the third.
+    replicas[0].kill9();
+    replicas[1].kill9();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fleet.on(&urls[2]).len() < 30 {
+        assert!(
+            Instant::now() < deadline,
+            "clients did not all fail over to replica 2"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    replicas[0].restart();
+    replicas[1].restart();
+    // Spread again: at least 5 of 30 on each (10 expected), within 10 periods.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let counts = loop {
+        let counts: Vec<usize> = urls.iter().map(|u| fleet.on(u).len()).collect();
+        if counts.iter().all(|&n| n >= 5) {
+            break counts;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "clients still piled up: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    println!("clients per replica after rebalancing: {counts:?}");
+    let mut fleet = fleet;
+    fleet.stop().await;
+    assert_eq!(fleet.failed.load(Ordering::Relaxed), 0, "picks failed");
+    assert!(fleet.picks.load(Ordering::Relaxed) > 1_000);
+}

@@ -43,16 +43,24 @@ pub struct Replica {
     etcd: String,
     /// `127.0.0.1:PORT`, kept across restarts.
     pub grpc: String,
+    /// More `dlbd` arguments, on every start.
+    extra: Vec<String>,
 }
 
 impl Replica {
     /// Starts a replica on `etcd` (an endpoint `host:port`) listening on `listen`
     /// (`127.0.0.1:0` for a free port) and waits for its ready line.
     pub fn start(etcd: &str, listen: &str) -> Self {
+        Self::start_with(etcd, listen, &[])
+    }
+
+    /// As [`Replica::start`], with more `dlbd` arguments (kept for restarts).
+    pub fn start_with(etcd: &str, listen: &str, extra: &[&str]) -> Self {
         let mut r = Self {
             child: None,
             etcd: etcd.to_owned(),
             grpc: listen.to_owned(),
+            extra: extra.iter().map(|a| (*a).to_owned()).collect(),
         };
         r.launch();
         r
@@ -67,6 +75,7 @@ impl Replica {
         let mut child = Command::new(dlbd_bin())
             .args(["--store", "etcd", "--etcd-endpoints", &self.etcd])
             .args(["--listen", &self.grpc, "--no-metrics"])
+            .args(&self.extra)
             .env("RUST_LOG", "warn,dlbd=info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
