@@ -27,10 +27,9 @@ use common::*;
 use dlb_client::admin::ClientTls;
 use dlb_client::{AdminClient, Client, Error, NewServer, Resolve};
 use dlb_server::store::MemoryStore;
-use dlb_server::{RunningServer, TlsConfig};
+use dlb_server::RunningServer;
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 
 /// A resolver answering what the test says (`None`: an error), recording what it was asked.
 #[derive(Debug, Default)]
@@ -365,23 +364,10 @@ async fn the_system_resolver_reaches_localhost() {
 
 #[tokio::test]
 async fn with_tls_the_certificate_is_verified_against_the_name() {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_pem = ca_params.self_signed(&ca_key).unwrap().pem();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate().unwrap();
     // The certificate names dlb.test only: not 127.0.0.1.
-    let cert = CertificateParams::new(vec!["dlb.test".to_string()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
+    let (ca_pem, tls) = tls_server(&["dlb.test"]);
     let mut cfg = config(vec![service_with("web", &["a"])]);
-    cfg.tls = Some(TlsConfig {
-        cert_pem: cert.pem().into_bytes(),
-        key_pem: key.serialize_pem().into_bytes(),
-        client_ca_pem: None,
-    });
+    cfg.tls = Some(tls);
     let server = dlb_server::spawn(cfg).await.unwrap();
     let tls = |domain: Option<&str>| ClientTls {
         ca_pem: ca_pem.clone().into_bytes(),

@@ -10,8 +10,6 @@ use common::*;
 use dlb_client::admin::ClientTls;
 use dlb_client::Client;
 use dlb_server::auth::AuthConfig;
-use dlb_server::TlsConfig;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 
 const ADMIN: &str = "sdk-admin-token-000001";
 
@@ -47,22 +45,9 @@ async fn the_sdk_sends_its_token_on_the_session_and_admin_calls() {
 
 #[tokio::test]
 async fn the_sdk_speaks_tls() {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_pem = ca_params.self_signed(&ca_key).unwrap().pem();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["localhost".to_string()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
+    let (ca_pem, tls) = tls_server(&["localhost"]);
     let mut cfg = config(vec![service_with("web", &["a"])]);
-    cfg.tls = Some(TlsConfig {
-        cert_pem: cert.pem().into_bytes(),
-        key_pem: key.serialize_pem().into_bytes(),
-        client_ca_pem: None,
-    });
+    cfg.tls = Some(tls);
     let server = dlb_server::spawn(cfg).await.unwrap();
     let client = Client::builder([format!("https://localhost:{}", server.grpc_addr().port())])
         .tls(ClientTls {

@@ -274,3 +274,26 @@ pub async fn dlbctl_ok(endpoint: &str, args: &[&str]) -> String {
     assert_eq!(out.code, 0, "dlbctl {args:?} failed: {}", out.stderr);
     out.stdout
 }
+
+/// A fresh CA (its certificate, PEM) and a server TLS configuration whose certificate, signed by
+/// that CA, names `names` only.
+pub fn tls_server(names: &[&str]) -> (String, dlb_server::TlsConfig) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_pem = ca_params.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    let cert = CertificateParams::new(names)
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let tls = dlb_server::TlsConfig {
+        cert_pem: cert.pem().into_bytes(),
+        key_pem: key.serialize_pem().into_bytes(),
+        client_ca_pem: None,
+    };
+    (ca_pem, tls)
+}
