@@ -342,6 +342,11 @@ async fn start(
             }),
     );
     let builders = tokio::spawn(pickers::run_builders(shared.clone()));
+    tokio::spawn({
+        let (gauges, coordination) = (metrics.replicas.clone(), coordination.clone());
+        let stop = shutdown_rx.clone();
+        async move { gauges.follow(&*coordination, stop).await }
+    });
     let outlier_task = tokio::spawn(outlier::run(
         shared.clone(),
         reports_rx,

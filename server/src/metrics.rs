@@ -72,6 +72,8 @@ pub struct Metrics {
     pub circuits: crate::circuits::CircuitMetrics,
     /// `dlb_ready` and `dlb_cache_revision` (see [`crate::readiness`]).
     pub readiness: crate::readiness::ReadinessMetrics,
+    /// `dlb_replica_leader` and `dlb_replica_members` (see [`crate::replicas`]).
+    pub replicas: crate::replicas::ReplicaMetrics,
 }
 
 impl Default for Metrics {
@@ -153,8 +155,10 @@ impl Metrics {
         let health = crate::health::metrics::HealthMetrics::register(&mut registry);
         let xds = crate::xds::XdsMetrics::register(&mut registry);
         let readiness = crate::readiness::ReadinessMetrics::registered(&mut registry);
+        let replicas = crate::replicas::ReplicaMetrics::registered(&mut registry);
         Self {
             readiness,
+            replicas,
             passive,
             circuits,
             health,

@@ -390,3 +390,61 @@ async fn health_checks_are_split_among_live_replicas_and_taken_over() {
     r0.shutdown().await.unwrap();
     r2.shutdown().await.unwrap();
 }
+
+/// `dlb_replica_members` and `dlb_replica_leader` on each replica: both see two members and
+/// exactly one leads; when the leader leaves, the other sees one member and leads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_metrics_show_the_members_and_one_leader() {
+    let etcd = Etcd::start().await;
+    let mut servers = Vec::new();
+    for id in ["m0", "m1"] {
+        servers.push(
+            dlb_server::spawn(ServerConfig {
+                replica_id: Some(id.into()),
+                replica_ttl: Duration::from_secs(2),
+                metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+                ..config(&etcd, "/replica-metrics")
+            })
+            .await
+            .unwrap(),
+        );
+    }
+    // (members, leader) as each replica's /metrics says.
+    async fn gauges(server: &RunningServer) -> (String, String) {
+        let body = common_http_get(server.metrics_addr().unwrap()).await;
+        let value = |name: &str| {
+            body.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ').map(str::to_owned))
+                .unwrap_or_default()
+        };
+        (value("dlb_replica_members"), value("dlb_replica_leader"))
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let leader = loop {
+        let a = gauges(&servers[0]).await;
+        let b = gauges(&servers[1]).await;
+        let leaders: Vec<usize> = [&a, &b]
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| g.1 == "1")
+            .map(|(i, _)| i)
+            .collect();
+        if a.0 == "2" && b.0 == "2" && leaders.len() == 1 && (a.1 == "0" || b.1 == "0") {
+            break leaders[0];
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{a:?} {b:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let gone = servers.remove(leader);
+    gone.shutdown().await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let g = gauges(&servers[0]).await;
+        if g == ("1".to_owned(), "1".to_owned()) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{g:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    servers.remove(0).shutdown().await.unwrap();
+}

@@ -170,6 +170,9 @@ async fn metrics_endpoint_exposes_the_expected_series() {
         !body.contains("server_id"),
         "no per-backend series by default"
     );
+    // One replica alone: it leads and sees itself.
+    assert_eq!(value(&body, "dlb_replica_leader "), Some(1.0), "{body}");
+    assert_eq!(value(&body, "dlb_replica_members "), Some(1.0), "{body}");
 
     // Closing the session removes its contribution.
     drop(s);

@@ -37,6 +37,8 @@ mod forwarding;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, watch};
 
 use dlb::model::ValidationError;
@@ -229,6 +231,56 @@ pub async fn until_leader(leadership: &mut watch::Receiver<Option<i64>>) -> Opti
 pub async fn until_not_leader(leadership: &mut watch::Receiver<Option<i64>>, fence: i64) {
     if leadership.wait_for(|f| *f != Some(fence)).await.is_err() {
         std::future::pending::<()>().await;
+    }
+}
+
+/// `dlb_replica_leader` and `dlb_replica_members`: which replica leads and how many each one
+/// sees, for operators (a split view shows as replicas disagreeing on the count; no leader, or
+/// two, as the sum of `dlb_replica_leader` over the replicas).
+#[derive(Debug, Default, Clone)]
+pub struct ReplicaMetrics {
+    /// 1 while this replica leads, else 0.
+    pub leader: Gauge,
+    /// The live replicas this replica sees, itself included.
+    pub members: Gauge,
+}
+
+impl ReplicaMetrics {
+    /// The gauges, registered in `registry`.
+    pub fn registered(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "dlb_replica_leader",
+            "1 while this replica is the leader (runs lease expiry, DNS refreshes, outlier and adaptive decisions), else 0",
+            m.leader.clone(),
+        );
+        registry.register(
+            "dlb_replica_members",
+            "Live dlbd replicas of this deployment as this replica sees them, itself included",
+            m.members.clone(),
+        );
+        m
+    }
+
+    /// Keeps the gauges in step with `coordination` until `shutdown` flips (or its views end).
+    pub async fn follow(
+        self,
+        coordination: &dyn Coordination,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut members = coordination.members();
+        let mut leadership = coordination.leadership();
+        loop {
+            let n = members.borrow_and_update().ids().len();
+            self.members.set(i64::try_from(n).unwrap_or(i64::MAX));
+            self.leader
+                .set(i64::from(leadership.borrow_and_update().is_some()));
+            tokio::select! {
+                r = members.changed() => if r.is_err() { return },
+                r = leadership.changed() => if r.is_err() { return },
+                _ = crate::state::stopped(&mut shutdown) => return,
+            }
+        }
     }
 }
 
