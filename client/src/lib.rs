@@ -37,6 +37,7 @@ mod error;
 mod global;
 mod local;
 pub mod membership;
+pub mod metrics;
 mod resolve;
 mod service;
 mod session;
@@ -54,6 +55,7 @@ use tokio::sync::{mpsc, watch};
 pub use admin::{AdminClient, ChannelOptions, NewServer, ServerUpdate, TokenInterceptor};
 pub use error::{Error, Result};
 pub use membership::{Lease, Registration};
+pub use metrics::ClientMetrics;
 pub use resolve::{Resolve, SystemResolver};
 pub use service::{BackendInfo, CallGuard, ServiceHandle, ServiceStats, Version};
 
@@ -429,6 +431,16 @@ impl Client {
             state,
             client: self.clone(),
         })
+    }
+
+    /// This client's Prometheus metrics (session up, per service the age of the last update,
+    /// version, staleness, update counters, backends): register them in the application's
+    /// registry with `registry.register_collector(Box::new(client.metrics()))`, or append
+    /// [`ClientMetrics::encode_text`] to its `/metrics` answer. See [`metrics`].
+    pub fn metrics(&self) -> ClientMetrics {
+        ClientMetrics {
+            inner: Arc::downgrade(&self.inner),
+        }
     }
 
     /// The admin (`Registry`) client, for calls on any service.
