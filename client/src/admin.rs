@@ -6,8 +6,9 @@
 //! round trip), then tries the current endpoint and, when that one is unreachable
 //! (`UNAVAILABLE`), the next ones in list order. `dlbctl`, [`crate::Client`] and
 //! [`crate::ServiceHandle`] all go through it. A `dns:///host:port` endpoint is one entry here:
-//! the transport resolves the name at each connection with the system resolver and tries each
-//! address in turn ([`make_endpoint`]).
+//! its channel resolves the name at each connection with the client's resolver (the system's
+//! unless `ClientBuilder::resolver` set another) and tries each address in turn
+//! ([`admin_channel`]).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -127,10 +128,10 @@ impl Default for ChannelOptions {
 
 /// Normalizes an endpoint and builds a tonic endpoint from it with the transport options:
 /// `host:port` gets `http://`, or `https://` with TLS options; `dns:///host:port` (see
-/// [`crate::Resolve`]) becomes `http(s)://host:port`, which the transport resolves with the
-/// system resolver at each connection, trying each address in turn — what admin calls and
-/// `dlbctl` use. (The session instead resolves such a name itself and rotates over every
-/// address.) A malformed endpoint is an [`Error::InvalidEndpoint`] naming it.
+/// [`crate::Resolve`]) becomes `http(s)://host:port` (what admin calls use, through
+/// [`admin_channel`]'s resolving connector; the session instead resolves such a name itself and
+/// rotates over every address). A malformed endpoint is an [`Error::InvalidEndpoint`] naming
+/// it.
 pub fn make_endpoint(raw: &str, opts: &ChannelOptions) -> Result<Endpoint> {
     let uri = if let Some(name) = DnsName::parse(raw) {
         format!("{}://{}", scheme(opts), name?.authority())
@@ -140,6 +141,67 @@ pub fn make_endpoint(raw: &str, opts: &ChannelOptions) -> Result<Endpoint> {
         format!("{}://{raw}", scheme(opts))
     };
     build_endpoint(raw, uri, opts, None)
+}
+
+/// The admin calls' channel to `raw`, connected lazily. A `dns:` endpoint's channel resolves the
+/// name with `resolver` at each connection and tries the addresses, shuffled, until one accepts
+/// (the whole connection bounded by the connect timeout); TLS is verified against the name.
+pub(crate) fn admin_channel(
+    raw: &str,
+    opts: &ChannelOptions,
+    resolver: &Arc<dyn crate::Resolve>,
+) -> Result<Channel> {
+    let endpoint = make_endpoint(raw, opts)?;
+    Ok(match DnsName::parse(raw) {
+        Some(name) => endpoint.connect_with_connector_lazy(ResolvingConnector {
+            resolver: resolver.clone(),
+            name: Arc::new(name?),
+        }),
+        None => endpoint.connect_lazy(),
+    })
+}
+
+/// Connects to a name's addresses, resolved at each connection (see [`admin_channel`]).
+#[derive(Debug, Clone)]
+struct ResolvingConnector {
+    resolver: Arc<dyn crate::Resolve>,
+    name: Arc<DnsName>,
+}
+
+impl tower::Service<http::Uri> for ResolvingConnector {
+    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Error = std::io::Error;
+    type Future = futures::future::BoxFuture<'static, std::io::Result<Self::Response>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        let lookup = self.resolver.resolve(&self.name.host, self.name.port);
+        let host = self.name.host.clone();
+        Box::pin(async move {
+            let mut addrs = lookup.await?;
+            fastrand::shuffle(&mut addrs);
+            let mut last = std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{host} has no address"),
+            );
+            for addr in addrs {
+                match tokio::net::TcpStream::connect(addr).await {
+                    Ok(stream) => {
+                        stream.set_nodelay(true)?;
+                        return Ok(hyper_util::rt::TokioIo::new(stream));
+                    }
+                    Err(e) => last = e,
+                }
+            }
+            Err(last)
+        })
+    }
 }
 
 /// The endpoint of one resolved address of the name `name` (the `dns:` endpoint `raw`):
@@ -347,9 +409,10 @@ impl AdminClient {
         opts: &ChannelOptions,
     ) -> Result<Self> {
         let mut channels = Vec::new();
+        let system: Arc<dyn crate::Resolve> = Arc::new(crate::SystemResolver);
         for raw in endpoints {
             let raw = raw.into();
-            let channel = make_endpoint(&raw, opts)?.connect_lazy();
+            let channel = admin_channel(&raw, opts, &system)?;
             channels.push((raw, channel));
         }
         Self::from_channels(channels, opts)

@@ -112,7 +112,7 @@ impl ClientBuilder {
     /// How the session resolves `dns:///host:port` endpoints (default: [`SystemResolver`]).
     /// Each lookup is bounded by the connect timeout; one that fails, times out or answers
     /// nothing keeps the previous answer. Admin calls ([`Client::admin`]) on such an endpoint
-    /// go to `http(s)://host:port` and use the system resolver whatever is set here.
+    /// resolve the name with it too, at each connection.
     pub fn resolver(mut self, resolver: Arc<dyn Resolve>) -> Self {
         self.resolver = resolver;
         self
@@ -224,7 +224,7 @@ impl ClientBuilder {
         let mut targets = Vec::with_capacity(self.endpoints.len());
         for raw in &self.endpoints {
             // Checks the endpoint (a `dns:` one too); the admin calls' channel.
-            let channel = admin::make_endpoint(raw, &self.channel)?.connect_lazy();
+            let channel = admin::admin_channel(raw, &self.channel, &self.resolver)?;
             targets.push(match DnsName::parse(raw) {
                 Some(name) => Target::name(raw, name?),
                 None => Target::fixed(raw, channel.clone()),

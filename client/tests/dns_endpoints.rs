@@ -169,6 +169,15 @@ async fn a_name_fails_over_between_the_replicas_it_resolves_to() {
     assert_eq!(client.current_endpoint(), endpoint(&other));
     assert!(client.is_connected());
     assert_eq!(picked(&web, 20), set(&["s1", "s2"]));
+    // Admin calls resolve the name with the same resolver (the system cannot resolve
+    // dlb.test): they reach the replica left, the dead one's address failing over.
+    let before = resolver.lookups();
+    let r = web.add_server("s3", "127.0.0.1:9003", 1).await.unwrap();
+    assert!(
+        resolver.lookups() > before,
+        "admin calls did not use the resolver"
+    );
+    converge(&web, r.version).await;
     let (picks, failures) = picker.finish().await;
     assert!(picks > 0);
     assert_eq!(failures, 0, "picks failed during the failover");
