@@ -14,17 +14,19 @@
 //! * **One link per endpoint**, driven by its own task: connect (tonic, with the [`Endpoint`]
 //!   exactly as etcd-client configured it: connect timeout, request timeout, HTTP/2
 //!   keepalives); once up, wait until that connection ends (its socket is dropped: the peer
-//!   closed or reset it, or a keepalive went unanswered); then connect again. A failed attempt
-//!   is retried after a backoff (50 ms doubling to 1 s, ±20 % jitter); a connection that ends
-//!   within a second of opening counts as a failure for the backoff.
-//! * **States**: `Connecting` (the first attempt, or the one right after a connection ended),
-//!   `Up`, `Failing` (the last attempt failed; it stays so while retrying, so that requests do
-//!   not wait on a dead endpoint).
+//!   closed or reset it, or a keepalive went unanswered); then connect again at once. A failed
+//!   attempt is retried after a backoff (50 ms doubling to 1 s, ±20 % jitter), or sooner when
+//!   a request finds every link failing (a *nudge*; never sooner than 50 ms after the last
+//!   attempt); a connection that ends within a second of opening counts as a failed attempt.
+//! * **States**: `Connecting` (an attempt is under way), `Up`, `Failing` (the last attempt
+//!   failed; until the next one).
 //! * **Picking**, per request, O(endpoints): round robin over the links that are up. None up but
 //!   one connecting (or none known yet: etcd-client hands the endpoints over through a queue):
-//!   wait for it (at most [`WAIT_CONNECTING`]). All failing: fail at once with
-//!   `UNAVAILABLE` and each endpoint's last error, as a single dead endpoint did before; the
-//!   callers already retry that (etcd down).
+//!   wait for it (at most [`WAIT_CONNECTING`]). All failing: nudge them and wait for those
+//!   attempts; if they fail too, fail with `UNAVAILABLE` and each endpoint's last error (etcd
+//!   down: the callers retry, as before). So a request never goes to a dead member while
+//!   another is up, and the first request after etcd comes back connects at once instead of
+//!   waiting out a backoff (the callers' own backoff would compound it).
 //!
 //! What remains: a request sent on a connection at the instant its peer dies fails (it may have
 //! reached etcd, so it is not retried here); a request picked in the microseconds between a
@@ -46,7 +48,7 @@ use futures::future::BoxFuture;
 use http::Uri;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 use tonic::body::Body;
 use tonic::transport::channel::Change;
@@ -95,6 +97,8 @@ struct Link {
     id: u64,
     uri: Uri,
     state: State,
+    /// Wakes the link's task from its backoff (see [`Shared::pick`]).
+    nudge: Arc<Notify>,
 }
 
 struct Shared {
@@ -118,11 +122,13 @@ impl Shared {
         found
     }
 
-    /// A link that is up (round robin), waiting while none is but one is connecting.
+    /// A link that is up (round robin), waiting while none is but one is connecting; when all
+    /// are failing, nudges them once and waits for those attempts.
     async fn pick(&self) -> Result<Channel, BoxError> {
         let mut rx = self.links.subscribe();
         let deadline = tokio::time::sleep(WAIT_CONNECTING);
         tokio::pin!(deadline);
+        let mut nudged = false;
         loop {
             {
                 let links = rx.borrow_and_update();
@@ -143,7 +149,11 @@ impl Shared {
                 let waiting =
                     links.is_empty() || links.iter().any(|l| matches!(l.state, State::Connecting));
                 if !waiting {
-                    return Err(unreachable(&links));
+                    if nudged {
+                        return Err(unreachable(&links));
+                    }
+                    links.iter().for_each(|l| l.nudge.notify_one());
+                    nudged = true;
                 }
             }
             tokio::select! {
@@ -223,15 +233,17 @@ async fn discover(mut changes: mpsc::Receiver<Change<Uri, Endpoint>>, shared: We
         match change {
             Change::Insert(uri, endpoint) => {
                 let id = s.ids.fetch_add(1, Ordering::Relaxed);
+                let nudge = Arc::new(Notify::new());
                 s.links.send_modify(|links| {
                     links.retain(|l| l.uri != uri);
                     links.push(Link {
                         id,
                         uri,
                         state: State::Connecting,
+                        nudge: nudge.clone(),
                     });
                 });
-                tokio::spawn(run_link(id, endpoint, shared.clone()));
+                tokio::spawn(run_link(id, endpoint, nudge, shared.clone()));
             }
             Change::Remove(uri) => s.links.send_modify(|links| links.retain(|l| l.uri != uri)),
         }
@@ -240,7 +252,7 @@ async fn discover(mut changes: mpsc::Receiver<Change<Uri, Endpoint>>, shared: We
 
 /// Keeps link `id` connected to `endpoint` (see the module docs) until it is removed or the
 /// client is dropped.
-async fn run_link(id: u64, endpoint: Endpoint, shared: Weak<Shared>) {
+async fn run_link(id: u64, endpoint: Endpoint, nudge: Arc<Notify>, shared: Weak<Shared>) {
     let uri = endpoint.uri().clone();
     let mut backoff = MIN_BACKOFF;
     let mut failing = false;
@@ -252,7 +264,7 @@ async fn run_link(id: u64, endpoint: Endpoint, shared: Weak<Shared>) {
             })
             .await;
         let Some(s) = shared.upgrade() else { return };
-        let pause = match attempt {
+        let failure = match attempt {
             Ok(channel) => {
                 if failing {
                     tracing::info!(endpoint = %uri, "etcd: endpoint reachable again");
@@ -266,31 +278,42 @@ async fn run_link(id: u64, endpoint: Endpoint, shared: Weak<Shared>) {
                 // Ends when the connection's socket is dropped, or (error) when the channel
                 // and every socket it made are gone.
                 let _ = end.wait_for(|ended| *ended).await;
-                let Some(s) = shared.upgrade() else { return };
-                if !s.set(id, State::Connecting) {
-                    return;
-                }
-                tracing::debug!(endpoint = %uri, "etcd: connection ended; reconnecting");
                 if opened.elapsed() >= STABLE {
+                    let Some(s) = shared.upgrade() else { return };
+                    tracing::debug!(endpoint = %uri, "etcd: connection ended; reconnecting");
                     backoff = MIN_BACKOFF;
+                    if !s.set(id, State::Connecting) {
+                        return;
+                    }
                     continue;
                 }
-                backoff
+                "the connection ended right after it opened".to_owned()
             }
             Err(e) => {
+                drop(s);
                 let why = error_chain(&e);
                 if !failing {
                     tracing::warn!(endpoint = %uri, error = %why, "etcd: endpoint unreachable; retrying");
                     failing = true;
                 }
-                if !s.set(id, State::Failing(why.into())) {
-                    return;
-                }
-                backoff
+                why
             }
         };
-        tokio::time::sleep(jitter(pause)).await;
+        let Some(s) = shared.upgrade() else { return };
+        if !s.set(id, State::Failing(failure.into())) {
+            return;
+        }
+        drop(s);
+        let failed = Instant::now();
+        tokio::select! {
+            () = tokio::time::sleep(jitter(backoff)) => {}
+            () = nudge.notified() => tokio::time::sleep_until(failed + MIN_BACKOFF).await,
+        }
         backoff = (backoff * 2).min(MAX_BACKOFF);
+        let Some(s) = shared.upgrade() else { return };
+        if !s.set(id, State::Connecting) {
+            return;
+        }
     }
 }
 
@@ -525,7 +548,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn with_every_endpoint_down_a_request_fails_at_once_naming_them() {
+    async fn with_every_endpoint_down_a_request_fails_fast_naming_them() {
         let (a, b) = (free_port(), free_port());
         let links = links(&[a, b]).await;
         let started = Instant::now();
@@ -539,10 +562,32 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
-        // And again, without waiting for the next attempts.
+        // And again: one more attempt each (nudged), no waiting out the backoff.
         let started = Instant::now();
         assert!(who(&links).await.is_err());
-        assert!(started.elapsed() < Duration::from_millis(100));
+        assert!(started.elapsed() < Duration::from_millis(500));
+    }
+
+    #[tokio::test]
+    async fn the_first_request_after_the_endpoint_comes_back_connects_at_once() {
+        let port = free_port();
+        let links = links(&[port]).await;
+        // Failed attempts grow the backoff to its maximum (1 s).
+        for _ in 0..8 {
+            assert!(who(&links).await.is_err());
+            tokio::time::sleep(Duration::from_millis(60)).await;
+        }
+        assert!(who(&links).await.is_err());
+        // Right after a failed attempt the link waits ≈ 1 s before the next; a request does
+        // not (without the nudge it would fail at once: every link failing).
+        let _server = Server::start(port, ServingStatus::Serving).await;
+        let started = Instant::now();
+        assert_eq!(who(&links).await.unwrap(), ServingStatus::Serving);
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[tokio::test]
