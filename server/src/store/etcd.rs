@@ -246,7 +246,8 @@ impl std::fmt::Debug for EtcdStore {
 /// each have their own): `config`'s endpoints, a 5 s connect timeout, `timeout` per request,
 /// HTTP/2 keepalive pings every `keep_alive.0` (answer within `keep_alive.1`) even while idle,
 /// and `require_leader`, so a member cut off from its leader answers with an error instead of
-/// stale reads and silent watches.
+/// stale reads and silent watches. Requests go only to endpoints that are connected
+/// ([`super::etcd_channel`]), so a dead member of a cluster fails none.
 pub(crate) async fn connect(
     config: &EtcdConfig,
     timeout: Duration,
@@ -258,7 +259,12 @@ pub(crate) async fn connect(
         .with_keep_alive(keep_alive.0, keep_alive.1)
         .with_keep_alive_while_idle(true)
         .with_require_leader(true);
-    Client::connect(&config.endpoints, Some(options)).await
+    Client::connect_with_balanced_channel(
+        &config.endpoints,
+        Some(options),
+        super::etcd_channel::UpLinks,
+    )
+    .await
 }
 
 /// The keepalive of the store's and the leases' connections.

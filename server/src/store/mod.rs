@@ -36,6 +36,8 @@ pub mod embedded;
 mod engine;
 #[cfg(feature = "etcd")]
 pub mod etcd;
+#[cfg(feature = "etcd")]
+mod etcd_channel;
 pub mod memory;
 mod plan;
 

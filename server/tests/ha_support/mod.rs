@@ -7,13 +7,15 @@
 //!   (in a rotated order, so sessions spread over the replicas) and pick from it continuously,
 //!   counting every failed pick;
 //! * [`Writer`]: an admin that adds and removes backends at a steady pace through any replica,
-//!   so there is always an update in flight to measure failover with.
+//!   so there is always an update in flight to measure failover with; it logs when each write
+//!   succeeded or failed.
+//! * [`health`]: a replica's standard gRPC health status.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dlb_client::{AdminClient, Client, NewServer, ServiceHandle};
@@ -40,6 +42,7 @@ fn dlbd_bin() -> String {
 /// One `dlbd` replica process on an etcd store; killed on drop.
 pub struct Replica {
     child: Option<Child>,
+    /// `--etcd-endpoints`: `host:port`, or several comma-separated.
     etcd: String,
     /// `127.0.0.1:PORT`, kept across restarts.
     pub grpc: String,
@@ -48,7 +51,8 @@ pub struct Replica {
 }
 
 impl Replica {
-    /// Starts a replica on `etcd` (an endpoint `host:port`) listening on `listen`
+    /// Starts a replica on `etcd` (an endpoint `host:port`, or several comma-separated, as
+    /// `--etcd-endpoints` takes them) listening on `listen`
     /// (`127.0.0.1:0` for a free port) and waits for its ready line.
     pub fn start(etcd: &str, listen: &str) -> Self {
         Self::start_with(etcd, listen, &[])
@@ -232,6 +236,29 @@ impl Fleet {
         }
     }
 
+    /// Waits until every client routes on `version` or a later one (panics after `within`);
+    /// returns when that was seen (checked every millisecond).
+    pub async fn reach(&self, version: u64, within: Duration) -> Instant {
+        let deadline = Instant::now() + within;
+        loop {
+            let behind: Vec<usize> = self
+                .clients
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, h))| h.version().version < version)
+                .map(|(i, _)| i)
+                .collect();
+            if behind.is_empty() {
+                return Instant::now();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "clients {behind:?} did not reach version {version} within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     /// Stops the picking loops.
     pub async fn stop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -298,7 +325,20 @@ pub struct Writer {
     stop: Arc<AtomicBool>,
     /// Writes that succeeded.
     pub writes: Arc<AtomicU64>,
+    /// Writes that failed.
+    pub failed: Arc<AtomicU64>,
+    log: Arc<Mutex<WriteLog>>,
     task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// What the writer saw, in order.
+#[derive(Default)]
+struct WriteLog {
+    /// Each successful write: when it was sent, when it returned, and the service's version
+    /// after it.
+    done: Vec<(Instant, Instant, u64)>,
+    /// Each failed write: when it was sent, and the error.
+    failed: Vec<(Instant, String)>,
 }
 
 impl Writer {
@@ -307,35 +347,56 @@ impl Writer {
         let admin = AdminClient::new(endpoints.to_vec()).expect("admin client");
         let stop = Arc::new(AtomicBool::new(false));
         let writes = Arc::new(AtomicU64::new(0));
-        let (s, w, service) = (stop.clone(), writes.clone(), service.to_owned());
+        let failed = Arc::new(AtomicU64::new(0));
+        let log = Arc::new(Mutex::new(WriteLog::default()));
+        let (s, w, f, l) = (stop.clone(), writes.clone(), failed.clone(), log.clone());
+        let service = service.to_owned();
         let task = tokio::spawn(async move {
+            let record =
+                |sent: Instant, what: String, r: Result<Option<u64>, dlb_client::Error>| {
+                    let mut log = l.lock().unwrap();
+                    match r {
+                        Ok(version) => {
+                            w.fetch_add(1, Ordering::Relaxed);
+                            if let Some(v) = version {
+                                log.done.push((sent, Instant::now(), v));
+                            }
+                            true
+                        }
+                        Err(e) => {
+                            eprintln!("writer: {what}: {e}");
+                            f.fetch_add(1, Ordering::Relaxed);
+                            log.failed.push((sent, format!("{what}: {e}")));
+                            false
+                        }
+                    }
+                };
             let mut next: u64 = 0;
             while !s.load(Ordering::Relaxed) {
                 tokio::time::sleep(pace).await;
                 let id = format!("churn-{next}");
                 let port = 20_000 + (next % 10_000) as u16;
-                let added = admin
+                let sent = Instant::now();
+                let added = match admin
                     .add_server(&service, NewServer::new(&id, format!("127.0.0.1:{port}")))
-                    .await;
-                let ok = match added {
-                    Ok(_) | Err(dlb_client::Error::AlreadyExists(_)) => true,
-                    Err(e) => {
-                        eprintln!("writer: add {id}: {e}");
-                        false
-                    }
+                    .await
+                {
+                    Ok(r) => Ok(r.version.map(|v| v.version)),
+                    Err(dlb_client::Error::AlreadyExists(_)) => Ok(None),
+                    Err(e) => Err(e),
                 };
-                if !ok {
+                if !record(sent, format!("add {id}"), added) {
                     continue;
                 }
-                w.fetch_add(1, Ordering::Relaxed);
                 if next >= keep {
                     let old = format!("churn-{}", next - keep);
-                    match admin.remove_server(&service, &old).await {
-                        Ok(_) | Err(dlb_client::Error::NotFound(_)) => {
-                            w.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(e) => eprintln!("writer: remove {old}: {e}"),
-                    }
+                    let sent = Instant::now();
+                    let removed = match admin.remove_server(&service, &old).await {
+                        Ok(r) => Ok(r.version.map(|v| v.version)),
+                        Err(dlb_client::Error::NotFound(_)) => Ok(None),
+                        Err(e) => Err(e),
+                    };
+                    record(sent, format!("remove {old}"), removed);
                 }
                 next += 1;
             }
@@ -343,8 +404,48 @@ impl Writer {
         Self {
             stop,
             writes,
+            failed,
+            log,
             task: Some(task),
         }
+    }
+
+    /// The first write sent after `since` that succeeded: when it was sent, when it returned,
+    /// and the version it made. (The writer sends one write at a time, so every write sent
+    /// later was sent after this one returned.)
+    pub fn first_write_since(&self, since: Instant) -> Option<(Instant, Instant, u64)> {
+        let log = self.log.lock().unwrap();
+        log.done.iter().find(|(sent, _, _)| *sent > since).copied()
+    }
+
+    /// Waits for [`Writer::first_write_since`] (panics after `within`).
+    pub async fn wait_write_since(
+        &self,
+        since: Instant,
+        within: Duration,
+    ) -> (Instant, Instant, u64) {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(w) = self.first_write_since(since) {
+                return w;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no write succeeded within {within:?}; failures: {:?}",
+                self.failures_between(since, Instant::now())
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The writes sent in `[from, to)` that failed, with their errors.
+    pub fn failures_between(&self, from: Instant, to: Instant) -> Vec<String> {
+        let log = self.log.lock().unwrap();
+        log.failed
+            .iter()
+            .filter(|(at, _)| *at >= from && *at < to)
+            .map(|(_, e)| e.clone())
+            .collect()
     }
 
     /// Stops writing and waits for the last write to finish.
@@ -353,6 +454,75 @@ impl Writer {
         if let Some(t) = self.task.take() {
             let _ = t.await;
         }
+    }
+}
+
+/// The standard gRPC health status a replica gives for `service` (`""`: the server as a
+/// whole), `None` when it does not answer within a second.
+pub async fn health(
+    url: &str,
+    service: &str,
+) -> Option<tonic_health::pb::health_check_response::ServingStatus> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let ask = async {
+        let channel = tonic::transport::Channel::from_shared(url.to_owned())
+            .ok()?
+            .connect()
+            .await
+            .ok()?;
+        let r = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .ok()?
+            .into_inner();
+        ServingStatus::try_from(r.status).ok()
+    };
+    tokio::time::timeout(Duration::from_secs(1), ask)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Asks every replica for its health (`""`) every 50 ms and counts the answers that were not
+/// `SERVING` (no answer counts too), until dropped.
+pub struct HealthSampler {
+    /// Per replica: samples taken, samples not `SERVING`.
+    counts: Arc<Mutex<Vec<(u64, u64)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HealthSampler {
+    /// Starts sampling the replicas at `urls`.
+    pub fn start(urls: &[String]) -> Self {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        let counts = Arc::new(Mutex::new(vec![(0, 0); urls.len()]));
+        let (c, urls) = (counts.clone(), urls.to_vec());
+        let task = tokio::spawn(async move {
+            loop {
+                for (i, url) in urls.iter().enumerate() {
+                    let serving = health(url, "").await == Some(ServingStatus::Serving);
+                    let mut c = c.lock().unwrap();
+                    c[i].0 += 1;
+                    c[i].1 += u64::from(!serving);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        Self { counts, task }
+    }
+
+    /// Per replica: samples taken, samples not `SERVING`.
+    pub fn counts(&self) -> Vec<(u64, u64)> {
+        self.counts.lock().unwrap().clone()
+    }
+}
+
+impl Drop for HealthSampler {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
