@@ -100,6 +100,30 @@ pub struct EtcdConfig {
     /// leave compaction to etcd's `--auto-compaction-*`). Compaction is cluster-wide, so this
     /// is for tests and single-tenant clusters.
     pub history: Option<u64>,
+    /// TLS towards etcd (`None`: plaintext). With it, `host:port` endpoints are reached over
+    /// `https`, and the certificate of each member must chain to the CA and name the host.
+    pub tls: Option<EtcdTls>,
+}
+
+/// TLS settings of the connections to etcd (as etcd's `--trusted-ca-file` and, with
+/// `--client-cert-auth`, a client certificate).
+#[derive(Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// CA certificates (PEM) that the members' certificates must chain to.
+    pub ca_pem: Vec<u8>,
+    /// This replica's certificate chain and private key (PEM), for an etcd that requires
+    /// client certificates.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("EtcdTls")
+            .field("ca_pem", &format_args!("{} bytes", self.ca_pem.len()))
+            .field("identity", &self.identity.is_some())
+            .finish()
+    }
 }
 
 impl EtcdConfig {
@@ -113,6 +137,7 @@ impl EtcdConfig {
             prefix: Self::DEFAULT_PREFIX.to_owned(),
             timeout: std::time::Duration::from_secs(10),
             history: None,
+            tls: None,
         }
     }
 }

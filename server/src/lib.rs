@@ -80,7 +80,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
-pub use config::{ConfigError, EtcdConfig, ServerConfig, ServiceConfig, StoreConfig, TlsConfig};
+pub use config::{
+    ConfigError, EtcdConfig, EtcdTls, ServerConfig, ServiceConfig, StoreConfig, TlsConfig,
+};
 pub use error::Error;
 
 use crate::cache::Cache;

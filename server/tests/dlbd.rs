@@ -366,3 +366,41 @@ async fn dlbd_on_etcd_serves_what_another_dlbd_wrote() {
     assert_eq!(after.version, before.version, "same epoch and version");
     assert_eq!(after.servers, before.servers);
 }
+
+/// `dlbd --etcd-ca/--etcd-cert/--etcd-key` reaches an etcd that serves TLS only and requires a
+/// client certificate.
+#[cfg(feature = "etcd")]
+#[tokio::test]
+async fn dlbd_reaches_etcd_over_tls_with_a_client_certificate() {
+    let tls = std::sync::Arc::new(etcd_support::TestTls::new());
+    let etcd = etcd_support::Etcd::start_tls(tls.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, pem: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, pem).unwrap();
+        p.display().to_string()
+    };
+    let ca = write("ca.pem", &tls.ca_pem);
+    let cert = write("client.pem", &tls.client.0);
+    let key = write("client-key.pem", &tls.client.1);
+    let endpoint = etcd.endpoint();
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--no-metrics",
+        "--store",
+        "etcd",
+        "--etcd-endpoints",
+        endpoint.as_str(),
+        "--etcd-prefix",
+        "/dlbd-tls",
+        "--etcd-ca",
+        ca.as_str(),
+        "--etcd-cert",
+        cert.as_str(),
+        "--etcd-key",
+        key.as_str(),
+    ];
+    let (_dlbd, ready, _log) = start(&args, None);
+    assert!(ready.contains("etcd:"), "{ready}");
+}

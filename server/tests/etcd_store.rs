@@ -12,7 +12,7 @@ use std::time::Duration;
 use dlb::proto;
 use dlb_server::store::{EtcdStore, Mutation, Store, WatchEvent};
 use dlb_server::Error;
-use etcd_support::Etcd;
+use etcd_support::{Etcd, TestTls};
 use futures::StreamExt;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -237,5 +237,52 @@ async fn an_idle_watch_outlives_the_request_deadline() {
     match tokio::time::timeout(WAIT, w.next()).await {
         Ok(Some(Ok(WatchEvent::Changes(cs)))) => assert_eq!(cs[0].version, v2),
         other => panic!("{other:?}"),
+    }
+}
+
+/// TLS to etcd: against a member that serves TLS only and requires client certificates, stores
+/// and a whole `dlbd` (store, membership and leases connections) work with the CA and a client
+/// certificate; without the certificate, or in plaintext, connecting fails (an error, no hang).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_an_etcd_that_requires_client_certificates() {
+    let tls = std::sync::Arc::new(TestTls::new());
+    let etcd = Etcd::start_tls(tls.clone()).await;
+    let config = etcd.config("/tls");
+    let a = EtcdStore::connect(&config).await.unwrap();
+    let v = add(&a, "s", "x").await.unwrap();
+    let server = dlb_server::spawn(dlb_server::ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
+        store: dlb_server::StoreConfig::Etcd(config.clone()),
+        replica_id: Some("tls-0".into()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(server.cache().wait_for_revision(v, WAIT).await);
+    assert!(server
+        .cache()
+        .get("s")
+        .is_some_and(|s| s.servers.contains_key("x")));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !server.is_leader() {
+        assert!(tokio::time::Instant::now() < deadline, "never led over TLS");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.shutdown().await.unwrap();
+
+    for (what, tls) in [
+        ("without a client certificate", Some(tls.config(false))),
+        ("in plaintext", None),
+    ] {
+        let refused = dlb_server::EtcdConfig {
+            tls,
+            timeout: Duration::from_secs(2),
+            ..config.clone()
+        };
+        let r = tokio::time::timeout(Duration::from_secs(30), EtcdStore::connect(&refused))
+            .await
+            .unwrap_or_else(|_| panic!("connecting {what} hangs"));
+        assert!(r.is_err(), "connected {what}");
     }
 }

@@ -5,7 +5,8 @@
 //! a restart serves the same epoch, versions and backends). `--data-dir DIR` moves it; `--store
 //! memory` keeps nothing across restarts; `--store etcd --etcd-endpoints H:P,... [--etcd-prefix
 //! /dlb]` keeps the state in etcd, shared by replicas (a build without the `etcd` feature refuses
-//! it with an error saying so). `--config FILE` loads a YAML configuration; `--listen`,
+//! it with an error saying so); `--etcd-ca` (and `--etcd-cert` / `--etcd-key` for client
+//! certificates) speaks TLS to it. `--config FILE` loads a YAML configuration; `--listen`,
 //! `--metrics-listen` and `--no-metrics` override it. `--admin-token-file` makes every Registry
 //! write need a bearer token from that file; `--read-token-file` does the same for reads and
 //! SDK sessions (see `dlb_server::auth`). `--tls-cert` / `--tls-key` serve gRPC over TLS;
@@ -63,6 +64,22 @@ struct Args {
     /// Key prefix of this deployment's state in etcd (with `--store etcd`).
     #[arg(long, value_name = "PREFIX", default_value = dlb_server::EtcdConfig::DEFAULT_PREFIX, env = "DLBD_ETCD_PREFIX")]
     etcd_prefix: String,
+    /// TLS to etcd: the CA (PEM) the members' certificates must chain to (with `--store etcd`;
+    /// endpoints are then reached over https).
+    #[arg(long, value_name = "FILE", env = "DLBD_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for an etcd that requires one (`--client-cert-auth`); needs
+    /// --etcd-key and --etcd-ca.
+    #[arg(long, value_name = "FILE", requires_all = ["etcd_key", "etcd_ca"], env = "DLBD_ETCD_CERT")]
+    etcd_cert: Option<PathBuf>,
+    /// The private key of --etcd-cert (PEM).
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "etcd_cert",
+        env = "DLBD_ETCD_KEY"
+    )]
+    etcd_key: Option<PathBuf>,
     /// This replica's id among the replicas of one deployment ([A-Za-z0-9._:-], at most 128;
     /// default: <hostname>-<pid>-<random>). With `--store etcd` it names the replica's
     /// membership key `<prefix>/replicas/<id>` and splits health checks among replicas.
@@ -217,10 +234,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.store = match args.store {
         StoreKind::Embedded => StoreConfig::Embedded(args.data_dir.clone()),
         StoreKind::Memory => StoreConfig::Memory,
-        StoreKind::Etcd => StoreConfig::Etcd(dlb_server::EtcdConfig {
-            prefix: args.etcd_prefix.clone(),
-            ..dlb_server::EtcdConfig::new(args.etcd_endpoints.clone())
-        }),
+        StoreKind::Etcd => {
+            let read =
+                |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+            let tls = match &args.etcd_ca {
+                Some(ca) => Some(dlb_server::EtcdTls {
+                    ca_pem: read(ca)?,
+                    identity: match (&args.etcd_cert, &args.etcd_key) {
+                        (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+                        _ => None,
+                    },
+                }),
+                None => None,
+            };
+            StoreConfig::Etcd(dlb_server::EtcdConfig {
+                prefix: args.etcd_prefix.clone(),
+                tls,
+                ..dlb_server::EtcdConfig::new(args.etcd_endpoints.clone())
+            })
+        }
     };
 
     let mut signals = stop_signals()?;

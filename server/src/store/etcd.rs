@@ -253,12 +253,20 @@ pub(crate) async fn connect(
     timeout: Duration,
     keep_alive: (Duration, Duration),
 ) -> Result<Client, etcd_client::Error> {
-    let options = ConnectOptions::new()
+    let mut options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(5))
         .with_timeout(timeout)
         .with_keep_alive(keep_alive.0, keep_alive.1)
         .with_keep_alive_while_idle(true)
         .with_require_leader(true);
+    if let Some(tls) = &config.tls {
+        let mut t = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(&tls.ca_pem));
+        if let Some((cert, key)) = &tls.identity {
+            t = t.identity(etcd_client::Identity::from_pem(cert, key));
+        }
+        options = options.with_tls(t);
+    }
     Client::connect_with_balanced_channel(
         &config.endpoints,
         Some(options),

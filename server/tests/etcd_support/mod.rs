@@ -6,6 +6,9 @@
 //! * [`EtcdCluster`]: a three-member cluster; one member can be killed (`kill -9`) and restarted
 //!   by index, and [`EtcdCluster::leader`] says which member leads.
 //!
+//! * [`Etcd::start_tls`]: a single member that serves clients over TLS only and requires a client
+//!   certificate ([`TestTls`]: a CA, the member's certificate for 127.0.0.1, a client's).
+//!
 //! Both are made of [`Member`]s, one launcher for every etcd process. The binary is
 //! `$ETCD_BIN`, else `etcd` on the `PATH`.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
@@ -15,7 +18,75 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use dlb_server::EtcdConfig;
+use std::sync::Arc;
+
+use dlb_server::{EtcdConfig, EtcdTls};
+
+/// A CA, a server certificate for 127.0.0.1 / localhost and a client certificate, as files (for
+/// etcd) and PEM (for clients).
+pub struct TestTls {
+    dir: tempfile::TempDir,
+    /// The CA certificate.
+    pub ca_pem: String,
+    /// A client certificate and key signed by the CA.
+    pub client: (String, String),
+}
+
+impl TestTls {
+    /// Fresh certificates.
+    pub fn new() -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_pem = ca_params.self_signed(&ca_key).unwrap().pem();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let signed = |names: Vec<String>| {
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(names)
+                .unwrap()
+                .signed_by(&key, &issuer)
+                .unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let server = signed(vec!["127.0.0.1".into(), "localhost".into()]);
+        let client = signed(vec!["dlbd".into()]);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), &ca_pem).unwrap();
+        std::fs::write(dir.path().join("server.pem"), &server.0).unwrap();
+        std::fs::write(dir.path().join("server-key.pem"), &server.1).unwrap();
+        Self {
+            dir,
+            ca_pem,
+            client,
+        }
+    }
+
+    /// A file of the directory (`ca.pem`, `server.pem`, `server-key.pem`).
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The etcd TLS settings of a client: the CA and, with `client_cert`, the client
+    /// certificate.
+    pub fn config(&self, client_cert: bool) -> EtcdTls {
+        EtcdTls {
+            ca_pem: self.ca_pem.clone().into_bytes(),
+            identity: client_cert.then(|| {
+                (
+                    self.client.0.clone().into_bytes(),
+                    self.client.1.clone().into_bytes(),
+                )
+            }),
+        }
+    }
+}
+
+impl Default for TestTls {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 /// How long etcd gets to answer after a start.
 const READY: Duration = Duration::from_secs(30);
@@ -49,6 +120,8 @@ struct Member {
     token: String,
     /// `--heartbeat-interval` and `--election-timeout`, in milliseconds.
     timing: (u32, u32),
+    /// Serve clients over TLS only, requiring a client certificate.
+    tls: Option<Arc<TestTls>>,
 }
 
 impl Member {
@@ -68,6 +141,7 @@ impl Member {
             cluster: String::new(),
             token: token.to_owned(),
             timing,
+            tls: None,
         }
     }
 
@@ -90,7 +164,8 @@ impl Member {
     /// Starts the process (same ports and data directory every time; `--initial-cluster-state
     /// new` is ignored once the data directory holds a member). Does not wait.
     fn spawn(&mut self) {
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", self.client_port);
         let peer = self.peer_url();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -99,7 +174,18 @@ impl Member {
             .unwrap();
         let bin = std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".into());
         let (heartbeat, election) = (self.timing.0.to_string(), self.timing.1.to_string());
-        let child = Command::new(&bin)
+        let mut command = Command::new(&bin);
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(tls.path("server.pem"))
+                .arg("--key-file")
+                .arg(tls.path("server-key.pem"))
+                .arg("--trusted-ca-file")
+                .arg(tls.path("ca.pem"))
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .args(["--name", &self.name])
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
@@ -152,9 +238,19 @@ impl Member {
 
     /// A client of this member alone.
     async fn client(&self) -> Option<etcd_client::Client> {
-        let options = etcd_client::ConnectOptions::new()
+        let mut options = etcd_client::ConnectOptions::new()
             .with_connect_timeout(Duration::from_millis(500))
             .with_timeout(Duration::from_secs(1));
+        if let Some(tls) = &self.tls {
+            options = options.with_tls(
+                etcd_client::TlsOptions::new()
+                    .ca_certificate(etcd_client::Certificate::from_pem(&tls.ca_pem))
+                    .identity(etcd_client::Identity::from_pem(
+                        &tls.client.0,
+                        &tls.client.1,
+                    )),
+            );
+        }
         etcd_client::Client::connect([self.endpoint()], Some(options))
             .await
             .ok()
@@ -224,15 +320,22 @@ pub struct Etcd {
 impl Etcd {
     /// Starts a fresh single-member cluster and waits until it answers.
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// A single member serving clients over TLS only, with `tls`'s certificates, requiring a
+    /// client certificate. `config` then includes the CA and the client certificate.
+    pub async fn start_tls(tls: Arc<TestTls>) -> Self {
+        Self::start_with(Some(tls)).await
+    }
+
+    async fn start_with(tls: Option<Arc<TestTls>>) -> Self {
         let mut last = String::new();
         for _ in 0..PORT_TRIES {
             let ports = free_ports(2);
-            let mut members = [Member::new(
-                "dlb-test",
-                (ports[0], ports[1]),
-                "dlb-test",
-                (10, 50),
-            )];
+            let mut member = Member::new("dlb-test", (ports[0], ports[1]), "dlb-test", (10, 50));
+            member.tls = tls.clone();
+            let mut members = [member];
             match launch_all(&mut members).await {
                 Ok(()) => {
                     let [member] = members;
@@ -255,6 +358,7 @@ impl Etcd {
         EtcdConfig {
             prefix: prefix.to_owned(),
             timeout: Duration::from_secs(5),
+            tls: self.member.tls.as_ref().map(|t| t.config(true)),
             ..EtcdConfig::new(vec![self.endpoint()])
         }
     }
