@@ -561,3 +561,34 @@ pub fn quantile(xs: &[Duration], p: f64) -> Duration {
     let rank = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len());
     v[rank - 1]
 }
+
+/// Stops `writer`, waits until every client of `fleet` routes on `service`'s last version (as
+/// the replica at `url` lists it), stops the fleet, and asserts that the fleet picked, that no
+/// pick failed and that every client holds exactly the store's backends. Returns the picks.
+pub async fn settle_and_check(
+    fleet: &mut Fleet,
+    writer: &mut Writer,
+    url: &str,
+    service: &str,
+) -> u64 {
+    writer.stop().await;
+    let listed = AdminClient::new([url.to_owned()])
+        .unwrap()
+        .list_servers(service)
+        .await
+        .unwrap();
+    let last = listed.version.map_or(0, |v| v.version);
+    fleet.converge(last, Duration::from_secs(10)).await;
+    fleet.stop().await;
+    let picks = fleet.picks.load(Ordering::Relaxed);
+    let failed = fleet.failed.load(Ordering::Relaxed);
+    assert!(picks > 1_000, "the fleet barely picked: {picks}");
+    assert_eq!(failed, 0, "picks failed");
+    let want: Vec<String> = listed.servers.iter().map(|s| s.server_id.clone()).collect();
+    for (_, h) in &fleet.clients {
+        let mut have: Vec<String> = h.backends().into_iter().map(|b| b.server_id).collect();
+        have.sort();
+        assert_eq!(have, want);
+    }
+    picks
+}
