@@ -442,7 +442,7 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{Delta, MemoryStore, Mutation, Store};
+    use crate::store::{Delta, MemoryStore, Mutation, Store, WatchEvent};
 
     fn server(id: &str) -> proto::Server {
         proto::Server {
@@ -541,33 +541,76 @@ mod tests {
 
     #[tokio::test]
     async fn follows_through_compaction() {
-        // A store that remembers 2 changes: a burst larger than that while the cache is not
-        // reading forces a compaction and a re-read.
+        use futures::StreamExt;
+        // A store that remembers 2 changes.
         let store = Arc::new(MemoryStore::new(2));
         let cache = Arc::new(Cache::new(store.epoch(), 16));
-        for i in 0..10 {
-            store
+        let s: Arc<dyn Store> = store.clone();
+        let follow = |from: Option<u64>| {
+            let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(cache.clone().follow(s.clone(), from, async move {
+                let _ = rx.await;
+            }));
+            (stop, task)
+        };
+        // Live: b0..b2 are replayed from the watch, one change each.
+        let (stop, task) = follow(None);
+        let first = add(&store, &cache, "s", "b0").await;
+        add(&store, &cache, "s", "b1").await;
+        let held = add(&store, &cache, "s", "b2").await;
+        assert!(matches!(
+            cache.catch_up("s", Some(first)),
+            Catchup::Delta { changes, .. } if changes.len() == 2
+        ));
+        // The cache stops reading (as while its etcd link is down) and a burst larger than the
+        // store's history is written: b0 removed, b3..b9 added.
+        stop.send(()).expect("follower running");
+        task.await.expect("follower ended");
+        let mut last = store
+            .apply("s".into(), vec![Mutation::Remove("b0".into())], None)
+            .await
+            .expect("remove")
+            .version
+            .version;
+        for i in 3..10 {
+            last = store
                 .apply(
                     "s".into(),
                     vec![Mutation::Add(server(&format!("b{i}")))],
                     None,
                 )
                 .await
-                .expect("add");
+                .expect("add")
+                .version
+                .version;
         }
-        let s: Arc<dyn Store> = store.clone();
-        // The cache starts from a snapshot: nothing to replay.
-        let (_tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(cache.clone().follow(s, None, async move {
-            let _ = rx.await;
-        }));
-        let v = store
-            .apply("s".into(), vec![Mutation::Add(server("z"))], None)
-            .await
-            .expect("add")
-            .version
-            .version;
-        assert!(cache.wait_for_revision(v, Duration::from_secs(5)).await);
+        // The changes after what the cache holds are gone from the store: a real compaction.
+        match store.watch(held + 1).next().await {
+            Some(Ok(WatchEvent::Compacted { compacted })) => assert!(compacted > held),
+            other => panic!("expected Compacted, got {other:?}"),
+        }
+        assert_eq!(cache.get("s").expect("exists").servers.len(), 3);
+        // The follower resumes right after what the cache holds: compacted, so it re-reads.
+        let (_stop, _task) = follow(Some(held));
+        assert!(
+            cache.wait_for_revision(last, Duration::from_secs(30)).await,
+            "the cache never caught up after the compaction"
+        );
+        let snap = cache.get("s").expect("exists");
+        let mut ids: Vec<&str> = snap.servers.keys().map(|k| &**k).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, ["b1", "b2", "b3", "b4", "b5", "b6", "b7", "b8", "b9"]);
+        assert_eq!(snap.version.version, last);
+        // And it watches again: the next writes are replayed as changes, not re-read.
+        let y = add(&store, &cache, "s", "y").await;
+        let z = add(&store, &cache, "s", "z").await;
+        match cache.catch_up("s", Some(last)) {
+            Catchup::Delta { changes, .. } => {
+                let versions: Vec<u64> = changes.iter().map(|c| c.version).collect();
+                assert_eq!(versions, [y, z]);
+            }
+            other => panic!("expected a delta after the re-read, got {other:?}"),
+        }
         assert_eq!(cache.get("s").expect("exists").servers.len(), 11);
     }
 }
