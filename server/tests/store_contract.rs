@@ -76,15 +76,32 @@ async fn add(store: &dyn Store, service: &str, id: &str) -> u64 {
         .version
 }
 
-/// The next watch event, or `None` within a short time.
+/// How long an event that must arrive may take (generous: this VM stalls for seconds).
+const ARRIVE: Duration = Duration::from_secs(30);
+
+/// How long a watch must stay quiet to show that nothing was published. Only a negative check
+/// uses it: a slow machine can make it miss a late event, never fail a correct store.
+const QUIET: Duration = Duration::from_millis(300);
+
+/// The next watch event; panics when none arrives within [`ARRIVE`] or the watch ends.
 async fn next_event(
     w: &mut futures::stream::BoxStream<'static, Result<WatchEvent, Error>>,
-) -> Option<WatchEvent> {
-    tokio::time::timeout(Duration::from_millis(300), w.next())
-        .await
-        .ok()
-        .flatten()
-        .map(|r| r.unwrap())
+) -> WatchEvent {
+    match tokio::time::timeout(ARRIVE, w.next()).await {
+        Ok(Some(r)) => r.unwrap(),
+        Ok(None) => panic!("the watch ended"),
+        Err(_) => panic!("no watch event within {ARRIVE:?}"),
+    }
+}
+
+/// Asserts that the watch publishes nothing for [`QUIET`].
+async fn assert_quiet(
+    w: &mut futures::stream::BoxStream<'static, Result<WatchEvent, Error>>,
+    what: &str,
+) {
+    if let Ok(e) = tokio::time::timeout(QUIET, w.next()).await {
+        panic!("{what}: {e:?}");
+    }
 }
 
 /// Collects the revisions of `n` changes from a watch.
@@ -95,7 +112,7 @@ async fn revisions(
     let mut out = Vec::new();
     while out.len() < n {
         match next_event(w).await {
-            Some(WatchEvent::Changes(cs)) => out.extend(cs.iter().map(|c| c.version)),
+            WatchEvent::Changes(cs) => out.extend(cs.iter().map(|c| c.version)),
             other => panic!("expected changes, got {other:?}"),
         }
     }
@@ -158,7 +175,7 @@ async fn no_ops_commit_nothing(s: Subject) {
         .await
         .unwrap();
     assert!(!r.changed);
-    assert!(next_event(&mut w).await.is_none(), "a no-op was published");
+    assert_quiet(&mut w, "a no-op was published").await;
     let v2 = add(st, "s", "b").await;
     assert_eq!(v2, v + 1, "no-ops took no revision");
     assert_eq!(revisions(&mut w, 1).await, vec![v2]);
@@ -272,14 +289,14 @@ async fn watch_order_and_resume(s: Subject) {
     assert_eq!(revisions(&mut w, 10).await, all[10..].to_vec());
     // A watch from the future waits, then sees new commits in order.
     let mut w = st.watch(all[19] + 1);
-    assert!(next_event(&mut w).await.is_none());
+    assert_quiet(&mut w, "a watch from the future saw an event").await;
     let n1 = add(st, "a", "late1").await;
     let n2 = add(st, "b", "late2").await;
     assert_eq!(revisions(&mut w, 2).await, vec![n1, n2]);
     // Each change says what changed.
     let mut w = st.watch(n1);
     match next_event(&mut w).await {
-        Some(WatchEvent::Changes(cs)) => {
+        WatchEvent::Changes(cs) => {
             let c = &cs[0];
             assert_eq!(c.service, "a");
             assert_eq!(c.version, n1);
@@ -300,13 +317,13 @@ async fn compaction_is_explicit(s: Subject) {
     // History of 4: revision 1 is long gone.
     let mut w = st.watch(1);
     match next_event(&mut w).await {
-        Some(WatchEvent::Compacted { compacted }) => {
+        WatchEvent::Compacted { compacted } => {
             assert!(compacted >= 1 && compacted < last, "{compacted}")
         }
         other => panic!("expected Compacted, got {other:?}"),
     }
     assert!(
-        tokio::time::timeout(Duration::from_millis(300), w.next())
+        tokio::time::timeout(QUIET, w.next())
             .await
             .map_or(true, |e| e.is_none()),
         "the stream goes on after Compacted"
@@ -461,7 +478,7 @@ async fn declare_keeps_runtime_state(s: Subject) {
 async fn next_change(
     w: &mut futures::stream::BoxStream<'static, Result<WatchEvent, Error>>,
 ) -> Arc<dlb_server::store::Change> {
-    match tokio::time::timeout(Duration::from_secs(10), w.next()).await {
+    match tokio::time::timeout(ARRIVE, w.next()).await {
         Ok(Some(Ok(WatchEvent::Changes(cs)))) if cs.len() == 1 => cs[0].clone(),
         other => panic!("expected one change, got {other:?}"),
     }
@@ -608,7 +625,7 @@ async fn embedded_store_keeps_everything_across_a_reopen() {
     let mut w = st.watch(1);
     assert!(matches!(
         next_event(&mut w).await,
-        Some(WatchEvent::Compacted { .. })
+        WatchEvent::Compacted { .. }
     ));
     // New writes continue the revision sequence.
     assert_eq!(add(&st, "a", "z").await, revision + 1);
