@@ -5,8 +5,11 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 use dlb::proto;
+use tokio::time::Instant;
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,107 +64,134 @@ async fn concurrent_compare_and_set_exactly_one_wins() {
     server.shutdown().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_burst_of_writes_costs_a_few_builds() {
-    let server = start().await;
-    let mut c = registry(&server).await;
-    c.set_policy(proto::SetPolicyRequest {
+/// The newest picker's version for `big` (waiting for the builder as `GetNextServer` does).
+async fn pick_version(
+    c: &mut dlb::proto::registry_client::RegistryClient<tonic::transport::Channel>,
+) -> u64 {
+    c.get_next_server(proto::GetNextServerRequest {
         service: "big".into(),
-        policy: Some(proto::Policy {
-            algorithm: proto::Algorithm::Maglev as i32,
-            ..Default::default()
-        }),
-        ..Default::default()
+        key: b"k".to_vec(),
     })
     .await
-    .unwrap();
-    let backends: Vec<proto::Server> = (0..2_000)
-        .map(|i| proto::Server {
-            server_id: format!("b{i}"),
-            address: format!("10.0.{}.{}:80", i / 250, i % 250),
-            weight: 1,
+    .ok()
+    .and_then(|r| r.into_inner().version)
+    .map_or(0, |v| v.version)
+}
+
+/// Polls until the picker of `big` is built from `version` (generous: this VM stalls).
+async fn until_picked(
+    c: &mut dlb::proto::registry_client::RegistryClient<tonic::transport::Channel>,
+    version: u64,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = pick_version(c).await;
+        if v == version {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the picker never reached version {version} (at {v})"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Writes never wait for a picker build, and a burst of writes during a build costs one more
+/// build, not one per write. Deterministic whatever the machine's speed: the runtime has one
+/// blocking thread (builds run there) and the test holds it while it writes, so no build can
+/// run during the burst; the builder must then catch up to the last write in a few builds.
+#[test]
+fn a_burst_of_writes_costs_a_few_builds() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let server = start().await;
+        let mut c = registry(&server).await;
+        c.set_policy(proto::SetPolicyRequest {
+            service: "big".into(),
+            policy: Some(proto::Policy {
+                algorithm: proto::Algorithm::Maglev as i32,
+                ..Default::default()
+            }),
             ..Default::default()
         })
-        .collect();
-    // One declarative batch through the store creates the 2,000 backends at once.
-    let applied = server
-        .store()
-        .apply(
-            "big".into(),
-            backends
-                .into_iter()
-                .map(dlb_server::store::Mutation::Add)
-                .collect(),
-            None,
-        )
         .await
         .unwrap();
-    let version = applied.version.version;
-    assert!(
-        server
-            .cache()
-            .wait_for_revision(version, std::time::Duration::from_secs(5))
-            .await
-    );
-    // GetNextServer waits (at most 50 ms) for the builder, then answers from the newest
-    // picker: until the first build is done that one is empty.
-    let mut pick_version = 0;
-    for _ in 0..200 {
-        let r = c
-            .get_next_server(proto::GetNextServerRequest {
-                service: "big".into(),
-                key: b"k".to_vec(),
-            })
-            .await;
-        if let Ok(r) = r {
-            pick_version = r.into_inner().version.unwrap().version;
-            if pick_version >= version {
-                break;
-            }
-        }
-    }
-    assert_eq!(pick_version, version);
-    let before = server.picker_builds();
-    // 300 writes back to back: each returns once committed and cached, never after a build.
-    let n = 300;
-    let mut last = 0;
-    for i in 0..n {
-        let r = c
-            .update_server(proto::UpdateServerRequest {
-                service: "big".into(),
-                server_id: format!("b{}", i % 2_000),
-                weight: Some(2 + (i % 7)),
+        let backends: Vec<proto::Server> = (0..2_000)
+            .map(|i| proto::Server {
+                server_id: format!("b{i}"),
+                address: format!("10.0.{}.{}:80", i / 250, i % 250),
+                weight: 1,
                 ..Default::default()
             })
+            .collect();
+        // One declarative batch through the store creates the 2,000 backends at once.
+        let applied = server
+            .store()
+            .apply(
+                "big".into(),
+                backends
+                    .into_iter()
+                    .map(dlb_server::store::Mutation::Add)
+                    .collect(),
+                None,
+            )
             .await
-            .unwrap()
-            .into_inner();
-        last = r.version.unwrap().version;
-    }
-    // The builder catches up with the last version...
-    let mut caught_up = false;
-    for _ in 0..200 {
-        let r = c
-            .get_next_server(proto::GetNextServerRequest {
-                service: "big".into(),
-                key: b"k".to_vec(),
-            })
+            .unwrap();
+        let version = applied.version.version;
+        until_picked(&mut c, version).await;
+        // Hold the only blocking thread: from here no picker can be built.
+        let (release, gate) = std::sync::mpsc::channel::<()>();
+        let (held, holding) = tokio::sync::oneshot::channel::<()>();
+        let hold = tokio::task::spawn_blocking(move || {
+            let _ = held.send(());
+            let _ = gate.recv();
+        });
+        holding.await.unwrap();
+        // (Read once the thread is held: a build still running before counts, not after.)
+        let before = server.picker_builds();
+        // 300 writes back to back: each returns once committed and cached, never after a
+        // build (none can run).
+        let n: u32 = 300;
+        let writes = async {
+            let mut last = 0;
+            for i in 0..n {
+                let r = c
+                    .update_server(proto::UpdateServerRequest {
+                        service: "big".into(),
+                        server_id: format!("b{}", i % 2_000),
+                        weight: Some(2 + (i % 7)),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                last = r.version.unwrap().version;
+            }
+            last
+        };
+        let last = tokio::time::timeout(Duration::from_secs(120), writes)
             .await
-            .unwrap()
-            .into_inner();
-        if r.version.unwrap().version == last {
-            caught_up = true;
-            break;
-        }
-    }
-    assert!(caught_up, "the picker never reached the last write");
-    // ... having built far fewer pickers than there were writes.
-    let builds = server.picker_builds() - before;
-    assert!(
-        builds < u64::from(n) / 3,
-        "{builds} builds for {n} writes: bursts are not coalesced"
-    );
-    server.shutdown().await.unwrap();
+            .expect("writes waited for a picker build");
+        assert_eq!(server.picker_builds(), before, "a build ran with no thread");
+        release.send(()).unwrap();
+        hold.await.unwrap();
+        // The builder catches up with the last version...
+        until_picked(&mut c, last).await;
+        // ... in a few builds: the one queued since the first write (its snapshot may be
+        // older), then the newest. One per write would be 300.
+        let builds = server.picker_builds() - before;
+        assert!(
+            builds <= 3,
+            "{builds} builds for {n} writes: bursts are not coalesced"
+        );
+        server.shutdown().await.unwrap();
+    });
 }
 
 #[tokio::test]
