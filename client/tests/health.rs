@@ -457,10 +457,11 @@ async fn stored_ejections_are_returned_when_detection_is_off_and_adopted_when_on
             },
         )
     };
-    // "off": no outlier detection; "on": detection with a 1 s base ejection time.
+    // "off": no outlier detection; "on": detection with a 3 s base ejection time.
+    let base = Duration::from_secs(3);
     for name in ["off", "on"] {
         let mut s = if name == "on" {
-            outlier_service(name, 3, 3, 50, 1_000)
+            outlier_service(name, 3, 3, 50, base.as_millis() as u32)
         } else {
             service_with(name, &["b00", "b01", "b02"])
         };
@@ -470,6 +471,9 @@ async fn stored_ejections_are_returned_when_detection_is_off_and_adopted_when_on
         m.push(eject("b01"));
         store.apply(name.to_owned(), m, None).await.unwrap();
     }
+    // Nothing of dlbd runs before this instant, so nothing it adopts can end before
+    // `started + base`.
+    let started = tokio::time::Instant::now();
     let server = dlb_server::spawn_with_store(config(vec![]), store)
         .await
         .unwrap();
@@ -481,12 +485,20 @@ async fn stored_ejections_are_returned_when_detection_is_off_and_adopted_when_on
         }
     })
     .await;
-    // On: adopted (it counts against the limit) and returned after one base time.
-    within("adopted ejection returned", async {
+    // On: adopted, so returned one base time after the start at the earliest (a dlbd that
+    // returned it at start, as for "off", fails here), and at the latest when it ends
+    // (generous: this VM stalls).
+    let returned = tokio::time::timeout(Duration::from_secs(60), async {
         while !ejected(&client, "on").await.is_empty() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        started.elapsed()
     })
-    .await;
+    .await
+    .expect("the adopted ejection was never returned");
+    assert!(
+        returned >= base,
+        "the adopted ejection was returned after {returned:?}, before its base time {base:?}"
+    );
     server.shutdown().await.unwrap();
 }
