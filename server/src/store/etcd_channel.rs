@@ -107,6 +107,10 @@ struct Shared {
     next: AtomicUsize,
     /// Link ids.
     ids: AtomicU64,
+    /// [`MAX_BACKOFF`] (tests widen it to tell a nudge from a backoff however slow the VM).
+    max_backoff: Duration,
+    /// [`WAIT_CONNECTING`] (likewise).
+    wait_connecting: Duration,
 }
 
 impl Shared {
@@ -126,7 +130,7 @@ impl Shared {
     /// are failing, nudges them once and waits for those attempts.
     async fn pick(&self) -> Result<Channel, BoxError> {
         let mut rx = self.links.subscribe();
-        let deadline = tokio::time::sleep(WAIT_CONNECTING);
+        let deadline = tokio::time::sleep(self.wait_connecting);
         tokio::pin!(deadline);
         let mut nudged = false;
         loop {
@@ -164,7 +168,8 @@ impl Shared {
                 }
                 () = &mut deadline => {
                     return Err(Box::new(tonic::Status::unavailable(format!(
-                        "etcd: no endpoint connected within {WAIT_CONNECTING:?}"
+                        "etcd: no endpoint connected within {:?}",
+                        self.wait_connecting
                     ))));
                 }
             }
@@ -196,11 +201,22 @@ struct Links {
 impl Links {
     /// No links yet; the sender inserts and removes endpoints (a task applies the changes).
     fn new(buffer_size: usize) -> (Self, mpsc::Sender<Change<Uri, Endpoint>>) {
+        Self::with_waits(buffer_size, MAX_BACKOFF, WAIT_CONNECTING)
+    }
+
+    /// [`Links::new`] with another longest backoff and wait for a connecting link.
+    fn with_waits(
+        buffer_size: usize,
+        max_backoff: Duration,
+        wait_connecting: Duration,
+    ) -> (Self, mpsc::Sender<Change<Uri, Endpoint>>) {
         let (tx, rx) = mpsc::channel(buffer_size.max(1));
         let shared = Arc::new(Shared {
             links: watch::Sender::new(Vec::new()),
             next: AtomicUsize::new(0),
             ids: AtomicU64::new(0),
+            max_backoff,
+            wait_connecting,
         });
         tokio::spawn(discover(rx, Arc::downgrade(&shared)));
         (Self { shared }, tx)
@@ -243,7 +259,8 @@ async fn discover(mut changes: mpsc::Receiver<Change<Uri, Endpoint>>, shared: We
                         nudge: nudge.clone(),
                     });
                 });
-                tokio::spawn(run_link(id, endpoint, nudge, shared.clone()));
+                let max_backoff = s.max_backoff;
+                tokio::spawn(run_link(id, endpoint, nudge, max_backoff, shared.clone()));
             }
             Change::Remove(uri) => s.links.send_modify(|links| links.retain(|l| l.uri != uri)),
         }
@@ -252,7 +269,13 @@ async fn discover(mut changes: mpsc::Receiver<Change<Uri, Endpoint>>, shared: We
 
 /// Keeps link `id` connected to `endpoint` (see the module docs) until it is removed or the
 /// client is dropped.
-async fn run_link(id: u64, endpoint: Endpoint, nudge: Arc<Notify>, shared: Weak<Shared>) {
+async fn run_link(
+    id: u64,
+    endpoint: Endpoint,
+    nudge: Arc<Notify>,
+    max_backoff: Duration,
+    shared: Weak<Shared>,
+) {
     let uri = endpoint.uri().clone();
     let mut backoff = MIN_BACKOFF;
     let mut failing = false;
@@ -309,7 +332,7 @@ async fn run_link(id: u64, endpoint: Endpoint, nudge: Arc<Notify>, shared: Weak<
             () = tokio::time::sleep(jitter(backoff)) => {}
             () = nudge.notified() => tokio::time::sleep_until(failed + MIN_BACKOFF).await,
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        backoff = (backoff * 2).min(max_backoff);
         let Some(s) = shared.upgrade() else { return };
         if !s.set(id, State::Connecting) {
             return;
@@ -503,7 +526,28 @@ mod tests {
 
     /// Links over `ports`, in this order.
     async fn links(ports: &[u16]) -> Links {
-        let (links, tx) = Links::new(8);
+        with_links(Links::new(8), ports).await
+    }
+
+    /// The longest backoff of [`slow_links`]: far beyond any stall of this VM, so "did not
+    /// wait out the backoff" is told apart by a generous bound ([`PROMPT`]).
+    const LONG_BACKOFF: Duration = Duration::from_secs(20);
+    /// An answer that does not wait out [`LONG_BACKOFF`] (at least 16 s with its jitter) nor
+    /// [`LONG_WAIT`] comes within this.
+    const PROMPT: Duration = Duration::from_secs(8);
+    /// The wait for a connecting link in [`slow_links`].
+    const LONG_WAIT: Duration = Duration::from_secs(60);
+
+    /// [`links`] whose backoff grows to [`LONG_BACKOFF`] and that wait [`LONG_WAIT`] for a
+    /// connecting link.
+    async fn slow_links(ports: &[u16]) -> Links {
+        with_links(Links::with_waits(8, LONG_BACKOFF, LONG_WAIT), ports).await
+    }
+
+    async fn with_links(
+        (links, tx): (Links, mpsc::Sender<Change<Uri, Endpoint>>),
+        ports: &[u16],
+    ) -> Links {
         for &p in ports {
             let (uri, e) = endpoint(p);
             tx.send(Change::Insert(uri, e)).await.unwrap();
@@ -522,14 +566,15 @@ mod tests {
         Ok(ServingStatus::try_from(r.status).unwrap())
     }
 
-    /// Waits until the link on `port` is up (`true`) or is not (`false`).
+    /// Waits until the link on `port` is up (`true`) or is not (`false`) (generous: this VM
+    /// stalls).
     async fn wait_up(links: &Links, port: u16, up: bool) {
         let mut rx = links.shared.links.subscribe();
         let is = move |ls: &Vec<Link>| {
             ls.iter()
                 .any(|l| l.uri.port_u16() == Some(port) && matches!(l.state, State::Up(_)) == up)
         };
-        tokio::time::timeout(Duration::from_secs(5), rx.wait_for(is))
+        tokio::time::timeout(Duration::from_secs(30), rx.wait_for(is))
             .await
             .expect("link state")
             .unwrap();
@@ -547,47 +592,48 @@ mod tests {
         }
     }
 
+    /// Fails requests until every link's backoff has grown to its maximum.
+    async fn grow_backoff(links: &Links) {
+        for _ in 0..12 {
+            assert!(who(links).await.is_err());
+            tokio::time::sleep(Duration::from_millis(60)).await;
+        }
+    }
+
     #[tokio::test]
     async fn with_every_endpoint_down_a_request_fails_fast_naming_them() {
         let (a, b) = (free_port(), free_port());
-        let links = links(&[a, b]).await;
+        let links = slow_links(&[a, b]).await;
+        // Fails once each link's attempt failed, not after the wait for a connecting one.
         let started = Instant::now();
         let err = who(&links).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
         for port in [a, b] {
             assert!(err.message().contains(&port.to_string()), "{err:?}");
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "{:?}",
-            started.elapsed()
-        );
-        // And again: one more attempt each (nudged), no waiting out the backoff.
+        assert!(started.elapsed() < PROMPT, "{:?}", started.elapsed());
+        // And again with the backoff at its longest: one more attempt (nudged), no waiting
+        // out the backoff. (One link: with two, the other's backoff, in another phase, could
+        // end sooner.)
+        let links = slow_links(&[a]).await;
+        grow_backoff(&links).await;
         let started = Instant::now();
         assert!(who(&links).await.is_err());
-        assert!(started.elapsed() < Duration::from_millis(500));
+        assert!(started.elapsed() < PROMPT, "{:?}", started.elapsed());
     }
 
     #[tokio::test]
     async fn the_first_request_after_the_endpoint_comes_back_connects_at_once() {
         let port = free_port();
-        let links = links(&[port]).await;
-        // Failed attempts grow the backoff to its maximum (1 s).
-        for _ in 0..8 {
-            assert!(who(&links).await.is_err());
-            tokio::time::sleep(Duration::from_millis(60)).await;
-        }
-        assert!(who(&links).await.is_err());
-        // Right after a failed attempt the link waits ≈ 1 s before the next; a request does
-        // not (without the nudge it would fail at once: every link failing).
+        let links = slow_links(&[port]).await;
+        // Failed attempts grow the backoff to its maximum.
+        grow_backoff(&links).await;
+        // Right after a failed attempt the link waits the backoff before the next; a request
+        // does not (without the nudge it would fail at once: every link failing).
         let _server = Server::start(port, ServingStatus::Serving).await;
         let started = Instant::now();
         assert_eq!(who(&links).await.unwrap(), ServingStatus::Serving);
-        assert!(
-            started.elapsed() < Duration::from_millis(500),
-            "{:?}",
-            started.elapsed()
-        );
+        assert!(started.elapsed() < PROMPT, "{:?}", started.elapsed());
     }
 
     #[tokio::test]
