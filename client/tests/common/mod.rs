@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 /// Upper bound for anything a test waits on.
-pub const DEADLINE: Duration = Duration::from_secs(10);
+pub const DEADLINE: Duration = Duration::from_secs(30);
 
 /// Awaits `f` or panics after [`DEADLINE`].
 pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {

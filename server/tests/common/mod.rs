@@ -14,7 +14,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::Streaming;
 
-pub const WAIT: Duration = Duration::from_secs(5);
+/// How long anything that must happen may take (generous: this VM stalls for seconds).
+pub const WAIT: Duration = Duration::from_secs(30);
 
 pub async fn start() -> RunningServer {
     start_with(ServerConfig {
