@@ -25,7 +25,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 
-const WAIT: Duration = Duration::from_secs(10);
+/// How long anything that must happen may take (generous: this VM stalls for seconds).
+const WAIT: Duration = Duration::from_secs(30);
 
 struct Sotw {
     tx: mpsc::Sender<DiscoveryRequest>,
