@@ -49,6 +49,7 @@ mod error;
 pub mod health;
 pub mod leases;
 pub mod loads;
+pub mod log_limit;
 pub mod membership;
 pub mod metrics;
 // Issue 9 (outlier detection, panic, global least connections, request metrics).
