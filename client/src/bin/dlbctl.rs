@@ -180,8 +180,8 @@ enum Command {
         id: String,
         /// Address, host:port.
         address: String,
-        /// Weight (default 1).
-        #[arg(long, default_value_t = 0)]
+        /// Weight, 1..=10000.
+        #[arg(long, default_value_t = 1)]
         weight: u32,
         /// Lease time to live, seconds (1..=3600); renewed every third of it.
         #[arg(long, default_value_t = 10)]
@@ -199,7 +199,9 @@ enum Command {
 enum PolicyCommand {
     /// Print the policy.
     Get,
-    /// Change the policy; fields not given keep their current value.
+    /// Change the policy; fields not given keep their current value. Creates the service if it
+    /// does not exist, like the SetPolicy RPC (the service is then operator-configured: it
+    /// stays when its last backend goes).
     Set(Box<PolicySet>),
 }
 
@@ -474,7 +476,13 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(cli)) {
+    // `register` catches SIGTERM/SIGINT before anything else happens (before it connects), so
+    // a signal during registration deregisters instead of killing it with a lease granted.
+    let interrupts = matches!(cli.command, Command::Register { .. }).then(|| {
+        let _guard = runtime.enter();
+        membership::Interrupts::install()
+    });
+    match runtime.block_on(run(cli, interrupts)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -602,7 +610,7 @@ fn parse_meta(entries: &[String]) -> Result<HashMap<String, String>, Error> {
     Ok(out)
 }
 
-async fn run(cli: Cli) -> Result<(), Error> {
+async fn run(cli: Cli, interrupts: Option<membership::Interrupts>) -> Result<(), Error> {
     let service = model::resolve_service(&cli.service)?.to_owned();
     let opts = channel_options(&cli)?;
     let mut admin = AdminClient::with_options([cli.endpoint.clone()], &opts)?;
@@ -776,7 +784,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 .weight(weight)
                 .ttl(std::time::Duration::from_secs(ttl));
             lease.metadata = parse_meta(&meta)?;
-            membership::register(&admin, &service, lease, j).await?;
+            let interrupts = interrupts.unwrap_or_else(membership::Interrupts::install);
+            membership::register(&admin, &service, lease, j, interrupts).await?;
         }
         Command::Dns(cmd) => membership::dns(&admin, &service, "", cmd, j).await?,
         Command::Policy(PolicyCommand::Get) => {
