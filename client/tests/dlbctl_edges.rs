@@ -1,7 +1,8 @@
 //! `dlbctl` at its edges: a SIGTERM that arrives while `dlbctl register` is still registering
 //! (a real process, its registration held at a gate) deregisters once registered, then exits
 //! 0; every help text states the real default; `health off` on a missing service is NOT_FOUND
-//! while `health set` / `policy set` say in their help that they create it.
+//! while `health set` / `policy set` say in their help that they create it; `remove-service`
+//! refuses a non-empty service unless `--force`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -210,4 +211,41 @@ async fn health_off_on_a_missing_service_is_not_found() {
         .await
         .unwrap()
         .is_some());
+}
+
+#[tokio::test]
+async fn remove_service_refuses_a_non_empty_service_unless_forced() {
+    let server = spawn_server().await;
+    let ep = endpoint(&server);
+    let out = run_dlbctl(&ep, &["remove-service", "nosuch"]).await;
+    assert_eq!(out.code, 3, "{}", out.stderr);
+    dlbctl_ok(&ep, &["-s", "web", "add-server", "a", "127.0.0.1:1001"]).await;
+    dlbctl_ok(&ep, &["-s", "web", "add-server", "b", "127.0.0.1:1002"]).await;
+    let out = run_dlbctl(&ep, &["remove-service", "web"]).await;
+    assert_eq!(out.code, 5, "{}", out.stderr);
+    assert!(out.stderr.contains("2 backend"), "{}", out.stderr);
+    let out = dlbctl_ok(&ep, &["remove-service", "web", "--force"]).await;
+    assert!(
+        out.starts_with("removed service web (2 backend(s)"),
+        "{out}"
+    );
+    assert!(server
+        .store()
+        .get_service("web".into())
+        .await
+        .unwrap()
+        .is_none());
+    let services = dlbctl_ok(&ep, &["services"]).await;
+    assert!(!services.contains("web"), "{services}");
+    // The SDK's call.
+    dlbctl_ok(
+        &ep,
+        &["-s", "empty", "policy", "set", "--algorithm", "maglev"],
+    )
+    .await;
+    let client = dlb_client::Client::connect([ep.clone()]).await.unwrap();
+    let r = client.remove_service("empty", false).await.unwrap();
+    assert_eq!((r.service.as_str(), r.removed_servers), ("empty", 0));
+    let err = client.remove_service("empty", false).await.unwrap_err();
+    assert!(matches!(err, dlb_client::Error::NotFound(_)), "{err}");
 }

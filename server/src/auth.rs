@@ -2,7 +2,7 @@
 //!
 //! With admin tokens configured (`dlbd --admin-token-file`), every Registry call that changes
 //! routing (`AddServer`, `RemoveServer`, `UpdateServer`, `HealthCheckPassed`,
-//! `HealthCheckFailed`, `SetPolicy`) needs `authorization: Bearer <admin token>`. Reads (the
+//! `HealthCheckFailed`, `SetPolicy`, `RemoveService`) needs `authorization: Bearer <admin token>`. Reads (the
 //! other Registry calls), Discovery sessions and xDS (ADS) streams are open unless read tokens are configured
 //! (`--read-token-file`); an admin token is also a read token. The standard health and reflection
 //! services stay open (load balancers and tools probe them).
@@ -21,13 +21,14 @@ use futures::future::BoxFuture;
 use subtle::ConstantTimeEq;
 
 /// Registry methods that change routing state.
-pub const WRITE_METHODS: [&str; 10] = [
+pub const WRITE_METHODS: [&str; 11] = [
     "/dlb.v1.Registry/AddServer",
     "/dlb.v1.Registry/RemoveServer",
     "/dlb.v1.Registry/UpdateServer",
     "/dlb.v1.Registry/HealthCheckPassed",
     "/dlb.v1.Registry/HealthCheckFailed",
     "/dlb.v1.Registry/SetPolicy",
+    "/dlb.v1.Registry/RemoveService",
     "/dlb.v1.Membership/Register",
     "/dlb.v1.Membership/Deregister",
     "/dlb.v1.Membership/DeclareDns",

@@ -111,6 +111,15 @@ enum Command {
         /// Backend id.
         id: String,
     },
+    /// Remove a service: its policy and health check. Refused (exit 5, naming the count) while
+    /// it has backends unless --force, which removes them too; NOT_FOUND (exit 3) if missing.
+    RemoveService {
+        /// The service to remove.
+        name: String,
+        /// Remove it with its backends.
+        #[arg(long)]
+        force: bool,
+    },
     /// Change a backend.
     #[command(visible_alias = "update_server")]
     UpdateServer {
@@ -635,6 +644,23 @@ async fn run(cli: Cli, interrupts: Option<membership::Interrupts>) -> Result<(),
             };
             let r = admin.add_server(&service, server).await?;
             print_server_response(j, "added", &r);
+        }
+        Command::RemoveService { name, force } => {
+            let r = admin.remove_service(&name, force).await?;
+            if j {
+                println!(
+                    "{}",
+                    json!({"removed_service": r.service, "removed_servers": r.removed_servers,
+                           "version": version_json(r.version)})
+                );
+            } else {
+                println!(
+                    "removed service {} ({} backend(s) with it; {})",
+                    r.service,
+                    r.removed_servers,
+                    version_text(r.version)
+                );
+            }
         }
         Command::RemoveServer { id } => {
             let r = admin.remove_server(&service, &id).await?;
