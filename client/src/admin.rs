@@ -542,6 +542,26 @@ impl AdminClient {
         .await
     }
 
+    /// `RemoveService`: removes a service (its policy and health check). A service that still
+    /// has backends is refused (`FailedPrecondition` naming the count) unless `force`, which
+    /// removes them with it; a missing one is `NotFound`.
+    pub async fn remove_service(
+        &self,
+        service: &str,
+        force: bool,
+    ) -> Result<proto::RemoveServiceResponse> {
+        let req = proto::RemoveServiceRequest {
+            service: model::resolve_service(service)?.to_owned(),
+            force,
+            ..Default::default()
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.remove_service(req).await }
+        })
+        .await
+    }
+
     /// `UpdateServer`: changes the set fields of a backend.
     pub async fn update_server(
         &self,

@@ -478,6 +478,15 @@ impl Client {
         self.admin().remove_server("", server_id).await
     }
 
+    /// `remove_service(service, force)`: removes a service; see [`AdminClient::remove_service`].
+    pub async fn remove_service(
+        &self,
+        service: &str,
+        force: bool,
+    ) -> Result<proto::RemoveServiceResponse> {
+        self.admin().remove_service(service, force).await
+    }
+
     /// `health_check_passed(server_id)` on the default service.
     pub async fn health_check_passed(&self, server_id: &str) -> Result<proto::ServerResponse> {
         self.admin().health_check_passed("", server_id).await

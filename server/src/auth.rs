@@ -2,11 +2,12 @@
 //!
 //! With admin tokens configured (`dlbd --admin-token-file`), every Registry call that changes
 //! routing (`AddServer`, `RemoveServer`, `UpdateServer`, `HealthCheckPassed`,
-//! `HealthCheckFailed`, `SetPolicy`) needs `authorization: Bearer <admin token>`. Reads (the
+//! `HealthCheckFailed`, `SetPolicy`, `RemoveService`) needs `authorization: Bearer <admin token>`. Reads (the
 //! other Registry calls), Discovery sessions and xDS (ADS) streams are open unless read tokens are configured
 //! (`--read-token-file`); an admin token is also a read token. The standard health and reflection
 //! services stay open (load balancers and tools probe them).
 //!
+//! The scheme is case-insensitive (`bearer`, `BEARER`: RFC 7235 §2.1); the token is not.
 //! A request without a token gets `UNAUTHENTICATED`; one with a token that is not allowed for the
 //! call gets `PERMISSION_DENIED`. Tokens are compared in constant time (`subtle`) against every
 //! configured token, and never logged. The check is a tower layer in front of every service
@@ -20,13 +21,14 @@ use futures::future::BoxFuture;
 use subtle::ConstantTimeEq;
 
 /// Registry methods that change routing state.
-pub const WRITE_METHODS: [&str; 10] = [
+pub const WRITE_METHODS: [&str; 11] = [
     "/dlb.v1.Registry/AddServer",
     "/dlb.v1.Registry/RemoveServer",
     "/dlb.v1.Registry/UpdateServer",
     "/dlb.v1.Registry/HealthCheckPassed",
     "/dlb.v1.Registry/HealthCheckFailed",
     "/dlb.v1.Registry/SetPolicy",
+    "/dlb.v1.Registry/RemoveService",
     "/dlb.v1.Membership/Register",
     "/dlb.v1.Membership/Deregister",
     "/dlb.v1.Membership/DeclareDns",
@@ -96,6 +98,19 @@ fn need(path: &str) -> Need {
     }
 }
 
+/// The token of an `authorization: Bearer <token>` header value. The scheme is
+/// case-insensitive (RFC 7235 §2.1: `bearer`, `BEARER` are the same scheme) and one or more
+/// spaces separate it from the token; anything else is no bearer token.
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let scheme = value.get(..6)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
+        return None;
+    }
+    let rest = value.get(6..)?;
+    let token = rest.trim_ascii_start();
+    (token.len() < rest.len() && !token.is_empty()).then_some(token)
+}
+
 /// Whether `presented` equals one of `tokens`, in time independent of where they differ.
 fn matches(presented: &[u8], tokens: &[String]) -> bool {
     let mut found = subtle::Choice::from(0);
@@ -122,7 +137,7 @@ impl AuthConfig {
         if open {
             return Ok(());
         }
-        let Some(token) = authorization.and_then(|h| h.strip_prefix(b"Bearer ")) else {
+        let Some(token) = authorization.and_then(bearer_token) else {
             return Err(tonic::Status::unauthenticated(
                 "this call needs a bearer token (authorization: Bearer <token>; dlbctl --token)",
             ));
@@ -242,6 +257,30 @@ mod tests {
             Some(Code::Unauthenticated)
         );
         assert_eq!(code(&open_reads, add, admin), None);
+        // The scheme is case-insensitive (RFC 7235); the token is not.
+        for h in [
+            &b"bearer admin-token-0123456789"[..],
+            b"BEARER admin-token-0123456789",
+            b"bEaReR  admin-token-0123456789",
+        ] {
+            assert_eq!(code(&open_reads, add, Some(h)), None, "{h:?}");
+        }
+        assert_eq!(
+            code(&open_reads, add, Some(b"bearer ADMIN-TOKEN-0123456789")),
+            Some(Code::PermissionDenied)
+        );
+        for h in [
+            &b"Bearer"[..],
+            b"Bearer ",
+            b"Bearerx admin-token-0123456789",
+            b"Basic abc",
+        ] {
+            assert_eq!(
+                code(&open_reads, add, Some(h)),
+                Some(Code::Unauthenticated),
+                "{h:?}"
+            );
+        }
         assert_eq!(code(&open_reads, list, None), None);
         assert_eq!(code(&open_reads, session, None), None);
 

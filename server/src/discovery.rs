@@ -119,8 +119,7 @@ impl Discovery for DiscoveryService {
             epoch: self.shared.cache.epoch(),
             waker: self.shared.cache.waker(),
             nacked: HashMap::new(),
-            warned: None,
-            suppressed: 0,
+            log: crate::log_limit::LogLimiter::default(),
             global: crate::global_load::GlobalPush::new(&self.shared.loads),
             last_sent: tokio::time::Instant::now(),
         };
@@ -133,8 +132,6 @@ impl Discovery for DiscoveryService {
 /// How long after a Nack-triggered full snapshot of a service another Nack of that service waits
 /// before it gets one (a client that fails on the same snapshot cannot make a tight loop).
 const NACK_COOLDOWN: Duration = Duration::from_secs(1);
-/// At most one warning per session per this period; the ones in between are counted.
-const WARN_EVERY: Duration = Duration::from_secs(1);
 /// Longest client string quoted in a log line.
 const LOG_QUOTE: usize = 128;
 
@@ -214,9 +211,8 @@ struct Session {
     waker: Arc<Waker>,
     /// When each service last got a Nack-triggered full snapshot.
     nacked: HashMap<String, tokio::time::Instant>,
-    /// When this session last logged a warning, and how many it suppressed since.
-    warned: Option<tokio::time::Instant>,
-    suppressed: u64,
+    /// Limits the warnings this client can trigger (Nacks); counts the rest.
+    log: crate::log_limit::LogLimiter,
     /// Pushes the other sessions' in-flight counts ([`crate::global_load`]).
     global: crate::global_load::GlobalPush,
     /// When a message was last handed to the stream: a `Heartbeat` goes out once the session
@@ -240,6 +236,14 @@ impl Session {
             }
         };
         metrics.rpc("Session", code);
+        let suppressed = self.log.finish();
+        if suppressed > 0 {
+            tracing::warn!(
+                session = self.id,
+                suppressed,
+                "session: {suppressed} similar messages suppressed"
+            );
+        }
         tracing::debug!(session = self.id, "session closed");
     }
 
@@ -451,13 +455,13 @@ impl Session {
                 let service = model::resolve_service(&nack.service)
                     .unwrap_or_default()
                     .to_owned();
-                if self.may_warn() {
+                if let Some(suppressed) = self.log.check() {
                     tracing::warn!(
                         session = self.id,
                         service = %model::printable(&service, LOG_QUOTE),
                         nonce = %model::printable(&nack.nonce, LOG_QUOTE),
                         detail = %model::printable(&nack.error_detail, LOG_QUOTE),
-                        suppressed = std::mem::take(&mut self.suppressed),
+                        suppressed,
                         "nack; sending a full snapshot"
                     );
                 }
@@ -540,21 +544,6 @@ impl Session {
             None => {
                 tracing::debug!(session = self.id, "empty client message ignored");
                 Ok(())
-            }
-        }
-    }
-
-    /// Whether a warning may be logged now (at most one per [`WARN_EVERY`]); counts the rest.
-    fn may_warn(&mut self) -> bool {
-        let now = tokio::time::Instant::now();
-        match self.warned {
-            Some(t) if now < t + WARN_EVERY => {
-                self.suppressed += 1;
-                false
-            }
-            _ => {
-                self.warned = Some(now);
-                true
             }
         }
     }

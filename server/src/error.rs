@@ -36,6 +36,17 @@ pub enum Error {
     /// The service already exists (creating it twice).
     #[error("service {} already exists", quoted(.0))]
     ServiceExists(String),
+    /// The service still has backends (removing it needs `force`).
+    #[error(
+        "service {} has {backends} backend(s): remove them first, or force the removal",
+        quoted(service)
+    )]
+    ServiceNotEmpty {
+        /// The service.
+        service: String,
+        /// How many backends it has.
+        backends: usize,
+    },
     /// The backend does not exist in the service.
     #[error(
         "server_id {} not found in service {}",
@@ -129,7 +140,9 @@ impl From<Error> for tonic::Status {
                 tonic::Status::already_exists(msg)
             }
             Error::Unavailable { .. } => tonic::Status::unavailable(msg),
-            Error::VersionMismatch { .. } => tonic::Status::failed_precondition(msg),
+            Error::VersionMismatch { .. } | Error::ServiceNotEmpty { .. } => {
+                tonic::Status::failed_precondition(msg)
+            }
             Error::ResourceExhausted(_) => tonic::Status::resource_exhausted(msg),
             Error::Picker { .. }
             | Error::Bind { .. }

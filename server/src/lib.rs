@@ -49,6 +49,7 @@ mod error;
 pub mod health;
 pub mod leases;
 pub mod loads;
+pub mod log_limit;
 pub mod membership;
 pub mod metrics;
 // Issue 9 (outlier detection, panic, global least connections, request metrics).
@@ -61,6 +62,7 @@ pub mod health_metrics;
 pub mod outlier;
 pub mod pickers;
 pub mod readiness;
+pub mod reflection;
 pub mod registry;
 pub mod replicas;
 mod state;
@@ -373,14 +375,15 @@ async fn start(
         shutdown_rx.clone(),
     ));
     // Reflection in both versions tools speak (grpcurl and grpcio's reflection client still
-    // use v1alpha), listing the health service too.
+    // use v1alpha), listing the health service too; an unknown symbol is an in-stream
+    // `error_response` ([`reflection`]).
     let reflection_builder = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(dlb::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let reflection = reflection_builder().build_v1()?;
-    let reflection_v1alpha = reflection_builder().build_v1alpha()?;
+    let reflection = reflection::v1::wrap(reflection_builder().build_v1()?);
+    let reflection_v1alpha = reflection::v1alpha::wrap(reflection_builder().build_v1alpha()?);
 
     let xds_clients = Arc::new(xds::XdsClients::default());
     let mut builder = tonic::transport::Server::builder();

@@ -347,7 +347,14 @@ impl MembershipService {
             {
                 Ok(applied) => {
                     self.leases.forget(key).await?;
-                    self.wait_cache(applied.version.version).await;
+                    let mut version = applied.version.version;
+                    if crate::leases::abandoned(&snap, 1) {
+                        version =
+                            crate::leases::remove_abandoned(&*self.shared.store, &service, version)
+                                .await
+                                .unwrap_or(version);
+                    }
+                    self.wait_cache(version).await;
                     tracing::info!(%service, server_id = %req.server_id, "backend deregistered");
                     return Ok(proto::DeregisterResponse {
                         service,

@@ -88,6 +88,14 @@ impl Pickers {
         self.services.read().get(service)?.current.load_full()
     }
 
+    /// Drops a removed service's picker: `GetNextServer` answers NOT_FOUND until it exists
+    /// again. Only the service's builder calls it.
+    fn clear(&self, service: &str) {
+        if let Some(e) = self.services.read().get(service) {
+            e.current.store(None);
+        }
+    }
+
     /// Pickers built since start (all services).
     pub fn builds(&self) -> u64 {
         self.builds.load(Ordering::Relaxed)
@@ -220,7 +228,7 @@ async fn builder(shared: Arc<Shared>, service: Arc<str>) {
     let mut in_panic = false;
     // Slow start: while a backend ramps, rebuild the same version at the next tick (the ramp
     // is computed from the records and the clock, see `dlb::slow_start`).
-    let mut ramp_tick: Option<std::time::Duration> = None;
+    let mut ramp_tick: Option<std::time::Duration>;
     let mut ramp = false;
     loop {
         waker.take_dirty();
@@ -259,6 +267,10 @@ async fn builder(shared: Arc<Shared>, service: Arc<str>) {
                 }
                 Err(e) => tracing::error!(service = %service, error = %e, "picker build failed"),
             }
+        } else {
+            // Removed (RemoveService, or its last lease went): nothing to pick from.
+            shared.pickers.clear(&service);
+            ramp_tick = None;
         }
         let tick = ramp_tick.unwrap_or(std::time::Duration::MAX);
         tokio::select! {

@@ -315,6 +315,41 @@ impl RegistryService {
         })
     }
 
+    async fn remove_service(
+        &self,
+        req: proto::RemoveServiceRequest,
+    ) -> Result<proto::RemoveServiceResponse, Error> {
+        let service = model::resolve_service(&req.service)?.to_owned();
+        let before = self
+            .shared
+            .store
+            .get_service(service.clone())
+            .await?
+            .map_or(0, |s| s.servers.len());
+        let applied = self
+            .apply(
+                &service,
+                vec![Mutation::RemoveService { force: req.force }],
+                req.expected_version,
+            )
+            .await?;
+        tracing::info!(
+            service,
+            force = req.force,
+            version = applied.version.version,
+            "service removed"
+        );
+        Ok(proto::RemoveServiceResponse {
+            service,
+            version: Some(applied.version),
+            removed_servers: if req.force {
+                u32::try_from(before).unwrap_or(u32::MAX)
+            } else {
+                0
+            },
+        })
+    }
+
     async fn list_services(&self) -> Result<proto::ListServicesResponse, Error> {
         let services = self.shared.store.snapshot().await?.services;
         Ok(proto::ListServicesResponse {
@@ -412,6 +447,14 @@ impl Registry for RegistryService {
     ) -> Result<Response<proto::PolicyResponse>, Status> {
         let r = self.set_policy(request.into_inner()).await;
         self.done("SetPolicy", r)
+    }
+
+    async fn remove_service(
+        &self,
+        request: Request<proto::RemoveServiceRequest>,
+    ) -> Result<Response<proto::RemoveServiceResponse>, Status> {
+        let r = self.remove_service(request.into_inner()).await;
+        self.done("RemoveService", r)
     }
 
     async fn list_services(

@@ -180,6 +180,19 @@ async fn leases_are_renewed_through_any_replica_and_expired_by_the_leader() {
     let refs: Vec<&RunningServer> = servers.iter().collect();
     one_leader(&refs).await;
 
+    // Configured first, so "svc" outlives its last lease and the expiry reaches the session
+    // as a removal (a lease-created service goes with its last lease: tests/remove_service.rs).
+    let mut policy = dlb::model::default_policy();
+    policy.algorithm = proto::Algorithm::Maglev as i32;
+    common::registry(&servers[0])
+        .await
+        .set_policy(proto::SetPolicyRequest {
+            service: "svc".into(),
+            policy: Some(policy),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     // Registered and renewed through r0: stays on every replica well past one TTL.
     let mut client = MembershipClient::new(common::channel(&servers[0]).await);
     client.register(reg("b1", 2)).await.unwrap();

@@ -107,6 +107,20 @@ async fn register_renew_update_and_expire() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
+    // Configured by an operator, the service outlives its last lease (one created by a lease
+    // and never configured goes with it: tests/remove_service.rs).
+    let mut policy = dlb::model::default_policy();
+    policy.algorithm = proto::Algorithm::Maglev as i32;
+    registry(&server)
+        .await
+        .set_policy(proto::SetPolicyRequest {
+            service: "web".into(),
+            policy: Some(policy),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(session.update().await.policy.is_some());
     // Renewals stop: the removal is pushed as one delta.
     let gone = tokio::time::timeout(DEADLINE, session.update())
         .await

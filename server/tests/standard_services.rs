@@ -91,3 +91,82 @@ async fn reflection_v1alpha_for_older_tools() {
     }
     server.shutdown().await.unwrap();
 }
+
+/// An unknown symbol or file is an in-stream `error_response` (NOT_FOUND) and the stream keeps
+/// answering: tools send several lookups on one stream.
+#[tokio::test]
+async fn reflection_answers_unknown_symbols_in_stream() {
+    let server = start().await;
+    let mut refl = ServerReflectionClient::new(channel(&server).await);
+    let lookup = |m: MessageRequest| ServerReflectionRequest {
+        host: "h".into(),
+        message_request: Some(m),
+    };
+    let requests = [
+        lookup(MessageRequest::FileContainingSymbol(
+            "no.such.Symbol".into(),
+        )),
+        lookup(MessageRequest::FileByFilename("no/such.proto".into())),
+        lookup(MessageRequest::FileContainingSymbol(
+            "dlb.v1.Registry".into(),
+        )),
+    ];
+    let mut stream = refl
+        .server_reflection_info(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next = async || {
+        tokio::time::timeout(WAIT, stream.message())
+            .await
+            .expect("no answer in time")
+            .expect("the stream ended with an error instead of an error_response")
+            .expect("the stream ended early")
+    };
+    for what in ["no.such.Symbol", "no/such.proto"] {
+        let resp = next().await;
+        let Some(MessageResponse::ErrorResponse(e)) = &resp.message_response else {
+            panic!("expected an error_response for {what}: {resp:?}");
+        };
+        assert_eq!(e.error_code, tonic::Code::NotFound as i32, "{e:?}");
+        assert!(e.error_message.contains(what), "{e:?}");
+        assert_eq!(resp.valid_host, "h");
+        assert!(resp.original_request.is_some());
+    }
+    let resp = next().await;
+    assert!(
+        matches!(
+            resp.message_response,
+            Some(MessageResponse::FileDescriptorResponse(_))
+        ),
+        "{resp:?}"
+    );
+    assert!(stream.message().await.unwrap().is_none(), "ends with OK");
+
+    // v1alpha (grpcurl, grpcio) likewise.
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient as Alpha;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest as AlphaReq;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse as AlphaResp;
+    let mut alpha = Alpha::new(channel(&server).await);
+    let req = tonic_reflection::pb::v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(AlphaReq::FileContainingSymbol("no.such.Symbol".into())),
+    };
+    let mut stream = alpha
+        .server_reflection_info(tokio_stream::iter([req.clone(), req]))
+        .await
+        .unwrap()
+        .into_inner();
+    for _ in 0..2 {
+        let resp = tokio::time::timeout(WAIT, stream.message())
+            .await
+            .unwrap()
+            .expect("v1alpha ended the stream with an error")
+            .unwrap();
+        let Some(AlphaResp::ErrorResponse(e)) = &resp.message_response else {
+            panic!("expected an error_response: {resp:?}");
+        };
+        assert_eq!(e.error_code, tonic::Code::NotFound as i32, "{e:?}");
+    }
+    server.shutdown().await.unwrap();
+}

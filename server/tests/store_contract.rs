@@ -1,7 +1,7 @@
 //! The store contract (see `dlb_server::store`), one suite run against every implementation:
 //! revisions and versions, no-ops, compare-and-set, atomic batches, watch order, resume,
 //! compaction, validation and derived fields of stored records, declarative writes, removal
-//! reasons. The
+//! reasons, service removal. The
 //! embedded store also keeps everything across a reopen. With the `etcd` feature the suite also
 //! runs against the etcd store, each test on its own freshly started etcd (`etcd_support`), so
 //! revisions are the test's own.
@@ -540,6 +540,73 @@ async fn removals_carry_their_reason(s: Subject) {
     assert!(matches!(err, Error::ServerNotFound { .. }), "{err:?}");
 }
 
+async fn services_can_be_removed(s: Subject) {
+    let st = &*s.store;
+    let remove = |force| vec![Mutation::RemoveService { force }];
+    let err = st.apply("s".into(), remove(false), None).await.unwrap_err();
+    assert!(matches!(err, Error::ServiceNotFound(_)), "{err:?}");
+    add(st, "s", "a").await;
+    let v = add(st, "s", "b").await;
+    // Not empty: refused, naming the count, and nothing changes.
+    let err = st.apply("s".into(), remove(false), None).await.unwrap_err();
+    assert!(
+        matches!(err, Error::ServiceNotEmpty { backends: 2, .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("2 backend"), "{err}");
+    let err = st
+        .apply(
+            "s".into(),
+            vec![
+                Mutation::Remove("a".into()),
+                Mutation::RemoveService { force: false },
+            ],
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Invalid(_)), "{err:?}");
+    let err = st
+        .apply("s".into(), remove(true), Some(v - 1))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::VersionMismatch { .. }), "{err:?}");
+    assert_eq!(
+        st.get_service("s".into())
+            .await
+            .unwrap()
+            .unwrap()
+            .servers
+            .len(),
+        2
+    );
+    add(st, "other", "x").await;
+    let mut w = st.watch(st.snapshot().await.unwrap().revision + 1);
+    // Forced: the service and its backends go, as one change watchers see.
+    let r = st.apply("s".into(), remove(true), Some(v)).await.unwrap();
+    assert!(r.changed);
+    let c = next_change(&mut w).await;
+    assert!(c.deleted, "{c:?}");
+    assert_eq!(c.service, "s");
+    assert_eq!(c.version, r.version.version);
+    assert_eq!(c.removals, ["a", "b"]);
+    assert!(st.get_service("s".into()).await.unwrap().is_none());
+    let snap = st.snapshot().await.unwrap();
+    let names: Vec<_> = snap.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["other"]);
+    // An empty service goes without force; a removed one can be created again.
+    let v = add(st, "s", "a").await;
+    let c = next_change(&mut w).await;
+    assert_eq!((c.base, c.version, c.deleted), (0, v, false));
+    st.apply("s".into(), vec![Mutation::Remove("a".into())], None)
+        .await
+        .unwrap();
+    next_change(&mut w).await;
+    st.apply("s".into(), remove(false), None).await.unwrap();
+    assert!(next_change(&mut w).await.deleted);
+    assert!(st.get_service("s".into()).await.unwrap().is_none());
+}
+
 /// `test = history`: each test runs against each store, which remembers `history` changes.
 macro_rules! contract {
     ($($name:ident = $history:expr),* $(,)?) => {
@@ -581,6 +648,7 @@ contract!(
     records_are_validated_and_stamped = 1024,
     declare_keeps_runtime_state = 1024,
     removals_carry_their_reason = 1024,
+    services_can_be_removed = 1024,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -613,7 +681,17 @@ async fn embedded_store_keeps_everything_across_a_reopen() {
         st.apply("b".into(), vec![Mutation::Remove("y".into())], None)
             .await
             .unwrap();
+        // A removed service stays removed.
+        add(&st, "c", "w").await;
+        st.apply(
+            "c".into(),
+            vec![Mutation::RemoveService { force: true }],
+            None,
+        )
+        .await
+        .unwrap();
         let snap = st.snapshot().await.unwrap();
+        assert!(snap.services.iter().all(|s| s.name != "c"));
         (st.epoch(), snap.services, snap.revision)
     };
     let st = EmbeddedStore::open(dir.path()).unwrap();

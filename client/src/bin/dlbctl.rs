@@ -111,6 +111,15 @@ enum Command {
         /// Backend id.
         id: String,
     },
+    /// Remove a service: its policy and health check. Refused (exit 5, naming the count) while
+    /// it has backends unless --force, which removes them too; NOT_FOUND (exit 3) if missing.
+    RemoveService {
+        /// The service to remove.
+        name: String,
+        /// Remove it with its backends.
+        #[arg(long)]
+        force: bool,
+    },
     /// Change a backend.
     #[command(visible_alias = "update_server")]
     UpdateServer {
@@ -180,8 +189,8 @@ enum Command {
         id: String,
         /// Address, host:port.
         address: String,
-        /// Weight (default 1).
-        #[arg(long, default_value_t = 0)]
+        /// Weight, 1..=10000.
+        #[arg(long, default_value_t = 1)]
         weight: u32,
         /// Lease time to live, seconds (1..=3600); renewed every third of it.
         #[arg(long, default_value_t = 10)]
@@ -199,7 +208,9 @@ enum Command {
 enum PolicyCommand {
     /// Print the policy.
     Get,
-    /// Change the policy; fields not given keep their current value.
+    /// Change the policy; fields not given keep their current value. Creates the service if it
+    /// does not exist, like the SetPolicy RPC (the service is then operator-configured: it
+    /// stays when its last backend goes).
     Set(Box<PolicySet>),
 }
 
@@ -474,7 +485,13 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(cli)) {
+    // `register` catches SIGTERM/SIGINT before anything else happens (before it connects), so
+    // a signal during registration deregisters instead of killing it with a lease granted.
+    let interrupts = matches!(cli.command, Command::Register { .. }).then(|| {
+        let _guard = runtime.enter();
+        membership::Interrupts::install()
+    });
+    match runtime.block_on(run(cli, interrupts)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -602,7 +619,7 @@ fn parse_meta(entries: &[String]) -> Result<HashMap<String, String>, Error> {
     Ok(out)
 }
 
-async fn run(cli: Cli) -> Result<(), Error> {
+async fn run(cli: Cli, interrupts: Option<membership::Interrupts>) -> Result<(), Error> {
     let service = model::resolve_service(&cli.service)?.to_owned();
     let opts = channel_options(&cli)?;
     let mut admin = AdminClient::with_options([cli.endpoint.clone()], &opts)?;
@@ -627,6 +644,23 @@ async fn run(cli: Cli) -> Result<(), Error> {
             };
             let r = admin.add_server(&service, server).await?;
             print_server_response(j, "added", &r);
+        }
+        Command::RemoveService { name, force } => {
+            let r = admin.remove_service(&name, force).await?;
+            if j {
+                println!(
+                    "{}",
+                    json!({"removed_service": r.service, "removed_servers": r.removed_servers,
+                           "version": version_json(r.version)})
+                );
+            } else {
+                println!(
+                    "removed service {} ({} backend(s) with it; {})",
+                    r.service,
+                    r.removed_servers,
+                    version_text(r.version)
+                );
+            }
         }
         Command::RemoveServer { id } => {
             let r = admin.remove_server(&service, &id).await?;
@@ -776,7 +810,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 .weight(weight)
                 .ttl(std::time::Duration::from_secs(ttl));
             lease.metadata = parse_meta(&meta)?;
-            membership::register(&admin, &service, lease, j).await?;
+            let interrupts = interrupts.unwrap_or_else(membership::Interrupts::install);
+            membership::register(&admin, &service, lease, j, interrupts).await?;
         }
         Command::Dns(cmd) => membership::dns(&admin, &service, "", cmd, j).await?,
         Command::Policy(PolicyCommand::Get) => {

@@ -365,6 +365,7 @@ impl Cache {
     pub fn apply(&self, changes: &[Arc<Change>]) -> bool {
         let now = Instant::now();
         let mut appeared = false;
+        let mut gone = false;
         let mut consistent = true;
         let mut i = 0;
         while i < changes.len() {
@@ -389,8 +390,18 @@ impl Cache {
                 },
             };
             appeared |= st.snapshot.is_none();
+            let mut removed = false;
             for c in &changes[i..j] {
-                if c.base != snap.version.version {
+                if removed {
+                    // Created again after a removal in this batch.
+                    removed = false;
+                    snap.servers = Default::default();
+                    snap.policy = dlb::model::default_policy();
+                    snap.version.version = 0;
+                    st.history.clear();
+                    appeared = true;
+                }
+                if c.base != snap.version.version && !(c.deleted && c.base == 0) {
                     tracing::error!(
                         service = %name,
                         base = c.base,
@@ -399,6 +410,12 @@ impl Cache {
                     );
                     consistent = false;
                     break;
+                }
+                if c.deleted {
+                    // The service is gone: its followers are told it does not exist.
+                    removed = true;
+                    snap.version.version = c.version;
+                    continue;
                 }
                 for id in &c.removals {
                     snap.servers.remove(id.as_str());
@@ -420,7 +437,13 @@ impl Cache {
                     encoded: Memo::default(),
                 }));
             }
-            st.snapshot = Some(Arc::new(snap));
+            if removed {
+                st.snapshot = None;
+                st.history.clear();
+                gone = true;
+            } else {
+                st.snapshot = Some(Arc::new(snap));
+            }
             st.full = Memo::default();
             slot.wake_all(&st);
             drop(st);
@@ -432,7 +455,7 @@ impl Cache {
         if let Some(last) = changes.last() {
             self.revision.send_replace(last.version);
         }
-        if appeared {
+        if appeared || gone {
             self.services.send_modify(|n| *n += 1);
         }
         true

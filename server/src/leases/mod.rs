@@ -326,6 +326,9 @@ pub(crate) async fn expire(
                     );
                 }
                 metrics.membership.expiries.inc_by(gone.len() as u64);
+                if abandoned(&snapshot, gone.len()) {
+                    let _ = remove_abandoned(store, service, applied.version.version).await;
+                }
                 return true;
             }
             Err(Error::VersionMismatch { .. }) => continue,
@@ -336,6 +339,45 @@ pub(crate) async fn expire(
         }
     }
     false
+}
+
+/// Whether removing `removed` lease-owned backends from `before` leaves a service nothing else
+/// holds: no backend left, and its policy still the default one (nobody ran `SetPolicy`,
+/// `dlbctl policy set` / `health set`, or gave it a YAML `policy:`). Such a service was created
+/// by self-registration and goes with its last lease (docs/discovery.md); any other stays.
+pub(crate) fn abandoned(before: &crate::store::ServiceSnapshot, removed: usize) -> bool {
+    before.servers.len() == removed && before.policy == dlb::model::default_policy()
+}
+
+/// Removes a service its last lease left ([`abandoned`]), with a compare-and-set on `version`
+/// (the removal's version): a backend or a policy written meanwhile keeps it. Best effort: a
+/// failure leaves an empty service, as before. Returns the removal's revision.
+pub(crate) async fn remove_abandoned(
+    store: &dyn Store,
+    service: &str,
+    version: u64,
+) -> Option<u64> {
+    match store
+        .apply(
+            service.to_owned(),
+            vec![Mutation::RemoveService { force: false }],
+            Some(version),
+        )
+        .await
+    {
+        Ok(applied) => {
+            tracing::info!(
+                %service,
+                version = applied.version.version,
+                "service removed with its last lease"
+            );
+            Some(applied.version.version)
+        }
+        Err(e) => {
+            tracing::debug!(%service, error = %e, "service kept after its last lease");
+            None
+        }
+    }
 }
 
 #[cfg(test)]

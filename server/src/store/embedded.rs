@@ -68,12 +68,16 @@ impl Persist for Disk {
             meta.insert("revision", change.version)
                 .map_err(|e| err(&e))?;
             let mut services = txn.open_table(SERVICES).map_err(|e| err(&e))?;
-            services
-                .insert(
-                    service,
-                    encode_service(state.version, &state.policy).as_slice(),
-                )
-                .map_err(|e| err(&e))?;
+            if change.deleted {
+                services.remove(service).map_err(|e| err(&e))?;
+            } else {
+                services
+                    .insert(
+                        service,
+                        encode_service(state.version, &state.policy).as_slice(),
+                    )
+                    .map_err(|e| err(&e))?;
+            }
             let mut backends = txn.open_table(BACKENDS).map_err(|e| err(&e))?;
             for s in &change.upserts {
                 backends

@@ -141,7 +141,11 @@ impl Engine {
         {
             let mut st = self.state.lock();
             st.revision = revision;
-            st.services.insert(service.to_owned(), state);
+            if plan.deleted {
+                st.services.remove(service);
+            } else {
+                st.services.insert(service.to_owned(), state);
+            }
             if st.log.len() >= self.log_capacity {
                 if let Some(old) = st.log.pop_front() {
                     st.compacted = old.version;

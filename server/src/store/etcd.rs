@@ -525,6 +525,45 @@ impl Inner {
                 compares.push(Compare::create_revision(key, CompareOp::Equal, revision));
             }
             let mut ops = Vec::with_capacity(change.upserts.len() + change.removals.len() + 2);
+            if plan.deleted {
+                // The meta key's delete event tells watchers the service is gone.
+                let (count, count_revision) = self.service_count().await?;
+                compares.push(Compare::mod_revision(
+                    self.keys.services(),
+                    CompareOp::Equal,
+                    count_revision,
+                ));
+                ops.push(TxnOp::put(
+                    self.keys.services(),
+                    count.saturating_sub(1).to_string(),
+                    None,
+                ));
+                ops.push(TxnOp::delete(meta_key.clone(), None));
+                for id in &change.removals {
+                    ops.push(TxnOp::delete(self.keys.server(&service, id), None));
+                }
+                let resp = self
+                    .kv
+                    .clone()
+                    .txn(Txn::new().when(compares).and_then(ops))
+                    .await
+                    .map_err(etcd)?;
+                if !resp.succeeded() {
+                    if let Some((key, revision)) = fence {
+                        self.check_fence(key, revision).await?;
+                    }
+                    continue;
+                }
+                let committed = header_revision(resp.header())?;
+                self.mirror.lock().remove(&service);
+                self.compact_after(committed).await;
+                return Ok(Applied {
+                    version: self.version(revision(committed)),
+                    changed: true,
+                    policy: plan.state.policy,
+                    servers: Vec::new(),
+                });
+            }
             if current.is_none() {
                 let (count, count_revision) = self.service_count().await?;
                 check_service_quota(count)?;
@@ -689,6 +728,7 @@ impl Inner {
         let mut meta = None;
         let mut upserts = Vec::new();
         let mut removals = Vec::new();
+        let mut service_deleted = false;
         for e in events {
             let kv = e.kv().ok_or_else(|| {
                 Error::Storage(format!("etcd: revision {rev}: event without key"))
@@ -708,7 +748,7 @@ impl Inner {
             let deleted = kv.version() == 0;
             match (entry, deleted) {
                 (Entry::Meta, false) => meta = Some(decode_meta(kv.key(), kv.value())?),
-                (Entry::Meta, true) => return Err(corrupt(kv.key(), "deleted")),
+                (Entry::Meta, true) => service_deleted = true,
                 (Entry::Server(id), false) => {
                     upserts.push(decode_server(kv.key(), id, kv.value())?);
                 }
@@ -716,6 +756,21 @@ impl Inner {
             }
         }
         let service = service.unwrap_or_default().to_owned();
+        if service_deleted {
+            removals.sort();
+            // RemoveService: the delete event carries no base (the cache accepts base 0).
+            return Ok(Change {
+                service,
+                base: 0,
+                version: revision(rev),
+                upserts: Vec::new(),
+                created: Vec::new(),
+                removals,
+                removal_reasons: Default::default(),
+                policy: None,
+                deleted: true,
+            });
+        }
         let (meta, policy) = meta.ok_or_else(|| {
             Error::Storage(format!(
                 "etcd: revision {rev} of service {service:?} has no meta key"
@@ -732,6 +787,7 @@ impl Inner {
             removals,
             removal_reasons: meta.removal_reasons,
             policy: meta.policy_changed.then_some(policy),
+            deleted: false,
         })
     }
 }

@@ -118,6 +118,10 @@ pub struct Change {
     pub removal_reasons: BTreeMap<String, String>,
     /// The new policy, when the write changed it (always set when the write created the service).
     pub policy: Option<proto::Policy>,
+    /// The write removed the service ([`Mutation::RemoveService`]): `removals` lists the
+    /// backends it still had, and the service does not exist after it. `base` may be 0 when
+    /// the store cannot tell (etcd: the deleted key carries none).
+    pub deleted: bool,
 }
 
 /// What [`Store::watch`] yields.
@@ -260,6 +264,14 @@ pub enum Mutation {
     /// Sets the policy, creating the service if needed. `ALGORITHM_UNSPECIFIED` keeps the
     /// current algorithm (the default one for a new service).
     SetPolicy(proto::Policy),
+    /// Removes the service itself — its policy (and so its health check) and, with `force`, its
+    /// backends. Must be the only mutation of its batch. `NOT_FOUND` if the service does not
+    /// exist; `FAILED_PRECONDITION` naming the count when it still has backends and `force` is
+    /// not set. The removal frees its place in the service quota.
+    RemoveService {
+        /// Remove it even when it still has backends.
+        force: bool,
+    },
 }
 
 /// The outcome of an [`Store::apply`].
@@ -334,6 +346,7 @@ mod tests {
             removals: removals.iter().map(|s| s.to_string()).collect(),
             removal_reasons: BTreeMap::new(),
             policy: None,
+            deleted: false,
         }
     }
 

@@ -52,6 +52,9 @@ pub(crate) struct Plan {
     pub change: Option<Change>,
     /// The records the mutations named, after the batch.
     pub named: Vec<proto::Server>,
+    /// The batch removes the service ([`Mutation::RemoveService`]): drop it, do not store
+    /// `state`.
+    pub deleted: bool,
 }
 
 /// The sources of a new backend: the operator registered it, so admin says healthy (the seed's
@@ -149,6 +152,12 @@ pub(crate) fn plan(
                 current: current_version,
             });
         }
+    }
+    if let Some(force) = mutations.iter().find_map(|m| match m {
+        Mutation::RemoveService { force } => Some(*force),
+        _ => None,
+    }) {
+        return plan_removal(service, current, mutations.len(), force);
     }
     let mut state = current
         .cloned()
@@ -256,6 +265,9 @@ pub(crate) fn plan(
                 touched.insert(id.clone());
                 named.push(id);
             }
+            Mutation::RemoveService { .. } => {
+                return Err(Error::Task("RemoveService is planned apart".into()));
+            }
             Mutation::SetPolicy(policy) => {
                 let mut policy = policy.clone();
                 if policy.algorithm == proto::Algorithm::Unspecified as i32 {
@@ -334,10 +346,51 @@ pub(crate) fn plan(
             removals,
             removal_reasons,
             policy: policy_changed.then_some(state.policy.clone()),
+            deleted: false,
         });
     Ok(Plan {
         state,
         change,
         named,
+        deleted: false,
+    })
+}
+
+/// The plan of a batch holding a [`Mutation::RemoveService`] (alone, `batch_len` 1).
+fn plan_removal(
+    service: &str,
+    current: Option<&ServiceState>,
+    batch_len: usize,
+    force: bool,
+) -> Result<Plan, Error> {
+    if batch_len != 1 {
+        return Err(Error::Invalid(model::ValidationError::new(
+            "mutations",
+            batch_len,
+            "a service removal must be the only mutation of its batch",
+        )));
+    }
+    let current = current.ok_or_else(|| Error::ServiceNotFound(service.to_owned()))?;
+    if !force && !current.servers.is_empty() {
+        return Err(Error::ServiceNotEmpty {
+            service: service.to_owned(),
+            backends: current.servers.len(),
+        });
+    }
+    Ok(Plan {
+        state: ServiceState::new(0, model::default_policy(), Servers::new()),
+        change: Some(Change {
+            service: service.to_owned(),
+            base: current.version,
+            version: 0,
+            upserts: Vec::new(),
+            created: Vec::new(),
+            removals: current.servers.keys().map(|id| id.to_string()).collect(),
+            removal_reasons: BTreeMap::new(),
+            policy: None,
+            deleted: true,
+        }),
+        named: Vec::new(),
+        deleted: true,
     })
 }

@@ -44,6 +44,8 @@ struct Stream {
     followed: Followed,
     next_nonce: u64,
     tx: Tx,
+    /// Limits the log lines this client can trigger (NACKs).
+    log: crate::log_limit::LogLimiter,
 }
 
 impl Stream {
@@ -74,6 +76,7 @@ impl Stream {
                 record_nack(
                     &self.ctx,
                     &self.reg.state,
+                    &mut self.log,
                     &type_url,
                     &version,
                     &nonce,
@@ -230,6 +233,7 @@ pub(crate) async fn run(
         followed,
         next_nonce: 0,
         tx,
+        log: crate::log_limit::LogLimiter::default(),
     };
     loop {
         let mut pending: Vec<String> = Vec::new();
@@ -245,6 +249,9 @@ pub(crate) async fn run(
                 },
                 Some(Err(status)) => {
                     tracing::debug!(code = ?status.code(), "xds: delta stream failed");
+                    if let Some(status) = super::request_error("DeltaDiscoveryRequest", &status) {
+                        let _ = s.tx.send(Err(status)).await;
+                    }
                     break;
                 }
                 None => break,
@@ -276,6 +283,7 @@ pub(crate) async fn run(
             break;
         }
     }
+    super::finish_log(&s.reg.state, &mut s.log);
     drop(s);
     ctx.metrics.xds().streams(-1);
 }

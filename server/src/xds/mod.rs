@@ -418,6 +418,7 @@ pub(crate) fn record_node(
 pub(crate) fn record_nack(
     ctx: &Context,
     state: &parking_lot::Mutex<clients::ClientState>,
+    log: &mut crate::log_limit::LogLimiter,
     type_url: &str,
     version: &str,
     nonce: &str,
@@ -436,12 +437,45 @@ pub(crate) fn record_nack(
         });
         st.node_id.clone()
     };
+    ctx.metrics.xds().nack(type_url);
+    // Rate-limited per stream: a client NACKing in a loop costs a few lines per window.
+    let Some(suppressed) = log.check() else {
+        return;
+    };
     tracing::warn!(
         node = %node,
         r#type = resources::short_name(type_url),
         nonce = %clients::escaped(nonce, 128),
         error = %message,
+        suppressed,
         "xds: client rejected a response (NACK)"
     );
-    ctx.metrics.xds().nack(type_url);
+}
+
+/// Logs the NACK lines of a stream that were suppressed and not reported yet, as it ends.
+pub(crate) fn finish_log(
+    state: &parking_lot::Mutex<clients::ClientState>,
+    log: &mut crate::log_limit::LogLimiter,
+) {
+    let suppressed = log.finish();
+    if suppressed > 0 {
+        let node = state.lock().node_id.clone();
+        tracing::warn!(node = %node, suppressed, "xds: {suppressed} similar messages suppressed");
+    }
+}
+
+/// The status that ends a stream whose request stream failed: a request that cannot be decoded
+/// is `INVALID_ARGUMENT` (tonic reports it as INTERNAL, which would blame the server), one too
+/// large `RESOURCE_EXHAUSTED`; `None` when the client just went away.
+pub(crate) fn request_error(what: &str, e: &tonic::Status) -> Option<tonic::Status> {
+    let msg = clients::escaped(e.message(), 200);
+    match e.code() {
+        tonic::Code::Internal => Some(tonic::Status::invalid_argument(format!(
+            "undecodable {what}: {msg}"
+        ))),
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => Some(
+            tonic::Status::resource_exhausted(format!("{what} too large: {msg}")),
+        ),
+        _ => None,
+    }
 }

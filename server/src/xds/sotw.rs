@@ -77,6 +77,8 @@ struct Stream {
     followed: Followed,
     next_nonce: u64,
     tx: Tx,
+    /// Limits the log lines this client can trigger (NACKs).
+    log: crate::log_limit::LogLimiter,
 }
 
 impl Stream {
@@ -111,6 +113,7 @@ impl Stream {
                 record_nack(
                     &self.ctx,
                     &self.reg.state,
+                    &mut self.log,
                     &type_url,
                     &req.version_info,
                     &req.response_nonce,
@@ -216,6 +219,7 @@ pub(crate) async fn run(
         followed,
         next_nonce: 0,
         tx,
+        log: crate::log_limit::LogLimiter::default(),
     };
     loop {
         // (type, force): a (re)subscription always gets an answer; a wake-up only a change.
@@ -232,6 +236,9 @@ pub(crate) async fn run(
                 },
                 Some(Err(status)) => {
                     tracing::debug!(code = ?status.code(), "xds: stream failed");
+                    if let Some(status) = super::request_error("DiscoveryRequest", &status) {
+                        let _ = s.tx.send(Err(status)).await;
+                    }
                     break;
                 }
                 None => break,
@@ -265,6 +272,7 @@ pub(crate) async fn run(
             break;
         }
     }
+    super::finish_log(&s.reg.state, &mut s.log);
     drop(s);
     ctx.metrics.xds().streams(-1);
 }

@@ -13,8 +13,11 @@ pub enum HealthCommand {
     /// Print the service's health check.
     Get,
     /// Set the service's health check (replaces it; flags not given take their defaults).
+    /// Creates the service if it does not exist, like `policy set` (the service is then
+    /// operator-configured: it stays when its last backend goes).
     Set(Box<HealthSet>),
-    /// Remove the health check: probes stop and their verdicts are cleared.
+    /// Remove the health check: probes stop and their verdicts are cleared. NOT_FOUND if the
+    /// service does not exist.
     Off,
     /// Show the checker's live view of each backend: state, counts, last result and RTT.
     Show,
@@ -53,7 +56,7 @@ pub struct HealthSet {
     /// Interval, ms (default 5000).
     #[arg(long)]
     interval_ms: Option<u32>,
-    /// Timeout, ms (default 1000).
+    /// Timeout, ms (default 1000, or the interval when it is shorter).
     #[arg(long)]
     timeout_ms: Option<u32>,
     /// Consecutive passes to become healthy (default 2).
@@ -68,7 +71,7 @@ pub struct HealthSet {
     /// Interval while unhealthy, ms (default: interval).
     #[arg(long)]
     down_interval_ms: Option<u32>,
-    /// ± jitter on each interval, percent (0..=50).
+    /// ± jitter on each interval, percent (0..=50, default 0).
     #[arg(long)]
     jitter_percent: Option<u32>,
     /// Flap damping: transitions within the window beyond which a backend is held down (0 off).
@@ -209,7 +212,8 @@ pub async fn run(
                     r.policy.unwrap_or_else(model::default_policy),
                     r.version.map_or(0, |v| v.version),
                 ),
-                Err(Error::NotFound(_)) => (model::default_policy(), 0),
+                // `set` creates the service (its help says so); `off` has nothing to turn off.
+                Err(Error::NotFound(_)) if hc.is_some() => (model::default_policy(), 0),
                 Err(e) => return Err(e),
             };
             policy.health_check = hc;

@@ -73,16 +73,92 @@ pub fn list_json(s: &proto::Server, leases: &HashMap<String, proto::LeaseInfo>) 
     json!({"source": source_name(s), "lease": lease, "dns_name": s.dns_name})
 }
 
+/// SIGTERM and SIGINT (Ctrl-C), caught from the moment [`Interrupts::install`] runs: from then
+/// on they no longer end the process but are kept for [`Interrupts::recv`], even one that
+/// arrives before anyone waits. `dlbctl register` installs them before it connects, so a signal
+/// during registration cannot kill it between "registered" and "deregistered".
+pub struct Interrupts {
+    #[cfg(unix)]
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Interrupts {
+    /// Installs the handlers; call inside the runtime's context (`Runtime::enter`).
+    pub fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Self {
+                term: signal(SignalKind::terminate()).ok(),
+                int: signal(SignalKind::interrupt()).ok(),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            Self {}
+        }
+    }
+
+    /// Resolves on the next SIGTERM or SIGINT (one already received counts).
+    pub async fn recv(&mut self) {
+        #[cfg(unix)]
+        {
+            async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+                match s {
+                    Some(s) => {
+                        if s.recv().await.is_none() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            }
+            if self.term.is_none() && self.int.is_none() {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+            tokio::select! {
+                () = next(&mut self.term) => {}
+                () = next(&mut self.int) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
 /// `dlbctl register`: registers with a lease, renews it until Ctrl-C or SIGTERM, then
-/// deregisters.
+/// deregisters. A signal during registration deregisters once the registration completes; a
+/// second one then exits at once (the lease, if it was granted, expires on its own).
 pub async fn register(
     admin: &AdminClient,
     service: &str,
     lease: Lease,
     json_out: bool,
+    mut interrupts: Interrupts,
 ) -> Result<(), Error> {
     let ttl = lease.ttl;
-    let reg = admin.register_and_keep(service, lease).await?;
+    let registering = admin.register_and_keep(service, lease);
+    tokio::pin!(registering);
+    let mut interrupted = false;
+    let reg = loop {
+        tokio::select! {
+            r = &mut registering => break r?,
+            () = interrupts.recv() => {
+                if interrupted {
+                    return Err(Error::Rpc(tonic::Status::cancelled(
+                        "interrupted twice during registration: exiting; a lease granted meanwhile expires with its TTL",
+                    )));
+                }
+                interrupted = true;
+                eprintln!("interrupted: deregistering once the registration completes (interrupt again to exit now)");
+            }
+        }
+    };
     let r = reg.registered();
     let server = r.server.clone().unwrap_or_default();
     if json_out {
@@ -101,7 +177,9 @@ pub async fn register(
         );
     }
     let _ = std::io::stdout().flush();
-    interrupted().await;
+    if !interrupted {
+        interrupts.recv().await;
+    }
     let d = reg.deregister().await?;
     if json_out {
         println!(
@@ -112,29 +190,6 @@ pub async fn register(
         println!("deregistered {} from {}", server.server_id, d.service);
     }
     Ok(())
-}
-
-/// Resolves on Ctrl-C or (on Unix) SIGTERM.
-async fn interrupted() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }
 
 fn dns_json(d: &proto::DnsStatus) -> Value {
