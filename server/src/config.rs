@@ -718,7 +718,7 @@ fn convert_service(ctx: &Ctx<'_>, i: usize, s: &RawService) -> Result<ServiceCon
         let field = if field == "sticky_mode" {
             "sticky".to_owned()
         } else {
-            crate::config_adaptive::yaml_field(field)
+            crate::config_adaptive::yaml_field(&crate::health::config::yaml_field(field))
         };
         ctx.invalid(at(&format!("policy.{field}")), e)
     })?;

@@ -133,11 +133,11 @@ impl EmbeddedStore {
                 // First through a scratch copy of every write, so a damaged file is not touched.
                 contained(&path, || {
                     let db = open_scratch(&path)?;
-                    read_state(&db, &path)
+                    read_state(&db, &path, false)
                 })?;
                 let (db, loaded) = contained(&path, || {
                     let db = open_real(&path)?;
-                    let loaded = read_state(&db, &path)?;
+                    let loaded = read_state(&db, &path, true)?;
                     Ok((db, loaded))
                 })?;
                 (db, path, loaded)
@@ -197,8 +197,9 @@ pub(super) fn initialize(db: &Database, path: &Path) -> Result<u64, Error> {
 
 /// Reads and validates every record of the file (read only). A missing table reads as empty;
 /// records without an epoch, a service newer than the revision, or any record that does not
-/// decode and validate are errors naming the file.
-fn read_state(db: &impl ReadableDatabase, path: &Path) -> Result<Loaded, Error> {
+/// decode (or, for backends, validate) are errors naming the file. A policy that decodes but
+/// fails a validation rule added since it was stored is kept, with a warning (`warn`).
+fn read_state(db: &impl ReadableDatabase, path: &Path, warn: bool) -> Result<Loaded, Error> {
     let err = |e: &dyn std::fmt::Display| damaged(path, e);
     let txn = db.begin_read().map_err(|e| err(&e))?;
     let mut out = Loaded::default();
@@ -226,8 +227,18 @@ fn read_state(db: &impl ReadableDatabase, path: &Path) -> Result<Loaded, Error> 
                     .map_err(|e| err(&format!("stored service {name:?}: {e}")))?;
                 let (version, policy) = decode_service(v.value())
                     .ok_or_else(|| err(&format!("service {name:?}: undecodable record")))?;
-                model::validate_policy(&policy)
-                    .map_err(|e| err(&format!("service {name:?}: {e}")))?;
+                if let Err(e) = model::validate_policy(&policy) {
+                    // A rule added since the policy was stored: not damage. Kept as stored;
+                    // the next SetPolicy (or the config file) replaces it.
+                    if warn {
+                        tracing::warn!(
+                            file = %path.display(),
+                            service = %name,
+                            error = %e,
+                            "a stored policy fails a validation rule added since; kept as stored"
+                        );
+                    }
+                }
                 if version > out.revision {
                     return Err(err(&format!(
                         "service {name:?}: version {version} is past the store's revision {}",
