@@ -6,8 +6,9 @@
 //! * the document's size once YAML aliases are expanded is counted by a walk that allocates
 //!   nothing and stops at [`MAX_YAML_NODES`], so nested aliases (a "billion laughs" document of a
 //!   few KB) are refused before anything is built from them;
-//! * lists that have a quota (services, a service's backends) stop at it while being read, with
-//!   the line of the list, instead of building a million entries first;
+//! * no list may be longer than the backend quota (65,535), and lists that have a quota
+//!   (services, a service's backends) stop at it while being read, with the line, instead of
+//!   building a million entries first;
 //! * unknown and duplicate top-level keys, which serde_yaml reports without a position, get the
 //!   line of the key.
 
@@ -19,14 +20,20 @@ use std::path::Path;
 use serde::de::{self, DeserializeSeed, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 
+use dlb::model;
+
 use crate::config::ConfigError;
 
 /// The largest configuration file `dlbd` reads.
 pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
 
 /// The most YAML nodes (scalars, sequences, mappings) a configuration may have once its aliases
-/// are expanded. A real configuration at every quota (10,000 services) stays far below.
-pub const MAX_YAML_NODES: u64 = 2_000_000;
+/// are expanded. A service at the backend quota written out in full is about 330,000.
+pub const MAX_YAML_NODES: u64 = 1_000_000;
+
+/// The longest list any configuration holds (a service's backends, [`model::MAX_BACKENDS_PER_SERVICE`]):
+/// the walk refuses a longer one at its first entry past it, whatever it is made of.
+const MAX_LIST: usize = model::MAX_BACKENDS_PER_SERVICE;
 
 fn syntax(file: &str, message: String, line: Option<usize>) -> ConfigError {
     ConfigError::Syntax {
@@ -209,7 +216,16 @@ impl<'de> Visitor<'de> for Count<'_> {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         self.tick()?;
-        while seq.next_element_seed(self)?.is_some() {}
+        let mut n = 0usize;
+        while seq.next_element_seed(self)?.is_some() {
+            n += 1;
+            if n > MAX_LIST {
+                return Err(de::Error::custom(format!(
+                    "more than {MAX_LIST} entries (the quota of a service's backends, the \
+                     longest list a configuration holds)"
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -322,15 +338,24 @@ mod tests {
 
     #[test]
     fn a_million_backends_stop_at_the_quota_with_the_line() {
-        let mut yaml = String::from("services:\n  - name: big\n    backends:\n");
-        for i in 0..70_000 {
-            yaml.push_str(&format!(
-                "      - {{id: b{i}, address: \"10.0.0.1:{}\"}}\n",
-                1 + i % 60_000
-            ));
+        let mut yaml = String::from("services:\n");
+        for i in 0..10_001 {
+            yaml.push_str(&format!("  - name: s{i}\n"));
         }
         let e = err(&yaml);
-        assert!(e.to_string().contains("more than 65535 entries"), "{e}");
-        assert!(e.line().is_some(), "{e}");
+        assert!(e.to_string().contains("more than 10000 entries"), "{e}");
+        assert_eq!(e.line(), Some(2), "{e}");
+        // A million of them, written with an alias (4 MB): the same, at the list's entry.
+        let yaml = format!(
+            "services:\n  - name: big\n    backends: [&b {{id: a, address: \"h:1\"}}, {}]\n",
+            vec!["*b"; 999_999].join(", ")
+        );
+        let e = err(&yaml);
+        assert!(
+            e.to_string()
+                .contains("services[0].backends: more than 65535 entries"),
+            "{e}"
+        );
+        assert_eq!(e.line(), Some(3), "{e}");
     }
 }
