@@ -19,7 +19,8 @@
 //! unexpected file is refused without a byte of it changing, and recovered from, is
 //! [`embedded_open`](super::embedded_open)'s. The watch history is kept in RAM: after a restart a
 //! watch from before the open reports `Compacted`. redb locks the file, so a second `dlbd` on the
-//! same data dir fails to open it.
+//! same data dir fails to open it (after retrying for 2 s, so a restart does not race the
+//! previous handle's close).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -32,7 +33,7 @@ use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableError};
 
 use super::embedded_open::{
-    contained, create_new, damaged, locate, open_real, open_scratch, storage, Located,
+    contained, create_new, damaged, is_in_use, locate, open_real, open_scratch, storage, Located,
 };
 use super::engine::{Engine, Persist, ServiceState};
 use super::memory::DEFAULT_HISTORY;
@@ -47,6 +48,9 @@ const BACKENDS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("bac
 
 /// The database file inside the data directory.
 pub const DB_FILE: &str = "dlbd.redb";
+
+/// How long an open retries a store file that another handle holds before refusing it.
+const IN_USE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A [`Store`] persisted in a redb file. See the module docs.
 #[derive(Debug, Clone)]
@@ -124,7 +128,21 @@ impl EmbeddedStore {
 
     /// Like [`EmbeddedStore::open`], remembering the last `history` changes for watches.
     pub fn open_with_history(dir: impl AsRef<Path>, history: usize) -> Result<Self, Error> {
-        let (db, path, loaded) = match locate(dir.as_ref())? {
+        // A file another handle holds (a previous dlbd, or a restarted server in this process,
+        // still closing) is tried again for a short while: a lock conflict wrote nothing.
+        let deadline = std::time::Instant::now() + IN_USE_WAIT;
+        loop {
+            match Self::open_once(dir.as_ref(), history) {
+                Err(e) if is_in_use(&e) && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn open_once(dir: &Path, history: usize) -> Result<Self, Error> {
+        let (db, path, loaded) = match locate(dir)? {
             Located::New(path) => {
                 let db = contained(&path, || create_new(&path))?;
                 (db, path, Loaded::default())

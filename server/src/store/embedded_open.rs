@@ -115,6 +115,13 @@ pub(super) fn open_error(path: &Path, e: DatabaseError) -> Error {
     }
 }
 
+/// Whether `e` is [`open_error`]'s "in use by another process".
+pub(super) fn is_in_use(e: &Error) -> bool {
+    matches!(e, Error::Storage(m) if m.contains(IN_USE))
+}
+
+const IN_USE: &str = "the store file is in use by another process";
+
 /// "The store file is damaged": `what` says how.
 pub(super) fn damaged(path: &Path, what: impl std::fmt::Display) -> Error {
     storage(
@@ -237,7 +244,7 @@ pub fn reset(dir: &Path) -> Result<Option<PathBuf>, Error> {
             // A file in use stays where it is: moving it would leave its owner writing to a
             // file no restart would find.
             match contained(&path, || open_scratch(&path)) {
-                Err(e) if e.to_string().contains("in use by another process") => return Err(e),
+                Err(e) if is_in_use(&e) => return Err(e),
                 _ => {}
             }
             let stamp = utc_stamp(SystemTime::now());
