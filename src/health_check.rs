@@ -26,6 +26,8 @@ pub const DEFAULT_FLAP_HOLD_DOWN_MS: u32 = 30_000;
 pub const DEFAULT_FLAP_MAX_HOLD_DOWN_MS: u32 = 600_000;
 /// Bounds of an interval, milliseconds.
 pub const INTERVAL_RANGE_MS: std::ops::RangeInclusive<u32> = 10..=3_600_000;
+/// Longest flap window, hold-down and max hold-down, milliseconds (one hour).
+pub const MAX_FLAP_MS: u32 = 3_600_000;
 /// Longest `send` / `expect_prefix` / `body_contains`, bytes.
 pub const MAX_PAYLOAD: usize = 1_024;
 /// How much of an HTTP body is searched for `body_contains`.
@@ -108,11 +110,24 @@ fn err(field: &str, value: impl std::fmt::Display, rule: &str) -> ValidationErro
     ValidationError::new(format!("policy.health_check.{field}"), value, rule)
 }
 
+/// A byte allowed in a probe's path and Host header: printable ASCII, no space.
+fn visible_ascii(b: u8) -> bool {
+    b.is_ascii_graphic()
+}
+
+/// The shortest of the interval, fast interval and down interval (each defaulting to the
+/// interval): a probe's timeout must fit in it.
+fn shortest_interval(hc: &proto::HealthCheck) -> u32 {
+    let interval = or(hc.interval_ms, DEFAULT_INTERVAL_MS);
+    interval
+        .min(or(hc.fast_interval_ms, interval))
+        .min(or(hc.down_interval_ms, interval))
+}
+
 /// Checks a health check as it would be stored; errors name the field
 /// (`policy.health_check.interval_ms`, …).
 pub fn validate(hc: &proto::HealthCheck) -> Result<(), ValidationError> {
     use proto::health_check::Kind;
-    let interval = or(hc.interval_ms, DEFAULT_INTERVAL_MS);
     for (field, v) in [
         ("interval_ms", hc.interval_ms),
         ("fast_interval_ms", hc.fast_interval_ms),
@@ -126,9 +141,23 @@ pub fn validate(hc: &proto::HealthCheck) -> Result<(), ValidationError> {
             ));
         }
     }
-    let timeout = or(hc.timeout_ms, DEFAULT_TIMEOUT_MS.min(interval));
-    if timeout > interval {
-        return Err(err("timeout_ms", timeout, "must be at most the interval"));
+    let shortest = shortest_interval(hc);
+    let timeout = or(hc.timeout_ms, DEFAULT_TIMEOUT_MS.min(shortest));
+    if timeout > shortest {
+        return Err(err(
+            "timeout_ms",
+            timeout,
+            "must be at most the interval, fast_interval_ms and down_interval_ms",
+        ));
+    }
+    for (field, v) in [
+        ("flap_window_ms", hc.flap_window_ms),
+        ("flap_hold_down_ms", hc.flap_hold_down_ms),
+        ("flap_max_hold_down_ms", hc.flap_max_hold_down_ms),
+    ] {
+        if v > MAX_FLAP_MS {
+            return Err(err(field, v, "must be at most 3600000 (one hour)"));
+        }
     }
     for (field, v) in [
         ("healthy_threshold", hc.healthy_threshold),
@@ -180,19 +209,21 @@ pub fn validate(hc: &proto::HealthCheck) -> Result<(), ValidationError> {
             if !h.path.is_empty()
                 && (!h.path.starts_with('/')
                     || h.path.len() > MAX_PAYLOAD
-                    || h.path.bytes().any(|b| b <= b' ' || b == 0x7f))
+                    || !h.path.bytes().all(visible_ascii))
             {
                 return Err(err(
                     "http.path",
-                    h.path.escape_debug(),
-                    "must start with '/' and hold no spaces or control characters (at most 1024 bytes)",
+                    h.path.escape_default(),
+                    "must start with '/' and be visible ASCII: no spaces, control characters or \
+                     non-ASCII bytes (percent-encode them; at most 1024 bytes)",
                 ));
             }
-            if h.host.len() > 255 || h.host.bytes().any(|b| b <= b' ' || b == 0x7f) {
+            if h.host.len() > 255 || !h.host.bytes().all(visible_ascii) {
                 return Err(err(
                     "http.host",
-                    h.host.escape_debug(),
-                    "must be a host name without spaces (at most 255 bytes)",
+                    h.host.escape_default(),
+                    "must be a host name in visible ASCII, without spaces (IDNA-encode it; at \
+                     most 255 bytes)",
                 ));
             }
             for r in &h.expected_statuses {
@@ -276,7 +307,10 @@ pub fn resolve(hc: &proto::HealthCheck) -> Result<CheckSpec, ValidationError> {
     Ok(CheckSpec {
         kind,
         interval: ms(interval),
-        timeout: ms(or(hc.timeout_ms, DEFAULT_TIMEOUT_MS.min(interval))),
+        timeout: ms(or(
+            hc.timeout_ms,
+            DEFAULT_TIMEOUT_MS.min(shortest_interval(hc)),
+        )),
         fast_interval: ms(or(hc.fast_interval_ms, interval)),
         down_interval: ms(or(hc.down_interval_ms, interval)),
         jitter_percent: hc.jitter_percent,
@@ -345,6 +379,59 @@ mod tests {
             validate(&hc).expect_err("bad range").field,
             "policy.health_check.http.expected_statuses"
         );
+        // The timeout fits the fast and down intervals too, by default and when given.
+        let mut hc = http();
+        hc.fast_interval_ms = 300;
+        assert_eq!(
+            resolve(&hc).expect("ok").timeout,
+            Duration::from_millis(300)
+        );
+        hc.timeout_ms = 500;
+        assert_eq!(
+            validate(&hc).expect_err("timeout > fast").field,
+            "policy.health_check.timeout_ms"
+        );
+        hc.fast_interval_ms = 0;
+        hc.down_interval_ms = 400;
+        assert!(validate(&hc).is_err());
+        hc.down_interval_ms = 500;
+        assert!(validate(&hc).is_ok());
+        // Hold-downs are bounded (u32::MAX ms is 49.7 days).
+        let mut hc = http();
+        hc.flap_hold_down_ms = u32::MAX;
+        hc.flap_max_hold_down_ms = u32::MAX;
+        assert_eq!(
+            validate(&hc).expect_err("49.7 days").field,
+            "policy.health_check.flap_hold_down_ms"
+        );
+        hc.flap_hold_down_ms = 3_600_000;
+        assert_eq!(
+            validate(&hc).expect_err("max too").field,
+            "policy.health_check.flap_max_hold_down_ms"
+        );
+        hc.flap_max_hold_down_ms = 3_600_000;
+        assert!(validate(&hc).is_ok());
+        // Path and Host are visible ASCII: a non-ASCII byte would go out raw.
+        for (path, host) in [
+            ("/h\u{e9}alth", ""),
+            ("/ok", "w\u{e9}b.internal"),
+            ("/a b", ""),
+        ] {
+            let mut hc = http();
+            if let Some(proto::health_check::Kind::Http(h)) = &mut hc.kind {
+                h.path = path.into();
+                h.host = host.into();
+            }
+            let e = validate(&hc).expect_err("non-ASCII");
+            assert!(
+                e.field.ends_with(if host.is_empty() {
+                    "http.path"
+                } else {
+                    "http.host"
+                }),
+                "{e}"
+            );
+        }
         // A short interval gets a timeout that fits it by default.
         let mut hc = http();
         hc.interval_ms = 100;

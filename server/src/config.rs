@@ -4,7 +4,8 @@
 //! `deny_unknown_fields` (syntax, unknown fields and type errors carry serde_yaml's line and
 //! column), then semantic validation with `dlb::model` (the same rules as the gRPC API). A
 //! semantic error names its path (`services[0].backends[1].weight`) and, found by re-scanning the
-//! text for that path ([`locate_line`]), its line. Values are stored as the wire types
+//! text for that path ([`locate_line`]), its line. Before parsing, the input is bounded (size,
+//! NUL bytes, UTF-8, YAML nodes once aliases expand, list quotas: `crate::config_input`). Values are stored as the wire types
 //! (`dlb::proto::Policy`, `dlb::proto::Server`), so the store receives the same messages whatever
 //! the entry point.
 //!
@@ -426,7 +427,10 @@ struct RawConfig {
     max_session_age_seconds: Option<u64>,
     per_backend_metrics: Option<bool>,
     health_max_in_flight: Option<u64>,
-    #[serde(default)]
+    #[serde(
+        default,
+        deserialize_with = "crate::config_input::at_most::<_, _, { model::MAX_SERVICES }>"
+    )]
     services: Vec<RawService>,
     dns: Option<RawDns>,
 }
@@ -454,7 +458,10 @@ struct RawKeepalive {
 struct RawService {
     name: String,
     policy: Option<RawPolicy>,
-    #[serde(default)]
+    #[serde(
+        default,
+        deserialize_with = "crate::config_input::at_most::<_, _, { model::MAX_BACKENDS_PER_SERVICE }>"
+    )]
     backends: Vec<RawBackend>,
     /// `name:port`: the service's DNS-owned backends follow this name.
     dns: Option<String>,
@@ -532,14 +539,18 @@ impl ServerConfig {
     /// Reads and parses a YAML configuration file.
     pub fn from_yaml_file(p: &Path) -> Result<Self, ConfigError> {
         let file = p.display().to_string();
-        let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-            file: file.clone(),
-            source,
-        })?;
+        let text = crate::config_input::read_file(p, &file)?;
         Self::parse(&text, &file)
     }
 
     fn parse(text: &str, file: &str) -> Result<Self, ConfigError> {
+        if text.len() as u64 > crate::config_input::MAX_CONFIG_BYTES {
+            return Err(ConfigError::Syntax {
+                file: file.to_owned(),
+                message: "the configuration is larger than 16 MiB".into(),
+                line: None,
+            });
+        }
         let raw: RawConfig = if text.trim().is_empty() {
             RawConfig {
                 listen: None,
@@ -553,11 +564,10 @@ impl ServerConfig {
                 dns: None,
             }
         } else {
-            serde_yaml::from_str(text).map_err(|e| ConfigError::Syntax {
-                file: file.to_owned(),
-                message: e.to_string(),
-                line: e.location().map(|l| l.line()),
-            })?
+            // Bounded before anything is built: size, NUL bytes, nodes once aliases expand.
+            crate::config_input::check_text(text, file)?;
+            serde_yaml::from_str(text)
+                .map_err(|e| crate::config_input::locate_top_level(text, file, &e))?
         };
         let ctx = Ctx { file, text };
         let mut cfg = ServerConfig::default();
@@ -708,7 +718,7 @@ fn convert_service(ctx: &Ctx<'_>, i: usize, s: &RawService) -> Result<ServiceCon
         let field = if field == "sticky_mode" {
             "sticky".to_owned()
         } else {
-            crate::config_adaptive::yaml_field(field)
+            crate::config_adaptive::yaml_field(&crate::health::config::yaml_field(field))
         };
         ctx.invalid(at(&format!("policy.{field}")), e)
     })?;

@@ -56,6 +56,7 @@ pub mod metrics;
 pub mod circuits;
 mod config_adaptive;
 mod config_health;
+mod config_input;
 mod config_sdk_health;
 pub mod global_load;
 pub mod health_metrics;

@@ -52,6 +52,7 @@ type Labels = Vec<(String, String)>;
 /// | `dlb_leases` | gauge | | (live leases) |
 /// | `dlb_dns_refreshes_total` | counter | `service`, `result` (ok, error) |
 /// | `dlb_dns_consecutive_failures` | gauge | `service` (0: the last refresh succeeded) |
+/// | `dlb_dns_skipped_addresses_total` | counter | `reason` (unspecified, broadcast, multicast) |
 #[derive(Debug, Default)]
 pub struct MembershipMetrics {
     /// Leases that created their backend.
@@ -62,6 +63,7 @@ pub struct MembershipMetrics {
     pub leases: Gauge,
     dns_refreshes: Family<Labels, Counter>,
     dns_failing: Family<Labels, Gauge>,
+    dns_skipped: Family<Labels, Counter>,
 }
 
 impl MembershipMetrics {
@@ -89,7 +91,19 @@ impl MembershipMetrics {
             "Failed DNS refreshes in a row per service (0: the last one succeeded)",
             m.dns_failing.clone(),
         );
+        registry.register(
+            "dlb_dns_skipped_addresses",
+            "DNS answers never turned into backends, by reason (unspecified, broadcast, multicast)",
+            m.dns_skipped.clone(),
+        );
         m
+    }
+
+    /// Counts one address of a DNS answer set aside for `reason`.
+    pub fn dns_skipped(&self, reason: &'static str) {
+        self.dns_skipped
+            .get_or_create(&vec![("reason".to_owned(), reason.to_owned())])
+            .inc();
     }
 
     /// Counts one DNS refresh of `service`; a success also clears its failure gauge.

@@ -135,6 +135,65 @@ fn dlbd_rejects_a_bad_config() {
     assert!(err.contains("line 6"), "{err}");
 }
 
+/// Runs `dlbd --config <config> --store memory` to its exit; returns whether it succeeded and
+/// its stderr.
+fn run_with_config(config: &std::path::Path) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_dlbd"))
+        .arg("--config")
+        .arg(config)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--no-metrics",
+            "--store",
+            "memory",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn dlbd_bounds_the_config_file_before_parsing_it() {
+    // An endless file is read up to 16 MiB, not until the OOM killer.
+    #[cfg(unix)]
+    {
+        let (ok, err) = run_with_config(std::path::Path::new("/dev/zero"));
+        assert!(!ok);
+        assert!(
+            err.contains("/dev/zero: the file is larger than 16 MiB"),
+            "{err}"
+        );
+    }
+    // Aliases inside the schema: one backend (with 20 metadata entries), a list of 1,000 of
+    // it, that list in 500 services: 22 million nodes once expanded from 35 KB of YAML. Refused
+    // before anything is built from it.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bomb.yaml");
+    let meta: Vec<String> = (0..20).map(|i| format!("k{i}: v")).collect();
+    let mut yaml = format!(
+        "services:\n  - name: s0\n    backends: &l [&b {{id: a, address: \"h:1\", metadata: {{{}}}}}, {}]\n",
+        meta.join(", "),
+        vec!["*b"; 999].join(", ")
+    );
+    for i in 1..500 {
+        yaml.push_str(&format!("  - name: s{i}\n    backends: *l\n"));
+    }
+    std::fs::write(&path, yaml).unwrap();
+    let (ok, err) = run_with_config(&path);
+    assert!(!ok);
+    assert!(
+        err.contains("YAML nodes once its aliases are expanded"),
+        "{err}"
+    );
+    assert!(err.contains("line "), "{err}");
+}
+
 /// Starts `dlbd` with `args` (and `--data-dir`), waits for its ready line; returns the guard,
 /// the ready line and the rest of its log. Its stderr is drained for its whole life (a closed
 /// pipe would fail dlbd's logging).

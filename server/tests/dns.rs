@@ -284,6 +284,7 @@ async fn declare_dns_through_the_api_and_bad_input() {
     for (target, weight) in [
         ("no-port", 1),
         ("a.test:0", 1),
+        ("a.test:+80", 1),
         ("bad name:80", 1),
         ("a.test:80", 10_001),
     ] {
@@ -369,6 +370,52 @@ async fn declare_dns_through_the_api_and_bad_input() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
+}
+
+#[tokio::test]
+async fn unspecified_broadcast_and_multicast_answers_never_become_backends() {
+    let dns = FakeDns::start().await;
+    dns.set(
+        "mixed.test",
+        &[
+            "0.0.0.0",
+            "10.3.0.1",
+            "255.255.255.255",
+            "224.0.0.1",
+            "::",
+            "ff02::1",
+        ],
+    );
+    dns.set("void.test", &["0.0.0.0", "255.255.255.255"]);
+    let server = start_dns(dns_config(dns.addr, Vec::new())).await;
+    let mut m = membership(&server).await;
+    m.declare_dns(proto::DeclareDnsRequest {
+        service: "mixed".into(),
+        target: "mixed.test:80".into(),
+        weight: 1,
+    })
+    .await
+    .unwrap();
+    wait_ids(&server, "mixed", &["10.3.0.1-80"]).await;
+    // Only unusable answers: a failed resolution, nothing created.
+    let err = m
+        .declare_dns(proto::DeclareDnsRequest {
+            service: "void".into(),
+            target: "void.test:80".into(),
+            weight: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("0.0.0.0 (unspecified)"),
+        "{}",
+        err.message()
+    );
+    assert!(ids(&server, "void").await.is_empty());
+    // Refreshes keep skipping them.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(ids(&server, "mixed").await, set(&["10.3.0.1-80"]));
 }
 
 #[tokio::test]

@@ -13,7 +13,7 @@ services:
       health_check:
         http: { path: /healthz, host: web.internal, expected_statuses: ["200-299", "301"], body_contains: ok }
         interval_ms: 1000
-        timeout_ms: 500
+        timeout_ms: 200
         healthy_threshold: 2
         unhealthy_threshold: 3
         fast_interval_ms: 250
@@ -63,7 +63,7 @@ fn a_health_check_is_read_into_the_policy() {
 
 #[test]
 fn mistakes_name_the_path_and_line() {
-    let bad = YAML.replace("timeout_ms: 500", "timeout_ms: 5000");
+    let bad = YAML.replace("timeout_ms: 200", "timeout_ms: 5000");
     let e = ServerConfig::from_yaml_str(&bad).unwrap_err().to_string();
     assert!(
         e.contains("services[0].policy.health_check.timeout_ms"),
@@ -78,6 +78,33 @@ fn mistakes_name_the_path_and_line() {
     let zero = YAML.replace("health_max_in_flight: 2048", "health_max_in_flight: 0");
     let e = ServerConfig::from_yaml_str(&zero).unwrap_err().to_string();
     assert!(e.contains("health_max_in_flight"), "{e}");
+    // The timeout fits the fast interval (250) too; hold-downs are bounded; the probe's path
+    // and Host are visible ASCII. Each names its path and line.
+    for (from, to, field, line) in [
+        ("timeout_ms: 200", "timeout_ms: 300", "timeout_ms", 10),
+        (
+            "hold_down_ms: 30000",
+            "hold_down_ms: 4294967295",
+            "flap.hold_down_ms",
+            16,
+        ),
+        ("path: /healthz", "path: /h\u{e9}althz", "http.path", 8),
+        (
+            "host: web.internal",
+            "host: w\u{e9}b.internal",
+            "http.host",
+            8,
+        ),
+    ] {
+        let bad = YAML.replace(from, to);
+        let e = ServerConfig::from_yaml_str(&bad).unwrap_err();
+        assert_eq!(e.line(), Some(line), "{e}");
+        let e = e.to_string();
+        assert!(
+            e.contains(&format!("services[0].policy.health_check.{field}")),
+            "{e}"
+        );
+    }
     let unknown = YAML.replace("jitter_percent: 10", "jitter: 10");
     assert!(ServerConfig::from_yaml_str(&unknown).is_err());
 }

@@ -616,6 +616,90 @@ async fn malformed_requests_are_rejected_and_change_nothing() {
             "sticky_ttl_seconds",
         ),
         (
+            "health probe path with a non-ASCII byte",
+            Bad::Policy(proto::SetPolicyRequest {
+                policy: Some(proto::Policy {
+                    algorithm: proto::Algorithm::RoundRobin as i32,
+                    health_check: Some(proto::HealthCheck {
+                        kind: Some(proto::health_check::Kind::Http(proto::HttpHealthCheck {
+                            path: "/h\u{e9}alth".into(),
+                            host: "".into(),
+                            ..Default::default()
+                        })),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            inv,
+            "http.path",
+        ),
+        (
+            "health probe Host with a non-ASCII byte",
+            Bad::Policy(proto::SetPolicyRequest {
+                policy: Some(proto::Policy {
+                    algorithm: proto::Algorithm::RoundRobin as i32,
+                    health_check: Some(proto::HealthCheck {
+                        kind: Some(proto::health_check::Kind::Http(proto::HttpHealthCheck {
+                            path: "/".into(),
+                            host: "w\u{e9}b".into(),
+                            ..Default::default()
+                        })),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            inv,
+            "http.host",
+        ),
+        (
+            "flap hold-down of 49.7 days",
+            Bad::Policy(proto::SetPolicyRequest {
+                policy: Some(proto::Policy {
+                    algorithm: proto::Algorithm::RoundRobin as i32,
+                    health_check: Some(proto::HealthCheck {
+                        kind: Some(proto::health_check::Kind::Http(proto::HttpHealthCheck {
+                            path: "/".into(),
+                            host: "".into(),
+                            ..Default::default()
+                        })),
+                        flap_hold_down_ms: u32::MAX,
+                        flap_max_hold_down_ms: u32::MAX,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            inv,
+            "flap_hold_down_ms",
+        ),
+        (
+            "probe timeout over the fast interval",
+            Bad::Policy(proto::SetPolicyRequest {
+                policy: Some(proto::Policy {
+                    algorithm: proto::Algorithm::RoundRobin as i32,
+                    health_check: Some(proto::HealthCheck {
+                        kind: Some(proto::health_check::Kind::Http(proto::HttpHealthCheck {
+                            path: "/".into(),
+                            host: "".into(),
+                            ..Default::default()
+                        })),
+                        timeout_ms: 500,
+                        fast_interval_ms: 100,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            inv,
+            "timeout_ms",
+        ),
+        (
             "stale expected_version",
             Bad::Update(proto::UpdateServerRequest {
                 server_id: "a".into(),

@@ -14,6 +14,8 @@
 //! unless told otherwise. Logs go to stderr (`RUST_LOG`, default
 //! `info`); once both listeners are bound it logs
 //! `dlbd listening grpc=ADDR metrics=ADDR|off`. SIGINT or SIGTERM start a graceful shutdown.
+//! A damaged embedded store (or a data dir that is not empty but has no store file) is an error
+//! naming the file, with nothing written; `--reset-store` moves the file aside and starts empty.
 //! With `--store etcd`, an etcd that cannot be reached at start is retried (500 ms doubling to
 //! 10 s, logged) until it answers or a signal arrives; the ports are bound only once the state
 //! is loaded, so until then health checks and SDKs see a replica that is not up.
@@ -112,6 +114,11 @@ struct Args {
         env = "DLBD_DATA_DIR"
     )]
     data_dir: PathBuf,
+    /// Move the embedded store's file aside (to `dlbd.redb.reset-<UTC time>` in --data-dir;
+    /// nothing is deleted) and start with an empty store: the recovery from a damaged store
+    /// when no backup is at hand.
+    #[arg(long)]
+    reset_store: bool,
 }
 
 /// `--store` values.
@@ -176,11 +183,22 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let embedded = args.store == StoreKind::Embedded;
     match runtime.block_on(run(args)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // `{:#}` prints the whole cause chain on one line, without a backtrace.
             eprintln!("dlbd: error: {e:#}");
+            let store_file = e.chain().any(|c| {
+                matches!(c.downcast_ref(), Some(dlb_server::Error::Storage(m)) if m.contains("store file is damaged") || m.contains("not empty") || m.contains("0 bytes"))
+            });
+            if embedded && store_file {
+                eprintln!(
+                    "dlbd: nothing was written. To recover: restore a backup of dlbd.redb into \
+                     the data dir, or start once with --reset-store to move the file aside and \
+                     begin with an empty store (README: \"A damaged data dir\")"
+                );
+            }
             std::process::ExitCode::FAILURE
         }
     }
@@ -230,6 +248,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(id) = &args.replica_id {
         config.replica_id = Some(id.clone());
+    }
+    if args.reset_store {
+        anyhow::ensure!(
+            args.store == StoreKind::Embedded,
+            "--reset-store applies to the embedded store only"
+        );
+        match dlb_server::store::embedded_open::reset(&args.data_dir)? {
+            Some(moved) => tracing::warn!(
+                moved_to = %moved.display(),
+                "--reset-store: moved the old store file aside; starting with an empty store"
+            ),
+            None => tracing::info!("--reset-store: no store file to move; starting empty"),
+        }
     }
     config.store = match args.store {
         StoreKind::Embedded => StoreConfig::Embedded(args.data_dir.clone()),

@@ -122,9 +122,10 @@ impl Target {
             )
         };
         let (name, port) = s.rsplit_once(':').ok_or_else(|| bad("must be name:port"))?;
-        let port: u16 = port
-            .parse()
-            .ok()
+        // Digits only: Rust's integer parser would also take "+80".
+        let port: u16 = Some(port)
+            .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|p| p.parse().ok())
             .filter(|p| *p != 0)
             .ok_or_else(|| bad("the port must be 1..=65535"))?;
         let name = name.trim_end_matches('.');
@@ -174,6 +175,9 @@ mod tests {
             ":80",
             "a b:80",
             "a..b:80",
+            "name:+80",
+            "name:-80",
+            "name: 80",
         ] {
             assert!(Target::parse(bad).is_err(), "{bad}");
         }

@@ -8,7 +8,10 @@
 //! `dns_name = name:port`. Additions and removals are one ordinary store write (compare-and-set
 //! on the version just read, retried), pushed like any change; a refresh that finds the same set
 //! writes nothing. Only DNS-owned records are touched: an address whose id is taken by an API or
-//! lease record is skipped (and logged).
+//! lease record is skipped (and logged). Answers that can never be a backend's address — the
+//! unspecified address (`0.0.0.0`, `::`), IPv4 broadcast and multicast — are skipped, logged
+//! and counted (`dlb_dns_skipped_addresses_total{reason}`); only such answers is a failed
+//! resolution. A target's port is digits only (`name:+80` is refused).
 //!
 //! **Timing.** The next refresh comes after the smallest TTL of the answer, clamped to
 //! [`DnsConfig::min_refresh`]..=[`DnsConfig::max_refresh`] (defaults 5 s ..= 300 s). After a
@@ -440,6 +443,10 @@ async fn reconcile(
     weight: u32,
     resolved: &Resolved,
 ) -> Result<Status, Error> {
+    for (ip, why) in &resolved.skipped {
+        tracing::warn!(service, target = %target.to_text(), %ip, reason = why, "DNS answer skipped: never a backend address");
+        inner.metrics.membership.dns_skipped(why);
+    }
     let max = inner.config.max_backends;
     let truncated = resolved.ips.len() > max;
     if truncated {

@@ -1,5 +1,7 @@
 //! One lookup: the `hickory-resolver` built from [`DnsConfig`] and the A/AAAA resolution of a
-//! [`Target`] into sorted, distinct addresses with the answer's smallest TTL.
+//! [`Target`] into sorted, distinct addresses with the answer's smallest TTL. Addresses that can
+//! never be a backend (unspecified, broadcast, multicast) are set aside with their reason, never
+//! turned into backends.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -12,8 +14,10 @@ use super::{DnsConfig, Target};
 
 /// The outcome of one resolution.
 pub(super) struct Resolved {
-    /// Distinct addresses, sorted.
+    /// Distinct usable addresses, sorted.
     pub ips: Vec<IpAddr>,
+    /// Addresses in the answer that can never be a backend, with the reason (see [`unusable`]).
+    pub skipped: Vec<(IpAddr, &'static str)>,
     /// Smallest TTL in the answer.
     pub ttl: Duration,
 }
@@ -48,18 +52,45 @@ pub(super) fn build_resolver(config: &DnsConfig) -> Result<TokioResolver, String
     builder.build().map_err(|e| format!("DNS resolver: {e}"))
 }
 
-/// Resolves `target` (A and AAAA). An answer without addresses is a failure.
+/// Why `ip` can never be a backend's address, if it cannot: the unspecified address
+/// (`0.0.0.0`, `::`), the IPv4 broadcast address and multicast addresses.
+pub(super) fn unusable(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        _ if ip.is_unspecified() => Some("unspecified"),
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("broadcast"),
+        _ if ip.is_multicast() => Some("multicast"),
+        _ => None,
+    }
+}
+
+/// Resolves `target` (A and AAAA). Unusable addresses are set aside ([`Resolved::skipped`]);
+/// an answer without a usable address is a failure.
 pub(super) async fn resolve(resolver: &TokioResolver, target: &Target) -> Result<Resolved, String> {
     resolver.clear_cache();
     let lookup = resolver
         .lookup_ip(target.name.as_str())
         .await
         .map_err(|e| e.to_string())?;
-    let mut ips: Vec<IpAddr> = lookup.iter().collect();
-    ips.sort();
-    ips.dedup();
+    let mut all: Vec<IpAddr> = lookup.iter().collect();
+    all.sort();
+    all.dedup();
+    let (mut ips, mut skipped) = (Vec::with_capacity(all.len()), Vec::new());
+    for ip in all {
+        match unusable(ip) {
+            Some(why) => skipped.push((ip, why)),
+            None => ips.push(ip),
+        }
+    }
     if ips.is_empty() {
-        return Err("no A/AAAA records".into());
+        return Err(if skipped.is_empty() {
+            "no A/AAAA records".into()
+        } else {
+            let list: Vec<String> = skipped
+                .iter()
+                .map(|(ip, why)| format!("{ip} ({why})"))
+                .collect();
+            format!("no usable A/AAAA records (skipped: {})", list.join(", "))
+        });
     }
     let ttl = lookup
         .as_lookup()
@@ -70,6 +101,28 @@ pub(super) async fn resolve(resolver: &TokioResolver, target: &Target) -> Result
         .unwrap_or(0);
     Ok(Resolved {
         ips,
+        skipped,
         ttl: Duration::from_secs(u64::from(ttl)),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unspecified_broadcast_and_multicast_are_unusable() {
+        for (ip, why) in [
+            ("0.0.0.0", Some("unspecified")),
+            ("::", Some("unspecified")),
+            ("255.255.255.255", Some("broadcast")),
+            ("224.0.0.1", Some("multicast")),
+            ("ff02::1", Some("multicast")),
+            ("10.0.0.1", None),
+            ("127.0.0.1", None),
+            ("2001:db8::1", None),
+        ] {
+            assert_eq!(unusable(ip.parse().expect("literal")), why, "{ip}");
+        }
+    }
 }

@@ -8,7 +8,7 @@
 //!     # or: tcp: { send: "PING\r\n", expect: "+PONG" }
 //!     # or: grpc: { service: my.Service }
 //!     interval_ms: 1000
-//!     timeout_ms: 500
+//!     timeout_ms: 200
 //!     healthy_threshold: 2
 //!     unhealthy_threshold: 3
 //!     fast_interval_ms: 250
@@ -20,6 +20,15 @@
 use dlb::model::ValidationError;
 use dlb::proto;
 use serde::Deserialize;
+
+/// The YAML path of a validator field under `policy.`: the `flap_*` fields of the wire message
+/// are written `flap: { threshold, window_ms, hold_down_ms, max_hold_down_ms }` in YAML.
+pub(crate) fn yaml_field(field: &str) -> String {
+    match field.strip_prefix("health_check.flap_") {
+        Some(rest) => format!("health_check.flap.{rest}"),
+        None => field.to_owned(),
+    }
+}
 
 /// `policy.health_check` as written in YAML.
 #[derive(Debug, Deserialize)]

@@ -33,6 +33,7 @@
 //! lock and never hold it across an `.await`.
 
 pub mod embedded;
+pub mod embedded_open;
 mod engine;
 #[cfg(feature = "etcd")]
 pub mod etcd;
@@ -40,6 +41,7 @@ pub mod etcd;
 mod etcd_channel;
 pub mod memory;
 mod plan;
+mod scratch;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
