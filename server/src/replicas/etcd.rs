@@ -28,7 +28,17 @@
 //! * **Load reports** to the leader: [`super::forwarding`] (sending through this connection with
 //!   the membership lease, and a second task receiving while this replica leads).
 //!
-//! Sync: the member view is a `tokio::sync::watch` written only by the task.
+//! * **Contact** ([`Coordination::contact`], for readiness): the lease part is held from a join
+//!   until the membership is interrupted — including a keep-alive not answered within the TTL
+//!   (the lease has expired or is about to: a stalled etcd member never answers, and its
+//!   streams would only fail after the HTTP/2 keepalive). A second task makes the **progress
+//!   check**: a linearizable read (`count_only` get of this replica's key) every
+//!   [`PROGRESS_EVERY`] with a [`PROGRESS_TIMEOUT`]; a failed or late read marks the replica out
+//!   of contact at once, so it goes NOT_SERVING within `PROGRESS_EVERY + PROGRESS_TIMEOUT`
+//!   (1.5 s) of losing its etcd member, and sends its sessions away `going_away_after` later.
+//!
+//! Sync: the member view and the contact are `tokio::sync::watch`es; the view is written only
+//! by the membership task, the contact's `lease` by it and `reads` by the progress task.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -50,6 +60,10 @@ use crate::Error;
 
 /// Default membership lease TTL.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(3);
+/// How often the progress check reads etcd (linearizably).
+pub const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+/// How long a progress-check read may take before the replica counts as out of contact.
+pub const PROGRESS_TIMEOUT: Duration = Duration::from_secs(1);
 const MIN_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -75,6 +89,8 @@ pub struct EtcdCoordination {
     loads_key: String,
     /// Batches the other replicas forward, until taken.
     forwarded: Mutex<Option<mpsc::Receiver<Batch>>>,
+    /// Whether this replica can prove it is in contact with etcd (see the module docs).
+    contact: watch::Sender<super::Contact>,
 }
 
 impl std::fmt::Debug for EtcdCoordination {
@@ -261,15 +277,29 @@ impl EtcdCoordination {
             client: client.clone(),
             loads_key: format!("{loads}{id}"),
             forwarded: Mutex::new(Some(forward_rx)),
+            contact: watch::Sender::new(super::Contact {
+                proven_at: Some(Instant::now()),
+                ..super::Contact::OK
+            }),
         });
         tracing::info!(replica = %id, lease = joined.lease, members = ?this.members.borrow().ids(), "joined the replica set");
         let members = this.members.clone();
         let leader = this.leader.clone();
         let mut stop = shutdown.clone();
+        let progress_key = joiner.key.clone();
+        let contact = this.contact.clone();
         let task = tokio::spawn(async move {
             tokio::select! {
-                () = run(joiner, joined, members, leader, lease_id) => {}
+                () = run(joiner, joined, members, leader, lease_id, contact) => {}
                 _ = crate::state::stopped(&mut shutdown) => {}
+            }
+        });
+        let (contact, mut stop_progress) = (this.contact.clone(), stop.clone());
+        let progress_client = client.clone();
+        let progress = tokio::spawn(async move {
+            tokio::select! {
+                () = check_progress(progress_client, progress_key, contact) => {}
+                _ = crate::state::stopped(&mut stop_progress) => {}
             }
         });
         let receive = forwarding::receive(client, loads, id, this.leader.subscribe(), forward_tx);
@@ -279,8 +309,58 @@ impl EtcdCoordination {
                 _ = crate::state::stopped(&mut stop) => {}
             }
         });
-        *this.tasks.lock() = vec![task, receiver];
+        *this.tasks.lock() = vec![task, receiver, progress];
         Ok(this)
+    }
+}
+
+/// Publishes one part of the contact, logging a change; wakes readers only on a change of the
+/// decision (`proven_at` alone is recorded silently).
+fn set_contact(contact: &watch::Sender<super::Contact>, f: impl FnOnce(&mut super::Contact)) {
+    contact.send_if_modified(|c| {
+        let before = *c;
+        f(c);
+        let changed = (before.lease, before.reads) != (c.lease, c.reads);
+        if changed {
+            if c.ok() {
+                tracing::info!(
+                    lease = c.lease,
+                    reads = c.reads,
+                    "in contact with etcd again"
+                );
+            } else {
+                tracing::warn!(
+                    lease = c.lease,
+                    reads = c.reads,
+                    unproven_ms = c.proven_at.map(|t| t.elapsed().as_millis() as u64),
+                    "cannot prove this replica is current (etcd progress check or membership lease failed)"
+                );
+            }
+        }
+        changed
+    });
+}
+
+/// The progress check (see the module docs): a linearizable read every [`PROGRESS_EVERY`],
+/// each bounded by [`PROGRESS_TIMEOUT`]. Never returns on its own.
+async fn check_progress(client: Client, key: String, contact: watch::Sender<super::Contact>) {
+    let mut kv = client.kv_client();
+    let mut tick = tokio::time::interval(PROGRESS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let started = Instant::now();
+        let read = kv.get(key.as_str(), Some(GetOptions::new().with_count_only()));
+        let ok = matches!(
+            tokio::time::timeout(PROGRESS_TIMEOUT, read).await,
+            Ok(Ok(_))
+        );
+        set_contact(&contact, |c| {
+            c.reads = ok;
+            if ok {
+                c.proven_at = Some(started);
+            }
+        });
     }
 }
 
@@ -291,6 +371,7 @@ async fn run(
     members: watch::Sender<Members>,
     leader: watch::Sender<Option<i64>>,
     lease_id: Arc<Mutex<i64>>,
+    contact: watch::Sender<super::Contact>,
 ) {
     let mut joined = Some(joined);
     let mut lease = 0;
@@ -314,11 +395,14 @@ async fn run(
         backoff = MIN_BACKOFF;
         lease = j.lease;
         *lease_id.lock() = lease;
+        set_contact(&contact, |c| c.lease = true);
         publish(&members, &j.members);
         lead(&leader, &joiner.id, j.fence);
         let why = follow(&joiner, &mut j, &members, &leader).await;
-        // Whatever broke, this replica may no longer hold the leader key: stop leading now.
+        // Whatever broke, this replica may no longer hold the leader key (stop leading now)
+        // nor its lease (it cannot prove it is current until it rejoins).
         lead(&leader, &joiner.id, None);
+        set_contact(&contact, |c| c.lease = false);
         tracing::warn!(replica = %joiner.id, reason = %why, "replica membership interrupted; rejoining");
         if why.lease_lost {
             lease = 0;
@@ -378,6 +462,9 @@ async fn follow(
 ) -> Interrupted {
     let every = joiner.ttl / 3;
     let mut next = Instant::now() + every;
+    // When a keep-alive was last answered: none within the TTL means the lease has expired (or
+    // is about to) although no stream has failed yet (a stalled etcd member answers nothing).
+    let mut answered = Instant::now();
     let broken = |reason: String| Interrupted {
         reason,
         lease_lost: false,
@@ -386,12 +473,18 @@ async fn follow(
         tokio::select! {
             _ = tokio::time::sleep_until(next) => {
                 next = Instant::now() + every;
+                if answered.elapsed() > joiner.ttl {
+                    return Interrupted {
+                        reason: format!("no keep-alive answered within the lease TTL ({:?})", joiner.ttl),
+                        lease_lost: true,
+                    };
+                }
                 if let Err(e) = j.keeper.keep_alive().await {
                     return broken(format!("keep-alive: {e}"));
                 }
             }
             ack = j.acks.message() => match ack {
-                Ok(Some(r)) if r.ttl() > 0 => {}
+                Ok(Some(r)) if r.ttl() > 0 => answered = Instant::now(),
                 Ok(Some(_)) => return Interrupted { reason: "the lease expired".into(), lease_lost: true },
                 Ok(None) => return broken("keep-alive stream ended".into()),
                 Err(e) => return broken(format!("keep-alive: {e}")),
@@ -458,6 +551,10 @@ impl Coordination for EtcdCoordination {
 
     fn members(&self) -> watch::Receiver<Members> {
         self.members.subscribe()
+    }
+
+    fn contact(&self) -> watch::Receiver<super::Contact> {
+        self.contact.subscribe()
     }
 
     fn leadership(&self) -> watch::Receiver<Option<i64>> {
