@@ -34,7 +34,8 @@
 //! Never back in time: an update of the epoch held but *older* than the version routed on (a
 //! control plane replica behind the one this client came from) is refused — not applied, not
 //! nacked — counted (`ServiceStats::regressions_refused`, `dlb_sdk_regressions_refused_total`)
-//! and the session leaves for another endpoint as after `GoingAway`. (`dlbd` itself refuses such
+//! and the session leaves for another endpoint (as after `GoingAway`, but with the growing
+//! backoff of a failure, so a replica that keeps doing it is not retried in a tight loop). (`dlbd` itself refuses such
 //! a client with `UNAVAILABLE` rather than send it an older state; this is the SDK's own guard.)
 //!
 //! Protection against a control plane that lost its state (restart flooding): a full snapshot
@@ -143,6 +144,10 @@ enum Ended {
     Closed,
     /// The server asked us to go away: reconnect now, elsewhere.
     GoingAway,
+    /// The server sent an update older than the version routed on (same epoch): reconnect
+    /// elsewhere, after the growing backoff of a failure (a replica that keeps doing it is not
+    /// retried in a tight loop).
+    Behind,
     /// Connecting or the stream failed. `established` says whether a session was up (then the
     /// backoff restarts from its minimum).
     Failed { established: bool },
@@ -202,6 +207,12 @@ pub(crate) async fn run(
                 attempt = 0;
                 targets.go_elsewhere();
                 backoff_delay(Duration::ZERO, config.backoff_min, 0)
+            }
+            Ended::Behind => {
+                targets.go_elsewhere();
+                let d = backoff_delay(config.backoff_min, config.backoff_max, attempt);
+                attempt = attempt.saturating_add(1);
+                d
             }
             Ended::Failed { established } => {
                 if established {
@@ -435,8 +446,8 @@ where
                     ended = Some(Ended::GoingAway);
                 }
                 if applied.regressed {
-                    // Leave as after `GoingAway`: to another endpoint, at once.
-                    ended = Some(Ended::GoingAway);
+                    // Leave for another endpoint, with the backoff of a failure.
+                    ended = Some(Ended::Behind);
                 }
                 // A service that applied an update again owes no deferred Nack.
                 for svc in applied.acks.keys() {
@@ -823,7 +834,7 @@ mod serve_tests {
             older,
             full(9, vec![server("never", 1)]),
         ]);
-        assert!(matches!(h.task.await.unwrap(), Ended::GoingAway));
+        assert!(matches!(h.task.await.unwrap(), Ended::Behind));
         let routed = h.state.snapshot.load().version;
         assert_eq!((routed.epoch, routed.version), (7, 5), "went back in time");
         assert_eq!(
