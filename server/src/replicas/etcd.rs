@@ -29,13 +29,14 @@
 //!   the membership lease, and a second task receiving while this replica leads).
 //!
 //! * **Contact** ([`Coordination::contact`], for readiness): the lease part is held from a join
-//!   until the membership is interrupted — including a keep-alive not answered within the TTL
-//!   (the lease has expired or is about to: a stalled etcd member never answers, and its
-//!   streams would only fail after the HTTP/2 keepalive). A second task makes the **progress
+//!   until the lease is lost — expired, this replica's key deleted, a keep-alive not answered
+//!   within the TTL (a stalled etcd member never answers, and its streams would only fail
+//!   after the HTTP/2 keepalive), or a broken stream not rejoined within the TTL. A second task makes the **progress
 //!   check**: a linearizable read (`count_only` get of this replica's key) every
-//!   [`PROGRESS_EVERY`] with a [`PROGRESS_TIMEOUT`]; a failed or late read marks the replica out
-//!   of contact at once, so it goes NOT_SERVING within `PROGRESS_EVERY + PROGRESS_TIMEOUT`
-//!   (1.5 s) of losing its etcd member, and sends its sessions away `going_away_after` later.
+//!   [`PROGRESS_EVERY`] with a [`PROGRESS_TIMEOUT`]; a failed or late read when the last
+//!   successful one is [`PROGRESS_TIMEOUT`] old marks the replica out of contact at once, so it
+//!   goes NOT_SERVING within `PROGRESS_EVERY + PROGRESS_TIMEOUT` (1.5 s) of losing its etcd
+//!   member, and sends its sessions away `going_away_after` later.
 //!
 //! Sync: the member view and the contact are `tokio::sync::watch`es; the view is written only
 //! by the membership task, the contact's `lease` by it and `reads` by the progress task.
@@ -356,9 +357,13 @@ async fn check_progress(client: Client, key: String, contact: watch::Sender<supe
             Ok(Ok(_))
         );
         set_contact(&contact, |c| {
-            c.reads = ok;
             if ok {
+                c.reads = true;
                 c.proven_at = Some(started);
+            } else if c.proven_at.is_none_or(|p| p.elapsed() >= PROGRESS_TIMEOUT) {
+                // A read that failed fast (e.g. a member just killed, the next read goes to
+                // another) within a second of the last proof is no outage; a late one is.
+                c.reads = false;
             }
         });
     }
@@ -376,6 +381,9 @@ async fn run(
     let mut joined = Some(joined);
     let mut lease = 0;
     let mut backoff = MIN_BACKOFF;
+    // When the membership was interrupted with the lease presumably still alive (a broken
+    // stream, rejoined with the same lease): past the TTL without a rejoin it is lost.
+    let mut interrupted_at: Option<Instant> = None;
     loop {
         let mut j = match joined.take() {
             Some(j) => j,
@@ -385,6 +393,9 @@ async fn run(
                     j
                 }
                 Err(e) => {
+                    if interrupted_at.is_some_and(|t| t.elapsed() > joiner.ttl) {
+                        set_contact(&contact, |c| c.lease = false);
+                    }
                     tracing::warn!(error = %e, "replica membership: cannot reach etcd; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -395,18 +406,21 @@ async fn run(
         backoff = MIN_BACKOFF;
         lease = j.lease;
         *lease_id.lock() = lease;
+        interrupted_at = None;
         set_contact(&contact, |c| c.lease = true);
         publish(&members, &j.members);
         lead(&leader, &joiner.id, j.fence);
         let why = follow(&joiner, &mut j, &members, &leader).await;
-        // Whatever broke, this replica may no longer hold the leader key (stop leading now)
-        // nor its lease (it cannot prove it is current until it rejoins).
+        // Whatever broke, this replica may no longer hold the leader key: stop leading now.
         lead(&leader, &joiner.id, None);
-        set_contact(&contact, |c| c.lease = false);
         tracing::warn!(replica = %joiner.id, reason = %why, "replica membership interrupted; rejoining");
         if why.lease_lost {
+            // Not a member any more: it cannot prove it is current until it rejoins. (A broken
+            // stream alone keeps the lease: a blip of one etcd member is no outage.)
             lease = 0;
+            set_contact(&contact, |c| c.lease = false);
         }
+        interrupted_at = Some(Instant::now());
         tokio::time::sleep(backoff).await;
     }
 }
