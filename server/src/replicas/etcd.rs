@@ -54,6 +54,8 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use super::progress::{check_progress, set_contact};
+pub use super::progress::{PROGRESS_EVERY, PROGRESS_TIMEOUT};
 use super::{forwarding, Coordination, Members};
 use crate::config::EtcdConfig;
 use crate::outlier::forward::Batch;
@@ -61,10 +63,6 @@ use crate::Error;
 
 /// Default membership lease TTL.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(3);
-/// How often the progress check reads etcd (linearizably).
-pub const PROGRESS_EVERY: Duration = Duration::from_millis(500);
-/// How long a progress-check read may take before the replica counts as out of contact.
-pub const PROGRESS_TIMEOUT: Duration = Duration::from_secs(1);
 const MIN_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -315,60 +313,6 @@ impl EtcdCoordination {
     }
 }
 
-/// Publishes one part of the contact, logging a change; wakes readers only on a change of the
-/// decision (`proven_at` alone is recorded silently).
-fn set_contact(contact: &watch::Sender<super::Contact>, f: impl FnOnce(&mut super::Contact)) {
-    contact.send_if_modified(|c| {
-        let before = *c;
-        f(c);
-        let changed = (before.lease, before.reads) != (c.lease, c.reads);
-        if changed {
-            if c.ok() {
-                tracing::info!(
-                    lease = c.lease,
-                    reads = c.reads,
-                    "in contact with etcd again"
-                );
-            } else {
-                tracing::warn!(
-                    lease = c.lease,
-                    reads = c.reads,
-                    unproven_ms = c.proven_at.map(|t| t.elapsed().as_millis() as u64),
-                    "cannot prove this replica is current (etcd progress check or membership lease failed)"
-                );
-            }
-        }
-        changed
-    });
-}
-
-/// The progress check (see the module docs): a linearizable read every [`PROGRESS_EVERY`],
-/// each bounded by [`PROGRESS_TIMEOUT`]. Never returns on its own.
-async fn check_progress(client: Client, key: String, contact: watch::Sender<super::Contact>) {
-    let mut kv = client.kv_client();
-    let mut tick = tokio::time::interval(PROGRESS_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let started = Instant::now();
-        let read = kv.get(key.as_str(), Some(GetOptions::new().with_count_only()));
-        let ok = matches!(
-            tokio::time::timeout(PROGRESS_TIMEOUT, read).await,
-            Ok(Ok(_))
-        );
-        set_contact(&contact, |c| {
-            if ok {
-                c.reads = true;
-                c.proven_at = Some(started);
-            } else if c.proven_at.is_none_or(|p| p.elapsed() >= PROGRESS_TIMEOUT) {
-                // A read that failed fast (e.g. a member just killed, the next read goes to
-                // another) within a second of the last proof is no outage; a late one is.
-                c.reads = false;
-            }
-        });
-    }
-}
-
 /// Keeps the membership up (see the module docs). Never returns on its own.
 async fn run(
     mut joiner: Joiner,
@@ -406,7 +350,6 @@ async fn run(
         backoff = MIN_BACKOFF;
         lease = j.lease;
         *lease_id.lock() = lease;
-        interrupted_at = None;
         set_contact(&contact, |c| c.lease = true);
         publish(&members, &j.members);
         lead(&leader, &joiner.id, j.fence);

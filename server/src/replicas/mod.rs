@@ -33,6 +33,8 @@
 pub mod etcd;
 #[cfg(feature = "etcd")]
 mod forwarding;
+#[cfg(feature = "etcd")]
+mod progress;
 
 use std::sync::Arc;
 
