@@ -18,6 +18,7 @@
 //! | `dlb_sdk_version` | gauge | `service` |
 //! | `dlb_sdk_updates_total` | counter | `service`, `kind` (`full`, `delta`) |
 //! | `dlb_sdk_nacks_total`, `dlb_sdk_held_back_total`, `dlb_sdk_rebuilds_total` | counter | `service` |
+//! | `dlb_sdk_regressions_refused_total` | counter | `service` (same-epoch updates older than the version routed on, refused; the client moved to another endpoint) |
 //! | `dlb_sdk_backends` | gauge | `service`, `eligible` (`true`, `false`) |
 
 use std::sync::atomic::Ordering;
@@ -142,7 +143,7 @@ impl Collector for ClientMetrics {
             }
         }
         type Pick = fn(&crate::ServiceStats) -> u64;
-        let counters: [(&str, &str, Pick); 3] = [
+        let counters: [(&str, &str, Pick); 4] = [
             ("dlb_sdk_nacks", "Updates rejected (nacked)", |s| s.nacks),
             (
                 "dlb_sdk_held_back",
@@ -150,6 +151,11 @@ impl Collector for ClientMetrics {
                 |s| s.held_back,
             ),
             ("dlb_sdk_rebuilds", "Pickers built", |s| s.rebuilds),
+            (
+                "dlb_sdk_regressions_refused",
+                "Updates older than the version routed on (same epoch), refused; the client moved to another endpoint",
+                |s| s.regressions_refused,
+            ),
         ];
         for (name, help, pick) in counters {
             let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;

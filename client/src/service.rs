@@ -116,6 +116,10 @@ pub struct ServiceStats {
     pub rebuilds: u64,
     /// Times the service entered or left panic (see [`ServiceHandle::panic_state`]).
     pub panic_transitions: u64,
+    /// Updates refused because they were older than the version routed on, in the same epoch
+    /// (a control plane behind the one the client came from): the client left that control
+    /// plane for another endpoint instead of going back in time.
+    pub regressions_refused: u64,
 }
 
 #[derive(Debug, Default)]
@@ -127,6 +131,7 @@ pub(crate) struct StatsCounters {
     pub(crate) held_back: AtomicU64,
     pub(crate) rebuilds: AtomicU64,
     pub(crate) panic_transitions: AtomicU64,
+    pub(crate) regressions_refused: AtomicU64,
 }
 
 impl StatsCounters {
@@ -140,6 +145,7 @@ impl StatsCounters {
             held_back: self.held_back.load(Ordering::Relaxed),
             rebuilds: self.rebuilds.load(Ordering::Relaxed),
             panic_transitions: self.panic_transitions.load(Ordering::Relaxed),
+            regressions_refused: self.regressions_refused.load(Ordering::Relaxed),
         }
     }
 }

@@ -62,6 +62,12 @@ async fn the_sdk_exports_its_session_and_each_services_freshness() {
         sample(&m, "dlb_sdk_updates_total{service=\"web\",kind=\"delta\"} ").unwrap() >= 1.0,
         "{m}"
     );
+    // Same-epoch updates older than the version routed on: refused (none from one healthy dlbd).
+    assert_eq!(
+        sample(&m, "dlb_sdk_regressions_refused_total{service=\"web\"} "),
+        Some(0.0),
+        "{m}"
+    );
     let fresh = sample(&m, "dlb_sdk_last_update_age_seconds{service=\"web\"} ").unwrap();
     assert!(fresh < 5.0, "{m}");
 

@@ -15,6 +15,7 @@
 //! keepalive: { interval_seconds: 30, timeout_seconds: 10 }   # 1..=3600 and 1..=600
 //! history_size: 1024                 # 1..=1,000,000
 //! max_session_age_seconds: 1800      # SDK sessions sent away (±10 %) to rebalance; 1..=2,592,000
+//! heartbeat_ms: 5000                 # a silent session sends a Heartbeat; 100..=60,000 (docs/failover.md)
 //! per_backend_metrics: false         # opt-in per-backend series
 //! health_max_in_flight: 1024         # active health probes in flight, 1..=65,536 (docs/health.md)
 //! services:
@@ -49,6 +50,9 @@ pub const KEEPALIVE_INTERVAL_SECONDS: std::ops::RangeInclusive<u64> = 1..=3600;
 pub const KEEPALIVE_TIMEOUT_SECONDS: std::ops::RangeInclusive<u64> = 1..=600;
 /// Allowed `health_max_in_flight` (active health probes in flight).
 pub const HEALTH_MAX_IN_FLIGHT: std::ops::RangeInclusive<u64> = 1..=65_536;
+/// Allowed `heartbeat_ms` (`dlbd --heartbeat-ms`): how long a session may be silent before it
+/// sends a `Heartbeat`.
+pub const HEARTBEAT_MS: std::ops::RangeInclusive<u64> = 100..=60_000;
 /// Allowed `history_size` (changes kept per service for delta catch-up).
 pub const HISTORY_SIZE: std::ops::RangeInclusive<u64> = 1..=1_000_000;
 
@@ -170,8 +174,9 @@ pub struct ServerConfig {
     /// is closed (1 s ..= 1 h).
     pub stall_deadline: Duration,
     /// How long a Discovery session may go without sending anything before it sends a
-    /// `Heartbeat` (100 ms ..= 60 s, default 5 s), so an SDK can tell a live but quiet control
-    /// plane from a dead or stuck one (its update deadline, 15 s by default, must exceed this).
+    /// `Heartbeat` (100 ms ..= 60 s, default 5 s; `dlbd --heartbeat-ms`, YAML `heartbeat_ms`),
+    /// so an SDK can tell a live but quiet control plane from a dead or stuck one (its update
+    /// deadline, 15 s by default, must exceed this: twice it and more, see docs/failover.md).
     pub session_heartbeat: Duration,
     /// Longest a Discovery session lives before it is sent `GoingAway` (each session's limit
     /// is drawn uniformly within ±10 % of this, so a fleet does not reconnect in lock-step); the
@@ -199,7 +204,8 @@ pub struct ServerConfig {
     /// 1 s).
     pub ready_grace: Duration,
     /// How long after it stopped counting as ready a replica sends its open sessions
-    /// `GoingAway` (0 ..= 1 h, default 5 s).
+    /// `GoingAway` (0 ..= 1 h, default 1 s: a replica out of contact with etcd has its
+    /// sessions sent away within 2.5 s, see [`crate::readiness`]).
     pub going_away_after: Duration,
     /// This replica's id among the replicas of one deployment (`[A-Za-z0-9._:-]`, at most 128
     /// characters); `None`: `<hostname>-<pid>-<random>` ([`crate::replicas::default_id`]).
@@ -425,6 +431,7 @@ struct RawConfig {
     keepalive: Option<RawKeepalive>,
     history_size: Option<usize>,
     max_session_age_seconds: Option<u64>,
+    heartbeat_ms: Option<u64>,
     per_backend_metrics: Option<bool>,
     health_max_in_flight: Option<u64>,
     #[serde(
@@ -558,6 +565,7 @@ impl ServerConfig {
                 keepalive: None,
                 history_size: None,
                 max_session_age_seconds: None,
+                heartbeat_ms: None,
                 per_backend_metrics: None,
                 health_max_in_flight: None,
                 services: Vec::new(),
@@ -614,6 +622,10 @@ impl ServerConfig {
         if let Some(s) = raw.max_session_age_seconds {
             let s = ranged("max_session_age_seconds", s, 1..=30 * 86_400)?;
             cfg.max_session_age = Some(Duration::from_secs(s));
+        }
+        if let Some(ms) = raw.heartbeat_ms {
+            let ms = ranged("heartbeat_ms", ms, HEARTBEAT_MS)?;
+            cfg.session_heartbeat = Duration::from_millis(ms);
         }
         cfg.per_backend_metrics = raw.per_backend_metrics.unwrap_or(false);
         if let Some(n) = raw.health_max_in_flight {

@@ -10,6 +10,14 @@
 //!   `INVALID_ARGUMENT`. For each service: a full snapshot, or a delta when the client's
 //!   `known` (epoch, version) is still in the cache's history (an empty delta when it is
 //!   current), or `ServiceNotFound` (then a full snapshot as soon as the service is created).
+//! * **Never back in time**: a client whose `known` (same epoch) is newer than this replica's
+//!   cache — it saw a newer state on another replica — is never sent the older state: the
+//!   session waits up to [`AHEAD_WAIT`] for the cache to reach `known`, then answers from there,
+//!   else ends with `UNAVAILABLE` so the SDK tries another replica. A `known` of another epoch
+//!   (another store history) gets a full snapshot as before.
+//! * **Deltas on the base the client holds**: a Subscribe naming a service the session already
+//!   follows is answered from what the session last sent (the client holds it once it has read
+//!   the stream, whatever `known` it wrote before reading), never from that Subscribe's `known`.
 //! * **Updates**: when woken, the task asks the cache what each changed service needs from the
 //!   version it last sent ([`Catchup`]): one delta, coalescing every change since (a session that
 //!   was slow to read gets one merged delta, never a queue of stale ones), or a full snapshot
@@ -58,7 +66,7 @@ pub const MAX_AGE_REASON: &str = "session reached its maximum age (rebalancing)"
 fn jittered(age: Duration) -> Duration {
     age.mul_f64(0.9 + 0.2 * fastrand::f64())
 }
-use crate::cache::{Catchup, Waker};
+use crate::cache::{Catchup, Waker, AHEAD_WAIT};
 use crate::store::Delta;
 
 /// Most services one session may follow: a bound on what a client can make the server keep.
@@ -431,11 +439,18 @@ impl Session {
                     "a session may follow at most {MAX_SUBSCRIPTIONS} services"
                 ))));
             }
-            // A version of another history means nothing here.
-            let known = s
-                .known
-                .filter(|k| k.epoch == self.epoch && k.version != 0)
-                .map(|k| k.version);
+            let known = match self.subs.get(&service) {
+                // Already followed: once the client has read what this session sent (messages
+                // are ordered), it holds what the session last sent, whatever this Subscribe
+                // (written before it read them) says. A delta goes only on that base.
+                Some(&Sub::At(v)) => Some(v),
+                Some(Sub::NotFound | Sub::Resend) => None,
+                // A version of another history means nothing here.
+                None => s
+                    .known
+                    .filter(|k| k.epoch == self.epoch && k.version != 0)
+                    .map(|k| k.version),
+            };
             if !self.subs.contains_key(&service) {
                 self.shared.cache.follow_service(&service, &self.waker);
             }
@@ -559,6 +574,56 @@ impl Session {
         }
     }
 
+    /// The cache's answer for a client holding `known`, never older than `known`: when the
+    /// cache is behind the client ([`Catchup::Ahead`]: the client saw a newer state on another
+    /// replica), waits up to [`AHEAD_WAIT`] for the cache to reach it, else ends the session
+    /// with `UNAVAILABLE` so the client tries another replica.
+    async fn catch_up_not_older(
+        &mut self,
+        service: &str,
+        known: Option<u64>,
+    ) -> Result<Catchup, End> {
+        let cache = self.shared.cache.clone();
+        let (known, current) = match cache.catch_up(service, known) {
+            Catchup::Ahead { known, current } => (known, current),
+            other => return Ok(other),
+        };
+        tracing::debug!(
+            session = self.id,
+            service,
+            known,
+            current,
+            "client holds a newer version than this replica; waiting for the cache"
+        );
+        if cache.wait_for_revision(known, AHEAD_WAIT).await {
+            match cache.catch_up(service, Some(known)) {
+                Catchup::Ahead { current, .. } => Err(self.behind(service, known, current)),
+                other => Ok(other),
+            }
+        } else {
+            let current = cache.get(service).map_or(0, |s| s.version.version);
+            Err(self.behind(service, known, current))
+        }
+    }
+
+    /// The end of a session whose client holds a newer version than this replica can serve.
+    fn behind(&mut self, service: &str, known: u64, current: u64) -> End {
+        if self.may_warn() {
+            tracing::warn!(
+                session = self.id,
+                service = %model::printable(service, LOG_QUOTE),
+                known,
+                current,
+                suppressed = std::mem::take(&mut self.suppressed),
+                "client holds a newer version than this replica reached; refusing (UNAVAILABLE)"
+            );
+        }
+        End::Status(Status::unavailable(format!(
+            "this replica is behind: service {} is at version {current} here, the client holds {known}; try another replica",
+            model::printable(service, LOG_QUOTE)
+        )))
+    }
+
     /// Sends whatever brings a client holding `known` up to date, and records it. `answer`:
     /// the client asked (Subscribe, Nack), so it gets a reply even when nothing changed.
     async fn catch_up(
@@ -567,7 +632,7 @@ impl Session {
         known: Option<u64>,
         answer: bool,
     ) -> Result<(), End> {
-        let catchup = self.shared.cache.catch_up(service, known);
+        let catchup = self.catch_up_not_older(service, known).await?;
         let epoch = self.epoch;
         // Updates carry a nonce derived from what they contain, so their encoding can be
         // shared by every session; `Current` and `NotFound` answers are per session.
@@ -650,6 +715,8 @@ impl Session {
                 }
                 (Outbound::Encoded(bytes), Sub::At(version))
             }
+            // Not returned by `catch_up_not_older`; refused the same way if it were.
+            Catchup::Ahead { known, current } => return Err(self.behind(service, known, current)),
             Catchup::Current => {
                 let Some(v) = known.filter(|_| answer) else {
                     return Ok(());

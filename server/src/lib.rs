@@ -366,6 +366,7 @@ async fn start(
     }
     let ready_task = tokio::spawn(readiness::run(
         cache.clone(),
+        coordination.contact(),
         readiness::Timing {
             grace: config.ready_grace,
             going_away_after: config.going_away_after,

@@ -1,22 +1,31 @@
 //! Readiness: whether this replica may serve routing state, derived from whether its snapshot
-//! cache is in step with the store.
+//! cache is in step with the store and whether the replica can prove it is current.
 //!
-//! One task ([`run`]) owns the decision. Its only input is [`Cache::synced`] (the follower's
-//! "I am in step" flag, see [`crate::cache`]); its outputs are a `watch` of [`State`] read by
-//! the front-ends, the standard gRPC health statuses of `""` and `dlb.v1.Discovery`, and the
-//! gauges `dlb_ready` and `dlb_cache_revision`.
+//! One task ([`run`]) owns the decision. Its inputs are [`Cache::synced`] (the follower's
+//! "I am in step" flag, see [`crate::cache`]) and the coordination's [`Contact`] (on etcd: the
+//! membership lease is held and the periodic linearizable read succeeds, see
+//! [`crate::replicas`]); its outputs are a `watch` of [`State`] read by the front-ends, the
+//! standard gRPC health statuses of `""` and `dlb.v1.Discovery`, and the gauges `dlb_ready` and
+//! `dlb_cache_revision`.
 //!
-//! | follower | state | effect |
+//! | input | state | effect |
 //! |---|---|---|
 //! | never loaded | [`State::NotReady`] | (not reachable in practice: `spawn` loads before it listens) |
-//! | in step | [`State::Ready`] | health SERVING, sessions and xDS streams accepted |
+//! | in step and in contact | [`State::Ready`] | health SERVING, sessions and xDS streams accepted |
 //! | out of step for < `grace` | [`State::Ready`] | a compaction re-read or a reconnect to another etcd member is not an outage |
-//! | out of step for ≥ `grace` | [`State::NotReady`] | health NOT_SERVING; new `Discovery.Session` calls and xDS streams get `UNAVAILABLE` ([`NOT_SYNCED`]) |
-//! | out of step for ≥ `grace + going_away_after` | [`State::GoingAway`] | as NotReady, and every open session is sent `GoingAway` (xDS streams end with `UNAVAILABLE`) so clients fail over to a synced replica |
+//! | out of step for ≥ `grace`, or out of contact | [`State::NotReady`] | health NOT_SERVING; new `Discovery.Session` calls and xDS streams get `UNAVAILABLE` ([`NOT_SYNCED`]) |
+//! | `going_away_after` later | [`State::GoingAway`] | as NotReady, and every open session is sent `GoingAway` (xDS streams end with `UNAVAILABLE`) so clients fail over to a synced replica |
 //!
-//! Back in step, the replica is [`State::Ready`] at once (no restart). Memory and embedded
-//! stores never fall out of step, so they are ready from the start. O(1) per change; the task
-//! sleeps until the next threshold.
+//! Out of contact has no grace of its own: the progress check's timeout is it. With the
+//! defaults (check every 0.5 s, 1 s timeout, `going_away_after` 1 s) a replica cut off from
+//! its etcd member is NOT_SERVING within 1.5 s and sends its sessions away within 2.5 s (the
+//! cache's own watch would only notice after the HTTP/2 keepalive, ≈ 15 s). The transition's
+//! log line says how long the replica had been unable to prove it is current
+//! (`unproven_ms`: since the last successful check).
+//!
+//! Back in step and in contact, the replica is [`State::Ready`] at once (no restart). Memory
+//! and embedded stores never fall out of step, so they are ready from the start. O(1) per
+//! change; the task sleeps until the next threshold.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,13 +36,14 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::cache::Cache;
+use crate::replicas::Contact;
 
 /// The status message of a call refused because the replica is not in step with its store.
 pub const NOT_SYNCED: &str = "replica not synced with its store";
 /// Default for [`crate::ServerConfig::ready_grace`].
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(1);
 /// Default for [`crate::ServerConfig::going_away_after`].
-pub const DEFAULT_GOING_AWAY_AFTER: Duration = Duration::from_secs(5);
+pub const DEFAULT_GOING_AWAY_AFTER: Duration = Duration::from_secs(1);
 
 /// The replica's readiness (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,19 +137,23 @@ pub(crate) struct Timing {
 }
 
 /// The decision at `now` and when it changes next without new input. Pure.
+/// `unsynced_since`: since when the cache is out of step; `uncontacted_since`: since when the
+/// replica is out of contact (no grace: the progress check's timeout is it).
 fn decide(
     ever_synced: bool,
     unsynced_since: Option<Instant>,
+    uncontacted_since: Option<Instant>,
     now: Instant,
     t: Timing,
 ) -> (State, Option<Instant>) {
     if !ever_synced {
         return (State::NotReady, None);
     }
-    let Some(since) = unsynced_since else {
-        return (State::Ready, None);
+    let unready_at = match (unsynced_since.map(|s| s + t.grace), uncontacted_since) {
+        (None, None) => return (State::Ready, None),
+        (Some(a), Some(b)) => a.min(b),
+        (Some(a), None) | (None, Some(a)) => a,
     };
-    let unready_at = since + t.grace;
     let away_at = unready_at + t.going_away_after;
     if now < unready_at {
         (State::Ready, Some(unready_at))
@@ -162,6 +176,7 @@ const HEALTH_NAMES: [&str; 2] = ["", "dlb.v1.Discovery"];
 /// Owns the decision until `shutdown` flips (see the module docs).
 pub(crate) async fn run(
     cache: Arc<Cache>,
+    mut contact: watch::Receiver<Contact>,
     timing: Timing,
     tx: watch::Sender<State>,
     health: tonic_health::server::HealthReporter,
@@ -178,9 +193,20 @@ pub(crate) async fn run(
         &mut ever_synced,
         &mut unsynced_since,
     );
+    let mut uncontacted_since: Option<Instant> = None;
+    // A coordination without contact to lose hands over a closed channel: read once, then
+    // no more changes.
+    let mut contact_open = true;
+    touched(contact.borrow_and_update().ok(), &mut uncontacted_since);
     loop {
         metrics.revision.set(gauge(*revisions.borrow_and_update()));
-        let (state, next) = decide(ever_synced, unsynced_since, Instant::now(), timing);
+        let (state, next) = decide(
+            ever_synced,
+            unsynced_since,
+            uncontacted_since,
+            Instant::now(),
+            timing,
+        );
         if published != Some(state) {
             if *shutdown.borrow() {
                 return;
@@ -205,9 +231,13 @@ pub(crate) async fn run(
                 State::Ready => {}
                 State::NotReady => tracing::warn!(
                     grace_ms = timing.grace.as_millis() as u64,
+                    in_step = unsynced_since.is_none(),
+                    in_contact = uncontacted_since.is_none(),
+                    unproven_ms = unproven_ms(&contact),
                     "replica out of step with its store: NOT_SERVING, refusing new sessions"
                 ),
                 State::GoingAway => tracing::warn!(
+                    unproven_ms = unproven_ms(&contact),
                     "replica still out of step with its store: sending sessions away"
                 ),
             }
@@ -228,6 +258,13 @@ pub(crate) async fn run(
                     return;
                 }
             }
+            r = contact.changed(), if contact_open => {
+                if r.is_err() {
+                    contact_open = false;
+                } else {
+                    touched(contact.borrow_and_update().ok(), &mut uncontacted_since);
+                }
+            }
             _ = sleep_until(next) => {}
         }
     }
@@ -241,6 +278,21 @@ fn seen(synced: bool, ever: &mut bool, since: &mut Option<Instant>) {
     } else if since.is_none() {
         *since = Some(Instant::now());
     }
+}
+
+/// Records one reading of the contact.
+fn touched(ok: bool, since: &mut Option<Instant>) {
+    if ok {
+        *since = None;
+    } else if since.is_none() {
+        *since = Some(Instant::now());
+    }
+}
+
+/// Milliseconds since the replica last proved it is current (`None`: it makes no checks).
+fn unproven_ms(contact: &watch::Receiver<Contact>) -> Option<u64> {
+    let at = contact.borrow().proven_at?;
+    Some(u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX))
 }
 
 fn gauge(v: u64) -> i64 {
@@ -266,16 +318,81 @@ mod tests {
     #[test]
     fn decision_follows_the_thresholds() {
         let t0 = Instant::now();
-        assert_eq!(decide(false, None, t0, T), (State::NotReady, None));
-        assert_eq!(decide(true, None, t0, T), (State::Ready, None));
+        assert_eq!(decide(false, None, None, t0, T), (State::NotReady, None));
+        assert_eq!(decide(true, None, None, t0, T), (State::Ready, None));
         let s = Some(t0);
         let at = |ms| t0 + Duration::from_millis(ms);
-        assert_eq!(decide(true, s, at(999), T), (State::Ready, Some(at(1000))));
         assert_eq!(
-            decide(true, s, at(1000), T),
+            decide(true, s, None, at(999), T),
+            (State::Ready, Some(at(1000)))
+        );
+        assert_eq!(
+            decide(true, s, None, at(1000), T),
             (State::NotReady, Some(at(6000)))
         );
-        assert_eq!(decide(true, s, at(6000), T), (State::GoingAway, None));
+        assert_eq!(decide(true, s, None, at(6000), T), (State::GoingAway, None));
+        // Out of contact: no grace (the progress check's timeout is it).
+        assert_eq!(
+            decide(true, None, s, at(0), T),
+            (State::NotReady, Some(at(5000)))
+        );
+        assert_eq!(decide(true, None, s, at(5000), T), (State::GoingAway, None));
+        // Both: the earlier threshold.
+        assert_eq!(
+            decide(true, s, Some(at(500)), at(500), T),
+            (State::NotReady, Some(at(5500)))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replica_out_of_contact_is_not_ready_at_once_and_sends_sessions_away() {
+        let cache = Arc::new(Cache::new(1, 8));
+        cache.set_synced(true);
+        let (contact_tx, contact) = watch::channel(Contact::OK);
+        let (tx, readiness) = channel(State::Ready);
+        let (health, _svc) = tonic_health::server::health_reporter();
+        let (stop_tx, stop) = watch::channel(false);
+        let t = Timing {
+            grace: Duration::from_secs(1),
+            going_away_after: DEFAULT_GOING_AWAY_AFTER,
+        };
+        tokio::spawn(run(
+            cache,
+            contact,
+            t,
+            tx,
+            health,
+            ReadinessMetrics::default(),
+            stop,
+        ));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(readiness.is_ready());
+        // The progress check failed: NOT_SERVING without waiting for the cache's grace.
+        let lost = Instant::now();
+        contact_tx.send_modify(|c| c.reads = false);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(readiness.state(), State::NotReady);
+        let mut away = readiness.clone();
+        away.going_away().await;
+        let took = lost.elapsed();
+        assert!(
+            took >= DEFAULT_GOING_AWAY_AFTER
+                && took <= DEFAULT_GOING_AWAY_AFTER + Duration::from_millis(20),
+            "sent away {took:?} after the contact was lost"
+        );
+        // The lease lost too, then both back: ready again.
+        contact_tx.send_modify(|c| c.lease = false);
+        contact_tx.send_modify(|c| c.reads = true);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(
+            readiness.state(),
+            State::GoingAway,
+            "the lease is still lost"
+        );
+        contact_tx.send_modify(|c| c.lease = true);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(readiness.is_ready());
+        let _ = stop_tx.send(true);
     }
 
     #[tokio::test(start_paused = true)]
@@ -288,6 +405,7 @@ mod tests {
         let (stop_tx, stop) = watch::channel(false);
         tokio::spawn(run(
             cache.clone(),
+            watch::channel(Contact::OK).1,
             T,
             tx,
             health,

@@ -136,6 +136,17 @@ impl Entry {
         self.flush()
     }
 
+    /// Whether `upd` would take this service back in time: an update of the epoch held whose
+    /// version is older than the version held (a control plane behind the one this client came
+    /// from). Such an update is refused — never applied, never nacked — and the session leaves
+    /// for another endpoint. Returns `(held, offered)`.
+    pub(super) fn regression(&self, upd: &proto::ServiceUpdate) -> Option<(Version, Version)> {
+        let offered: Version = upd.version?.into();
+        let held = self.version;
+        (held.epoch != 0 && offered.epoch == held.epoch && offered.version < held.version)
+            .then_some((held, offered))
+    }
+
     /// Applies an update to the bookkeeping (records, policy, version) without building a
     /// picker: [`Entry::flush`] builds and publishes once however many updates were staged.
     /// `Err` carries the Nack detail (nothing changed then).

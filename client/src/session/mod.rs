@@ -31,6 +31,13 @@
 //! keeps the previous answer. When nothing is left to try (no static endpoint and no name with
 //! an address yet), the task backs off as after a failed connection and tries again.
 //!
+//! Never back in time: an update of the epoch held but *older* than the version routed on (a
+//! control plane replica behind the one this client came from) is refused — not applied, not
+//! nacked — counted (`ServiceStats::regressions_refused`, `dlb_sdk_regressions_refused_total`)
+//! and the session leaves for another endpoint (as after `GoingAway`, but with the growing
+//! backoff of a failure, so a replica that keeps doing it is not retried in a tight loop). (`dlbd` itself refuses such
+//! a client with `UNAVAILABLE` rather than send it an older state; this is the SDK's own guard.)
+//!
 //! Protection against a control plane that lost its state (restart flooding): a full snapshot
 //! from a *different* epoch than the state held — a restarted control plane — that would keep
 //! fewer than half of the eligible backends the handle routes to, or a `ServiceNotFound` from a
@@ -137,6 +144,10 @@ enum Ended {
     Closed,
     /// The server asked us to go away: reconnect now, elsewhere.
     GoingAway,
+    /// The server sent an update older than the version routed on (same epoch): reconnect
+    /// elsewhere, after the growing backoff of a failure (a replica that keeps doing it is not
+    /// retried in a tight loop).
+    Behind,
     /// Connecting or the stream failed. `established` says whether a session was up (then the
     /// backoff restarts from its minimum).
     Failed { established: bool },
@@ -196,6 +207,12 @@ pub(crate) async fn run(
                 attempt = 0;
                 targets.go_elsewhere();
                 backoff_delay(Duration::ZERO, config.backoff_min, 0)
+            }
+            Ended::Behind => {
+                targets.go_elsewhere();
+                let d = backoff_delay(config.backoff_min, config.backoff_max, attempt);
+                attempt = attempt.saturating_add(1);
+                d
             }
             Ended::Failed { established } => {
                 if established {
@@ -428,6 +445,10 @@ where
                     tracing::info!(%endpoint, %reason, "control plane going away");
                     ended = Some(Ended::GoingAway);
                 }
+                if applied.regressed {
+                    // Leave for another endpoint, with the backoff of a failure.
+                    ended = Some(Ended::Behind);
+                }
                 // A service that applied an update again owes no deferred Nack.
                 for svc in applied.acks.keys() {
                     deferred_nacks.remove(svc);
@@ -526,6 +547,10 @@ struct Applied {
     nacks: Vec<proto::Nack>,
     /// The server said `GoingAway` (with this reason); messages after it were not applied.
     going_away: Option<String>,
+    /// The server sent an update older than the version routed on (same epoch): it was
+    /// refused, the messages after it were not applied, and the session leaves for another
+    /// endpoint.
+    regressed: bool,
 }
 
 /// Applies a batch of messages in order: updates are staged (validated and recorded; a Nack
@@ -547,6 +572,18 @@ fn apply_batch(
                     tracing::debug!(service = %upd.service, "update for a service not subscribed");
                     continue;
                 };
+                if let Some((held, offered)) = entry.regression(&upd) {
+                    // Never back in time: this control plane is behind the state routed on.
+                    entry
+                        .state
+                        .stats
+                        .regressions_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(service = %upd.service, %held, %offered,
+                        "control plane sent an older version than the one routed on; refusing it and moving to another endpoint");
+                    out.regressed = true;
+                    break;
+                }
                 match entry.stage(&upd) {
                     Ok(()) => {
                         if entry.dirty && !dirty.contains(&upd.service) {
@@ -783,6 +820,44 @@ mod serve_tests {
             h.task.await.unwrap(),
             Ended::Failed { established: true }
         ));
+    }
+
+    /// A same-epoch update older than the version routed on (a control plane behind the one
+    /// the client came from) is refused, counted, and the session leaves for another endpoint;
+    /// another epoch's older version is a new history and applies as before.
+    #[tokio::test(start_paused = true)]
+    async fn an_older_update_of_the_same_epoch_is_refused_and_the_session_leaves() {
+        let mut older = full(3, vec![server("old", 1)]);
+        older.nonce = "older".into();
+        let h = start(vec![
+            full(5, vec![server("a", 1), server("b", 1)]),
+            older,
+            full(9, vec![server("never", 1)]),
+        ]);
+        assert!(matches!(h.task.await.unwrap(), Ended::Behind));
+        let routed = h.state.snapshot.load().version;
+        assert_eq!((routed.epoch, routed.version), (7, 5), "went back in time");
+        assert_eq!(
+            published(&h.state).keys().collect::<Vec<_>>(),
+            ["a", "b"],
+            "nothing after the refused update was applied"
+        );
+        let stats = h.state.stats.read();
+        assert_eq!(stats.regressions_refused, 1);
+        assert_eq!(stats.nacks, 0, "refused, not nacked");
+
+        let mut other_epoch = full(3, vec![server("c", 1)]);
+        other_epoch.version = Some(proto::Version {
+            epoch: 8,
+            version: 3,
+        });
+        let mut h = start(vec![full(5, vec![server("a", 1)]), other_epoch]);
+        match next(&mut h).await {
+            ClientKind::Ack(ack) => assert_eq!(ack.version.map(|v| v.epoch), Some(8)),
+            other => panic!("expected an Ack, got {other:?}"),
+        }
+        assert_eq!(h.state.stats.read().regressions_refused, 0);
+        assert!(!h.task.is_finished());
     }
 
     fn server(id: &str, weight: u32) -> proto::Server {

@@ -106,6 +106,11 @@ struct Args {
     /// rebalance over the replicas after a failover (overrides the file; 1..=2592000).
     #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=2_592_000), env = "DLBD_MAX_SESSION_AGE_SECONDS")]
     max_session_age_seconds: Option<u64>,
+    /// A Discovery session silent this long sends a `Heartbeat` (overrides the file; 100..=60000,
+    /// default 5000). Pair with the SDK's `update_deadline` (more than twice this): see
+    /// docs/failover.md.
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(100..=60_000), env = "DLBD_HEARTBEAT_MS")]
+    heartbeat_ms: Option<u64>,
     /// Data directory of the embedded store.
     #[arg(
         long,
@@ -228,6 +233,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(s) = args.max_session_age_seconds {
         config.max_session_age = Some(Duration::from_secs(s));
+    }
+    if let Some(ms) = args.heartbeat_ms {
+        config.session_heartbeat = Duration::from_millis(ms);
     }
     if let Some(f) = &args.admin_token_file {
         config.auth.admin_tokens =

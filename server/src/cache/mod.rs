@@ -44,6 +44,10 @@ use crate::store::{Change, ServiceSnapshot, StoreSnapshot};
 /// Default number of changes kept per service for delta catch-up.
 pub const DEFAULT_HISTORY: usize = 1024;
 
+/// How long a front-end waits for the cache to reach a version a client says it holds
+/// ([`Catchup::Ahead`]) before it refuses the client with `UNAVAILABLE`.
+pub const AHEAD_WAIT: Duration = Duration::from_secs(2);
+
 /// A front-end's encoding of one update, computed by the first session that sends it and
 /// shared by every other (see [`dlb::wire`]).
 pub type Memo = Arc<OnceLock<Bytes>>;
@@ -74,6 +78,17 @@ pub enum Catchup {
     },
     /// The watcher is already at the current version.
     Current,
+    /// The watcher says it holds a version newer than this cache's (same epoch): the cache is
+    /// behind the store the client last saw. Never answered with the older state: the front-end
+    /// waits for the cache ([`Cache::wait_for_revision`] of `known`, at most
+    /// [`AHEAD_WAIT`]) and asks again, else refuses with `UNAVAILABLE` so the client tries
+    /// another replica.
+    Ahead {
+        /// The version the watcher holds.
+        known: u64,
+        /// The cache's version of the service.
+        current: u64,
+    },
     /// The service does not exist.
     NotFound,
 }
@@ -278,14 +293,26 @@ impl Cache {
     }
 
     /// What a watcher holding `known` (a version of this cache's epoch; `None` for nothing)
-    /// must receive. O(changes since `known` × records touched) for a delta.
+    /// must receive. O(changes since `known` × records touched) for a delta. A `known` newer
+    /// than the cache's version is [`Catchup::Ahead`], never an older snapshot; a `known`
+    /// the service does not reach (the client saw it at a revision this cache has not applied)
+    /// is `Ahead` too when the service does not exist here yet.
     pub fn catch_up(&self, service: &str, known: Option<u64>) -> Catchup {
+        // Not here, but the client saw it at a revision this cache has not applied yet.
+        let missing = || match known {
+            Some(k) if k > self.revision() => Catchup::Ahead {
+                known: k,
+                current: 0,
+            },
+            _ => Catchup::NotFound,
+        };
         let Some(slot) = self.slots.read().get(service).cloned() else {
-            return Catchup::NotFound;
+            return missing();
         };
         let st = slot.state.lock();
         let Some(snap) = &st.snapshot else {
-            return Catchup::NotFound;
+            drop(st);
+            return missing();
         };
         let current = snap.version.version;
         let full = || Catchup::Full {
@@ -299,7 +326,8 @@ impl Cache {
             return Catchup::Current;
         }
         if known > current {
-            return full();
+            // Never send a client a state older than the one it holds (same epoch).
+            return Catchup::Ahead { known, current };
         }
         // The first change newer than `known` must start exactly at `known`.
         let idx = st.history.partition_point(|e| e.change.version <= known);
@@ -552,6 +580,21 @@ mod tests {
         ));
         assert!(matches!(cache.catch_up("s", None), Catchup::Full { .. }));
         assert!(matches!(cache.catch_up("nope", None), Catchup::NotFound));
+        // A client ahead of the cache (it saw a newer state elsewhere) is never answered
+        // with the older snapshot.
+        assert!(matches!(
+            cache.catch_up("s", Some(v2 + 10)),
+            Catchup::Ahead { known, current } if known == v2 + 10 && current == v2
+        ));
+        assert!(matches!(
+            cache.catch_up("nope", Some(cache.revision() + 1)),
+            Catchup::Ahead { current: 0, .. }
+        ));
+        // A service gone at a revision the cache has applied: not found.
+        assert!(matches!(
+            cache.catch_up("nope", Some(v1)),
+            Catchup::NotFound
+        ));
         // Past the history (4 changes): full.
         for i in 0..6 {
             add(&store, &cache, "s", &format!("c{i}")).await;

@@ -28,7 +28,18 @@
 //! * **Load reports** to the leader: [`super::forwarding`] (sending through this connection with
 //!   the membership lease, and a second task receiving while this replica leads).
 //!
-//! Sync: the member view is a `tokio::sync::watch` written only by the task.
+//! * **Contact** ([`Coordination::contact`], for readiness): the lease part is held from a join
+//!   until the lease is lost — expired, this replica's key deleted, a keep-alive not answered
+//!   within the TTL (a stalled etcd member never answers, and its streams would only fail
+//!   after the HTTP/2 keepalive), or a broken stream not rejoined within the TTL. A second task makes the **progress
+//!   check**: a linearizable read (`count_only` get of this replica's key) every
+//!   [`PROGRESS_EVERY`] with a [`PROGRESS_TIMEOUT`]; a failed or late read when the last
+//!   successful one is [`PROGRESS_TIMEOUT`] old marks the replica out of contact at once, so it
+//!   goes NOT_SERVING within `PROGRESS_EVERY + PROGRESS_TIMEOUT` (1.5 s) of losing its etcd
+//!   member, and sends its sessions away `going_away_after` later.
+//!
+//! Sync: the member view and the contact are `tokio::sync::watch`es; the view is written only
+//! by the membership task, the contact's `lease` by it and `reads` by the progress task.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -43,6 +54,8 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use super::progress::{check_progress, set_contact};
+pub use super::progress::{PROGRESS_EVERY, PROGRESS_TIMEOUT};
 use super::{forwarding, Coordination, Members};
 use crate::config::EtcdConfig;
 use crate::outlier::forward::Batch;
@@ -75,6 +88,8 @@ pub struct EtcdCoordination {
     loads_key: String,
     /// Batches the other replicas forward, until taken.
     forwarded: Mutex<Option<mpsc::Receiver<Batch>>>,
+    /// Whether this replica can prove it is in contact with etcd (see the module docs).
+    contact: watch::Sender<super::Contact>,
 }
 
 impl std::fmt::Debug for EtcdCoordination {
@@ -261,15 +276,29 @@ impl EtcdCoordination {
             client: client.clone(),
             loads_key: format!("{loads}{id}"),
             forwarded: Mutex::new(Some(forward_rx)),
+            contact: watch::Sender::new(super::Contact {
+                proven_at: Some(Instant::now()),
+                ..super::Contact::OK
+            }),
         });
         tracing::info!(replica = %id, lease = joined.lease, members = ?this.members.borrow().ids(), "joined the replica set");
         let members = this.members.clone();
         let leader = this.leader.clone();
         let mut stop = shutdown.clone();
+        let progress_key = joiner.key.clone();
+        let contact = this.contact.clone();
         let task = tokio::spawn(async move {
             tokio::select! {
-                () = run(joiner, joined, members, leader, lease_id) => {}
+                () = run(joiner, joined, members, leader, lease_id, contact) => {}
                 _ = crate::state::stopped(&mut shutdown) => {}
+            }
+        });
+        let (contact, mut stop_progress) = (this.contact.clone(), stop.clone());
+        let progress_client = client.clone();
+        let progress = tokio::spawn(async move {
+            tokio::select! {
+                () = check_progress(progress_client, progress_key, contact) => {}
+                _ = crate::state::stopped(&mut stop_progress) => {}
             }
         });
         let receive = forwarding::receive(client, loads, id, this.leader.subscribe(), forward_tx);
@@ -279,7 +308,7 @@ impl EtcdCoordination {
                 _ = crate::state::stopped(&mut stop) => {}
             }
         });
-        *this.tasks.lock() = vec![task, receiver];
+        *this.tasks.lock() = vec![task, receiver, progress];
         Ok(this)
     }
 }
@@ -291,10 +320,14 @@ async fn run(
     members: watch::Sender<Members>,
     leader: watch::Sender<Option<i64>>,
     lease_id: Arc<Mutex<i64>>,
+    contact: watch::Sender<super::Contact>,
 ) {
     let mut joined = Some(joined);
     let mut lease = 0;
     let mut backoff = MIN_BACKOFF;
+    // When the membership was interrupted with the lease presumably still alive (a broken
+    // stream, rejoined with the same lease): past the TTL without a rejoin it is lost.
+    let mut interrupted_at: Option<Instant> = None;
     loop {
         let mut j = match joined.take() {
             Some(j) => j,
@@ -304,6 +337,9 @@ async fn run(
                     j
                 }
                 Err(e) => {
+                    if interrupted_at.is_some_and(|t| t.elapsed() > joiner.ttl) {
+                        set_contact(&contact, |c| c.lease = false);
+                    }
                     tracing::warn!(error = %e, "replica membership: cannot reach etcd; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -314,6 +350,7 @@ async fn run(
         backoff = MIN_BACKOFF;
         lease = j.lease;
         *lease_id.lock() = lease;
+        set_contact(&contact, |c| c.lease = true);
         publish(&members, &j.members);
         lead(&leader, &joiner.id, j.fence);
         let why = follow(&joiner, &mut j, &members, &leader).await;
@@ -321,8 +358,12 @@ async fn run(
         lead(&leader, &joiner.id, None);
         tracing::warn!(replica = %joiner.id, reason = %why, "replica membership interrupted; rejoining");
         if why.lease_lost {
+            // Not a member any more: it cannot prove it is current until it rejoins. (A broken
+            // stream alone keeps the lease: a blip of one etcd member is no outage.)
             lease = 0;
+            set_contact(&contact, |c| c.lease = false);
         }
+        interrupted_at = Some(Instant::now());
         tokio::time::sleep(backoff).await;
     }
 }
@@ -378,6 +419,9 @@ async fn follow(
 ) -> Interrupted {
     let every = joiner.ttl / 3;
     let mut next = Instant::now() + every;
+    // When a keep-alive was last answered: none within the TTL means the lease has expired (or
+    // is about to) although no stream has failed yet (a stalled etcd member answers nothing).
+    let mut answered = Instant::now();
     let broken = |reason: String| Interrupted {
         reason,
         lease_lost: false,
@@ -386,12 +430,18 @@ async fn follow(
         tokio::select! {
             _ = tokio::time::sleep_until(next) => {
                 next = Instant::now() + every;
+                if answered.elapsed() > joiner.ttl {
+                    return Interrupted {
+                        reason: format!("no keep-alive answered within the lease TTL ({:?})", joiner.ttl),
+                        lease_lost: true,
+                    };
+                }
                 if let Err(e) = j.keeper.keep_alive().await {
                     return broken(format!("keep-alive: {e}"));
                 }
             }
             ack = j.acks.message() => match ack {
-                Ok(Some(r)) if r.ttl() > 0 => {}
+                Ok(Some(r)) if r.ttl() > 0 => answered = Instant::now(),
                 Ok(Some(_)) => return Interrupted { reason: "the lease expired".into(), lease_lost: true },
                 Ok(None) => return broken("keep-alive stream ended".into()),
                 Err(e) => return broken(format!("keep-alive: {e}")),
@@ -458,6 +508,10 @@ impl Coordination for EtcdCoordination {
 
     fn members(&self) -> watch::Receiver<Members> {
         self.members.subscribe()
+    }
+
+    fn contact(&self) -> watch::Receiver<super::Contact> {
+        self.contact.subscribe()
     }
 
     fn leadership(&self) -> watch::Receiver<Option<i64>> {

@@ -33,6 +33,8 @@
 pub mod etcd;
 #[cfg(feature = "etcd")]
 mod forwarding;
+#[cfg(feature = "etcd")]
+mod progress;
 
 use std::sync::Arc;
 
@@ -146,6 +148,36 @@ pub fn default_id() -> String {
     format!("{host}-{}-{:04x}", std::process::id(), fastrand::u16(..))
 }
 
+/// Whether this replica can prove it is in contact with the shared store, published by the
+/// coordination for readiness ([`crate::readiness`]): a replica that cannot prove it is
+/// current must stop serving, whatever its cache's watch says (a watch on a stalled etcd member
+/// only errors after the HTTP/2 keepalive, ≈ 15 s).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Contact {
+    /// The membership lease is held: joined, and its last keep-alive was answered within the
+    /// TTL.
+    pub lease: bool,
+    /// The last progress check (a linearizable read with a short timeout) succeeded.
+    pub reads: bool,
+    /// When a progress check last succeeded (`None`: no check yet, or none is made). Not part
+    /// of the published decision: changing it alone wakes nobody.
+    pub proven_at: Option<tokio::time::Instant>,
+}
+
+impl Contact {
+    /// In contact, nothing checked (a coordination with nothing to lose contact with).
+    pub const OK: Contact = Contact {
+        lease: true,
+        reads: true,
+        proven_at: None,
+    };
+
+    /// Whether the replica may serve as far as contact goes.
+    pub fn ok(&self) -> bool {
+        self.lease && self.reads
+    }
+}
+
 /// Who the live replicas are (see the module docs).
 pub trait Coordination: Send + Sync + 'static {
     /// This replica's id.
@@ -170,6 +202,12 @@ pub trait Coordination: Send + Sync + 'static {
     /// sent while it does not is never delivered to it). The receiver can be taken once;
     /// `None` afterwards, and where there are no other replicas ([`Single`]).
     fn take_forwarded(&self) -> Option<mpsc::Receiver<Batch>>;
+    /// Whether this replica can prove it is in contact with the shared store ([`Contact`]).
+    /// By default always (a closed channel reading [`Contact::OK`]): [`Single`] has no one to
+    /// lose contact with.
+    fn contact(&self) -> watch::Receiver<Contact> {
+        watch::channel(Contact::OK).1
+    }
 }
 
 /// The only replica: the member set is this replica.

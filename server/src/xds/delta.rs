@@ -2,11 +2,14 @@
 //!
 //! Per resource type the stream keeps the subscribed names (`*`, or a first LDS/CDS request
 //! with no names, is a wildcard) and, per name, what the client holds: a resource version (the
-//! FNV hash of the encoded resource) or "told it does not exist". A push sends only resources
-//! whose version differs from what the client holds, and names that do not exist (any more) in
+//! FNV hash of the encoded resource, tagged) or "told it does not exist". A push sends only resources
+//! whose content differs from what the client holds, and names that do not exist (any more) in
 //! `removed_resources` — including subscribed names that never existed, so the client learns
 //! at once that they are absent; they are sent when created. `initial_resource_versions` of a
-//! reconnecting client are taken as what it holds (resume: only differences are sent).
+//! reconnecting client are taken as what it holds (resume: only differences are sent). A
+//! resource version is `HASH.EPOCH.REVISION` ([`super::tag`]); when those versions claim a
+//! revision of this epoch the cache has not applied, the stream waits for it a bounded time,
+//! else ends with `UNAVAILABLE` ([`super::not_behind`]): never older resources than held.
 //!
 //! ACK/NACK: a request carrying the nonce of the last response is its ACK or (with
 //! `error_detail`) its NACK; the acked version is that response's `system_version_info`.
@@ -22,7 +25,9 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use super::clients::Registration;
-use super::{record_nack, record_node, resources, Context, Fnv, Followed};
+use super::{
+    claim, content, not_behind, record_nack, record_node, resources, Context, Fnv, Followed,
+};
 
 type Tx = mpsc::Sender<Result<DeltaDiscoveryResponse, tonic::Status>>;
 
@@ -158,11 +163,19 @@ impl Stream {
         for name in names {
             match ctx.built(type_url, &name) {
                 Some(b) => {
-                    if sub.held.get(&name) != Some(&Some(b.hash.clone())) {
-                        sub.held.insert(name.clone(), Some(b.hash.clone()));
+                    // Held already when the content is the same (whatever revision it was
+                    // tagged with then).
+                    let held = sub
+                        .held
+                        .get(&name)
+                        .and_then(|v| v.as_deref())
+                        .is_some_and(|v| content(v) == b.hash);
+                    if !held {
+                        let version = b.tagged(ctx.cache.epoch());
+                        sub.held.insert(name.clone(), Some(version.clone()));
                         out.push(Resource {
                             name,
-                            version: b.hash.clone(),
+                            version,
                             resource: Some(b.any.clone()),
                             ..Default::default()
                         });
@@ -212,6 +225,15 @@ impl Stream {
     }
 }
 
+/// The newest revision of this epoch the versions a client says it holds claim.
+fn claimed(ctx: &Context, req: &DeltaDiscoveryRequest) -> Option<u64> {
+    let epoch = ctx.cache.epoch();
+    req.initial_resource_versions
+        .values()
+        .filter_map(|v| claim(v, epoch))
+        .max()
+}
+
 /// Serves one delta stream until the client ends it, it fails, or the server shuts down.
 pub(crate) async fn run(
     ctx: Arc<Context>,
@@ -239,7 +261,7 @@ pub(crate) async fn run(
         let mut pending: Vec<String> = Vec::new();
         tokio::select! {
             req = requests.next() => match req {
-                Some(Ok(req)) => match s.request(req) {
+                Some(Ok(req)) => match not_behind(&ctx, claimed(&ctx, &req)).await.and_then(|()| s.request(req)) {
                     Ok(Some(t)) => pending.push(t),
                     Ok(None) => {}
                     Err(status) => {

@@ -14,9 +14,13 @@
 //! Like the DLB session ([`crate::discovery`]) this is a thin front-end of the snapshot cache
 //! ([`crate::cache`]): a stream follows the services it subscribed to with one cache
 //! [`Waker`](crate::cache::Waker); when woken it reads the newest snapshots and pushes what
-//! changed. A burst of writes costs a slow stream one coalesced update. Resource versions are a
-//! hash of the encoded resources, so a stream that reconnects with the version it holds (to this
-//! or another replica serving the same state) is not sent the same resources again.
+//! changed. A burst of writes costs a slow stream one coalesced update. Resource versions are
+//! `HASH.EPOCH.REVISION` ([`tag`]): the hash of the encoded resources decides whether a client
+//! holds them already, so a stream that reconnects with the version it holds (to this or another
+//! replica serving the same state) is not sent the same resources again; the epoch and revision
+//! say how new that state is, so a replica whose cache is behind the client's revision (same
+//! epoch) waits for it a bounded time and otherwise ends the stream with `UNAVAILABLE`
+//! ([`not_behind`]) — a client is never sent resources older than those it holds.
 //!
 //! Auth and TLS are those of the whole port: the ADS path needs a read token when read tokens are
 //! configured ([`crate::auth`]).
@@ -114,12 +118,65 @@ impl XdsMetrics {
     }
 }
 
-/// One resource built from one service version: packed, with its content hash (the
-/// resource's version). Shared by every stream that sends it.
+/// One resource built from one service version: packed, with its content hash. Shared by every
+/// stream that sends it.
 #[derive(Debug)]
 pub(crate) struct Built {
     pub any: envoy_types::pb::google::protobuf::Any,
     pub hash: String,
+    /// The service version (store revision) it was built from.
+    pub version: u64,
+}
+
+impl Built {
+    /// The resource's xDS version: `HASH.EPOCH.REVISION` (see [`tag`]).
+    pub fn tagged(&self, epoch: u64) -> String {
+        tag(&self.hash, epoch, self.version)
+    }
+}
+
+/// An xDS version string: `HASH.EPOCH.REVISION` — the content hash (what decides whether a
+/// client already holds a resource: [`content`]), the store epoch in hex, and the store
+/// revision the content is as new as. A reconnecting client's versions thus say how new a
+/// state it holds, and a replica whose cache is behind that never answers with older resources
+/// ([`not_behind`]).
+pub(crate) fn tag(hash: &str, epoch: u64, revision: u64) -> String {
+    format!("{hash}.{epoch:x}.{revision}")
+}
+
+/// The content part of a version string (all of it for a version without a tag).
+pub(crate) fn content(version: &str) -> &str {
+    version.split('.').next().unwrap_or(version)
+}
+
+/// The revision a version string of `epoch` claims; `None` for another epoch or an untagged
+/// or malformed version (a claim that cannot be read is no claim: answered as today).
+pub(crate) fn claim(version: &str, epoch: u64) -> Option<u64> {
+    let mut parts = version.split('.');
+    let (_, e, r) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || u64::from_str_radix(e, 16).ok()? != epoch {
+        return None;
+    }
+    r.parse().ok()
+}
+
+/// Never back in time: when a client claims (by the versions it holds, same epoch) a revision
+/// this replica's cache has not applied, waits up to [`crate::cache::AHEAD_WAIT`] for it;
+/// `Err(UNAVAILABLE)` if it does not get there (the client should try another replica).
+pub(crate) async fn not_behind(ctx: &Context, claimed: Option<u64>) -> Result<(), tonic::Status> {
+    let Some(rev) = claimed else { return Ok(()) };
+    if ctx.cache.revision() >= rev
+        || ctx
+            .cache
+            .wait_for_revision(rev, crate::cache::AHEAD_WAIT)
+            .await
+    {
+        return Ok(());
+    }
+    Err(tonic::Status::unavailable(format!(
+        "this replica is behind: the client holds revision {rev}, this replica reached {}; try another replica",
+        ctx.cache.revision()
+    )))
 }
 
 /// The last resource built per (type URL, service), keyed by the service version it was built
@@ -219,7 +276,11 @@ impl Context {
         let any = resources::resource(type_url, &snap)?;
         let mut h = Fnv::default();
         h.write(&any.value);
-        let built = Arc::new(Built { hash: h.hex(), any });
+        let built = Arc::new(Built {
+            hash: h.hex(),
+            any,
+            version,
+        });
         let mut memo = self.memo.lock();
         let newer = memo.get(&key).is_some_and(|(v, _)| *v > version);
         if !newer {

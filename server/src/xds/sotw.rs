@@ -8,9 +8,12 @@
 //! "does not exist" (and appears in a later response when the service is created); EDS names
 //! are simply not included until they exist.
 //!
-//! The version of a response is the FNV hash of its resources (each built once per service
-//! version and shared by every stream, see `Context::built`); a response identical to the
-//! last one sent is not sent again. A client reconnecting with the version it holds is answered
+//! The version of a response is `HASH.EPOCH.REVISION` ([`super::tag`]): the FNV hash of its
+//! resources, and the newest service version among them. A client whose `version_info` claims a
+//! revision of this epoch the cache has not applied is never answered with older resources
+//! ([`super::not_behind`]: a bounded wait, else `UNAVAILABLE`). Resources are built once per
+//! service version and shared by every stream (see `Context::built`); a response whose content
+//! (hash) is that of the last one sent is not sent again. A client reconnecting with the version it holds is answered
 //! only when the state differs (resume). Cost per wake-up: O(subscribed services × backends).
 
 use std::collections::{BTreeSet, HashMap};
@@ -21,7 +24,9 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use super::clients::Registration;
-use super::{record_nack, record_node, resources, Built, Context, Fnv, Followed};
+use super::{
+    claim, content, not_behind, record_nack, record_node, resources, Built, Context, Fnv, Followed,
+};
 
 type Tx = mpsc::Sender<Result<DiscoveryResponse, tonic::Status>>;
 
@@ -44,6 +49,7 @@ pub(crate) fn resources_for(
     wildcard: bool,
 ) -> (Vec<Arc<Built>>, String) {
     let mut out = Vec::new();
+    let mut newest = 0;
     let mut h = Fnv::default();
     h.write(type_url.as_bytes());
     if resources::served(type_url) {
@@ -63,11 +69,12 @@ pub(crate) fn resources_for(
             if let Some(b) = ctx.built(type_url, name) {
                 h.write(name.as_bytes());
                 h.write(b.hash.as_bytes());
+                newest = newest.max(b.version);
                 out.push(b);
             }
         }
     }
-    (out, h.hex())
+    (out, super::tag(&h.hex(), ctx.cache.epoch(), newest))
 }
 
 struct Stream {
@@ -141,7 +148,7 @@ impl Stream {
         if first && !req.version_info.is_empty() && req.response_nonce.is_empty() {
             // A reconnecting client says what it holds: resume from there.
             let (_, version) = resources_for(&self.ctx, &type_url, &sub.names, sub.wildcard);
-            if version == req.version_info {
+            if content(&version) == content(&req.version_info) {
                 sub.version = Some(version.clone());
                 let mut st = self.reg.state.lock();
                 let t = st.types.entry(type_url.clone()).or_default();
@@ -170,7 +177,8 @@ impl Stream {
             return true;
         };
         let (resources, version) = resources_for(&self.ctx, type_url, &sub.names, sub.wildcard);
-        if !force && sub.version.as_deref() == Some(version.as_str()) {
+        // Same content: nothing to send (a newer revision alone changes nothing for the client).
+        if !force && sub.version.as_deref().map(content) == Some(content(&version)) {
             return true;
         }
         self.next_nonce += 1;
@@ -226,7 +234,10 @@ pub(crate) async fn run(
         let mut pending: Vec<(String, bool)> = Vec::new();
         tokio::select! {
             req = requests.next() => match req {
-                Some(Ok(req)) => match s.request(req) {
+                Some(Ok(req)) => match not_behind(&ctx, claim(&req.version_info, ctx.cache.epoch()))
+                    .await
+                    .and_then(|()| s.request(req))
+                {
                     Ok(Some(t)) => pending.push((t, true)),
                     Ok(None) => {}
                     Err(status) => {

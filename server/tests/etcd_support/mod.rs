@@ -270,6 +270,15 @@ impl Member {
         Some((status.header()?.member_id(), status.leader()))
     }
 
+    /// Sends the process a signal (`kill SIGNAL pid`), if it runs.
+    fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .args([signal, &child.id().to_string()])
+                .status();
+        }
+    }
+
     /// Kills the process (SIGKILL) and reaps it.
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -428,6 +437,17 @@ impl EtcdCluster {
     /// `kill -9` of member `i` (its data directory stays).
     pub fn kill(&mut self, i: usize) {
         self.members[i].kill();
+    }
+
+    /// Stalls member `i` (`SIGSTOP`): its connections stay open but nothing is answered, as
+    /// with a hung host or a partition without resets. [`EtcdCluster::resume`] undoes it.
+    pub fn stall(&self, i: usize) {
+        self.members[i].signal("-STOP");
+    }
+
+    /// Resumes a member stalled with [`EtcdCluster::stall`] (`SIGCONT`).
+    pub fn resume(&self, i: usize) {
+        self.members[i].signal("-CONT");
     }
 
     /// Whether member `i` runs.

@@ -48,7 +48,12 @@ pub struct Replica {
     pub grpc: String,
     /// More `dlbd` arguments, on every start.
     extra: Vec<String>,
+    /// The last [`LOG_LINES`] lines of its log (`warn,dlbd=info`), across restarts.
+    log: Arc<Mutex<std::collections::VecDeque<String>>>,
 }
+
+/// How many log lines a [`Replica`] keeps.
+const LOG_LINES: usize = 10_000;
 
 impl Replica {
     /// Starts a replica on `etcd` (an endpoint `host:port`, or several comma-separated, as
@@ -65,9 +70,16 @@ impl Replica {
             etcd: etcd.to_owned(),
             grpc: listen.to_owned(),
             extra: extra.iter().map(|a| (*a).to_owned()).collect(),
+            log: Arc::default(),
         };
         r.launch();
         r
+    }
+
+    /// The lines of its log kept so far that contain `needle`.
+    pub fn log_lines(&self, needle: &str) -> Vec<String> {
+        let log = self.log.lock().unwrap();
+        log.iter().filter(|l| l.contains(needle)).cloned().collect()
     }
 
     /// The endpoint URL SDKs use.
@@ -88,10 +100,19 @@ impl Replica {
             .expect("cannot run dlbd");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel::<String>();
-        // Drain its log for its whole life (a closed pipe would fail its logging).
+        // Drain its log for its whole life (a closed pipe would fail its logging), keeping the
+        // last lines.
+        let log = self.log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
+                {
+                    let mut log = log.lock().unwrap();
+                    if log.len() == LOG_LINES {
+                        log.pop_front();
+                    }
+                    log.push_back(line.clone());
+                }
                 let _ = tx.send(line);
             }
         });
