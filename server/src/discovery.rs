@@ -608,13 +608,13 @@ impl Session {
 
     /// The end of a session whose client holds a newer version than this replica can serve.
     fn behind(&mut self, service: &str, known: u64, current: u64) -> End {
-        if self.may_warn() {
+        if let Some(suppressed) = self.log.check() {
             tracing::warn!(
                 session = self.id,
                 service = %model::printable(service, LOG_QUOTE),
                 known,
                 current,
-                suppressed = std::mem::take(&mut self.suppressed),
+                suppressed,
                 "client holds a newer version than this replica reached; refusing (UNAVAILABLE)"
             );
         }
