@@ -104,6 +104,10 @@ struct Args {
     /// rebalance over the replicas after a failover (overrides the file; 1..=2592000).
     #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=2_592_000), env = "DLBD_MAX_SESSION_AGE_SECONDS")]
     max_session_age_seconds: Option<u64>,
+    /// Most MiB of recent changes the store keeps in memory for watches (default 64; overrides
+    /// the file's `change_log_max_mib`; 1..=65536). A watcher further behind re-reads a snapshot.
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..=65_536), env = "DLBD_CHANGE_LOG_MAX_MIB")]
+    change_log_max_mib: Option<u64>,
     /// Data directory of the embedded store.
     #[arg(
         long,
@@ -210,6 +214,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(s) = args.max_session_age_seconds {
         config.max_session_age = Some(Duration::from_secs(s));
+    }
+    if let Some(m) = args.change_log_max_mib {
+        config.store_history_bytes = usize::try_from(m << 20).unwrap_or(usize::MAX);
     }
     if let Some(f) = &args.admin_token_file {
         config.auth.admin_tokens =

@@ -208,6 +208,15 @@ impl EmbeddedStore {
     }
 }
 
+impl EmbeddedStore {
+    /// Bounds the in-memory change log to `bytes` bytes (default
+    /// [`DEFAULT_HISTORY_BYTES`](super::memory::DEFAULT_HISTORY_BYTES)).
+    pub fn with_history_bytes(self, bytes: usize) -> Self {
+        self.engine.set_log_max_bytes(bytes);
+        self
+    }
+}
+
 impl Store for EmbeddedStore {
     fn epoch(&self) -> u64 {
         self.engine.epoch()
