@@ -204,3 +204,47 @@ async fn a_session_releases_the_names_it_followed_and_is_bounded_in_bytes() {
     assert!(err.message().contains("service"), "{err:?}");
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn xds_clients_listing_is_truncated_with_a_count_instead_of_failing() {
+    let server = common::start().await;
+    // 45 streams × 16 types × 100 names of 250 bytes: ≈ 18 MB of names, over the 16 MB message.
+    const STREAMS: usize = 45;
+    let mut open = Vec::new();
+    for s in 0..STREAMS {
+        let (tx, rx) = sotw(&server).await;
+        for t in 0..dlb_server::xds::MAX_TYPES {
+            let names = (0..100).map(|i| format!("{s}-{t}-{i:0>240}")).collect();
+            tx.send(request(&format!("type.googleapis.com/x.T{t}"), names))
+                .await
+                .unwrap();
+        }
+        open.push((tx, rx));
+    }
+    let deadline = tokio::time::Instant::now() + WAIT * 3;
+    loop {
+        let all = server.xds_clients().list();
+        let done = all.len() == STREAMS
+            && all.iter().all(|c| {
+                c.types.len() == dlb_server::xds::MAX_TYPES
+                    && c.types.values().all(|t| t.names.len() == 100)
+            });
+        if done {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "streams not set up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = dlb::proto::xds_status_client::XdsStatusClient::new(common::channel(&server).await)
+        .max_decoding_message_size(dlb::model::MAX_MESSAGE_BYTES)
+        .list_xds_clients(dlb::proto::ListXdsClientsRequest {})
+        .await
+        .expect("listed, not OUT_OF_RANGE")
+        .into_inner();
+    assert!(r.truncated);
+    assert_eq!(r.total as usize, STREAMS);
+    assert!(!r.clients.is_empty() && r.clients.len() < STREAMS);
+    assert!(prost::Message::encoded_len(&r) <= dlb_server::xds::status::MAX_LIST_BYTES);
+    drop(open);
+    server.shutdown().await.unwrap();
+}

@@ -728,7 +728,10 @@ async fn run(cli: Cli) -> Result<(), Error> {
                                "panic": panic_json(s.panic)})
                     })
                     .collect();
-                println!("{}", json!({ "services": services }));
+                println!(
+                    "{}",
+                    json!({ "services": services, "truncated": r.truncated, "total": r.total })
+                );
             } else {
                 for s in &r.services {
                     println!(
@@ -740,6 +743,9 @@ async fn run(cli: Cli) -> Result<(), Error> {
                         model::algorithm_name(s.policy.clone().unwrap_or_default().algorithm),
                         panic_text(s.panic)
                     );
+                }
+                if r.truncated {
+                    println!("{}", more_not_shown(r.total, r.services.len()));
                 }
             }
         }
@@ -1058,7 +1064,10 @@ fn print_xds_clients(j: bool, r: &dlb::proto::ListXdsClientsResponse) {
                        "node_id": c.node_id, "user_agent": c.user_agent, "types": types})
             })
             .collect();
-        println!("{}", json!({"clients": clients, "truncated": r.truncated}));
+        println!(
+            "{}",
+            json!({"clients": clients, "truncated": r.truncated, "total": r.total})
+        );
         return;
     }
     if r.clients.is_empty() {
@@ -1070,11 +1079,15 @@ fn print_xds_clients(j: bool, r: &dlb::proto::ListXdsClientsResponse) {
             c.stream, c.protocol, c.node_id, c.user_agent, c.peer
         );
         for t in &c.types {
-            let names = if t.wildcard {
+            let mut names = if t.wildcard {
                 "*".to_owned()
             } else {
                 t.names.join(",")
             };
+            let listed = u32::try_from(t.names.len()).unwrap_or(u32::MAX);
+            if t.names_total > listed {
+                names.push_str(&format!(",… ({} more not shown)", t.names_total - listed));
+            }
             println!(
                 "  {} [{}] acked={} sent={} responses={} nacks={}",
                 short(&t.type_url),
@@ -1094,6 +1107,16 @@ fn print_xds_clients(j: bool, r: &dlb::proto::ListXdsClientsResponse) {
         }
     }
     if r.truncated {
-        println!("(more streams are open than listed)");
+        println!("{}", more_not_shown(r.total, r.clients.len()));
+    }
+}
+
+/// The line under a truncated listing: how many entries were left out (when the server says).
+fn more_not_shown(total: u32, listed: usize) -> String {
+    let listed = u32::try_from(listed).unwrap_or(u32::MAX);
+    if total > listed {
+        format!("({} more not shown)", total - listed)
+    } else {
+        "(more exist than listed)".to_owned()
     }
 }
