@@ -515,11 +515,14 @@ impl Session {
                     }
                     self.nacked.remove(service);
                     self.global.forget(service);
-                    self.shared.circuits.remove_service(self.id, service);
-                    self.shared
-                        .metrics
-                        .circuits
-                        .update(service, &self.shared.circuits);
+                    // Metrics only for a service the session reported on: a series per name
+                    // a client merely unsubscribed from would grow without bound.
+                    if self.shared.circuits.remove_service(self.id, service) {
+                        self.shared
+                            .metrics
+                            .circuits
+                            .update(service, &self.shared.circuits);
+                    }
                     if let Some(totals) = self.shared.loads.remove_service(self.id, service) {
                         self.shared.pickers.set_baselines(service, &totals);
                         self.shared.metrics.in_flight(service, &totals);
