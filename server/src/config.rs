@@ -306,7 +306,7 @@ impl ServerConfig {
             ));
         }
         if !CHANGE_LOG_MAX_MIB.contains(&((self.store_history_bytes >> 20) as u64))
-            || self.store_history_bytes % (1 << 20) != 0
+            || !self.store_history_bytes.is_multiple_of(1 << 20)
         {
             return Err(ValidationError::new(
                 "change_log_max_mib",
