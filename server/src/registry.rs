@@ -22,7 +22,7 @@ use crate::Error;
 /// How long a committed write waits for the cache to apply it before answering anyway.
 const CACHE_WAIT: Duration = Duration::from_secs(1);
 /// Most bytes of services in one `ListServices` answer (the rest are counted in `total`).
-pub const MAX_LIST_BYTES: usize = 4 << 20;
+pub const MAX_LIST_BYTES: usize = model::MAX_LIST_BYTES;
 /// How long `GetNextServer` waits for the picker to reach the cached version: as long as a write waits for the cache: a caller that just wrote reads its write, and the
 /// bound only matters when a build is slow (a million-backend service) or failing.
 const PICKER_WAIT: Duration = CACHE_WAIT;

@@ -1,5 +1,5 @@
 //! `GetHealth`: the checker's live view of a service's checked backends, for `dlbctl health
-//! show` (at most [`MAX_LIST_BYTES`](crate::registry::MAX_LIST_BYTES) of them, with a count).
+//! show` (at most [`MAX_LIST_BYTES`](model::MAX_LIST_BYTES) of them, with a count).
 
 use dlb::{model, proto};
 
@@ -44,7 +44,7 @@ pub(crate) async fn get_health(
         // Bounded in bytes: the first backends that fit, and how many there are.
         .take_while(|b| {
             bytes += prost::Message::encoded_len(b) + 8;
-            bytes <= crate::registry::MAX_LIST_BYTES
+            bytes <= model::MAX_LIST_BYTES
         })
         .collect();
     Ok(proto::GetHealthResponse {

@@ -16,7 +16,7 @@ pub const MAX_CLIENTS: usize = 10_000;
 /// Most names listed per resource type.
 pub const MAX_NAMES: usize = 100;
 /// Most bytes of streams in one response.
-pub const MAX_LIST_BYTES: usize = 4 << 20;
+pub const MAX_LIST_BYTES: usize = dlb::model::MAX_LIST_BYTES;
 
 /// The `XdsStatus` service over the registry of connected xDS clients.
 #[derive(Debug, Clone)]
