@@ -232,15 +232,27 @@ impl RegistryService {
             .ok_or_else(|| Error::ServiceNotFound(service.clone()))?;
         let panic =
             dlb::health_policy::panic_state(&snap.policy, snap.servers.values().map(|s| &**s));
-        let circuits = self.shared.circuits.reports(&service);
-        Ok(proto::ListServersResponse {
+        let reports = self.shared.circuits.reports(&service);
+        let mut r = proto::ListServersResponse {
             service,
             version: Some(snap.version),
             policy: Some(snap.policy.clone()),
             servers: snap.server_list(),
             panic: Some(panic),
-            circuits,
-        })
+            circuits: Vec::new(),
+            circuits_total: u32::try_from(reports.len()).unwrap_or(u32::MAX),
+        };
+        // The backends always fit (a service's snapshot does); circuit reports only as far as
+        // the message has room, the rest counted in `circuits_total`.
+        let mut bytes = prost::Message::encoded_len(&r);
+        for c in reports {
+            bytes += prost::Message::encoded_len(&c) + 8;
+            if bytes > model::MAX_MESSAGE_BYTES - (16 << 10) {
+                break;
+            }
+            r.circuits.push(c);
+        }
+        Ok(r)
     }
 
     async fn next(

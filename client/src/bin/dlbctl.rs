@@ -712,6 +712,9 @@ async fn run(cli: Cli) -> Result<(), Error> {
                         c.server_id, c.open_sessions, c.half_open_sessions
                     );
                 }
+                if (r.circuits_total as usize) > r.circuits.len() {
+                    println!("  {}", more_not_shown(r.circuits_total, r.circuits.len()));
+                }
             }
         }
         Command::XdsClients => print_xds_clients(j, &admin.list_xds_clients().await?),
