@@ -127,3 +127,38 @@ async fn xds_clients_lists_streams_with_acks_and_nacks() {
     drop(tx);
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn xds_clients_says_how_many_names_are_not_shown() {
+    let server = spawn_server().await;
+    let ep = endpoint(&server);
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.grpc_addr()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(8);
+    let mut stream = AggregatedDiscoveryServiceClient::new(channel)
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    // 150 names: the listing shows 100 of them and counts the rest.
+    tx.send(DiscoveryRequest {
+        node: Some(Node {
+            id: "many-names".into(),
+            ..Default::default()
+        }),
+        type_url: CLUSTER.into(),
+        resource_names: (0..150).map(|i| format!("svc-{i:03}")).collect(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    within("cluster", stream.message()).await.unwrap().unwrap();
+    let text = dlbctl_ok(&ep, &["xds-clients"]).await;
+    assert!(text.contains("svc-099"), "{text}");
+    assert!(!text.contains("svc-100"), "{text}");
+    assert!(text.contains("(50 more not shown)"), "{text}");
+    drop(tx);
+}

@@ -70,15 +70,18 @@ impl CircuitTracker {
         changed
     }
 
-    /// Forgets a session's part for one service.
-    pub fn remove_service(&self, session: u64, service: &str) {
+    /// Forgets a session's part for one service; returns whether it had one (only then do the
+    /// service's circuit metrics change).
+    pub fn remove_service(&self, session: u64, service: &str) -> bool {
         let mut inner = self.inner.lock();
+        let mut removed = false;
         if let Some(services) = inner.get_mut(&session) {
-            services.remove(service);
+            removed = services.remove(service).is_some();
             if services.is_empty() {
                 inner.remove(&session);
             }
         }
+        removed
     }
 
     /// Forgets a session; returns the services it had reported on.
@@ -185,7 +188,7 @@ mod tests {
         assert_eq!(t.remove_session(1), vec!["s".to_owned()]);
         assert!(t.counts("s").is_empty());
         t.report(3, "s", &[load("a", proto::CircuitState::Open)]);
-        t.remove_service(3, "s");
+        assert!(t.remove_service(3, "s"));
         assert!(t.reports("s").is_empty());
     }
 }

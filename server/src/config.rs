@@ -14,6 +14,7 @@
 //! metrics_listen: 127.0.0.1:9464     # null disables the metrics endpoint
 //! keepalive: { interval_seconds: 30, timeout_seconds: 10 }   # 1..=3600 and 1..=600
 //! history_size: 1024                 # 1..=1,000,000
+//! change_log_max_mib: 64             # bytes of the store's in-memory change log, 1..=65,536 MiB
 //! max_session_age_seconds: 1800      # SDK sessions sent away (±10 %) to rebalance; 1..=2,592,000
 //! heartbeat_ms: 5000                 # a silent session sends a Heartbeat; 100..=60,000 (docs/failover.md)
 //! per_backend_metrics: false         # opt-in per-backend series
@@ -55,6 +56,8 @@ pub const HEALTH_MAX_IN_FLIGHT: std::ops::RangeInclusive<u64> = 1..=65_536;
 pub const HEARTBEAT_MS: std::ops::RangeInclusive<u64> = 100..=60_000;
 /// Allowed `history_size` (changes kept per service for delta catch-up).
 pub const HISTORY_SIZE: std::ops::RangeInclusive<u64> = 1..=1_000_000;
+/// Allowed `change_log_max_mib` (MiB of changes the store's in-memory change log keeps).
+pub const CHANGE_LOG_MAX_MIB: std::ops::RangeInclusive<u64> = 1..=65_536;
 
 /// One service defined in the configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -167,6 +170,10 @@ pub struct ServerConfig {
     /// Changes (across all services) the store remembers for watches; a watcher further behind
     /// re-reads a snapshot.
     pub store_history: usize,
+    /// Most bytes of those changes kept in memory (YAML `change_log_max_mib`, flag
+    /// `--change-log-max-mib`; default 64 MiB): whichever of the two bounds is reached first
+    /// drops the oldest change.
+    pub store_history_bytes: usize,
     /// Capacity of each session's outbound message channel. Sessions coalesce updates while
     /// the queue is full, so it needs no depth; it bounds what a client that stops reading pins.
     pub session_queue: usize,
@@ -248,6 +255,7 @@ impl Default for ServerConfig {
             store: StoreConfig::Memory,
             history_size: crate::cache::DEFAULT_HISTORY,
             store_history: crate::store::memory::DEFAULT_HISTORY,
+            store_history_bytes: crate::store::memory::DEFAULT_HISTORY_BYTES,
             session_queue: 8,
             stall_deadline: Duration::from_secs(30),
             session_heartbeat: Duration::from_secs(5),
@@ -302,6 +310,15 @@ impl ServerConfig {
                 "health_max_in_flight",
                 self.health_max_in_flight,
                 "must be between 1 and 65536",
+            ));
+        }
+        if !CHANGE_LOG_MAX_MIB.contains(&((self.store_history_bytes >> 20) as u64))
+            || !self.store_history_bytes.is_multiple_of(1 << 20)
+        {
+            return Err(ValidationError::new(
+                "change_log_max_mib",
+                format!("{} bytes", self.store_history_bytes),
+                "must be a whole number of MiB between 1 and 65536",
             ));
         }
         if !HISTORY_SIZE.contains(&(self.history_size as u64)) {
@@ -430,6 +447,7 @@ struct RawConfig {
     metrics_listen: Option<Option<String>>,
     keepalive: Option<RawKeepalive>,
     history_size: Option<usize>,
+    change_log_max_mib: Option<u64>,
     max_session_age_seconds: Option<u64>,
     heartbeat_ms: Option<u64>,
     per_backend_metrics: Option<bool>,
@@ -564,6 +582,7 @@ impl ServerConfig {
                 metrics_listen: None,
                 keepalive: None,
                 history_size: None,
+                change_log_max_mib: None,
                 max_session_age_seconds: None,
                 heartbeat_ms: None,
                 per_backend_metrics: None,
@@ -618,6 +637,10 @@ impl ServerConfig {
         if let Some(h) = raw.history_size {
             let h = ranged("history_size", h as u64, HISTORY_SIZE)?;
             cfg.history_size = usize::try_from(h).unwrap_or(usize::MAX);
+        }
+        if let Some(m) = raw.change_log_max_mib {
+            let m = ranged("change_log_max_mib", m, CHANGE_LOG_MAX_MIB)?;
+            cfg.store_history_bytes = usize::try_from(m << 20).unwrap_or(usize::MAX);
         }
         if let Some(s) = raw.max_session_age_seconds {
             let s = ranged("max_session_age_seconds", s, 1..=30 * 86_400)?;

@@ -39,6 +39,13 @@
 //!   resumes on its next endpoint with a delta. This spreads sessions back over the replicas
 //!   after a failover piled them on the survivors.
 //! * **Shutdown**: every session sends `GoingAway` and then ends its stream.
+//! * **Bounds**: a session follows at most [`MAX_SUBSCRIPTIONS`] services holding at most
+//!   [`MAX_SUBSCRIPTION_BYTES`] bytes of names, each a valid service name (`INVALID_ARGUMENT`
+//!   naming `service` otherwise, `RESOURCE_EXHAUSTED` naming the limit past a bound). Names it
+//!   follows that the store does not hold keep a cache entry only while followed. With every
+//!   bound reached a session holds about 8 MB (its subscriptions, Nack cool-downs, the cache
+//!   entries of the names it follows) plus its outbound queue; all of it goes when it ends or
+//!   unsubscribes.
 //! * **Readiness** ([`crate::readiness`]): a replica out of step with its store refuses new
 //!   sessions with `UNAVAILABLE`, and past the going-away bound sends open ones `GoingAway`.
 
@@ -71,6 +78,10 @@ use crate::store::Delta;
 
 /// Most services one session may follow: a bound on what a client can make the server keep.
 pub const MAX_SUBSCRIPTIONS: usize = 10_000;
+
+/// Most bytes of service names one session may follow (the names themselves; each is a valid
+/// service name, at most 128 bytes).
+pub const MAX_SUBSCRIPTION_BYTES: usize = 1 << 20;
 
 /// The Discovery service implementation.
 pub struct DiscoveryService {
@@ -123,6 +134,7 @@ impl Discovery for DiscoveryService {
             shared: self.shared.clone(),
             tx,
             subs: HashMap::new(),
+            sub_bytes: 0,
             nonce: 0,
             epoch: self.shared.cache.epoch(),
             waker: self.shared.cache.waker(),
@@ -213,6 +225,8 @@ struct Session {
     shared: Arc<Shared>,
     tx: mpsc::Sender<Result<Outbound, Status>>,
     subs: HashMap<String, Sub>,
+    /// Bytes of the names in `subs` (bounded by [`MAX_SUBSCRIPTION_BYTES`]).
+    sub_bytes: usize,
     nonce: u64,
     epoch: u64,
     /// Woken by the cache when a followed service changes.
@@ -434,9 +448,15 @@ impl Session {
             let service = model::resolve_service(&s.service)
                 .map_err(|e| End::Status(Status::invalid_argument(e.to_string())))?
                 .to_owned();
-            if !self.subs.contains_key(&service) && self.subs.len() >= MAX_SUBSCRIPTIONS {
+            let new = !self.subs.contains_key(&service);
+            if new && self.subs.len() >= MAX_SUBSCRIPTIONS {
                 return Err(End::Status(Status::resource_exhausted(format!(
-                    "a session may follow at most {MAX_SUBSCRIPTIONS} services"
+                    "Subscribe.services: a session may follow at most {MAX_SUBSCRIPTIONS} services"
+                ))));
+            }
+            if new && self.sub_bytes + service.len() > MAX_SUBSCRIPTION_BYTES {
+                return Err(End::Status(Status::resource_exhausted(format!(
+                    "Subscribe.services: a session may follow at most {MAX_SUBSCRIPTION_BYTES} bytes of service names"
                 ))));
             }
             let known = match self.subs.get(&service) {
@@ -451,8 +471,11 @@ impl Session {
                     .filter(|k| k.epoch == self.epoch && k.version != 0)
                     .map(|k| k.version),
             };
-            if !self.subs.contains_key(&service) {
+            if new {
                 self.shared.cache.follow_service(&service, &self.waker);
+                // Recorded at once, so the follow is undone however the session ends.
+                self.sub_bytes += service.len();
+                self.subs.insert(service.clone(), Sub::NotFound);
             }
             self.catch_up(&service, known, true).await?;
         }
@@ -506,14 +529,19 @@ impl Session {
             Some(client_message::Kind::Unsubscribe(u)) => {
                 if let Ok(service) = model::resolve_service(&u.service) {
                     if self.subs.remove(service).is_some() {
+                        self.sub_bytes -= service.len();
                         self.shared.cache.unfollow_service(service, &self.waker);
                     }
+                    self.nacked.remove(service);
                     self.global.forget(service);
-                    self.shared.circuits.remove_service(self.id, service);
-                    self.shared
-                        .metrics
-                        .circuits
-                        .update(service, &self.shared.circuits);
+                    // Metrics only for a service the session reported on: a series per name
+                    // a client merely unsubscribed from would grow without bound.
+                    if self.shared.circuits.remove_service(self.id, service) {
+                        self.shared
+                            .metrics
+                            .circuits
+                            .update(service, &self.shared.circuits);
+                    }
                     if let Some(totals) = self.shared.loads.remove_service(self.id, service) {
                         self.shared.pickers.set_baselines(service, &totals);
                         self.shared.metrics.in_flight(service, &totals);

@@ -128,7 +128,9 @@ pub async fn spawn(config: ServerConfig) -> Result<RunningServer, Error> {
         .unwrap_or_else(replicas::default_id);
     let opened: Opened = match &config.store {
         StoreConfig::Memory => {
-            Opened::single(Arc::new(MemoryStore::new(config.store_history)), &id)
+            let store = MemoryStore::new(config.store_history)
+                .with_history_bytes(config.store_history_bytes);
+            Opened::single(Arc::new(store), &id)
         }
         StoreConfig::Embedded(dir) => {
             let dir = dir.clone();
@@ -137,6 +139,7 @@ pub async fn spawn(config: ServerConfig) -> Result<RunningServer, Error> {
                 tokio::task::spawn_blocking(move || EmbeddedStore::open_with_history(dir, history))
                     .await
                     .map_err(|e| Error::Task(e.to_string()))??;
+            let store = store.with_history_bytes(config.store_history_bytes);
             Opened::single(Arc::new(store), &id)
         }
         StoreConfig::Etcd(etcd) => {

@@ -21,6 +21,8 @@ use crate::Error;
 
 /// How long a committed write waits for the cache to apply it before answering anyway.
 const CACHE_WAIT: Duration = Duration::from_secs(1);
+/// Most bytes of services in one `ListServices` answer (the rest are counted in `total`).
+pub const MAX_LIST_BYTES: usize = model::MAX_LIST_BYTES;
 /// How long `GetNextServer` waits for the picker to reach the cached version: as long as a write waits for the cache: a caller that just wrote reads its write, and the
 /// bound only matters when a build is slow (a million-backend service) or failing.
 const PICKER_WAIT: Duration = CACHE_WAIT;
@@ -230,15 +232,27 @@ impl RegistryService {
             .ok_or_else(|| Error::ServiceNotFound(service.clone()))?;
         let panic =
             dlb::health_policy::panic_state(&snap.policy, snap.servers.values().map(|s| &**s));
-        let circuits = self.shared.circuits.reports(&service);
-        Ok(proto::ListServersResponse {
+        let reports = self.shared.circuits.reports(&service);
+        let mut r = proto::ListServersResponse {
             service,
             version: Some(snap.version),
             policy: Some(snap.policy.clone()),
             servers: snap.server_list(),
             panic: Some(panic),
-            circuits,
-        })
+            circuits: Vec::new(),
+            circuits_total: u32::try_from(reports.len()).unwrap_or(u32::MAX),
+        };
+        // The backends always fit (a service's snapshot does); circuit reports only as far as
+        // the message has room, the rest counted in `circuits_total`.
+        let mut bytes = prost::Message::encoded_len(&r);
+        for c in reports {
+            bytes += prost::Message::encoded_len(&c) + 8;
+            if bytes > model::MAX_MESSAGE_BYTES - (16 << 10) {
+                break;
+            }
+            r.circuits.push(c);
+        }
+        Ok(r)
     }
 
     async fn next(
@@ -352,21 +366,33 @@ impl RegistryService {
 
     async fn list_services(&self) -> Result<proto::ListServicesResponse, Error> {
         let services = self.shared.store.snapshot().await?.services;
+        let total = services.len();
+        // Bounded in bytes: the first services (by name) that fit, and how many exist.
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for s in services {
+            let summary = proto::ServiceSummary {
+                panic: Some(dlb::health_policy::panic_state(
+                    &s.policy,
+                    s.servers.values().map(|s| &**s),
+                )),
+                servers: u32::try_from(s.servers.len()).unwrap_or(u32::MAX),
+                eligible: u32::try_from(s.eligible()).unwrap_or(u32::MAX),
+                service: s.name,
+                version: Some(s.version),
+                policy: Some(s.policy),
+            };
+            let len = prost::Message::encoded_len(&summary) + 8;
+            if bytes + len > MAX_LIST_BYTES {
+                break;
+            }
+            bytes += len;
+            out.push(summary);
+        }
         Ok(proto::ListServicesResponse {
-            services: services
-                .into_iter()
-                .map(|s| proto::ServiceSummary {
-                    panic: Some(dlb::health_policy::panic_state(
-                        &s.policy,
-                        s.servers.values().map(|s| &**s),
-                    )),
-                    servers: u32::try_from(s.servers.len()).unwrap_or(u32::MAX),
-                    eligible: u32::try_from(s.eligible()).unwrap_or(u32::MAX),
-                    service: s.name,
-                    version: Some(s.version),
-                    policy: Some(s.policy),
-                })
-                .collect(),
+            truncated: out.len() < total,
+            total: u32::try_from(total).unwrap_or(u32::MAX),
+            services: out,
         })
     }
 }

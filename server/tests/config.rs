@@ -185,6 +185,8 @@ fn durations_and_sizes_have_stated_ranges() {
         ),
         ("history_size: 0\n", "history_size"),
         ("history_size: 1000001\n", "history_size"),
+        ("change_log_max_mib: 0\n", "change_log_max_mib"),
+        ("change_log_max_mib: 65537\n", "change_log_max_mib"),
     ] {
         let e = ServerConfig::from_yaml_str(yaml).unwrap_err().to_string();
         assert!(e.contains(path), "{yaml:?}: {e}");
@@ -196,6 +198,14 @@ fn durations_and_sizes_have_stated_ranges() {
     )
     .unwrap();
     ok.validate().unwrap();
+    assert_eq!(
+        ok.store_history_bytes,
+        64 << 20,
+        "the default change log bound"
+    );
+    let c = ServerConfig::from_yaml_str("change_log_max_mib: 8\n").unwrap();
+    assert_eq!(c.store_history_bytes, 8 << 20);
+    c.validate().unwrap();
     // Values set in code are checked by spawn too.
     let huge = ServerConfig {
         keepalive_interval: std::time::Duration::from_secs(u64::MAX / 2),

@@ -746,6 +746,9 @@ async fn run(cli: Cli, interrupts: Option<membership::Interrupts>) -> Result<(),
                         c.server_id, c.open_sessions, c.half_open_sessions
                     );
                 }
+                if (r.circuits_total as usize) > r.circuits.len() {
+                    println!("  {}", more_not_shown(r.circuits_total, r.circuits.len()));
+                }
             }
         }
         Command::XdsClients => print_xds_clients(j, &admin.list_xds_clients().await?),
@@ -762,7 +765,10 @@ async fn run(cli: Cli, interrupts: Option<membership::Interrupts>) -> Result<(),
                                "panic": panic_json(s.panic)})
                     })
                     .collect();
-                println!("{}", json!({ "services": services }));
+                println!(
+                    "{}",
+                    json!({ "services": services, "truncated": r.truncated, "total": r.total })
+                );
             } else {
                 for s in &r.services {
                     println!(
@@ -774,6 +780,9 @@ async fn run(cli: Cli, interrupts: Option<membership::Interrupts>) -> Result<(),
                         model::algorithm_name(s.policy.clone().unwrap_or_default().algorithm),
                         panic_text(s.panic)
                     );
+                }
+                if r.truncated {
+                    println!("{}", more_not_shown(r.total, r.services.len()));
                 }
             }
         }
@@ -1093,7 +1102,10 @@ fn print_xds_clients(j: bool, r: &dlb::proto::ListXdsClientsResponse) {
                        "node_id": c.node_id, "user_agent": c.user_agent, "types": types})
             })
             .collect();
-        println!("{}", json!({"clients": clients, "truncated": r.truncated}));
+        println!(
+            "{}",
+            json!({"clients": clients, "truncated": r.truncated, "total": r.total})
+        );
         return;
     }
     if r.clients.is_empty() {
@@ -1105,11 +1117,15 @@ fn print_xds_clients(j: bool, r: &dlb::proto::ListXdsClientsResponse) {
             c.stream, c.protocol, c.node_id, c.user_agent, c.peer
         );
         for t in &c.types {
-            let names = if t.wildcard {
+            let mut names = if t.wildcard {
                 "*".to_owned()
             } else {
                 t.names.join(",")
             };
+            let listed = u32::try_from(t.names.len()).unwrap_or(u32::MAX);
+            if t.names_total > listed {
+                names.push_str(&format!(",… ({} more not shown)", t.names_total - listed));
+            }
             println!(
                 "  {} [{}] acked={} sent={} responses={} nacks={}",
                 short(&t.type_url),
@@ -1129,6 +1145,16 @@ fn print_xds_clients(j: bool, r: &dlb::proto::ListXdsClientsResponse) {
         }
     }
     if r.truncated {
-        println!("(more streams are open than listed)");
+        println!("{}", more_not_shown(r.total, r.clients.len()));
+    }
+}
+
+/// The line under a truncated listing: how many entries were left out (when the server says).
+fn more_not_shown(total: u32, listed: usize) -> String {
+    let listed = u32::try_from(listed).unwrap_or(u32::MAX);
+    if total > listed {
+        format!("({} more not shown)", total - listed)
+    } else {
+        "(more exist than listed)".to_owned()
     }
 }

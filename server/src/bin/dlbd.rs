@@ -111,6 +111,10 @@ struct Args {
     /// docs/failover.md.
     #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(100..=60_000), env = "DLBD_HEARTBEAT_MS")]
     heartbeat_ms: Option<u64>,
+    /// Most MiB of recent changes the store keeps in memory for watches (default 64; overrides
+    /// the file's `change_log_max_mib`; 1..=65536). A watcher further behind re-reads a snapshot.
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..=65_536), env = "DLBD_CHANGE_LOG_MAX_MIB")]
+    change_log_max_mib: Option<u64>,
     /// Data directory of the embedded store.
     #[arg(
         long,
@@ -236,6 +240,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(ms) = args.heartbeat_ms {
         config.session_heartbeat = Duration::from_millis(ms);
+    }
+    if let Some(m) = args.change_log_max_mib {
+        config.store_history_bytes = usize::try_from(m << 20).unwrap_or(usize::MAX);
     }
     if let Some(f) = &args.admin_token_file {
         config.auth.admin_tokens =

@@ -8,12 +8,22 @@
 //!   persistent map plus O(log n) per changed record),
 //! * a bounded history of the last `history` changes, from which [`Cache::catch_up`] coalesces
 //!   the delta a client holding some version needs (or answers with the full snapshot when the
-//!   history no longer reaches back),
+//!   history no longer reaches back). It is bounded in bytes too: at most
+//!   max([`MIN_HISTORY_BYTES`], the snapshot's own size) ([`Change::approx_bytes`]) — a delta
+//!   that reaches further back would cost more than the full snapshot it replaces — so all
+//!   histories together hold at most about the routing state itself plus 64 KiB per service,
 //! * a memo per snapshot and per change where a front-end keeps its encoding of that update,
 //!   so each update is encoded once and the bytes are shared by every session that sends it,
 //! * its watchers: [`Waker`]s of the sessions and builders that follow *this* service. A change
 //!   wakes only them, and a woken watcher reads the newest state — so a burst of changes costs a
 //!   slow watcher one coalesced catch-up, never a queue of stale deltas.
+//!
+//! **Entries come and go.** A slot exists while the store holds the service *or* someone
+//! follows it (a session may follow a name that does not exist yet, to be told when it is
+//! created). When the last follower of a name the store does not hold leaves
+//! ([`Cache::unfollow_service`]), or a service without followers leaves the store, its slot is
+//! dropped: a client asking for ever-new names cannot grow the cache beyond what it follows at
+//! that moment (which each front-end bounds), and nothing stays after it is gone.
 //!
 //! [`follow`] holds the follower and publishes whether it is in step with the store
 //! ([`Cache::synced`]).
@@ -22,7 +32,8 @@
 //! ([`crate::discovery`]) and the xDS front-end are thin translations of [`Catchup`].
 //!
 //! Sync primitives: the map of slots is a `parking_lot::RwLock` (written only when a service
-//! first appears or a watcher registers for an unknown one); each slot's state is a
+//! first appears, a watcher registers for an unknown one, or a slot is dropped; the lock order
+//! is map, then slot); each slot's state is a
 //! `parking_lot::Mutex` held for O(changed records) work, never across an `.await`. Wakers are
 //! a dirty set plus a `tokio::sync::Notify` (a wake while the watcher is busy leaves one permit).
 
@@ -32,14 +43,14 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use dlb::proto;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
+mod apply;
 mod follow;
 
-use crate::store::{Change, ServiceSnapshot, StoreSnapshot};
+use crate::store::{Change, ServiceSnapshot};
 
 /// Default number of changes kept per service for delta catch-up.
 pub const DEFAULT_HISTORY: usize = 1024;
@@ -47,6 +58,10 @@ pub const DEFAULT_HISTORY: usize = 1024;
 /// How long a front-end waits for the cache to reach a version a client says it holds
 /// ([`Catchup::Ahead`]) before it refuses the client with `UNAVAILABLE`.
 pub const AHEAD_WAIT: Duration = Duration::from_secs(2);
+
+/// Bytes of history ([`Change::approx_bytes`]) a service may always keep, however small its
+/// snapshot; beyond it, at most as many bytes as the snapshot itself.
+pub const MIN_HISTORY_BYTES: usize = 64 << 10;
 
 /// A front-end's encoding of one update, computed by the first session that sends it and
 /// shared by every other (see [`dlb::wire`]).
@@ -150,10 +165,30 @@ impl Waker {
 #[derive(Debug, Default)]
 struct SlotState {
     snapshot: Option<Arc<ServiceSnapshot>>,
+    /// About the bytes of `snapshot`'s records ([`record_bytes`]), kept up to date by `apply`.
+    snapshot_bytes: usize,
     /// The shared encoding of `snapshot` as a full update (replaced with the snapshot).
     full: Memo,
     history: VecDeque<Arc<Entry>>,
+    /// Sum of [`Change::approx_bytes`] over `history`.
+    history_bytes: usize,
     watchers: HashMap<u64, Arc<Waker>>,
+    /// The slot was removed from the map (no snapshot, no watcher): whoever still holds it
+    /// must look the name up again.
+    dropped: bool,
+}
+
+impl SlotState {
+    /// Forgets the history.
+    fn clear_history(&mut self) {
+        self.history.clear();
+        self.history_bytes = 0;
+    }
+
+    /// Whether nothing keeps this slot: the store does not hold the service, nobody follows it.
+    fn unused(&self) -> bool {
+        self.snapshot.is_none() && self.watchers.is_empty()
+    }
 }
 
 #[derive(Debug)]
@@ -262,6 +297,38 @@ impl Cache {
         })
     }
 
+    /// Number of entries (services the store holds plus names only followed): what a client
+    /// following names can make the cache keep.
+    pub fn entries(&self) -> usize {
+        self.slots.read().len()
+    }
+
+    /// Runs `f` on the slot of `service` (created if missing) under its lock, never on a slot
+    /// that was dropped from the map meanwhile.
+    fn with_slot<R>(&self, service: &str, f: impl FnOnce(&Slot, &mut SlotState) -> R) -> R {
+        loop {
+            let slot = self.slot(service);
+            let mut st = slot.state.lock();
+            if st.dropped {
+                continue;
+            }
+            return f(&slot, &mut st);
+        }
+    }
+
+    /// Drops the slot of `service` if nothing keeps it (see [`SlotState::unused`]).
+    fn release(&self, service: &str) {
+        let mut slots = self.slots.write();
+        let Some(slot) = slots.get(service).cloned() else {
+            return;
+        };
+        let mut st = slot.state.lock();
+        if st.unused() {
+            st.dropped = true;
+            slots.remove(service);
+        }
+    }
+
     fn slot(&self, service: &str) -> Arc<Slot> {
         if let Some(s) = self.slots.read().get(service) {
             return s.clone();
@@ -278,17 +345,28 @@ impl Cache {
             .clone()
     }
 
-    /// Wakes `waker` whenever `service` changes (whether or not it exists yet).
+    /// Wakes `waker` whenever `service` changes (whether or not it exists yet). A name the
+    /// store does not hold keeps an entry only while someone follows it: front-ends validate
+    /// names ([`dlb::model::validate_id`]) and bound how many each client follows.
     pub fn follow_service(&self, service: &str, waker: &Arc<Waker>) {
-        let slot = self.slot(service);
-        slot.state.lock().watchers.insert(waker.id, waker.clone());
+        self.with_slot(service, |_, st| {
+            st.watchers.insert(waker.id, waker.clone());
+        });
     }
 
-    /// Stops waking `waker` for `service`.
+    /// Stops waking `waker` for `service`; the last follower of a name the store does not hold
+    /// drops its entry.
     pub fn unfollow_service(&self, service: &str, waker: &Waker) {
         let slot = self.slots.read().get(service).cloned();
         if let Some(slot) = slot {
-            slot.state.lock().watchers.remove(&waker.id);
+            let unused = {
+                let mut st = slot.state.lock();
+                st.watchers.remove(&waker.id);
+                st.unused()
+            };
+            if unused {
+                self.release(service);
+            }
         }
     }
 
@@ -347,146 +425,17 @@ impl Cache {
             _ => full(),
         }
     }
+}
 
-    /// Replaces the whole state with a store snapshot (at start, and after a compaction or a
-    /// store error). Services whose version changed lose their history and wake their watchers.
-    pub fn load(&self, snapshot: StoreSnapshot) {
-        let mut appeared = false;
-        let mut present: Vec<Arc<str>> = Vec::new();
-        for s in snapshot.services {
-            let slot = self.slot(&s.name);
-            present.push(slot.name.clone());
-            let mut st = slot.state.lock();
-            let same = st
-                .snapshot
-                .as_ref()
-                .is_some_and(|cur| cur.version == s.version);
-            if same {
-                continue;
-            }
-            appeared |= st.snapshot.is_none();
-            st.history.clear();
-            st.snapshot = Some(Arc::new(s));
-            st.full = Memo::default();
-            slot.wake_all(&st);
-        }
-        // Services that no longer exist in the store.
-        let slots: Vec<Arc<Slot>> = self.slots.read().values().cloned().collect();
-        for slot in slots {
-            if present.contains(&slot.name) {
-                continue;
-            }
-            let mut st = slot.state.lock();
-            if st.snapshot.take().is_some() {
-                st.history.clear();
-                slot.wake_all(&st);
-            }
-        }
-        self.revision.send_replace(snapshot.revision);
-        if appeared {
-            self.services.send_modify(|n| *n += 1);
-        }
-    }
-
-    /// Applies committed changes in revision order. Returns `false` when a change does not
-    /// follow the cached version of its service (the caller must re-read the store).
-    pub fn apply(&self, changes: &[Arc<Change>]) -> bool {
-        let now = Instant::now();
-        let mut appeared = false;
-        let mut gone = false;
-        let mut consistent = true;
-        let mut i = 0;
-        while i < changes.len() {
-            // Consecutive changes of one service are applied under one lock and one new Arc.
-            let name = &changes[i].service;
-            let mut j = i + 1;
-            while j < changes.len() && &changes[j].service == name {
-                j += 1;
-            }
-            let slot = self.slot(name);
-            let mut st = slot.state.lock();
-            let mut snap = match &st.snapshot {
-                Some(s) => (**s).clone(),
-                None => ServiceSnapshot {
-                    name: name.clone(),
-                    version: proto::Version {
-                        epoch: self.epoch,
-                        version: 0,
-                    },
-                    policy: dlb::model::default_policy(),
-                    servers: Default::default(),
-                },
-            };
-            appeared |= st.snapshot.is_none();
-            let mut removed = false;
-            for c in &changes[i..j] {
-                if removed {
-                    // Created again after a removal in this batch.
-                    removed = false;
-                    snap.servers = Default::default();
-                    snap.policy = dlb::model::default_policy();
-                    snap.version.version = 0;
-                    st.history.clear();
-                    appeared = true;
-                }
-                if c.base != snap.version.version && !(c.deleted && c.base == 0) {
-                    tracing::error!(
-                        service = %name,
-                        base = c.base,
-                        cached = snap.version.version,
-                        "cache out of step with the store; re-reading"
-                    );
-                    consistent = false;
-                    break;
-                }
-                if c.deleted {
-                    // The service is gone: its followers are told it does not exist.
-                    removed = true;
-                    snap.version.version = c.version;
-                    continue;
-                }
-                for id in &c.removals {
-                    snap.servers.remove(id.as_str());
-                }
-                for s in &c.upserts {
-                    snap.servers
-                        .insert(s.server_id.as_str().into(), Arc::new(s.clone()));
-                }
-                if let Some(p) = &c.policy {
-                    snap.policy = p.clone();
-                }
-                snap.version.version = c.version;
-                if st.history.len() >= self.history {
-                    st.history.pop_front();
-                }
-                st.history.push_back(Arc::new(Entry {
-                    change: c.clone(),
-                    at: now,
-                    encoded: Memo::default(),
-                }));
-            }
-            if removed {
-                st.snapshot = None;
-                st.history.clear();
-                gone = true;
-            } else {
-                st.snapshot = Some(Arc::new(snap));
-            }
-            st.full = Memo::default();
-            slot.wake_all(&st);
-            drop(st);
-            if !consistent {
-                return false;
-            }
-            i = j;
-        }
-        if let Some(last) = changes.last() {
-            self.revision.send_replace(last.version);
-        }
-        if appeared || gone {
-            self.services.send_modify(|n| *n += 1);
-        }
-        true
+#[cfg(test)]
+impl Cache {
+    /// The number of changes and their bytes in a service's history.
+    fn history_size(&self, service: &str) -> (usize, usize) {
+        let slot = self.slots.read().get(service).cloned();
+        slot.map_or((0, 0), |s| {
+            let st = s.state.lock();
+            (st.history.len(), st.history_bytes)
+        })
     }
 }
 
@@ -494,6 +443,7 @@ impl Cache {
 mod tests {
     use super::*;
     use crate::store::{Delta, MemoryStore, Mutation, Store, WatchEvent};
+    use dlb::proto;
 
     fn server(id: &str) -> proto::Server {
         proto::Server {
@@ -553,6 +503,70 @@ mod tests {
         cache.unfollow_service("a", &wa);
         add(&store, &cache, "a", "a1").await;
         assert_eq!(wa.wakeups(), 1, "an unfollowed watcher was woken");
+    }
+
+    #[tokio::test]
+    async fn an_entry_for_a_name_nobody_holds_goes_with_its_last_follower() {
+        let (store, cache, _stop) = started(16).await;
+        add(&store, &cache, "real", "r0").await;
+        let base = cache.entries();
+        let (w1, w2) = (cache.waker(), cache.waker());
+        for i in 0..100 {
+            cache.follow_service(&format!("ghost-{i}"), &w1);
+        }
+        cache.follow_service("ghost-0", &w2);
+        cache.follow_service("real", &w1);
+        assert_eq!(cache.entries(), base + 100);
+        for i in 0..100 {
+            cache.unfollow_service(&format!("ghost-{i}"), &w1);
+        }
+        // ghost-0 is still followed by w2; the real service stays whoever follows it.
+        assert_eq!(cache.entries(), base + 1);
+        cache.unfollow_service("ghost-0", &w2);
+        cache.unfollow_service("real", &w1);
+        assert_eq!(cache.entries(), base);
+        assert!(cache.get("real").is_some());
+        // A follower of a name that is created later still hears of it, and the entry stays.
+        cache.follow_service("later", &w2);
+        add(&store, &cache, "later", "l0").await;
+        assert_eq!(w2.take_dirty(), vec![Arc::<str>::from("later")]);
+        cache.unfollow_service("later", &w2);
+        assert!(cache.get("later").is_some());
+        assert_eq!(cache.entries(), base + 1);
+    }
+
+    #[tokio::test]
+    async fn per_service_history_is_bounded_in_bytes() {
+        let (store, cache, _stop) = started(1024).await;
+        let big = |i: usize| {
+            let mut s = server("b");
+            s.metadata = (0..32)
+                .map(|k| (format!("k{k}"), format!("{i:0>200}")))
+                .collect();
+            s
+        };
+        let first = add(&store, &cache, "s", "a").await;
+        let mut last = 0;
+        for i in 0..100 {
+            last = store
+                .apply("s".into(), vec![Mutation::Declare(big(i))], None)
+                .await
+                .expect("write")
+                .version
+                .version;
+        }
+        assert!(cache.wait_for_revision(last, Duration::from_secs(5)).await);
+        let (len, bytes) = cache.history_size("s");
+        // About 7 KB per change: 100 changes would be 700 KB; the snapshot is one record.
+        assert!(len < 20, "{len} changes kept");
+        assert!(
+            bytes <= MIN_HISTORY_BYTES + (16 << 10),
+            "{bytes} bytes kept"
+        );
+        assert!(matches!(
+            cache.catch_up("s", Some(first)),
+            Catchup::Full { .. }
+        ));
     }
 
     #[tokio::test]

@@ -1,5 +1,5 @@
 //! `GetHealth`: the checker's live view of a service's checked backends, for `dlbctl health
-//! show`.
+//! show` (at most [`MAX_LIST_BYTES`](model::MAX_LIST_BYTES) of them, with a count).
 
 use dlb::{model, proto};
 
@@ -16,10 +16,10 @@ pub(crate) async fn get_health(
     if shared.cache.get(&service).is_none() {
         return Err(Error::ServiceNotFound(service));
     }
-    let backends = shared
-        .health
-        .inspect_service(&service)
-        .await
+    let all = shared.health.inspect_service(&service).await;
+    let total = all.len();
+    let mut bytes = 0;
+    let backends: Vec<proto::BackendHealth> = all
         .into_iter()
         .map(|(id, v)| proto::BackendHealth {
             server_id: id,
@@ -41,6 +41,16 @@ pub(crate) async fn get_health(
             prober: v.prober,
             probed_here: v.probed,
         })
+        // Bounded in bytes: the first backends that fit, and how many there are.
+        .take_while(|b| {
+            bytes += prost::Message::encoded_len(b) + 8;
+            bytes <= model::MAX_LIST_BYTES
+        })
         .collect();
-    Ok(proto::GetHealthResponse { service, backends })
+    Ok(proto::GetHealthResponse {
+        service,
+        truncated: backends.len() < total,
+        total: u32::try_from(total).unwrap_or(u32::MAX),
+        backends,
+    })
 }

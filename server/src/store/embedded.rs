@@ -309,6 +309,15 @@ fn read_state(db: &impl ReadableDatabase, path: &Path, warn: bool) -> Result<Loa
     Ok(out)
 }
 
+impl EmbeddedStore {
+    /// Bounds the in-memory change log to `bytes` bytes (default
+    /// [`DEFAULT_HISTORY_BYTES`](super::memory::DEFAULT_HISTORY_BYTES)).
+    pub fn with_history_bytes(self, bytes: usize) -> Self {
+        self.engine.set_log_max_bytes(bytes);
+        self
+    }
+}
+
 impl Store for EmbeddedStore {
     fn epoch(&self) -> u64 {
         self.engine.epoch()

@@ -4,8 +4,10 @@
 //! the watch history.
 //!
 //! State lives in RAM: per service its version, policy and a persistent map of records
-//! ([`Servers`](super::Servers)), plus a bounded log of the last `log_capacity` changes across all services for
-//! [`Store::watch`](super::Store::watch). An optional [`Persist`] makes each batch durable
+//! ([`Servers`](super::Servers)), plus a bounded log of the last changes across all services for
+//! [`Store::watch`](super::Store::watch): at most `log_capacity` changes and at most
+//! `log_max_bytes` bytes of them ([`Change::approx_bytes`]; the newest change always stays), so
+//! large writes cannot make the log hold more than its byte bound. An optional [`Persist`] makes each batch durable
 //! *before* it is installed and published, so a crash never publishes what the disk lost.
 //!
 //! Sync primitives: `writer` (a `parking_lot::Mutex<()>`) serialises writers end to end (plan,
@@ -17,6 +19,7 @@
 //! `.await`.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use dlb::proto;
@@ -45,12 +48,16 @@ struct State {
     compacted: u64,
     services: BTreeMap<String, ServiceState>,
     log: VecDeque<Arc<Change>>,
+    /// Sum of [`Change::approx_bytes`] over `log`.
+    log_bytes: usize,
 }
 
 /// See the module docs.
 pub(crate) struct Engine {
     epoch: u64,
     log_capacity: usize,
+    /// Most bytes of changes in the log (set after construction: [`Engine::set_log_max_bytes`]).
+    log_max_bytes: AtomicUsize,
     writer: Mutex<()>,
     state: Mutex<State>,
     revision: watch::Sender<u64>,
@@ -79,12 +86,14 @@ impl Engine {
         Self {
             epoch,
             log_capacity: log_capacity.max(1),
+            log_max_bytes: AtomicUsize::new(super::memory::DEFAULT_HISTORY_BYTES),
             writer: Mutex::new(()),
             state: Mutex::new(State {
                 revision,
                 compacted: revision,
                 services,
                 log: VecDeque::new(),
+                log_bytes: 0,
             }),
             revision: watch::Sender::new(revision),
             persist,
@@ -93,6 +102,17 @@ impl Engine {
 
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// Bounds the change log to `bytes` bytes of changes (at least one change stays).
+    pub fn set_log_max_bytes(&self, bytes: usize) {
+        self.log_max_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    /// The number of changes in the log and their bytes.
+    pub fn log_size(&self) -> (usize, usize) {
+        let st = self.state.lock();
+        (st.log.len(), st.log_bytes)
     }
 
     fn version(&self, version: u64) -> proto::Version {
@@ -146,12 +166,16 @@ impl Engine {
             } else {
                 st.services.insert(service.to_owned(), state);
             }
-            if st.log.len() >= self.log_capacity {
+            st.log_bytes += change.approx_bytes();
+            st.log.push_back(Arc::new(change));
+            let max_bytes = self.log_max_bytes.load(Ordering::Relaxed);
+            while st.log.len() > 1 && (st.log.len() > self.log_capacity || st.log_bytes > max_bytes)
+            {
                 if let Some(old) = st.log.pop_front() {
                     st.compacted = old.version;
+                    st.log_bytes = st.log_bytes.saturating_sub(old.approx_bytes());
                 }
             }
-            st.log.push_back(Arc::new(change));
         }
         self.revision.send_replace(revision);
         Ok(Applied {

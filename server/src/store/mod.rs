@@ -126,6 +126,35 @@ pub struct Change {
     pub deleted: bool,
 }
 
+impl Change {
+    /// Fixed per-change overhead counted by [`Change::approx_bytes`] (the struct, its `Arc`,
+    /// vector and map headers).
+    pub const OVERHEAD: usize = 256;
+
+    /// About how many bytes of memory this change holds: its records as encoded, the ids and
+    /// reasons, plus [`Change::OVERHEAD`]. What the store's change log and the cache's
+    /// per-service history count against their byte bounds. O(records).
+    pub fn approx_bytes(&self) -> usize {
+        use prost::Message as _;
+        let ids = |v: &[String]| v.iter().map(|s| s.len() + 24).sum::<usize>();
+        Self::OVERHEAD
+            + self.service.len()
+            + self
+                .upserts
+                .iter()
+                .map(|s| s.encoded_len() + 64)
+                .sum::<usize>()
+            + ids(&self.created)
+            + ids(&self.removals)
+            + self
+                .removal_reasons
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 64)
+                .sum::<usize>()
+            + self.policy.as_ref().map_or(0, |p| p.encoded_len())
+    }
+}
+
 /// What [`Store::watch`] yields.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WatchEvent {

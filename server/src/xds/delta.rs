@@ -14,6 +14,10 @@
 //! ACK/NACK: a request carrying the nonce of the last response is its ACK or (with
 //! `error_detail`) its NACK; the acked version is that response's `system_version_info`.
 //! Cost per wake-up: O(subscribed services × backends).
+//!
+//! A name that cannot name a DLB service is kept in the subscription (within the stream's
+//! bounds, see the [module docs](super)) but never followed: it is sent in `removed_resources`
+//! at once, like any resource that does not exist.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -95,7 +99,10 @@ impl Stream {
             }
         }
         if first {
-            for (name, version) in req.initial_resource_versions {
+            for (name, mut version) in req.initial_resource_versions {
+                if version.len() > super::MAX_CLIENT_VERSION {
+                    version.clear();
+                }
                 sub.held.insert(name, Some(version));
             }
             if req.resource_names_subscribe.is_empty()
@@ -133,6 +140,23 @@ impl Stream {
             sub.held.remove(&name);
             changed = true;
         }
+        let (mut count, mut bytes) = (0, 0);
+        for s in self.subs.values() {
+            count += s.names.len() + s.held.keys().filter(|n| !s.names.contains(*n)).count();
+            bytes += s.names.iter().map(String::len).sum::<usize>()
+                + s.held
+                    .iter()
+                    .map(|(n, v)| n.len() + v.as_ref().map_or(0, String::len))
+                    .sum::<usize>();
+        }
+        super::check_stream(
+            "DeltaDiscoveryRequest.resource_names_subscribe",
+            count,
+            bytes,
+        )?;
+        let Some(sub) = self.subs.get(&type_url) else {
+            return Ok(None);
+        };
         {
             let (names, wildcard) = (sub.names.clone(), sub.wildcard);
             let mut st = self.reg.state.lock();

@@ -22,6 +22,21 @@
 //! epoch) waits for it a bounded time and otherwise ends the stream with `UNAVAILABLE`
 //! ([`not_behind`]) — a client is never sent resources older than those it holds.
 //!
+//! **Resource names and bounds.** A resource name is a DLB service name, so a name is followed
+//! in the cache only when it is one ([`dlb::model::validate_id`]: 1..=128 bytes of
+//! `[A-Za-z0-9._:-]`, exactly as everywhere else). Any other name (too long, other characters,
+//! an `xdstp://` name) is answered as a resource that does not exist — left out of SotW
+//! responses, in `removed_resources` on a delta stream — and never reaches the cache. The stream
+//! is *not* ended for it: a stock gRPC client multiplexes every channel of a process over one ADS
+//! stream, so ending it would take the client's other resources down too. What a stream can
+//! make `dlbd` keep is bounded: at most [`MAX_NAMES_PER_TYPE`] names per type,
+//! [`MAX_NAMES_PER_STREAM`] names and [`MAX_NAME_BYTES_PER_STREAM`] bytes of names (plus, on a
+//! delta stream, the versions the client says it holds) over all its types, and [`MAX_TYPES`]
+//! types; a request past a bound ends the stream with `RESOURCE_EXHAUSTED` naming the field and
+//! the limit. With every bound reached one stream holds about 25 MB (the names in its
+//! subscriptions, the `dlbctl xds-clients` bookkeeping and the cache entries of the names it
+//! follows); all of it is released when the stream ends.
+//!
 //! Auth and TLS are those of the whole port: the ADS path needs a read token when read tokens are
 //! configured ([`crate::auth`]).
 
@@ -61,6 +76,38 @@ pub const MAX_MESSAGE_BYTES: usize = dlb::model::MAX_MESSAGE_BYTES;
 
 /// Most resource names one stream may subscribe to per type (a quota where state is created).
 pub const MAX_NAMES_PER_TYPE: usize = 10_000;
+
+/// Most resource names one stream may subscribe to, all types together (every service under
+/// the three types DLB serves).
+pub const MAX_NAMES_PER_STREAM: usize = 3 * dlb::model::MAX_SERVICES;
+
+/// Most bytes of resource names one stream may keep, all types together (on a delta stream
+/// with the versions of `initial_resource_versions`).
+pub const MAX_NAME_BYTES_PER_STREAM: usize = 1 << 20;
+
+/// Longest resource version kept from a client (`initial_resource_versions`): DLB's versions
+/// are 16 hex digits, so a longer one can never match and is kept as empty.
+pub const MAX_CLIENT_VERSION: usize = 64;
+
+/// Whether `name` can name a DLB service (and so be followed in the cache).
+pub(crate) fn valid_name(name: &str) -> bool {
+    dlb::model::validate_id("resource_names", name).is_ok()
+}
+
+/// Checks a stream's subscriptions over all its types: `names` names holding `bytes` bytes.
+pub(crate) fn check_stream(field: &str, names: usize, bytes: usize) -> Result<(), tonic::Status> {
+    if names > MAX_NAMES_PER_STREAM {
+        return Err(tonic::Status::resource_exhausted(format!(
+            "{field}: {names} names on this stream; at most {MAX_NAMES_PER_STREAM} over all resource types"
+        )));
+    }
+    if bytes > MAX_NAME_BYTES_PER_STREAM {
+        return Err(tonic::Status::resource_exhausted(format!(
+            "{field}: {bytes} bytes of resource names on this stream; at most {MAX_NAME_BYTES_PER_STREAM} over all resource types"
+        )));
+    }
+    Ok(())
+}
 
 /// The xDS metrics (registered in the control plane's registry by [`Metrics`]).
 #[derive(Debug, Clone, Default)]
@@ -209,7 +256,8 @@ impl Followed {
     }
 
     /// Follows exactly the services that `subs` (each type's names and whether it is a
-    /// wildcard) ask for. O(followed + wanted).
+    /// wildcard) ask for; names that cannot name a service ([`valid_name`]) are not followed.
+    /// O(followed + wanted).
     pub(crate) fn update<'a>(
         &mut self,
         subs: impl IntoIterator<Item = (&'a std::collections::BTreeSet<String>, bool)>,
@@ -217,7 +265,7 @@ impl Followed {
         let mut want = std::collections::BTreeSet::new();
         let mut wildcard = false;
         for (names, w) in subs {
-            want.extend(names.iter().cloned());
+            want.extend(names.iter().filter(|n| valid_name(n)).cloned());
             wildcard |= w;
         }
         if wildcard {

@@ -15,6 +15,10 @@
 //! service version and shared by every stream (see `Context::built`); a response whose content
 //! (hash) is that of the last one sent is not sent again. A client reconnecting with the version it holds is answered
 //! only when the state differs (resume). Cost per wake-up: O(subscribed services × backends).
+//!
+//! A name that cannot name a DLB service is kept in the subscription (within the stream's
+//! bounds, see the [module docs](super)) but never followed nor included: to the client it is a
+//! resource that does not exist.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -129,12 +133,21 @@ impl Stream {
             } else {
                 let mut st = self.reg.state.lock();
                 let t = st.types.entry(type_url.clone()).or_default();
-                t.acked_version = req.version_info.clone();
+                t.acked_version = super::clients::escaped(&req.version_info, 128);
                 t.acked_nonce = req.response_nonce.clone();
             }
         }
         super::check_names("DiscoveryRequest.resource_names", req.resource_names.len())?;
         let names: BTreeSet<String> = req.resource_names.into_iter().collect();
+        let (mut count, mut bytes) = (names.len(), names.iter().map(String::len).sum::<usize>());
+        for (t, other) in &self.subs {
+            if *t != type_url {
+                count += other.names.len();
+                bytes += other.names.iter().map(String::len).sum::<usize>();
+            }
+        }
+        super::check_stream("DiscoveryRequest.resource_names", count, bytes)?;
+        let sub = self.subs.entry(type_url.clone()).or_default();
         let wildcard = (first || sub.wildcard)
             && names.is_empty()
             && matches!(type_url.as_str(), resources::LISTENER | resources::CLUSTER);

@@ -1,6 +1,8 @@
 //! `dlb.v1.XdsStatus`: the read-only RPC behind `dlbctl xds-clients`, a translation of
 //! [`XdsClients::list`] into the wire types (bounded: at most [`MAX_CLIENTS`] streams and
-//! [`MAX_NAMES`] names per resource type; names and type URLs escaped, at most 256 bytes).
+//! [`MAX_NAMES`] names per resource type; names and type URLs escaped, at most 256 bytes; and
+//! at most [`MAX_LIST_BYTES`] in all, so the answer never exceeds the message size however
+//! many names the clients subscribed to: the streams that do not fit are counted in `total`).
 
 use std::sync::Arc;
 
@@ -13,6 +15,8 @@ use super::clients::{escaped, ClientState, XdsClients};
 pub const MAX_CLIENTS: usize = 10_000;
 /// Most names listed per resource type.
 pub const MAX_NAMES: usize = 100;
+/// Most bytes of streams in one response.
+pub const MAX_LIST_BYTES: usize = dlb::model::MAX_LIST_BYTES;
 
 /// The `XdsStatus` service over the registry of connected xDS clients.
 #[derive(Debug, Clone)]
@@ -81,10 +85,22 @@ impl XdsStatus for XdsStatusService {
         _: tonic::Request<proto::ListXdsClientsRequest>,
     ) -> Result<tonic::Response<proto::ListXdsClientsResponse>, tonic::Status> {
         let all = self.clients.list();
-        let truncated = all.len() > MAX_CLIENTS;
+        let total = all.len();
+        let mut clients = Vec::new();
+        let mut bytes = 0;
+        for c in all.into_iter().take(MAX_CLIENTS) {
+            let c = to_wire(c);
+            let len = prost::Message::encoded_len(&c) + 8;
+            if bytes + len > MAX_LIST_BYTES {
+                break;
+            }
+            bytes += len;
+            clients.push(c);
+        }
         Ok(tonic::Response::new(proto::ListXdsClientsResponse {
-            clients: all.into_iter().take(MAX_CLIENTS).map(to_wire).collect(),
-            truncated,
+            truncated: clients.len() < total,
+            total: u32::try_from(total).unwrap_or(u32::MAX),
+            clients,
         }))
     }
 }
