@@ -21,6 +21,7 @@
 //!   `health_check_failed`, `get_next_server`) on the default service;
 //! * [`ServiceHandle`] — one subscribed service: local picks ([`CallGuard`]), version watch,
 //!   staleness, and the same admin calls on that service;
+//! * [`clock`] — the clock that times calls (the TSC by default; tokio's for paused-time tests);
 //! * [`admin`] — the `Registry` RPCs, validated locally with [`dlb::model`] first;
 //! * `session` (private) — the task that owns routing state, applies snapshots and deltas,
 //!   acks/nacks, reports load and reconnects with backoff;
@@ -33,6 +34,7 @@
 
 pub mod admin;
 mod breaker;
+pub mod clock;
 mod error;
 mod global;
 mod local;
@@ -53,6 +55,7 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 
 pub use admin::{AdminClient, ChannelOptions, NewServer, ServerUpdate, TokenInterceptor};
+pub use clock::CallClock;
 pub use error::{Error, Result};
 pub use membership::{Lease, Registration};
 pub use metrics::ClientMetrics;
@@ -79,6 +82,7 @@ pub struct ClientBuilder {
     channel: ChannelOptions,
     snapshot_file: Option<std::path::PathBuf>,
     resolver: Arc<dyn Resolve>,
+    call_clock: CallClock,
 }
 
 impl ClientBuilder {
@@ -106,6 +110,7 @@ impl ClientBuilder {
             channel: ChannelOptions::default(),
             snapshot_file: None,
             resolver: Arc::new(SystemResolver),
+            call_clock: CallClock::Tsc,
         }
     }
 
@@ -115,6 +120,14 @@ impl ClientBuilder {
     /// resolve the name with it too, at each connection.
     pub fn resolver(mut self, resolver: Arc<dyn Resolve>) -> Self {
         self.resolver = resolver;
+        self
+    }
+
+    /// The clock that times calls ([`CallGuard`] latency; default [`CallClock::Tsc`], the
+    /// cheapest). [`CallClock::Tokio`] makes call latencies follow paused tokio time (tests
+    /// that simulate slow backends with `tokio::time::sleep` on paused time). See [`clock`].
+    pub fn call_clock(mut self, clock: CallClock) -> Self {
+        self.call_clock = clock;
         self
     }
 
@@ -252,10 +265,14 @@ impl ClientBuilder {
             Some(path) => session::restore(path),
             None => session::Restored::empty(),
         };
+        let tokio_clock = self.call_clock == CallClock::Tokio;
         let services: HashMap<String, Arc<ServiceState>> = restored
             .states
             .iter()
-            .map(|s| (s.name.clone(), s.clone()))
+            .map(|s| {
+                s.tokio_clock.store(tokio_clock, Ordering::Relaxed);
+                (s.name.clone(), s.clone())
+            })
             .collect();
         let mut connected = link.connected.subscribe();
         tokio::spawn(session::run(
@@ -276,6 +293,7 @@ impl ClientBuilder {
                 commands: cmd_tx,
                 closed: closed_tx,
                 subscribe_timeout: self.subscribe_timeout,
+                call_clock: self.call_clock,
             }),
         };
         if self.wait_connected {
@@ -307,6 +325,8 @@ struct Inner {
     commands: mpsc::UnboundedSender<Command>,
     closed: watch::Sender<bool>,
     subscribe_timeout: Duration,
+    /// The clock that times calls on this client's services.
+    call_clock: CallClock,
 }
 
 impl Drop for Inner {
@@ -348,6 +368,8 @@ impl Client {
                 s.clone()
             } else {
                 let s = Arc::new(ServiceState::new(name.clone()));
+                s.tokio_clock
+                    .store(self.inner.call_clock == CallClock::Tokio, Ordering::Relaxed);
                 self.inner
                     .commands
                     .send(Command::Subscribe(s.clone()))
@@ -426,6 +448,9 @@ impl Client {
     pub fn detached_service(&self, update: &proto::ServiceUpdate) -> Result<ServiceHandle> {
         let name = model::resolve_service(&update.service)?.to_owned();
         let state = Arc::new(ServiceState::new(name));
+        state
+            .tokio_clock
+            .store(self.inner.call_clock == CallClock::Tokio, Ordering::Relaxed);
         session::apply_detached(&state, update).map_err(Error::InvalidArgument)?;
         Ok(ServiceHandle {
             state,

@@ -173,6 +173,10 @@ pub(crate) struct ServiceState {
     /// touched once per thread and generation (and by readers of in-flight counts), never on
     /// the pick path itself.
     pub(crate) views: Mutex<Vec<std::sync::Weak<LocalView>>>,
+    /// Time calls with tokio's clock instead of the TSC ([`crate::clock::CallClock`]); set once
+    /// by the client when the service is created (an atomic because restored states are shared
+    /// before the client sets it). Read with one relaxed load per pick.
+    pub(crate) tokio_clock: std::sync::atomic::AtomicBool,
 }
 
 impl ServiceState {
@@ -186,6 +190,7 @@ impl ServiceState {
             stats: StatsCounters::default(),
             generation: AtomicU64::new(0),
             views: Mutex::new(Vec::new()),
+            tokio_clock: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -252,9 +257,14 @@ impl ServiceHandle {
         })
         // No thread-local cache (thread exit): pick from the shared snapshot (no breakers).
         .unwrap_or_else(|| self.pick_shared(key).map(|c| (c, None)))?;
+        let clock = if self.state.tokio_clock.load(Ordering::Relaxed) {
+            crate::clock::CallClock::Tokio
+        } else {
+            crate::clock::CallClock::Tsc
+        };
         Ok(CallGuard {
             call,
-            started: Instant::now(),
+            started: crate::clock::Start::now(clock),
             ticket,
         })
     }
@@ -493,6 +503,18 @@ impl ServiceHandle {
         self.state.snapshot.load().policy.clone()
     }
 
+    /// The call-path settings of the current snapshot's policy, defaults applied: retries,
+    /// hedging and the retry budget ([`dlb::call::call_config`]; `None` before the first
+    /// snapshot). Every SDK reads the same policy from the control plane.
+    pub fn call_config(&self) -> Option<dlb::call::CallConfig> {
+        self.state
+            .snapshot
+            .load()
+            .policy
+            .as_ref()
+            .map(dlb::call::call_config)
+    }
+
     /// `AddServer` on this service.
     pub async fn add_server(
         &self,
@@ -573,7 +595,8 @@ impl ServiceHandle {
 #[derive(Debug)]
 pub struct CallGuard {
     pub(crate) call: Held,
-    started: Instant,
+    /// When the call started, on the service's call clock ([`crate::clock`]).
+    started: crate::clock::Start,
     /// The circuit-breaker claim, when the policy has breakers (dropped after `call`).
     ticket: Option<crate::breaker::Ticket>,
 }
