@@ -33,6 +33,7 @@
 
 pub mod admin;
 mod breaker;
+pub mod call;
 mod error;
 mod global;
 mod local;
@@ -53,6 +54,7 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 
 pub use admin::{AdminClient, ChannelOptions, NewServer, ServerUpdate, TokenInterceptor};
+pub use call::{Balance, BalanceBuilder, BalanceLayer};
 pub use error::{Error, Result};
 pub use membership::{Lease, Registration};
 pub use metrics::ClientMetrics;
@@ -341,25 +343,9 @@ impl Client {
     /// control plane does not know yields a handle whose picks fail with
     /// [`Error::ServiceNotFound`] until it is created.
     pub async fn service(&self, name: &str) -> Result<ServiceHandle> {
-        let name = model::resolve_service(name)?.to_owned();
-        let state = {
-            let mut services = self.inner.services.lock();
-            if let Some(s) = services.get(&name) {
-                s.clone()
-            } else {
-                let s = Arc::new(ServiceState::new(name.clone()));
-                self.inner
-                    .commands
-                    .send(Command::Subscribe(s.clone()))
-                    .map_err(|_| Error::Closed)?;
-                services.insert(name.clone(), s.clone());
-                s
-            }
-        };
-        let handle = ServiceHandle {
-            state: state.clone(),
-            client: self.clone(),
-        };
+        let handle = self.subscribe(name)?;
+        let state = handle.state.clone();
+        let name = state.name.clone();
         if !state.answered.load(Ordering::Acquire) {
             let mut rx = state.version_tx.subscribe();
             let wait = rx.wait_for(|_| state.answered.load(Ordering::Acquire));
@@ -376,6 +362,42 @@ impl Client {
             }
         }
         Ok(handle)
+    }
+
+    /// A gRPC transport over service `name` (subscribing without waiting; calls wait for the
+    /// first snapshot): `GreeterClient::new(client.channel("greeter")?)`. Default options; see
+    /// [`Client::balance`] and [`call`] for the others. Errors only on an invalid name.
+    pub fn channel(&self, name: &str) -> Result<Balance> {
+        Ok(Balance::builder(self.subscribe(name)?).build())
+    }
+
+    /// Options for a call-path service over `name` (see [`call`]): protocol, key, retries,
+    /// hedging, budget.
+    pub fn balance(&self, name: &str) -> Result<BalanceBuilder> {
+        Ok(Balance::builder(self.subscribe(name)?))
+    }
+
+    /// Subscribes to `name` without waiting for the first answer.
+    fn subscribe(&self, name: &str) -> Result<ServiceHandle> {
+        let name = model::resolve_service(name)?.to_owned();
+        let state = {
+            let mut services = self.inner.services.lock();
+            if let Some(s) = services.get(&name) {
+                s.clone()
+            } else {
+                let s = Arc::new(ServiceState::new(name.clone()));
+                self.inner
+                    .commands
+                    .send(Command::Subscribe(s.clone()))
+                    .map_err(|_| Error::Closed)?;
+                services.insert(name.clone(), s.clone());
+                s
+            }
+        };
+        Ok(ServiceHandle {
+            state,
+            client: self.clone(),
+        })
     }
 
     /// The handle of the default service (subscribing on first use).

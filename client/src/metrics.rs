@@ -19,6 +19,10 @@
 //! | `dlb_sdk_updates_total` | counter | `service`, `kind` (`full`, `delta`) |
 //! | `dlb_sdk_nacks_total`, `dlb_sdk_held_back_total`, `dlb_sdk_rebuilds_total` | counter | `service` |
 //! | `dlb_sdk_backends` | gauge | `service`, `eligible` (`true`, `false`) |
+//! | `dlb_sdk_call_requests_total`, `dlb_sdk_call_retries_total`, `dlb_sdk_call_hedges_total`, `dlb_sdk_call_budget_exhausted_total`, `dlb_sdk_call_cancelled_total` | counter | `service` (the call path, [`crate::call`]) |
+//! | `dlb_sdk_call_errors_total` | counter | `service`, `class` (`status`, `connect`, `transport`, `deadline`, `no_backend`) |
+//! | `dlb_sdk_call_latency_seconds` | histogram | `service` |
+//! | `dlb_sdk_call_backend_latency_seconds` | histogram | `service`, `backend` (opt-in: `CallOptions::per_backend_latency`) |
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -174,6 +178,11 @@ impl Collector for ClientMetrics {
                 ConstGauge::new(n).encode(m.encode_family(&labels)?)?;
             }
         }
-        Ok(())
+        drop(m);
+        let calls: Vec<(&str, &crate::call::CallStats)> = services
+            .iter()
+            .map(|s| (s.name.as_str(), &*s.calls))
+            .collect();
+        crate::call::encode_stats(&mut encoder, &calls)
     }
 }

@@ -1,0 +1,393 @@
+//! One request through the call path: pick, send, classify; retries and hedges.
+//!
+//! The loop keeps the attempts in flight in a `FuturesUnordered`. The first attempt goes out at
+//! once; a hedge timer (when hedging is on and the body is replayable) adds a copy to another
+//! backend; a failed attempt is retried when it is safe (see [`super::config::RetryPolicy`]),
+//! after a jittered backoff. The first final response wins: returning drops the other attempts,
+//! which cancels their streams (`RST_STREAM(CANCEL)`). Every retry and hedge takes a budget
+//! token first. No backend is tried twice within one request.
+
+use std::sync::atomic::Ordering;
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use http::{HeaderMap, Method, Request, Response, Uri};
+use http_body::Body;
+use http_body_util::BodyExt;
+use tokio::time::Instant;
+
+use super::body::{prepare, CallBody, Finish, ReqBody, Verdict};
+use super::classify::{grpc_code, refused_stream};
+use super::config::Protocol;
+use super::stats::ErrorClass;
+use super::{BoxError, Shared};
+use crate::{CallGuard, Error};
+
+/// Attempts when no retry policy is set: requests that provably did not reach a backend
+/// (connect errors, refused streams) still go to another one, this many times in all.
+const TRANSPARENT_ATTEMPTS: u32 = 3;
+
+/// The head of the request, to build each attempt.
+struct Head {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+/// How one attempt ended.
+enum Outcome {
+    Done(Response<CallBody>),
+    Failed {
+        class: ErrorClass,
+        error: BoxError,
+        /// Whether it may be retried by the policy (a listed status, or a transport error when
+        /// UNAVAILABLE is listed).
+        by_policy: bool,
+        /// The request, when it was never written (always safe to send elsewhere).
+        unsent: Option<Request<ReqBody>>,
+        /// Whether the server refused the stream (safe to retry with a replayable body).
+        refused: bool,
+        /// What the caller gets if no retry follows.
+        response: Option<Response<CallBody>>,
+    },
+}
+
+impl Shared {
+    /// The whole call, under the caller's deadline.
+    pub(crate) async fn call<B>(
+        self: std::sync::Arc<Self>,
+        req: Request<B>,
+    ) -> Result<Response<CallBody>, BoxError>
+    where
+        B: Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        self.budget.deposit();
+        let deadline = match self.opts.protocol {
+            Protocol::Grpc => super::classify::grpc_timeout(req.headers()),
+            Protocol::Http1 => None,
+        };
+        let run = self.clone().dispatch(req);
+        let Some(d) = deadline else {
+            return run.await;
+        };
+        match tokio::time::timeout(d, run).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.stats.error(ErrorClass::Deadline);
+                Err(self.error(ErrorClass::Deadline, format!("deadline of {d:?} exceeded")))
+            }
+        }
+    }
+
+    /// The error a caller gets: a `tonic::Status` for gRPC (so a generated client reports the
+    /// right code), an [`Error`] for HTTP.
+    pub(crate) fn error(&self, class: ErrorClass, message: String) -> BoxError {
+        match self.opts.protocol {
+            Protocol::Grpc => {
+                let code = match class {
+                    ErrorClass::Deadline => tonic::Code::DeadlineExceeded,
+                    _ => tonic::Code::Unavailable,
+                };
+                Box::new(tonic::Status::new(code, message))
+            }
+            Protocol::Http1 => Box::new(Error::Call {
+                class: class.label(),
+                message,
+            }),
+        }
+    }
+
+    async fn dispatch<B>(
+        self: std::sync::Arc<Self>,
+        req: Request<B>,
+    ) -> Result<Response<CallBody>, BoxError>
+    where
+        B: Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let (parts, body) = req.into_parts();
+        let key = self.opts.key.as_ref().and_then(|k| k.key(&parts));
+        let head = Head {
+            method: parts.method,
+            uri: parts.uri,
+            headers: parts.headers,
+        };
+        let (first, replay) = if self.opts.replays() {
+            prepare(body, self.opts.buffer_limit).await?
+        } else {
+            let rest = body.map_err(Into::into).boxed_unsync();
+            (
+                ReqBody::Streaming {
+                    prefix: Default::default(),
+                    rest,
+                },
+                None,
+            )
+        };
+        self.wait_for_snapshot().await;
+
+        let retry = self.opts.retry.as_ref();
+        let max_attempts = retry.map_or(TRANSPARENT_ATTEMPTS, |r| r.max_attempts.max(1));
+        let hedge = self.opts.hedge.as_ref().filter(|_| replay.is_some());
+        let mut tried: Vec<String> = Vec::new();
+        let mut inflight = FuturesUnordered::new();
+        let mut attempts = 1u32;
+        let mut hedges = 0u32;
+        let mut retries = 0u32;
+
+        let guard = self.pick(key.as_deref(), &tried).map_err(|e| {
+            self.stats.error(ErrorClass::NoBackend);
+            self.error(ErrorClass::NoBackend, e.to_string())
+        })?;
+        tried.push(guard.server_id().to_owned());
+        inflight.push(self.clone().attempt(guard, self.request(&head, first)));
+
+        let hedge_delay = |s: &Self| match hedge.map(|h| h.delay) {
+            Some(super::HedgeDelay::Fixed(d)) => Some(d),
+            Some(super::HedgeDelay::Quantile(q)) => s.stats.latency.quantile(q, 20),
+            None => None,
+        };
+        let mut hedge_at = hedge_delay(&self).map(|d| Instant::now() + d);
+
+        loop {
+            let timer = async {
+                match hedge_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let outcome = tokio::select! {
+                Some(o) = inflight.next() => o,
+                () = timer => {
+                    hedge_at = None;
+                    let (Some(h), Some(replay)) = (hedge, &replay) else { continue };
+                    if hedges >= h.max_hedges {
+                        continue;
+                    }
+                    if !self.budget.try_withdraw() {
+                        self.stats.budget_exhausted.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    let Ok(guard) = self.pick(key.as_deref(), &tried) else { continue };
+                    tried.push(guard.server_id().to_owned());
+                    hedges += 1;
+                    self.stats.hedges.fetch_add(1, Ordering::Relaxed);
+                    inflight.push(self.clone().attempt(guard, self.request(&head, replay.body())));
+                    if hedges < h.max_hedges {
+                        hedge_at = hedge_delay(&self).map(|d| Instant::now() + d);
+                    }
+                    continue;
+                }
+            };
+            let (class, error, by_policy, unsent, refused, response) = match outcome {
+                Outcome::Done(r) => return Ok(r),
+                Outcome::Failed {
+                    class,
+                    error,
+                    by_policy,
+                    unsent,
+                    refused,
+                    response,
+                } => (class, error, by_policy, unsent, refused, response),
+            };
+            if !inflight.is_empty() {
+                // A hedge is still running: its answer may yet win.
+                continue;
+            }
+            let give_up = |response: Option<Response<CallBody>>, error: BoxError| match response {
+                Some(r) => Ok(r),
+                None => Err(self.error(class, error.to_string())),
+            };
+            let next_body = match (unsent, &replay) {
+                (Some(req), _) => Some(req.into_body()),
+                (None, Some(r)) if refused || (by_policy && retry.is_some()) => Some(r.body()),
+                _ => None,
+            };
+            let Some(body) = next_body else {
+                return give_up(response, error);
+            };
+            if attempts >= max_attempts {
+                return give_up(response, error);
+            }
+            if !self.budget.try_withdraw() {
+                self.stats.budget_exhausted.fetch_add(1, Ordering::Relaxed);
+                return give_up(response, error);
+            }
+            let Ok(guard) = self.pick(key.as_deref(), &tried) else {
+                return give_up(response, error);
+            };
+            drop(response);
+            attempts += 1;
+            retries += 1;
+            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            if let (Some(r), true) = (retry, by_policy) {
+                tokio::time::sleep(r.backoff(retries)).await;
+            }
+            tried.push(guard.server_id().to_owned());
+            inflight.push(self.clone().attempt(guard, self.request(&head, body)));
+        }
+    }
+
+    /// Waits (bounded) for the service's first answer from the control plane.
+    async fn wait_for_snapshot(&self) {
+        let state = &self.handle.state;
+        if state.answered.load(Ordering::Acquire) {
+            return;
+        }
+        let mut rx = state.version_tx.subscribe();
+        let wait = rx.wait_for(|_| state.answered.load(Ordering::Acquire));
+        let _ = tokio::time::timeout(self.opts.wait_for_snapshot, wait).await;
+    }
+
+    fn pick(&self, key: Option<&[u8]>, tried: &[String]) -> crate::Result<CallGuard> {
+        self.handle.pick_excluding(key, tried)
+    }
+
+    fn request(&self, head: &Head, body: ReqBody) -> Request<ReqBody> {
+        let mut req = Request::new(body);
+        *req.method_mut() = head.method.clone();
+        *req.uri_mut() = head.uri.clone();
+        *req.headers_mut() = head.headers.clone();
+        req
+    }
+
+    /// Points the request at `address`: absolute URI for HTTP/2, origin form and `Host` for
+    /// HTTP/1.1.
+    fn target(&self, req: &mut Request<ReqBody>, address: &str) {
+        let pq = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        match self.opts.protocol {
+            Protocol::Grpc => {
+                *req.version_mut() = http::Version::HTTP_2;
+                if let Ok(uri) = Uri::builder()
+                    .scheme("http")
+                    .authority(address)
+                    .path_and_query(pq)
+                    .build()
+                {
+                    *req.uri_mut() = uri;
+                }
+            }
+            Protocol::Http1 => {
+                *req.version_mut() = http::Version::HTTP_11;
+                if !req.headers().contains_key(http::header::HOST) {
+                    let host = req
+                        .uri()
+                        .authority()
+                        .map(|a| a.as_str().to_owned())
+                        .unwrap_or_else(|| address.to_owned());
+                    if let Ok(v) = http::HeaderValue::from_str(&host) {
+                        req.headers_mut().insert(http::header::HOST, v);
+                    }
+                }
+                *req.uri_mut() = Uri::from(pq);
+            }
+        }
+    }
+
+    /// One attempt on the backend `guard` picked.
+    async fn attempt(
+        self: std::sync::Arc<Self>,
+        guard: CallGuard,
+        mut req: Request<ReqBody>,
+    ) -> Outcome {
+        let endpoint = self.pool.endpoint(guard.server_id(), guard.address());
+        let (mut lease, sender) = match endpoint.lease().await {
+            Ok(x) => x,
+            Err(e) => {
+                self.stats.error(ErrorClass::Connect);
+                guard.failure();
+                return Outcome::Failed {
+                    class: ErrorClass::Connect,
+                    error: Box::new(e),
+                    by_policy: false,
+                    unsent: Some(req),
+                    refused: false,
+                    response: None,
+                };
+            }
+        };
+        self.target(&mut req, guard.address());
+        match sender.send(&mut lease, req).await {
+            Ok(resp) => self.classify(guard, lease, resp),
+            Err(mut e) => {
+                let unsent = e.take_message();
+                let error = e.into_error();
+                let refused = refused_stream(&error);
+                self.stats.error(ErrorClass::Transport);
+                if unsent.is_none() && !refused {
+                    guard.failure();
+                }
+                // A request never written (the connection was found closed) or refused says
+                // nothing about the backend's health: the guard ends without an outcome.
+                let by_policy = self.opts.retry.as_ref().is_some_and(|r| {
+                    r.grpc_codes.contains(&tonic::Code::Unavailable)
+                        && self.opts.protocol == Protocol::Grpc
+                });
+                Outcome::Failed {
+                    class: ErrorClass::Transport,
+                    error: Box::new(error),
+                    by_policy,
+                    unsent,
+                    refused,
+                    response: None,
+                }
+            }
+        }
+    }
+
+    /// Decides what a response head says, and wraps the body that will end the call.
+    fn classify(
+        &self,
+        guard: CallGuard,
+        lease: super::conn::Lease,
+        resp: Response<hyper::body::Incoming>,
+    ) -> Outcome {
+        let retry = self.opts.retry.as_ref();
+        let (verdict, retryable, what) = match self.opts.protocol {
+            Protocol::Grpc => {
+                if resp.status() != http::StatusCode::OK {
+                    let s = resp.status();
+                    (Verdict::Decided { ok: false }, false, format!("HTTP {s}"))
+                } else if let Some(code) = grpc_code(resp.headers()) {
+                    // Trailers-only: the status is known before any message.
+                    let ok = !self.opts.grpc_failure(code);
+                    let retryable = retry.is_some_and(|r| r.grpc_codes.contains(&code));
+                    (Verdict::Decided { ok }, retryable, format!("{code:?}"))
+                } else {
+                    (Verdict::FromTrailers, false, String::new())
+                }
+            }
+            Protocol::Http1 => {
+                let s = resp.status().as_u16();
+                let ok = !self.opts.http_failure_statuses.contains(&s);
+                let retryable = retry.is_some_and(|r| r.http_statuses.contains(&s));
+                (Verdict::Decided { ok }, retryable, format!("HTTP {s}"))
+            }
+        };
+        let finish = Finish {
+            guard,
+            verdict,
+            stats: self.stats.clone(),
+            lease,
+            failure_codes: self.failure_codes.clone(),
+        };
+        let resp = resp.map(|b| CallBody::new(b, finish));
+        if retryable {
+            Outcome::Failed {
+                class: ErrorClass::Status,
+                error: what.into(),
+                by_policy: true,
+                unsent: None,
+                refused: false,
+                response: Some(resp),
+            }
+        } else {
+            Outcome::Done(resp)
+        }
+    }
+}
