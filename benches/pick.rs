@@ -34,6 +34,7 @@ fn policy(algorithm: Algorithm, track: bool, bounded: Option<f64>) -> PolicyConf
         bounded_load_factor: bounded,
         track_in_flight: track,
         panic: None,
+        peak_ewma: Default::default(),
     }
 }
 
@@ -60,6 +61,7 @@ fn cases() -> Vec<(&'static str, PolicyConfig, bool)> {
             false,
         ),
         ("p2c", policy(Algorithm::LeastConnP2c, true, None), false),
+        ("peak_ewma", policy(Algorithm::PeakEwma, true, None), false),
         (
             "lc_exact",
             policy(Algorithm::LeastConnExact, true, None),

@@ -19,10 +19,13 @@
 //! * [`circuit`] — the SDK's per-backend circuit breaker (configuration and pure state machine);
 //! * [`slow_start`] — the weight ramp of newly eligible backends, applied by every picker builder;
 //! * [`adaptive`] — adaptive weights: the pure decision that lowers a slow backend's share, and
-//!   its application to picker inputs.
+//!   its application to picker inputs;
+//! * [`call`] — the SDK call path's policy (retries, retry budget, hedging, Peak-EWMA tuning)
+//!   and its runtime-free pieces: the retry budget and the latency percentile tracker.
 
 pub mod adaptive;
 pub mod balance;
+pub mod call;
 pub mod circuit;
 pub mod health_check;
 pub mod health_policy;

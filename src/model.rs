@@ -388,6 +388,10 @@ pub fn default_policy() -> proto::Policy {
         slow_start: None,
         circuit_breaker: None,
         adaptive_weights: None,
+        retry: None,
+        retry_budget: None,
+        hedge: None,
+        peak_ewma: None,
     }
 }
 
@@ -399,7 +403,7 @@ pub fn validate_policy(policy: &proto::Policy) -> Result<(), ValidationError> {
             return Err(ValidationError::new(
                 "policy.algorithm",
                 policy.algorithm,
-                "must be one of round_robin, least_conn_exact, least_conn_p2c, maglev, ring_hash",
+                "must be one of round_robin, least_conn_exact, least_conn_p2c, maglev, ring_hash, peak_ewma",
             ))
         }
         Ok(_) => {}
@@ -452,6 +456,7 @@ pub fn validate_policy(policy: &proto::Policy) -> Result<(), ValidationError> {
     crate::slow_start::validate(policy)?;
     crate::circuit::validate(policy)?;
     crate::adaptive::validate(policy)?;
+    crate::call::validate(policy)?;
     crate::health_policy::validate(policy)
 }
 
@@ -462,6 +467,7 @@ pub fn policy_config(policy: &proto::Policy) -> PolicyConfig {
         Ok(proto::Algorithm::LeastConnP2c) => Algorithm::LeastConnP2c,
         Ok(proto::Algorithm::Maglev) => Algorithm::Maglev,
         Ok(proto::Algorithm::RingHash) => Algorithm::RingHash,
+        Ok(proto::Algorithm::PeakEwma) => Algorithm::PeakEwma,
         _ => Algorithm::RoundRobin,
     };
     PolicyConfig {
@@ -470,6 +476,7 @@ pub fn policy_config(policy: &proto::Policy) -> PolicyConfig {
             .then_some(policy.bounded_load_factor),
         track_in_flight: true,
         panic: crate::health_policy::panic_config(policy),
+        peak_ewma: crate::call::ewma_config(policy),
     }
 }
 
@@ -535,7 +542,8 @@ pub fn carry_sticky(
 }
 
 /// Parses an algorithm name as used by `dlbctl` and the YAML config (`round_robin`, `wrr`,
-/// `least_conn`, `least_conn_exact`, `p2c`, `least_conn_p2c`, `maglev`, `ring_hash`).
+/// `least_conn`, `least_conn_exact`, `p2c`, `least_conn_p2c`, `maglev`, `ring_hash`,
+/// `peak_ewma`, `ewma`).
 pub fn parse_algorithm(field: &str, value: &str) -> Result<proto::Algorithm, ValidationError> {
     Ok(
         match value.to_ascii_lowercase().replace('-', "_").as_str() {
@@ -544,10 +552,11 @@ pub fn parse_algorithm(field: &str, value: &str) -> Result<proto::Algorithm, Val
             "p2c" | "least_conn_p2c" => proto::Algorithm::LeastConnP2c,
             "maglev" => proto::Algorithm::Maglev,
             "ring_hash" | "ring" | "ketama" => proto::Algorithm::RingHash,
+            "peak_ewma" | "ewma" => proto::Algorithm::PeakEwma,
             _ => return Err(ValidationError::new(
                 field,
                 value,
-                "must be one of round_robin, least_conn_exact, least_conn_p2c, maglev, ring_hash",
+                "must be one of round_robin, least_conn_exact, least_conn_p2c, maglev, ring_hash, peak_ewma",
             )),
         },
     )
@@ -561,6 +570,7 @@ pub fn algorithm_name(value: i32) -> &'static str {
         Ok(proto::Algorithm::LeastConnP2c) => "least_conn_p2c",
         Ok(proto::Algorithm::Maglev) => "maglev",
         Ok(proto::Algorithm::RingHash) => "ring_hash",
+        Ok(proto::Algorithm::PeakEwma) => "peak_ewma",
         _ => "unspecified",
     }
 }

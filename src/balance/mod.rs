@@ -10,6 +10,7 @@
 //! | [`Algorithm::RoundRobin`] | [`wrr`] | `O(1)`, a load and a store on a thread-owned cursor | `O(W log n)`, `W ≤ 2^20 + n` |
 //! | [`Algorithm::LeastConnExact`] | [`least_conn`] | `O(log n)` under a spin lock | `O(n)` |
 //! | [`Algorithm::LeastConnP2c`] | [`least_conn`] | `O(1)`, lock-free | `O(n)` |
+//! | [`Algorithm::PeakEwma`] | [`ewma`] | `O(1)`, lock-free (a clock read, two `exp`) | `O(n)` |
 //! | [`Algorithm::Maglev`] | [`maglev`] | `O(1)` (hash + one load) | `O(M log M)`, `100 n ≤ M < 200 n` |
 //! | [`Algorithm::RingHash`] | [`ring`] | `O(log n)` | `O(P log P)`, `P ≈ 128 n` |
 //! | sticky sessions | [`sticky`] | `O(log entries)` under a shard mutex, plus the pick | — |
@@ -30,9 +31,11 @@
 //! generations: [`Picker::rebuild`] carries each backend's load over by id, so a call that
 //! started on an old picker is still counted (and released) correctly after a swap. A pick is
 //! counted when the policy asks for it ([`PolicyConfig::track_in_flight`]) and always for the
-//! least-connections and bounded-load policies; the [`Pick`] guard ends the call on drop.
+//! least-connections, Peak-EWMA and bounded-load policies; the [`Pick`] guard ends the call on
+//! drop.
 //! [`BackendLoad`] also counts the outcomes of finished calls (for the SDK's load reports), so
-//! they carry over the same way. A caller may count calls its own way where the policy does not
+//! they carry over the same way, and the latency estimate Peak-EWMA reads ([`ewma`]), fed by
+//! [`BackendLoad::record_outcome`] and [`BackendLoad::observe_latency`]. A caller may count calls its own way where the policy does not
 //! read the counts ([`Picker::pick_uncounted`]; the SDK counts per thread).
 //!
 //! **Owned picks.** A [`Pick`] borrows its picker. [`Pick::into_owned`] turns it into an
@@ -61,6 +64,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod ewma;
 pub mod hash;
 pub mod least_conn;
 pub mod maglev;
@@ -105,6 +109,8 @@ pub enum Algorithm {
     Maglev,
     /// Ring hash consistent hashing.
     RingHash,
+    /// Peak-EWMA: P2C on latency estimate × (in-flight + 1) ([`ewma`]).
+    PeakEwma,
 }
 
 /// How a picker balances.
@@ -119,6 +125,8 @@ pub struct PolicyConfig {
     pub track_in_flight: bool,
     /// Panic threshold and mode ([`panic`]); `None`: no panic mode.
     pub panic: Option<PanicConfig>,
+    /// Decay time and default RTT of [`Algorithm::PeakEwma`] (ignored by the others).
+    pub peak_ewma: crate::call::EwmaConfig,
 }
 
 impl PolicyConfig {
@@ -129,6 +137,7 @@ impl PolicyConfig {
             bounded_load_factor: None,
             track_in_flight: true,
             panic: None,
+            peak_ewma: crate::call::EwmaConfig::default(),
         }
     }
 }
@@ -212,6 +221,8 @@ pub struct BackendLoad {
     latency_count: AtomicU64,
     latency_sum_us: AtomicU64,
     latency_max_us: AtomicU64,
+    /// Peak-EWMA's latency estimate (inert until a Peak-EWMA picker is built over the backend).
+    ewma: ewma::EwmaState,
 }
 
 /// Outcomes of the calls to one backend that finished since they were last taken (see
@@ -267,6 +278,26 @@ impl BackendLoad {
                 Some(v.saturating_add(us))
             });
         self.latency_max_us.fetch_max(us, Ordering::Relaxed);
+        self.ewma.observe_at(latency, ewma::now_nanos());
+    }
+
+    /// Feeds one latency sample to Peak-EWMA's estimate only, recording no outcome: for an
+    /// attempt that ended without an answer worth classifying (e.g. the losing copy of a hedged
+    /// request, cancelled after `latency`), whose slowness must still count. A no-op unless a
+    /// Peak-EWMA picker was built over this backend.
+    pub fn observe_latency(&self, latency: Duration) {
+        self.ewma.observe_at(latency, ewma::now_nanos());
+    }
+
+    /// Peak-EWMA's current latency estimate of this backend, given the policy's decay time and
+    /// default RTT (see [`ewma`]): the default before any sample.
+    pub fn latency_estimate(&self, config: &crate::call::EwmaConfig) -> Duration {
+        let ns = self.ewma.read_at(
+            ewma::now_nanos(),
+            config.decay.as_nanos() as f64,
+            config.default_rtt.as_nanos() as f64,
+        );
+        Duration::from_nanos(ns.max(0.0) as u64)
     }
 
     /// The outcomes recorded since the last call, resetting them to zero. Each counter is
@@ -339,6 +370,7 @@ enum Strategy {
     Wrr(wrr::Wrr),
     LcExact(least_conn::LeastConnExact),
     P2c(least_conn::P2c),
+    Ewma(ewma::PeakEwma),
     Maglev(maglev::Maglev),
     Ring(ring::Ring),
 }
@@ -480,7 +512,7 @@ impl Picker {
             || bounded.is_some()
             || matches!(
                 policy.algorithm,
-                Algorithm::LeastConnExact | Algorithm::LeastConnP2c
+                Algorithm::LeastConnExact | Algorithm::LeastConnP2c | Algorithm::PeakEwma
             );
         let strategy = if eligible.is_empty() {
             Strategy::Empty
@@ -507,6 +539,11 @@ impl Picker {
                     backends.len(),
                 )),
                 Algorithm::LeastConnP2c => Strategy::P2c(least_conn::P2c::build(&lc_items())),
+                Algorithm::PeakEwma => Strategy::Ewma(ewma::PeakEwma::build(
+                    &lc_items(),
+                    policy.peak_ewma.decay,
+                    policy.peak_ewma.default_rtt,
+                )),
                 Algorithm::Maglev | Algorithm::RingHash => {
                     let order = hash_order(&backends);
                     let keys: Vec<&str> = backends.iter().map(|b| b.hash_key()).collect();
@@ -552,13 +589,13 @@ impl Picker {
         self.pick_impl(key, false)
     }
 
-    /// Whether picking reads the in-flight counts (least connections, bounded load), so that
-    /// every call must be counted in the backends' [`BackendLoad`].
+    /// Whether picking reads the in-flight counts (least connections, Peak-EWMA, bounded load),
+    /// so that every call must be counted in the backends' [`BackendLoad`].
     pub fn needs_counts(&self) -> bool {
         self.bounded.is_some()
             || matches!(
                 self.policy.algorithm,
-                Algorithm::LeastConnExact | Algorithm::LeastConnP2c
+                Algorithm::LeastConnExact | Algorithm::LeastConnP2c | Algorithm::PeakEwma
             )
     }
 
@@ -584,6 +621,14 @@ impl Picker {
                 return Ok(Pick {
                     picker: self,
                     index: p.pick(),
+                    counted: true,
+                });
+            }
+            Strategy::Ewma(e) => {
+                // Peak-EWMA counts like P2C.
+                return Ok(Pick {
+                    picker: self,
+                    index: e.pick(),
                     counted: true,
                 });
             }
@@ -766,6 +811,7 @@ impl Picker {
             Strategy::Wrr(w) => w.heap_bytes(),
             Strategy::LcExact(lc) => lc.heap_bytes(),
             Strategy::P2c(p) => p.heap_bytes(),
+            Strategy::Ewma(e) => e.heap_bytes(),
             Strategy::Maglev(m) => m.heap_bytes(),
             Strategy::Ring(r) => r.heap_bytes(),
         };

@@ -196,7 +196,8 @@ pub fn cluster_for(snap: &ServiceSnapshot) -> cluster::Cluster {
                 }),
             )],
         ),
-        Algorithm::LeastConnExact | Algorithm::LeastConnP2c => (
+        // Stock gRPC clients have no Peak-EWMA: least request (P2C) is its nearest policy.
+        Algorithm::LeastConnExact | Algorithm::LeastConnP2c | Algorithm::PeakEwma => (
             cluster::cluster::LbPolicy::RoundRobin,
             None,
             vec![
