@@ -12,7 +12,6 @@ use std::time::Duration;
 use call_support::*;
 use common::*;
 use dlb::proto;
-use dlb_client::call::RetryPolicy;
 use dlb_client::{Client, ServiceHandle};
 use tonic::Code;
 use tonic_health::pb::health_client::HealthClient;
@@ -89,15 +88,16 @@ async fn weights_are_honoured_within_4_sigma_over_6000_calls() {
 async fn a_killed_backend_stops_receiving_calls_and_no_call_fails_with_retries_on() {
     let bs = backends(4).await;
     let refs: Vec<&Backend> = bs.iter().collect();
-    let server = dlb_server::spawn(config(vec![service_of("greeter", &refs, &[1, 1, 1, 1])]))
-        .await
-        .unwrap();
+    // Retries on in the service's policy (every SDK agrees), UNAVAILABLE listed: calls cut
+    // mid-flight by the kill are retried too.
+    let mut svc = service_of("greeter", &refs, &[1, 1, 1, 1]);
+    svc.policy.retry = Some(proto::RetryPolicy {
+        retry_on_grpc_codes: vec![Code::Unavailable as u32],
+        ..Default::default()
+    });
+    let server = dlb_server::spawn(config(vec![svc])).await.unwrap();
     let dlb = sdk(&server).await;
-    let channel = dlb
-        .balance("greeter")
-        .unwrap()
-        .retry(RetryPolicy::default())
-        .build();
+    let channel = dlb.channel("greeter").unwrap();
     let mut client = HealthClient::new(channel.clone());
     for _ in 0..200 {
         check(&mut client).await.unwrap();

@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use call_support::*;
 use common::*;
-use dlb_client::call::{Protocol, RetryPolicy};
+use dlb_client::call::{retry_defaults, Protocol};
 use dlb_client::{Balance, Client};
 use http_body_util::{BodyExt, Empty};
 use tonic::Code;
@@ -149,11 +149,13 @@ async fn status_5xx_is_a_failure_4xx_is_not_and_listed_statuses_are_retried_else
     }
     assert_eq!(errors(&plain, "status"), 5);
 
-    // 503 is listed by the default retry policy: it goes to b1 instead.
+    // 503 listed by a local retry override: it goes to b1 instead.
     bs[0].set(Mode::Fail(Code::Unavailable)); // 503
+    let mut retry = retry_defaults();
+    retry.retry_on_http_statuses = vec![503];
     let retrying = Balance::builder(handle.clone())
         .protocol(Protocol::Http1)
-        .retry(RetryPolicy::default())
+        .retry(retry)
         .build();
     let (before, at_b0) = (plain.counts().retries, bs[0].calls());
     for _ in 0..10 {

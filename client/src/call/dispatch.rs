@@ -2,12 +2,24 @@
 //!
 //! The loop keeps the attempts in flight in a `FuturesUnordered`. The first attempt goes out at
 //! once; a hedge timer (when hedging is on and the body is replayable) adds a copy to another
-//! backend; a failed attempt is retried when it is safe (see [`super::config::RetryPolicy`]),
-//! after a jittered backoff. The first final response wins: returning drops the other attempts,
-//! which cancels their streams (`RST_STREAM(CANCEL)`). Every retry and hedge takes a budget
-//! token first. No backend is tried twice within one request.
+//! backend; a failed attempt is retried when it is safe, after a jittered backoff (policy
+//! retries only).
+//!
+//! Safe to retry: a request provably not processed — a connect error, a connection found closed
+//! before the request was written (hyper gives the request back), an HTTP/2 `REFUSED_STREAM` —
+//! always goes to another backend (up to `max_attempts`, 3 without a retry policy); with a
+//! retry policy, also a trailers-only gRPC response whose code the policy lists, an HTTP status
+//! it lists, and a transport error after sending when it lists UNAVAILABLE (14). Everything but
+//! an unsent request needs the body buffered (replayable).
+//!
+//! The first final response wins: returning drops the other attempts, which cancels their
+//! streams (`RST_STREAM(CANCEL)`). Every retry and hedge takes a budget token first. No backend
+//! is tried twice within one request.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use dlb::call::HedgeDelay;
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use http::{HeaderMap, Method, Request, Response, Uri};
@@ -18,6 +30,7 @@ use tokio::time::Instant;
 use super::body::{prepare, CallBody, Finish, ReqBody, Verdict};
 use super::classify::{grpc_code, refused_stream};
 use super::config::Protocol;
+use super::policy::Resolved;
 use super::stats::ErrorClass;
 use super::{BoxError, Shared};
 use crate::{CallGuard, Error};
@@ -54,7 +67,7 @@ enum Outcome {
 impl Shared {
     /// The whole call, under the caller's deadline.
     pub(crate) async fn call<B>(
-        self: std::sync::Arc<Self>,
+        self: Arc<Self>,
         req: Request<B>,
     ) -> Result<Response<CallBody>, BoxError>
     where
@@ -62,12 +75,13 @@ impl Shared {
         B::Error: Into<BoxError>,
     {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        self.budget.deposit();
+        let cfg = self.policies.get(&self.handle.state, &self.opts);
+        cfg.budget.deposit();
         let deadline = match self.opts.protocol {
             Protocol::Grpc => super::classify::grpc_timeout(req.headers()),
             Protocol::Http1 => None,
         };
-        let run = self.clone().dispatch(req);
+        let run = self.clone().dispatch(req, cfg);
         let Some(d) = deadline else {
             return run.await;
         };
@@ -99,8 +113,9 @@ impl Shared {
     }
 
     async fn dispatch<B>(
-        self: std::sync::Arc<Self>,
+        self: Arc<Self>,
         req: Request<B>,
+        cfg: Arc<Resolved>,
     ) -> Result<Response<CallBody>, BoxError>
     where
         B: Body<Data = bytes::Bytes> + Send + 'static,
@@ -113,8 +128,8 @@ impl Shared {
             uri: parts.uri,
             headers: parts.headers,
         };
-        let (first, replay) = if self.opts.replays() {
-            prepare(body, self.opts.buffer_limit).await?
+        let (first, replay) = if cfg.replays() {
+            prepare(body, cfg.replay_limit).await?
         } else {
             let rest = body.map_err(Into::into).boxed_unsync();
             (
@@ -127,9 +142,9 @@ impl Shared {
         };
         self.wait_for_snapshot().await;
 
-        let retry = self.opts.retry.as_ref();
+        let retry = cfg.retry.as_ref();
         let max_attempts = retry.map_or(TRANSPARENT_ATTEMPTS, |r| r.max_attempts.max(1));
-        let hedge = self.opts.hedge.as_ref().filter(|_| replay.is_some());
+        let hedge = cfg.hedge.as_ref().filter(|_| replay.is_some());
         let mut tried: Vec<String> = Vec::new();
         let mut inflight = FuturesUnordered::new();
         let mut attempts = 1u32;
@@ -141,11 +156,17 @@ impl Shared {
             self.error(ErrorClass::NoBackend, e.to_string())
         })?;
         tried.push(guard.server_id().to_owned());
-        inflight.push(self.clone().attempt(guard, self.request(&head, first)));
+        inflight.push(
+            self.clone()
+                .attempt(cfg.clone(), guard, self.request(&head, first)),
+        );
 
         let hedge_delay = |s: &Self| match hedge.map(|h| h.delay) {
-            Some(super::HedgeDelay::Fixed(d)) => Some(d),
-            Some(super::HedgeDelay::Quantile(q)) => s.stats.latency.quantile(q, 20),
+            Some(HedgeDelay::Fixed(d)) => Some(d),
+            Some(HedgeDelay::Percentile(p)) => s
+                .stats
+                .recent
+                .percentile(f64::from(p), dlb::call::defaults::HEDGE_MIN_SAMPLES),
             None => None,
         };
         let mut hedge_at = hedge_delay(&self).map(|d| Instant::now() + d);
@@ -165,7 +186,7 @@ impl Shared {
                     if hedges >= h.max_hedges {
                         continue;
                     }
-                    if !self.budget.try_withdraw() {
+                    if !cfg.budget.try_withdraw() {
                         self.stats.budget_exhausted.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
@@ -173,7 +194,7 @@ impl Shared {
                     tried.push(guard.server_id().to_owned());
                     hedges += 1;
                     self.stats.hedges.fetch_add(1, Ordering::Relaxed);
-                    inflight.push(self.clone().attempt(guard, self.request(&head, replay.body())));
+                    inflight.push(self.clone().attempt(cfg.clone(), guard, self.request(&head, replay.body())));
                     if hedges < h.max_hedges {
                         hedge_at = hedge_delay(&self).map(|d| Instant::now() + d);
                     }
@@ -210,7 +231,7 @@ impl Shared {
             if attempts >= max_attempts {
                 return give_up(response, error);
             }
-            if !self.budget.try_withdraw() {
+            if !cfg.budget.try_withdraw() {
                 self.stats.budget_exhausted.fetch_add(1, Ordering::Relaxed);
                 return give_up(response, error);
             }
@@ -222,10 +243,13 @@ impl Shared {
             retries += 1;
             self.stats.retries.fetch_add(1, Ordering::Relaxed);
             if let (Some(r), true) = (retry, by_policy) {
-                tokio::time::sleep(r.backoff(retries)).await;
+                tokio::time::sleep(r.backoff(retries, fastrand::f64())).await;
             }
             tried.push(guard.server_id().to_owned());
-            inflight.push(self.clone().attempt(guard, self.request(&head, body)));
+            inflight.push(
+                self.clone()
+                    .attempt(cfg.clone(), guard, self.request(&head, body)),
+            );
         }
     }
 
@@ -291,7 +315,8 @@ impl Shared {
 
     /// One attempt on the backend `guard` picked.
     async fn attempt(
-        self: std::sync::Arc<Self>,
+        self: Arc<Self>,
+        cfg: Arc<Resolved>,
         guard: CallGuard,
         mut req: Request<ReqBody>,
     ) -> Outcome {
@@ -313,7 +338,7 @@ impl Shared {
         };
         self.target(&mut req, guard.address());
         match sender.send(&mut lease, req).await {
-            Ok(resp) => self.classify(guard, lease, resp),
+            Ok(resp) => self.classify(&cfg, guard, lease, resp),
             Err(mut e) => {
                 let unsent = e.take_message();
                 let error = e.into_error();
@@ -324,8 +349,8 @@ impl Shared {
                 }
                 // A request never written (the connection was found closed) or refused says
                 // nothing about the backend's health: the guard ends without an outcome.
-                let by_policy = self.opts.retry.as_ref().is_some_and(|r| {
-                    r.grpc_codes.contains(&tonic::Code::Unavailable)
+                let by_policy = cfg.retry.as_ref().is_some_and(|r| {
+                    r.retries_grpc_code(tonic::Code::Unavailable as u32)
                         && self.opts.protocol == Protocol::Grpc
                 });
                 Outcome::Failed {
@@ -343,11 +368,12 @@ impl Shared {
     /// Decides what a response head says, and wraps the body that will end the call.
     fn classify(
         &self,
+        cfg: &Resolved,
         guard: CallGuard,
         lease: super::conn::Lease,
         resp: Response<hyper::body::Incoming>,
     ) -> Outcome {
-        let retry = self.opts.retry.as_ref();
+        let retry = cfg.retry.as_ref();
         let (verdict, retryable, what) = match self.opts.protocol {
             Protocol::Grpc => {
                 if resp.status() != http::StatusCode::OK {
@@ -356,7 +382,7 @@ impl Shared {
                 } else if let Some(code) = grpc_code(resp.headers()) {
                     // Trailers-only: the status is known before any message.
                     let ok = !self.opts.grpc_failure(code);
-                    let retryable = retry.is_some_and(|r| r.grpc_codes.contains(&code));
+                    let retryable = retry.is_some_and(|r| r.retries_grpc_code(code as u32));
                     (Verdict::Decided { ok }, retryable, format!("{code:?}"))
                 } else {
                     (Verdict::FromTrailers, false, String::new())
@@ -365,7 +391,7 @@ impl Shared {
             Protocol::Http1 => {
                 let s = resp.status().as_u16();
                 let ok = !self.opts.http_failure_statuses.contains(&s);
-                let retryable = retry.is_some_and(|r| r.http_statuses.contains(&s));
+                let retryable = retry.is_some_and(|r| r.retries_http_status(s));
                 (Verdict::Decided { ok }, retryable, format!("HTTP {s}"))
             }
         };

@@ -14,14 +14,15 @@
 //! [`crate::CallGuard`] — which feeds load reports, outlier detection and the circuit breakers.
 //!
 //! Parts, one concern per file:
-//! * `config` — [`CallOptions`], [`RetryPolicy`], [`HedgePolicy`], [`BudgetConfig`];
+//! * `config` — [`CallOptions`]; `policy` — the retry, hedging and budget settings in force
+//!   (the service's policy, or a local override), and the retry budget;
 //! * `conn` — connections per backend (HTTP/2 multiplexed, HTTP/1.1 keep-alive pool), closed
 //!   after their last call once the backend leaves the snapshot;
 //! * `dispatch` — pick, send, classify, retries and hedges;
 //! * `body` — request bodies (buffered for replay up to a bound) and [`CallBody`], the response
 //!   body that ends the call (gRPC status read from the trailers);
 //! * `classify` — `grpc-status`, `grpc-timeout`, refused streams;
-//! * `budget` — the retry budget; `stats` — what [`crate::Client::metrics`] exports.
+//! * `stats` — what [`crate::Client::metrics`] exports.
 //!
 //! Classification: gRPC codes in [`CallOptions::grpc_failure_codes`] (UNAVAILABLE,
 //! RESOURCE_EXHAUSTED, INTERNAL, UNKNOWN, DEADLINE_EXCEEDED, DATA_LOSS by default) are failures
@@ -30,11 +31,11 @@
 //! default. A response dropped before its outcome is known reports nothing (a cancelled call).
 
 mod body;
-mod budget;
 mod classify;
 mod config;
 mod conn;
 mod dispatch;
+mod policy;
 mod stats;
 
 use std::sync::Arc;
@@ -45,9 +46,8 @@ use http_body::Body;
 use tower::Service;
 
 pub use body::CallBody;
-pub use config::{
-    BudgetConfig, CallOptions, HedgeDelay, HedgePolicy, KeyFrom, Protocol, RetryPolicy,
-};
+pub use config::{retry_defaults, CallOptions, KeyFrom, Protocol};
+pub use dlb::call::{BudgetConfig, HedgeConfig, HedgeDelay, RetryConfig};
 pub(crate) use stats::encode as encode_stats;
 pub use stats::{CallCounts, CallStats, ErrorClass};
 
@@ -64,7 +64,7 @@ pub(crate) struct Shared {
     failure_codes: Arc<[tonic::Code]>,
     pool: conn::Pool,
     stats: Arc<CallStats>,
-    budget: budget::Budget,
+    policies: policy::Policies,
     /// Dropped with the last clone: stops the task that follows the snapshot.
     _stop: tokio::sync::oneshot::Sender<()>,
 }
@@ -112,21 +112,22 @@ impl BalanceBuilder {
         self
     }
 
-    /// Turns retries on with `policy`.
-    pub fn retry(mut self, policy: RetryPolicy) -> Self {
-        self.opts.retry = Some(policy);
+    /// Retries with these settings, whatever the service's policy says (see
+    /// [`retry_defaults`]). Without it the policy's `retry` applies.
+    pub fn retry(mut self, retry: RetryConfig) -> Self {
+        self.opts.retry = Some(retry);
         self
     }
 
-    /// Turns hedging on with `policy`.
-    pub fn hedge(mut self, policy: HedgePolicy) -> Self {
-        self.opts.hedge = Some(policy);
+    /// Hedging with these settings, whatever the service's policy says.
+    pub fn hedge(mut self, hedge: HedgeConfig) -> Self {
+        self.opts.hedge = Some(hedge);
         self
     }
 
-    /// The retry budget.
+    /// This retry budget, whatever the service's policy says.
     pub fn budget(mut self, budget: BudgetConfig) -> Self {
-        self.opts.budget = budget;
+        self.opts.budget = Some(budget);
         self
     }
 
@@ -161,7 +162,7 @@ impl BalanceBuilder {
                 max_idle: opts.max_idle_per_backend,
             }),
             failure_codes: opts.grpc_failure_codes.clone().into(),
-            budget: budget::Budget::new(opts.budget),
+            policies: policy::Policies::new(&self.handle.state, &opts),
             handle: self.handle,
             opts,
             stats,

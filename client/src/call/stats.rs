@@ -83,33 +83,6 @@ impl Histogram {
         let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
         (sum, count, buckets)
     }
-
-    /// The `q` quantile (0..1), interpolated within its bucket; `None` below `min_count`
-    /// observations.
-    pub(crate) fn quantile(&self, q: f64, min_count: u64) -> Option<Duration> {
-        let (_, count, buckets) = self.read();
-        if count < min_count.max(1) {
-            return None;
-        }
-        let rank = (q.clamp(0.0, 1.0) * count as f64).ceil().max(1.0);
-        let mut seen = 0.0;
-        let mut lower = 0.0;
-        for (upper, n) in buckets {
-            let n = n as f64;
-            if seen + n >= rank {
-                let upper = if upper.is_finite() {
-                    upper
-                } else {
-                    lower * 2.0
-                };
-                let frac = if n > 0.0 { (rank - seen) / n } else { 1.0 };
-                return Some(Duration::from_secs_f64(lower + (upper - lower) * frac));
-            }
-            seen += n;
-            lower = upper;
-        }
-        None
-    }
 }
 
 /// A snapshot of one service's call-path counters.
@@ -132,8 +105,10 @@ pub struct CallCounts {
 }
 
 /// The call-path counters of one service (shared by every [`super::Balance`] of it).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct CallStats {
+    /// The latencies of recent calls (a decaying histogram), for the hedge delay's pN.
+    pub(crate) recent: dlb::call::latency::LatencyTracker,
     pub(crate) requests: AtomicU64,
     errors: [AtomicU64; 5],
     pub(crate) retries: AtomicU64,
@@ -148,10 +123,34 @@ pub struct CallStats {
     pub(crate) backends: Mutex<HashMap<String, std::sync::Arc<Histogram>>>,
 }
 
+impl Default for CallStats {
+    fn default() -> Self {
+        Self {
+            recent: dlb::call::latency::LatencyTracker::new(
+                RECENT_PERIOD,
+                super::policy::TokioClock::new(),
+            ),
+            requests: AtomicU64::default(),
+            errors: Default::default(),
+            retries: AtomicU64::default(),
+            hedges: AtomicU64::default(),
+            budget_exhausted: AtomicU64::default(),
+            cancelled: AtomicU64::default(),
+            latency: Histogram::default(),
+            per_backend: AtomicBool::default(),
+            backends: Mutex::default(),
+        }
+    }
+}
+
+/// The hedge delay's percentile covers the calls of the last 10..20 s.
+const RECENT_PERIOD: Duration = Duration::from_secs(10);
+
 impl CallStats {
     /// One call ended after `latency`; `class` when it failed.
     pub(crate) fn record(&self, backend: &str, latency: Duration, class: Option<ErrorClass>) {
         self.latency.observe(latency);
+        self.recent.record(latency);
         if let Some(c) = class {
             self.error(c);
         }
@@ -292,23 +291,4 @@ pub(crate) fn encode(
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn quantile_is_within_the_bucket_of_the_rank() {
-        let h = Histogram::default();
-        for _ in 0..99 {
-            h.observe(Duration::from_millis(1));
-        }
-        h.observe(Duration::from_millis(100));
-        assert_eq!(h.quantile(0.99, 200), None);
-        let p50 = h.quantile(0.5, 10).unwrap();
-        assert!(p50 > Duration::from_micros(500) && p50 <= Duration::from_millis(1));
-        let p999 = h.quantile(0.999, 10).unwrap();
-        assert!(p999 > Duration::from_millis(50) && p999 <= Duration::from_millis(100));
-    }
 }
