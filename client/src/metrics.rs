@@ -178,7 +178,6 @@ impl Collector for ClientMetrics {
                 ConstGauge::new(n).encode(m.encode_family(&labels)?)?;
             }
         }
-        drop(m);
         let calls: Vec<(&str, &crate::call::CallStats)> = services
             .iter()
             .map(|s| (s.name.as_str(), &*s.calls))

@@ -23,13 +23,16 @@ pub enum Protocol {
     Http1,
 }
 
+/// A function computing a request's key from its head.
+pub type KeyFn = Arc<dyn Fn(&http::request::Parts) -> Option<Vec<u8>> + Send + Sync>;
+
 /// Where a request's key (for consistent hashing, Maglev, sticky sessions) comes from.
 #[derive(Clone)]
 pub enum KeyFrom {
     /// The value of this request header (no key when absent).
     Header(http::HeaderName),
     /// A function of the request head.
-    Fn(Arc<dyn Fn(&http::request::Parts) -> Option<Vec<u8>> + Send + Sync>),
+    Fn(KeyFn),
 }
 
 impl fmt::Debug for KeyFrom {

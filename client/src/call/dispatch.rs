@@ -46,22 +46,22 @@ struct Head {
     headers: HeaderMap,
 }
 
-/// How one attempt ended.
-enum Outcome {
-    Done(Response<CallBody>),
-    Failed {
-        class: ErrorClass,
-        error: BoxError,
-        /// Whether it may be retried by the policy (a listed status, or a transport error when
-        /// UNAVAILABLE is listed).
-        by_policy: bool,
-        /// The request, when it was never written (always safe to send elsewhere).
-        unsent: Option<Request<ReqBody>>,
-        /// Whether the server refused the stream (safe to retry with a replayable body).
-        refused: bool,
-        /// What the caller gets if no retry follows.
-        response: Option<Response<CallBody>>,
-    },
+/// How one attempt ended: a response for the caller, or a failure.
+type Outcome = Result<Response<CallBody>, Box<Failure>>;
+
+/// A failed attempt.
+struct Failure {
+    class: ErrorClass,
+    error: BoxError,
+    /// Whether it may be retried by the policy (a listed status, or a transport error when
+    /// UNAVAILABLE is listed).
+    by_policy: bool,
+    /// The request, when it was never written (always safe to send elsewhere).
+    unsent: Option<Request<ReqBody>>,
+    /// Whether the server refused the stream (safe to retry with a replayable body).
+    refused: bool,
+    /// What the caller gets if no retry follows.
+    response: Option<Response<CallBody>>,
 }
 
 impl Shared {
@@ -202,15 +202,18 @@ impl Shared {
                 }
             };
             let (class, error, by_policy, unsent, refused, response) = match outcome {
-                Outcome::Done(r) => return Ok(r),
-                Outcome::Failed {
-                    class,
-                    error,
-                    by_policy,
-                    unsent,
-                    refused,
-                    response,
-                } => (class, error, by_policy, unsent, refused, response),
+                Ok(r) => return Ok(r),
+                Err(f) => {
+                    let f = *f;
+                    (
+                        f.class,
+                        f.error,
+                        f.by_policy,
+                        f.unsent,
+                        f.refused,
+                        f.response,
+                    )
+                }
             };
             if !inflight.is_empty() {
                 // A hedge is still running: its answer may yet win.
@@ -326,14 +329,14 @@ impl Shared {
             Err(e) => {
                 self.stats.error(ErrorClass::Connect);
                 guard.failure();
-                return Outcome::Failed {
+                return Err(Box::new(Failure {
                     class: ErrorClass::Connect,
                     error: Box::new(e),
                     by_policy: false,
                     unsent: Some(req),
                     refused: false,
                     response: None,
-                };
+                }));
             }
         };
         self.target(&mut req, guard.address());
@@ -353,14 +356,14 @@ impl Shared {
                     r.retries_grpc_code(tonic::Code::Unavailable as u32)
                         && self.opts.protocol == Protocol::Grpc
                 });
-                Outcome::Failed {
+                Err(Box::new(Failure {
                     class: ErrorClass::Transport,
                     error: Box::new(error),
                     by_policy,
                     unsent,
                     refused,
                     response: None,
-                }
+                }))
             }
         }
     }
@@ -404,16 +407,16 @@ impl Shared {
         };
         let resp = resp.map(|b| CallBody::new(b, finish));
         if retryable {
-            Outcome::Failed {
+            Err(Box::new(Failure {
                 class: ErrorClass::Status,
                 error: what.into(),
                 by_policy: true,
                 unsent: None,
                 refused: false,
                 response: Some(resp),
-            }
+            }))
         } else {
-            Outcome::Done(resp)
+            Ok(resp)
         }
     }
 }

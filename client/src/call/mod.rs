@@ -46,7 +46,7 @@ use http_body::Body;
 use tower::Service;
 
 pub use body::CallBody;
-pub use config::{retry_defaults, CallOptions, KeyFrom, Protocol};
+pub use config::{retry_defaults, CallOptions, KeyFn, KeyFrom, Protocol};
 pub use dlb::call::{BudgetConfig, HedgeConfig, HedgeDelay, RetryConfig};
 pub(crate) use stats::encode as encode_stats;
 pub use stats::{CallCounts, CallStats, ErrorClass};

@@ -26,7 +26,7 @@ pub(crate) struct TokioClock {
 }
 
 impl TokioClock {
-    pub(crate) fn new() -> Arc<dyn Clock> {
+    pub(crate) fn shared() -> Arc<dyn Clock> {
         Arc::new(Self {
             origin: tokio::time::Instant::now(),
         })
@@ -67,7 +67,7 @@ pub(crate) struct Policies {
 
 impl Policies {
     pub(crate) fn new(state: &ServiceState, opts: &CallOptions) -> Self {
-        let clock = TokioClock::new();
+        let clock = TokioClock::shared();
         let r = build(state, opts, None, &clock);
         Self {
             current: ArcSwap::from_pointee(r),

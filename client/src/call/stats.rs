@@ -128,7 +128,7 @@ impl Default for CallStats {
         Self {
             recent: dlb::call::latency::LatencyTracker::new(
                 RECENT_PERIOD,
-                super::policy::TokioClock::new(),
+                super::policy::TokioClock::shared(),
             ),
             requests: AtomicU64::default(),
             errors: Default::default(),
