@@ -54,7 +54,7 @@ pub enum Error {
     /// reached in this SDK: the call was not started (like `RESOURCE_EXHAUSTED`).
     #[error("resource exhausted: {0}")]
     ResourceExhausted(String),
-    /// A call through the call path ([`crate::call::Balance`]) failed without a response.
+    /// A call through the call path (`call::Balance`) failed without a response.
     #[error("call failed ({class}): {message}")]
     Call {
         /// The error class (`connect`, `transport`, `no_backend`, `deadline`).

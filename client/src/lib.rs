@@ -4,6 +4,11 @@
 //! `Discovery.Session` stream and picks backends **locally** in O(1): no network hop on the
 //! request path.
 //!
+//! The call path carries the calls too: a tonic client in one line —
+//! `GreeterClient::new(client.channel("greeter")?)` — with connections per backend, outcomes and
+//! latencies reported by themselves, retries, a retry budget and hedging (see [`call`] and
+//! `docs/sdk.md`). Or pick by hand:
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), dlb_client::Error> {
 //! let client = dlb_client::Client::connect(["http://127.0.0.1:50051"]).await?;
@@ -21,6 +26,7 @@
 //!   `health_check_failed`, `get_next_server`) on the default service;
 //! * [`ServiceHandle`] — one subscribed service: local picks ([`CallGuard`]), version watch,
 //!   staleness, and the same admin calls on that service;
+//! * [`call`] — [`Balance`], the tower `Service` (tonic transport, HTTP/1.1) over a service;
 //! * [`admin`] — the `Registry` RPCs, validated locally with [`dlb::model`] first;
 //! * `session` (private) — the task that owns routing state, applies snapshots and deltas,
 //!   acks/nacks, reports load and reconnects with backoff;
@@ -275,6 +281,7 @@ impl ClientBuilder {
                 admin,
                 link,
                 services: Mutex::new(services),
+                calls: Mutex::default(),
                 commands: cmd_tx,
                 closed: closed_tx,
                 subscribe_timeout: self.subscribe_timeout,
@@ -306,6 +313,9 @@ struct Inner {
     /// Subscribed services by name. A `Mutex` because it is touched only when subscribing (never
     /// on the pick path) and never held across `.await`.
     services: Mutex<HashMap<String, Arc<ServiceState>>>,
+    /// What the call path counted per service (shared by every `Balance` of it). A `Mutex`
+    /// because it is touched when a `Balance` is built and when metrics are read, never per call.
+    calls: Mutex<HashMap<String, Arc<call::CallStats>>>,
     commands: mpsc::UnboundedSender<Command>,
     closed: watch::Sender<bool>,
     subscribe_timeout: Duration,
@@ -375,6 +385,16 @@ impl Client {
     /// hedging, budget.
     pub fn balance(&self, name: &str) -> Result<BalanceBuilder> {
         Ok(Balance::builder(self.subscribe(name)?))
+    }
+
+    /// The call-path counters of service `name` (created on first use).
+    pub(crate) fn call_stats(&self, name: &str) -> Arc<call::CallStats> {
+        self.inner
+            .calls
+            .lock()
+            .entry(name.to_owned())
+            .or_default()
+            .clone()
     }
 
     /// Subscribes to `name` without waiting for the first answer.

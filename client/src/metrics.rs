@@ -94,6 +94,13 @@ impl Collector for ClientMetrics {
         let mut services: Vec<Arc<ServiceState>> =
             inner.services.lock().values().cloned().collect();
         services.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut calls: Vec<(String, Arc<crate::call::CallStats>)> = inner
+            .calls
+            .lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        calls.sort_by(|a, b| a.0.cmp(&b.0));
         drop(inner);
 
         let mut m = encoder.encode_descriptor(
@@ -178,10 +185,8 @@ impl Collector for ClientMetrics {
                 ConstGauge::new(n).encode(m.encode_family(&labels)?)?;
             }
         }
-        let calls: Vec<(&str, &crate::call::CallStats)> = services
-            .iter()
-            .map(|s| (s.name.as_str(), &*s.calls))
-            .collect();
+        let calls: Vec<(&str, &crate::call::CallStats)> =
+            calls.iter().map(|(n, s)| (n.as_str(), &**s)).collect();
         crate::call::encode_stats(&mut encoder, &calls)
     }
 }

@@ -167,8 +167,6 @@ pub(crate) struct ServiceState {
     /// touched once per thread and generation (and by readers of in-flight counts), never on
     /// the pick path itself.
     pub(crate) views: Mutex<Vec<std::sync::Weak<LocalView>>>,
-    /// What the call path counted for this service (see [`crate::call`]).
-    pub(crate) calls: Arc<crate::call::CallStats>,
 }
 
 impl ServiceState {
@@ -182,7 +180,6 @@ impl ServiceState {
             stats: StatsCounters::default(),
             generation: AtomicU64::new(0),
             views: Mutex::new(Vec::new()),
-            calls: Arc::default(),
         }
     }
 
@@ -254,65 +251,6 @@ impl ServiceHandle {
             started: Instant::now(),
             ticket,
         })
-    }
-
-    /// A pick that avoids the backends in `tried` (for retries and hedges): a few ordinary
-    /// picks, then a walk from a random start over the eligible backends not tried.
-    pub(crate) fn pick_excluding(&self, key: Option<&[u8]>, tried: &[String]) -> Result<CallGuard> {
-        let first = self.get_next_server(key);
-        if tried.is_empty() {
-            return first;
-        }
-        let mut last = first;
-        for _ in 0..3 {
-            match last {
-                Ok(g) if !tried.iter().any(|t| t == g.server_id()) => return Ok(g),
-                Err(e) => return Err(e),
-                Ok(_) => last = self.get_next_server(key),
-            }
-        }
-        drop(last);
-        let snap = self.state.snapshot.load();
-        let Some(picker) = &snap.picker else {
-            return Err(self.no_picker());
-        };
-        let n = picker.backends().len();
-        let start = if n > 0 { fastrand::usize(..n) } else { 0 };
-        for off in 0..n {
-            let b = &picker.backends()[(start + off) % n];
-            if !b.is_eligible() || tried.iter().any(|t| t == b.id()) {
-                continue;
-            }
-            if let Some(pick) = picker.pick_id(b.id()) {
-                return Ok(CallGuard {
-                    call: Held::Shared(pick.into_owned(picker)),
-                    started: Instant::now(),
-                    ticket: None,
-                });
-            }
-        }
-        Err(Error::NoBackend {
-            service: self.state.name.clone(),
-            reason: PickError::NoEligibleBackends,
-        })
-    }
-
-    /// A gRPC transport over this service with default options: give it to a generated tonic
-    /// client (`GreeterClient::new(handle.channel())`). See [`crate::call`].
-    pub fn channel(&self) -> crate::call::Balance {
-        crate::call::Balance::builder(self.clone()).build()
-    }
-
-    /// An HTTP/1.1 `tower::Service` over this service with default options.
-    pub fn http(&self) -> crate::call::Balance {
-        crate::call::Balance::builder(self.clone())
-            .protocol(crate::call::Protocol::Http1)
-            .build()
-    }
-
-    /// The call-path counters of this service (requests, errors, retries, hedges…).
-    pub fn call_counts(&self) -> crate::call::CallCounts {
-        self.state.calls.counts()
     }
 
     /// A pick under the service's circuit breakers and concurrent-call cap (see
@@ -455,7 +393,7 @@ impl ServiceHandle {
 
     /// The error of a pick while the published snapshot has no picker.
     #[cold]
-    fn no_picker(&self) -> Error {
+    pub(crate) fn no_picker(&self) -> Error {
         if self.state.snapshot.load().not_found {
             Error::ServiceNotFound(self.state.name.clone())
         } else {
@@ -666,6 +604,15 @@ impl Held {
 }
 
 impl CallGuard {
+    /// A guard over a pick made from the shared snapshot (no circuit-breaker claim).
+    pub(crate) fn from_shared(pick: OwnedPick) -> Self {
+        Self {
+            call: Held::Shared(pick),
+            started: Instant::now(),
+            ticket: None,
+        }
+    }
+
     /// The picked backend's id.
     pub fn server_id(&self) -> &str {
         self.backend().id()

@@ -22,7 +22,8 @@
 //! * `body` — request bodies (buffered for replay up to a bound) and [`CallBody`], the response
 //!   body that ends the call (gRPC status read from the trailers);
 //! * `classify` — `grpc-status`, `grpc-timeout`, refused streams;
-//! * `stats` — what [`crate::Client::metrics`] exports.
+//! * `stats` — what [`crate::Client::metrics`] exports; `handle` — `ServiceHandle::channel`,
+//!   `http`, `call_counts`, and the pick that skips backends a request already tried.
 //!
 //! Classification: gRPC codes in [`CallOptions::grpc_failure_codes`] (UNAVAILABLE,
 //! RESOURCE_EXHAUSTED, INTERNAL, UNKNOWN, DEADLINE_EXCEEDED, DATA_LOSS by default) are failures
@@ -35,6 +36,7 @@ mod classify;
 mod config;
 mod conn;
 mod dispatch;
+mod handle;
 mod policy;
 mod stats;
 
@@ -147,7 +149,7 @@ impl BalanceBuilder {
     /// connections of removed backends and, when eager, open new ones).
     pub fn build(self) -> Balance {
         let opts = self.opts;
-        let stats = self.handle.state.calls.clone();
+        let stats = self.handle.client.call_stats(self.handle.name());
         if opts.per_backend_latency {
             stats
                 .per_backend

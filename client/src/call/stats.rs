@@ -196,7 +196,7 @@ impl CallStats {
     }
 }
 
-/// Encodes the call-path series of `services` (see [`crate::metrics`]).
+/// Encodes the call-path series of `services` (see the `metrics` module).
 pub(crate) fn encode(
     encoder: &mut prometheus_client::encoding::DescriptorEncoder,
     services: &[(&str, &CallStats)],
