@@ -477,6 +477,10 @@ struct RawPolicy {
     circuit_breaker: Option<crate::config_sdk_health::RawCircuitBreaker>,
     #[serde(alias = "adaptive_weights")]
     adaptive: Option<crate::config_adaptive::RawAdaptive>,
+    retry: Option<crate::config_call::RawRetry>,
+    retry_budget: Option<crate::config_call::RawBudget>,
+    hedge: Option<crate::config_call::RawHedge>,
+    peak_ewma: Option<crate::config_call::RawPeakEwma>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -702,6 +706,15 @@ fn convert_service(ctx: &Ctx<'_>, i: usize, s: &RawService) -> Result<ServiceCon
             &mut policy,
         );
         crate::config_adaptive::apply(p.adaptive.as_ref(), &mut policy);
+        crate::config_call::apply(
+            crate::config_call::RawCall {
+                retry: p.retry.as_ref(),
+                retry_budget: p.retry_budget.as_ref(),
+                hedge: p.hedge.as_ref(),
+                peak_ewma: p.peak_ewma.as_ref(),
+            },
+            &mut policy,
+        );
     }
     model::validate_policy(&policy).map_err(|e| {
         let field = e.field.strip_prefix("policy.").unwrap_or(&e.field);

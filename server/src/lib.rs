@@ -54,6 +54,7 @@ pub mod metrics;
 // Issue 9 (outlier detection, panic, global least connections, request metrics).
 pub mod circuits;
 mod config_adaptive;
+mod config_call;
 mod config_health;
 mod config_sdk_health;
 pub mod global_load;

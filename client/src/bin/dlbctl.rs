@@ -25,6 +25,8 @@ use serde_json::{json, Value};
 
 #[path = "dlbctl/adaptive.rs"]
 mod adaptive;
+#[path = "dlbctl/call.rs"]
+mod call;
 #[path = "dlbctl/health.rs"]
 mod health;
 
@@ -205,7 +207,7 @@ enum PolicyCommand {
 
 #[derive(Debug, Args)]
 struct PolicySet {
-    /// round_robin, least_conn_exact, least_conn_p2c, maglev or ring_hash.
+    /// round_robin, least_conn_exact, least_conn_p2c, maglev, ring_hash or peak_ewma.
     #[arg(long)]
     algorithm: Option<String>,
     /// Bounded-load factor c (maglev, ring_hash), 0 = off, else 1.0..=100.0.
@@ -229,6 +231,9 @@ struct PolicySet {
     /// Adaptive weights settings.
     #[command(flatten)]
     adaptive: adaptive::AdaptiveFlags,
+    /// Call-path settings: retries, retry budget, hedging, Peak-EWMA.
+    #[command(flatten)]
+    call: call::CallFlags,
 }
 
 /// `dlbctl policy set` flags for slow start and the SDK's circuit breaker
@@ -557,12 +562,13 @@ fn policy_json(p: &proto::Policy) -> Value {
         "health": health_text(p),
         "sdk_health": sdk_health_text(p),
         "adaptive": adaptive::text(p),
+        "call": call::text(p),
     })
 }
 
 fn policy_text(p: &proto::Policy) -> String {
     format!(
-        "algorithm={} bounded_load={} sticky={} sticky_ttl={} sticky_max={} {} {} {}",
+        "algorithm={} bounded_load={} sticky={} sticky_ttl={} sticky_max={} {} {} {} {}",
         model::algorithm_name(p.algorithm),
         p.bounded_load_factor,
         model::sticky_mode_name(p.sticky_mode),
@@ -570,7 +576,8 @@ fn policy_text(p: &proto::Policy) -> String {
         p.sticky_max_entries,
         health_text(p),
         sdk_health_text(p),
-        adaptive::text(p)
+        adaptive::text(p),
+        call::text(p)
     )
 }
 
@@ -841,6 +848,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             set.health.apply(&mut policy)?;
             set.sdk_health.apply(&mut policy);
             set.adaptive.apply(&mut policy);
+            set.call.apply(&mut policy)?;
             model::validate_policy(&policy)?;
             let r = admin
                 .set_policy_if(&service, policy, Some(read_version))
