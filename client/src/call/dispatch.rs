@@ -16,7 +16,7 @@
 //! streams (`RST_STREAM(CANCEL)`). Every retry and hedge takes a budget token first. No backend
 //! is tried twice within one request.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use dlb::call::HedgeDelay;
@@ -64,6 +64,40 @@ struct Failure {
     response: Option<Response<CallBody>>,
 }
 
+/// An attempt's guard until its response arrives. Dropped before that — the request was
+/// cancelled (a hedge lost, the caller went away) and nothing is reported — unless the caller's
+/// deadline passed: then the backend did not answer in time, a failure (so a backend that
+/// accepts calls and never answers is ejected like one that fails them).
+struct Pending {
+    guard: Option<CallGuard>,
+    expired: Arc<AtomicBool>,
+}
+
+impl Pending {
+    fn guard(&self) -> &CallGuard {
+        self.guard
+            .as_ref()
+            .expect("the guard is taken only when the attempt ends")
+    }
+
+    /// The attempt got an answer (or a failure of its own): the caller of this decides.
+    fn into_guard(mut self) -> CallGuard {
+        self.guard
+            .take()
+            .expect("the guard is taken only when the attempt ends")
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(g) = self.guard.take() {
+            if self.expired.load(Ordering::Acquire) {
+                g.failure();
+            }
+        }
+    }
+}
+
 impl Shared {
     /// The whole call, under the caller's deadline.
     pub(crate) async fn call<B>(
@@ -81,13 +115,18 @@ impl Shared {
             Protocol::Grpc => super::classify::grpc_timeout(req.headers()),
             Protocol::Http1 => None,
         };
-        let run = self.clone().dispatch(req, cfg);
+        let expired = Arc::new(AtomicBool::new(false));
+        let run = self.clone().dispatch(req, cfg, expired.clone());
         let Some(d) = deadline else {
             return run.await;
         };
-        match tokio::time::timeout(d, run).await {
+        let mut run = std::pin::pin!(run);
+        match tokio::time::timeout(d, run.as_mut()).await {
             Ok(r) => r,
             Err(_) => {
+                // The attempts still waiting for an answer report a failure as they drop.
+                expired.store(true, Ordering::Release);
+                drop(run);
                 self.stats.error(ErrorClass::Deadline);
                 Err(self.error(ErrorClass::Deadline, format!("deadline of {d:?} exceeded")))
             }
@@ -116,6 +155,7 @@ impl Shared {
         self: Arc<Self>,
         req: Request<B>,
         cfg: Arc<Resolved>,
+        expired: Arc<AtomicBool>,
     ) -> Result<Response<CallBody>, BoxError>
     where
         B: Body<Data = bytes::Bytes> + Send + 'static,
@@ -156,10 +196,14 @@ impl Shared {
             self.error(ErrorClass::NoBackend, e.to_string())
         })?;
         tried.push(guard.server_id().to_owned());
-        inflight.push(
-            self.clone()
-                .attempt(cfg.clone(), guard, self.request(&head, first)),
-        );
+        inflight.push(self.clone().attempt(
+            cfg.clone(),
+            Pending {
+                guard: Some(guard),
+                expired: expired.clone(),
+            },
+            self.request(&head, first),
+        ));
 
         let hedge_delay = |s: &Self| match hedge.map(|h| h.delay) {
             Some(HedgeDelay::Fixed(d)) => Some(d),
@@ -194,7 +238,7 @@ impl Shared {
                     tried.push(guard.server_id().to_owned());
                     hedges += 1;
                     self.stats.hedges.fetch_add(1, Ordering::Relaxed);
-                    inflight.push(self.clone().attempt(cfg.clone(), guard, self.request(&head, replay.body())));
+                    inflight.push(self.clone().attempt(cfg.clone(), Pending { guard: Some(guard), expired: expired.clone() }, self.request(&head, replay.body())));
                     if hedges < h.max_hedges {
                         hedge_at = hedge_delay(&self).map(|d| Instant::now() + d);
                     }
@@ -249,10 +293,14 @@ impl Shared {
                 tokio::time::sleep(r.backoff(retries, fastrand::f64())).await;
             }
             tried.push(guard.server_id().to_owned());
-            inflight.push(
-                self.clone()
-                    .attempt(cfg.clone(), guard, self.request(&head, body)),
-            );
+            inflight.push(self.clone().attempt(
+                cfg.clone(),
+                Pending {
+                    guard: Some(guard),
+                    expired: expired.clone(),
+                },
+                self.request(&head, body),
+            ));
         }
     }
 
@@ -320,15 +368,16 @@ impl Shared {
     async fn attempt(
         self: Arc<Self>,
         cfg: Arc<Resolved>,
-        guard: CallGuard,
+        pending: Pending,
         mut req: Request<ReqBody>,
     ) -> Outcome {
-        let endpoint = self.pool.endpoint(guard.server_id(), guard.address());
+        let g = pending.guard();
+        let endpoint = self.pool.endpoint(g.server_id(), g.address());
         let (mut lease, sender) = match endpoint.lease().await {
             Ok(x) => x,
             Err(e) => {
                 self.stats.error(ErrorClass::Connect);
-                guard.failure();
+                pending.into_guard().failure();
                 return Err(Box::new(Failure {
                     class: ErrorClass::Connect,
                     error: Box::new(e),
@@ -339,8 +388,10 @@ impl Shared {
                 }));
             }
         };
-        self.target(&mut req, guard.address());
-        match sender.send(&mut lease, req).await {
+        self.target(&mut req, pending.guard().address());
+        let sent = sender.send(&mut lease, req).await;
+        let guard = pending.into_guard();
+        match sent {
             Ok(resp) => self.classify(&cfg, guard, lease, resp),
             Err(mut e) => {
                 let unsent = e.take_message();
