@@ -120,7 +120,8 @@ impl Shared {
         let Some(d) = deadline else {
             return run.await;
         };
-        let mut run = std::pin::pin!(run);
+        // Boxed so it can be dropped right after `expired` is set (its attempts report then).
+        let mut run = Box::pin(run);
         match tokio::time::timeout(d, run.as_mut()).await {
             Ok(r) => r,
             Err(_) => {
