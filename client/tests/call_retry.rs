@@ -116,6 +116,8 @@ async fn hedging_cuts_the_tail_of_one_slow_backend_within_the_budget() {
     assert!(counts.hedges >= n / 5, "{counts:?}");
     // Extra load within the budget: hedges ≤ 0.5 × n + 10.
     assert!(counts.hedges <= n / 2 + 10, "{counts:?}");
+    // At the servers: every request once, plus at most the hedges (a hedge cancelled before
+    // its stream reached the handler is not counted there).
     let attempts: u64 = bs.iter().map(Backend::calls).sum();
-    assert_eq!(attempts, n + counts.hedges);
+    assert!(attempts >= n && attempts <= n + counts.hedges, "{attempts} attempts");
 }

@@ -46,6 +46,8 @@ type Connecting = Shared<BoxFuture<'static, Result<Arc<H2Conn>, Arc<str>>>>;
 #[derive(Debug)]
 pub(crate) struct Endpoint {
     address: String,
+    /// `address` parsed once, for the request URIs (HTTP/2).
+    pub(crate) authority: Option<http::uri::Authority>,
     opts: ConnOpts,
     /// Set when the backend left the snapshot: HTTP/1.1 connections are not given back.
     removed: AtomicBool,
@@ -114,6 +116,7 @@ pub(crate) struct ConnectError {
 impl Endpoint {
     fn new(address: String, opts: ConnOpts, pool_open: Arc<AtomicU64>) -> Self {
         Self {
+            authority: address.parse().ok(),
             address,
             opts,
             removed: AtomicBool::new(false),

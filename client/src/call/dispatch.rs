@@ -164,11 +164,6 @@ impl Shared {
     {
         let (parts, body) = req.into_parts();
         let key = self.opts.key.as_ref().and_then(|k| k.key(&parts));
-        let head = Head {
-            method: parts.method,
-            uri: parts.uri,
-            headers: parts.headers,
-        };
         let (first, replay) = if cfg.replays() {
             prepare(body, cfg.replay_limit).await?
         } else {
@@ -181,6 +176,14 @@ impl Shared {
                 None,
             )
         };
+        // The head is kept (cloned) only when the body can be replayed: an unsent request comes
+        // back whole.
+        let head = replay.as_ref().map(|_| Head {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            headers: parts.headers.clone(),
+        });
+        let first = Request::from_parts(parts, first);
         self.wait_for_snapshot().await;
 
         let retry = cfg.retry.as_ref();
@@ -203,7 +206,7 @@ impl Shared {
                 guard: Some(guard),
                 expired: expired.clone(),
             },
-            self.request(&head, first),
+            first,
         ));
 
         let hedge_delay = |s: &Self| match hedge.map(|h| h.delay) {
@@ -227,7 +230,7 @@ impl Shared {
                 Some(o) = inflight.next() => o,
                 () = timer => {
                     hedge_at = None;
-                    let (Some(h), Some(replay)) = (hedge, &replay) else { continue };
+                    let (Some(h), Some(replay), Some(head)) = (hedge, &replay, &head) else { continue };
                     if hedges >= h.max_hedges {
                         continue;
                     }
@@ -239,7 +242,7 @@ impl Shared {
                     tried.push(guard.server_id().to_owned());
                     hedges += 1;
                     self.stats.hedges.fetch_add(1, Ordering::Relaxed);
-                    inflight.push(self.clone().attempt(cfg.clone(), Pending { guard: Some(guard), expired: expired.clone() }, self.request(&head, replay.body())));
+                    inflight.push(self.clone().attempt(cfg.clone(), Pending { guard: Some(guard), expired: expired.clone() }, self.request(head, replay.body())));
                     if hedges < h.max_hedges {
                         hedge_at = hedge_delay(&self).map(|d| Instant::now() + d);
                     }
@@ -268,12 +271,14 @@ impl Shared {
                 Some(r) => Ok(r),
                 None => Err(self.error(class, error.to_string())),
             };
-            let next_body = match (unsent, &replay) {
-                (Some(req), _) => Some(req.into_body()),
-                (None, Some(r)) if refused || (by_policy && retry.is_some()) => Some(r.body()),
+            let next = match (unsent, &replay, &head) {
+                (Some(req), _, _) => Some(req),
+                (None, Some(r), Some(head)) if refused || (by_policy && retry.is_some()) => {
+                    Some(self.request(head, r.body()))
+                }
                 _ => None,
             };
-            let Some(body) = next_body else {
+            let Some(next) = next else {
                 return give_up(response, error);
             };
             if attempts >= max_attempts {
@@ -300,7 +305,7 @@ impl Shared {
                     guard: Some(guard),
                     expired: expired.clone(),
                 },
-                self.request(&head, body),
+                next,
             ));
         }
     }
@@ -330,7 +335,12 @@ impl Shared {
 
     /// Points the request at `address`: absolute URI for HTTP/2, origin form and `Host` for
     /// HTTP/1.1.
-    fn target(&self, req: &mut Request<ReqBody>, address: &str) {
+    fn target(
+        &self,
+        req: &mut Request<ReqBody>,
+        address: &str,
+        authority: Option<&http::uri::Authority>,
+    ) {
         let pq = req
             .uri()
             .path_and_query()
@@ -339,12 +349,11 @@ impl Shared {
         match self.opts.protocol {
             Protocol::Grpc => {
                 *req.version_mut() = http::Version::HTTP_2;
-                if let Ok(uri) = Uri::builder()
-                    .scheme("http")
-                    .authority(address)
-                    .path_and_query(pq)
-                    .build()
-                {
+                let mut parts = http::uri::Parts::default();
+                parts.scheme = Some(http::uri::Scheme::HTTP);
+                parts.authority = authority.cloned();
+                parts.path_and_query = Some(pq);
+                if let Ok(uri) = Uri::from_parts(parts) {
                     *req.uri_mut() = uri;
                 }
             }
@@ -389,7 +398,11 @@ impl Shared {
                 }));
             }
         };
-        self.target(&mut req, pending.guard().address());
+        self.target(
+            &mut req,
+            pending.guard().address(),
+            endpoint.authority.as_ref(),
+        );
         let sent = sender.send(&mut lease, req).await;
         let guard = pending.into_guard();
         match sent {
