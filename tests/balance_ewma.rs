@@ -64,7 +64,10 @@ fn a_slow_backend_gets_a_small_share() {
     // P2C: with its rivals idle, the slow backend never wins a comparison.
     assert!(s[0] <= 8_000 / 100, "slow backend got {s:?}");
     for &c in &s[1..] {
-        assert!((2_300..=3_000).contains(&c), "fast backends share evenly: {s:?}");
+        assert!(
+            (2_300..=3_000).contains(&c),
+            "fast backends share evenly: {s:?}"
+        );
     }
     // A round robin picker over the same backends would give it a quarter.
     let rr = Picker::build(&PolicyConfig::new(Algorithm::RoundRobin), &specs).unwrap();
@@ -108,7 +111,10 @@ fn equal_backends_balance_in_flight_and_weights_divide_the_cost() {
     let held: Vec<_> = (0..400).map(|_| p.pick(None).unwrap()).collect();
     let k: Vec<u64> = p.backends().iter().map(|b| b.load().in_flight()).collect();
     assert_eq!(k.iter().sum::<u64>(), 400);
-    assert!(k[2] > k[0] + k[0] / 2 && k[2] > k[1] + k[1] / 2, "weight 2 takes about twice: {k:?}");
+    assert!(
+        k[2] > k[0] + k[0] / 2 && k[2] > k[1] + k[1] / 2,
+        "weight 2 takes about twice: {k:?}"
+    );
     assert!(k[0].abs_diff(k[1]) <= 40, "{k:?}");
     drop(held);
 }
@@ -125,8 +131,13 @@ fn the_estimate_survives_a_rebuild() {
     more.push(spec(3, 1));
     let q = p.rebuild(&config(Duration::from_secs(60)), &more).unwrap();
     let s = shares(&q, 3_000);
-    assert!(s[2] <= 30, "the slow backend stays slow after a rebuild: {s:?}");
-    let est = q.backends()[2].load().latency_estimate(&q.policy().peak_ewma);
+    assert!(
+        s[2] <= 30,
+        "the slow backend stays slow after a rebuild: {s:?}"
+    );
+    let est = q.backends()[2]
+        .load()
+        .latency_estimate(&q.policy().peak_ewma);
     assert!(est >= Duration::from_millis(49), "{est:?}");
     // The new backend reads the default RTT (5 ms), above the 1 ms ones: it gets less.
     assert!(s[3] < s[0] && s[3] < s[1], "{s:?}");
@@ -147,7 +158,10 @@ fn an_idle_slow_backend_is_tried_again_after_a_few_tau() {
     let est = p.backends()[0]
         .load()
         .latency_estimate(&p.policy().peak_ewma);
-    assert!(est < Duration::from_micros(5_100), "relaxed to the default: {est:?}");
+    assert!(
+        est < Duration::from_micros(5_100),
+        "relaxed to the default: {est:?}"
+    );
     // All three read the default now: shares are even again.
     let s = shares(&p, 3_000);
     assert!(s.iter().all(|&c| c >= 800), "{s:?}");

@@ -12,7 +12,12 @@
 //! time is the slowest thread's, so criterion's figure is the aggregate time per pick (wall time
 //! / total picks). 1 thread ÷ 2 threads is the speed-up. `control_xxh3` hashes without touching
 //! shared memory: it shows how much of the second core the machine gives during the run.
-//! `baseline/clock_now` is the clock read every pick makes to time its call.
+//! `baseline/clock_now` is a `tokio::time::Instant::now()` (what every pick paid to time its call
+//! before issue 16); `baseline/tsc_raw` the TSC read it pays now (see `dlb_client::clock`).
+//! `core_tracked/…` is the core's tracked pick on the same snapshot (`Picker::pick`, counted
+//! in the backend's shared load, and the drop of the `Pick`), `core_throughput/…` the same on 1
+//! and 2 threads: the SDK's path is compared with it in the same run (issue 16: ≤ 2×).
+//! `sdk_pick_tokio_clock/…` is `sdk_pick/…` on a client built with `CallClock::Tokio`.
 //! `sdk_pick_breaker/…` repeats `sdk_pick/…` with the SDK circuit breaker on (every breaker
 //! closed): the cost of the breaker check and of recording into it on the pick path.
 //!
@@ -83,10 +88,16 @@ fn keys() -> Vec<[u8; 16]> {
 
 /// A client with no control plane behind it (its session task is closed at once).
 fn offline_client(rt: &tokio::runtime::Runtime) -> Client {
+    offline_client_with(rt, dlb_client::CallClock::Tsc)
+}
+
+/// [`offline_client`] timing calls with `clock`.
+fn offline_client_with(rt: &tokio::runtime::Runtime, clock: dlb_client::CallClock) -> Client {
     let client = rt
         .block_on(
             Client::builder(["http://127.0.0.1:9"])
                 .wait_connected(false)
+                .call_clock(clock)
                 .connect(),
         )
         .unwrap();
@@ -142,6 +153,42 @@ fn run_threads(
     })
 }
 
+/// Runs `iters` core tracked picks split over `threads` threads that start together; the
+/// slowest thread's time.
+fn run_core_threads(
+    p: &dlb::balance::Picker,
+    keys: &[[u8; 16]],
+    keyed: bool,
+    threads: u64,
+    iters: u64,
+) -> Duration {
+    let per = iters.max(threads) / threads;
+    let barrier = Barrier::new(threads as usize);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    let mut i = t as usize * 1024;
+                    barrier.wait();
+                    let start = Instant::now();
+                    for _ in 0..per {
+                        i = (i + 1) & 4095;
+                        let pick = p.pick(black_box(keyed.then(|| &keys[i][..]))).unwrap();
+                        black_box(pick.backend().weight());
+                    }
+                    start.elapsed()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap())
+            .max()
+            .unwrap_or_default()
+    })
+}
+
 /// The control: `iters` rounds of hashing (no shared memory) split over `threads` threads that
 /// start together; the slowest thread's time.
 fn run_control(keys: &[[u8; 16]], threads: u64, iters: u64) -> Duration {
@@ -177,12 +224,15 @@ fn run_control(keys: &[[u8; 16]], threads: u64, iters: u64) -> Duration {
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = offline_client(&rt);
+    let tokio_client = offline_client_with(&rt, dlb_client::CallClock::Tokio);
     let keys = keys();
 
     // What every pick pays for timing its call: one clock read (the guard's start time).
     c.bench_function("baseline/clock_now", |b| {
         b.iter(|| black_box(tokio::time::Instant::now()))
     });
+    let tsc = quanta::Clock::new();
+    c.bench_function("baseline/tsc_raw", |b| b.iter(|| black_box(tsc.raw())));
 
     let mut group = c.benchmark_group("control_xxh3");
     for threads in [1u64, 2] {
@@ -194,9 +244,41 @@ fn bench(c: &mut Criterion) {
 
     for (name, algorithm, keyed) in CASES {
         for n in SIZES {
-            let handle = client.detached_service(&snapshot(algorithm, n)).unwrap();
+            let snap = snapshot(algorithm, n);
+            let picker =
+                dlb::model::build_picker(None, snap.policy.as_ref().unwrap(), &snap.upserts)
+                    .unwrap();
+            let mut group = c.benchmark_group(format!("core_tracked/{name}"));
+            group.bench_with_input(BenchmarkId::from_parameter(n), &picker, |b, p| {
+                let mut i = 0usize;
+                b.iter(|| {
+                    i = (i + 1) & 4095;
+                    let pick = p.pick(black_box(keyed.then(|| &keys[i][..]))).unwrap();
+                    black_box(pick.backend().weight());
+                });
+            });
+            group.finish();
+            let mut group = c.benchmark_group(format!("core_throughput/{name}/{n}"));
+            for threads in [1u64, 2] {
+                group.bench_function(BenchmarkId::new("threads", threads), |b| {
+                    b.iter_custom(|iters| run_core_threads(&picker, &keys, keyed, threads, iters))
+                });
+            }
+            group.finish();
+            let handle = client.detached_service(&snap).unwrap();
             let mut group = c.benchmark_group(format!("sdk_pick/{name}"));
             group.bench_with_input(BenchmarkId::from_parameter(n), &handle, |b, h| {
+                let mut i = 0usize;
+                b.iter(|| {
+                    i = (i + 1) & 4095;
+                    pick_once(h, keyed.then(|| &keys[i][..]));
+                });
+            });
+            group.finish();
+            // The same pick timed with tokio's clock (what every pick paid before issue 16).
+            let tokio_handle = tokio_client.detached_service(&snap).unwrap();
+            let mut group = c.benchmark_group(format!("sdk_pick_tokio_clock/{name}"));
+            group.bench_with_input(BenchmarkId::from_parameter(n), &tokio_handle, |b, h| {
                 let mut i = 0usize;
                 b.iter(|| {
                     i = (i + 1) & 4095;

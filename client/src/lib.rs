@@ -27,6 +27,7 @@
 //! * [`ServiceHandle`] — one subscribed service: local picks ([`CallGuard`]), version watch,
 //!   staleness, and the same admin calls on that service;
 //! * [`call`] — [`Balance`], the tower `Service` (tonic transport, HTTP/1.1) over a service;
+//! * [`clock`] — the clock that times calls (the TSC by default; tokio's for paused-time tests);
 //! * [`admin`] — the `Registry` RPCs, validated locally with [`dlb::model`] first;
 //! * `session` (private) — the task that owns routing state, applies snapshots and deltas,
 //!   acks/nacks, reports load and reconnects with backoff;
@@ -40,6 +41,7 @@
 pub mod admin;
 mod breaker;
 pub mod call;
+pub mod clock;
 mod error;
 mod global;
 mod local;
@@ -61,6 +63,7 @@ use tokio::sync::{mpsc, watch};
 
 pub use admin::{AdminClient, ChannelOptions, NewServer, ServerUpdate, TokenInterceptor};
 pub use call::{Balance, BalanceBuilder, BalanceLayer};
+pub use clock::CallClock;
 pub use error::{Error, Result};
 pub use membership::{Lease, Registration};
 pub use metrics::ClientMetrics;
@@ -87,6 +90,7 @@ pub struct ClientBuilder {
     channel: ChannelOptions,
     snapshot_file: Option<std::path::PathBuf>,
     resolver: Arc<dyn Resolve>,
+    call_clock: CallClock,
 }
 
 impl ClientBuilder {
@@ -114,6 +118,7 @@ impl ClientBuilder {
             channel: ChannelOptions::default(),
             snapshot_file: None,
             resolver: Arc::new(SystemResolver),
+            call_clock: CallClock::Tsc,
         }
     }
 
@@ -123,6 +128,14 @@ impl ClientBuilder {
     /// resolve the name with it too, at each connection.
     pub fn resolver(mut self, resolver: Arc<dyn Resolve>) -> Self {
         self.resolver = resolver;
+        self
+    }
+
+    /// The clock that times calls ([`CallGuard`] latency; default [`CallClock::Tsc`], the
+    /// cheapest). [`CallClock::Tokio`] makes call latencies follow paused tokio time (tests
+    /// that simulate slow backends with `tokio::time::sleep` on paused time). See [`clock`].
+    pub fn call_clock(mut self, clock: CallClock) -> Self {
+        self.call_clock = clock;
         self
     }
 
@@ -260,10 +273,14 @@ impl ClientBuilder {
             Some(path) => session::restore(path),
             None => session::Restored::empty(),
         };
+        let tokio_clock = self.call_clock == CallClock::Tokio;
         let services: HashMap<String, Arc<ServiceState>> = restored
             .states
             .iter()
-            .map(|s| (s.name.clone(), s.clone()))
+            .map(|s| {
+                s.tokio_clock.store(tokio_clock, Ordering::Relaxed);
+                (s.name.clone(), s.clone())
+            })
             .collect();
         let mut connected = link.connected.subscribe();
         tokio::spawn(session::run(
@@ -285,6 +302,7 @@ impl ClientBuilder {
                 commands: cmd_tx,
                 closed: closed_tx,
                 subscribe_timeout: self.subscribe_timeout,
+                call_clock: self.call_clock,
             }),
         };
         if self.wait_connected {
@@ -319,6 +337,8 @@ struct Inner {
     commands: mpsc::UnboundedSender<Command>,
     closed: watch::Sender<bool>,
     subscribe_timeout: Duration,
+    /// The clock that times calls on this client's services.
+    call_clock: CallClock,
 }
 
 impl Drop for Inner {
@@ -406,6 +426,8 @@ impl Client {
                 s.clone()
             } else {
                 let s = Arc::new(ServiceState::new(name.clone()));
+                s.tokio_clock
+                    .store(self.inner.call_clock == CallClock::Tokio, Ordering::Relaxed);
                 self.inner
                     .commands
                     .send(Command::Subscribe(s.clone()))
@@ -468,6 +490,9 @@ impl Client {
     pub fn detached_service(&self, update: &proto::ServiceUpdate) -> Result<ServiceHandle> {
         let name = model::resolve_service(&update.service)?.to_owned();
         let state = Arc::new(ServiceState::new(name));
+        state
+            .tokio_clock
+            .store(self.inner.call_clock == CallClock::Tokio, Ordering::Relaxed);
         session::apply_detached(&state, update).map_err(Error::InvalidArgument)?;
         Ok(ServiceHandle {
             state,

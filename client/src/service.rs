@@ -167,6 +167,10 @@ pub(crate) struct ServiceState {
     /// touched once per thread and generation (and by readers of in-flight counts), never on
     /// the pick path itself.
     pub(crate) views: Mutex<Vec<std::sync::Weak<LocalView>>>,
+    /// Time calls with tokio's clock instead of the TSC ([`crate::clock::CallClock`]); set once
+    /// by the client when the service is created (an atomic because restored states are shared
+    /// before the client sets it). Read with one relaxed load per pick.
+    pub(crate) tokio_clock: std::sync::atomic::AtomicBool,
 }
 
 impl ServiceState {
@@ -180,6 +184,7 @@ impl ServiceState {
             stats: StatsCounters::default(),
             generation: AtomicU64::new(0),
             views: Mutex::new(Vec::new()),
+            tokio_clock: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -248,9 +253,18 @@ impl ServiceHandle {
         .unwrap_or_else(|| self.pick_shared(key).map(|c| (c, None)))?;
         Ok(CallGuard {
             call,
-            started: Instant::now(),
+            started: crate::clock::Start::now(self.call_clock()),
             ticket,
         })
+    }
+
+    /// The clock this service's calls are timed with.
+    pub(crate) fn call_clock(&self) -> crate::clock::CallClock {
+        if self.state.tokio_clock.load(Ordering::Relaxed) {
+            crate::clock::CallClock::Tokio
+        } else {
+            crate::clock::CallClock::Tsc
+        }
     }
 
     /// A pick under the service's circuit breakers and concurrent-call cap (see
@@ -487,6 +501,18 @@ impl ServiceHandle {
         self.state.snapshot.load().policy.clone()
     }
 
+    /// The call-path settings of the current snapshot's policy, defaults applied: retries,
+    /// hedging and the retry budget ([`dlb::call::call_config`]; `None` before the first
+    /// snapshot). Every SDK reads the same policy from the control plane.
+    pub fn call_config(&self) -> Option<dlb::call::CallConfig> {
+        self.state
+            .snapshot
+            .load()
+            .policy
+            .as_ref()
+            .map(dlb::call::call_config)
+    }
+
     /// `AddServer` on this service.
     pub async fn add_server(
         &self,
@@ -567,7 +593,8 @@ impl ServiceHandle {
 #[derive(Debug)]
 pub struct CallGuard {
     pub(crate) call: Held,
-    started: Instant,
+    /// When the call started, on the service's call clock ([`crate::clock`]).
+    started: crate::clock::Start,
     /// The circuit-breaker claim, when the policy has breakers (dropped after `call`).
     ticket: Option<crate::breaker::Ticket>,
 }
@@ -604,11 +631,12 @@ impl Held {
 }
 
 impl CallGuard {
-    /// A guard over a pick made from the shared snapshot (no circuit-breaker claim).
-    pub(crate) fn from_shared(pick: OwnedPick) -> Self {
+    /// A guard over a pick made from the shared snapshot (no circuit-breaker claim), timed
+    /// with `clock`.
+    pub(crate) fn from_shared(pick: OwnedPick, clock: crate::clock::CallClock) -> Self {
         Self {
             call: Held::Shared(pick),
-            started: Instant::now(),
+            started: crate::clock::Start::now(clock),
             ticket: None,
         }
     }

@@ -119,5 +119,8 @@ async fn hedging_cuts_the_tail_of_one_slow_backend_within_the_budget() {
     // At the servers: every request once, plus at most the hedges (a hedge cancelled before
     // its stream reached the handler is not counted there).
     let attempts: u64 = bs.iter().map(Backend::calls).sum();
-    assert!(attempts >= n && attempts <= n + counts.hedges, "{attempts} attempts");
+    assert!(
+        attempts >= n && attempts <= n + counts.hedges,
+        "{attempts} attempts"
+    );
 }

@@ -41,6 +41,25 @@ use std::time::{Duration, Instant};
 
 use super::BackendLoad;
 
+/// Peak-EWMA tuning (`Policy.peak_ewma`, defaults applied by `dlb::call::ewma_config`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EwmaConfig {
+    /// τ, the decay time of the latency estimate.
+    pub decay: Duration,
+    /// The estimate of a backend with no sample yet.
+    pub default_rtt: Duration,
+}
+
+impl Default for EwmaConfig {
+    /// τ = 10 s, default RTT 30 ms (`dlb::call::defaults::EWMA_DECAY_MS`, `EWMA_DEFAULT_RTT_US`).
+    fn default() -> Self {
+        Self {
+            decay: Duration::from_millis(10_000),
+            default_rtt: Duration::from_micros(30_000),
+        }
+    }
+}
+
 /// The process-wide monotonic origin of Peak-EWMA timestamps.
 fn origin() -> Instant {
     static ORIGIN: OnceLock<Instant> = OnceLock::new();

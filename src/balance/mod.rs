@@ -126,7 +126,7 @@ pub struct PolicyConfig {
     /// Panic threshold and mode ([`panic`]); `None`: no panic mode.
     pub panic: Option<PanicConfig>,
     /// Decay time and default RTT of [`Algorithm::PeakEwma`] (ignored by the others).
-    pub peak_ewma: crate::call::EwmaConfig,
+    pub peak_ewma: ewma::EwmaConfig,
 }
 
 impl PolicyConfig {
@@ -137,7 +137,7 @@ impl PolicyConfig {
             bounded_load_factor: None,
             track_in_flight: true,
             panic: None,
-            peak_ewma: crate::call::EwmaConfig::default(),
+            peak_ewma: ewma::EwmaConfig::default(),
         }
     }
 }
@@ -291,7 +291,7 @@ impl BackendLoad {
 
     /// Peak-EWMA's current latency estimate of this backend, given the policy's decay time and
     /// default RTT (see [`ewma`]): the default before any sample.
-    pub fn latency_estimate(&self, config: &crate::call::EwmaConfig) -> Duration {
+    pub fn latency_estimate(&self, config: &ewma::EwmaConfig) -> Duration {
         let ns = self.ewma.read_at(
             ewma::now_nanos(),
             config.decay.as_nanos() as f64,

@@ -177,23 +177,8 @@ pub struct HedgeConfig {
     pub max_hedges: u32,
 }
 
-/// Peak-EWMA tuning, defaults applied (`Policy.peak_ewma`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EwmaConfig {
-    /// τ, the decay time of the latency estimate.
-    pub decay: Duration,
-    /// The estimate of a backend with no sample yet.
-    pub default_rtt: Duration,
-}
-
-impl Default for EwmaConfig {
-    fn default() -> Self {
-        Self {
-            decay: Duration::from_millis(u64::from(defaults::EWMA_DECAY_MS)),
-            default_rtt: Duration::from_micros(u64::from(defaults::EWMA_DEFAULT_RTT_US)),
-        }
-    }
-}
+/// Peak-EWMA tuning, defaults applied (`Policy.peak_ewma`); defined with the algorithm.
+pub use crate::balance::ewma::EwmaConfig;
 
 /// The call-path configuration of a (validated) policy: what the SDK's tower service reads.
 #[derive(Debug, Clone, PartialEq)]
@@ -457,6 +442,13 @@ mod tests {
         assert_eq!((c.retry, c.hedge), (None, None));
         assert_eq!(c.budget, BudgetConfig::default());
         assert_eq!(ewma_config(&p), EwmaConfig::default());
+        assert_eq!(
+            EwmaConfig::default(),
+            EwmaConfig {
+                decay: Duration::from_millis(u64::from(defaults::EWMA_DECAY_MS)),
+                default_rtt: Duration::from_micros(u64::from(defaults::EWMA_DEFAULT_RTT_US)),
+            }
+        );
         p.retry = Some(proto::RetryPolicy {
             retry_on_grpc_codes: vec![14, 8, 14],
             retry_on_http_statuses: vec![503, 502],

@@ -36,7 +36,10 @@ impl ServiceHandle {
                 continue;
             }
             if let Some(pick) = picker.pick_id(b.id()) {
-                return Ok(CallGuard::from_shared(pick.into_owned(picker)));
+                return Ok(CallGuard::from_shared(
+                    pick.into_owned(picker),
+                    self.call_clock(),
+                ));
             }
         }
         Err(Error::NoBackend {
