@@ -54,6 +54,14 @@ pub enum Error {
     /// reached in this SDK: the call was not started (like `RESOURCE_EXHAUSTED`).
     #[error("resource exhausted: {0}")]
     ResourceExhausted(String),
+    /// A call through the call path (`call::Balance`) failed without a response.
+    #[error("call failed ({class}): {message}")]
+    Call {
+        /// The error class (`connect`, `transport`, `no_backend`, `deadline`).
+        class: &'static str,
+        /// What happened.
+        message: String,
+    },
     /// Any other gRPC failure, with its status.
     #[error("rpc failed: {0}")]
     Rpc(tonic::Status),

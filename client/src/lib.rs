@@ -4,6 +4,11 @@
 //! `Discovery.Session` stream and picks backends **locally** in O(1): no network hop on the
 //! request path.
 //!
+//! The call path carries the calls too: a tonic client in one line —
+//! `GreeterClient::new(client.channel("greeter")?)` — with connections per backend, outcomes and
+//! latencies reported by themselves, retries, a retry budget and hedging (see [`call`] and
+//! `docs/sdk.md`). Or pick by hand:
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), dlb_client::Error> {
 //! let client = dlb_client::Client::connect(["http://127.0.0.1:50051"]).await?;
@@ -21,6 +26,7 @@
 //!   `health_check_failed`, `get_next_server`) on the default service;
 //! * [`ServiceHandle`] — one subscribed service: local picks ([`CallGuard`]), version watch,
 //!   staleness, and the same admin calls on that service;
+//! * [`call`] — [`Balance`], the tower `Service` (tonic transport, HTTP/1.1) over a service;
 //! * [`clock`] — the clock that times calls (the TSC by default; tokio's for paused-time tests);
 //! * [`admin`] — the `Registry` RPCs, validated locally with [`dlb::model`] first;
 //! * `session` (private) — the task that owns routing state, applies snapshots and deltas,
@@ -34,6 +40,7 @@
 
 pub mod admin;
 mod breaker;
+pub mod call;
 pub mod clock;
 mod error;
 mod global;
@@ -55,6 +62,7 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 
 pub use admin::{AdminClient, ChannelOptions, NewServer, ServerUpdate, TokenInterceptor};
+pub use call::{Balance, BalanceBuilder, BalanceLayer};
 pub use clock::CallClock;
 pub use error::{Error, Result};
 pub use membership::{Lease, Registration};
@@ -290,6 +298,7 @@ impl ClientBuilder {
                 admin,
                 link,
                 services: Mutex::new(services),
+                calls: Mutex::default(),
                 commands: cmd_tx,
                 closed: closed_tx,
                 subscribe_timeout: self.subscribe_timeout,
@@ -322,6 +331,9 @@ struct Inner {
     /// Subscribed services by name. A `Mutex` because it is touched only when subscribing (never
     /// on the pick path) and never held across `.await`.
     services: Mutex<HashMap<String, Arc<ServiceState>>>,
+    /// What the call path counted per service (shared by every `Balance` of it). A `Mutex`
+    /// because it is touched when a `Balance` is built and when metrics are read, never per call.
+    calls: Mutex<HashMap<String, Arc<call::CallStats>>>,
     commands: mpsc::UnboundedSender<Command>,
     closed: watch::Sender<bool>,
     subscribe_timeout: Duration,
@@ -361,6 +373,52 @@ impl Client {
     /// control plane does not know yields a handle whose picks fail with
     /// [`Error::ServiceNotFound`] until it is created.
     pub async fn service(&self, name: &str) -> Result<ServiceHandle> {
+        let handle = self.subscribe(name)?;
+        let state = handle.state.clone();
+        let name = state.name.clone();
+        if !state.answered.load(Ordering::Acquire) {
+            let mut rx = state.version_tx.subscribe();
+            let wait = rx.wait_for(|_| state.answered.load(Ordering::Acquire));
+            let waited = tokio::time::timeout(self.inner.subscribe_timeout, wait).await;
+            match waited {
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => return Err(Error::Closed),
+                Err(_) => {
+                    return Err(Error::Unavailable(format!(
+                        "no snapshot of service {name:?} within {:?}",
+                        self.inner.subscribe_timeout
+                    )))
+                }
+            }
+        }
+        Ok(handle)
+    }
+
+    /// A gRPC transport over service `name` (subscribing without waiting; calls wait for the
+    /// first snapshot): `GreeterClient::new(client.channel("greeter")?)`. Default options; see
+    /// [`Client::balance`] and [`call`] for the others. Errors only on an invalid name.
+    pub fn channel(&self, name: &str) -> Result<Balance> {
+        Ok(Balance::builder(self.subscribe(name)?).build())
+    }
+
+    /// Options for a call-path service over `name` (see [`call`]): protocol, key, retries,
+    /// hedging, budget.
+    pub fn balance(&self, name: &str) -> Result<BalanceBuilder> {
+        Ok(Balance::builder(self.subscribe(name)?))
+    }
+
+    /// The call-path counters of service `name` (created on first use).
+    pub(crate) fn call_stats(&self, name: &str) -> Arc<call::CallStats> {
+        self.inner
+            .calls
+            .lock()
+            .entry(name.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// Subscribes to `name` without waiting for the first answer.
+    fn subscribe(&self, name: &str) -> Result<ServiceHandle> {
         let name = model::resolve_service(name)?.to_owned();
         let state = {
             let mut services = self.inner.services.lock();
@@ -378,26 +436,10 @@ impl Client {
                 s
             }
         };
-        let handle = ServiceHandle {
-            state: state.clone(),
+        Ok(ServiceHandle {
+            state,
             client: self.clone(),
-        };
-        if !state.answered.load(Ordering::Acquire) {
-            let mut rx = state.version_tx.subscribe();
-            let wait = rx.wait_for(|_| state.answered.load(Ordering::Acquire));
-            let waited = tokio::time::timeout(self.inner.subscribe_timeout, wait).await;
-            match waited {
-                Ok(Ok(_)) => {}
-                Ok(Err(_)) => return Err(Error::Closed),
-                Err(_) => {
-                    return Err(Error::Unavailable(format!(
-                        "no snapshot of service {name:?} within {:?}",
-                        self.inner.subscribe_timeout
-                    )))
-                }
-            }
-        }
-        Ok(handle)
+        })
     }
 
     /// The handle of the default service (subscribing on first use).

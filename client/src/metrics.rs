@@ -20,6 +20,10 @@
 //! | `dlb_sdk_nacks_total`, `dlb_sdk_held_back_total`, `dlb_sdk_rebuilds_total` | counter | `service` |
 //! | `dlb_sdk_regressions_refused_total` | counter | `service` (same-epoch updates older than the version routed on, refused; the client moved to another endpoint) |
 //! | `dlb_sdk_backends` | gauge | `service`, `eligible` (`true`, `false`) |
+//! | `dlb_sdk_call_requests_total`, `dlb_sdk_call_retries_total`, `dlb_sdk_call_hedges_total`, `dlb_sdk_call_budget_exhausted_total`, `dlb_sdk_call_cancelled_total` | counter | `service` (the call path, [`crate::call`]) |
+//! | `dlb_sdk_call_errors_total` | counter | `service`, `class` (`status`, `connect`, `transport`, `deadline`, `no_backend`) |
+//! | `dlb_sdk_call_latency_seconds` | histogram | `service` |
+//! | `dlb_sdk_call_backend_latency_seconds` | histogram | `service`, `backend` (opt-in: `CallOptions::per_backend_latency`) |
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -91,6 +95,13 @@ impl Collector for ClientMetrics {
         let mut services: Vec<Arc<ServiceState>> =
             inner.services.lock().values().cloned().collect();
         services.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut calls: Vec<(String, Arc<crate::call::CallStats>)> = inner
+            .calls
+            .lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        calls.sort_by(|a, b| a.0.cmp(&b.0));
         drop(inner);
 
         let mut m = encoder.encode_descriptor(
@@ -180,6 +191,8 @@ impl Collector for ClientMetrics {
                 ConstGauge::new(n).encode(m.encode_family(&labels)?)?;
             }
         }
-        Ok(())
+        let calls: Vec<(&str, &crate::call::CallStats)> =
+            calls.iter().map(|(n, s)| (n.as_str(), &**s)).collect();
+        crate::call::encode_stats(&mut encoder, &calls)
     }
 }

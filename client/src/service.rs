@@ -257,16 +257,20 @@ impl ServiceHandle {
         })
         // No thread-local cache (thread exit): pick from the shared snapshot (no breakers).
         .unwrap_or_else(|| self.pick_shared(key).map(|c| (c, None)))?;
-        let clock = if self.state.tokio_clock.load(Ordering::Relaxed) {
+        Ok(CallGuard {
+            call,
+            started: crate::clock::Start::now(self.call_clock()),
+            ticket,
+        })
+    }
+
+    /// The clock this service's calls are timed with.
+    pub(crate) fn call_clock(&self) -> crate::clock::CallClock {
+        if self.state.tokio_clock.load(Ordering::Relaxed) {
             crate::clock::CallClock::Tokio
         } else {
             crate::clock::CallClock::Tsc
-        };
-        Ok(CallGuard {
-            call,
-            started: crate::clock::Start::now(clock),
-            ticket,
-        })
+        }
     }
 
     /// A pick under the service's circuit breakers and concurrent-call cap (see
@@ -409,7 +413,7 @@ impl ServiceHandle {
 
     /// The error of a pick while the published snapshot has no picker.
     #[cold]
-    fn no_picker(&self) -> Error {
+    pub(crate) fn no_picker(&self) -> Error {
         if self.state.snapshot.load().not_found {
             Error::ServiceNotFound(self.state.name.clone())
         } else {
@@ -633,6 +637,16 @@ impl Held {
 }
 
 impl CallGuard {
+    /// A guard over a pick made from the shared snapshot (no circuit-breaker claim), timed
+    /// with `clock`.
+    pub(crate) fn from_shared(pick: OwnedPick, clock: crate::clock::CallClock) -> Self {
+        Self {
+            call: Held::Shared(pick),
+            started: crate::clock::Start::now(clock),
+            ticket: None,
+        }
+    }
+
     /// The picked backend's id.
     pub fn server_id(&self) -> &str {
         self.backend().id()

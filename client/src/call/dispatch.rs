@@ -1,0 +1,487 @@
+//! One request through the call path: pick, send, classify; retries and hedges.
+//!
+//! The loop keeps the attempts in flight in a `FuturesUnordered`. The first attempt goes out at
+//! once; a hedge timer (when hedging is on and the body is replayable) adds a copy to another
+//! backend; a failed attempt is retried when it is safe, after a jittered backoff (policy
+//! retries only).
+//!
+//! Safe to retry: a request provably not processed — a connect error, a connection found closed
+//! before the request was written (hyper gives the request back), an HTTP/2 `REFUSED_STREAM` —
+//! always goes to another backend (up to `max_attempts`, 3 without a retry policy); with a
+//! retry policy, also a trailers-only gRPC response whose code the policy lists, an HTTP status
+//! it lists, and a transport error after sending when it lists UNAVAILABLE (14). Everything but
+//! an unsent request needs the body buffered (replayable).
+//!
+//! The first final response wins: returning drops the other attempts, which cancels their
+//! streams (`RST_STREAM(CANCEL)`). Every retry and hedge takes a budget token first. No backend
+//! is tried twice within one request.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use dlb::call::HedgeDelay;
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use http::{HeaderMap, Method, Request, Response, Uri};
+use http_body::Body;
+use http_body_util::BodyExt;
+use tokio::time::Instant;
+
+use super::body::{prepare, CallBody, Finish, ReqBody, Verdict};
+use super::classify::{grpc_code, refused_stream};
+use super::config::Protocol;
+use super::policy::Resolved;
+use super::stats::ErrorClass;
+use super::{BoxError, Shared};
+use crate::{CallGuard, Error};
+
+/// Attempts when no retry policy is set: requests that provably did not reach a backend
+/// (connect errors, refused streams) still go to another one, this many times in all.
+const TRANSPARENT_ATTEMPTS: u32 = 3;
+
+/// The head of the request, to build each attempt.
+struct Head {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+/// How one attempt ended: a response for the caller, or a failure.
+type Outcome = Result<Response<CallBody>, Box<Failure>>;
+
+/// A failed attempt.
+struct Failure {
+    class: ErrorClass,
+    error: BoxError,
+    /// Whether it may be retried by the policy (a listed status, or a transport error when
+    /// UNAVAILABLE is listed).
+    by_policy: bool,
+    /// The request, when it was never written (always safe to send elsewhere).
+    unsent: Option<Request<ReqBody>>,
+    /// Whether the server refused the stream (safe to retry with a replayable body).
+    refused: bool,
+    /// What the caller gets if no retry follows.
+    response: Option<Response<CallBody>>,
+}
+
+/// An attempt's guard until its response arrives. Dropped before that — the request was
+/// cancelled (a hedge lost, the caller went away) and nothing is reported — unless the caller's
+/// deadline passed: then the backend did not answer in time, a failure (so a backend that
+/// accepts calls and never answers is ejected like one that fails them).
+struct Pending {
+    guard: Option<CallGuard>,
+    expired: Arc<AtomicBool>,
+}
+
+impl Pending {
+    fn guard(&self) -> &CallGuard {
+        self.guard
+            .as_ref()
+            .expect("the guard is taken only when the attempt ends")
+    }
+
+    /// The attempt got an answer (or a failure of its own): the caller of this decides.
+    fn into_guard(mut self) -> CallGuard {
+        self.guard
+            .take()
+            .expect("the guard is taken only when the attempt ends")
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(g) = self.guard.take() {
+            if self.expired.load(Ordering::Acquire) {
+                g.failure();
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// The whole call, under the caller's deadline.
+    pub(crate) async fn call<B>(
+        self: Arc<Self>,
+        req: Request<B>,
+    ) -> Result<Response<CallBody>, BoxError>
+    where
+        B: Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let cfg = self.policies.get(&self.handle.state, &self.opts);
+        cfg.budget.deposit();
+        let deadline = match self.opts.protocol {
+            Protocol::Grpc => super::classify::grpc_timeout(req.headers()),
+            Protocol::Http1 => None,
+        };
+        let expired = Arc::new(AtomicBool::new(false));
+        let run = self.clone().dispatch(req, cfg, expired.clone());
+        let Some(d) = deadline else {
+            return run.await;
+        };
+        // Boxed so it can be dropped right after `expired` is set (its attempts report then).
+        let mut run = Box::pin(run);
+        match tokio::time::timeout(d, run.as_mut()).await {
+            Ok(r) => r,
+            Err(_) => {
+                // The attempts still waiting for an answer report a failure as they drop.
+                expired.store(true, Ordering::Release);
+                drop(run);
+                self.stats.error(ErrorClass::Deadline);
+                Err(self.error(ErrorClass::Deadline, format!("deadline of {d:?} exceeded")))
+            }
+        }
+    }
+
+    /// The error a caller gets: a `tonic::Status` for gRPC (so a generated client reports the
+    /// right code), an [`Error`] for HTTP.
+    pub(crate) fn error(&self, class: ErrorClass, message: String) -> BoxError {
+        match self.opts.protocol {
+            Protocol::Grpc => {
+                let code = match class {
+                    ErrorClass::Deadline => tonic::Code::DeadlineExceeded,
+                    _ => tonic::Code::Unavailable,
+                };
+                Box::new(tonic::Status::new(code, message))
+            }
+            Protocol::Http1 => Box::new(Error::Call {
+                class: class.label(),
+                message,
+            }),
+        }
+    }
+
+    async fn dispatch<B>(
+        self: Arc<Self>,
+        req: Request<B>,
+        cfg: Arc<Resolved>,
+        expired: Arc<AtomicBool>,
+    ) -> Result<Response<CallBody>, BoxError>
+    where
+        B: Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let (parts, body) = req.into_parts();
+        let key = self.opts.key.as_ref().and_then(|k| k.key(&parts));
+        let (first, replay) = if cfg.replays() {
+            prepare(body, cfg.replay_limit).await?
+        } else {
+            let rest = body.map_err(Into::into).boxed_unsync();
+            (
+                ReqBody::Streaming {
+                    prefix: Default::default(),
+                    rest,
+                },
+                None,
+            )
+        };
+        // The head is kept (cloned) only when the body can be replayed: an unsent request comes
+        // back whole.
+        let head = replay.as_ref().map(|_| Head {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            headers: parts.headers.clone(),
+        });
+        let first = Request::from_parts(parts, first);
+        self.wait_for_snapshot().await;
+
+        let retry = cfg.retry.as_ref();
+        let max_attempts = retry.map_or(TRANSPARENT_ATTEMPTS, |r| r.max_attempts.max(1));
+        let hedge = cfg.hedge.as_ref().filter(|_| replay.is_some());
+        let mut tried: Vec<String> = Vec::new();
+        let mut inflight = FuturesUnordered::new();
+        let mut attempts = 1u32;
+        let mut hedges = 0u32;
+        let mut retries = 0u32;
+
+        let guard = self.pick(key.as_deref(), &tried).map_err(|e| {
+            self.stats.error(ErrorClass::NoBackend);
+            self.error(ErrorClass::NoBackend, e.to_string())
+        })?;
+        tried.push(guard.server_id().to_owned());
+        inflight.push(self.clone().attempt(
+            cfg.clone(),
+            Pending {
+                guard: Some(guard),
+                expired: expired.clone(),
+            },
+            first,
+        ));
+
+        let hedge_delay = |s: &Self| match hedge.map(|h| h.delay) {
+            Some(HedgeDelay::Fixed(d)) => Some(d),
+            Some(HedgeDelay::Percentile(p)) => s
+                .stats
+                .recent
+                .percentile(f64::from(p), dlb::call::defaults::HEDGE_MIN_SAMPLES),
+            None => None,
+        };
+        let mut hedge_at = hedge_delay(&self).map(|d| Instant::now() + d);
+
+        loop {
+            let timer = async {
+                match hedge_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let outcome = tokio::select! {
+                Some(o) = inflight.next() => o,
+                () = timer => {
+                    hedge_at = None;
+                    let (Some(h), Some(replay), Some(head)) = (hedge, &replay, &head) else { continue };
+                    if hedges >= h.max_hedges {
+                        continue;
+                    }
+                    if !cfg.budget.try_withdraw() {
+                        self.stats.budget_exhausted.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    let Ok(guard) = self.pick(key.as_deref(), &tried) else { continue };
+                    tried.push(guard.server_id().to_owned());
+                    hedges += 1;
+                    self.stats.hedges.fetch_add(1, Ordering::Relaxed);
+                    inflight.push(self.clone().attempt(cfg.clone(), Pending { guard: Some(guard), expired: expired.clone() }, self.request(head, replay.body())));
+                    if hedges < h.max_hedges {
+                        hedge_at = hedge_delay(&self).map(|d| Instant::now() + d);
+                    }
+                    continue;
+                }
+            };
+            let (class, error, by_policy, unsent, refused, response) = match outcome {
+                Ok(r) => return Ok(r),
+                Err(f) => {
+                    let f = *f;
+                    (
+                        f.class,
+                        f.error,
+                        f.by_policy,
+                        f.unsent,
+                        f.refused,
+                        f.response,
+                    )
+                }
+            };
+            if !inflight.is_empty() {
+                // A hedge is still running: its answer may yet win.
+                continue;
+            }
+            let give_up = |response: Option<Response<CallBody>>, error: BoxError| match response {
+                Some(r) => Ok(r),
+                None => Err(self.error(class, error.to_string())),
+            };
+            let next = match (unsent, &replay, &head) {
+                (Some(req), _, _) => Some(req),
+                (None, Some(r), Some(head)) if refused || (by_policy && retry.is_some()) => {
+                    Some(self.request(head, r.body()))
+                }
+                _ => None,
+            };
+            let Some(next) = next else {
+                return give_up(response, error);
+            };
+            if attempts >= max_attempts {
+                return give_up(response, error);
+            }
+            if !cfg.budget.try_withdraw() {
+                self.stats.budget_exhausted.fetch_add(1, Ordering::Relaxed);
+                return give_up(response, error);
+            }
+            let Ok(guard) = self.pick(key.as_deref(), &tried) else {
+                return give_up(response, error);
+            };
+            drop(response);
+            attempts += 1;
+            retries += 1;
+            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            if let (Some(r), true) = (retry, by_policy) {
+                tokio::time::sleep(r.backoff(retries, fastrand::f64())).await;
+            }
+            tried.push(guard.server_id().to_owned());
+            inflight.push(self.clone().attempt(
+                cfg.clone(),
+                Pending {
+                    guard: Some(guard),
+                    expired: expired.clone(),
+                },
+                next,
+            ));
+        }
+    }
+
+    /// Waits (bounded) for the service's first answer from the control plane.
+    async fn wait_for_snapshot(&self) {
+        let state = &self.handle.state;
+        if state.answered.load(Ordering::Acquire) {
+            return;
+        }
+        let mut rx = state.version_tx.subscribe();
+        let wait = rx.wait_for(|_| state.answered.load(Ordering::Acquire));
+        let _ = tokio::time::timeout(self.opts.wait_for_snapshot, wait).await;
+    }
+
+    fn pick(&self, key: Option<&[u8]>, tried: &[String]) -> crate::Result<CallGuard> {
+        self.handle.pick_excluding(key, tried)
+    }
+
+    fn request(&self, head: &Head, body: ReqBody) -> Request<ReqBody> {
+        let mut req = Request::new(body);
+        *req.method_mut() = head.method.clone();
+        *req.uri_mut() = head.uri.clone();
+        *req.headers_mut() = head.headers.clone();
+        req
+    }
+
+    /// Points the request at `address`: absolute URI for HTTP/2, origin form and `Host` for
+    /// HTTP/1.1.
+    fn target(
+        &self,
+        req: &mut Request<ReqBody>,
+        address: &str,
+        authority: Option<&http::uri::Authority>,
+    ) {
+        let pq = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        match self.opts.protocol {
+            Protocol::Grpc => {
+                *req.version_mut() = http::Version::HTTP_2;
+                let mut parts = http::uri::Parts::default();
+                parts.scheme = Some(http::uri::Scheme::HTTP);
+                parts.authority = authority.cloned();
+                parts.path_and_query = Some(pq);
+                if let Ok(uri) = Uri::from_parts(parts) {
+                    *req.uri_mut() = uri;
+                }
+            }
+            Protocol::Http1 => {
+                *req.version_mut() = http::Version::HTTP_11;
+                if !req.headers().contains_key(http::header::HOST) {
+                    let host = req
+                        .uri()
+                        .authority()
+                        .map(|a| a.as_str().to_owned())
+                        .unwrap_or_else(|| address.to_owned());
+                    if let Ok(v) = http::HeaderValue::from_str(&host) {
+                        req.headers_mut().insert(http::header::HOST, v);
+                    }
+                }
+                *req.uri_mut() = Uri::from(pq);
+            }
+        }
+    }
+
+    /// One attempt on the backend `guard` picked.
+    async fn attempt(
+        self: Arc<Self>,
+        cfg: Arc<Resolved>,
+        pending: Pending,
+        mut req: Request<ReqBody>,
+    ) -> Outcome {
+        let g = pending.guard();
+        let endpoint = self.pool.endpoint(g.server_id(), g.address());
+        let (mut lease, sender) = match endpoint.lease().await {
+            Ok(x) => x,
+            Err(e) => {
+                self.stats.error(ErrorClass::Connect);
+                pending.into_guard().failure();
+                return Err(Box::new(Failure {
+                    class: ErrorClass::Connect,
+                    error: Box::new(e),
+                    by_policy: false,
+                    unsent: Some(req),
+                    refused: false,
+                    response: None,
+                }));
+            }
+        };
+        self.target(
+            &mut req,
+            pending.guard().address(),
+            endpoint.authority.as_ref(),
+        );
+        let sent = sender.send(&mut lease, req).await;
+        let guard = pending.into_guard();
+        match sent {
+            Ok(resp) => self.classify(&cfg, guard, lease, resp),
+            Err(mut e) => {
+                let unsent = e.take_message();
+                let error = e.into_error();
+                let refused = refused_stream(&error);
+                self.stats.error(ErrorClass::Transport);
+                if unsent.is_none() && !refused {
+                    guard.failure();
+                }
+                // A request never written (the connection was found closed) or refused says
+                // nothing about the backend's health: the guard ends without an outcome.
+                let by_policy = cfg.retry.as_ref().is_some_and(|r| {
+                    r.retries_grpc_code(tonic::Code::Unavailable as u32)
+                        && self.opts.protocol == Protocol::Grpc
+                });
+                Err(Box::new(Failure {
+                    class: ErrorClass::Transport,
+                    error: Box::new(error),
+                    by_policy,
+                    unsent,
+                    refused,
+                    response: None,
+                }))
+            }
+        }
+    }
+
+    /// Decides what a response head says, and wraps the body that will end the call.
+    fn classify(
+        &self,
+        cfg: &Resolved,
+        guard: CallGuard,
+        lease: super::conn::Lease,
+        resp: Response<hyper::body::Incoming>,
+    ) -> Outcome {
+        let retry = cfg.retry.as_ref();
+        let (verdict, retryable, what) = match self.opts.protocol {
+            Protocol::Grpc => {
+                if resp.status() != http::StatusCode::OK {
+                    let s = resp.status();
+                    (Verdict::Decided { ok: false }, false, format!("HTTP {s}"))
+                } else if let Some(code) = grpc_code(resp.headers()) {
+                    // Trailers-only: the status is known before any message.
+                    let ok = !self.opts.grpc_failure(code);
+                    let retryable = retry.is_some_and(|r| r.retries_grpc_code(code as u32));
+                    (Verdict::Decided { ok }, retryable, format!("{code:?}"))
+                } else {
+                    (Verdict::FromTrailers, false, String::new())
+                }
+            }
+            Protocol::Http1 => {
+                let s = resp.status().as_u16();
+                let ok = !self.opts.http_failure_statuses.contains(&s);
+                let retryable = retry.is_some_and(|r| r.retries_http_status(s));
+                (Verdict::Decided { ok }, retryable, format!("HTTP {s}"))
+            }
+        };
+        let finish = Finish {
+            guard,
+            verdict,
+            stats: self.stats.clone(),
+            lease,
+            failure_codes: self.failure_codes.clone(),
+        };
+        let resp = resp.map(|b| CallBody::new(b, finish));
+        if retryable {
+            Err(Box::new(Failure {
+                class: ErrorClass::Status,
+                error: what.into(),
+                by_policy: true,
+                unsent: None,
+                refused: false,
+                response: Some(resp),
+            }))
+        } else {
+            Ok(resp)
+        }
+    }
+}
