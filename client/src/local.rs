@@ -7,8 +7,10 @@
 //! adds little throughput. So each thread keeps, per service, a [`LocalView`]: the picker it
 //! picks from plus its own in-flight counter for each backend of that picker. A pick reads
 //! shared memory (the service's generation number, the picker's tables) but writes only its
-//! own thread's: the view's reference count (held by the guard) and the view's counter of the
-//! picked backend.
+//! own thread's: the counter of the picked backend. That counter is the reference count of
+//! the view's [`CallSlot`] for the backend, which the guard holds: the slot keeps the picker
+//! alive for the `'static` guard, so starting a call is one atomic add and ending it one
+//! atomic subtract (an `Arc` of the view plus a separate counter cost two of each).
 //!
 //! * **Freshness.** `ServiceState::generation` grows after every publish; a thread whose view is
 //!   older builds a view of the new snapshot on its next pick (`O(n)`: a zeroed counter array).
@@ -19,18 +21,21 @@
 //!   sticky-session picks; their guards still keep the picker alive through the view
 //!   ([`ViewRef`]), not through the picker's shared `Arc`. A view's counters are atomic because
 //!   a guard may end on another thread (then that one decrement crosses cores).
-//! * **Reading.** Every view registers (weakly) with its service; [`in_flight`] adds, per
-//!   backend of the current picker, the shared count and each live view's count for the same id
-//!   (views of older generations included: a call that started before a swap stays counted
-//!   until its guard ends it). `O(views · n)`, for load reports and `ServiceHandle::backends`.
+//! * **Reading.** Every view registers with its service; [`in_flight`] adds, per backend of the
+//!   current picker, the shared count and each registered view's count for the same id (views
+//!   of older generations included: a call that started before a swap stays counted until its
+//!   guard ends it). `O(views · n)`, for load reports and `ServiceHandle::backends`.
 //! * **Retention.** A thread's view keeps its picker alive until the thread picks from a newer
-//!   snapshot of that service or exits: at most one superseded picker per thread and service.
+//!   snapshot of that service or exits. The service's registry keeps a superseded view while
+//!   a call picked through it is in flight, and drops it at the next refresh or read of the
+//!   counts after its last call ended (a call's slot alone keeps the picker alive when the
+//!   service is gone).
 
 use std::cell::RefCell;
 use std::fmt;
 use std::ops::Deref;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock, Weak};
 
 use dlb::balance::{Backend, Picker, StickyTable};
 
@@ -42,36 +47,64 @@ pub(crate) struct LocalView {
     pub(crate) sticky: Option<Arc<StickyTable>>,
     /// The circuit breakers of `picker`'s backends, when the policy has them.
     pub(crate) breakers: Option<Arc<crate::breaker::Breakers>>,
-    /// Calls in flight picked through this view, per backend index of `picker`; empty when the
-    /// picker counts calls itself ([`Picker::needs_counts`]).
-    in_flight: Box<[AtomicU64]>,
+    /// Per backend index of `picker`: the slot that counts the calls picked through this view
+    /// (made on the backend's first pick); empty when the picker counts calls itself
+    /// ([`Picker::needs_counts`]).
+    slots: Box<[OnceLock<Arc<CallSlot>>]>,
 }
 
 impl fmt::Debug for LocalView {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LocalView")
             .field("backends", &self.picker.backends().len())
-            .field("counts", &!self.in_flight.is_empty())
+            .field("counts", &!self.slots.is_empty())
             .finish_non_exhaustive()
     }
 }
 
 impl LocalView {
     /// Whether calls picked through this view are counted in it (rather than by the picker).
+    #[inline]
     pub(crate) fn counts_locally(&self) -> bool {
-        !self.in_flight.is_empty()
+        !self.slots.is_empty()
     }
 
     /// Starts counting one call on `index`; `None` if the index is not one of this view's (then
     /// nothing was counted).
     #[inline]
-    pub(crate) fn start_call(self: &Arc<Self>, index: usize) -> Option<LocalCall> {
-        let counter = self.in_flight.get(index)?;
-        counter.fetch_add(1, Ordering::Relaxed);
-        Some(LocalCall {
-            view: self.clone(),
-            index: index as u32,
+    pub(crate) fn start_call(&self, index: usize) -> Option<LocalCall> {
+        let cell = self.slots.get(index)?;
+        let slot = match cell.get() {
+            Some(slot) => slot,
+            None => self.make_slot(cell, index),
+        };
+        Some(LocalCall { slot: slot.clone() })
+    }
+
+    /// The slot of backend `index`, made on its first pick through this view.
+    #[cold]
+    #[inline(never)]
+    fn make_slot<'a>(&self, cell: &'a OnceLock<Arc<CallSlot>>, index: usize) -> &'a Arc<CallSlot> {
+        cell.get_or_init(|| {
+            Arc::new(CallSlot {
+                picker: self.picker.clone(),
+                index: index as u32,
+            })
         })
+    }
+
+    /// Calls in flight picked through this view on backend `index`.
+    fn in_flight(&self, index: usize) -> u64 {
+        self.slots
+            .get(index)
+            .and_then(OnceLock::get)
+            // The view holds one reference; every other one is a call's.
+            .map_or(0, |s| (Arc::strong_count(s) - 1) as u64)
+    }
+
+    /// Whether a call picked through this view is still in flight.
+    fn busy(&self) -> bool {
+        (0..self.slots.len()).any(|i| self.in_flight(i) > 0)
     }
 }
 
@@ -86,30 +119,33 @@ impl Deref for ViewRef {
     }
 }
 
+/// One backend of one view, as its calls hold it: the calls in flight on it are its reference
+/// count (less the view's own reference), so starting and ending a call is one atomic add each,
+/// and the slot keeps the picker, hence the backend, alive for a `'static` guard.
+#[derive(Debug)]
+pub(crate) struct CallSlot {
+    picker: Arc<Picker>,
+    index: u32,
+}
+
 /// One call counted in a [`LocalView`]; ends the count when dropped (on any thread).
 #[derive(Debug)]
 pub(crate) struct LocalCall {
-    view: Arc<LocalView>,
-    index: u32,
+    slot: Arc<CallSlot>,
 }
 
 impl LocalCall {
     /// The picked backend.
+    #[inline]
     pub(crate) fn backend(&self) -> &Backend {
-        // `index` was checked against the counters, which are as many as the backends.
-        &self.view.picker.backends()[self.index as usize]
+        // `index` was checked against the slots, which are as many as the backends.
+        &self.slot.picker.backends()[self.slot.index as usize]
     }
 
     /// The picked backend's position in the view's picker.
-    pub(crate) fn index(&self) -> usize {
-        self.index as usize
-    }
-}
-
-impl Drop for LocalCall {
     #[inline]
-    fn drop(&mut self) {
-        self.view.in_flight[self.index as usize].fetch_sub(1, Ordering::Relaxed);
+    pub(crate) fn index(&self) -> usize {
+        self.slot.index as usize
     }
 }
 
@@ -131,26 +167,31 @@ thread_local! {
 
 /// Runs `f` on this thread's view of `state`'s latest snapshot, building the view first when a
 /// newer snapshot was published since the thread's last pick. `f` gets `None` when the snapshot
-/// has no picker. Returns `None` without calling `f` when the thread's cache is unavailable (the
-/// thread is exiting, or a re-entrant call).
-#[inline]
+/// has no picker. Runs `unavailable` instead when the thread's cache is unavailable (the thread
+/// is exiting, or a re-entrant call). One return value, no `Option` around it, so that the
+/// pick path builds its result in place.
+#[inline(always)]
 pub(crate) fn with_view<R>(
     state: &Arc<ServiceState>,
     f: impl FnOnce(Option<&Arc<LocalView>>) -> R,
-) -> Option<R> {
+    unavailable: impl FnOnce() -> R,
+) -> R {
     let generation = state.generation.load(Ordering::Acquire);
-    VIEWS
-        .try_with(|cache| {
-            let mut cache = cache.try_borrow_mut().ok()?;
-            let me = Arc::as_ptr(state);
-            let i = match cache.iter().position(|c| c.state.as_ptr() == me) {
-                Some(i) if cache[i].generation == generation => i,
-                _ => refresh(&mut cache, state, generation),
-            };
-            Some(f(cache[i].view.as_ref()))
-        })
-        .ok()
-        .flatten()
+    let mut f = Some(f);
+    let r = VIEWS.try_with(|cache| {
+        let mut cache = cache.try_borrow_mut().ok()?;
+        let me = Arc::as_ptr(state);
+        let i = match cache.iter().position(|c| c.state.as_ptr() == me) {
+            Some(i) if cache[i].generation == generation => i,
+            _ => refresh(&mut cache, state, generation),
+        };
+        let f = f.take()?;
+        Some(f(cache[i].view.as_ref()))
+    });
+    match r {
+        Ok(Some(r)) => r,
+        _ => unavailable(),
+    }
 }
 
 /// Puts a view of the snapshot `state` publishes now (labelled `generation`, read before it)
@@ -160,25 +201,21 @@ pub(crate) fn with_view<R>(
 fn refresh(cache: &mut Vec<Cached>, state: &Arc<ServiceState>, generation: u64) -> usize {
     let snapshot = state.snapshot.load_full();
     let view = snapshot.picker.as_ref().map(|picker| {
-        let in_flight = if picker.needs_counts() {
+        let slots = if picker.needs_counts() {
             Box::default()
         } else {
-            picker
-                .backends()
-                .iter()
-                .map(|_| AtomicU64::new(0))
-                .collect()
+            picker.backends().iter().map(|_| OnceLock::new()).collect()
         };
         let view = Arc::new(LocalView {
             picker: picker.clone(),
             sticky: snapshot.sticky.clone(),
             breakers: snapshot.breakers.clone(),
-            in_flight,
+            slots,
         });
         if view.counts_locally() {
             let mut views = state.views.lock();
-            views.retain(|v| v.strong_count() > 0);
-            views.push(Arc::downgrade(&view));
+            prune(&mut views);
+            views.push(view.clone());
         }
         view
     });
@@ -201,6 +238,12 @@ fn refresh(cache: &mut Vec<Cached>, state: &Arc<ServiceState>, generation: u64) 
     }
 }
 
+/// Drops from a service's registry the views that no thread picks through any more (only the
+/// registry holds them) and that have no call in flight.
+fn prune(views: &mut Vec<Arc<LocalView>>) {
+    views.retain(|v| Arc::strong_count(v) > 1 || v.busy());
+}
+
 /// Calls in flight from this process on each backend of `picker` (by index): the count in the
 /// backend's shared load plus, for the same backend id, the count in every live view of
 /// `state` (whatever picker generation it was built from). `O(views · n)`.
@@ -212,13 +255,13 @@ pub(crate) fn in_flight(state: &ServiceState, picker: &Arc<Picker>) -> Vec<u64> 
         .collect();
     let views: Vec<Arc<LocalView>> = {
         let mut views = state.views.lock();
-        views.retain(|v| v.strong_count() > 0);
-        views.iter().filter_map(Weak::upgrade).collect()
+        prune(&mut views);
+        views.clone()
     };
     for view in views {
         let same = Arc::ptr_eq(&view.picker, picker);
-        for (i, counter) in view.in_flight.iter().enumerate() {
-            let n = counter.load(Ordering::Relaxed);
+        for i in 0..view.slots.len() {
+            let n = view.in_flight(i);
             if n == 0 {
                 continue;
             }
@@ -284,12 +327,9 @@ mod tests {
     }
 
     fn live_views(h: &ServiceHandle) -> usize {
-        h.state
-            .views
-            .lock()
-            .iter()
-            .filter(|v| v.strong_count() > 0)
-            .count()
+        let mut views = h.state.views.lock();
+        super::prune(&mut views);
+        views.len()
     }
 
     #[tokio::test]

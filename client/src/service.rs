@@ -8,9 +8,10 @@
 //! when the policy is sticky).
 //!
 //! What a pick writes: each thread picks through its own view of the snapshot (see
-//! [`crate::local`]) and its [`CallGuard`] keeps that view, not the shared snapshot, alive. So
-//! round robin and the hashing policies without bounded load write only memory of the picking
-//! thread (the view's reference count and its in-flight counter for the picked backend). The
+//! [`crate::local`]) and its [`CallGuard`] keeps that view's picker, not the shared snapshot,
+//! alive. So round robin and the hashing policies without bounded load write only memory of
+//! the picking thread (the view's in-flight counter for the picked backend, which is also what
+//! keeps the picker alive for the guard). The
 //! policies that read in-flight counts to pick (least connections, bounded load) also write
 //! what they read: the backends' shared counts (and bounded load's total, and exact least
 //! connections' tree).
@@ -169,10 +170,11 @@ pub(crate) struct ServiceState {
     /// Grows after every publish, so a thread can tell with one load whether its view of the
     /// snapshot is current (see [`crate::local`]).
     pub(crate) generation: AtomicU64,
-    /// The per-thread views that count calls, to sum their counts. A `Mutex` because it is
-    /// touched once per thread and generation (and by readers of in-flight counts), never on
-    /// the pick path itself.
-    pub(crate) views: Mutex<Vec<std::sync::Weak<LocalView>>>,
+    /// The per-thread views that count calls, to sum their counts: each is kept here while a
+    /// thread picks through it or a call picked through it is in flight (see
+    /// [`crate::local`]). A `Mutex` because it is touched once per thread and generation (and
+    /// by readers of in-flight counts), never on the pick path itself.
+    pub(crate) views: Mutex<Vec<Arc<LocalView>>>,
     /// Time calls with tokio's clock instead of the TSC ([`crate::clock::CallClock`]); set once
     /// by the client when the service is created (an atomic because restored states are shared
     /// before the client sets it). Read with one relaxed load per pick.
@@ -248,20 +250,26 @@ impl ServiceHandle {
     /// [`Error::Unavailable`] before the first snapshot, [`Error::NoBackend`] when nothing is
     /// eligible (or a strict sticky session's backend is gone).
     pub fn get_next_server(&self, key: Option<&[u8]>) -> Result<CallGuard> {
-        let (call, ticket) = local::with_view(&self.state, |view| match view {
-            Some(view) => match &view.breakers {
-                None => Ok((self.pick_in(view, key)?, None)),
-                Some(b) => self.pick_guarded(view, b, key),
+        let clock = self.call_clock();
+        local::with_view(
+            &self.state,
+            |view| match view {
+                Some(view) => match &view.breakers {
+                    None => {
+                        let call = self.pick_in(view, key)?;
+                        Ok(CallGuard {
+                            call,
+                            started: crate::clock::Start::now(clock),
+                            ticket: None,
+                        })
+                    }
+                    Some(b) => self.pick_guarded(view, b, key, clock),
+                },
+                None => Err(self.no_picker()),
             },
-            None => Err(self.no_picker()),
-        })
-        // No thread-local cache (thread exit): pick from the shared snapshot (no breakers).
-        .unwrap_or_else(|| self.pick_shared(key).map(|c| (c, None)))?;
-        Ok(CallGuard {
-            call,
-            started: crate::clock::Start::now(self.call_clock()),
-            ticket,
-        })
+            // No thread-local cache (thread exit): pick from the shared snapshot (no breakers).
+            || self.pick_shared(key, clock),
+        )
     }
 
     /// The clock this service's calls are timed with.
@@ -281,7 +289,8 @@ impl ServiceHandle {
         view: &Arc<LocalView>,
         breakers: &crate::breaker::Breakers,
         key: Option<&[u8]>,
-    ) -> Result<(Held, Option<crate::breaker::Ticket>)> {
+        clock: crate::clock::CallClock,
+    ) -> Result<CallGuard> {
         use dlb::circuit::Admit;
         let Some(permit) = breakers.permit() else {
             return Err(Error::ResourceExhausted(format!(
@@ -309,7 +318,11 @@ impl ServiceHandle {
                 .slot(i)
                 .map_or(Admit::Call, |s| s.admit(crate::breaker::now));
             if admit != Admit::Refused {
-                return Ok((held, ticket(i, admit, permit)));
+                return Ok(CallGuard {
+                    call: held,
+                    started: crate::clock::Start::now(clock),
+                    ticket: ticket(i, admit, permit),
+                });
             }
             refused = Some(i);
         }
@@ -331,7 +344,11 @@ impl ServiceHandle {
             }
             if let Some(pick) = view.picker.pick_id(b.id()) {
                 let held = Held::Viewed(pick.into_owned_by(ViewRef(view.clone())));
-                return Ok((held, ticket(j, admit, permit)));
+                return Ok(CallGuard {
+                    call: held,
+                    started: crate::clock::Start::now(clock),
+                    ticket: ticket(j, admit, permit),
+                });
             }
             if admit == Admit::Trial {
                 slot.admit_released();
@@ -367,31 +384,43 @@ impl ServiceHandle {
             .map_or(0, |b| b.trips.load(Ordering::Relaxed))
     }
 
-    /// A pick through this thread's view.
-    #[inline]
+    /// A pick through this thread's view. The common case (a policy that does not read
+    /// in-flight counts, no sticky key) is inline; the others are [`Self::pick_in_other`].
+    #[inline(always)]
     fn pick_in(&self, view: &Arc<LocalView>, key: Option<&[u8]>) -> Result<Held> {
+        if !view.counts_locally() || (view.sticky.is_some() && key.is_some()) {
+            return self.pick_in_other(view, key);
+        }
+        let pick = match view.picker.pick_uncounted(key) {
+            Ok(pick) => pick,
+            Err(reason) => return Err(self.no_backend(reason)),
+        };
+        if !pick.is_counted() {
+            if let Some(call) = view.start_call(pick.index()) {
+                return Ok(Held::Local(call));
+            }
+        }
+        Ok(Held::Viewed(pick.into_owned_by(ViewRef(view.clone()))))
+    }
+
+    /// A pick through this thread's view that the picker counts, or a sticky one.
+    #[inline(never)]
+    fn pick_in_other(&self, view: &Arc<LocalView>, key: Option<&[u8]>) -> Result<Held> {
         let picker = &view.picker;
         let owner = || ViewRef(view.clone());
         if let (Some(table), Some(key)) = (&view.sticky, key) {
             let pick = table.pick(picker, key, Instant::now().into_std());
             return Ok(Held::Viewed(self.picked(pick)?.into_owned_by(owner())));
         }
-        if !view.counts_locally() {
-            return Ok(Held::Viewed(
-                self.picked(picker.pick(key))?.into_owned_by(owner()),
-            ));
-        }
-        let pick = self.picked(picker.pick_uncounted(key))?;
-        if !pick.is_counted() {
-            if let Some(call) = view.start_call(pick.index()) {
-                return Ok(Held::Local(call));
-            }
-        }
-        Ok(Held::Viewed(pick.into_owned_by(owner())))
+        Ok(Held::Viewed(
+            self.picked(picker.pick(key))?.into_owned_by(owner()),
+        ))
     }
 
     /// A pick from the shared snapshot, counted in the backends' shared loads.
-    fn pick_shared(&self, key: Option<&[u8]>) -> Result<Held> {
+    #[cold]
+    #[inline(never)]
+    fn pick_shared(&self, key: Option<&[u8]>, clock: crate::clock::CallClock) -> Result<CallGuard> {
         let snap = self.state.snapshot.load();
         let Some(picker) = &snap.picker else {
             return Err(self.no_picker());
@@ -401,14 +430,25 @@ impl ServiceHandle {
             _ => picker.pick(key),
         };
         let owned = self.picked(pick)?.into_owned(picker);
-        Ok(Held::Shared(owned))
+        Ok(CallGuard {
+            call: Held::Shared(owned),
+            started: crate::clock::Start::now(clock),
+            ticket: None,
+        })
     }
 
     fn picked<T>(&self, pick: std::result::Result<T, PickError>) -> Result<T> {
-        pick.map_err(|reason| Error::NoBackend {
+        pick.map_err(|reason| self.no_backend(reason))
+    }
+
+    /// The error of a pick that found no backend.
+    #[cold]
+    #[inline(never)]
+    fn no_backend(&self, reason: PickError) -> Error {
+        Error::NoBackend {
             service: self.state.name.clone(),
             reason,
-        })
+        }
     }
 
     /// The error of a pick while the published snapshot has no picker.
@@ -619,6 +659,7 @@ pub(crate) enum Held {
 
 impl Held {
     /// The picked backend's position in the picker it was picked from.
+    #[inline]
     fn index(&self) -> usize {
         match self {
             Held::Local(call) => call.index(),
@@ -627,6 +668,7 @@ impl Held {
         }
     }
 
+    #[inline]
     fn backend(&self) -> &Backend {
         match self {
             Held::Local(call) => call.backend(),
@@ -648,16 +690,19 @@ impl CallGuard {
     }
 
     /// The picked backend's id.
+    #[inline]
     pub fn server_id(&self) -> &str {
         self.backend().id()
     }
 
     /// The picked backend's `host:port`.
+    #[inline]
     pub fn address(&self) -> &str {
         self.backend().address()
     }
 
     /// The picked backend.
+    #[inline]
     pub fn backend(&self) -> &Backend {
         self.call.backend()
     }
