@@ -3,7 +3,9 @@
 //! The loop keeps the attempts in flight in a `FuturesUnordered`. The first attempt goes out at
 //! once; a hedge timer (when hedging is on and the body is replayable) adds a copy to another
 //! backend; a failed attempt is retried when it is safe, after a jittered backoff (policy
-//! retries only).
+//! retries only). When no hedge can be sent (no hedging, or a body not replayable) at most one
+//! attempt is in flight: the fast path awaits each in turn, with the same retry decision
+//! (`next_attempt`) and no `FuturesUnordered`, `select!` or timer.
 //!
 //! Safe to retry: a request provably not processed — a connect error, a connection found closed
 //! before the request was written (hyper gives the request back), an HTTP/2 `REFUSED_STREAM` —
