@@ -3,6 +3,7 @@
 //! ```text
 //! cargo bench -p dlb-client --bench call_path            # both parts
 //! CALLS=20000 CONCURRENCY=32 cargo bench -p dlb-client --bench call_path
+//! PART=overhead cargo bench -p dlb-client --bench call_path   # only the overhead part
 //! ```
 //!
 //! 1. **Tail latency under one slow backend**: 8 tonic backends on loopback (the gRPC health
@@ -324,8 +325,14 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    // `PART=tail` or `PART=overhead` runs only that part (default: both).
+    let part = std::env::var("PART").unwrap_or_default();
     rt.block_on(async {
-        tail(calls, concurrency).await;
-        overhead(calls).await;
+        if part != "overhead" {
+            tail(calls, concurrency).await;
+        }
+        if part != "tail" {
+            overhead(calls).await;
+        }
     });
 }

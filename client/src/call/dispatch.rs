@@ -3,7 +3,9 @@
 //! The loop keeps the attempts in flight in a `FuturesUnordered`. The first attempt goes out at
 //! once; a hedge timer (when hedging is on and the body is replayable) adds a copy to another
 //! backend; a failed attempt is retried when it is safe, after a jittered backoff (policy
-//! retries only).
+//! retries only). When no hedge can be sent (no hedging, or a body not replayable) at most one
+//! attempt is in flight: the fast path awaits each in turn, with the same retry decision
+//! (`next_attempt`) and no `FuturesUnordered`, `select!` or timer.
 //!
 //! Safe to retry: a request provably not processed — a connect error, a connection found closed
 //! before the request was written (hyper gives the request back), an HTTP/2 `REFUSED_STREAM` —
@@ -27,7 +29,7 @@ use http_body::Body;
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
-use super::body::{prepare, CallBody, Finish, ReqBody, Verdict};
+use super::body::{prepare, CallBody, Finish, Replay, ReqBody, Verdict};
 use super::classify::{grpc_code, refused_stream};
 use super::config::Protocol;
 use super::policy::Resolved;
@@ -49,6 +51,9 @@ struct Head {
 /// How one attempt ended: a response for the caller, or a failure.
 type Outcome = Result<Response<CallBody>, Box<Failure>>;
 
+/// What the caller gets.
+type Ended = Result<Response<CallBody>, BoxError>;
+
 /// A failed attempt.
 struct Failure {
     class: ErrorClass,
@@ -62,6 +67,15 @@ struct Failure {
     refused: bool,
     /// What the caller gets if no retry follows.
     response: Option<Response<CallBody>>,
+}
+
+/// What deciding on a retry needs from the request.
+struct RetryCtx<'a> {
+    cfg: &'a Resolved,
+    replay: Option<&'a Replay>,
+    head: Option<&'a Head>,
+    key: Option<&'a [u8]>,
+    max_attempts: u32,
 }
 
 /// An attempt's guard until its response arrives. Dropped before that — the request was
@@ -190,9 +204,7 @@ impl Shared {
         let max_attempts = retry.map_or(TRANSPARENT_ATTEMPTS, |r| r.max_attempts.max(1));
         let hedge = cfg.hedge.as_ref().filter(|_| replay.is_some());
         let mut tried: Vec<String> = Vec::new();
-        let mut inflight = FuturesUnordered::new();
         let mut attempts = 1u32;
-        let mut hedges = 0u32;
         let mut retries = 0u32;
 
         let guard = self.pick(key.as_deref(), &tried).map_err(|e| {
@@ -200,6 +212,43 @@ impl Shared {
             self.error(ErrorClass::NoBackend, e.to_string())
         })?;
         tried.push(guard.server_id().to_owned());
+
+        let Some(hedge) = hedge else {
+            // The fast path: no hedge can be sent, so at most one attempt is in flight — await
+            // each in turn (no `FuturesUnordered`, no `select!`, no timer).
+            let mut guard = guard;
+            let mut req = first;
+            loop {
+                let pending = Pending {
+                    guard: Some(guard),
+                    expired: expired.clone(),
+                };
+                let f = match self.clone().attempt(cfg.clone(), pending, req).await {
+                    Ok(r) => return Ok(r),
+                    Err(f) => *f,
+                };
+                let ctx = RetryCtx {
+                    cfg: &cfg,
+                    replay: replay.as_ref(),
+                    head: head.as_ref(),
+                    key: key.as_deref(),
+                    max_attempts,
+                };
+                let (g, next, backoff) =
+                    match self.next_attempt(f, &ctx, &tried, &mut attempts, &mut retries) {
+                        Ok(x) => x,
+                        Err(end) => return end,
+                    };
+                if let Some(d) = backoff {
+                    tokio::time::sleep(d).await;
+                }
+                tried.push(g.server_id().to_owned());
+                (guard, req) = (g, next);
+            }
+        };
+
+        let mut inflight = FuturesUnordered::new();
+        let mut hedges = 0u32;
         inflight.push(self.clone().attempt(
             cfg.clone(),
             Pending {
@@ -209,13 +258,12 @@ impl Shared {
             first,
         ));
 
-        let hedge_delay = |s: &Self| match hedge.map(|h| h.delay) {
-            Some(HedgeDelay::Fixed(d)) => Some(d),
-            Some(HedgeDelay::Percentile(p)) => s
+        let hedge_delay = |s: &Self| match hedge.delay {
+            HedgeDelay::Fixed(d) => Some(d),
+            HedgeDelay::Percentile(p) => s
                 .stats
                 .recent
                 .percentile(f64::from(p), dlb::call::defaults::HEDGE_MIN_SAMPLES),
-            None => None,
         };
         let mut hedge_at = hedge_delay(&self).map(|d| Instant::now() + d);
 
@@ -230,8 +278,8 @@ impl Shared {
                 Some(o) = inflight.next() => o,
                 () = timer => {
                     hedge_at = None;
-                    let (Some(h), Some(replay), Some(head)) = (hedge, &replay, &head) else { continue };
-                    if hedges >= h.max_hedges {
+                    let (Some(replay), Some(head)) = (&replay, &head) else { continue };
+                    if hedges >= hedge.max_hedges {
                         continue;
                     }
                     if !cfg.budget.try_withdraw() {
@@ -243,60 +291,34 @@ impl Shared {
                     hedges += 1;
                     self.stats.hedges.fetch_add(1, Ordering::Relaxed);
                     inflight.push(self.clone().attempt(cfg.clone(), Pending { guard: Some(guard), expired: expired.clone() }, self.request(head, replay.body())));
-                    if hedges < h.max_hedges {
+                    if hedges < hedge.max_hedges {
                         hedge_at = hedge_delay(&self).map(|d| Instant::now() + d);
                     }
                     continue;
                 }
             };
-            let (class, error, by_policy, unsent, refused, response) = match outcome {
+            let f = match outcome {
                 Ok(r) => return Ok(r),
-                Err(f) => {
-                    let f = *f;
-                    (
-                        f.class,
-                        f.error,
-                        f.by_policy,
-                        f.unsent,
-                        f.refused,
-                        f.response,
-                    )
-                }
+                Err(f) => *f,
             };
             if !inflight.is_empty() {
                 // A hedge is still running: its answer may yet win.
                 continue;
             }
-            let give_up = |response: Option<Response<CallBody>>, error: BoxError| match response {
-                Some(r) => Ok(r),
-                None => Err(self.error(class, error.to_string())),
+            let ctx = RetryCtx {
+                cfg: &cfg,
+                replay: replay.as_ref(),
+                head: head.as_ref(),
+                key: key.as_deref(),
+                max_attempts,
             };
-            let next = match (unsent, &replay, &head) {
-                (Some(req), _, _) => Some(req),
-                (None, Some(r), Some(head)) if refused || (by_policy && retry.is_some()) => {
-                    Some(self.request(head, r.body()))
-                }
-                _ => None,
-            };
-            let Some(next) = next else {
-                return give_up(response, error);
-            };
-            if attempts >= max_attempts {
-                return give_up(response, error);
-            }
-            if !cfg.budget.try_withdraw() {
-                self.stats.budget_exhausted.fetch_add(1, Ordering::Relaxed);
-                return give_up(response, error);
-            }
-            let Ok(guard) = self.pick(key.as_deref(), &tried) else {
-                return give_up(response, error);
-            };
-            drop(response);
-            attempts += 1;
-            retries += 1;
-            self.stats.retries.fetch_add(1, Ordering::Relaxed);
-            if let (Some(r), true) = (retry, by_policy) {
-                tokio::time::sleep(r.backoff(retries, fastrand::f64())).await;
+            let (guard, next, backoff) =
+                match self.next_attempt(f, &ctx, &tried, &mut attempts, &mut retries) {
+                    Ok(x) => x,
+                    Err(end) => return end,
+                };
+            if let Some(d) = backoff {
+                tokio::time::sleep(d).await;
             }
             tried.push(guard.server_id().to_owned());
             inflight.push(self.clone().attempt(
@@ -308,6 +330,62 @@ impl Shared {
                 next,
             ));
         }
+    }
+
+    /// After a failed attempt with nothing else in flight: the next attempt (its backend, its
+    /// request and the backoff before it), or — in the error slot — what the caller gets: the
+    /// failed attempt's response when it had one, else an error.
+    #[allow(clippy::type_complexity, clippy::result_large_err)] // returned at once, not propagated
+    fn next_attempt(
+        &self,
+        f: Failure,
+        ctx: &RetryCtx<'_>,
+        tried: &[String],
+        attempts: &mut u32,
+        retries: &mut u32,
+    ) -> Result<(CallGuard, Request<ReqBody>, Option<std::time::Duration>), Ended> {
+        let Failure {
+            class,
+            error,
+            by_policy,
+            unsent,
+            refused,
+            response,
+        } = f;
+        let retry = ctx.cfg.retry.as_ref();
+        let give_up = |response: Option<Response<CallBody>>, error: BoxError| match response {
+            Some(r) => Ok(r),
+            None => Err(self.error(class, error.to_string())),
+        };
+        let next = match (unsent, ctx.replay, ctx.head) {
+            (Some(req), _, _) => Some(req),
+            (None, Some(r), Some(head)) if refused || (by_policy && retry.is_some()) => {
+                Some(self.request(head, r.body()))
+            }
+            _ => None,
+        };
+        let Some(next) = next else {
+            return Err(give_up(response, error));
+        };
+        if *attempts >= ctx.max_attempts {
+            return Err(give_up(response, error));
+        }
+        if !ctx.cfg.budget.try_withdraw() {
+            self.stats.budget_exhausted.fetch_add(1, Ordering::Relaxed);
+            return Err(give_up(response, error));
+        }
+        let Ok(guard) = self.pick(ctx.key, tried) else {
+            return Err(give_up(response, error));
+        };
+        drop(response);
+        *attempts += 1;
+        *retries += 1;
+        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+        let backoff = match (retry, by_policy) {
+            (Some(r), true) => Some(r.backoff(*retries, fastrand::f64())),
+            _ => None,
+        };
+        Ok((guard, next, backoff))
     }
 
     /// Waits (bounded) for the service's first answer from the control plane.
