@@ -202,6 +202,14 @@ impl Shared {
 
         let retry = cfg.retry.as_ref();
         let max_attempts = retry.map_or(TRANSPARENT_ATTEMPTS, |r| r.max_attempts.max(1));
+        // What every retry decision reads (one for the fast path and the hedge loop).
+        let ctx = RetryCtx {
+            cfg: &cfg,
+            replay: replay.as_ref(),
+            head: head.as_ref(),
+            key: key.as_deref(),
+            max_attempts,
+        };
         let hedge = cfg.hedge.as_ref().filter(|_| replay.is_some());
         let mut tried: Vec<String> = Vec::new();
         let mut attempts = 1u32;
@@ -226,13 +234,6 @@ impl Shared {
                 let f = match self.clone().attempt(cfg.clone(), pending, req).await {
                     Ok(r) => return Ok(r),
                     Err(f) => *f,
-                };
-                let ctx = RetryCtx {
-                    cfg: &cfg,
-                    replay: replay.as_ref(),
-                    head: head.as_ref(),
-                    key: key.as_deref(),
-                    max_attempts,
                 };
                 let (g, next, backoff) =
                     match self.next_attempt(f, &ctx, &tried, &mut attempts, &mut retries) {
@@ -305,13 +306,6 @@ impl Shared {
                 // A hedge is still running: its answer may yet win.
                 continue;
             }
-            let ctx = RetryCtx {
-                cfg: &cfg,
-                replay: replay.as_ref(),
-                head: head.as_ref(),
-                key: key.as_deref(),
-                max_attempts,
-            };
             let (guard, next, backoff) =
                 match self.next_attempt(f, &ctx, &tried, &mut attempts, &mut retries) {
                     Ok(x) => x,
