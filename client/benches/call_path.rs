@@ -2,19 +2,22 @@
 //!
 //! ```text
 //! cargo bench -p dlb-client --bench call_path            # both parts
-//! CALLS=20000 CONCURRENCY=32 cargo bench -p dlb-client --bench call_path
+//! CALLS=20000 CONCURRENCY=32 DECAY_MS=10000 FAST_MS=1 cargo bench -p dlb-client --bench call_path
 //! PART=overhead cargo bench -p dlb-client --bench call_path   # only the overhead part
 //! ```
 //!
 //! 1. **Tail latency under one slow backend**: 8 tonic backends on loopback (the gRPC health
-//!    service), each answering after 1 ms, one after 20 ms; a closed loop of CONCURRENCY callers
-//!    making CALLS calls in all, through: DLB round robin, DLB least connections (P2C), DLB
-//!    Peak-EWMA, tonic `Channel::balance_list`, tower `p2c::Balance` over `PeakEwmaDiscover`.
+//!    service), each answering after FAST_MS (default 1 ms), one 20× slower; a closed loop of
+//!    CONCURRENCY callers making CALLS calls in all, through: DLB round robin, DLB least connections (P2C), DLB
+//!    Peak-EWMA, tonic `Channel::balance_list`, tower `p2c::Balance` over `PeakEwmaDiscover`
+//!    (both Peak-EWMAs with decay DECAY_MS, default 10 s). Each backend counts the calls it
+//!    answers, so every row also shows the share the slow backend received.
 //! 2. **Overhead**: one backend answering at once; sequential calls through a plain tonic
 //!    `Channel` and through the DLB transport, interleaved rounds: p50 and throughput.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,6 +30,8 @@ use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
 struct Svc {
     delay: Duration,
+    /// Calls this backend answered (the slow backend's share is printed per client).
+    served: Arc<AtomicU64>,
 }
 
 #[tonic::async_trait]
@@ -35,6 +40,7 @@ impl Health for Svc {
         &self,
         _req: Request<HealthCheckRequest>,
     ) -> Result<Response<HealthCheckResponse>, Status> {
+        self.served.fetch_add(1, Ordering::Relaxed);
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
@@ -49,13 +55,13 @@ impl Health for Svc {
     }
 }
 
-async fn backend(delay: Duration) -> SocketAddr {
+async fn backend(delay: Duration, served: Arc<AtomicU64>) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         let incoming = tonic::codegen::tokio_stream::wrappers::TcpListenerStream::new(listener);
         let _ = tonic::transport::Server::builder()
-            .add_service(HealthServer::new(Svc { delay }))
+            .add_service(HealthServer::new(Svc { delay, served }))
             .serve_with_incoming(incoming)
             .await;
     });
@@ -71,6 +77,8 @@ fn env(name: &str, default: usize) -> usize {
 
 struct Run {
     name: &'static str,
+    /// Share of the calls the slow backend answered (filled in by `tail`).
+    slow_share: f64,
     p50: Duration,
     p99: Duration,
     per_sec: f64,
@@ -120,6 +128,7 @@ where
     all.sort();
     Run {
         name,
+        slow_share: 0.0,
         p50: pct(&all, 0.5),
         p99: pct(&all, 0.99),
         per_sec: all.len() as f64 / wall.as_secs_f64(),
@@ -164,16 +173,45 @@ fn service(
     s
 }
 
-async fn tail(calls: usize, concurrency: usize) {
-    let mut addrs = Vec::new();
-    for i in 0..8 {
-        let d = if i == 7 { 20 } else { 1 };
-        addrs.push(backend(Duration::from_millis(d)).await);
+/// Counts at the backends: all calls, and the slow backend's.
+struct Counts {
+    all: Vec<Arc<AtomicU64>>,
+}
+
+impl Counts {
+    fn snapshot(&self) -> (u64, u64) {
+        let total = self.all.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+        (total, self.all[7].load(Ordering::Relaxed))
     }
+}
+
+/// Runs `fut` and fills in the slow backend's share of the calls it made.
+async fn counted(counts: &Counts, fut: impl std::future::Future<Output = Run>) -> Run {
+    let (t0, s0) = counts.snapshot();
+    let mut run = fut.await;
+    let (t1, s1) = counts.snapshot();
+    run.slow_share = (s1 - s0) as f64 / (t1 - t0).max(1) as f64;
+    run
+}
+
+async fn tail(calls: usize, concurrency: usize, decay: Duration, fast: Duration) {
+    let counts = Counts {
+        all: (0..8).map(|_| Arc::new(AtomicU64::new(0))).collect(),
+    };
+    let mut addrs = Vec::new();
+    for (i, served) in counts.all.iter().enumerate() {
+        let d = if i == 7 { fast * 20 } else { fast };
+        addrs.push(backend(d, served.clone()).await);
+    }
+    let mut ewma = service("ewma", &addrs, proto::Algorithm::PeakEwma);
+    ewma.policy.peak_ewma = Some(proto::PeakEwma {
+        decay_ms: u32::try_from(decay.as_millis()).unwrap(),
+        default_rtt_us: 30_000,
+    });
     let (_server, dlb) = dlbd(vec![
         service("rr", &addrs, proto::Algorithm::RoundRobin),
         service("lc", &addrs, proto::Algorithm::LeastConnP2c),
-        service("ewma", &addrs, proto::Algorithm::PeakEwma),
+        ewma,
     ])
     .await;
     for s in ["rr", "lc", "ewma"] {
@@ -186,49 +224,65 @@ async fn tail(calls: usize, concurrency: usize) {
     let mut runs = Vec::new();
     // Warm every client (connections, EWMA estimates) with a short loop first.
     let warm = (calls / 10).max(100);
+    let c = &counts;
     for round in 0..2 {
         let n = if round == 0 { warm } else { calls };
-        let rr = closed_loop(
-            "DLB round robin",
-            HealthClient::new(dlb.channel("rr").unwrap()),
-            n,
-            concurrency,
+        let rr = counted(
+            c,
+            closed_loop(
+                "DLB round robin",
+                HealthClient::new(dlb.channel("rr").unwrap()),
+                n,
+                concurrency,
+            ),
         )
         .await;
-        let lc = closed_loop(
-            "DLB least conn (P2C)",
-            HealthClient::new(dlb.channel("lc").unwrap()),
-            n,
-            concurrency,
+        let lc = counted(
+            c,
+            closed_loop(
+                "DLB least conn (P2C)",
+                HealthClient::new(dlb.channel("lc").unwrap()),
+                n,
+                concurrency,
+            ),
         )
         .await;
-        let ew = closed_loop(
-            "DLB Peak-EWMA",
-            HealthClient::new(dlb.channel("ewma").unwrap()),
-            n,
-            concurrency,
+        let ew = counted(
+            c,
+            closed_loop(
+                "DLB Peak-EWMA",
+                HealthClient::new(dlb.channel("ewma").unwrap()),
+                n,
+                concurrency,
+            ),
         )
         .await;
-        let bl = closed_loop(
-            "tonic balance_list",
-            HealthClient::new(Channel::balance_list(endpoints.clone().into_iter())),
-            n,
-            concurrency,
+        let bl = counted(
+            c,
+            closed_loop(
+                "tonic balance_list",
+                HealthClient::new(Channel::balance_list(endpoints.clone().into_iter())),
+                n,
+                concurrency,
+            ),
         )
         .await;
         let services: Vec<Channel> = endpoints.iter().map(|e| e.connect_lazy()).collect();
         let discover = tower::load::PeakEwmaDiscover::new(
             tower::discover::ServiceList::new(services),
             Duration::from_millis(30),
-            Duration::from_secs(10),
+            decay,
             tower::load::CompleteOnResponse::default(),
         );
         let p2c = tower::buffer::Buffer::new(tower::balance::p2c::Balance::new(discover), 1024);
-        let tw = closed_loop(
-            "tower p2c + PeakEwma",
-            HealthClient::new(p2c),
-            n,
-            concurrency,
+        let tw = counted(
+            c,
+            closed_loop(
+                "tower p2c + PeakEwma",
+                HealthClient::new(p2c),
+                n,
+                concurrency,
+            ),
         )
         .await;
         if round == 1 {
@@ -236,23 +290,28 @@ async fn tail(calls: usize, concurrency: usize) {
         }
     }
     println!(
-        "\n## Tail latency: 8 backends (1 ms), one at 20 ms; {calls} calls, {concurrency} callers"
+        "\n## Tail latency: 8 backends ({} ms), one at {} ms; {calls} calls, {concurrency} callers, \
+         Peak-EWMA decay {} ms",
+        fast.as_millis(),
+        (fast * 20).as_millis(),
+        decay.as_millis()
     );
-    println!("| client | p50 | p99 | calls/s |");
-    println!("|---|---|---|---|");
+    println!("| client | p50 | p99 | calls/s | slow backend's share |");
+    println!("|---|---|---|---|---|");
     for r in runs {
         println!(
-            "| {} | {:.2} ms | {:.2} ms | {:.0} |",
+            "| {} | {:.2} ms | {:.2} ms | {:.0} | {:.2} % |",
             r.name,
             r.p50.as_secs_f64() * 1e3,
             r.p99.as_secs_f64() * 1e3,
-            r.per_sec
+            r.per_sec,
+            r.slow_share * 100.0
         );
     }
 }
 
 async fn overhead(calls: usize) {
-    let addr = backend(Duration::ZERO).await;
+    let addr = backend(Duration::ZERO, Arc::new(AtomicU64::new(0))).await;
     let (_server, dlb) = dlbd(vec![service("one", &[addr], proto::Algorithm::RoundRobin)]).await;
     dlb.service("one").await.unwrap();
     let plain = Endpoint::from_shared(format!("http://{addr}"))
@@ -329,7 +388,9 @@ fn main() {
     let part = std::env::var("PART").unwrap_or_default();
     rt.block_on(async {
         if part != "overhead" {
-            tail(calls, concurrency).await;
+            let decay = Duration::from_millis(env("DECAY_MS", 10_000) as u64);
+            let fast = Duration::from_millis(env("FAST_MS", 1) as u64);
+            tail(calls, concurrency, decay, fast).await;
         }
         if part != "tail" {
             overhead(calls).await;
