@@ -234,3 +234,103 @@ async fn ever_new_names_do_not_grow_dlbd() {
     );
     drop(guard);
 }
+
+/// RSS growth while one DLB session follows 10,000 names (1 MB of names, the session's limits)
+/// and then one SotW xDS stream asks for 10,000 names of each of three types (30,000 names,
+/// 1 MiB, the stream's limits), both held open: what proto/dlb/v1/dlb.proto states a session
+/// and a stream can make dlbd keep (16 MB and 32 MB at most; measured ≈ 10.5 and ≈ 25 MB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_and_a_stream_at_their_limits_stay_within_the_stated_memory() {
+    let (guard, url) = start();
+    let pid = guard.0.id();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let start_rss = rss(pid);
+
+    // The session: 10,000 names of 100 bytes.
+    let (tx, rx) = mpsc::channel(4);
+    let names: Vec<String> = (0..10_000).map(|i| format!("s-{i:0>98}")).collect();
+    tx.send(proto::ClientMessage {
+        kind: Some(client_message::Kind::Subscribe(proto::Subscribe {
+            client_id: "memory-limits".into(),
+            services: names
+                .iter()
+                .map(|n| proto::ServiceSubscription {
+                    service: n.clone(),
+                    known: None,
+                })
+                .collect(),
+        })),
+    })
+    .await
+    .unwrap();
+    let mut inbound = proto::discovery_client::DiscoveryClient::connect(url.clone())
+        .await
+        .unwrap()
+        .session(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut answered = 0;
+    while answered < names.len() {
+        let m = tokio::time::timeout(WAIT, inbound.message())
+            .await
+            .expect("session message in time")
+            .expect("session failed")
+            .expect("session ended");
+        if matches!(m.kind, Some(server_message::Kind::NotFound(_))) {
+            answered += 1;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let with_session = rss(pid);
+
+    // The stream: 10,000 names of 34 bytes for each of three types (1,020,000 bytes).
+    let (xtx, xrx) = mpsc::channel(4);
+    let mut stream = AggregatedDiscoveryServiceClient::connect(url.clone())
+        .await
+        .unwrap()
+        .stream_aggregated_resources(ReceiverStream::new(xrx))
+        .await
+        .unwrap()
+        .into_inner();
+    let types = [
+        "type.googleapis.com/envoy.config.listener.v3.Listener",
+        "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+        ENDPOINTS,
+    ];
+    for (t, type_url) in types.iter().enumerate() {
+        xtx.send(DiscoveryRequest {
+            type_url: (*type_url).into(),
+            resource_names: (0..10_000).map(|i| format!("x{t}-{i:0>31}")).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        tokio::time::timeout(WAIT, stream.message())
+            .await
+            .expect("xds response in time")
+            .expect("xds stream failed")
+            .expect("xds stream ended");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let with_stream = rss(pid);
+    let (session_mb, stream_mb) = (
+        with_session.saturating_sub(start_rss) as f64 / MB as f64,
+        with_stream.saturating_sub(with_session) as f64 / MB as f64,
+    );
+    eprintln!(
+        "dlbd RSS: start {:.1} MB; + one session at its limits {session_mb:.1} MB; \
+         + one xDS stream at its limits {stream_mb:.1} MB",
+        start_rss as f64 / MB as f64
+    );
+    assert!(
+        session_mb < 16.0,
+        "one session made dlbd keep {session_mb:.1} MB"
+    );
+    assert!(
+        stream_mb < 32.0,
+        "one xDS stream made dlbd keep {stream_mb:.1} MB"
+    );
+    drop((tx, xtx, inbound, stream));
+    drop(guard);
+}
