@@ -4,6 +4,8 @@
 //! cargo bench -p dlb-client --bench call_path            # both parts
 //! CALLS=20000 CONCURRENCY=32 DECAY_MS=10000 FAST_MS=1 cargo bench -p dlb-client --bench call_path
 //! PART=overhead cargo bench -p dlb-client --bench call_path   # only the overhead part
+//! PART=overhead TRANSPORT=dlb valgrind --tool=callgrind target/release/deps/call_path-* --bench
+//! #   (TRANSPORT=plain|dlb: only that transport's calls after the warm-up, for instruction counts)
 //! ```
 //!
 //! 1. **Tail latency under one slow backend**: 8 tonic backends on loopback (the gRPC health
@@ -321,6 +323,10 @@ async fn overhead(calls: usize) {
         .unwrap();
     let mut plain = HealthClient::new(plain);
     let mut ours = HealthClient::new(dlb.channel("one").unwrap());
+    // `TRANSPORT=plain` or `TRANSPORT=dlb` makes only that transport's calls after the warm-up
+    // (for instruction counts under callgrind: the difference of two runs is the layer's cost).
+    let only = std::env::var("TRANSPORT").unwrap_or_default();
+    let (run_plain, run_ours) = (only != "dlb", only != "plain");
     let (mut a, mut b) = (Vec::new(), Vec::new());
     let (mut ta, mut tb) = (Duration::ZERO, Duration::ZERO);
     // Interleaved rounds of 500, after a warm-up of each.
@@ -329,20 +335,28 @@ async fn overhead(calls: usize) {
         ours.check(HealthCheckRequest::default()).await.unwrap();
     }
     for _ in 0..(calls / 500).max(1) {
-        let s = Instant::now();
-        for _ in 0..500 {
-            let t = Instant::now();
-            plain.check(HealthCheckRequest::default()).await.unwrap();
-            a.push(t.elapsed());
+        if run_plain {
+            let s = Instant::now();
+            for _ in 0..500 {
+                let t = Instant::now();
+                plain.check(HealthCheckRequest::default()).await.unwrap();
+                a.push(t.elapsed());
+            }
+            ta += s.elapsed();
         }
-        ta += s.elapsed();
-        let s = Instant::now();
-        for _ in 0..500 {
-            let t = Instant::now();
-            ours.check(HealthCheckRequest::default()).await.unwrap();
-            b.push(t.elapsed());
+        if run_ours {
+            let s = Instant::now();
+            for _ in 0..500 {
+                let t = Instant::now();
+                ours.check(HealthCheckRequest::default()).await.unwrap();
+                b.push(t.elapsed());
+            }
+            tb += s.elapsed();
         }
-        tb += s.elapsed();
+    }
+    if !(run_plain && run_ours) {
+        println!("{} calls through {only} only", a.len() + b.len());
+        return;
     }
     a.sort();
     b.sort();
