@@ -37,8 +37,9 @@ pub const LOAD_FACTOR_RANGE: std::ops::RangeInclusive<f64> = 1.0..=100.0;
 /// Largest gRPC message either end of DLB sends or accepts (both ends set it explicitly).
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
-/// Most bytes of one listing answer (ListServices, GetHealth, ListXdsClients): entries past it
-/// are left out and counted (`truncated`, `total`), so a listing never fails on the message size.
+/// Most bytes of one listing answer (ListServices, GetHealth, ListXdsClients, ListLeases,
+/// ListDns, and the circuit reports of ListServers): entries past it are left out and counted
+/// (`truncated`, `total`), so a listing never fails on the message size.
 pub const MAX_LIST_BYTES: usize = 4 << 20;
 
 /// Largest encoded full snapshot of one service: [`MAX_MESSAGE_BYTES`] less room for the

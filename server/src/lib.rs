@@ -48,6 +48,7 @@ pub mod dns;
 mod error;
 pub mod health;
 pub mod leases;
+mod listing;
 pub mod loads;
 pub mod log_limit;
 pub mod membership;

@@ -412,18 +412,24 @@ impl Membership for MembershipService {
             let service = model::resolve_service(&req.service)
                 .map_err(Error::from)?
                 .to_owned();
-            let leases = self
-                .leases
-                .list(service.clone())
-                .await?
-                .into_iter()
-                .map(|l| proto::LeaseInfo {
-                    server_id: l.server_id,
-                    ttl_seconds: u32::try_from(l.ttl.as_secs()).unwrap_or(u32::MAX),
-                    remaining_ms: u64::try_from(l.remaining.as_millis()).unwrap_or(u64::MAX),
-                })
-                .collect();
-            Ok(proto::ListLeasesResponse { service, leases })
+            let all = self.leases.list(service.clone()).await?;
+            let total = all.len();
+            let leases = all.into_iter().map(|l| proto::LeaseInfo {
+                server_id: l.server_id,
+                ttl_seconds: u32::try_from(l.ttl.as_secs()).unwrap_or(u32::MAX),
+                remaining_ms: u64::try_from(l.remaining.as_millis()).unwrap_or(u64::MAX),
+            });
+            let mut r = proto::ListLeasesResponse {
+                service,
+                ..Default::default()
+            };
+            // Bounded in bytes: the first leases (by server_id) that fit, and how many exist.
+            let listed =
+                crate::listing::first_that_fit(total, leases, prost::Message::encoded_len(&r));
+            r.leases = listed.items;
+            r.truncated = listed.truncated;
+            r.total = listed.total;
+            Ok(r)
         }
         .await;
         self.done("ListLeases", r)
@@ -477,10 +483,56 @@ impl Membership for MembershipService {
             } else {
                 Some(model::resolve_service(&req.service).map_err(Error::from)?)
             };
-            Ok(proto::ListDnsResponse {
-                names: self.dns.list(only),
-            })
+            Ok(dns_listing(self.dns.list(only)))
         })();
         self.done("ListDns", r)
+    }
+}
+
+/// The `ListDns` answer for `all` the followed names (ordered by service), bounded in bytes: the
+/// first names that fit, and how many exist.
+fn dns_listing(all: Vec<proto::DnsStatus>) -> proto::ListDnsResponse {
+    let listed = crate::listing::first_that_fit(all.len(), all, 0);
+    proto::ListDnsResponse {
+        names: listed.items,
+        truncated: listed.truncated,
+        total: listed.total,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The largest status a followed name can have: a 128-byte service, a 253-byte name, a
+    /// 256-byte error and every counter at its widest.
+    fn status(i: usize) -> proto::DnsStatus {
+        proto::DnsStatus {
+            service: format!("{i:0>128}"),
+            target: format!("{}:65535", "n".repeat(253)),
+            weight: 10_000,
+            backends: 65_535,
+            resolved: u32::MAX,
+            truncated: true,
+            consecutive_failures: u32::MAX,
+            last_error: "e".repeat(256),
+            next_refresh_ms: u64::MAX,
+        }
+    }
+
+    #[test]
+    fn list_dns_is_bounded_with_a_count() {
+        // The service quota's worth of the largest statuses: ≈ 7 MB.
+        let all: Vec<_> = (0..model::MAX_SERVICES).map(status).collect();
+        let r = dns_listing(all.clone());
+        assert!(r.truncated);
+        assert_eq!(r.total as usize, model::MAX_SERVICES);
+        assert!(!r.names.is_empty() && r.names.len() < all.len());
+        assert_eq!(r.names, all[..r.names.len()], "the first ones, in order");
+        assert!(prost::Message::encoded_len(&r) <= model::MAX_LIST_BYTES);
+        // A listing that fits is whole.
+        let r = dns_listing(all[..10].to_vec());
+        assert!(!r.truncated);
+        assert_eq!((r.names.len(), r.total), (10, 10));
     }
 }

@@ -240,18 +240,16 @@ impl RegistryService {
             servers: snap.server_list(),
             panic: Some(panic),
             circuits: Vec::new(),
-            circuits_total: u32::try_from(reports.len()).unwrap_or(u32::MAX),
+            circuits_total: 0,
         };
-        // The backends always fit (a service's snapshot does); circuit reports only as far as
-        // the message has room, the rest counted in `circuits_total`.
-        let mut bytes = prost::Message::encoded_len(&r);
-        for c in reports {
-            bytes += prost::Message::encoded_len(&c) + 8;
-            if bytes > model::MAX_MESSAGE_BYTES - (16 << 10) {
-                break;
-            }
-            r.circuits.push(c);
-        }
+        // The backends always fit (a service's snapshot does); circuit reports as far as the
+        // listing budget and the message's room allow, the rest counted in `circuits_total`.
+        let room = (model::MAX_MESSAGE_BYTES - (16 << 10))
+            .saturating_sub(prost::Message::encoded_len(&r))
+            .min(model::MAX_LIST_BYTES);
+        let listed = crate::listing::first_within(reports.len(), reports, room);
+        r.circuits = listed.items;
+        r.circuits_total = listed.total;
         Ok(r)
     }
 
@@ -368,31 +366,22 @@ impl RegistryService {
         let services = self.shared.store.snapshot().await?.services;
         let total = services.len();
         // Bounded in bytes: the first services (by name) that fit, and how many exist.
-        let mut out = Vec::new();
-        let mut bytes = 0;
-        for s in services {
-            let summary = proto::ServiceSummary {
-                panic: Some(dlb::health_policy::panic_state(
-                    &s.policy,
-                    s.servers.values().map(|s| &**s),
-                )),
-                servers: u32::try_from(s.servers.len()).unwrap_or(u32::MAX),
-                eligible: u32::try_from(s.eligible()).unwrap_or(u32::MAX),
-                service: s.name,
-                version: Some(s.version),
-                policy: Some(s.policy),
-            };
-            let len = prost::Message::encoded_len(&summary) + 8;
-            if bytes + len > MAX_LIST_BYTES {
-                break;
-            }
-            bytes += len;
-            out.push(summary);
-        }
+        let summaries = services.into_iter().map(|s| proto::ServiceSummary {
+            panic: Some(dlb::health_policy::panic_state(
+                &s.policy,
+                s.servers.values().map(|s| &**s),
+            )),
+            servers: u32::try_from(s.servers.len()).unwrap_or(u32::MAX),
+            eligible: u32::try_from(s.eligible()).unwrap_or(u32::MAX),
+            service: s.name,
+            version: Some(s.version),
+            policy: Some(s.policy),
+        });
+        let listed = crate::listing::first_that_fit(total, summaries, 0);
         Ok(proto::ListServicesResponse {
-            truncated: out.len() < total,
-            total: u32::try_from(total).unwrap_or(u32::MAX),
-            services: out,
+            services: listed.items,
+            truncated: listed.truncated,
+            total: listed.total,
         })
     }
 }

@@ -730,7 +730,8 @@ async fn run(cli: Cli, interrupts: Option<membership::Interrupts>) -> Result<(),
                            "panic": panic_json(r.panic),
                            "circuits": r.circuits.iter().map(|c| json!({
                                "server_id": c.server_id, "open_sessions": c.open_sessions,
-                               "half_open_sessions": c.half_open_sessions})).collect::<Vec<_>>()})
+                               "half_open_sessions": c.half_open_sessions})).collect::<Vec<_>>(),
+                           "circuits_total": r.circuits_total})
                 );
             } else {
                 println!(
@@ -1158,7 +1159,7 @@ fn print_xds_clients(j: bool, r: &dlb::proto::ListXdsClientsResponse) {
 }
 
 /// The line under a truncated listing: how many entries were left out (when the server says).
-fn more_not_shown(total: u32, listed: usize) -> String {
+pub(crate) fn more_not_shown(total: u32, listed: usize) -> String {
     let listed = u32::try_from(listed).unwrap_or(u32::MAX);
     if total > listed {
         format!("({} more not shown)", total - listed)

@@ -18,39 +18,34 @@ pub(crate) async fn get_health(
     }
     let all = shared.health.inspect_service(&service).await;
     let total = all.len();
-    let mut bytes = 0;
-    let backends: Vec<proto::BackendHealth> = all
-        .into_iter()
-        .map(|(id, v)| proto::BackendHealth {
-            server_id: id,
-            state: match v.health {
-                Health::Unknown => "unknown",
-                Health::Healthy => "healthy",
-                Health::Unhealthy => "unhealthy",
-            }
-            .to_owned(),
-            consecutive_passes: v.counts.0,
-            consecutive_failures: v.counts.1,
-            published: v.published as i32,
-            last_detail: v.last_detail,
-            last_rtt_us: v.last_rtt.map_or(0, |d| {
-                u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
-            }),
-            held_down: v.held_down,
-            hold_downs: v.hold_downs,
-            prober: v.prober,
-            probed_here: v.probed,
-        })
-        // Bounded in bytes: the first backends that fit, and how many there are.
-        .take_while(|b| {
-            bytes += prost::Message::encoded_len(b) + 8;
-            bytes <= model::MAX_LIST_BYTES
-        })
-        .collect();
-    Ok(proto::GetHealthResponse {
+    let backends = all.into_iter().map(|(id, v)| proto::BackendHealth {
+        server_id: id,
+        state: match v.health {
+            Health::Unknown => "unknown",
+            Health::Healthy => "healthy",
+            Health::Unhealthy => "unhealthy",
+        }
+        .to_owned(),
+        consecutive_passes: v.counts.0,
+        consecutive_failures: v.counts.1,
+        published: v.published as i32,
+        last_detail: v.last_detail,
+        last_rtt_us: v.last_rtt.map_or(0, |d| {
+            u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
+        }),
+        held_down: v.held_down,
+        hold_downs: v.hold_downs,
+        prober: v.prober,
+        probed_here: v.probed,
+    });
+    let mut r = proto::GetHealthResponse {
         service,
-        truncated: backends.len() < total,
-        total: u32::try_from(total).unwrap_or(u32::MAX),
-        backends,
-    })
+        ..Default::default()
+    };
+    // Bounded in bytes: the first backends that fit, and how many there are.
+    let listed = crate::listing::first_that_fit(total, backends, prost::Message::encoded_len(&r));
+    r.backends = listed.items;
+    r.truncated = listed.truncated;
+    r.total = listed.total;
+    Ok(r)
 }

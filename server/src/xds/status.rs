@@ -86,21 +86,15 @@ impl XdsStatus for XdsStatusService {
     ) -> Result<tonic::Response<proto::ListXdsClientsResponse>, tonic::Status> {
         let all = self.clients.list();
         let total = all.len();
-        let mut clients = Vec::new();
-        let mut bytes = 0;
-        for c in all.into_iter().take(MAX_CLIENTS) {
-            let c = to_wire(c);
-            let len = prost::Message::encoded_len(&c) + 8;
-            if bytes + len > MAX_LIST_BYTES {
-                break;
-            }
-            bytes += len;
-            clients.push(c);
-        }
+        let listed = crate::listing::first_that_fit(
+            total,
+            all.into_iter().take(MAX_CLIENTS).map(to_wire),
+            0,
+        );
         Ok(tonic::Response::new(proto::ListXdsClientsResponse {
-            truncated: clients.len() < total,
-            total: u32::try_from(total).unwrap_or(u32::MAX),
-            clients,
+            clients: listed.items,
+            truncated: listed.truncated,
+            total: listed.total,
         }))
     }
 }

@@ -276,13 +276,8 @@ async fn show(admin: &AdminClient, service: &str, json_out: bool) -> Result<(), 
             );
         }
     }
-    let listed = u32::try_from(r.backends.len()).unwrap_or(u32::MAX);
     if r.truncated && !json_out {
-        if r.total > listed {
-            println!("({} more not shown)", r.total - listed);
-        } else {
-            println!("(more exist than listed)");
-        }
+        println!("{}", crate::more_not_shown(r.total, r.backends.len()));
     }
     Ok(())
 }

@@ -38,7 +38,8 @@ pub fn source_name(s: &proto::Server) -> &'static str {
     }
 }
 
-/// Remaining lease time by backend id (empty when the server has no Membership service).
+/// Remaining lease time by backend id (empty when the server has no Membership service). A
+/// listing truncated at 4 MiB lacks the last leases: their backends show `lease=?`.
 pub async fn leases(admin: &AdminClient, service: &str) -> HashMap<String, proto::LeaseInfo> {
     match admin.list_leases(service).await {
         Ok(r) => r
@@ -251,10 +252,16 @@ pub async fn dns(
             let r = admin.list_dns(only).await?;
             if json_out {
                 let names: Vec<_> = r.names.iter().map(dns_json).collect();
-                println!("{}", json!({ "names": names }));
+                println!(
+                    "{}",
+                    json!({ "names": names, "truncated": r.truncated, "total": r.total })
+                );
             } else {
                 for d in &r.names {
                     println!("{}", dns_text(d));
+                }
+                if r.truncated {
+                    println!("{}", crate::more_not_shown(r.total, r.names.len()));
                 }
             }
         }
