@@ -405,47 +405,6 @@ impl Shared {
         req
     }
 
-    /// Points the request at `address`: absolute URI for HTTP/2, origin form and `Host` for
-    /// HTTP/1.1.
-    fn target(
-        &self,
-        req: &mut Request<ReqBody>,
-        address: &str,
-        authority: Option<&http::uri::Authority>,
-    ) {
-        let pq = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        match self.opts.protocol {
-            Protocol::Grpc => {
-                *req.version_mut() = http::Version::HTTP_2;
-                let mut parts = http::uri::Parts::default();
-                parts.scheme = Some(http::uri::Scheme::HTTP);
-                parts.authority = authority.cloned();
-                parts.path_and_query = Some(pq);
-                if let Ok(uri) = Uri::from_parts(parts) {
-                    *req.uri_mut() = uri;
-                }
-            }
-            Protocol::Http1 => {
-                *req.version_mut() = http::Version::HTTP_11;
-                if !req.headers().contains_key(http::header::HOST) {
-                    let host = req
-                        .uri()
-                        .authority()
-                        .map(|a| a.as_str().to_owned())
-                        .unwrap_or_else(|| address.to_owned());
-                    if let Ok(v) = http::HeaderValue::from_str(&host) {
-                        req.headers_mut().insert(http::header::HOST, v);
-                    }
-                }
-                *req.uri_mut() = Uri::from(pq);
-            }
-        }
-    }
-
     /// One attempt on the backend `guard` picked.
     async fn attempt(
         self: Arc<Self>,
@@ -470,7 +429,8 @@ impl Shared {
                 }));
             }
         };
-        self.target(
+        target(
+            self.opts.protocol,
             &mut req,
             pending.guard().address(),
             endpoint.authority.as_ref(),
@@ -555,5 +515,102 @@ impl Shared {
         } else {
             Ok(resp)
         }
+    }
+}
+
+/// Marks a request whose `Host` header the call path set from a backend's address (HTTP/1.1,
+/// no `Host` and no authority from the caller): a request that comes back unsent goes to the
+/// next backend with that backend's address, not the first one's.
+#[derive(Debug, Clone, Copy)]
+struct HostFromBackend;
+
+/// Points the request at `address`: absolute URI for HTTP/2, origin form and `Host` for
+/// HTTP/1.1 (the caller's `Host`, else the URI's authority, else the backend's address).
+fn target(
+    protocol: Protocol,
+    req: &mut Request<ReqBody>,
+    address: &str,
+    authority: Option<&http::uri::Authority>,
+) {
+    let pq = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    match protocol {
+        Protocol::Grpc => {
+            *req.version_mut() = http::Version::HTTP_2;
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(http::uri::Scheme::HTTP);
+            parts.authority = authority.cloned();
+            parts.path_and_query = Some(pq);
+            if let Ok(uri) = Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+            }
+        }
+        Protocol::Http1 => {
+            *req.version_mut() = http::Version::HTTP_11;
+            let ours = req.extensions().get::<HostFromBackend>().is_some();
+            if ours || !req.headers().contains_key(http::header::HOST) {
+                let (host, from_backend) = match req.uri().authority() {
+                    Some(a) => (a.as_str().to_owned(), false),
+                    None => (address.to_owned(), true),
+                };
+                if let Ok(v) = http::HeaderValue::from_str(&host) {
+                    req.headers_mut().insert(http::header::HOST, v);
+                    if from_backend {
+                        req.extensions_mut().insert(HostFromBackend);
+                    }
+                }
+            }
+            *req.uri_mut() = Uri::from(pq);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(req: &Request<ReqBody>) -> &str {
+        req.headers()[http::header::HOST].to_str().unwrap()
+    }
+
+    fn empty() -> ReqBody {
+        ReqBody::Buffered {
+            data: None,
+            trailers: None,
+        }
+    }
+
+    #[test]
+    fn an_unsent_http1_request_takes_the_next_backends_address_as_host() {
+        let mut req = Request::get("/a?b=1").body(empty()).unwrap();
+        target(Protocol::Http1, &mut req, "10.0.0.1:80", None);
+        assert_eq!(host(&req), "10.0.0.1:80");
+        assert_eq!(req.uri(), "/a?b=1");
+        // The request came back unsent and goes to another backend.
+        target(Protocol::Http1, &mut req, "10.0.0.2:81", None);
+        assert_eq!(host(&req), "10.0.0.2:81");
+        assert_eq!(req.uri(), "/a?b=1");
+    }
+
+    #[test]
+    fn the_callers_host_or_authority_is_kept_on_every_backend() {
+        let mut req = Request::get("/")
+            .header("host", "api.example")
+            .body(empty())
+            .unwrap();
+        target(Protocol::Http1, &mut req, "10.0.0.1:80", None);
+        target(Protocol::Http1, &mut req, "10.0.0.2:80", None);
+        assert_eq!(host(&req), "api.example");
+        let mut req = Request::get("http://svc.example:8080/x")
+            .body(empty())
+            .unwrap();
+        target(Protocol::Http1, &mut req, "10.0.0.1:80", None);
+        assert_eq!(host(&req), "svc.example:8080");
+        target(Protocol::Http1, &mut req, "10.0.0.2:80", None);
+        assert_eq!(host(&req), "svc.example:8080");
+        assert_eq!(req.uri(), "/x");
     }
 }
