@@ -254,30 +254,53 @@ impl ServiceHandle {
         // The common pick returns only the small `Held` out of the thread-local lookup, and the
         // guard is built here, in the caller's slot: a `Result<CallGuard>` passed out of the
         // closure was copied word by word several times (about 60 instructions per pick).
-        match local::with_view(&self.state, |view| self.pick_fast(view, key), || None) {
-            Some(call) => Ok(CallGuard {
+        // Every other pick writes its result into `other` (one lookup of the view either way).
+        let mut other = None;
+        let fast = local::with_view(
+            &self.state,
+            |view| self.pick_fast(view, key, clock, &mut other),
+            || None,
+        );
+        if let Some(call) = fast {
+            return Ok(CallGuard {
                 call,
                 started: crate::clock::Start::now(clock),
                 ticket: None,
-            }),
-            None => self.pick_slow(key, clock),
+            });
+        }
+        match other {
+            Some(result) => result,
+            // No thread-local cache (thread exit): pick from the shared snapshot (no breakers).
+            None => self.pick_shared(key, clock),
         }
     }
 
     /// The common pick through this thread's view: a policy counted in the view, no breaker, no
-    /// sticky key. `None`, having picked nothing (no side effect), for every other case, which
-    /// [`Self::pick_slow`] then takes from the start: no picker, breakers, a policy the picker
-    /// counts, a sticky key, and a failed pick (whose error the slow path reports).
+    /// sticky key. Every other pick ([`Self::pick_other`]: no picker, breakers, a policy the
+    /// picker counts, a sticky key, a failed pick) puts its result in `other` and returns
+    /// `None`.
     #[inline(always)]
-    fn pick_fast(&self, view: Option<&Arc<LocalView>>, key: Option<&[u8]>) -> Option<Held> {
-        let view = view?;
-        if view.breakers.is_some()
-            || !view.counts_locally()
-            || (view.sticky.is_some() && key.is_some())
-        {
+    fn pick_fast(
+        &self,
+        view: Option<&Arc<LocalView>>,
+        key: Option<&[u8]>,
+        clock: crate::clock::CallClock,
+        other: &mut Option<Result<CallGuard>>,
+    ) -> Option<Held> {
+        let fast = view.filter(|v| {
+            v.breakers.is_none() && v.counts_locally() && (v.sticky.is_none() || key.is_none())
+        });
+        let Some(view) = fast else {
+            *other = Some(self.pick_other(view, key, clock));
             return None;
-        }
-        let pick = view.picker.pick_uncounted(key).ok()?;
+        };
+        let pick = match view.picker.pick_uncounted(key) {
+            Ok(pick) => pick,
+            Err(reason) => {
+                *other = Some(Err(self.no_backend(reason)));
+                return None;
+            }
+        };
         if !pick.is_counted() {
             if let Some(call) = view.start_call(pick.index()) {
                 return Some(Held::Local(call));
@@ -286,29 +309,26 @@ impl ServiceHandle {
         Some(Held::Viewed(pick.into_owned_by(ViewRef(view.clone()))))
     }
 
-    /// Every pick but [`Self::pick_fast`]'s, looking the thread's view up again.
+    /// Every pick through this thread's view but [`Self::pick_fast`]'s.
     #[cold]
     #[inline(never)]
-    fn pick_slow(&self, key: Option<&[u8]>, clock: crate::clock::CallClock) -> Result<CallGuard> {
-        local::with_view(
-            &self.state,
-            |view| match view {
-                Some(view) => match &view.breakers {
-                    None => {
-                        let call = self.pick_in(view, key)?;
-                        Ok(CallGuard {
-                            call,
-                            started: crate::clock::Start::now(clock),
-                            ticket: None,
-                        })
-                    }
-                    Some(b) => self.pick_guarded(view, b, key, clock),
-                },
-                None => Err(self.no_picker()),
-            },
-            // No thread-local cache (thread exit): pick from the shared snapshot (no breakers).
-            || self.pick_shared(key, clock),
-        )
+    fn pick_other(
+        &self,
+        view: Option<&Arc<LocalView>>,
+        key: Option<&[u8]>,
+        clock: crate::clock::CallClock,
+    ) -> Result<CallGuard> {
+        let Some(view) = view else {
+            return Err(self.no_picker());
+        };
+        match &view.breakers {
+            None => Ok(CallGuard {
+                call: self.pick_in(view, key)?,
+                started: crate::clock::Start::now(clock),
+                ticket: None,
+            }),
+            Some(b) => self.pick_guarded(view, b, key, clock),
+        }
     }
 
     /// The clock this service's calls are timed with.
