@@ -47,6 +47,7 @@ mod global;
 mod local;
 pub mod membership;
 pub mod metrics;
+mod pick;
 mod resolve;
 mod service;
 mod session;

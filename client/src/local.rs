@@ -375,6 +375,69 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn alternate_services_and_swaps_pick_from_each_current_snapshot() {
+        let client = offline().await;
+        let rr = proto::Algorithm::RoundRobin;
+        let maglev = proto::Algorithm::Maglev;
+        let mut other = snapshot(1, maglev, &["x", "y"]);
+        other.service = "t".into();
+        let s = client.detached_service(&snapshot(1, rr, &["a"])).unwrap();
+        let t = client.detached_service(&other).unwrap();
+        // Alternate picks on one thread: each goes through its own service's view.
+        let mut guards = Vec::new();
+        for _ in 0..3 {
+            let g = s.get_next_server(None).unwrap();
+            assert_eq!(g.server_id(), "a");
+            guards.push(g);
+            let g = t.get_next_server(Some(b"k")).unwrap();
+            assert!(matches!(g.call, crate::service::Held::Local(_)));
+            assert!(["x", "y"].contains(&g.server_id()));
+            guards.push(g);
+        }
+        assert_eq!(in_flight(&s, "a"), 3);
+        assert_eq!(in_flight(&t, "x") + in_flight(&t, "y"), 3);
+        // A swap of one service between two picks: its next picks are from the new snapshot
+        // (round robin over both backends), the other service's view is untouched.
+        crate::session::apply_detached(&s.state, &snapshot(2, rr, &["a", "b"])).unwrap();
+        let mut ids = Vec::new();
+        for _ in 0..2 {
+            let g = s.get_next_server(None).unwrap();
+            ids.push(g.server_id().to_owned());
+            guards.push(g);
+            let g = t.get_next_server(Some(b"k")).unwrap();
+            assert!(["x", "y"].contains(&g.server_id()));
+            guards.push(g);
+        }
+        ids.sort();
+        assert_eq!(ids, ["a", "b"]);
+        assert_eq!(in_flight(&s, "a"), 4);
+        assert_eq!(in_flight(&s, "b"), 1);
+        assert_eq!(in_flight(&t, "x") + in_flight(&t, "y"), 5);
+        drop(guards);
+        assert!(s.backends().iter().all(|b| b.in_flight == 0));
+        assert!(t.backends().iter().all(|b| b.in_flight == 0));
+        // A service with no backend: the error (from the slow path), between two good picks.
+        let mut none = snapshot(1, rr, &[]);
+        none.service = "u".into();
+        let u = client.detached_service(&none).unwrap();
+        let g = s.get_next_server(None).unwrap();
+        assert!(matches!(
+            u.get_next_server(None),
+            Err(crate::Error::NoBackend { .. })
+        ));
+        drop(g);
+        assert!(s.get_next_server(None).is_ok());
+        // A policy the picker counts (after a swap) is counted in the shared load.
+        let p2c = proto::Algorithm::LeastConnP2c;
+        crate::session::apply_detached(&s.state, &snapshot(3, p2c, &["a", "b"])).unwrap();
+        let g = s.get_next_server(None).unwrap();
+        assert!(matches!(g.call, crate::service::Held::Viewed(_)));
+        assert_eq!(in_flight(&s, "a") + in_flight(&s, "b"), 1);
+        drop(g);
+        assert!(s.backends().iter().all(|b| b.in_flight == 0));
+    }
+
+    #[tokio::test]
     async fn policies_that_read_counts_count_in_the_shared_load() {
         let client = offline().await;
         let p2c = proto::Algorithm::LeastConnP2c;

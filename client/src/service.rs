@@ -1,4 +1,6 @@
 //! Per-service routing state and the request-path API: [`ServiceHandle`] and [`CallGuard`].
+//! The pick itself (`ServiceHandle::get_next_server` and what it dispatches to) is in
+//! [`crate::pick`].
 //!
 //! The session task (see [`crate::session`]) is the only writer of a service's state: it applies
 //! updates from the control plane, builds the next [`Picker`] with [`Picker::rebuild`] (so
@@ -26,7 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use dlb::balance::{Backend, OwnedPick, PickError, Picker, StickyTable};
+use dlb::balance::{Backend, OwnedPick, Picker, StickyTable};
 use dlb::proto;
 use parking_lot::Mutex;
 use tokio::sync::watch;
@@ -239,127 +241,6 @@ impl ServiceHandle {
         &self.state.name
     }
 
-    /// Picks a backend locally, in O(1), from the latest snapshot.
-    ///
-    /// `key` is the request key for consistent hashing; when the service's policy is sticky it is
-    /// the session key (a `None` key is then picked without affinity). The returned guard counts
-    /// one in-flight call until it is consumed by [`CallGuard::success`] / [`CallGuard::failure`]
-    /// or dropped.
-    ///
-    /// Errors: [`Error::ServiceNotFound`] if the control plane said the service does not exist,
-    /// [`Error::Unavailable`] before the first snapshot, [`Error::NoBackend`] when nothing is
-    /// eligible (or a strict sticky session's backend is gone).
-    pub fn get_next_server(&self, key: Option<&[u8]>) -> Result<CallGuard> {
-        let clock = self.call_clock();
-        local::with_view(
-            &self.state,
-            |view| match view {
-                Some(view) => match &view.breakers {
-                    None => {
-                        let call = self.pick_in(view, key)?;
-                        Ok(CallGuard {
-                            call,
-                            started: crate::clock::Start::now(clock),
-                            ticket: None,
-                        })
-                    }
-                    Some(b) => self.pick_guarded(view, b, key, clock),
-                },
-                None => Err(self.no_picker()),
-            },
-            // No thread-local cache (thread exit): pick from the shared snapshot (no breakers).
-            || self.pick_shared(key, clock),
-        )
-    }
-
-    /// The clock this service's calls are timed with.
-    pub(crate) fn call_clock(&self) -> crate::clock::CallClock {
-        if self.state.tokio_clock.load(Ordering::Relaxed) {
-            crate::clock::CallClock::Tokio
-        } else {
-            crate::clock::CallClock::Tsc
-        }
-    }
-
-    /// A pick under the service's circuit breakers and concurrent-call cap (see
-    /// [`crate::breaker`]).
-    #[cold]
-    fn pick_guarded(
-        &self,
-        view: &Arc<LocalView>,
-        breakers: &crate::breaker::Breakers,
-        key: Option<&[u8]>,
-        clock: crate::clock::CallClock,
-    ) -> Result<CallGuard> {
-        use dlb::circuit::Admit;
-        let Some(permit) = breakers.permit() else {
-            return Err(Error::ResourceExhausted(format!(
-                "service {:?} has {} calls in flight from this client (circuit_breaker.max_concurrent_calls)",
-                self.state.name, breakers.cfg.max_concurrent_calls
-            )));
-        };
-        let ticket = |index: usize, admit: Admit, permit| {
-            breakers.slot(index).map(|slot| crate::breaker::Ticket {
-                slot: slot.clone(),
-                trial: admit == Admit::Trial,
-                _permit: permit,
-                done: false,
-            })
-        };
-        let mut refused = None;
-        for _ in 0..=(if key.is_none() {
-            crate::breaker::RETRIES
-        } else {
-            0
-        }) {
-            let held = self.pick_in(view, key)?;
-            let i = held.index();
-            let admit = breakers
-                .slot(i)
-                .map_or(Admit::Call, |s| s.admit(crate::breaker::now));
-            if admit != Admit::Refused {
-                return Ok(CallGuard {
-                    call: held,
-                    started: crate::clock::Start::now(clock),
-                    ticket: ticket(i, admit, permit),
-                });
-            }
-            refused = Some(i);
-        }
-        // Walk on from the refused backend to the next eligible one that admits a call.
-        let n = view.picker.backends().len();
-        let start = refused.unwrap_or(0);
-        for off in 1..n {
-            let j = (start + off) % n;
-            let b = &view.picker.backends()[j];
-            if !b.is_eligible() {
-                continue;
-            }
-            let Some(slot) = breakers.slot(j) else {
-                continue;
-            };
-            let admit = slot.admit(crate::breaker::now);
-            if admit == Admit::Refused {
-                continue;
-            }
-            if let Some(pick) = view.picker.pick_id(b.id()) {
-                let held = Held::Viewed(pick.into_owned_by(ViewRef(view.clone())));
-                return Ok(CallGuard {
-                    call: held,
-                    started: crate::clock::Start::now(clock),
-                    ticket: ticket(j, admit, permit),
-                });
-            }
-            if admit == Admit::Trial {
-                slot.admit_released();
-            }
-        }
-        Err(Error::NoBackend {
-            service: self.state.name.clone(),
-            reason: PickError::NoEligibleBackends,
-        })
-    }
-
     /// This SDK's circuit-breaker state per backend (empty when the policy has no breaker).
     pub fn circuit_states(&self) -> Vec<(String, dlb::circuit::State)> {
         let snap = self.state.snapshot.load();
@@ -382,86 +263,6 @@ impl ServiceHandle {
             .breakers
             .as_ref()
             .map_or(0, |b| b.trips.load(Ordering::Relaxed))
-    }
-
-    /// A pick through this thread's view. The common case (a policy that does not read
-    /// in-flight counts, no sticky key) is inline; the others are [`Self::pick_in_other`].
-    #[inline(always)]
-    fn pick_in(&self, view: &Arc<LocalView>, key: Option<&[u8]>) -> Result<Held> {
-        if !view.counts_locally() || (view.sticky.is_some() && key.is_some()) {
-            return self.pick_in_other(view, key);
-        }
-        let pick = match view.picker.pick_uncounted(key) {
-            Ok(pick) => pick,
-            Err(reason) => return Err(self.no_backend(reason)),
-        };
-        if !pick.is_counted() {
-            if let Some(call) = view.start_call(pick.index()) {
-                return Ok(Held::Local(call));
-            }
-        }
-        Ok(Held::Viewed(pick.into_owned_by(ViewRef(view.clone()))))
-    }
-
-    /// A pick through this thread's view that the picker counts, or a sticky one.
-    #[inline(never)]
-    fn pick_in_other(&self, view: &Arc<LocalView>, key: Option<&[u8]>) -> Result<Held> {
-        let picker = &view.picker;
-        let owner = || ViewRef(view.clone());
-        if let (Some(table), Some(key)) = (&view.sticky, key) {
-            let pick = table.pick(picker, key, Instant::now().into_std());
-            return Ok(Held::Viewed(self.picked(pick)?.into_owned_by(owner())));
-        }
-        Ok(Held::Viewed(
-            self.picked(picker.pick(key))?.into_owned_by(owner()),
-        ))
-    }
-
-    /// A pick from the shared snapshot, counted in the backends' shared loads.
-    #[cold]
-    #[inline(never)]
-    fn pick_shared(&self, key: Option<&[u8]>, clock: crate::clock::CallClock) -> Result<CallGuard> {
-        let snap = self.state.snapshot.load();
-        let Some(picker) = &snap.picker else {
-            return Err(self.no_picker());
-        };
-        let pick = match (&snap.sticky, key) {
-            (Some(table), Some(key)) => table.pick(picker, key, Instant::now().into_std()),
-            _ => picker.pick(key),
-        };
-        let owned = self.picked(pick)?.into_owned(picker);
-        Ok(CallGuard {
-            call: Held::Shared(owned),
-            started: crate::clock::Start::now(clock),
-            ticket: None,
-        })
-    }
-
-    fn picked<T>(&self, pick: std::result::Result<T, PickError>) -> Result<T> {
-        pick.map_err(|reason| self.no_backend(reason))
-    }
-
-    /// The error of a pick that found no backend.
-    #[cold]
-    #[inline(never)]
-    fn no_backend(&self, reason: PickError) -> Error {
-        Error::NoBackend {
-            service: self.state.name.clone(),
-            reason,
-        }
-    }
-
-    /// The error of a pick while the published snapshot has no picker.
-    #[cold]
-    pub(crate) fn no_picker(&self) -> Error {
-        if self.state.snapshot.load().not_found {
-            Error::ServiceNotFound(self.state.name.clone())
-        } else {
-            Error::Unavailable(format!(
-                "no snapshot of service {:?} received yet",
-                self.state.name
-            ))
-        }
     }
 
     /// The version the handle currently routes on (`epoch` 0 before the first snapshot).
@@ -640,9 +441,9 @@ impl ServiceHandle {
 pub struct CallGuard {
     pub(crate) call: Held,
     /// When the call started, on the service's call clock ([`crate::clock`]).
-    started: crate::clock::Start,
+    pub(crate) started: crate::clock::Start,
     /// The circuit-breaker claim, when the policy has breakers (dropped after `call`).
-    ticket: Option<crate::breaker::Ticket>,
+    pub(crate) ticket: Option<crate::breaker::Ticket>,
 }
 
 /// How a [`CallGuard`] counts its call and keeps its backend alive (the count ends when this
@@ -660,7 +461,7 @@ pub(crate) enum Held {
 impl Held {
     /// The picked backend's position in the picker it was picked from.
     #[inline]
-    fn index(&self) -> usize {
+    pub(crate) fn index(&self) -> usize {
         match self {
             Held::Local(call) => call.index(),
             Held::Viewed(pick) => pick.index(),
