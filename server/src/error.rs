@@ -123,6 +123,12 @@ pub enum Error {
     /// The store's storage failed (disk, database file).
     #[error("storage: {0}")]
     Storage(String),
+    /// The store's backing service could not answer for now (etcd unreachable, a connection
+    /// reset, a leader change, a deadline): transient, worth retrying with a backoff. A write
+    /// that failed so may or may not have been applied (read before retrying a
+    /// non-idempotent one).
+    #[error("storage unavailable: {0}")]
+    StorageUnavailable(String),
     /// A background task failed or panicked.
     #[error("task failed: {0}")]
     Task(String),
@@ -139,7 +145,9 @@ impl From<Error> for tonic::Status {
             Error::ServiceExists(_) | Error::AlreadyExists { .. } => {
                 tonic::Status::already_exists(msg)
             }
-            Error::Unavailable { .. } => tonic::Status::unavailable(msg),
+            Error::Unavailable { .. } | Error::StorageUnavailable(_) => {
+                tonic::Status::unavailable(msg)
+            }
             Error::VersionMismatch { .. } | Error::ServiceNotEmpty { .. } => {
                 tonic::Status::failed_precondition(msg)
             }
@@ -151,5 +159,84 @@ impl From<Error> for tonic::Status {
             | Error::Storage(_)
             | Error::Task(_) => tonic::Status::internal(msg),
         }
+    }
+}
+
+/// An etcd error as an [`Error`]: [`Error::StorageUnavailable`] when it is transient (etcd
+/// says UNAVAILABLE or DEADLINE_EXCEEDED — no leader, leader changed, timed out — or the
+/// request failed in transport), else [`Error::Storage`]. `what` names the part of dlbd (e.g.
+/// "etcd (leases)"); `hint` is appended to the message.
+#[cfg(feature = "etcd")]
+pub(crate) fn etcd_error(what: &str, e: &etcd_client::Error, hint: &str) -> Error {
+    let msg = format!("{what}: {e}{hint}");
+    if etcd_transient(e) {
+        Error::StorageUnavailable(msg)
+    } else {
+        Error::Storage(msg)
+    }
+}
+
+/// Whether an etcd error is transient (see [`etcd_error`]).
+#[cfg(feature = "etcd")]
+fn etcd_transient(e: &etcd_client::Error) -> bool {
+    use std::error::Error as _;
+    match e {
+        etcd_client::Error::IoError(_) | etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => match s.code() {
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => true,
+            // tonic reports a failed HTTP/2 exchange (connection reset, broken pipe) as
+            // UNKNOWN with the transport error as its source.
+            tonic::Code::Unknown => {
+                let mut source = s.source();
+                while let Some(err) = source {
+                    if err.is::<tonic::transport::Error>()
+                        || err.is::<hyper::Error>()
+                        || err.is::<std::io::Error>()
+                    {
+                        return true;
+                    }
+                    source = err.source();
+                }
+                false
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+#[cfg(all(test, feature = "etcd"))]
+mod etcd_tests {
+    use super::*;
+
+    #[test]
+    fn transient_etcd_errors_are_unavailable_and_others_internal() {
+        let leader = etcd_client::Error::GRpcStatus(tonic::Status::unavailable(
+            "etcdserver: leader changed",
+        ));
+        let e = etcd_error("etcd", &leader, "");
+        assert!(matches!(e, Error::StorageUnavailable(_)), "{e:?}");
+        assert_eq!(tonic::Status::from(e).code(), tonic::Code::Unavailable);
+        let deadline = etcd_client::Error::GRpcStatus(tonic::Status::deadline_exceeded("t"));
+        assert!(matches!(
+            etcd_error("etcd", &deadline, ""),
+            Error::StorageUnavailable(_)
+        ));
+        let reset = etcd_client::Error::GRpcStatus(tonic::Status::from_error(Box::new(
+            std::io::Error::from(std::io::ErrorKind::ConnectionReset),
+        )));
+        assert!(matches!(
+            etcd_error("etcd", &reset, ""),
+            Error::StorageUnavailable(_)
+        ));
+        let big = etcd_client::Error::GRpcStatus(tonic::Status::invalid_argument(
+            "etcdserver: request is too large",
+        ));
+        let e = etcd_error("etcd", &big, " (raise it)");
+        assert!(
+            matches!(&e, Error::Storage(m) if m.ends_with("(raise it)")),
+            "{e:?}"
+        );
+        assert_eq!(tonic::Status::from(e).code(), tonic::Code::Internal);
     }
 }

@@ -309,7 +309,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let server = loop {
         match dlb_server::spawn(config.clone()).await {
             Ok(server) => break server,
-            Err(e @ dlb_server::Error::Storage(_)) if etcd => {
+            Err(e @ (dlb_server::Error::Storage(_) | dlb_server::Error::StorageUnavailable(_)))
+                if etcd =>
+            {
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "the store is unreachable; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
