@@ -44,13 +44,12 @@ pub mod call;
 pub mod clock;
 mod error;
 mod global;
-mod local;
 pub mod membership;
 pub mod metrics;
-mod pick;
 mod resolve;
 mod service;
 mod session;
+mod state;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -69,12 +68,13 @@ pub use error::{Error, Result};
 pub use membership::{Lease, Registration};
 pub use metrics::ClientMetrics;
 pub use resolve::{Resolve, SystemResolver};
-pub use service::{BackendInfo, CallGuard, ServiceHandle, ServiceStats, Version};
+pub use service::{BackendInfo, CallGuard, ServiceHandle};
+pub use state::{ServiceStats, Version};
 
 use resolve::DnsName;
-use service::ServiceState;
 use session::targets::{Target, Targets};
 use session::{Command, Link, SessionConfig};
+use state::ServiceState;
 
 /// Options for a [`Client`]. Start with [`Client::builder`].
 #[derive(Debug, Clone)]

@@ -69,7 +69,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use crate::service::ServiceState;
+use crate::state::ServiceState;
 
 mod entry;
 mod persist;
