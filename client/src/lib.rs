@@ -41,6 +41,7 @@
 pub mod admin;
 mod breaker;
 pub mod call;
+mod channel;
 pub mod clock;
 mod error;
 mod global;
@@ -246,7 +247,7 @@ impl ClientBuilder {
         let mut targets = Vec::with_capacity(self.endpoints.len());
         for raw in &self.endpoints {
             // Checks the endpoint (a `dns:` one too); the admin calls' channel.
-            let channel = admin::admin_channel(raw, &self.channel, &self.resolver)?;
+            let channel = channel::admin_channel(raw, &self.channel, &self.resolver)?;
             targets.push(match DnsName::parse(raw) {
                 Some(name) => Target::name(raw, name?),
                 None => Target::fixed(raw, channel.clone()),

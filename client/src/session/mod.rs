@@ -101,7 +101,7 @@ pub(crate) struct SessionConfig {
     /// declared dead and the client fails over to the next endpoint.
     pub(crate) update_deadline: Duration,
     /// Bearer token for the session.
-    pub(crate) token: crate::admin::TokenInterceptor,
+    pub(crate) token: crate::channel::TokenInterceptor,
 }
 
 /// Connection state shared with the client.
