@@ -124,7 +124,7 @@ impl Default for ChannelOptions {
 /// Normalizes an endpoint and builds a tonic endpoint from it with the transport options:
 /// `host:port` gets `http://`, or `https://` with TLS options; `dns:///host:port` (see
 /// [`crate::Resolve`]) becomes `http(s)://host:port` (what admin calls use, through
-/// [`admin_channel`]'s resolving connector; the session instead resolves such a name itself and
+/// `admin_channel`'s resolving connector; the session instead resolves such a name itself and
 /// rotates over every address). A malformed endpoint is an [`Error::InvalidEndpoint`] naming
 /// it.
 pub fn make_endpoint(raw: &str, opts: &ChannelOptions) -> Result<Endpoint> {
