@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 
 use dlb::balance::{PanicState, Picker};
 
-use crate::service::ServiceState;
+use crate::state::ServiceState;
 
 /// Largest pushed count accepted for one backend (the control plane clamps each session's
 /// report to 1,000,000; this bounds what a faulty control plane can make a pick believe).

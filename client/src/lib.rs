@@ -41,16 +41,16 @@
 pub mod admin;
 mod breaker;
 pub mod call;
+mod channel;
 pub mod clock;
 mod error;
 mod global;
-mod local;
 pub mod membership;
 pub mod metrics;
-mod pick;
 mod resolve;
 mod service;
 mod session;
+mod state;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -69,12 +69,13 @@ pub use error::{Error, Result};
 pub use membership::{Lease, Registration};
 pub use metrics::ClientMetrics;
 pub use resolve::{Resolve, SystemResolver};
-pub use service::{BackendInfo, CallGuard, ServiceHandle, ServiceStats, Version};
+pub use service::{BackendInfo, CallGuard, ServiceHandle};
+pub use state::{ServiceStats, Version};
 
 use resolve::DnsName;
-use service::ServiceState;
 use session::targets::{Target, Targets};
 use session::{Command, Link, SessionConfig};
+use state::ServiceState;
 
 /// Options for a [`Client`]. Start with [`Client::builder`].
 #[derive(Debug, Clone)]
@@ -246,7 +247,7 @@ impl ClientBuilder {
         let mut targets = Vec::with_capacity(self.endpoints.len());
         for raw in &self.endpoints {
             // Checks the endpoint (a `dns:` one too); the admin calls' channel.
-            let channel = admin::admin_channel(raw, &self.channel, &self.resolver)?;
+            let channel = channel::admin_channel(raw, &self.channel, &self.resolver)?;
             targets.push(match DnsName::parse(raw) {
                 Some(name) => Target::name(raw, name?),
                 None => Target::fixed(raw, channel.clone()),

@@ -34,7 +34,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 
-use crate::service::ServiceState;
+use crate::state::ServiceState;
 
 /// The metrics of one client (see the module docs). From [`crate::Client::metrics`].
 #[derive(Debug, Clone)]

@@ -16,7 +16,7 @@ use dlb::call::clock::Clock;
 use dlb::call::{BudgetConfig, HedgeConfig, RetryConfig};
 
 use super::CallOptions;
-use crate::service::ServiceState;
+use crate::state::ServiceState;
 
 /// The core's clock on tokio time, so the budget and the latency tracker follow paused time in
 /// tests.

@@ -27,7 +27,7 @@ use dlb::balance::{Picker, StickyTable, MAX_BACKENDS};
 use dlb::model;
 use dlb::proto;
 
-use crate::service::{ServiceState, Snapshot, Version};
+use crate::state::{ServiceState, Snapshot, Version};
 
 /// Task-owned state of one service.
 pub(super) struct Entry {
@@ -422,7 +422,7 @@ impl Entry {
         let picker = snap.picker.clone()?;
         let breakers = snap.breakers.clone();
         drop(snap);
-        let in_flight = crate::local::in_flight(&self.state, &picker);
+        let in_flight = crate::state::local::in_flight(&self.state, &picker);
         let mut backends = Vec::new();
         for (i, (b, in_flight)) in picker.backends().iter().zip(in_flight).enumerate() {
             let o = b.load().take_outcomes();

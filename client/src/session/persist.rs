@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::entry::Entry;
-use crate::service::ServiceState;
+use crate::state::ServiceState;
 
 /// The file format this SDK writes and reads.
 pub(crate) const FORMAT: u32 = 1;

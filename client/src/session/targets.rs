@@ -37,7 +37,7 @@ use std::sync::Arc;
 
 use tonic::transport::Channel;
 
-use crate::admin::{self, ChannelOptions};
+use crate::channel::{self, ChannelOptions};
 use crate::resolve::{DnsName, Resolve};
 
 /// Most addresses kept from one answer (a random subset of a larger one): each is a channel,
@@ -233,7 +233,7 @@ fn answer_entries(
             }
             // The name was checked when the client was built; an address cannot make the URI
             // invalid, but nothing here may panic either.
-            match admin::resolved_endpoint(raw, name, addr, opts) {
+            match channel::resolved_endpoint(raw, name, addr, opts) {
                 Ok(endpoint) => {
                     let uri = endpoint.uri().to_string();
                     let shown = uri.strip_suffix('/').unwrap_or(&uri);
@@ -297,7 +297,7 @@ mod tests {
     }
 
     fn fixed(raw: &str) -> Target {
-        let channel = admin::make_endpoint(raw, &ChannelOptions::default())
+        let channel = channel::make_endpoint(raw, &ChannelOptions::default())
             .unwrap()
             .connect_lazy();
         Target::fixed(raw, channel)

@@ -277,7 +277,10 @@ async fn show(admin: &AdminClient, service: &str, json_out: bool) -> Result<(), 
         }
     }
     if r.truncated && !json_out {
-        println!("{}", crate::more_not_shown(r.total, r.backends.len()));
+        println!(
+            "{}",
+            crate::print::more_not_shown(r.total, r.backends.len())
+        );
     }
     Ok(())
 }

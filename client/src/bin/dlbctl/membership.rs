@@ -261,7 +261,7 @@ pub async fn dns(
                     println!("{}", dns_text(d));
                 }
                 if r.truncated {
-                    println!("{}", crate::more_not_shown(r.total, r.names.len()));
+                    println!("{}", crate::print::more_not_shown(r.total, r.names.len()));
                 }
             }
         }

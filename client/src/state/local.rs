@@ -39,7 +39,7 @@ use std::sync::{Arc, OnceLock, Weak};
 
 use dlb::balance::{Backend, Picker, StickyTable};
 
-use crate::service::ServiceState;
+use super::ServiceState;
 
 /// One thread's view of one published snapshot that has a picker.
 pub(crate) struct LocalView {

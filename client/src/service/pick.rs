@@ -12,9 +12,9 @@ use std::sync::Arc;
 use dlb::balance::PickError;
 use tokio::time::Instant;
 
+use super::{CallGuard, Held, ServiceHandle};
 use crate::error::{Error, Result};
-use crate::local::{self, LocalView, ViewRef};
-use crate::service::{CallGuard, Held, ServiceHandle};
+use crate::state::local::{self, LocalView, ViewRef};
 
 impl ServiceHandle {
     /// Picks a backend locally, in O(1), from the latest snapshot.
