@@ -29,8 +29,8 @@
 use std::time::Duration;
 
 use crate::balance::{BackendSpec, MAX_WEIGHT};
-use crate::model::ValidationError;
 use crate::proto;
+use crate::validation::ValidationError;
 
 /// Default slow ratio (latency ≥ 2 × the median).
 pub const DEFAULT_SLOW_RATIO: f64 = 2.0;

@@ -19,8 +19,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::model::ValidationError;
 use crate::proto;
+use crate::validation::ValidationError;
 
 /// Defaults of the [`proto::CircuitBreaker`] fields that are 0.
 pub mod defaults {

@@ -2,13 +2,13 @@
 //!
 //! The wire message leaves every number optional (0 = default); [`resolve`] turns a validated
 //! message into [`CheckSpec`], the plain values `dlbd`'s checker runs on. [`validate`] is called
-//! by [`crate::model::validate_policy`], so the YAML config, `SetPolicy` and `dlbctl` reject the
+//! by `model::validate_policy`, so the YAML config, `SetPolicy` and `dlbctl` reject the
 //! same mistakes with the same field names. Both are O(size of the message).
 
 use std::time::Duration;
 
-use crate::model::ValidationError;
 use crate::proto;
+use crate::validation::ValidationError;
 
 /// Default time between probes of a stable healthy backend.
 pub const DEFAULT_INTERVAL_MS: u32 = 5_000;

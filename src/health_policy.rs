@@ -1,16 +1,16 @@
 //! The health parts of a service's policy: outlier detection (passive ejection) and the panic
 //! threshold — their validation, their defaults, and the conversion to the picker's
 //! [`PanicConfig`]. Used by every entry point that accepts a policy (the Registry, the YAML
-//! config, `dlbctl`) through [`crate::model::validate_policy`], and by the pickers of the SDK
-//! and `dlbd` through [`crate::model::policy_config`], so all agree.
+//! config, `dlbctl`) through `model::validate_policy`, and by the pickers of the SDK
+//! and `dlbd` through `model::policy_config`, so all agree.
 //!
 //! The max-ejection rule itself is [`max_ejected`]; `docs/outlier.md` documents all of it.
 
 use std::time::Duration;
 
 use crate::balance::{PanicConfig, PanicMode, PanicState};
-use crate::model::ValidationError;
 use crate::proto;
+use crate::validation::ValidationError;
 
 /// Default consecutive failures that eject a backend.
 pub const DEFAULT_CONSECUTIVE_FAILURES: u32 = 5;
@@ -136,7 +136,7 @@ pub fn panic_state<'a>(
     let (mut eligible, mut total) = (0usize, 0usize);
     for s in servers {
         total += 1;
-        eligible += usize::from(crate::model::is_eligible(s));
+        eligible += usize::from(crate::sources::is_eligible(s));
     }
     let config = panic_config(policy);
     panic_state_proto(&crate::balance::panic::evaluate(

@@ -6,6 +6,9 @@
 //! * [`proto`] — the generated wire types and gRPC stubs for `proto/dlb/v1/dlb.proto`;
 //! * [`model`] — the domain rules every entry point applies the same way: identifier, address,
 //!   weight and policy validation, and conversions between wire and domain types;
+//! * [`validation`] — the error every check returns ([`validation::ValidationError`]) and the
+//!   quoting of client text in it: a leaf module, so that the policy modules below report errors
+//!   without importing [`model`] (which imports them to validate a whole policy);
 //! * [`health_check`] — validation and defaults of a service's active health check;
 //! * [`sources`] — backend state from separate sources (admin, probe, outlier, latency) and the one pure
 //!   function that derives a backend's effective state and the reason for it;
@@ -32,6 +35,7 @@ pub mod health_policy;
 pub mod model;
 pub mod slow_start;
 pub mod sources;
+pub mod validation;
 pub mod wire;
 
 /// Generated protobuf types and gRPC client/server stubs for `dlb.v1`.

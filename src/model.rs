@@ -12,6 +12,8 @@ use crate::balance::{
     Algorithm, BackendSpec, BuildError, Picker, PolicyConfig, StickyConfig, StickyMode, StickyTable,
 };
 use crate::proto;
+pub use crate::sources::is_eligible;
+pub use crate::validation::{prefix, printable, ValidationError, MAX_QUOTED};
 
 /// The service used when a request names none.
 pub const DEFAULT_SERVICE: &str = "default";
@@ -78,70 +80,6 @@ pub fn validate_key(key: &[u8]) -> Result<(), ValidationError> {
         ));
     }
     Ok(())
-}
-
-/// Longest prefix of an offending value (and of a field name) quoted in an error, in bytes.
-/// Errors go back to clients and into logs: a 9 KB value must not make a 9 KB message (a default
-/// grpcio client cannot even read a status that large).
-pub const MAX_QUOTED: usize = 64;
-
-/// At most `max` bytes of `s` (cut at a character boundary).
-pub fn prefix(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
-/// A client-supplied string made safe for one log line: control characters and quotes escaped
-/// (no forged lines), at most `max` bytes of the original, with its length when cut.
-pub fn printable(s: &str, max: usize) -> String {
-    let p = prefix(s, max);
-    let escaped: String = p.escape_debug().collect();
-    if p.len() < s.len() {
-        format!("{escaped}…({} bytes)", s.len())
-    } else {
-        escaped
-    }
-}
-
-/// A field that failed validation: which field, what value, and why. The message quotes at most
-/// [`MAX_QUOTED`] bytes of the value (and of the field name), escaped, plus the value's length
-/// when it was cut.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid {field} {value:?}{}: {reason}", if *.value_len > .value.len() { format!("… ({} bytes)", .value_len) } else { String::new() })]
-pub struct ValidationError {
-    /// The field's name as it appears on the wire (`server_id`, `address`, `weight`, …).
-    pub field: String,
-    /// The rejected value, rendered for humans: at most [`MAX_QUOTED`] bytes of it.
-    pub value: String,
-    /// The length of the whole rendered value, in bytes.
-    pub value_len: usize,
-    /// What is wrong with it.
-    pub reason: String,
-}
-
-impl ValidationError {
-    /// Builds an error for `field` holding `value`.
-    pub fn new(field: impl Into<String>, value: impl ToString, reason: impl Into<String>) -> Self {
-        let field = field.into();
-        let value = value.to_string();
-        let field = if field.len() > MAX_QUOTED {
-            format!("{}…", prefix(&field, MAX_QUOTED))
-        } else {
-            field
-        };
-        Self {
-            field,
-            value: prefix(&value, MAX_QUOTED).to_owned(),
-            value_len: value.len(),
-            reason: reason.into(),
-        }
-    }
 }
 
 fn is_id_char(c: char) -> bool {
@@ -360,12 +298,6 @@ pub fn validate_server(server: &proto::Server) -> Result<(), ValidationError> {
         }
     }
     Ok(())
-}
-
-/// Whether a stored backend may receive new picks: its effective health (derived from its
-/// sources by [`crate::sources::stamp`]) is not unhealthy and it is not draining.
-pub fn is_eligible(server: &proto::Server) -> bool {
-    server.health != proto::HealthStatus::Unhealthy as i32 && !server.draining
 }
 
 /// Converts a stored backend to the picker's input.
@@ -696,14 +628,5 @@ mod tests {
         // Multi-byte characters are cut at a boundary.
         let e = ValidationError::new("f", "é".repeat(100), "r");
         assert!(e.value.len() <= MAX_QUOTED && e.value.chars().all(|c| c == 'é'));
-    }
-
-    #[test]
-    fn printable_escapes_and_truncates() {
-        assert_eq!(printable("a\nb", 10), "a\\nb");
-        let forged = format!("ok\n2026-01-01 INFO forged line{}", "!".repeat(100));
-        let p = printable(&forged, 32);
-        assert!(!p.contains('\n'));
-        assert!(p.ends_with(&format!("…({} bytes)", forged.len())), "{p}");
     }
 }

@@ -28,8 +28,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::balance::{BackendSpec, MAX_WEIGHT};
-use crate::model::ValidationError;
 use crate::proto;
+use crate::validation::ValidationError;
 
 /// Default minimum percent at the start of a ramp.
 pub const DEFAULT_MIN_PERCENT: u32 = 10;
@@ -93,10 +93,10 @@ pub fn now_ms() -> u64 {
 /// backend) and whether each is eligible: `now_ms` when it becomes eligible, kept while it stays
 /// eligible, 0 while ineligible. Call it after the derived fields are stamped.
 pub fn stamp_ready_since(old: Option<&proto::Server>, new: &mut proto::Server, now_ms: u64) {
-    let eligible = crate::model::is_eligible(new);
+    let eligible = crate::sources::is_eligible(new);
     new.ready_since_ms = match old {
         _ if !eligible => 0,
-        Some(o) if crate::model::is_eligible(o) => o.ready_since_ms,
+        Some(o) if crate::sources::is_eligible(o) => o.ready_since_ms,
         _ => now_ms.max(1),
     };
 }
@@ -155,7 +155,7 @@ pub fn next_tick<'a>(
     let mut ramps = 0usize;
     let mut soonest = u64::MAX;
     for s in servers {
-        if !crate::model::is_eligible(s) {
+        if !crate::sources::is_eligible(s) {
             continue;
         }
         eligible += 1;

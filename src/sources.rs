@@ -23,9 +23,16 @@
 //! A `HEALTHY` verdict never overrides another source's `UNHEALTHY`: the operator can take a
 //! backend out, not force it in against a failing probe. With no unhealthy source, no drain and
 //! no latency share the backend is eligible at its configured weight and the reason is empty. The function is pure
-//! and O(length of the details).
+//! and O(length of the details). [`is_eligible`] reads the stored result back: whether a stamped
+//! backend may receive new picks (the policy modules and the model all ask it here).
 
 use crate::proto;
+
+/// Whether a stored backend may receive new picks: its effective health (derived from its
+/// sources by [`stamp`]) is not unhealthy and it is not draining.
+pub fn is_eligible(server: &proto::Server) -> bool {
+    server.health != proto::HealthStatus::Unhealthy as i32 && !server.draining
+}
 
 /// Longest `detail` a source may store, in bytes.
 pub const MAX_DETAIL_LEN: usize = 256;

@@ -1,6 +1,6 @@
 //! Smooth weighted round robin: exact proportions over every window of one period, smoothness
 //! (no light backend twice in a row, cyclically), eligibility, threads; and, for weight sums above
-//! 2^20 (split tables), the definition of exactness stated in `src/balance/wrr.rs`: exact over
+//! 2^20 (split tables), the definition of exactness stated in `src/balance/wrr/mod.rs`: exact over
 //! every `L·W` picks, within `B` of exact over every run of whole periods, hence within
 //! [`TOLERANCE`] (0.1 % relative) over every run of `Kᵢ` periods.
 #![allow(clippy::unwrap_used)]
@@ -353,7 +353,7 @@ impl Model {
         (1000 * self.table.run_error_bound() * self.total).div_ceil(self.len() * self.w[i])
     }
 
-    /// The split-table claims of `src/balance/wrr.rs`, for one weight set.
+    /// The split-table claims of `src/balance/wrr/mod.rs`, for one weight set.
     fn check(&self, seed: u64) {
         let mut rng = fastrand::Rng::with_seed(seed);
         let (n, l, total) = (self.w.len(), self.len(), self.total);

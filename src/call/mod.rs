@@ -10,13 +10,13 @@
 //!
 //! The wire form is `RetryPolicy`, `RetryBudget`, `HedgePolicy` and `PeakEwma` in `dlb.proto`
 //! (every field documented there with its default and bounds); [`validate`] is called by
-//! [`crate::model::validate_policy`], so every entry point (SetPolicy, the YAML config,
+//! `model::validate_policy`, so every entry point (SetPolicy, the YAML config,
 //! `dlbctl`) rejects the same values with the same message naming the field.
 
 use std::time::Duration;
 
-use crate::model::ValidationError;
 use crate::proto;
+use crate::validation::ValidationError;
 
 pub mod budget;
 pub mod clock;

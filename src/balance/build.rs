@@ -1,0 +1,193 @@
+//! Building a [`Picker`]: checking the [`BackendSpec`]s, carrying each surviving backend's load
+//! and strings over from the previous picker, deciding panic mode, and building the policy's
+//! table over the eligible backends (or, for the hashing policies, over all of them in
+//! [hash order](super::hash)).
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use super::picker::{Bounded, Strategy};
+use super::{
+    ewma, hash, least_conn, maglev, panic, ring, wrr, Algorithm, Backend, BackendLoad, BackendSpec,
+    BuildError, PanicMode, Picker, PolicyConfig, MAX_BACKENDS, MAX_WEIGHT,
+};
+
+impl Picker {
+    /// Builds a picker with fresh in-flight counters. Cost: see the module docs (`O(n)` to
+    /// `O(M log M)`); call it off the request path.
+    pub fn build(policy: &PolicyConfig, specs: &[BackendSpec]) -> Result<Self, BuildError> {
+        Self::build_with(policy, specs, |_| None, Arc::default())
+    }
+
+    /// Builds a picker for a new state of the same service, carrying each surviving backend's
+    /// in-flight accounting over by id (and the bounded-load total). Unchanged ids, addresses
+    /// and hash keys share the previous picker's strings instead of being allocated again.
+    pub fn rebuild(
+        &self,
+        policy: &PolicyConfig,
+        specs: &[BackendSpec],
+    ) -> Result<Self, BuildError> {
+        Self::build_with(
+            policy,
+            specs,
+            |id| self.by_id.get(id).map(|&i| &self.backends[i]),
+            self.total.clone(),
+        )
+    }
+
+    fn build_with<'p>(
+        policy: &PolicyConfig,
+        specs: &[BackendSpec],
+        previous: impl Fn(&str) -> Option<&'p Backend>,
+        total: Arc<AtomicU64>,
+    ) -> Result<Self, BuildError> {
+        if let Some(c) = policy.bounded_load_factor {
+            if !(c.is_finite() && c >= 1.0) {
+                return Err(BuildError::InvalidLoadFactor(c));
+            }
+        }
+        if specs.len() > MAX_BACKENDS {
+            return Err(BuildError::TooLarge(format!(
+                "{} backends, at most {MAX_BACKENDS} are supported",
+                specs.len()
+            )));
+        }
+        let mut by_id = HashMap::with_capacity(specs.len());
+        let mut backends = Vec::with_capacity(specs.len());
+        for (i, s) in specs.iter().enumerate() {
+            if s.id.is_empty() {
+                return Err(BuildError::EmptyId);
+            }
+            if !(1..=MAX_WEIGHT).contains(&s.weight) {
+                return Err(BuildError::InvalidWeight {
+                    id: s.id.clone(),
+                    weight: s.weight,
+                });
+            }
+            let old = previous(&s.id);
+            let reuse = |field: fn(&Backend) -> &Arc<str>, value: &str| -> Arc<str> {
+                match old.map(field) {
+                    Some(a) if **a == *value => a.clone(),
+                    _ => value.into(),
+                }
+            };
+            let id = reuse(|b| &b.id, &s.id);
+            if by_id.insert(id.clone(), i).is_some() {
+                return Err(BuildError::DuplicateId(s.id.clone()));
+            }
+            backends.push(Backend {
+                hash_key: reuse(|b| &b.hash_key, s.hash_key.as_deref().unwrap_or(&s.id)),
+                address: reuse(|b| &b.address, &s.address),
+                weight: s.weight,
+                eligible: s.eligible,
+                load: old.map(|b| b.load.clone()).unwrap_or_default(),
+                id,
+            });
+        }
+        // Panic mode is decided here, once, from the backends' own eligibility. In `route_all`
+        // panic every backend is treated as eligible by everything below (and by
+        // `Backend::is_eligible`); in `fail` panic nothing is.
+        let own_eligible = backends.iter().filter(|b| b.eligible).count();
+        let panic = panic::evaluate(policy.panic.as_ref(), own_eligible, backends.len());
+        if panic.active {
+            let all = panic.mode == Some(PanicMode::RouteAll);
+            for b in &mut backends {
+                b.eligible = all;
+            }
+        }
+        let eligible: Box<[u32]> = (0..backends.len() as u32)
+            .filter(|&i| backends[i as usize].eligible)
+            .collect();
+        let eligible_weight: u64 = eligible
+            .iter()
+            .map(|&i| u64::from(backends[i as usize].weight))
+            .sum();
+        let hashing = matches!(policy.algorithm, Algorithm::Maglev | Algorithm::RingHash);
+        let bounded = policy
+            .bounded_load_factor
+            .filter(|_| hashing)
+            .map(|factor| Bounded {
+                factor,
+                eligible_weight: eligible_weight.max(1),
+            });
+        let counts = policy.track_in_flight
+            || bounded.is_some()
+            || matches!(
+                policy.algorithm,
+                Algorithm::LeastConnExact | Algorithm::LeastConnP2c | Algorithm::PeakEwma
+            );
+        let strategy = if eligible.is_empty() {
+            Strategy::Empty
+        } else {
+            let lc_items = || -> Vec<(u32, u32, Arc<BackendLoad>)> {
+                eligible
+                    .iter()
+                    .map(|&i| {
+                        let b = &backends[i as usize];
+                        (i, b.weight, b.load.clone())
+                    })
+                    .collect()
+            };
+            match policy.algorithm {
+                Algorithm::RoundRobin => {
+                    let items: Vec<(u16, u32)> = eligible
+                        .iter()
+                        .map(|&i| (i as u16, backends[i as usize].weight))
+                        .collect();
+                    Strategy::Wrr(wrr::Wrr::build(&items))
+                }
+                Algorithm::LeastConnExact => Strategy::LcExact(least_conn::LeastConnExact::build(
+                    &lc_items(),
+                    backends.len(),
+                )),
+                Algorithm::LeastConnP2c => Strategy::P2c(least_conn::P2c::build(&lc_items())),
+                Algorithm::PeakEwma => Strategy::Ewma(ewma::PeakEwma::build(
+                    &lc_items(),
+                    policy.peak_ewma.decay,
+                    policy.peak_ewma.default_rtt,
+                )),
+                Algorithm::Maglev | Algorithm::RingHash => {
+                    let order = hash_order(&backends);
+                    let keys: Vec<&str> = backends.iter().map(|b| b.hash_key()).collect();
+                    let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
+                    let elig: Vec<bool> = backends.iter().map(|b| b.eligible).collect();
+                    if policy.algorithm == Algorithm::Maglev {
+                        Strategy::Maglev(maglev::Maglev::build(&order, &keys, &weights, &elig))
+                    } else {
+                        Strategy::Ring(ring::Ring::build(&order, &keys, &weights, &elig))
+                    }
+                }
+            }
+        };
+        Ok(Self {
+            policy: *policy,
+            backends: backends.into(),
+            by_id,
+            eligible,
+            counts,
+            bounded,
+            total,
+            strategy,
+            panic,
+        })
+    }
+}
+
+/// Backend indices in [hash order](hash): by `XXH3_64(hash key)`, then hash key, then id.
+fn hash_order(backends: &[Backend]) -> Vec<u16> {
+    let mut order: Vec<(u64, &str, &str, u16)> = backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            (
+                hash::backend_hash(&b.hash_key),
+                &*b.hash_key,
+                &*b.id,
+                i as u16,
+            )
+        })
+        .collect();
+    order.sort_unstable();
+    order.into_iter().map(|x| x.3).collect()
+}
