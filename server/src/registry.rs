@@ -261,12 +261,17 @@ impl RegistryService {
         model::validate_key(&req.key)?;
         // Read-your-writes, bounded: wait for the builder to reach the version the cache holds
         // now, but never longer than PICKER_WAIT (then answer from the newest picker).
-        if let Some(snap) = self.shared.cache.get(&service) {
-            let want = snap.version.version;
-            self.shared
-                .pickers
-                .wait_built(&service, want, PICKER_WAIT)
-                .await;
+        match self.shared.cache.get(&service) {
+            Some(snap) => {
+                let want = snap.version.version;
+                self.shared
+                    .pickers
+                    .wait_built(&service, want, PICKER_WAIT)
+                    .await;
+            }
+            // The cache, which every write waits for, does not hold the service: removed (or
+            // never created). A picker the builder has not dropped yet must not answer for it.
+            None => return Err(Error::ServiceNotFound(service)),
         }
         let (server, version) = self.shared.pickers.pick(&service, &req.key)?;
         Ok(proto::GetNextServerResponse {
