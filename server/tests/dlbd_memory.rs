@@ -80,6 +80,37 @@ fn start() -> (Guard, String) {
     (guard, format!("http://{grpc}"))
 }
 
+/// Waits for `n` NotFound answers on a session (every name asked does not exist).
+async fn not_found_answers(inbound: &mut tonic::Streaming<proto::ServerMessage>, n: usize) {
+    let mut answered = 0;
+    while answered < n {
+        let m = tokio::time::timeout(WAIT, inbound.message())
+            .await
+            .expect("session message in time")
+            .expect("session failed")
+            .expect("session ended");
+        if matches!(m.kind, Some(server_message::Kind::NotFound(_))) {
+            answered += 1;
+        }
+    }
+}
+
+/// A Subscribe for `names` (nothing known yet).
+fn subscribe(client_id: &str, names: &[String]) -> proto::ClientMessage {
+    proto::ClientMessage {
+        kind: Some(client_message::Kind::Subscribe(proto::Subscribe {
+            client_id: client_id.into(),
+            services: names
+                .iter()
+                .map(|n| proto::ServiceSubscription {
+                    service: n.clone(),
+                    known: None,
+                })
+                .collect(),
+        })),
+    }
+}
+
 /// One SotW stream replacing its EDS names with 1,000 new ones (800 valid, 200 of 500 bytes
 /// that are not service names) per request until `stop`; returns the requests made.
 async fn xds_client(url: String, stop: tokio::time::Instant) -> u64 {
@@ -120,18 +151,7 @@ async fn xds_client(url: String, stop: tokio::time::Instant) -> u64 {
 /// ones) until `stop`; returns the rounds made.
 async fn session_client(url: String, stop: tokio::time::Instant) -> u64 {
     let (tx, rx) = mpsc::channel(16);
-    let sub = |names: &[String]| proto::ClientMessage {
-        kind: Some(client_message::Kind::Subscribe(proto::Subscribe {
-            client_id: "memory-test".into(),
-            services: names
-                .iter()
-                .map(|n| proto::ServiceSubscription {
-                    service: n.clone(),
-                    known: None,
-                })
-                .collect(),
-        })),
-    };
+    let sub = |names: &[String]| subscribe("memory-test", names);
     let first: Vec<String> = (0..1000).map(|i| format!("s0-{i:0>100}")).collect();
     tx.send(sub(&first)).await.unwrap();
     let mut inbound = proto::discovery_client::DiscoveryClient::connect(url)
@@ -145,17 +165,7 @@ async fn session_client(url: String, stop: tokio::time::Instant) -> u64 {
     let mut round = 0u64;
     loop {
         // Wait for the answer to every name of this round.
-        let mut answered = 0;
-        while answered < previous.len() {
-            let m = tokio::time::timeout(WAIT, inbound.message())
-                .await
-                .expect("session message in time")
-                .expect("session failed")
-                .expect("session ended");
-            if matches!(m.kind, Some(server_message::Kind::NotFound(_))) {
-                answered += 1;
-            }
-        }
+        not_found_answers(&mut inbound, previous.len()).await;
         round += 1;
         if tokio::time::Instant::now() >= stop {
             return round;
@@ -249,20 +259,7 @@ async fn a_session_and_a_stream_at_their_limits_stay_within_the_stated_memory() 
     // The session: 10,000 names of 100 bytes.
     let (tx, rx) = mpsc::channel(4);
     let names: Vec<String> = (0..10_000).map(|i| format!("s-{i:0>98}")).collect();
-    tx.send(proto::ClientMessage {
-        kind: Some(client_message::Kind::Subscribe(proto::Subscribe {
-            client_id: "memory-limits".into(),
-            services: names
-                .iter()
-                .map(|n| proto::ServiceSubscription {
-                    service: n.clone(),
-                    known: None,
-                })
-                .collect(),
-        })),
-    })
-    .await
-    .unwrap();
+    tx.send(subscribe("memory-limits", &names)).await.unwrap();
     let mut inbound = proto::discovery_client::DiscoveryClient::connect(url.clone())
         .await
         .unwrap()
@@ -270,17 +267,7 @@ async fn a_session_and_a_stream_at_their_limits_stay_within_the_stated_memory() 
         .await
         .unwrap()
         .into_inner();
-    let mut answered = 0;
-    while answered < names.len() {
-        let m = tokio::time::timeout(WAIT, inbound.message())
-            .await
-            .expect("session message in time")
-            .expect("session failed")
-            .expect("session ended");
-        if matches!(m.kind, Some(server_message::Kind::NotFound(_))) {
-            answered += 1;
-        }
-    }
+    not_found_answers(&mut inbound, names.len()).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let with_session = rss(pid);
 

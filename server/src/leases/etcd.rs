@@ -47,7 +47,7 @@ use crate::Error;
 const RESTART: Duration = Duration::from_millis(500);
 
 fn etcd(e: etcd_client::Error) -> Error {
-    crate::error::etcd_error("etcd (leases)", &e, "")
+    crate::store::etcd_error("etcd (leases)", &e, "")
 }
 
 /// The lease keeper on etcd (see the module docs). Cheap to clone.

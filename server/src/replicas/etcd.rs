@@ -67,7 +67,7 @@ const MIN_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 fn etcd(e: etcd_client::Error) -> Error {
-    crate::error::etcd_error("etcd (replica membership)", &e, "")
+    crate::store::etcd_error("etcd (replica membership)", &e, "")
 }
 
 /// Membership through etcd. See the module docs.

@@ -167,7 +167,7 @@ fn etcd(e: etcd_client::Error) -> Error {
         }
         _ => "",
     };
-    crate::error::etcd_error("etcd", &e, hint)
+    crate::store::etcd_error("etcd", &e, hint)
 }
 
 fn is_compacted(e: &etcd_client::Error) -> bool {

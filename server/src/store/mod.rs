@@ -39,6 +39,10 @@ mod engine;
 pub mod etcd;
 #[cfg(feature = "etcd")]
 mod etcd_channel;
+#[cfg(feature = "etcd")]
+mod etcd_error;
+#[cfg(feature = "etcd")]
+pub(crate) use etcd_error::etcd_error;
 pub mod memory;
 mod plan;
 mod scratch;
