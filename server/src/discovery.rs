@@ -303,7 +303,7 @@ impl Session {
                     ))))
                 }
             },
-            _ = crate::state::stopped(&mut shutdown) => Err(End::Done),
+            _ = crate::shutdown::stopped(&mut shutdown) => Err(End::Done),
         };
         metrics.lagging(-1);
         r
@@ -328,7 +328,7 @@ impl Session {
         let mut shutdown = self.shared.shutdown.clone();
         let first = tokio::select! {
             m = inbound.message() => m,
-            _ = crate::state::stopped(&mut shutdown) => {
+            _ = crate::shutdown::stopped(&mut shutdown) => {
                 self.going_away().await;
                 return End::Done;
             }
@@ -368,7 +368,7 @@ impl Session {
             }
             tokio::select! {
                 biased;
-                _ = crate::state::stopped(&mut shutdown) => {
+                _ = crate::shutdown::stopped(&mut shutdown) => {
                     self.going_away().await;
                     return End::Done;
                 }

@@ -71,6 +71,7 @@ pub mod replicas;
 mod state;
 pub mod status_layer;
 pub mod store;
+mod shutdown;
 pub mod xds;
 
 use std::net::SocketAddr;
@@ -348,7 +349,7 @@ async fn start(
         cache
             .clone()
             .follow(store.clone(), Some(loaded), async move {
-                crate::state::stopped(&mut signal).await;
+                crate::shutdown::stopped(&mut signal).await;
             }),
     );
     let builders = tokio::spawn(pickers::run_builders(shared.clone()));
@@ -446,7 +447,7 @@ async fn start(
     let grpc = tokio::spawn(async move {
         router
             .serve_with_incoming_shutdown(incoming, async move {
-                crate::state::stopped(&mut signal).await;
+                crate::shutdown::stopped(&mut signal).await;
             })
             .await
     });
@@ -457,7 +458,7 @@ async fn start(
         tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move {
-                    crate::state::stopped(&mut signal).await;
+                    crate::shutdown::stopped(&mut signal).await;
                 })
                 .await
         })

@@ -142,7 +142,7 @@ pub(crate) async fn run_until_stopped(
     dns: DnsManager,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    crate::state::stopped(&mut shutdown).await;
+    crate::shutdown::stopped(&mut shutdown).await;
     let _ = lease_task.await;
     dns.join().await;
 }

@@ -212,7 +212,7 @@ pub(crate) async fn run_builders(shared: Arc<Shared>) {
         }
         tokio::select! {
             r = appeared.changed() => if r.is_err() { break },
-            _ = crate::state::stopped(&mut shutdown) => break,
+            _ = crate::shutdown::stopped(&mut shutdown) => break,
         }
     }
     tasks.shutdown().await;
@@ -276,7 +276,7 @@ async fn builder(shared: Arc<Shared>, service: Arc<str>) {
         tokio::select! {
             _ = waker.notified() => {}
             _ = tokio::time::sleep(tick), if ramp_tick.is_some() => ramp = true,
-            _ = crate::state::stopped(&mut shutdown) => break,
+            _ = crate::shutdown::stopped(&mut shutdown) => break,
         }
     }
     shared.cache.unfollow_service(&service, &waker);

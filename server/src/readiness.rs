@@ -246,7 +246,7 @@ pub(crate) async fn run(
         }
         tokio::select! {
             biased;
-            _ = crate::state::stopped(&mut shutdown) => return,
+            _ = crate::shutdown::stopped(&mut shutdown) => return,
             r = synced.changed() => {
                 if r.is_err() {
                     return;

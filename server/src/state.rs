@@ -18,12 +18,6 @@ use crate::metrics::Metrics;
 use crate::pickers::Pickers;
 use crate::store::Store;
 
-/// Resolves once a graceful shutdown has started (or the flag's sender is gone). The flag's
-/// read guard is dropped inside, so callers' futures stay `Send`.
-pub(crate) async fn stopped(flag: &mut watch::Receiver<bool>) {
-    let _ = flag.wait_for(|s| *s).await;
-}
-
 /// Shared by the Registry and Discovery services.
 pub(crate) struct Shared {
     pub store: Arc<dyn Store>,

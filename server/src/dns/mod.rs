@@ -228,7 +228,7 @@ impl DnsManager {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
-                    _ = crate::state::stopped(&mut shutdown) => return,
+                    _ = crate::shutdown::stopped(&mut shutdown) => return,
                     _ = tick.tick() => {}
                 }
                 if manager.inner.leadership.borrow().is_some() {
@@ -560,12 +560,12 @@ async fn refresh_loop(
     };
     loop {
         tokio::select! {
-            _ = crate::state::stopped(&mut shutdown) => return,
+            _ = crate::shutdown::stopped(&mut shutdown) => return,
             _ = tokio::time::sleep(delay) => {}
         }
         // Only the leader refreshes (see the module docs).
         let fence = tokio::select! {
-            _ = crate::state::stopped(&mut shutdown) => return,
+            _ = crate::shutdown::stopped(&mut shutdown) => return,
             f = crate::replicas::until_leader(&mut leadership) => f,
         };
         let Some(fence) = fence else { return };
@@ -584,7 +584,7 @@ async fn refresh_loop(
         // A shutdown does not wait for a slow name server (a store write already started
         // completes or not as a whole).
         let outcome = tokio::select! {
-            _ = crate::state::stopped(&mut shutdown) => return,
+            _ = crate::shutdown::stopped(&mut shutdown) => return,
             () = crate::replicas::until_not_leader(&mut lost, fence) => {
                 tracing::info!(%service, "DNS refresh abandoned: this replica is no longer the leader");
                 delay = Duration::ZERO;

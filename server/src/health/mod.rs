@@ -139,11 +139,11 @@ pub(crate) fn start(
     let mut s2 = shutdown;
     let task = tokio::spawn(async move {
         let writer = tokio::spawn(writer::run(store, writes_rx, async move {
-            crate::state::stopped(&mut s2).await;
+            crate::shutdown::stopped(&mut s2).await;
         }));
         checker
             .run(commands_rx, async move {
-                crate::state::stopped(&mut s1).await;
+                crate::shutdown::stopped(&mut s1).await;
             })
             .await;
         let _ = writer.await;

@@ -227,7 +227,7 @@ pub fn start_expiry(
         loop {
             let fence = tokio::select! {
                 f = crate::replicas::until_leader(&mut leadership) => f,
-                _ = crate::state::stopped(&mut shutdown) => return,
+                _ = crate::shutdown::stopped(&mut shutdown) => return,
             };
             let Some(fence) = fence else { return };
             let mut lost = leadership.clone();
@@ -239,7 +239,7 @@ pub fn start_expiry(
                 () = crate::replicas::until_not_leader(&mut lost, fence) => {
                     tracing::info!("lease expiry stopped: this replica is no longer the leader");
                 }
-                _ = crate::state::stopped(&mut shutdown) => return,
+                _ = crate::shutdown::stopped(&mut shutdown) => return,
             }
         }
     })

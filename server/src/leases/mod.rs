@@ -221,7 +221,7 @@ async fn run(
         let next = table.next_deadline();
         tokio::select! {
             biased;
-            _ = crate::state::stopped(&mut shutdown) => return,
+            _ = crate::shutdown::stopped(&mut shutdown) => return,
             cmd = rx.recv() => match cmd {
                 None => return,
                 Some(Command::Keep(key, ttl, reply)) => {

@@ -223,7 +223,7 @@ pub(crate) async fn run(
                     write_latency(&shared, &name, decisions).await;
                 }
             }
-            _ = crate::state::stopped(&mut shutdown) => break,
+            _ = crate::shutdown::stopped(&mut shutdown) => break,
         }
     }
     // The send holds the shared state (the store among it): it ends with this task.

@@ -290,7 +290,7 @@ impl EtcdCoordination {
         let task = tokio::spawn(async move {
             tokio::select! {
                 () = run(joiner, joined, members, leader, lease_id, contact) => {}
-                _ = crate::state::stopped(&mut shutdown) => {}
+                _ = crate::shutdown::stopped(&mut shutdown) => {}
             }
         });
         let (contact, mut stop_progress) = (this.contact.clone(), stop.clone());
@@ -298,14 +298,14 @@ impl EtcdCoordination {
         let progress = tokio::spawn(async move {
             tokio::select! {
                 () = check_progress(progress_client, progress_key, contact) => {}
-                _ = crate::state::stopped(&mut stop_progress) => {}
+                _ = crate::shutdown::stopped(&mut stop_progress) => {}
             }
         });
         let receive = forwarding::receive(client, loads, id, this.leader.subscribe(), forward_tx);
         let receiver = tokio::spawn(async move {
             tokio::select! {
                 () = receive => {}
-                _ = crate::state::stopped(&mut stop) => {}
+                _ = crate::shutdown::stopped(&mut stop) => {}
             }
         });
         *this.tasks.lock() = vec![task, receiver, progress];

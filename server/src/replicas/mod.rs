@@ -316,7 +316,7 @@ impl ReplicaMetrics {
             tokio::select! {
                 r = members.changed() => if r.is_err() { return },
                 r = leadership.changed() => if r.is_err() { return },
-                _ = crate::state::stopped(&mut shutdown) => return,
+                _ = crate::shutdown::stopped(&mut shutdown) => return,
             }
         }
     }

@@ -311,7 +311,7 @@ pub(crate) async fn run(
                 s.refollow();
                 pending.extend(s.subs.iter().filter(|(_, v)| v.wildcard).map(|(k, _)| k.clone()));
             }
-            _ = crate::state::stopped(&mut shutdown) => {
+            _ = crate::shutdown::stopped(&mut shutdown) => {
                 let _ = s.tx.send(Err(tonic::Status::unavailable("dlbd is shutting down"))).await;
                 break;
             }
