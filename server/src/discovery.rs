@@ -27,9 +27,9 @@
 //!   channel (`session_queue`); a full queue blocks only this session's task.
 //! * **Ack** is logged; **Nack** is answered with a full snapshot; **Unsubscribe** stops
 //!   updates; **LoadReport** replaces this session's in-flight counts for the service (see
-//!   [`crate::loads`]); they are removed when the session ends.
+//!   [`crate::reports::loads`]); they are removed when the session ends.
 //! * **GlobalLoad**: the other sessions' in-flight counts, pushed at most every 100 ms and only
-//!   when they moved ([`crate::global_load`]); load-report outcomes go to the outlier task
+//!   when they moved ([`crate::reports::global_load`]); load-report outcomes go to the outlier task
 //!   ([`crate::outlier`]).
 //! * **Heartbeat**: a session that has sent nothing for `session_heartbeat` (5 s by default)
 //!   sends a `Heartbeat` with the cache's revision, so an SDK can fail over from a control plane
@@ -140,7 +140,7 @@ impl Discovery for DiscoveryService {
             waker: self.shared.cache.waker(),
             nacked: HashMap::new(),
             log: crate::log_limit::LogLimiter::default(),
-            global: crate::global_load::GlobalPush::new(&self.shared.loads),
+            global: crate::reports::global_load::GlobalPush::new(&self.shared.loads),
             last_sent: tokio::time::Instant::now(),
         };
         tracing::debug!(session = id, ?peer, "session opened");
@@ -235,8 +235,8 @@ struct Session {
     nacked: HashMap<String, tokio::time::Instant>,
     /// Limits the warnings this client can trigger (Nacks); counts the rest.
     log: crate::log_limit::LogLimiter,
-    /// Pushes the other sessions' in-flight counts ([`crate::global_load`]).
-    global: crate::global_load::GlobalPush,
+    /// Pushes the other sessions' in-flight counts ([`crate::reports::global_load`]).
+    global: crate::reports::global_load::GlobalPush,
     /// When a message was last handed to the stream: a `Heartbeat` goes out once the session
     /// has been silent for `session_heartbeat`.
     last_sent: tokio::time::Instant,

@@ -177,7 +177,7 @@ impl HealthMetrics {
         self.dropped.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
-    /// One batch of load-report sums forwarded: `result` is `sent`, `failed` or `received` (see [`crate::outlier::forward`]).
+    /// One batch of load-report sums forwarded: `result` is `sent`, `failed` or `received` (see [`crate::reports::forward`]).
     pub fn forward(&self, result: &'static str) {
         self.forwards
             .get_or_create(&vec![("result".to_owned(), result.to_owned())])

@@ -49,18 +49,15 @@ mod error;
 pub mod health;
 pub mod leases;
 mod listing;
-pub mod loads;
 pub mod log_limit;
 pub mod membership;
 pub mod metrics;
 // Issue 9 (outlier detection, panic, global least connections, request metrics).
-pub mod circuits;
 mod config_adaptive;
 mod config_call;
 mod config_health;
 mod config_input;
 mod config_sdk_health;
-pub mod global_load;
 pub mod health_metrics;
 pub mod outlier;
 pub mod pickers;
@@ -68,10 +65,11 @@ pub mod readiness;
 pub mod reflection;
 pub mod registry;
 pub mod replicas;
+pub mod reports;
+mod shutdown;
 mod state;
 pub mod status_layer;
 pub mod store;
-mod shutdown;
 pub mod xds;
 
 use std::net::SocketAddr;
@@ -314,7 +312,7 @@ async fn start(
     // Loaded before anything is served: ready from the start (the readiness task follows).
     cache.set_synced(true);
     let (ready_tx, readiness) = readiness::channel(readiness::State::Ready);
-    let (reports, reports_rx) = outlier::Reports::new();
+    let (reports, reports_rx) = reports::Reports::new();
     let (health, _health_task) = health::start(
         cache.clone(),
         store.clone(),
@@ -330,7 +328,7 @@ async fn start(
         leader_store,
         cache: cache.clone(),
         pickers: Pickers::new(),
-        loads: loads::LoadTracker::new(),
+        loads: reports::loads::LoadTracker::new(),
         metrics: metrics.clone(),
         shutdown: shutdown_rx.clone(),
         session_queue: config.session_queue,
@@ -341,7 +339,7 @@ async fn start(
         sessions: std::sync::atomic::AtomicUsize::new(0),
         max_sessions: config.max_sessions,
         health,
-        circuits: circuits::CircuitTracker::new(),
+        circuits: reports::circuits::CircuitTracker::new(),
         readiness: readiness.clone(),
     });
     let mut signal = shutdown_rx.clone();

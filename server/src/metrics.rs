@@ -68,8 +68,8 @@ pub struct Metrics {
     pub health: crate::health::metrics::HealthMetrics,
     /// Automatic discovery: leases and DNS (see [`crate::membership::MembershipMetrics`]).
     pub membership: crate::membership::MembershipMetrics,
-    /// The SDKs' circuit-breaker states (see [`crate::circuits`]).
-    pub circuits: crate::circuits::CircuitMetrics,
+    /// The SDKs' circuit-breaker states (see [`crate::reports::circuits`]).
+    pub circuits: crate::reports::circuits::CircuitMetrics,
     /// `dlb_ready` and `dlb_cache_revision` (see [`crate::readiness`]).
     pub readiness: crate::readiness::ReadinessMetrics,
     /// `dlb_replica_leader` and `dlb_replica_members` (see [`crate::replicas`]).
@@ -141,7 +141,7 @@ impl Metrics {
             in_flight.clone(),
         );
         let passive = crate::health_metrics::HealthMetrics::register(&mut registry, per_backend);
-        let circuits = crate::circuits::CircuitMetrics::register(&mut registry);
+        let circuits = crate::reports::circuits::CircuitMetrics::register(&mut registry);
         let per_backend = per_backend.then(|| {
             let family = Family::<Labels, Gauge>::default();
             registry.register(

@@ -13,9 +13,9 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::cache::Cache;
-use crate::loads::LoadTracker;
 use crate::metrics::Metrics;
 use crate::pickers::Pickers;
+use crate::reports::loads::LoadTracker;
 use crate::store::Store;
 
 /// Shared by the Registry and Discovery services.
@@ -46,9 +46,9 @@ pub(crate) struct Shared {
     /// The active health checker.
     pub health: crate::health::HealthHandle,
     /// Load-report outcomes on their way to the outlier task ([`crate::outlier`]).
-    pub reports: crate::outlier::Reports,
-    /// The SDKs' reported circuit-breaker states ([`crate::circuits`]).
-    pub circuits: crate::circuits::CircuitTracker,
+    pub reports: crate::reports::Reports,
+    /// The SDKs' reported circuit-breaker states ([`crate::reports::circuits`]).
+    pub circuits: crate::reports::circuits::CircuitTracker,
     /// Whether this replica serves sessions ([`crate::readiness`]).
     pub readiness: crate::readiness::Readiness,
 }

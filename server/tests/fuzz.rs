@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 
 use dlb::proto;
-use dlb_server::loads::{LoadTracker, MAX_REPORTED_IN_FLIGHT};
+use dlb_server::reports::loads::{LoadTracker, MAX_REPORTED_IN_FLIGHT};
 use dlb_server::store::{MemoryStore, Mutation, ServerPatch, Store};
 use dlb_server::ServerConfig;
 use futures::executor::block_on;

@@ -19,8 +19,7 @@ use std::collections::HashMap;
 use dlb::proto;
 use tokio::time::Instant;
 
-/// Largest mean latency a report may contribute, milliseconds (one hour).
-pub const MAX_MEAN_MS: f64 = 3_600_000.0;
+pub use crate::reports::MAX_MEAN_MS;
 
 /// One service's current window. See the module docs.
 #[derive(Debug)]

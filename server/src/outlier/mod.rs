@@ -34,11 +34,9 @@
 //! the shares that change, written to each backend's latency source (`docs/adaptive.md`).
 
 pub mod detector;
-pub mod forward;
 pub mod latency;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,76 +47,13 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::replicas::Coordination;
+use crate::reports::{forward, Report};
 use crate::state::Shared;
 use crate::store::{Mutation, ServerPatch};
 use detector::{Action, Detector};
 
-/// Reports queued for the detector task at most; more are dropped (and counted).
-pub const QUEUE: usize = 65_536;
-/// Backend entries queued for the detector task at most, over all queued reports (a report is
-/// client input: this bounds the memory a burst of huge reports can pin, about 100 bytes each).
-pub const MAX_QUEUED_LOADS: usize = 1_000_000;
 /// How often the detectors' clocks run.
 pub const TICK: Duration = Duration::from_millis(100);
-
-/// One accepted load report: the service and its backends' loads.
-type Report = (Arc<str>, Vec<proto::BackendLoad>);
-
-/// The sending side, held by the sessions.
-#[derive(Debug)]
-pub struct Reports {
-    tx: mpsc::Sender<Report>,
-    dropped: AtomicU64,
-    /// Backend entries in queued reports (see [`MAX_QUEUED_LOADS`]).
-    queued: std::sync::atomic::AtomicUsize,
-}
-
-impl Reports {
-    /// A channel pair: the handle for sessions and the receiver for [`run`].
-    pub fn new() -> (Self, mpsc::Receiver<Report>) {
-        let (tx, rx) = mpsc::channel(QUEUE);
-        (
-            Self {
-                tx,
-                dropped: AtomicU64::new(0),
-                queued: Default::default(),
-            },
-            rx,
-        )
-    }
-
-    /// Queues a report's outcomes (only the backends with any); never waits.
-    pub fn submit(&self, service: &str, loads: &[proto::BackendLoad]) {
-        let loads: Vec<proto::BackendLoad> = loads
-            .iter()
-            .filter(|l| l.successes > 0 || l.failures > 0)
-            .cloned()
-            .collect();
-        if loads.is_empty() {
-            return;
-        }
-        let n = loads.len();
-        if self.queued.fetch_add(n, Ordering::Relaxed) + n > MAX_QUEUED_LOADS {
-            self.queued.fetch_sub(n, Ordering::Relaxed);
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        if self.tx.try_send((service.into(), loads)).is_err() {
-            self.queued.fetch_sub(n, Ordering::Relaxed);
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// The task took a report of `n` backend entries off the queue.
-    fn taken(&self, n: usize) {
-        self.queued.fetch_sub(n, Ordering::Relaxed);
-    }
-
-    /// Reports dropped because the task's queue was full.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
-    }
-}
 
 /// Per service: the detector and the configuration it runs with.
 struct Service {

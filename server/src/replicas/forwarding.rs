@@ -1,5 +1,5 @@
 //! Load-report sums between replicas on etcd (feature `etcd`; the design is in
-//! [`crate::outlier::forward`] and `docs/etcd.md`, "Load reports").
+//! [`crate::reports::forward`] and `docs/etcd.md`, "Load reports").
 //!
 //! * **Send**: a replica that does not lead puts each batch, protobuf-encoded
 //!   ([`Batch`]), at `<prefix>/loads/<replica-id>`, attached to its membership lease, so the key
@@ -20,7 +20,7 @@ use etcd_client::{Client, PutOptions, WatchOptions};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 
-use crate::outlier::forward::Batch;
+use crate::reports::forward::Batch;
 use crate::Error;
 
 /// Pause before the watch is opened again after an error.

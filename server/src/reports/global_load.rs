@@ -2,7 +2,7 @@
 //! sessions (`GlobalLoad`), so that the SDK's least-connections picker compares
 //! `its own live count + everyone else's` per backend.
 //!
-//! Each session owns one [`GlobalPush`]. It waits on the [load tracker](crate::loads)'s change
+//! Each session owns one [`GlobalPush`]. It waits on the [load tracker](crate::reports::loads)'s change
 //! signal (idle sessions never wake on a timer); when a sum moved, it waits until at least
 //! [`MIN_INTERVAL`] (100 ms) has passed since its previous push, then, for each service it
 //! follows, computes the others' counts (`LoadTracker::others`: all sessions' sums minus this
@@ -16,7 +16,7 @@ use dlb::proto;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::loads::LoadTracker;
+use crate::reports::loads::LoadTracker;
 
 /// The least time between two pushes to one session.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(100);

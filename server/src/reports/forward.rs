@@ -99,13 +99,11 @@ impl Outbox {
             sums.successes = sums.successes.saturating_add(l.successes);
             sums.failures = sums.failures.saturating_add(l.failures);
             if let Some(s) = latency {
-                let mean = s.mean_ms.min(super::latency::MAX_MEAN_MS);
+                let mean = s.mean_ms.min(super::MAX_MEAN_MS);
                 sums.latency_count = sums.latency_count.saturating_add(s.count);
                 sums.latency_total_ms += s.count as f64 * mean;
                 if s.max_ms.is_finite() {
-                    sums.latency_max_ms = sums
-                        .latency_max_ms
-                        .max(s.max_ms.min(super::latency::MAX_MEAN_MS));
+                    sums.latency_max_ms = sums.latency_max_ms.max(s.max_ms.min(super::MAX_MEAN_MS));
                 }
             }
         }

@@ -36,7 +36,7 @@ struct Inner {
 pub struct LoadTracker {
     inner: Mutex<Inner>,
     /// Bumped on every change of any sum: sessions wait on it to push global loads
-    /// ([`crate::global_load`]).
+    /// ([`crate::reports::global_load`]).
     changed: tokio::sync::watch::Sender<u64>,
 }
 
