@@ -504,7 +504,7 @@ struct RawPolicy {
     sticky_max_entries: Option<u32>,
     outlier_detection: Option<crate::config_health::RawOutlier>,
     panic: Option<crate::config_health::RawPanic>,
-    health_check: Option<crate::health::config::RawHealthCheck>,
+    health_check: Option<crate::health::active::config::RawHealthCheck>,
     slow_start: Option<crate::config_sdk_health::RawSlowStart>,
     circuit_breaker: Option<crate::config_sdk_health::RawCircuitBreaker>,
     #[serde(alias = "adaptive_weights")]
@@ -766,7 +766,7 @@ fn convert_service(ctx: &Ctx<'_>, i: usize, s: &RawService) -> Result<ServiceCon
         let field = if field == "sticky_mode" {
             "sticky".to_owned()
         } else {
-            crate::config_adaptive::yaml_field(&crate::health::config::yaml_field(field))
+            crate::config_adaptive::yaml_field(&crate::health::active::config::yaml_field(field))
         };
         ctx.invalid(at(&format!("policy.{field}")), e)
     })?;

@@ -30,7 +30,7 @@
 //!   [`crate::reports::loads`]); they are removed when the session ends.
 //! * **GlobalLoad**: the other sessions' in-flight counts, pushed at most every 100 ms and only
 //!   when they moved ([`crate::reports::global_load`]); load-report outcomes go to the outlier task
-//!   ([`crate::outlier`]).
+//!   ([`crate::health::passive`]).
 //! * **Heartbeat**: a session that has sent nothing for `session_heartbeat` (5 s by default)
 //!   sends a `Heartbeat` with the cache's revision, so an SDK can fail over from a control plane
 //!   that is connected but no longer talking (its update deadline).

@@ -58,8 +58,6 @@ mod config_call;
 mod config_health;
 mod config_input;
 mod config_sdk_health;
-pub mod health_metrics;
-pub mod outlier;
 pub mod pickers;
 pub mod readiness;
 pub mod reflection;
@@ -316,7 +314,7 @@ async fn start(
     let (health, _health_task) = health::start(
         cache.clone(),
         store.clone(),
-        Arc::new(health::probe::NetProber),
+        Arc::new(health::active::probe::NetProber),
         config.health_max_in_flight,
         metrics.health.clone(),
         replicas::Share::of(&*coordination),
@@ -356,7 +354,7 @@ async fn start(
         let stop = shutdown_rx.clone();
         async move { gauges.follow(&*coordination, stop).await }
     });
-    let outlier_task = tokio::spawn(outlier::run(
+    let outlier_task = tokio::spawn(health::passive::run(
         shared.clone(),
         reports_rx,
         coordination.clone(),

@@ -60,12 +60,12 @@ pub struct Metrics {
     stalled: Counter,
     /// Per-backend in-flight gauges, when enabled, and the ids exported per service.
     per_backend: Option<PerBackend>,
-    /// Request, outlier and panic metrics (see [`crate::health_metrics`]).
-    pub passive: crate::health_metrics::HealthMetrics,
+    /// Request, outlier and panic metrics (see [`crate::health::passive::metrics`]).
+    pub passive: crate::health::passive::metrics::HealthMetrics,
     /// The xDS front-end's metrics.
     xds: crate::xds::XdsMetrics,
-    /// The health checker's series (see [`crate::health::metrics`]).
-    pub health: crate::health::metrics::HealthMetrics,
+    /// The health checker's series (see [`crate::health::active::metrics`]).
+    pub health: crate::health::active::metrics::HealthMetrics,
     /// Automatic discovery: leases and DNS (see [`crate::membership::MembershipMetrics`]).
     pub membership: crate::membership::MembershipMetrics,
     /// The SDKs' circuit-breaker states (see [`crate::reports::circuits`]).
@@ -140,7 +140,7 @@ impl Metrics {
             "Calls in flight per service, summed over the load reports of all SDK sessions",
             in_flight.clone(),
         );
-        let passive = crate::health_metrics::HealthMetrics::register(&mut registry, per_backend);
+        let passive = crate::health::passive::metrics::HealthMetrics::register(&mut registry, per_backend);
         let circuits = crate::reports::circuits::CircuitMetrics::register(&mut registry);
         let per_backend = per_backend.then(|| {
             let family = Family::<Labels, Gauge>::default();
@@ -152,7 +152,7 @@ impl Metrics {
             (family, Mutex::new(HashMap::new()))
         });
         let membership = crate::membership::MembershipMetrics::registered(&mut registry);
-        let health = crate::health::metrics::HealthMetrics::register(&mut registry);
+        let health = crate::health::active::metrics::HealthMetrics::register(&mut registry);
         let xds = crate::xds::XdsMetrics::register(&mut registry);
         let readiness = crate::readiness::ReadinessMetrics::registered(&mut registry);
         let replicas = crate::replicas::ReplicaMetrics::registered(&mut registry);

@@ -45,7 +45,7 @@ pub(crate) struct Shared {
     pub max_sessions: usize,
     /// The active health checker.
     pub health: crate::health::HealthHandle,
-    /// Load-report outcomes on their way to the outlier task ([`crate::outlier`]).
+    /// Load-report outcomes on their way to the outlier task ([`crate::health::passive`]).
     pub reports: crate::reports::Reports,
     /// The SDKs' reported circuit-breaker states ([`crate::reports::circuits`]).
     pub circuits: crate::reports::circuits::CircuitTracker,
@@ -55,7 +55,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// The request, outlier and panic metrics.
-    pub(crate) fn health_metrics(&self) -> &crate::health_metrics::HealthMetrics {
+    pub(crate) fn health_metrics(&self) -> &crate::health::passive::metrics::HealthMetrics {
         &self.metrics.passive
     }
 }

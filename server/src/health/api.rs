@@ -3,7 +3,7 @@
 
 use dlb::{model, proto};
 
-use super::state::Health;
+use super::active::state::Health;
 use crate::state::Shared;
 use crate::Error;
 

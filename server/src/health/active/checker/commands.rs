@@ -8,7 +8,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::{Checker, Key, Target};
-use crate::health::state::Health;
+use crate::health::active::state::Health;
 use crate::Error;
 
 /// What the scheduler is asked by the rest of the server.

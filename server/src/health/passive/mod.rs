@@ -10,7 +10,7 @@
 //! ([`dlb::sources`]): outlier `UNHEALTHY` takes precedence over the probe source, so a passing
 //! active check never reinstates an ejected backend early.
 //!
-//! The task also feeds the request metrics ([`crate::health_metrics`]) from every report, and
+//! The task also feeds the request metrics ([`crate::health::passive::metrics`]) from every report, and
 //! every 100 ms runs each detector's clock (returns, failure-rate windows, decay). The
 //! max-ejection rule is [`dlb::health_policy::max_ejected`]; `docs/outlier.md` has the rules.
 //!
@@ -35,6 +35,7 @@
 
 pub mod detector;
 pub mod latency;
+pub mod metrics;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -348,7 +349,7 @@ async fn close_window(
     let mut probes: HashMap<String, f64> = HashMap::new();
     if snap.policy.health_check.is_some() {
         for (id, view) in shared.health.inspect_service(name).await {
-            if view.health != crate::health::state::Health::Healthy {
+            if view.health != crate::health::active::state::Health::Healthy {
                 continue;
             }
             if let Some(rtt) = view.last_pass_rtt {
