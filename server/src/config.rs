@@ -201,11 +201,11 @@ pub struct ServerConfig {
     /// Also export per-backend metric series (off by default: cardinality grows with backends).
     pub per_backend_metrics: bool,
     /// Who may write and read (bearer tokens); empty: everything is open.
-    pub auth: crate::auth::AuthConfig,
+    pub auth: crate::api::auth::AuthConfig,
     /// TLS on the gRPC port; `None`: plaintext.
     pub tls: Option<TlsConfig>,
     /// DNS discovery: name servers, refresh bounds, services that follow a DNS name.
-    pub dns: crate::dns::DnsConfig,
+    pub dns: crate::membership::dns::DnsConfig,
     /// How long the cache may be out of step with the store (watch failed, re-reading) before
     /// this replica stops counting as ready (`docs/etcd.md`, "Replicas"; 0 ..= 60 s, default
     /// 1 s).
@@ -264,9 +264,9 @@ impl Default for ServerConfig {
             health_max_in_flight: crate::health::DEFAULT_MAX_IN_FLIGHT,
             shutdown_grace: Duration::from_secs(5),
             per_backend_metrics: false,
-            auth: crate::auth::AuthConfig::default(),
+            auth: crate::api::auth::AuthConfig::default(),
             tls: None,
-            dns: crate::dns::DnsConfig::default(),
+            dns: crate::membership::dns::DnsConfig::default(),
             ready_grace: crate::readiness::DEFAULT_GRACE,
             going_away_after: crate::readiness::DEFAULT_GOING_AWAY_AFTER,
             replica_id: None,
@@ -460,7 +460,7 @@ struct RawConfig {
     dns: Option<RawDns>,
 }
 
-/// `dns:` — DNS discovery settings (see `crate::dns`).
+/// `dns:` — DNS discovery settings (see `crate::membership::dns`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDns {
@@ -670,12 +670,12 @@ impl ServerConfig {
                 ));
             }
             if let Some(target) = &s.dns {
-                let d = crate::dns::DnsDeclaration {
+                let d = crate::membership::dns::DnsDeclaration {
                     service: svc.name.clone(),
                     target: target.clone(),
                     weight: s.dns_weight.unwrap_or(1),
                 };
-                crate::dns::Target::parse(&d.target)
+                crate::membership::dns::Target::parse(&d.target)
                     .map_err(|e| ctx.invalid(format!("services[{i}].dns"), e))?;
                 model::validate_weight(d.weight)
                     .map_err(|e| ctx.invalid(format!("services[{i}].dns_weight"), e))?;

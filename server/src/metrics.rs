@@ -140,7 +140,8 @@ impl Metrics {
             "Calls in flight per service, summed over the load reports of all SDK sessions",
             in_flight.clone(),
         );
-        let passive = crate::health::passive::metrics::HealthMetrics::register(&mut registry, per_backend);
+        let passive =
+            crate::health::passive::metrics::HealthMetrics::register(&mut registry, per_backend);
         let circuits = crate::reports::circuits::CircuitMetrics::register(&mut registry);
         let per_backend = per_backend.then(|| {
             let family = Family::<Labels, Gauge>::default();

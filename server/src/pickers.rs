@@ -30,7 +30,7 @@ use dlb::proto;
 use parking_lot::RwLock;
 use tokio::sync::watch;
 
-use crate::state::Shared;
+use crate::api::Shared;
 use crate::store::ServiceSnapshot;
 use crate::Error;
 

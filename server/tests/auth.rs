@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use dlb::proto;
-use dlb_server::auth::AuthConfig;
+use dlb_server::api::auth::AuthConfig;
 use dlb_server::ServerConfig;
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Request};

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::*;
 use dlb::proto::{self, membership_client::MembershipClient};
-use dlb_server::dns::{DnsConfig, DnsDeclaration};
+use dlb_server::membership::dns::{DnsConfig, DnsDeclaration};
 use dlb_server::{RunningServer, ServerConfig};
 use fake_dns::{FakeDns, Mode};
 use tonic::transport::Channel;

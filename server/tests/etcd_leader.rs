@@ -271,7 +271,7 @@ async fn leases_are_renewed_through_any_replica_and_expired_by_the_leader() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_leader_refreshes_dns_and_a_new_leader_takes_over() {
-    use dlb_server::dns::{DnsConfig, DnsDeclaration};
+    use dlb_server::membership::dns::{DnsConfig, DnsDeclaration};
     let etcd = Etcd::start().await;
     // One name server per replica, so each one's lookups are counted apart.
     let fakes = [

@@ -396,7 +396,7 @@ async fn membership_writes_need_an_admin_token_and_reads_do_not() {
     let server = start_with(dlb_server::ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: None,
-        auth: dlb_server::auth::AuthConfig {
+        auth: dlb_server::api::auth::AuthConfig {
             admin_tokens: vec!["admin-token-for-leases".into()],
             read_tokens: Vec::new(),
         },

@@ -443,7 +443,7 @@ async fn old_sessions_are_sent_away_and_resume_with_a_delta() {
     assert!(first.full);
     match s.next().await {
         server_message::Kind::GoingAway(g) => {
-            assert_eq!(g.reason, dlb_server::discovery::MAX_AGE_REASON)
+            assert_eq!(g.reason, dlb_server::api::discovery::MAX_AGE_REASON)
         }
         other => panic!("expected GoingAway, got {other:?}"),
     }

@@ -500,7 +500,7 @@ async fn ads_needs_a_read_token_where_configured() {
     let server = common::start_with(ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: None,
-        auth: dlb_server::auth::AuthConfig {
+        auth: dlb_server::api::auth::AuthConfig {
             admin_tokens: vec![],
             read_tokens: vec![token.into()],
         },

@@ -9,7 +9,7 @@
 //! certificates) speaks TLS to it. `--config FILE` loads a YAML configuration; `--listen`,
 //! `--metrics-listen` and `--no-metrics` override it. `--admin-token-file` makes every Registry
 //! write need a bearer token from that file; `--read-token-file` does the same for reads and
-//! SDK sessions (see `dlb_server::auth`). `--tls-cert` / `--tls-key` serve gRPC over TLS;
+//! SDK sessions (see `dlb_server::api::auth`). `--tls-cert` / `--tls-key` serve gRPC over TLS;
 //! `--tls-client-ca` also requires client certificates (mTLS). The metrics port binds loopback
 //! unless told otherwise. Logs go to stderr (`RUST_LOG`, default
 //! `info`); once both listeners are bound it logs
@@ -246,11 +246,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(f) = &args.admin_token_file {
         config.auth.admin_tokens =
-            dlb_server::auth::read_token_file(f).map_err(anyhow::Error::msg)?;
+            dlb_server::api::auth::read_token_file(f).map_err(anyhow::Error::msg)?;
     }
     if let Some(f) = &args.read_token_file {
         config.auth.read_tokens =
-            dlb_server::auth::read_token_file(f).map_err(anyhow::Error::msg)?;
+            dlb_server::api::auth::read_token_file(f).map_err(anyhow::Error::msg)?;
     }
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         let read =

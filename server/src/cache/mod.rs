@@ -29,7 +29,7 @@
 //! ([`Cache::synced`]).
 //!
 //! Catch-up logic (full vs delta, lagging watchers, compaction) lives only here: the DLB session
-//! ([`crate::discovery`]) and the xDS front-end are thin translations of [`Catchup`].
+//! ([`crate::api::discovery`]) and the xDS front-end are thin translations of [`Catchup`].
 //!
 //! Sync primitives: the map of slots is a `parking_lot::RwLock` (written only when a service
 //! first appears, a watcher registers for an unknown one, or a slot is dropped; the lock order

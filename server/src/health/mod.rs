@@ -11,9 +11,7 @@
 //! effective state and its reason from them.
 
 pub mod active;
-pub(crate) mod api;
 pub mod passive;
-pub(crate) mod seed;
 
 pub(crate) use active::{is_checked, start};
 pub use active::{HealthHandle, TargetView, DEFAULT_MAX_IN_FLIGHT};

@@ -47,9 +47,9 @@ use dlb::proto;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::api::Shared;
 use crate::replicas::Coordination;
 use crate::reports::{forward, Report};
-use crate::state::Shared;
 use crate::store::{Mutation, ServerPatch};
 use detector::{Action, Detector};
 

@@ -1,8 +1,8 @@
 //! The `dlb.v1.Membership` gRPC service — automatic discovery's front-end — and its metrics.
 //!
-//! * Leases ([`crate::leases`]): `Register` creates or renews a lease-owned backend,
+//! * Leases ([`crate::membership::leases`]): `Register` creates or renews a lease-owned backend,
 //!   `Deregister` ends it, `ListLeases` shows the remaining times.
-//! * DNS ([`crate::dns`]): `DeclareDns`, `RemoveDns`, `ListDns`.
+//! * DNS ([`crate::membership::dns`]): `DeclareDns`, `RemoveDns`, `ListDns`.
 //!
 //! Ownership rule: a record has one owner (`Server.source`). `Register` on an id owned by
 //! `AddServer`/config or by DNS is refused with `ALREADY_EXISTS` and changes nothing; `AddServer`
@@ -24,15 +24,11 @@ use std::time::Duration;
 
 use dlb::model;
 use dlb::proto::{self, membership_server::Membership};
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
 use tonic::{Request, Response, Status};
 
-use crate::dns::{self, DnsManager};
-use crate::leases::{self, LeaseKey, Leases};
-use crate::state::Shared;
+use crate::api::Shared;
+use crate::membership::dns::{self, DnsManager};
+use crate::membership::leases::{self, LeaseKey, Leases};
 use crate::store::Mutation;
 use crate::Error;
 
@@ -40,112 +36,6 @@ use crate::Error;
 const WRITE_ATTEMPTS: usize = 32;
 /// How long a committed write waits for the cache before answering anyway.
 const CACHE_WAIT: Duration = Duration::from_secs(1);
-
-type Labels = Vec<(String, String)>;
-
-/// Automatic-discovery metrics, registered with the others by [`crate::metrics::Metrics`].
-///
-/// | name | type | labels |
-/// |---|---|---|
-/// | `dlb_lease_registrations_total` | counter | | (leases that created their backend) |
-/// | `dlb_lease_expiries_total` | counter | | (backends removed: `lease expired`) |
-/// | `dlb_leases` | gauge | | (live leases) |
-/// | `dlb_dns_refreshes_total` | counter | `service`, `result` (ok, error) |
-/// | `dlb_dns_consecutive_failures` | gauge | `service` (0: the last refresh succeeded) |
-/// | `dlb_dns_skipped_addresses_total` | counter | `reason` (unspecified, broadcast, multicast) |
-#[derive(Debug, Default)]
-pub struct MembershipMetrics {
-    /// Leases that created their backend.
-    pub registrations: Counter,
-    /// Backends removed because their lease expired.
-    pub expiries: Counter,
-    /// Live leases.
-    pub leases: Gauge,
-    dns_refreshes: Family<Labels, Counter>,
-    dns_failing: Family<Labels, Gauge>,
-    dns_skipped: Family<Labels, Counter>,
-}
-
-impl MembershipMetrics {
-    /// The metrics, registered in `registry`.
-    pub fn registered(registry: &mut Registry) -> Self {
-        let m = Self::default();
-        registry.register(
-            "dlb_lease_registrations",
-            "Lease registrations that created their backend",
-            m.registrations.clone(),
-        );
-        registry.register(
-            "dlb_lease_expiries",
-            "Backends removed because their lease expired (reason: lease expired)",
-            m.expiries.clone(),
-        );
-        registry.register("dlb_leases", "Live leases", m.leases.clone());
-        registry.register(
-            "dlb_dns_refreshes",
-            "DNS refreshes by service and result (ok, error)",
-            m.dns_refreshes.clone(),
-        );
-        registry.register(
-            "dlb_dns_consecutive_failures",
-            "Failed DNS refreshes in a row per service (0: the last one succeeded)",
-            m.dns_failing.clone(),
-        );
-        registry.register(
-            "dlb_dns_skipped_addresses",
-            "DNS answers never turned into backends, by reason (unspecified, broadcast, multicast)",
-            m.dns_skipped.clone(),
-        );
-        m
-    }
-
-    /// Counts one address of a DNS answer set aside for `reason`.
-    pub fn dns_skipped(&self, reason: &'static str) {
-        self.dns_skipped
-            .get_or_create(&vec![("reason".to_owned(), reason.to_owned())])
-            .inc();
-    }
-
-    /// Counts one DNS refresh of `service`; a success also clears its failure gauge.
-    pub fn dns_refresh(&self, service: &str, ok: bool) {
-        let result = if ok { "ok" } else { "error" };
-        self.dns_refreshes
-            .get_or_create(&vec![
-                ("service".to_owned(), service.to_owned()),
-                ("result".to_owned(), result.to_owned()),
-            ])
-            .inc();
-        if ok {
-            self.dns_failures(service, 0);
-        }
-    }
-
-    /// Sets the consecutive-failure gauge of `service`.
-    pub fn dns_failures(&self, service: &str, failures: i64) {
-        self.dns_failing
-            .get_or_create(&vec![("service".to_owned(), service.to_owned())])
-            .set(failures);
-    }
-
-    /// Drops the series of a service that no longer follows a name.
-    pub fn dns_forget(&self, service: &str) {
-        self.dns_failing
-            .remove(&vec![("service".to_owned(), service.to_owned())]);
-    }
-}
-
-/// Waits for a graceful shutdown, then for the lease task and every DNS task to end, so that
-/// nothing of automatic discovery holds the store once [`crate::RunningServer::shutdown`]
-/// returns (the embedded store can be reopened at once).
-pub(crate) async fn run_until_stopped(
-    lease_task: tokio::task::JoinHandle<()>,
-    dns: DnsManager,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) {
-    crate::shutdown::stopped(&mut shutdown).await;
-    let _ = lease_task.await;
-    dns.join().await;
-}
 
 /// Whether a stored lease-owned record already says what a `Register` declares.
 fn same_declaration(have: &proto::Server, want: &proto::Server) -> bool {
@@ -362,11 +252,14 @@ impl MembershipService {
                 Ok(applied) => {
                     self.leases.forget(key).await?;
                     let mut version = applied.version.version;
-                    if crate::leases::abandoned(&snap, 1) {
-                        version =
-                            crate::leases::remove_abandoned(&*self.shared.store, &service, version)
-                                .await
-                                .unwrap_or(version);
+                    if crate::membership::leases::abandoned(&snap, 1) {
+                        version = crate::membership::leases::remove_abandoned(
+                            &*self.shared.store,
+                            &service,
+                            version,
+                        )
+                        .await
+                        .unwrap_or(version);
                     }
                     self.wait_cache(version).await;
                     tracing::info!(%service, server_id = %req.server_id, "backend deregistered");

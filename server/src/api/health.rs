@@ -3,8 +3,8 @@
 
 use dlb::{model, proto};
 
-use super::active::state::Health;
-use crate::state::Shared;
+use crate::api::Shared;
+use crate::health::active::state::Health;
 use crate::Error;
 
 /// Answers `GetHealth`. NOT_FOUND when the service does not exist.

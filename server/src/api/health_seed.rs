@@ -3,7 +3,7 @@
 
 use dlb::{model, proto};
 
-use crate::state::Shared;
+use crate::api::Shared;
 use crate::Error;
 
 /// How long a seed call waits for the cache to show the write it caused.
@@ -18,7 +18,7 @@ pub(crate) async fn report(
 ) -> Result<Option<proto::ServerResponse>, Error> {
     let service = model::resolve_service(&req.service)?.to_owned();
     model::validate_server_id(&req.server_id)?;
-    if !super::is_checked(&shared.cache, &service) {
+    if !crate::health::is_checked(&shared.cache, &service) {
         return Ok(None);
     }
     let Some(written) = shared

@@ -61,7 +61,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::state::Shared;
+use crate::api::Shared;
 
 /// How long a session waits for room in its queue to hand over its last message (`GoingAway`
 /// or the error status that ends it).

@@ -15,7 +15,7 @@ use dlb::model;
 use dlb::proto::{self, registry_server::Registry};
 use tonic::{Request, Response, Status};
 
-use crate::state::Shared;
+use crate::api::Shared;
 use crate::store::{Applied, Mutation, ServerPatch};
 use crate::Error;
 
@@ -207,7 +207,7 @@ impl RegistryService {
     ) -> Result<proto::ServerResponse, Error> {
         // On a service with active checks the call is one result in the state machine.
         if let Some(r) =
-            crate::health::seed::report(&self.shared, &req, verdict == proto::Verdict::Healthy)
+            crate::api::health_seed::report(&self.shared, &req, verdict == proto::Verdict::Healthy)
                 .await?
         {
             return Ok(r);
@@ -489,7 +489,7 @@ impl Registry for RegistryService {
         &self,
         request: Request<proto::GetHealthRequest>,
     ) -> Result<Response<proto::GetHealthResponse>, Status> {
-        let r = crate::health::api::get_health(&self.shared, request.into_inner()).await;
+        let r = crate::api::health::get_health(&self.shared, request.into_inner()).await;
         self.done("GetHealth", r)
     }
 }

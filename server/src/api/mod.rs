@@ -1,11 +1,26 @@
-//! State shared by the gRPC services: the store, the snapshot cache, the server-side pickers,
-//! the load tracker and the metrics.
+//! The gRPC front-ends: what `dlbd` answers on its port, each a thin translation between the
+//! wire and the subsystems below.
 //!
-//! `Shared` is immutable after construction and shared by `Arc`; each part carries its own
-//! synchronisation (see their modules). The background tasks that keep the cache in step with
-//! the store ([`crate::cache::Cache::follow`]) and the pickers in step with the cache
-//! ([`crate::pickers::run_builders`]) are started by [`crate::spawn_with_store`]. The shutdown
-//! flag is a `tokio::sync::watch` channel so that every task can await it in a `select!`.
+//! * [`registry`] — `dlb.v1.Registry` (admin writes and reads, the seed calls, `GetNextServer`);
+//! * [`discovery`] — `dlb.v1.Discovery`, the SDK sessions over the snapshot cache;
+//! * [`membership`] — `dlb.v1.Membership`, leases and DNS declarations;
+//! * [`health`] / [`health_seed`] — `GetHealth` and the seed calls' health results;
+//! * [`xds`] — standard xDS (ADS, SotW and Delta) and CSDS for stock gRPC clients;
+//! * [`auth`] — bearer tokens (who may write, who may read); [`status_layer`] — oversize
+//!   answers as `RESOURCE_EXHAUSTED`; [`reflection`] — server reflection.
+//!
+//! [`Shared`] is what the Registry, Discovery and Membership services share: the store, the
+//! snapshot cache, the server-side pickers, the load tracker and the metrics. It is immutable
+//! after construction and shared by `Arc`; each part carries its own synchronisation.
+
+pub mod auth;
+pub mod discovery;
+pub(crate) mod health;
+pub(crate) mod health_seed;
+pub mod membership;
+pub mod reflection;
+pub mod registry;
+pub mod status_layer;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
