@@ -5,7 +5,7 @@
 //! re-reads (with a capped backoff on errors: 50 ms doubling to 5 s). It publishes
 //! [`Cache::synced`]: `true` once a load succeeded and while the watch that follows it runs,
 //! `false` from the moment the watch fails until a re-read succeeds (e.g. while etcd is
-//! unreachable). The replica's readiness ([`crate::readiness`]) is derived from it.
+//! unreachable). The replica's readiness (the `readiness` module) is derived from it.
 
 use std::sync::Arc;
 use std::time::Duration;

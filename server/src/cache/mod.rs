@@ -29,7 +29,7 @@
 //! ([`Cache::synced`]).
 //!
 //! Catch-up logic (full vs delta, lagging watchers, compaction) lives only here: the DLB session
-//! ([`crate::api::discovery`]) and the xDS front-end are thin translations of [`Catchup`].
+//! (`api::discovery`) and the xDS front-end are thin translations of [`Catchup`].
 //!
 //! Sync primitives: the map of slots is a `parking_lot::RwLock` (written only when a service
 //! first appears, a watcher registers for an unknown one, or a slot is dropped; the lock order
@@ -260,7 +260,7 @@ impl Cache {
 
     /// A receiver of whether the follower is in step with the store ([`Cache::follow`]):
     /// `false` until the first load and whenever the store's watch failed and the cache is
-    /// re-reading (the readiness of a replica is derived from it: [`crate::readiness`]).
+    /// re-reading (the readiness of a replica is derived from it: the `readiness` module).
     pub fn synced(&self) -> watch::Receiver<bool> {
         self.synced.subscribe()
     }

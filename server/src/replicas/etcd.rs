@@ -58,7 +58,7 @@ use super::progress::{check_progress, set_contact};
 pub use super::progress::{PROGRESS_EVERY, PROGRESS_TIMEOUT};
 use super::{forwarding, Coordination, Members};
 use crate::config::EtcdConfig;
-use crate::reports::forward::Batch;
+use super::Batch;
 use crate::Error;
 
 /// Default membership lease TTL.

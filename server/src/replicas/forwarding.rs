@@ -20,7 +20,7 @@ use etcd_client::{Client, PutOptions, WatchOptions};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 
-use crate::reports::forward::Batch;
+use super::Batch;
 use crate::Error;
 
 /// Pause before the watch is opened again after an error.

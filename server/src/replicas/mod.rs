@@ -45,7 +45,6 @@ use tokio::sync::{mpsc, watch};
 
 use dlb::model::ValidationError;
 
-use crate::reports::forward::Batch;
 use crate::Error;
 
 /// Forwarded batches the leader buffers at most before it drops the newest (and counts them).
@@ -53,6 +52,19 @@ pub const FORWARDED_QUEUE: usize = 256;
 
 /// Longest replica id accepted.
 pub const MAX_ID_LEN: usize = 128;
+
+/// One batch of load-report sums a replica forwards to the leader
+/// (`reports::forward::Outbox` builds them), as the value of `<prefix>/loads/<replica>` on etcd.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Batch {
+    /// The replica that forwarded it.
+    #[prost(string, tag = "1")]
+    pub replica: String,
+    /// The sums, one report per service (a service may span several batches).
+    #[prost(message, repeated, tag = "2")]
+    pub reports: Vec<dlb::proto::LoadReport>,
+}
+
 
 /// The live replicas as this replica sees them: ids, sorted, without duplicates.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -149,7 +161,7 @@ pub fn default_id() -> String {
 }
 
 /// Whether this replica can prove it is in contact with the shared store, published by the
-/// coordination for readiness ([`crate::readiness`]): a replica that cannot prove it is
+/// coordination for readiness (the `readiness` module): a replica that cannot prove it is
 /// current must stop serving, whatever its cache's watch says (a watch on a stalled etcd member
 /// only errors after the HTTP/2 keepalive, ≈ 15 s).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

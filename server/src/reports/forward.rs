@@ -25,23 +25,14 @@ use std::time::Duration;
 use dlb::proto;
 use prost::Message;
 
+pub use crate::replicas::Batch;
+
 /// How often a replica that does not lead forwards its sums.
 pub const FORWARD_EVERY: Duration = Duration::from_secs(1);
 /// Backend entries held at most between two forwards.
 pub const MAX_ENTRIES: usize = 200_000;
 /// Largest encoded batch (etcd refuses requests over 1.5 MiB by default).
 pub const MAX_BATCH_BYTES: usize = 512 * 1024;
-
-/// One forwarded batch, as the value of `<prefix>/loads/<replica>` on etcd.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct Batch {
-    /// The replica that forwarded it.
-    #[prost(string, tag = "1")]
-    pub replica: String,
-    /// The sums, one report per service (a service may span several batches).
-    #[prost(message, repeated, tag = "2")]
-    pub reports: Vec<proto::LoadReport>,
-}
 
 /// One backend's sums since the last forward.
 #[derive(Debug, Default, Clone, Copy)]

@@ -1,7 +1,7 @@
 //! Load reports in: what the SDKs' load reports feed, before any decision is made on them.
 //!
 //! * [`Reports`] — the bounded hand-off of each accepted report's call outcomes from the
-//!   Discovery sessions to the passive-health task ([`crate::health::passive`]); never blocks a
+//!   Discovery sessions to the passive-health task (`health::passive`); never blocks a
 //!   session, drops and counts what does not fit;
 //! * [`loads`] — in-flight sums per backend from every session's reports;
 //! * [`global_load`] — least-connections picks with every SDK's in-flight counts;

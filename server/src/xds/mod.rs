@@ -11,7 +11,7 @@
 //! * [`clients`] — per-stream bookkeeping (subscriptions, versions and nonces sent and acked,
 //!   NACKs); [`status`] — the `dlb.v1.XdsStatus` RPC that lists it for `dlbctl xds-clients`.
 //!
-//! Like the DLB session ([`crate::api::discovery`]) this is a thin front-end of the snapshot cache
+//! Like the DLB session (`api::discovery`) this is a thin front-end of the snapshot cache
 //! ([`crate::cache`]): a stream follows the services it subscribed to with one cache
 //! [`Waker`](crate::cache::Waker); when woken it reads the newest snapshots and pushes what
 //! changed. A burst of writes costs a slow stream one coalesced update. Resource versions are
@@ -38,7 +38,7 @@
 //! follows); all of it is released when the stream ends.
 //!
 //! Auth and TLS are those of the whole port: the ADS path needs a read token when read tokens are
-//! configured ([`crate::api::auth`]).
+//! configured (`api::auth`).
 
 pub mod clients;
 pub mod delta;

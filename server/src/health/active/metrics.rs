@@ -1,5 +1,5 @@
 //! Prometheus metrics of the health checker, registered in the server's registry by
-//! [`crate::metrics::Metrics`]. Aggregated (no per-backend series):
+//! the server's `Metrics`. Aggregated (no per-backend series):
 //!
 //! | name | type | labels |
 //! |---|---|---|

@@ -1,11 +1,11 @@
 //! Request and health metrics from the SDKs' load reports: what the outlier task and the picker
-//! builders record, registered into the one Prometheus registry of [`crate::metrics`].
+//! builders record, registered into the one Prometheus registry of the `metrics` module.
 //!
 //! Aggregated per service by default; per-backend request series only when per-backend metrics
 //! are on (like `dlb_backend_in_flight`). Rates (requests/s, errors/s) are the counters' rates
 //! (`rate(dlb_requests_total[1m])`); latency is a summary (a sum and a count, mean =
 //! sum / count) plus the largest latency of the last report, since an SDK reports a mean and a
-//! maximum per interval, not individual calls. In-flight is `dlb_in_flight` in [`crate::metrics`].
+//! maximum per interval, not individual calls. In-flight is `dlb_in_flight` in the `metrics` module.
 //!
 //! | name | type | labels |
 //! |---|---|---|
