@@ -219,12 +219,12 @@ async fn start(
     let loaded = initial.revision;
     // Automatic discovery: lease deadlines restart from now (or live in etcd, expired by the
     // leader); DNS names are followed (refreshed by the leader).
-    let (leases, lease_task) = start_leases(&opened, &metrics, &initial, &shutdown_rx);
+    let (leases, lease_task) = start_leases(&opened, &metrics.membership, &initial, &shutdown_rx);
     let dns = dns::DnsManager::start(
         store.clone(),
         leader_store.clone(),
         leadership.clone(),
-        metrics.clone(),
+        metrics.membership.clone(),
         config.dns.clone(),
         &initial,
         shutdown_rx.clone(),
@@ -244,6 +244,11 @@ async fn start(
     cache.set_synced(true);
     let (ready_tx, readiness) = readiness::channel(readiness::State::Ready);
     let (reports, reports_rx) = reports::Reports::new();
+    let reports = Arc::new(reports);
+    let (built, loads) = (
+        Arc::new(Pickers::new()),
+        Arc::new(reports::loads::LoadTracker::new()),
+    );
     let (health, _health_task) = health::start(
         cache.clone(),
         store.clone(),
@@ -254,12 +259,12 @@ async fn start(
         shutdown_rx.clone(),
     );
     let shared = Arc::new(Shared {
-        reports,
+        reports: reports.clone(),
         store: store.clone(),
-        leader_store,
+        leader_store: leader_store.clone(),
         cache: cache.clone(),
-        pickers: Pickers::new(),
-        loads: reports::loads::LoadTracker::new(),
+        pickers: built.clone(),
+        loads: loads.clone(),
         metrics: metrics.clone(),
         shutdown: shutdown_rx.clone(),
         session_queue: config.session_queue,
@@ -281,14 +286,27 @@ async fn start(
                 crate::shutdown::stopped(&mut signal).await;
             }),
     );
-    let builders = tokio::spawn(pickers::run_builders(shared.clone()));
+    let builders = tokio::spawn(pickers::run_builders(Arc::new(pickers::Builders {
+        cache: cache.clone(),
+        pickers: built,
+        loads,
+        metrics: metrics.clone(),
+        shutdown: shutdown_rx.clone(),
+    })));
     tokio::spawn({
         let (gauges, coordination) = (metrics.replicas.clone(), coordination.clone());
         let stop = shutdown_rx.clone();
         async move { gauges.follow(&*coordination, stop).await }
     });
     let outlier_task = tokio::spawn(health::passive::run(
-        shared.clone(),
+        Arc::new(health::passive::Context {
+            cache: cache.clone(),
+            leader_store: shared.leader_store.clone(),
+            health: shared.health.clone(),
+            metrics: metrics.passive.clone(),
+            reports,
+            shutdown: shutdown_rx.clone(),
+        }),
         reports_rx,
         coordination.clone(),
     ));
@@ -420,7 +438,7 @@ async fn start(
 /// [`leases::LeaseManager`].
 fn start_leases(
     opened: &Opened,
-    metrics: &Arc<Metrics>,
+    metrics: &membership::MembershipMetrics,
     initial: &store::StoreSnapshot,
     shutdown: &watch::Receiver<bool>,
 ) -> (Arc<dyn leases::Leases>, JoinHandle<()>) {

@@ -30,7 +30,9 @@ use dlb::proto;
 use parking_lot::RwLock;
 use tokio::sync::watch;
 
-use crate::api::Shared;
+use crate::cache::Cache;
+use crate::metrics::Metrics;
+use crate::reports::loads::LoadTracker;
 use crate::store::ServiceSnapshot;
 use crate::Error;
 
@@ -197,17 +199,31 @@ impl Pickers {
     }
 }
 
+/// What the builder tasks work with.
+pub(crate) struct Builders {
+    /// The snapshots pickers are built from.
+    pub cache: Arc<Cache>,
+    /// Where the built pickers go.
+    pub pickers: Arc<Pickers>,
+    /// The reported global in-flight counts a new picker starts from.
+    pub loads: Arc<LoadTracker>,
+    /// Per-service gauges and the panic metrics.
+    pub metrics: Arc<Metrics>,
+    /// Becomes `true` when a graceful shutdown starts.
+    pub shutdown: watch::Receiver<bool>,
+}
+
 /// Starts one builder task per service, now and whenever a service appears, until shutdown.
-pub(crate) async fn run_builders(shared: Arc<Shared>) {
-    let mut appeared = shared.cache.services_changed();
-    let mut shutdown = shared.shutdown.clone();
+pub(crate) async fn run_builders(b: Arc<Builders>) {
+    let mut appeared = b.cache.services_changed();
+    let mut shutdown = b.shutdown.clone();
     let mut started: HashSet<Arc<str>> = HashSet::new();
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         appeared.borrow_and_update();
-        for name in shared.cache.service_names() {
+        for name in b.cache.service_names() {
             if started.insert(name.clone()) {
-                tasks.spawn(builder(shared.clone(), name));
+                tasks.spawn(builder(b.clone(), name));
             }
         }
         tokio::select! {
@@ -219,10 +235,10 @@ pub(crate) async fn run_builders(shared: Arc<Shared>) {
 }
 
 /// The owner of one service's picker. See the module docs.
-async fn builder(shared: Arc<Shared>, service: Arc<str>) {
-    let waker = shared.cache.waker();
-    shared.cache.follow_service(&service, &waker);
-    let mut shutdown = shared.shutdown.clone();
+async fn builder(b: Arc<Builders>, service: Arc<str>) {
+    let waker = b.cache.waker();
+    b.cache.follow_service(&service, &waker);
+    let mut shutdown = b.shutdown.clone();
     // Whether the service was in panic at the last build (entering and leaving are logged and
     // counted here, once per dlbd; every SDK decides the same from the same records).
     let mut in_panic = false;
@@ -232,8 +248,8 @@ async fn builder(shared: Arc<Shared>, service: Arc<str>) {
     let mut ramp = false;
     loop {
         waker.take_dirty();
-        if let Some(snapshot) = shared.cache.get(&service) {
-            let s = shared.clone();
+        if let Some(snapshot) = b.cache.get(&service) {
+            let s = b.clone();
             let snap = snapshot.clone();
             ramp_tick = dlb::slow_start::next_tick(
                 &snapshot.policy,
@@ -244,10 +260,10 @@ async fn builder(shared: Arc<Shared>, service: Arc<str>) {
             match tokio::task::spawn_blocking(move || s.pickers.install(snap, force)).await {
                 Ok(Ok(true)) => {
                     // A new picker starts from the reported global in-flight counts.
-                    let totals = shared.loads.totals(&service);
-                    shared.pickers.set_baselines(&service, &totals);
-                    shared.metrics.service(&snapshot);
-                    if let Some(state) = shared.pickers.get(&service) {
+                    let totals = b.loads.totals(&service);
+                    b.pickers.set_baselines(&service, &totals);
+                    b.metrics.service(&snapshot);
+                    if let Some(state) = b.pickers.get(&service) {
                         let panic = state.picker.panic_state();
                         let changed = panic.active != in_panic;
                         if changed && panic.active {
@@ -256,9 +272,7 @@ async fn builder(shared: Arc<Shared>, service: Arc<str>) {
                             tracing::info!(service = %service, eligible = panic.eligible, total = panic.total, "service left panic");
                         }
                         in_panic = panic.active;
-                        shared
-                            .health_metrics()
-                            .panic(&service, panic.active, changed);
+                        b.metrics.passive.panic(&service, panic.active, changed);
                     }
                 }
                 Ok(Ok(false)) => {}
@@ -269,7 +283,7 @@ async fn builder(shared: Arc<Shared>, service: Arc<str>) {
             }
         } else {
             // Removed (RemoveService, or its last lease went): nothing to pick from.
-            shared.pickers.clear(&service);
+            b.pickers.clear(&service);
             ramp_tick = None;
         }
         let tick = ramp_tick.unwrap_or(std::time::Duration::MAX);
@@ -279,5 +293,5 @@ async fn builder(shared: Arc<Shared>, service: Arc<str>) {
             _ = crate::shutdown::stopped(&mut shutdown) => break,
         }
     }
-    shared.cache.unfollow_service(&service, &waker);
+    b.cache.unfollow_service(&service, &waker);
 }

@@ -40,8 +40,8 @@ pub(crate) struct Shared {
     /// (writes refused unless this replica leads), `store` itself on one node.
     pub leader_store: Arc<dyn Store>,
     pub cache: Arc<Cache>,
-    pub pickers: Pickers,
-    pub loads: LoadTracker,
+    pub pickers: Arc<Pickers>,
+    pub loads: Arc<LoadTracker>,
     pub metrics: Arc<Metrics>,
     /// Becomes `true` when a graceful shutdown starts.
     pub shutdown: watch::Receiver<bool>,
@@ -61,16 +61,9 @@ pub(crate) struct Shared {
     /// The active health checker.
     pub health: crate::health::HealthHandle,
     /// Load-report outcomes on their way to the outlier task ([`crate::health::passive`]).
-    pub reports: crate::reports::Reports,
+    pub reports: Arc<crate::reports::Reports>,
     /// The SDKs' reported circuit-breaker states ([`crate::reports::circuits`]).
     pub circuits: crate::reports::circuits::CircuitTracker,
     /// Whether this replica serves sessions ([`crate::readiness`]).
     pub readiness: crate::readiness::Readiness,
-}
-
-impl Shared {
-    /// The request, outlier and panic metrics.
-    pub(crate) fn health_metrics(&self) -> &crate::health::passive::metrics::HealthMetrics {
-        &self.metrics.passive
-    }
 }

@@ -29,7 +29,7 @@ type Labels = Vec<(String, String)>;
 /// | `dlb_dns_refreshes_total` | counter | `service`, `result` (ok, error) |
 /// | `dlb_dns_consecutive_failures` | gauge | `service` (0: the last refresh succeeded) |
 /// | `dlb_dns_skipped_addresses_total` | counter | `reason` (unspecified, broadcast, multicast) |
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct MembershipMetrics {
     /// Leases that created their backend.
     pub registrations: Counter,

@@ -56,9 +56,9 @@ use tokio::time::Instant;
 
 use super::progress::{check_progress, set_contact};
 pub use super::progress::{PROGRESS_EVERY, PROGRESS_TIMEOUT};
+use super::Batch;
 use super::{forwarding, Coordination, Members};
 use crate::config::EtcdConfig;
-use super::Batch;
 use crate::Error;
 
 /// Default membership lease TTL.

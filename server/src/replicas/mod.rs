@@ -65,7 +65,6 @@ pub struct Batch {
     pub reports: Vec<dlb::proto::LoadReport>,
 }
 
-
 /// The live replicas as this replica sees them: ids, sorted, without duplicates.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Members {

@@ -17,7 +17,7 @@
 //! **Leader only.** With several replicas the decisions are the leader's
 //! ([`crate::replicas::Coordination::leadership`]): every replica feeds its request metrics
 //! from its own sessions' reports, but only the leader keeps detectors and latency windows and
-//! writes ejections and shares, through its fenced store view (`Shared::leader_store`). On
+//! writes ejections and shares, through its fenced store view (`Context::leader_store`). On
 //! becoming leader the task adopts the ejections the store holds (as at start); on losing it,
 //! it drops all decision state at once, and any write still in flight is refused by the fence.
 //! The leader decides on the reports its own sessions send and on the sums every other replica
@@ -47,14 +47,33 @@ use dlb::proto;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::api::Shared;
+use crate::cache::Cache;
+use crate::health::HealthHandle;
 use crate::replicas::Coordination;
+use crate::reports::Reports;
 use crate::reports::{forward, Report};
+use crate::store::Store;
 use crate::store::{Mutation, ServerPatch};
 use detector::{Action, Detector};
 
 /// How often the detectors' clocks run.
 pub const TICK: Duration = Duration::from_millis(100);
+
+/// What the passive-health task works with.
+pub(crate) struct Context {
+    /// The snapshot cache: which backends each service has, and its policy.
+    pub cache: Arc<Cache>,
+    /// The store as the leader writes it (fenced by the leader key on etcd).
+    pub leader_store: Arc<dyn Store>,
+    /// The active checker (probe RTTs for adaptive weights, probe verdicts for stale ejections).
+    pub health: HealthHandle,
+    /// The request, outlier and panic metrics.
+    pub metrics: metrics::HealthMetrics,
+    /// The sessions' side of the report hand-off (its queue accounting).
+    pub reports: Arc<Reports>,
+    /// Becomes `true` when a graceful shutdown starts.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+}
 
 /// Per service: the detector and the configuration it runs with.
 struct Service {
@@ -71,7 +90,7 @@ struct Decisions {
 
 /// The detector task. See the module docs.
 pub(crate) async fn run(
-    shared: Arc<Shared>,
+    ctx: Arc<Context>,
     mut rx: mpsc::Receiver<Report>,
     coordination: Arc<dyn Coordination>,
 ) {
@@ -83,7 +102,7 @@ pub(crate) async fn run(
     let mut next_forward = Instant::now() + forward::FORWARD_EVERY;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut shutdown = shared.shutdown.clone();
+    let mut shutdown = ctx.shutdown.clone();
     let mut leading: Option<i64> = None;
     let mut follow_leadership = true;
     leadership.mark_changed();
@@ -101,11 +120,11 @@ pub(crate) async fn run(
                 d = Decisions::default();
                 leading = now;
                 if leading.is_some() {
-                    take_over(&shared, &mut d).await;
+                    take_over(&ctx, &mut d).await;
                     // What this replica had not forwarded yet is decided on here.
                     for reports in outbox.take() {
                         for r in reports {
-                            decide(&shared, &mut d, &r.service.into(), &r.backends).await;
+                            decide(&ctx, &mut d, &r.service.into(), &r.backends).await;
                         }
                     }
                 } else {
@@ -114,11 +133,11 @@ pub(crate) async fn run(
             }
             r = rx.recv() => {
                 let Some((service, loads)) = r else { break };
-                shared.reports.taken(loads.len());
-                shared.health_metrics().requests(&service, &loads);
+                ctx.reports.taken(loads.len());
+                ctx.metrics.requests(&service, &loads);
                 if leading.is_some() {
-                    decide(&shared, &mut d, &service, &loads).await;
-                } else if let Some(snap) = shared.cache.get(&service).filter(|s| {
+                    decide(&ctx, &mut d, &service, &loads).await;
+                } else if let Some(snap) = ctx.cache.get(&service).filter(|s| {
                     outlier_config(&s.policy).is_some() || adaptive::config(&s.policy).is_some()
                 }) {
                     outbox.add(&service, &loads, |id| snap.servers.contains_key(id));
@@ -132,31 +151,31 @@ pub(crate) async fn run(
                 if leading.is_none() {
                     continue;
                 }
-                shared.health_metrics().forward("received");
+                ctx.metrics.forward("received");
                 for r in batch.reports {
-                    decide(&shared, &mut d, &r.service.into(), &r.backends).await;
+                    decide(&ctx, &mut d, &r.service.into(), &r.backends).await;
                 }
             }
             _ = tick.tick() => {
-                shared.health_metrics().dropped_reports(shared.reports.dropped());
+                ctx.metrics.dropped_reports(ctx.reports.dropped());
                 if leading.is_none() {
                     let now = Instant::now();
                     if now >= next_forward {
                         next_forward = now + forward::FORWARD_EVERY;
-                        send_outbox(&shared, &coordination, &mut outbox, &mut sending);
+                        send_outbox(&ctx, &coordination, &mut outbox, &mut sending);
                     }
                     continue;
                 }
                 let names: Vec<Arc<str>> = d.services.keys().cloned().collect();
                 for name in names {
-                    let actions = on_tick(&shared, &mut d.services, &name);
-                    write(&shared, &name, actions).await;
+                    let actions = on_tick(&ctx, &mut d.services, &name);
+                    write(&ctx, &name, actions).await;
                 }
-                for name in shared.cache.service_names() {
-                    let clears = adaptive_sync(&shared, &mut d.windows, &name, false);
-                    write_latency(&shared, &name, clears).await;
-                    let decisions = close_window(&shared, &mut d.windows, &name).await;
-                    write_latency(&shared, &name, decisions).await;
+                for name in ctx.cache.service_names() {
+                    let clears = adaptive_sync(&ctx, &mut d.windows, &name, false);
+                    write_latency(&ctx, &name, clears).await;
+                    let decisions = close_window(&ctx, &mut d.windows, &name).await;
+                    write_latency(&ctx, &name, decisions).await;
                 }
             }
             _ = crate::shutdown::stopped(&mut shutdown) => break,
@@ -180,15 +199,15 @@ async fn next_forwarded(rx: &mut Option<mpsc::Receiver<forward::Batch>>) -> Opti
 /// The leader's step for one report (an SDK's, or another replica's sums): detector, then the
 /// latency window.
 async fn decide(
-    shared: &Shared,
+    ctx: &Context,
     d: &mut Decisions,
     service: &Arc<str>,
     loads: &[proto::BackendLoad],
 ) {
-    let actions = on_report(shared, &mut d.services, service, loads);
-    write(shared, service, actions).await;
+    let actions = on_report(ctx, &mut d.services, service, loads);
+    write(ctx, service, actions).await;
     if let Some(w) = d.windows.get_mut(service) {
-        if let Some(snap) = shared.cache.get(service) {
+        if let Some(snap) = ctx.cache.get(service) {
             w.add(loads, |id| snap.servers.contains_key(id));
         }
     }
@@ -197,7 +216,7 @@ async fn decide(
 /// Sends what the outbox holds to the leader, off the task, unless the previous send is still
 /// on its way (then the sums wait for the next period).
 fn send_outbox(
-    shared: &Arc<Shared>,
+    ctx: &Arc<Context>,
     coordination: &Arc<dyn Coordination>,
     outbox: &mut forward::Outbox,
     sending: &mut Option<tokio::task::JoinHandle<()>>,
@@ -214,7 +233,7 @@ fn send_outbox(
     }
     let batches = outbox.take();
     let replica = coordination.replica_id().to_string();
-    let (coordination, shared) = (coordination.clone(), shared.clone());
+    let (coordination, ctx) = (coordination.clone(), ctx.clone());
     *sending = Some(tokio::spawn(async move {
         for reports in batches {
             let batch = forward::Batch {
@@ -222,10 +241,10 @@ fn send_outbox(
                 reports,
             };
             match coordination.forward(batch).await {
-                Ok(()) => shared.health_metrics().forward("sent"),
+                Ok(()) => ctx.metrics.forward("sent"),
                 Err(e) => {
                     tracing::debug!(error = %e, "forwarding load reports to the leader failed");
-                    shared.health_metrics().forward("failed");
+                    ctx.metrics.forward("failed");
                 }
             }
         }
@@ -234,15 +253,15 @@ fn send_outbox(
 
 /// On becoming leader (at start on a single node): take over the ejections the store holds
 /// (detection on), or return them (detection off: nobody would ever return them otherwise).
-async fn take_over(shared: &Shared, d: &mut Decisions) {
-    for name in shared.cache.service_names() {
-        let (_, mut actions) = sync(shared, &mut d.services, &name);
+async fn take_over(ctx: &Context, d: &mut Decisions) {
+    for name in ctx.cache.service_names() {
+        let (_, mut actions) = sync(ctx, &mut d.services, &name);
         if !d.services.contains_key(&name) {
-            actions.extend(stale_ejections(shared, &name));
+            actions.extend(stale_ejections(ctx, &name));
         }
-        write(shared, &name, actions).await;
-        let clears = adaptive_sync(shared, &mut d.windows, &name, true);
-        write_latency(shared, &name, clears).await;
+        write(ctx, &name, actions).await;
+        let clears = adaptive_sync(ctx, &mut d.windows, &name, true);
+        write_latency(ctx, &name, clears).await;
     }
 }
 
@@ -250,18 +269,18 @@ async fn take_over(shared: &Shared, d: &mut Decisions) {
 /// when detection is on, reconfigured when the policy changed, dropped when it is off (then
 /// its ejected backends return). Returns the backend count.
 fn sync(
-    shared: &Shared,
+    ctx: &Context,
     services: &mut HashMap<Arc<str>, Service>,
     name: &Arc<str>,
 ) -> (Option<usize>, Vec<Action>) {
     let now = Instant::now();
-    let snap = shared.cache.get(name);
+    let snap = ctx.cache.get(name);
     let config = snap.as_ref().and_then(|s| outlier_config(&s.policy));
     let (Some(snap), Some(config)) = (snap, config) else {
         // Off (or the service is gone): every backend it ejected returns.
         let mut out = Vec::new();
         if let Some(svc) = services.remove(name) {
-            if let Some(snap) = shared.cache.get(name) {
+            if let Some(snap) = ctx.cache.get(name) {
                 for id in snap.servers.keys() {
                     if svc.detector.is_ejected(id) {
                         out.push(Action::Return { id: id.to_string() });
@@ -295,12 +314,12 @@ fn sync(
 /// clear: every stored one of a service whose adaptive weights went off (or, with `startup`,
 /// were off with shares left in the store), so nobody keeps a lowered weight nobody updates.
 fn adaptive_sync(
-    shared: &Shared,
+    ctx: &Context,
     windows: &mut HashMap<Arc<str>, latency::Window>,
     name: &Arc<str>,
     startup: bool,
 ) -> Vec<Decision> {
-    let snap = shared.cache.get(name);
+    let snap = ctx.cache.get(name);
     let on = snap
         .as_ref()
         .is_some_and(|s| adaptive::config(&s.policy).is_some());
@@ -327,11 +346,11 @@ fn adaptive_sync(
 
 /// Closes a service's latency window when it is due and decides (see [`latency`]).
 async fn close_window(
-    shared: &Shared,
+    ctx: &Context,
     windows: &mut HashMap<Arc<str>, latency::Window>,
     name: &Arc<str>,
 ) -> Vec<Decision> {
-    let Some(snap) = shared.cache.get(name) else {
+    let Some(snap) = ctx.cache.get(name) else {
         return Vec::new();
     };
     let Some(cfg) = adaptive::config(&snap.policy) else {
@@ -348,7 +367,7 @@ async fn close_window(
     // Probe RTTs of backends whose checker says healthy (the last passing probe's).
     let mut probes: HashMap<String, f64> = HashMap::new();
     if snap.policy.health_check.is_some() {
-        for (id, view) in shared.health.inspect_service(name).await {
+        for (id, view) in ctx.health.inspect_service(name).await {
             if view.health != crate::health::active::state::Health::Healthy {
                 continue;
             }
@@ -372,7 +391,7 @@ async fn close_window(
 }
 
 /// Writes latency shares, one store write each (a backend removed meanwhile fails alone).
-async fn write_latency(shared: &Shared, service: &str, decisions: Vec<Decision>) {
+async fn write_latency(ctx: &Context, service: &str, decisions: Vec<Decision>) {
     for d in decisions {
         tracing::info!(service, server_id = %d.id, percent = d.percent, detail = %d.detail,
             "adaptive weight");
@@ -384,15 +403,15 @@ async fn write_latency(shared: &Shared, service: &str, decisions: Vec<Decision>)
             ..Default::default()
         };
         let m = vec![Mutation::Update(d.id.clone(), patch)];
-        if let Err(e) = shared.leader_store.apply(service.to_owned(), m, None).await {
+        if let Err(e) = ctx.leader_store.apply(service.to_owned(), m, None).await {
             tracing::debug!(service, server_id = %d.id, error = %e, "latency write failed");
         }
     }
 }
 
 /// Returns for backends stored as ejected in a service without outlier detection.
-fn stale_ejections(shared: &Shared, name: &str) -> Vec<Action> {
-    let Some(snap) = shared.cache.get(name) else {
+fn stale_ejections(ctx: &Context, name: &str) -> Vec<Action> {
+    let Some(snap) = ctx.cache.get(name) else {
         return Vec::new();
     };
     snap.servers
@@ -408,12 +427,12 @@ fn stale_ejections(shared: &Shared, name: &str) -> Vec<Action> {
 }
 
 fn on_report(
-    shared: &Shared,
+    ctx: &Context,
     services: &mut HashMap<Arc<str>, Service>,
     name: &Arc<str>,
     loads: &[proto::BackendLoad],
 ) -> Vec<Action> {
-    let (total, mut out) = sync(shared, services, name);
+    let (total, mut out) = sync(ctx, services, name);
     if let (Some(total), Some(svc)) = (total, services.get_mut(name)) {
         out.extend(
             svc.detector
@@ -424,27 +443,25 @@ fn on_report(
 }
 
 fn on_tick(
-    shared: &Shared,
+    ctx: &Context,
     services: &mut HashMap<Arc<str>, Service>,
     name: &Arc<str>,
 ) -> Vec<Action> {
-    let (total, mut out) = sync(shared, services, name);
+    let (total, mut out) = sync(ctx, services, name);
     if let (Some(total), Some(svc)) = (total, services.get_mut(name)) {
         out.extend(svc.detector.tick(&svc.config, total, Instant::now()));
-        shared
-            .health_metrics()
-            .ejected(name, svc.detector.ejected());
+        ctx.metrics.ejected(name, svc.detector.ejected());
     }
     out
 }
 
 /// Writes the actions, one store write each (a backend removed meanwhile fails alone).
-async fn write(shared: &Shared, service: &str, actions: Vec<Action>) {
+async fn write(ctx: &Context, service: &str, actions: Vec<Action>) {
     for action in actions {
         let (id, state) = match action {
             Action::Eject { id, detail, .. } => {
                 tracing::warn!(service, server_id = %id, %detail, "outlier ejected");
-                shared.health_metrics().ejection(service);
+                ctx.metrics.ejection(service);
                 (
                     id,
                     proto::SourceState {
@@ -470,7 +487,7 @@ async fn write(shared: &Shared, service: &str, actions: Vec<Action>) {
             ..Default::default()
         };
         let m = vec![Mutation::Update(id.clone(), patch)];
-        if let Err(e) = shared.leader_store.apply(service.to_owned(), m, None).await {
+        if let Err(e) = ctx.leader_store.apply(service.to_owned(), m, None).await {
             tracing::debug!(service, server_id = %id, error = %e, "outlier write failed");
         }
     }

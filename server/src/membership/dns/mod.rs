@@ -62,7 +62,7 @@ use tokio::time::Instant;
 
 pub use config::{backend_id, DnsConfig, DnsDeclaration, Target};
 
-use crate::metrics::Metrics;
+use crate::membership::MembershipMetrics;
 use crate::store::{Mutation, Store, StoreSnapshot};
 use crate::Error;
 use resolve::{build_resolver, resolve, Resolved};
@@ -108,7 +108,7 @@ struct Inner {
     fenced: Arc<dyn Store>,
     /// `Some(fence)` while this replica leads.
     leadership: watch::Receiver<Option<i64>>,
-    metrics: Arc<Metrics>,
+    metrics: MembershipMetrics,
     config: DnsConfig,
     shutdown: watch::Receiver<bool>,
     /// Followed names by service.
@@ -137,7 +137,7 @@ impl DnsManager {
         store: Arc<dyn Store>,
         fenced: Arc<dyn Store>,
         leadership: watch::Receiver<Option<i64>>,
-        metrics: Arc<Metrics>,
+        metrics: MembershipMetrics,
         config: DnsConfig,
         initial: &StoreSnapshot,
         shutdown: watch::Receiver<bool>,
@@ -274,7 +274,7 @@ impl DnsManager {
         for service in missing.intersection(suspects) {
             tracing::info!(%service, "DNS name removed through another replica; no longer followed");
             self.unfollow(service);
-            self.inner.metrics.membership.dns_forget(service);
+            self.inner.metrics.dns_forget(service);
         }
         *suspects = missing;
         for (service, (target, weight)) in found {
@@ -342,7 +342,7 @@ impl DnsManager {
                     return Err(e.into());
                 }
             };
-        self.inner.metrics.membership.dns_refresh(service, true);
+        self.inner.metrics.dns_refresh(service, true);
         let delay = self.refresh_delay(&resolved);
         let status = Status {
             next_refresh: Some(Instant::now() + delay),
@@ -358,7 +358,7 @@ impl DnsManager {
     /// when the service follows no name and has no DNS-owned backend.
     pub async fn remove(&self, service: &str) -> Result<proto::Version, tonic::Status> {
         let followed = self.unfollow(service).is_some();
-        self.inner.metrics.membership.dns_forget(service);
+        self.inner.metrics.dns_forget(service);
         for _ in 0..RECONCILE_ATTEMPTS {
             let Some(snap) = self.inner.store.get_service(service.to_owned()).await? else {
                 return Err(Error::ServiceNotFound(service.to_owned()).into());
@@ -445,7 +445,7 @@ async fn reconcile(
 ) -> Result<Status, Error> {
     for (ip, why) in &resolved.skipped {
         tracing::warn!(service, target = %target.to_text(), %ip, reason = why, "DNS answer skipped: never a backend address");
-        inner.metrics.membership.dns_skipped(why);
+        inner.metrics.dns_skipped(why);
     }
     let max = inner.config.max_backends;
     let truncated = resolved.ips.len() > max;
@@ -600,7 +600,7 @@ async fn refresh_loop(
                     next_refresh: Some(Instant::now() + delay),
                     ..new
                 };
-                inner.metrics.membership.dns_refresh(&service, true);
+                inner.metrics.dns_refresh(&service, true);
             }
             Err(e) => {
                 let failures = failures.saturating_add(1);
@@ -615,11 +615,8 @@ async fn refresh_loop(
                 st.last_error = model::prefix(&e, 256).to_owned();
                 st.next_refresh = Some(Instant::now() + delay);
                 drop(st);
-                inner.metrics.membership.dns_refresh(&service, false);
-                inner
-                    .metrics
-                    .membership
-                    .dns_failures(&service, i64::from(failures));
+                inner.metrics.dns_refresh(&service, false);
+                inner.metrics.dns_failures(&service, i64::from(failures));
             }
         }
     }

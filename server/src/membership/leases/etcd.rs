@@ -39,7 +39,7 @@ use tokio::sync::watch;
 
 use super::{is_leased, LeaseKey, LeaseState, Leases};
 use crate::config::EtcdConfig;
-use crate::metrics::Metrics;
+use crate::membership::MembershipMetrics;
 use crate::store::Store;
 use crate::Error;
 
@@ -219,7 +219,7 @@ impl Leases for EtcdLeases {
 pub fn start_expiry(
     leases: EtcdLeases,
     fenced: Arc<dyn Store>,
-    metrics: Arc<Metrics>,
+    metrics: MembershipMetrics,
     mut leadership: watch::Receiver<Option<i64>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
@@ -246,7 +246,7 @@ pub fn start_expiry(
 }
 
 /// Reconciles, then expires on deleted keys until an error (see the module docs).
-async fn lead(leases: &EtcdLeases, store: &dyn Store, metrics: &Metrics) -> Error {
+async fn lead(leases: &EtcdLeases, store: &dyn Store, metrics: &MembershipMetrics) -> Error {
     match lead_inner(leases, store, metrics).await {
         Ok(never) => match never {},
         Err(e) => e,
@@ -256,7 +256,7 @@ async fn lead(leases: &EtcdLeases, store: &dyn Store, metrics: &Metrics) -> Erro
 async fn lead_inner(
     leases: &EtcdLeases,
     store: &dyn Store,
-    metrics: &Metrics,
+    metrics: &MembershipMetrics,
 ) -> Result<std::convert::Infallible, Error> {
     // The records first, then the keys (see the module docs).
     let snapshot = store.snapshot().await?;
@@ -290,7 +290,6 @@ async fn lead_inner(
         "lease expiry running on this replica (the leader)"
     );
     metrics
-        .membership
         .leases
         .set(i64::try_from(leased).unwrap_or(i64::MAX));
     for (service, ids) in orphans {

@@ -43,7 +43,7 @@ use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use crate::metrics::Metrics;
+use crate::membership::MembershipMetrics;
 use crate::store::{Mutation, Store, StoreSnapshot};
 use crate::Error;
 
@@ -120,7 +120,7 @@ impl LeaseManager {
     /// now. The task ends when `shutdown` turns true.
     pub fn start(
         store: Arc<dyn Store>,
-        metrics: Arc<Metrics>,
+        metrics: MembershipMetrics,
         initial: &StoreSnapshot,
         shutdown: watch::Receiver<bool>,
     ) -> (Self, tokio::task::JoinHandle<()>) {
@@ -142,7 +142,7 @@ impl LeaseManager {
                 "leases restored from the store; each gets a fresh deadline of its TTL"
             );
         }
-        metrics.membership.leases.set(table.by_key.len() as i64);
+        metrics.leases.set(table.by_key.len() as i64);
         let (tx, rx) = mpsc::channel(1024);
         let task = tokio::spawn(run(store, metrics, table, rx, shutdown));
         (Self { tx }, task)
@@ -212,7 +212,7 @@ impl Table {
 
 async fn run(
     store: Arc<dyn Store>,
-    metrics: Arc<Metrics>,
+    metrics: MembershipMetrics,
     mut table: Table,
     mut rx: mpsc::Receiver<Command>,
     mut shutdown: watch::Receiver<bool>,
@@ -267,7 +267,7 @@ async fn run(
                 }
             }
         }
-        metrics.membership.leases.set(table.by_key.len() as i64);
+        metrics.leases.set(table.by_key.len() as i64);
     }
 }
 
@@ -282,7 +282,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// `false`: the store write failed and the expiries must be retried.
 pub(crate) async fn expire(
     store: &dyn Store,
-    metrics: &Metrics,
+    metrics: &MembershipMetrics,
     service: &str,
     expired: &[String],
 ) -> bool {
@@ -325,7 +325,7 @@ pub(crate) async fn expire(
                         "backend removed: lease expired"
                     );
                 }
-                metrics.membership.expiries.inc_by(gone.len() as u64);
+                metrics.expiries.inc_by(gone.len() as u64);
                 if abandoned(&snapshot, gone.len()) {
                     let _ = remove_abandoned(store, service, applied.version.version).await;
                 }
