@@ -19,7 +19,7 @@ use dns::DnsManager;
 
 type Labels = Vec<(String, String)>;
 
-/// Automatic-discovery metrics, registered with the others by [`crate::metrics::Metrics`].
+/// Automatic-discovery metrics, registered with the others by the server's `Metrics`.
 ///
 /// | name | type | labels |
 /// |---|---|---|

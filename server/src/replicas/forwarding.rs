@@ -1,5 +1,5 @@
 //! Load-report sums between replicas on etcd (feature `etcd`; the design is in
-//! [`crate::reports::forward`] and `docs/etcd.md`, "Load reports").
+//! `reports::forward` and `docs/etcd.md`, "Load reports").
 //!
 //! * **Send**: a replica that does not lead puts each batch, protobuf-encoded
 //!   ([`Batch`]), at `<prefix>/loads/<replica-id>`, attached to its membership lease, so the key

@@ -20,7 +20,7 @@
 //! **Load reports to the leader.** SDKs report call outcomes to whichever replica they are
 //! connected to, but outlier and adaptive-weight decisions are the leader's: a replica that does
 //! not lead forwards the sums of its sessions' reports ([`Coordination::forward`], see
-//! [`crate::reports::forward`]); the leader receives everyone's
+//! `reports::forward`); the leader receives everyone's
 //! ([`Coordination::take_forwarded`]). On etcd a batch is a put of `<prefix>/loads/<replica-id>`
 //! (attached to the membership lease), and the leader watches `<prefix>/loads/` while it leads.
 //!
