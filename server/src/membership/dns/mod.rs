@@ -48,6 +48,7 @@
 //! read by `ListDns`. No lock is held across an `.await`.
 
 mod config;
+mod refresh;
 mod resolve;
 
 use std::collections::{BTreeMap, HashMap};
@@ -65,6 +66,7 @@ pub use config::{backend_id, DnsConfig, DnsDeclaration, Target};
 use crate::membership::MembershipMetrics;
 use crate::store::{Mutation, Store, StoreSnapshot};
 use crate::Error;
+use refresh::{reconcile, refresh_loop};
 use resolve::{build_resolver, resolve, Resolved};
 
 /// Compare-and-set attempts of one reconcile before it counts as a failure.
@@ -431,193 +433,5 @@ fn to_proto(service: &str, target: &Target, weight: u32, s: &Status) -> proto::D
             u64::try_from(t.saturating_duration_since(Instant::now()).as_millis())
                 .unwrap_or(u64::MAX)
         }),
-    }
-}
-
-/// Makes the service's DNS-owned backends equal to `resolved` (truncated to the quota).
-async fn reconcile(
-    inner: &Inner,
-    store: &dyn Store,
-    service: &str,
-    target: &Target,
-    weight: u32,
-    resolved: &Resolved,
-) -> Result<Status, Error> {
-    for (ip, why) in &resolved.skipped {
-        tracing::warn!(service, target = %target.to_text(), %ip, reason = why, "DNS answer skipped: never a backend address");
-        inner.metrics.dns_skipped(why);
-    }
-    let max = inner.config.max_backends;
-    let truncated = resolved.ips.len() > max;
-    if truncated {
-        tracing::warn!(
-            service,
-            target = %target.to_text(),
-            resolved = resolved.ips.len(),
-            kept = max,
-            "the DNS name resolves to more addresses than the per-name quota; keeping the lowest"
-        );
-    }
-    let dns_name = target.to_text();
-    let desired: BTreeMap<String, proto::Server> = resolved
-        .ips
-        .iter()
-        .take(max)
-        .map(|ip| {
-            let address = SocketAddr::new(*ip, target.port).to_string();
-            let id = backend_id(*ip, target.port);
-            let server = proto::Server {
-                server_id: id.clone(),
-                address,
-                weight,
-                source: proto::BackendSource::Dns as i32,
-                dns_name: dns_name.clone(),
-                ..Default::default()
-            };
-            (id, server)
-        })
-        .collect();
-    for _ in 0..RECONCILE_ATTEMPTS {
-        let snap = store.get_service(service.to_owned()).await?;
-        let (version, servers) = match &snap {
-            Some(s) => (s.version.version, Some(&s.servers)),
-            None => (0, None),
-        };
-        let mut mutations = Vec::new();
-        let mut backends = 0;
-        if let Some(servers) = servers {
-            for s in servers.values().filter(|s| is_dns(s)) {
-                if !desired.contains_key(&s.server_id) {
-                    mutations.push(Mutation::RemoveWithReason(
-                        s.server_id.clone(),
-                        "dns: no longer resolved".into(),
-                    ));
-                }
-            }
-        }
-        for (id, want) in &desired {
-            match servers.and_then(|m| m.get(id.as_str())) {
-                Some(have) if !is_dns(have) => {
-                    tracing::warn!(service, server_id = %id, "a DNS address's id is owned by an API or lease backend; skipped");
-                }
-                Some(have)
-                    if have.address == want.address
-                        && have.weight == want.weight
-                        && have.dns_name == want.dns_name =>
-                {
-                    backends += 1;
-                }
-                _ => {
-                    mutations.push(Mutation::Declare(want.clone()));
-                    backends += 1;
-                }
-            }
-        }
-        let status = Status {
-            backends,
-            resolved: resolved.ips.len(),
-            truncated,
-            ..Status::default()
-        };
-        if mutations.is_empty() {
-            return Ok(status);
-        }
-        match store
-            .apply(service.to_owned(), mutations, Some(version))
-            .await
-        {
-            Ok(applied) => {
-                tracing::info!(service, target = %dns_name, backends, version = applied.version.version, "DNS backends updated");
-                return Ok(status);
-            }
-            Err(Error::VersionMismatch { .. }) => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(Error::Task(format!(
-        "service {service:?} kept changing during {RECONCILE_ATTEMPTS} DNS reconcile attempts"
-    )))
-}
-
-async fn refresh_loop(
-    inner: Arc<Inner>,
-    service: String,
-    target: Target,
-    weight: u32,
-    status: Arc<Mutex<Status>>,
-    first: Duration,
-) {
-    let mut shutdown = inner.shutdown.clone();
-    let mut leadership = inner.leadership.clone();
-    let mut delay = first;
-    let resolver = match build_resolver(&inner.config) {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(%service, error = %e, "cannot build the DNS resolver; the name is not followed");
-            status.lock().last_error = e;
-            return;
-        }
-    };
-    loop {
-        tokio::select! {
-            _ = crate::shutdown::stopped(&mut shutdown) => return,
-            _ = tokio::time::sleep(delay) => {}
-        }
-        // Only the leader refreshes (see the module docs).
-        let fence = tokio::select! {
-            _ = crate::shutdown::stopped(&mut shutdown) => return,
-            f = crate::replicas::until_leader(&mut leadership) => f,
-        };
-        let Some(fence) = fence else { return };
-        let mut lost = leadership.clone();
-        let refresh = async {
-            match resolve(&resolver, &target).await {
-                Ok(resolved) => {
-                    reconcile(&inner, &*inner.fenced, &service, &target, weight, &resolved)
-                        .await
-                        .map(|s| (s, resolved.ttl))
-                        .map_err(|e| format!("store: {e}"))
-                }
-                Err(e) => Err(e),
-            }
-        };
-        // A shutdown does not wait for a slow name server (a store write already started
-        // completes or not as a whole).
-        let outcome = tokio::select! {
-            _ = crate::shutdown::stopped(&mut shutdown) => return,
-            () = crate::replicas::until_not_leader(&mut lost, fence) => {
-                tracing::info!(%service, "DNS refresh abandoned: this replica is no longer the leader");
-                delay = Duration::ZERO;
-                continue;
-            }
-            o = refresh => o,
-        };
-        let failures = status.lock().consecutive_failures;
-        match outcome {
-            Ok((new, ttl)) => {
-                delay = ttl.clamp(inner.config.min_refresh, inner.config.max_refresh);
-                *status.lock() = Status {
-                    next_refresh: Some(Instant::now() + delay),
-                    ..new
-                };
-                inner.metrics.dns_refresh(&service, true);
-            }
-            Err(e) => {
-                let failures = failures.saturating_add(1);
-                let backoff = inner
-                    .config
-                    .retry_min
-                    .saturating_mul(1u32 << (failures - 1).min(16));
-                delay = backoff.min(inner.config.retry_max);
-                tracing::warn!(%service, target = %target.to_text(), failures, error = %e, "DNS refresh failed; keeping the last good set");
-                let mut st = status.lock();
-                st.consecutive_failures = failures;
-                st.last_error = model::prefix(&e, 256).to_owned();
-                st.next_refresh = Some(Instant::now() + delay);
-                drop(st);
-                inner.metrics.dns_refresh(&service, false);
-                inner.metrics.dns_failures(&service, i64::from(failures));
-            }
-        }
     }
 }
