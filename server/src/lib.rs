@@ -24,7 +24,8 @@
 //! * [`readiness`] — whether this replica serves: its cache in step with the store;
 //! * [`replicas`] — the live replicas of a deployment ([`replicas::Coordination`]: alone, or
 //!   leased keys in etcd) and how per-backend work is split among them;
-//! * [`spawn`] / [`RunningServer`] — start and gracefully stop everything.
+//! * [`spawn`] / [`serve`] (on bound [`Listeners`]) / [`RunningServer`] — start and gracefully
+//!   stop everything; [`shutdown`] — the one signal and the set of tasks a server owns.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), dlb_server::Error> {
@@ -60,12 +61,15 @@ pub mod pickers;
 pub mod readiness;
 pub mod replicas;
 pub mod reports;
-mod shutdown;
+pub mod shutdown;
 pub mod store;
 pub mod xds;
 
-pub use app::{spawn, spawn_with_store, RunningServer, ETCD_SUPPORTED, HEALTH_SERVICES};
+pub use app::{
+    serve, spawn, spawn_with_store, Listeners, RunningServer, ETCD_SUPPORTED, HEALTH_SERVICES,
+};
 pub use config::{
     ConfigError, EtcdConfig, EtcdTls, ServerConfig, ServiceConfig, StoreConfig, TlsConfig,
 };
 pub use error::Error;
+pub use shutdown::Shutdown;

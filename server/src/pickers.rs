@@ -209,14 +209,14 @@ pub(crate) struct Builders {
     pub loads: Arc<LoadTracker>,
     /// Per-service gauges and the panic metrics.
     pub metrics: Arc<Metrics>,
-    /// Becomes `true` when a graceful shutdown starts.
-    pub shutdown: watch::Receiver<bool>,
+    /// Given when a graceful shutdown starts.
+    pub shutdown: crate::shutdown::Shutdown,
 }
 
 /// Starts one builder task per service, now and whenever a service appears, until shutdown.
 pub(crate) async fn run_builders(b: Arc<Builders>) {
     let mut appeared = b.cache.services_changed();
-    let mut shutdown = b.shutdown.clone();
+    let shutdown = b.shutdown.clone();
     let mut started: HashSet<Arc<str>> = HashSet::new();
     let mut tasks = tokio::task::JoinSet::new();
     loop {
@@ -228,7 +228,7 @@ pub(crate) async fn run_builders(b: Arc<Builders>) {
         }
         tokio::select! {
             r = appeared.changed() => if r.is_err() { break },
-            _ = crate::shutdown::stopped(&mut shutdown) => break,
+            _ = shutdown.stopped() => break,
         }
     }
     tasks.shutdown().await;
@@ -238,7 +238,7 @@ pub(crate) async fn run_builders(b: Arc<Builders>) {
 async fn builder(b: Arc<Builders>, service: Arc<str>) {
     let waker = b.cache.waker();
     b.cache.follow_service(&service, &waker);
-    let mut shutdown = b.shutdown.clone();
+    let shutdown = b.shutdown.clone();
     // Whether the service was in panic at the last build (entering and leaving are logged and
     // counted here, once per dlbd; every SDK decides the same from the same records).
     let mut in_panic = false;
@@ -290,7 +290,7 @@ async fn builder(b: Arc<Builders>, service: Arc<str>) {
         tokio::select! {
             _ = waker.notified() => {}
             _ = tokio::time::sleep(tick), if ramp_tick.is_some() => ramp = true,
-            _ = crate::shutdown::stopped(&mut shutdown) => break,
+            _ = shutdown.stopped() => break,
         }
     }
     b.cache.unfollow_service(&service, &waker);

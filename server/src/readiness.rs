@@ -173,7 +173,7 @@ pub(crate) fn channel(initial: State) -> (watch::Sender<State>, Readiness) {
 /// The names the health service reports readiness under.
 const HEALTH_NAMES: [&str; 2] = ["", "dlb.v1.Discovery"];
 
-/// Owns the decision until `shutdown` flips (see the module docs).
+/// Owns the decision until the shutdown starts (see the module docs).
 pub(crate) async fn run(
     cache: Arc<Cache>,
     mut contact: watch::Receiver<Contact>,
@@ -181,7 +181,7 @@ pub(crate) async fn run(
     tx: watch::Sender<State>,
     health: tonic_health::server::HealthReporter,
     metrics: ReadinessMetrics,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: crate::shutdown::Shutdown,
 ) {
     let mut synced = cache.synced();
     let mut revisions = cache.revisions();
@@ -208,7 +208,7 @@ pub(crate) async fn run(
             timing,
         );
         if published != Some(state) {
-            if *shutdown.borrow() {
+            if shutdown.is_started() {
                 return;
             }
             let was_ready = published == Some(State::Ready);
@@ -246,7 +246,7 @@ pub(crate) async fn run(
         }
         tokio::select! {
             biased;
-            _ = crate::shutdown::stopped(&mut shutdown) => return,
+            _ = shutdown.stopped() => return,
             r = synced.changed() => {
                 if r.is_err() {
                     return;
@@ -351,7 +351,7 @@ mod tests {
         let (contact_tx, contact) = watch::channel(Contact::OK);
         let (tx, readiness) = channel(State::Ready);
         let (health, _svc) = tonic_health::server::health_reporter();
-        let (stop_tx, stop) = watch::channel(false);
+        let stop = crate::shutdown::Shutdown::new();
         let t = Timing {
             grace: Duration::from_secs(1),
             going_away_after: DEFAULT_GOING_AWAY_AFTER,
@@ -363,7 +363,7 @@ mod tests {
             tx,
             health,
             ReadinessMetrics::default(),
-            stop,
+            stop.clone(),
         ));
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert!(readiness.is_ready());
@@ -392,7 +392,7 @@ mod tests {
         contact_tx.send_modify(|c| c.lease = true);
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert!(readiness.is_ready());
-        let _ = stop_tx.send(true);
+        stop.start();
     }
 
     #[tokio::test(start_paused = true)]
@@ -402,7 +402,7 @@ mod tests {
         let cache = Arc::new(Cache::new(store.epoch(), 8));
         let (tx, readiness) = channel(State::NotReady);
         let (health, _svc) = tonic_health::server::health_reporter();
-        let (stop_tx, stop) = watch::channel(false);
+        let stop = crate::shutdown::Shutdown::new();
         tokio::spawn(run(
             cache.clone(),
             watch::channel(Contact::OK).1,
@@ -410,7 +410,7 @@ mod tests {
             tx,
             health,
             ReadinessMetrics::default(),
-            stop,
+            stop.clone(),
         ));
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(readiness.state(), State::NotReady, "not loaded yet");
@@ -433,6 +433,6 @@ mod tests {
         cache.set_synced(true);
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert!(readiness.is_ready(), "back in step: ready again");
-        let _ = stop_tx.send(true);
+        stop.start();
     }
 }

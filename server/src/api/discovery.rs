@@ -144,7 +144,7 @@ impl Discovery for DiscoveryService {
             last_sent: tokio::time::Instant::now(),
         };
         tracing::debug!(session = id, ?peer, "session opened");
-        tokio::spawn(session.run(inbound));
+        self.shared.shutdown.spawn(session.run(inbound));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -290,7 +290,7 @@ impl Session {
         };
         let metrics = self.shared.metrics.clone();
         metrics.lagging(1);
-        let mut shutdown = self.shared.shutdown.clone();
+        let shutdown = self.shared.shutdown.clone();
         let deadline = self.shared.stall_deadline;
         let r = tokio::select! {
             r = tokio::time::timeout(deadline, self.tx.send(msg)) => match r {
@@ -303,7 +303,7 @@ impl Session {
                     ))))
                 }
             },
-            _ = crate::shutdown::stopped(&mut shutdown) => Err(End::Done),
+            _ = shutdown.stopped() => Err(End::Done),
         };
         metrics.lagging(-1);
         r
@@ -325,10 +325,10 @@ impl Session {
     }
 
     async fn main(&mut self, inbound: &mut Streaming<ClientMessage>) -> End {
-        let mut shutdown = self.shared.shutdown.clone();
+        let shutdown = self.shared.shutdown.clone();
         let first = tokio::select! {
             m = inbound.message() => m,
-            _ = crate::shutdown::stopped(&mut shutdown) => {
+            _ = shutdown.stopped() => {
                 self.going_away().await;
                 return End::Done;
             }
@@ -368,7 +368,7 @@ impl Session {
             }
             tokio::select! {
                 biased;
-                _ = crate::shutdown::stopped(&mut shutdown) => {
+                _ = shutdown.stopped() => {
                     self.going_away().await;
                     return End::Done;
                 }
@@ -513,9 +513,12 @@ impl Session {
                         if self.subs.insert(service.clone(), Sub::Resend) != Some(Sub::Resend) {
                             let waker = self.waker.clone();
                             let name: Arc<str> = service.as_str().into();
-                            tokio::spawn(async move {
-                                tokio::time::sleep_until(last + NACK_COOLDOWN).await;
-                                waker.wake(&name);
+                            let shutdown = self.shared.shutdown.clone();
+                            self.shared.shutdown.spawn(async move {
+                                tokio::select! {
+                                    () = tokio::time::sleep_until(last + NACK_COOLDOWN) => waker.wake(&name),
+                                    () = shutdown.stopped() => {}
+                                }
                             });
                         }
                     }

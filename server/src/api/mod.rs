@@ -25,8 +25,6 @@ pub mod status_layer;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 
-use tokio::sync::watch;
-
 use crate::cache::Cache;
 use crate::metrics::Metrics;
 use crate::pickers::Pickers;
@@ -43,8 +41,8 @@ pub(crate) struct Shared {
     pub pickers: Arc<Pickers>,
     pub loads: Arc<LoadTracker>,
     pub metrics: Arc<Metrics>,
-    /// Becomes `true` when a graceful shutdown starts.
-    pub shutdown: watch::Receiver<bool>,
+    /// Given when a graceful shutdown starts; every session task is spawned through it.
+    pub shutdown: crate::shutdown::Shutdown,
     /// Capacity of each session's outbound channel.
     pub session_queue: usize,
     /// How long a session may stay unable to hand over a message before it is cut.

@@ -34,14 +34,19 @@ macro_rules! in_stream_errors {
             #[derive(Debug, Clone)]
             pub struct InStreamErrors<S> {
                 inner: S,
+                shutdown: crate::shutdown::Shutdown,
             }
 
-            /// `inner` (e.g. `Builder::build_v1()`'s server), answering lookups in-stream.
-            pub fn wrap<S>(inner: S) -> ServerReflectionServer<InStreamErrors<S>>
+            /// `inner` (e.g. `Builder::build_v1()`'s server), answering lookups in-stream;
+            /// each stream's task is spawned through `shutdown` and ends when it starts.
+            pub fn wrap<S>(
+                inner: S,
+                shutdown: crate::shutdown::Shutdown,
+            ) -> ServerReflectionServer<InStreamErrors<S>>
             where
                 InStreamErrors<S>: ServerReflection,
             {
-                ServerReflectionServer::new(InStreamErrors { inner })
+                ServerReflectionServer::new(InStreamErrors { inner, shutdown })
             }
 
             /// One request asked of the wrapped server: its answer, or its status as an
@@ -105,16 +110,23 @@ macro_rules! in_stream_errors {
                     let mut requests = req.into_inner();
                     let (tx, rx) = mpsc::channel(1);
                     let inner = self.inner.clone();
-                    // Ends when the client ends its stream or stops reading.
-                    tokio::spawn(async move {
-                        while let Some(req) = requests.next().await {
-                            let Ok(req) = req else {
-                                return;
-                            };
-                            let answer = ask(inner.clone(), req).await;
-                            if tx.send(Ok(answer)).await.is_err() {
-                                return;
+                    // Ends when the client ends its stream or stops reading, or at shutdown.
+                    let shutdown = self.shutdown.clone();
+                    self.shutdown.spawn(async move {
+                        let answers = async move {
+                            while let Some(req) = requests.next().await {
+                                let Ok(req) = req else {
+                                    return;
+                                };
+                                let answer = ask(inner.clone(), req).await;
+                                if tx.send(Ok(answer)).await.is_err() {
+                                    return;
+                                }
                             }
+                        };
+                        tokio::select! {
+                            () = answers => {}
+                            () = shutdown.stopped() => {}
                         }
                     });
                     Ok(tonic::Response::new(ReceiverStream::new(rx)))

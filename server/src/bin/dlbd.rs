@@ -307,7 +307,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // use the other replicas); anything else wrong at start is an error.
     let mut backoff = STORE_RETRY_MIN;
     let server = loop {
-        match dlb_server::spawn(config.clone()).await {
+        // Bound here, at each attempt: nothing listens while the store is unreachable.
+        let listeners = dlb_server::Listeners::bind(&config).context("starting dlbd")?;
+        match dlb_server::serve(config.clone(), listeners).await {
             Ok(server) => break server,
             Err(e @ (dlb_server::Error::Storage(_) | dlb_server::Error::StorageUnavailable(_)))
                 if etcd =>

@@ -15,8 +15,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use dns::DnsManager;
-
 type Labels = Vec<(String, String)>;
 
 /// Automatic-discovery metrics, registered with the others by the server's `Metrics`.
@@ -108,17 +106,4 @@ impl MembershipMetrics {
         self.dns_failing
             .remove(&vec![("service".to_owned(), service.to_owned())]);
     }
-}
-
-/// Waits for a graceful shutdown, then for the lease task and every DNS task to end, so that
-/// nothing of automatic discovery holds the store once [`crate::RunningServer::shutdown`]
-/// returns (the embedded store can be reopened at once).
-pub(crate) async fn run_until_stopped(
-    lease_task: tokio::task::JoinHandle<()>,
-    dns: DnsManager,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) {
-    crate::shutdown::stopped(&mut shutdown).await;
-    let _ = lease_task.await;
-    dns.join().await;
 }

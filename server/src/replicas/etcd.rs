@@ -238,12 +238,13 @@ impl Joiner {
 
 impl EtcdCoordination {
     /// Connects, joins the member set as `id` with a lease of `ttl`, and keeps it up until
-    /// `shutdown` flips. Fails when etcd cannot be reached for the first join.
+    /// the shutdown starts (its tasks spawned through `shutdown`). Fails when etcd cannot be
+    /// reached for the first join.
     pub async fn start(
         config: &EtcdConfig,
         id: &str,
         ttl: Duration,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: &crate::shutdown::Shutdown,
     ) -> Result<Arc<Self>, Error> {
         super::validate_id(id)?;
         // Requests and pings bounded by the TTL: a replica cut off notices before its key expires.
@@ -284,28 +285,29 @@ impl EtcdCoordination {
         tracing::info!(replica = %id, lease = joined.lease, members = ?this.members.borrow().ids(), "joined the replica set");
         let members = this.members.clone();
         let leader = this.leader.clone();
-        let mut stop = shutdown.clone();
+        let stop = shutdown.clone();
         let progress_key = joiner.key.clone();
         let contact = this.contact.clone();
-        let task = tokio::spawn(async move {
+        let s = shutdown.clone();
+        let task = shutdown.spawn(async move {
             tokio::select! {
                 () = run(joiner, joined, members, leader, lease_id, contact) => {}
-                _ = crate::shutdown::stopped(&mut shutdown) => {}
+                _ = s.stopped() => {}
             }
         });
-        let (contact, mut stop_progress) = (this.contact.clone(), stop.clone());
+        let (contact, stop_progress) = (this.contact.clone(), stop.clone());
         let progress_client = client.clone();
-        let progress = tokio::spawn(async move {
+        let progress = shutdown.spawn(async move {
             tokio::select! {
                 () = check_progress(progress_client, progress_key, contact) => {}
-                _ = crate::shutdown::stopped(&mut stop_progress) => {}
+                _ = stop_progress.stopped() => {}
             }
         });
         let receive = forwarding::receive(client, loads, id, this.leader.subscribe(), forward_tx);
-        let receiver = tokio::spawn(async move {
+        let receiver = shutdown.spawn(async move {
             tokio::select! {
                 () = receive => {}
-                _ = crate::shutdown::stopped(&mut stop) => {}
+                _ = stop.stopped() => {}
             }
         });
         *this.tasks.lock() = vec![task, receiver, progress];

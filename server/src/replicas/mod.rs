@@ -311,11 +311,11 @@ impl ReplicaMetrics {
         m
     }
 
-    /// Keeps the gauges in step with `coordination` until `shutdown` flips (or its views end).
+    /// Keeps the gauges in step with `coordination` until the shutdown starts (or its views end).
     pub async fn follow(
         self,
         coordination: &dyn Coordination,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: crate::shutdown::Shutdown,
     ) {
         let mut members = coordination.members();
         let mut leadership = coordination.leadership();
@@ -327,7 +327,7 @@ impl ReplicaMetrics {
             tokio::select! {
                 r = members.changed() => if r.is_err() { return },
                 r = leadership.changed() => if r.is_err() { return },
-                _ = crate::shutdown::stopped(&mut shutdown) => return,
+                _ = shutdown.stopped() => return,
             }
         }
     }

@@ -158,6 +158,8 @@ pub(crate) struct Checker {
     appeared: Option<tokio::sync::watch::Receiver<u64>>,
     waker: Arc<Waker>,
     results_tx: mpsc::UnboundedSender<ProbeDone>,
+    /// The probes in flight (owned: aborted and awaited when the checker stops).
+    probes: tokio::task::JoinSet<()>,
     results_rx: mpsc::UnboundedReceiver<ProbeDone>,
     /// This replica and the live member set: which backends it probes.
     share: Share,
@@ -196,6 +198,7 @@ impl Checker {
             appeared: None,
             waker,
             results_tx,
+            probes: tokio::task::JoinSet::new(),
             results_rx,
             share,
             members,
@@ -244,6 +247,7 @@ impl Checker {
         for s in &self.followed {
             self.cache.unfollow_service(s, &self.waker);
         }
+        self.probes.shutdown().await;
     }
 
     /// Follows services that appeared and reconciles every changed one.

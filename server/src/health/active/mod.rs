@@ -120,7 +120,8 @@ impl HealthHandle {
     }
 }
 
-/// Starts the checker and its writer; both stop when `shutdown` flips to `true`.
+/// Starts the checker and its writer, both spawned through `shutdown`; both stop when the
+/// shutdown starts (the writer, which holds the store, is awaited with the others).
 pub(crate) fn start(
     cache: Arc<Cache>,
     store: Arc<dyn Store>,
@@ -128,22 +129,15 @@ pub(crate) fn start(
     max_in_flight: usize,
     metrics: metrics::HealthMetrics,
     share: crate::replicas::Share,
-    shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: &crate::shutdown::Shutdown,
 ) -> (HealthHandle, JoinHandle<()>) {
     let (commands, commands_rx) = mpsc::channel(1024);
     let (writes, writes_rx) = mpsc::unbounded_channel();
     let checker = Checker::new(cache, prober, max_in_flight, metrics, writes, share);
-    let mut s1 = shutdown.clone();
-    let mut s2 = shutdown;
-    let task = tokio::spawn(async move {
-        let writer = tokio::spawn(writer::run(store, writes_rx, async move {
-            crate::shutdown::stopped(&mut s2).await;
-        }));
-        checker
-            .run(commands_rx, async move {
-                crate::shutdown::stopped(&mut s1).await;
-            })
-            .await;
+    let writer = shutdown.spawn(writer::run(store, writes_rx, shutdown.stopped_owned()));
+    let stopped = shutdown.stopped_owned();
+    let task = shutdown.spawn(async move {
+        checker.run(commands_rx, stopped).await;
         let _ = writer.await;
     });
     (HealthHandle { commands }, task)

@@ -71,8 +71,8 @@ pub(crate) struct Context {
     pub metrics: metrics::HealthMetrics,
     /// The sessions' side of the report hand-off (its queue accounting).
     pub reports: Arc<Reports>,
-    /// Becomes `true` when a graceful shutdown starts.
-    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Given when a graceful shutdown starts; the forwarding sends are spawned through it.
+    pub shutdown: crate::shutdown::Shutdown,
 }
 
 /// Per service: the detector and the configuration it runs with.
@@ -102,7 +102,7 @@ pub(crate) async fn run(
     let mut next_forward = Instant::now() + forward::FORWARD_EVERY;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut shutdown = ctx.shutdown.clone();
+    let shutdown = ctx.shutdown.clone();
     let mut leading: Option<i64> = None;
     let mut follow_leadership = true;
     leadership.mark_changed();
@@ -178,7 +178,7 @@ pub(crate) async fn run(
                     write_latency(&ctx, &name, decisions).await;
                 }
             }
-            _ = crate::shutdown::stopped(&mut shutdown) => break,
+            _ = shutdown.stopped() => break,
         }
     }
     // The send holds the shared state (the store among it): it ends with this task.
@@ -233,8 +233,8 @@ fn send_outbox(
     }
     let batches = outbox.take();
     let replica = coordination.replica_id().to_string();
-    let (coordination, ctx) = (coordination.clone(), ctx.clone());
-    *sending = Some(tokio::spawn(async move {
+    let (coordination, ctx, tasks) = (coordination.clone(), ctx.clone(), ctx.shutdown.clone());
+    *sending = Some(tasks.spawn(async move {
         for reports in batches {
             let batch = forward::Batch {
                 replica: replica.clone(),

@@ -64,6 +64,7 @@ use tokio::time::Instant;
 pub use config::{backend_id, DnsConfig, DnsDeclaration, Target};
 
 use crate::membership::MembershipMetrics;
+use crate::shutdown::Shutdown;
 use crate::store::{Mutation, Store, StoreSnapshot};
 use crate::Error;
 use refresh::{reconcile, refresh_loop};
@@ -112,7 +113,7 @@ struct Inner {
     leadership: watch::Receiver<Option<i64>>,
     metrics: MembershipMetrics,
     config: DnsConfig,
-    shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
     /// Followed names by service.
     followed: Mutex<HashMap<String, Followed>>,
 }
@@ -142,7 +143,7 @@ impl DnsManager {
         metrics: MembershipMetrics,
         config: DnsConfig,
         initial: &StoreSnapshot,
-        shutdown: watch::Receiver<bool>,
+        shutdown: Shutdown,
     ) -> Self {
         let mut declared: BTreeMap<String, (String, u32)> = BTreeMap::new();
         for svc in &initial.services {
@@ -186,7 +187,7 @@ impl DnsManager {
         first: Duration,
     ) {
         let status = Arc::new(Mutex::new(status));
-        let task = tokio::spawn(refresh_loop(
+        let task = self.inner.shutdown.spawn(refresh_loop(
             self.inner.clone(),
             service.clone(),
             target.clone(),
@@ -223,14 +224,14 @@ impl DnsManager {
     /// O(backends) per scan, on the leader only. Ends at shutdown.
     pub fn rescan_while_leading(&self, cache: Arc<crate::cache::Cache>) {
         let manager = self.clone();
-        let mut shutdown = self.inner.shutdown.clone();
-        tokio::spawn(async move {
+        let shutdown = self.inner.shutdown.clone();
+        self.inner.shutdown.spawn(async move {
             let mut suspects = std::collections::HashSet::new();
             let mut tick = tokio::time::interval(RESCAN);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
-                    _ = crate::shutdown::stopped(&mut shutdown) => return,
+                    _ = shutdown.stopped() => return,
                     _ = tick.tick() => {}
                 }
                 if manager.inner.leadership.borrow().is_some() {
@@ -297,7 +298,7 @@ impl DnsManager {
         }
     }
 
-    /// Waits for every name's task to end (they end when the shutdown flag turns true), so
+    /// Waits for every name's task to end (they end when the shutdown starts), so
     /// that nothing holds the store after a graceful shutdown.
     pub async fn join(&self) {
         let tasks: Vec<_> = self

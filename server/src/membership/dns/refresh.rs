@@ -117,7 +117,7 @@ pub(super) async fn refresh_loop(
     status: Arc<Mutex<Status>>,
     first: Duration,
 ) {
-    let mut shutdown = inner.shutdown.clone();
+    let shutdown = inner.shutdown.clone();
     let mut leadership = inner.leadership.clone();
     let mut delay = first;
     let resolver = match build_resolver(&inner.config) {
@@ -130,12 +130,12 @@ pub(super) async fn refresh_loop(
     };
     loop {
         tokio::select! {
-            _ = crate::shutdown::stopped(&mut shutdown) => return,
+            _ = shutdown.stopped() => return,
             _ = tokio::time::sleep(delay) => {}
         }
         // Only the leader refreshes (see the module docs).
         let fence = tokio::select! {
-            _ = crate::shutdown::stopped(&mut shutdown) => return,
+            _ = shutdown.stopped() => return,
             f = crate::replicas::until_leader(&mut leadership) => f,
         };
         let Some(fence) = fence else { return };
@@ -154,7 +154,7 @@ pub(super) async fn refresh_loop(
         // A shutdown does not wait for a slow name server (a store write already started
         // completes or not as a whole).
         let outcome = tokio::select! {
-            _ = crate::shutdown::stopped(&mut shutdown) => return,
+            _ = shutdown.stopped() => return,
             () = crate::replicas::until_not_leader(&mut lost, fence) => {
                 tracing::info!(%service, "DNS refresh abandoned: this replica is no longer the leader");
                 delay = Duration::ZERO;

@@ -40,6 +40,7 @@ use tokio::sync::watch;
 use super::{is_leased, LeaseKey, LeaseState, Leases};
 use crate::config::EtcdConfig;
 use crate::membership::MembershipMetrics;
+use crate::shutdown::Shutdown;
 use crate::store::Store;
 use crate::Error;
 
@@ -215,19 +216,21 @@ impl Leases for EtcdLeases {
 }
 
 /// Starts the expiry task: it runs while `leadership` says this replica leads, writes through
-/// `fenced` (the leader's fenced store view) and ends when `shutdown` turns true.
+/// `fenced` (the leader's fenced store view) and ends when the shutdown starts.
 pub fn start_expiry(
     leases: EtcdLeases,
     fenced: Arc<dyn Store>,
     metrics: MembershipMetrics,
     mut leadership: watch::Receiver<Option<i64>>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: &Shutdown,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+    let stop = shutdown.clone();
+    shutdown.spawn(async move {
+        let shutdown = stop;
         loop {
             let fence = tokio::select! {
                 f = crate::replicas::until_leader(&mut leadership) => f,
-                _ = crate::shutdown::stopped(&mut shutdown) => return,
+                _ = shutdown.stopped() => return,
             };
             let Some(fence) = fence else { return };
             let mut lost = leadership.clone();
@@ -239,7 +242,7 @@ pub fn start_expiry(
                 () = crate::replicas::until_not_leader(&mut lost, fence) => {
                     tracing::info!("lease expiry stopped: this replica is no longer the leader");
                 }
-                _ = crate::shutdown::stopped(&mut shutdown) => return,
+                _ = shutdown.stopped() => return,
             }
         }
     })

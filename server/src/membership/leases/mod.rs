@@ -40,10 +40,11 @@ use std::time::Duration;
 use dlb::proto;
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::membership::MembershipMetrics;
+use crate::shutdown::Shutdown;
 use crate::store::{Mutation, Store, StoreSnapshot};
 use crate::Error;
 
@@ -117,12 +118,12 @@ pub struct LeaseManager {
 
 impl LeaseManager {
     /// Starts the task: every lease-owned record of `initial` gets a deadline of its TTL from
-    /// now. The task ends when `shutdown` turns true.
+    /// now. The task, spawned through `shutdown`, ends when the shutdown starts.
     pub fn start(
         store: Arc<dyn Store>,
         metrics: MembershipMetrics,
         initial: &StoreSnapshot,
-        shutdown: watch::Receiver<bool>,
+        shutdown: &Shutdown,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let now = Instant::now();
         let mut table = Table::default();
@@ -144,7 +145,7 @@ impl LeaseManager {
         }
         metrics.leases.set(table.by_key.len() as i64);
         let (tx, rx) = mpsc::channel(1024);
-        let task = tokio::spawn(run(store, metrics, table, rx, shutdown));
+        let task = shutdown.spawn(run(store, metrics, table, rx, shutdown.clone()));
         (Self { tx }, task)
     }
 
@@ -215,13 +216,13 @@ async fn run(
     metrics: MembershipMetrics,
     mut table: Table,
     mut rx: mpsc::Receiver<Command>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
 ) {
     loop {
         let next = table.next_deadline();
         tokio::select! {
             biased;
-            _ = crate::shutdown::stopped(&mut shutdown) => return,
+            _ = shutdown.stopped() => return,
             cmd = rx.recv() => match cmd {
                 None => return,
                 Some(Command::Keep(key, ttl, reply)) => {

@@ -34,7 +34,9 @@ impl Checker {
         let prober = self.prober.clone();
         let tx = self.results_tx.clone();
         self.metrics.in_flight(1);
-        tokio::spawn(async move {
+        // Ended probes are reaped here, so the set holds at most the probes in flight.
+        while self.probes.try_join_next().is_some() {}
+        self.probes.spawn(async move {
             let start = Instant::now();
             let outcome = match tokio::time::timeout(timeout, prober.probe(target)).await {
                 Ok(o) => o,

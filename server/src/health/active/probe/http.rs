@@ -36,10 +36,12 @@ pub async fn probe(address: &str, kind: &ProbeKind) -> Outcome {
         Ok(p) => p,
         Err(e) => return Outcome::Fail(format!("HTTP handshake: {e}")),
     };
-    // The connection task ends when the exchange is over (or the probe is dropped on timeout).
-    let conn = tokio::spawn(async move {
+    // The connection is driven beside the exchange, in the probe's own task (dropped with it on
+    // timeout); once it ends, only the exchange is left to finish (it sees the closed channel).
+    let conn = async move {
         let _ = conn.await;
-    });
+        std::future::pending::<()>().await
+    };
     let request = http::Request::builder()
         .method(method.as_str())
         .uri(path.as_str())
@@ -49,14 +51,12 @@ pub async fn probe(address: &str, kind: &ProbeKind) -> Outcome {
         .body(Empty::<Bytes>::new());
     let request = match request {
         Ok(r) => r,
-        Err(e) => {
-            conn.abort();
-            return Outcome::Fail(format!("bad request: {e}"));
-        }
+        Err(e) => return Outcome::Fail(format!("bad request: {e}")),
     };
-    let outcome = exchange(&mut sender, request, expected, body_contains.as_deref()).await;
-    conn.abort();
-    outcome
+    tokio::select! {
+        outcome = exchange(&mut sender, request, expected, body_contains.as_deref()) => outcome,
+        () = conn => unreachable!("the connection future never resolves"),
+    }
 }
 
 async fn exchange(
