@@ -55,6 +55,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use dlb::backoff::Backoff;
 use dlb::{model, proto};
 use parking_lot::Mutex;
 use tokio::sync::watch;
@@ -550,6 +551,7 @@ async fn refresh_loop(
     let mut shutdown = inner.shutdown.clone();
     let mut leadership = inner.leadership.clone();
     let mut delay = first;
+    let mut retry = Backoff::new(inner.config.retry_min, inner.config.retry_max);
     let resolver = match build_resolver(&inner.config) {
         Ok(r) => r,
         Err(e) => {
@@ -595,6 +597,7 @@ async fn refresh_loop(
         let failures = status.lock().consecutive_failures;
         match outcome {
             Ok((new, ttl)) => {
+                retry.reset();
                 delay = ttl.clamp(inner.config.min_refresh, inner.config.max_refresh);
                 *status.lock() = Status {
                     next_refresh: Some(Instant::now() + delay),
@@ -604,11 +607,7 @@ async fn refresh_loop(
             }
             Err(e) => {
                 let failures = failures.saturating_add(1);
-                let backoff = inner
-                    .config
-                    .retry_min
-                    .saturating_mul(1u32 << (failures - 1).min(16));
-                delay = backoff.min(inner.config.retry_max);
+                delay = retry.next_delay();
                 tracing::warn!(%service, target = %target.to_text(), failures, error = %e, "DNS refresh failed; keeping the last good set");
                 let mut st = status.lock();
                 st.consecutive_failures = failures;
