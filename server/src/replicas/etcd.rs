@@ -45,6 +45,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use dlb::backoff::Backoff;
 use etcd_client::{
     Client, Compare, CompareOp, GetOptions, LeaseClient, LeaseKeepAliveStream, LeaseKeeper,
     PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions, WatchStream,
@@ -324,7 +325,7 @@ async fn run(
 ) {
     let mut joined = Some(joined);
     let mut lease = 0;
-    let mut backoff = MIN_BACKOFF;
+    let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
     // When the membership was interrupted with the lease presumably still alive (a broken
     // stream, rejoined with the same lease): past the TTL without a rejoin it is lost.
     let mut interrupted_at: Option<Instant> = None;
@@ -341,13 +342,12 @@ async fn run(
                         set_contact(&contact, |c| c.lease = false);
                     }
                     tracing::warn!(error = %e, "replica membership: cannot reach etcd; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    tokio::time::sleep(backoff.next_delay()).await;
                     continue;
                 }
             },
         };
-        backoff = MIN_BACKOFF;
+        backoff.reset();
         lease = j.lease;
         *lease_id.lock() = lease;
         set_contact(&contact, |c| c.lease = true);
@@ -364,7 +364,7 @@ async fn run(
             set_contact(&contact, |c| c.lease = false);
         }
         interrupted_at = Some(Instant::now());
-        tokio::time::sleep(backoff).await;
+        tokio::time::sleep(backoff.current()).await;
     }
 }
 
