@@ -199,9 +199,12 @@ pub(crate) async fn run(
             Ended::GoingAway => {
                 backoff.reset();
                 targets.go_elsewhere();
-                // No pause, as before `dlb::backoff`: the full jitter drawn here was bounded by
-                // zero, although the module docs describe a pause of at most `backoff_min`.
-                Duration::ZERO
+                // A pause drawn in `[0, backoff_min]` (full jitter on the schedule's first step),
+                // so a fleet told to go away does not come back in one burst; the schedule
+                // itself stays at its start.
+                let pause = backoff.next_delay();
+                backoff.reset();
+                pause
             }
             Ended::Behind => {
                 targets.go_elsewhere();
