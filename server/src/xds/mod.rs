@@ -50,7 +50,6 @@ pub mod sotw;
 pub mod status;
 mod stream;
 
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -209,10 +208,6 @@ pub(crate) fn claim(version: &str, epoch: u64) -> Option<u64> {
     r.parse().ok()
 }
 
-/// The last resource built per (type URL, service), keyed by the service version it was built
-/// from: a change is mapped and encoded once, not once per stream. Bounded by services × 3.
-type Memo = parking_lot::Mutex<HashMap<(String, String), (u64, Arc<Built>)>>;
-
 /// What every ADS stream shares.
 #[derive(Debug)]
 pub(crate) struct Context {
@@ -225,42 +220,35 @@ pub(crate) struct Context {
     /// The replica's readiness: no new stream while not ready; open streams end with
     /// `UNAVAILABLE` when it says go away ([`crate::readiness`]).
     pub readiness: crate::readiness::Readiness,
-    /// `parking_lot::Mutex`: held for a map lookup or insert only; resources are built
-    /// outside it (two streams may build the same one once each).
-    memo: Memo,
 }
 
 impl Context {
     /// The resource of `type_url` for the newest snapshot of `service`; `None` when the
-    /// service does not exist or DLB does not serve the type.
+    /// service does not exist or DLB does not serve the type. Built once per snapshot and
+    /// shared by every stream: kept with the snapshot in the cache ([`crate::cache::Derived`]).
     pub fn built(&self, type_url: &str, service: &str) -> Option<Arc<Built>> {
-        if !resources::served(type_url) {
-            return None;
-        }
-        let snap = self.cache.get(service)?;
-        let version = snap.version.version;
-        let key = (type_url.to_owned(), service.to_owned());
-        if let Some((v, b)) = self.memo.lock().get(&key) {
-            if *v == version {
-                return Some(b.clone());
-            }
-        }
-        let any = resources::resource(type_url, &snap)?;
-        let mut h = ContentHash::default();
-        h.write(&any.value);
-        let built = Arc::new(Built {
-            hash: h.hex(),
-            any,
-            version,
-        });
-        let mut memo = self.memo.lock();
-        let newer = memo.get(&key).is_some_and(|(v, _)| *v > version);
-        if !newer {
-            memo.insert(key, (version, built.clone()));
-        }
-        Some(built)
+        let index = SERVED.iter().position(|t| *t == type_url)?;
+        let (snap, derived) = self.cache.get_derived(service)?;
+        derived.get_or_init(index, || {
+            let any = resources::resource(type_url, &snap)?;
+            let mut h = ContentHash::default();
+            h.write(&any.value);
+            Some(Built {
+                hash: h.hex(),
+                any,
+                version: snap.version.version,
+            })
+        })
     }
 }
+
+/// The types DLB serves, by their index in a snapshot's [`crate::cache::Derived`] values.
+const SERVED: [&str; 3] = [
+    resources::LISTENER,
+    resources::CLUSTER,
+    resources::ENDPOINTS,
+];
+const _: () = assert!(SERVED.len() <= crate::cache::DERIVED);
 
 /// The ADS gRPC service.
 #[derive(Debug, Clone)]
@@ -286,7 +274,6 @@ impl XdsService {
                 shutdown,
                 max_streams,
                 readiness: crate::readiness::Readiness::always(),
-                memo: Memo::default(),
             }),
         }
     }
