@@ -2,14 +2,14 @@
 //!
 //! Per resource type the stream keeps the subscribed names (`*`, or a first LDS/CDS request
 //! with no names, is a wildcard) and, per name, what the client holds: a resource version (the
-//! FNV hash of the encoded resource, tagged) or "told it does not exist". A push sends only resources
+//! content hash of the encoded resource, tagged) or "told it does not exist". A push sends only resources
 //! whose content differs from what the client holds, and names that do not exist (any more) in
 //! `removed_resources` — including subscribed names that never existed, so the client learns
 //! at once that they are absent; they are sent when created. `initial_resource_versions` of a
 //! reconnecting client are taken as what it holds (resume: only differences are sent). A
 //! resource version is `HASH.EPOCH.REVISION` ([`super::tag`]); when those versions claim a
 //! revision of this epoch the cache has not applied, the stream waits for it a bounded time,
-//! else ends with `UNAVAILABLE` ([`super::not_behind`]): never older resources than held.
+//! else ends with `UNAVAILABLE` ([`super::stream::not_behind`]): never older resources than held.
 //!
 //! ACK/NACK: a request carrying the nonce of the last response is its ACK or (with
 //! `error_detail`) its NACK; the acked version is that response's `system_version_info`.
@@ -19,91 +19,63 @@
 //! bounds, see the [module docs](super)) but never followed: it is sent in `removed_resources`
 //! at once, like any resource that does not exist.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
+use std::collections::BTreeMap;
 
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
 };
-use futures::StreamExt;
-use tokio::sync::mpsc;
 
-use super::clients::Registration;
-use super::{
-    claim, content, not_behind, record_nack, record_node, resources, Context, Fnv, Followed,
-};
+use super::stream::{Core, Variant};
+use super::{claim, content, resources, ContentHash};
 
-type Tx = mpsc::Sender<Result<DeltaDiscoveryResponse, tonic::Status>>;
-
-/// One resource type on this stream.
+/// What a delta client holds of one resource type.
 #[derive(Debug, Default)]
-struct Sub {
-    names: BTreeSet<String>,
-    wildcard: bool,
-    /// What the client holds per name: `Some(version)`, or `None` when told it is absent.
-    held: BTreeMap<String, Option<String>>,
-    nonce: String,
+pub(crate) struct Held {
+    /// Per name: `Some(version)`, or `None` when told it is absent.
+    resources: BTreeMap<String, Option<String>>,
+    /// The `system_version_info` of the last response.
     system_version: String,
 }
 
-struct Stream {
-    ctx: Arc<Context>,
-    reg: Registration,
-    subs: HashMap<String, Sub>,
-    followed: Followed,
-    next_nonce: u64,
-    tx: Tx,
-    /// Limits the log lines this client can trigger (NACKs).
-    log: crate::log_limit::LogLimiter,
-}
+/// Incremental ADS (see the module docs).
+pub(crate) struct Delta;
 
-impl Stream {
-    /// Follows exactly the services some type subscribes to (all of them for a wildcard).
-    fn refollow(&mut self) {
-        self.followed
-            .update(self.subs.values().map(|s| (&s.names, s.wildcard)));
+impl Variant for Delta {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+    type Held = Held;
+    const NAMES: (&'static str, &'static str) = ("delta", "DeltaDiscoveryRequest");
+
+    /// The newest revision of this epoch the versions a client says it holds claim.
+    fn claimed(epoch: u64, req: &DeltaDiscoveryRequest) -> Option<u64> {
+        req.initial_resource_versions
+            .values()
+            .filter_map(|v| claim(v, epoch))
+            .max()
     }
 
-    fn wildcard(&self) -> bool {
-        self.subs.values().any(|s| s.wildcard)
-    }
-
-    fn request(&mut self, req: DeltaDiscoveryRequest) -> Result<Option<String>, tonic::Status> {
-        record_node(&self.reg.state, req.node.as_ref());
+    fn request(
+        s: &mut Core<Self>,
+        req: DeltaDiscoveryRequest,
+    ) -> Result<Option<String>, tonic::Status> {
         let type_url = req.type_url;
-        let first = !self.subs.contains_key(&type_url);
-        super::check_type(
-            "DeltaDiscoveryRequest.type_url",
-            &type_url,
-            first,
-            self.subs.len(),
-        )?;
-        let sub = self.subs.entry(type_url.clone()).or_default();
-        if !req.response_nonce.is_empty() && req.response_nonce == sub.nonce {
-            if let Some(err) = &req.error_detail {
-                let (version, nonce) = (sub.system_version.clone(), req.response_nonce.clone());
-                record_nack(
-                    &self.ctx,
-                    &self.reg.state,
-                    &mut self.log,
-                    &type_url,
-                    &version,
-                    &nonce,
-                    &err.message,
-                );
-            } else {
-                let mut st = self.reg.state.lock();
-                let t = st.types.entry(type_url.clone()).or_default();
-                t.acked_version = sub.system_version.clone();
-                t.acked_nonce = req.response_nonce.clone();
-            }
+        let first = s.begin(req.node.as_ref(), &type_url)?;
+        if s.is_last_nonce(&type_url, &req.response_nonce) {
+            let version = s
+                .subs
+                .get(&type_url)
+                .map(|sub| sub.held.system_version.clone())
+                .unwrap_or_default();
+            let error = req.error_detail.as_ref().map(|e| e.message.as_str());
+            s.answered(&type_url, &version, &req.response_nonce, error);
         }
+        let sub = s.subs.entry(type_url.clone()).or_default();
         if first {
             for (name, mut version) in req.initial_resource_versions {
                 if version.len() > super::MAX_CLIENT_VERSION {
                     version.clear();
                 }
-                sub.held.insert(name, Some(version));
+                sub.held.resources.insert(name, Some(version));
             }
             if req.resource_names_subscribe.is_empty()
                 && matches!(type_url.as_str(), resources::LISTENER | resources::CLUSTER)
@@ -117,7 +89,7 @@ impl Stream {
         )?;
         super::check_names(
             "DeltaDiscoveryRequest.initial_resource_versions",
-            sub.held.len(),
+            sub.held.resources.len(),
         )?;
         let mut changed = first;
         for name in req.resource_names_subscribe {
@@ -128,7 +100,7 @@ impl Stream {
                 changed = true;
             } else {
                 // A re-subscription asks for the resource again.
-                sub.held.remove(&name);
+                sub.held.resources.remove(&name);
                 changed = true;
             }
         }
@@ -137,14 +109,15 @@ impl Stream {
                 sub.wildcard = false;
             }
             sub.names.remove(&name);
-            sub.held.remove(&name);
+            sub.held.resources.remove(&name);
             changed = true;
         }
         let (mut count, mut bytes) = (0, 0);
-        for s in self.subs.values() {
-            count += s.names.len() + s.held.keys().filter(|n| !s.names.contains(*n)).count();
-            bytes += s.names.iter().map(String::len).sum::<usize>()
-                + s.held
+        for t in s.subs.values() {
+            let held = &t.held.resources;
+            count += t.names.len() + held.keys().filter(|n| !t.names.contains(*n)).count();
+            bytes += t.names.iter().map(String::len).sum::<usize>()
+                + held
                     .iter()
                     .map(|(n, v)| n.len() + v.as_ref().map_or(0, String::len))
                     .sum::<usize>();
@@ -154,33 +127,29 @@ impl Stream {
             count,
             bytes,
         )?;
-        let Some(sub) = self.subs.get(&type_url) else {
-            return Ok(None);
-        };
-        {
-            let (names, wildcard) = (sub.names.clone(), sub.wildcard);
-            let mut st = self.reg.state.lock();
-            let t = st.types.entry(type_url.clone()).or_default();
-            t.names = names;
-            t.wildcard = wildcard;
-        }
+        s.subscribed(&type_url);
         if !changed {
             return Ok(None);
         }
-        self.refollow();
+        s.refollow();
         Ok(Some(type_url))
     }
 
-    async fn push(&mut self, type_url: &str) -> bool {
-        let ctx = self.ctx.clone();
-        let Some(sub) = self.subs.get_mut(type_url) else {
-            return true;
-        };
+    /// What differs from what the client holds: resources whose content changed, names that do
+    /// not exist (any more). `None` when nothing does.
+    fn response(
+        s: &mut Core<Self>,
+        type_url: &str,
+        _force: bool,
+    ) -> Option<DeltaDiscoveryResponse> {
+        let ctx = s.ctx.clone();
+        let sub = s.subs.get_mut(type_url)?;
         let mut names = sub.names.clone();
+        let held = &mut sub.held.resources;
         if sub.wildcard {
             names.extend(ctx.cache.service_names().iter().map(|s| s.to_string()));
             // Names the client holds that left the wildcard set are reported removed.
-            names.extend(sub.held.keys().cloned());
+            names.extend(held.keys().cloned());
         }
         let mut out = Vec::new();
         let mut removed = Vec::new();
@@ -189,14 +158,13 @@ impl Stream {
                 Some(b) => {
                     // Held already when the content is the same (whatever revision it was
                     // tagged with then).
-                    let held = sub
-                        .held
+                    let holds = held
                         .get(&name)
                         .and_then(|v| v.as_deref())
                         .is_some_and(|v| content(v) == b.hash);
-                    if !held {
+                    if !holds {
                         let version = b.tagged(ctx.cache.epoch());
-                        sub.held.insert(name.clone(), Some(version.clone()));
+                        held.insert(name.clone(), Some(version.clone()));
                         out.push(Resource {
                             name,
                             version,
@@ -206,11 +174,11 @@ impl Stream {
                     }
                 }
                 None => {
-                    if sub.held.get(&name) != Some(&None) {
+                    if held.get(&name) != Some(&None) {
                         if sub.wildcard && !sub.names.contains(&name) {
-                            sub.held.remove(&name);
+                            held.remove(&name);
                         } else {
-                            sub.held.insert(name.clone(), None);
+                            held.insert(name.clone(), None);
                         }
                         removed.push(name);
                     }
@@ -218,118 +186,23 @@ impl Stream {
             }
         }
         if out.is_empty() && removed.is_empty() {
-            return true;
+            return None;
         }
-        let mut h = Fnv::default();
-        for (name, v) in &sub.held {
+        let mut h = ContentHash::default();
+        for (name, v) in held.iter() {
             h.write(name.as_bytes());
             h.write(v.as_deref().unwrap_or("").as_bytes());
         }
-        self.next_nonce += 1;
-        let nonce = self.next_nonce.to_string();
-        sub.nonce = nonce.clone();
-        sub.system_version = h.hex();
-        {
-            let mut st = self.reg.state.lock();
-            let t = st.types.entry(type_url.to_owned()).or_default();
-            t.sent_version = sub.system_version.clone();
-            t.sent_nonce = nonce.clone();
-            t.responses += 1;
-        }
-        let response = DeltaDiscoveryResponse {
-            system_version_info: sub.system_version.clone(),
+        let system_version = h.hex();
+        sub.held.system_version = system_version.clone();
+        let nonce = s.sent(type_url, &system_version);
+        Some(DeltaDiscoveryResponse {
+            system_version_info: system_version,
             resources: out,
             type_url: type_url.to_owned(),
             removed_resources: removed,
             nonce,
             ..Default::default()
-        };
-        ctx.metrics.xds().response(type_url);
-        self.tx.send(Ok(response)).await.is_ok()
+        })
     }
-}
-
-/// The newest revision of this epoch the versions a client says it holds claim.
-fn claimed(ctx: &Context, req: &DeltaDiscoveryRequest) -> Option<u64> {
-    let epoch = ctx.cache.epoch();
-    req.initial_resource_versions
-        .values()
-        .filter_map(|v| claim(v, epoch))
-        .max()
-}
-
-/// Serves one delta stream until the client ends it, it fails, or the server shuts down.
-pub(crate) async fn run(
-    ctx: Arc<Context>,
-    peer: String,
-    mut requests: tonic::Streaming<DeltaDiscoveryRequest>,
-    tx: Tx,
-) {
-    ctx.metrics.xds().streams(1);
-    let reg = ctx.clients.register("delta", peer);
-    let followed = Followed::new(ctx.cache.clone());
-    let waker = followed.waker().clone();
-    let mut services = ctx.cache.services_changed();
-    let mut shutdown = ctx.shutdown.clone();
-    let mut readiness = ctx.readiness.clone();
-    let mut s = Stream {
-        ctx: ctx.clone(),
-        reg,
-        subs: HashMap::new(),
-        followed,
-        next_nonce: 0,
-        tx,
-        log: crate::log_limit::LogLimiter::default(),
-    };
-    loop {
-        let mut pending: Vec<String> = Vec::new();
-        tokio::select! {
-            req = requests.next() => match req {
-                Some(Ok(req)) => match not_behind(&ctx, claimed(&ctx, &req)).await.and_then(|()| s.request(req)) {
-                    Ok(Some(t)) => pending.push(t),
-                    Ok(None) => {}
-                    Err(status) => {
-                        let _ = s.tx.send(Err(status)).await;
-                        break;
-                    }
-                },
-                Some(Err(status)) => {
-                    tracing::debug!(code = ?status.code(), "xds: delta stream failed");
-                    if let Some(status) = super::request_error("DeltaDiscoveryRequest", &status) {
-                        let _ = s.tx.send(Err(status)).await;
-                    }
-                    break;
-                }
-                None => break,
-            },
-            _ = waker.notified() => {
-                waker.take_dirty();
-                pending.extend(s.subs.keys().cloned());
-            }
-            r = services.changed(), if s.wildcard() => {
-                if r.is_err() { break; }
-                s.refollow();
-                pending.extend(s.subs.iter().filter(|(_, v)| v.wildcard).map(|(k, _)| k.clone()));
-            }
-            _ = crate::shutdown::stopped(&mut shutdown) => {
-                let _ = s.tx.send(Err(tonic::Status::unavailable("dlbd is shutting down"))).await;
-                break;
-            }
-            () = readiness.going_away() => {
-                let status = tonic::Status::unavailable(crate::readiness::NOT_SYNCED);
-                let _ = s.tx.send(Err(status)).await;
-                break;
-            }
-        }
-        let mut ok = true;
-        for t in pending {
-            ok &= s.push(&t).await;
-        }
-        if !ok {
-            break;
-        }
-    }
-    super::finish_log(&s.reg.state, &mut s.log);
-    drop(s);
-    ctx.metrics.xds().streams(-1);
 }

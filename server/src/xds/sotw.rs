@@ -8,10 +8,10 @@
 //! "does not exist" (and appears in a later response when the service is created); EDS names
 //! are simply not included until they exist.
 //!
-//! The version of a response is `HASH.EPOCH.REVISION` ([`super::tag`]): the FNV hash of its
-//! resources, and the newest service version among them. A client whose `version_info` claims a
+//! The version of a response is `HASH.EPOCH.REVISION` ([`super::tag`]): the content hash
+//! ([`super::ContentHash`]) of its resources, and the newest service version among them. A client whose `version_info` claims a
 //! revision of this epoch the cache has not applied is never answered with older resources
-//! ([`super::not_behind`]: a bounded wait, else `UNAVAILABLE`). Resources are built once per
+//! ([`super::stream::not_behind`]: a bounded wait, else `UNAVAILABLE`). Resources are built once per
 //! service version and shared by every stream (see `Context::built`); a response whose content
 //! (hash) is that of the last one sent is not sent again. A client reconnecting with the version it holds is answered
 //! only when the state differs (resume). Cost per wake-up: O(subscribed services × backends).
@@ -20,29 +20,13 @@
 //! bounds, see the [module docs](super)) but never followed nor included: to the client it is a
 //! resource that does not exist.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
-use futures::StreamExt;
-use tokio::sync::mpsc;
 
-use super::clients::Registration;
-use super::{
-    claim, content, not_behind, record_nack, record_node, resources, Built, Context, Fnv, Followed,
-};
-
-type Tx = mpsc::Sender<Result<DiscoveryResponse, tonic::Status>>;
-
-/// One resource type on this stream.
-#[derive(Debug, Default)]
-struct Sub {
-    names: BTreeSet<String>,
-    wildcard: bool,
-    /// Version (content hash) of the last response sent, or resumed.
-    version: Option<String>,
-    nonce: String,
-}
+use super::stream::{Core, Variant};
+use super::{claim, content, resources, Built, ContentHash, Context};
 
 /// The resources of `type_url` for `names` (or every service with `wildcard`), in name order,
 /// and the response's version: a hash of the type and each resource's name and hash.
@@ -54,7 +38,7 @@ pub(crate) fn resources_for(
 ) -> (Vec<Arc<Built>>, String) {
     let mut out = Vec::new();
     let mut newest = 0;
-    let mut h = Fnv::default();
+    let mut h = ContentHash::default();
     h.write(type_url.as_bytes());
     if resources::served(type_url) {
         let all: BTreeSet<String>;
@@ -81,73 +65,44 @@ pub(crate) fn resources_for(
     (out, super::tag(&h.hex(), ctx.cache.epoch(), newest))
 }
 
-struct Stream {
-    ctx: Arc<Context>,
-    reg: Registration,
-    subs: HashMap<String, Sub>,
-    followed: Followed,
-    next_nonce: u64,
-    tx: Tx,
-    /// Limits the log lines this client can trigger (NACKs).
-    log: crate::log_limit::LogLimiter,
-}
+/// State-of-the-world ADS. Per type it keeps the version (content hash) of the last response
+/// sent, or resumed.
+pub(crate) struct Sotw;
 
-impl Stream {
-    /// Follows exactly the services some type subscribes to (all of them for a wildcard).
-    fn refollow(&mut self) {
-        self.followed
-            .update(self.subs.values().map(|s| (&s.names, s.wildcard)));
+impl Variant for Sotw {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+    type Held = Option<String>;
+    const NAMES: (&'static str, &'static str) = ("sotw", "DiscoveryRequest");
+
+    fn claimed(epoch: u64, req: &DiscoveryRequest) -> Option<u64> {
+        claim(&req.version_info, epoch)
     }
 
-    fn wildcard(&self) -> bool {
-        self.subs.values().any(|s| s.wildcard)
-    }
-
-    /// Handles one request; returns whether the type's subscription changed (push it).
-    fn request(&mut self, req: DiscoveryRequest) -> Result<Option<String>, tonic::Status> {
-        record_node(&self.reg.state, req.node.as_ref());
+    /// Handles one request; returns the type to answer when its subscription changed.
+    fn request(s: &mut Core<Self>, req: DiscoveryRequest) -> Result<Option<String>, tonic::Status> {
         let type_url = req.type_url;
-        let first = !self.subs.contains_key(&type_url);
-        super::check_type(
-            "DiscoveryRequest.type_url",
-            &type_url,
-            first,
-            self.subs.len(),
-        )?;
-        let sub = self.subs.entry(type_url.clone()).or_default();
+        let first = s.begin(req.node.as_ref(), &type_url)?;
         if !req.response_nonce.is_empty() {
-            if req.response_nonce != sub.nonce {
+            if !s.is_last_nonce(&type_url, &req.response_nonce) {
                 // A stale nonce: the client has not seen our newest response yet.
                 return Ok(None);
             }
-            if let Some(err) = &req.error_detail {
-                record_nack(
-                    &self.ctx,
-                    &self.reg.state,
-                    &mut self.log,
-                    &type_url,
-                    &req.version_info,
-                    &req.response_nonce,
-                    &err.message,
-                );
-            } else {
-                let mut st = self.reg.state.lock();
-                let t = st.types.entry(type_url.clone()).or_default();
-                t.acked_version = super::clients::escaped(&req.version_info, 128);
-                t.acked_nonce = req.response_nonce.clone();
-            }
+            let error = req.error_detail.as_ref().map(|e| e.message.as_str());
+            s.answered(&type_url, &req.version_info, &req.response_nonce, error);
         }
         super::check_names("DiscoveryRequest.resource_names", req.resource_names.len())?;
         let names: BTreeSet<String> = req.resource_names.into_iter().collect();
         let (mut count, mut bytes) = (names.len(), names.iter().map(String::len).sum::<usize>());
-        for (t, other) in &self.subs {
+        for (t, other) in &s.subs {
             if *t != type_url {
                 count += other.names.len();
                 bytes += other.names.iter().map(String::len).sum::<usize>();
             }
         }
         super::check_stream("DiscoveryRequest.resource_names", count, bytes)?;
-        let sub = self.subs.entry(type_url.clone()).or_default();
+        let ctx = s.ctx.clone();
+        let sub = s.subs.entry(type_url.clone()).or_default();
         let wildcard = (first || sub.wildcard)
             && names.is_empty()
             && matches!(type_url.as_str(), resources::LISTENER | resources::CLUSTER);
@@ -158,145 +113,42 @@ impl Stream {
         }
         sub.names = names;
         sub.wildcard = wildcard;
+        let mut resumed = None;
         if first && !req.version_info.is_empty() && req.response_nonce.is_empty() {
             // A reconnecting client says what it holds: resume from there.
-            let (_, version) = resources_for(&self.ctx, &type_url, &sub.names, sub.wildcard);
+            let (_, version) = resources_for(&ctx, &type_url, &sub.names, sub.wildcard);
             if content(&version) == content(&req.version_info) {
-                sub.version = Some(version.clone());
-                let mut st = self.reg.state.lock();
-                let t = st.types.entry(type_url.clone()).or_default();
-                t.acked_version = version;
+                sub.held = Some(version.clone());
+                resumed = Some(version);
             }
         }
-        {
-            let (names, wildcard) = (sub.names.clone(), sub.wildcard);
-            let mut st = self.reg.state.lock();
-            let t = st.types.entry(type_url.clone()).or_default();
-            t.names = names;
-            t.wildcard = wildcard;
+        if let Some(version) = &resumed {
+            s.client_type(&type_url, |t| t.acked_version = version.clone());
         }
-        self.refollow();
+        s.subscribed(&type_url);
+        s.refollow();
         // A resumed type whose state matches is pushed only when it changes.
-        let resumed = self
-            .subs
-            .get(&type_url)
-            .is_some_and(|s| first && s.version.is_some());
-        Ok((!resumed).then_some(type_url))
+        Ok(resumed.is_none().then_some(type_url))
     }
 
-    /// Sends the type's resources if they differ from the last response.
-    async fn push(&mut self, type_url: &str, force: bool) -> bool {
-        let Some(sub) = self.subs.get(type_url) else {
-            return true;
-        };
-        let (resources, version) = resources_for(&self.ctx, type_url, &sub.names, sub.wildcard);
+    /// The type's resources if they differ from the last response (or `force`).
+    fn response(s: &mut Core<Self>, type_url: &str, force: bool) -> Option<DiscoveryResponse> {
+        let sub = s.subs.get(type_url)?;
+        let (resources, version) = resources_for(&s.ctx, type_url, &sub.names, sub.wildcard);
         // Same content: nothing to send (a newer revision alone changes nothing for the client).
-        if !force && sub.version.as_deref().map(content) == Some(content(&version)) {
-            return true;
+        if !force && sub.held.as_deref().map(content) == Some(content(&version)) {
+            return None;
         }
-        self.next_nonce += 1;
-        let nonce = self.next_nonce.to_string();
-        if let Some(sub) = self.subs.get_mut(type_url) {
-            sub.version = Some(version.clone());
-            sub.nonce = nonce.clone();
+        if let Some(sub) = s.subs.get_mut(type_url) {
+            sub.held = Some(version.clone());
         }
-        {
-            let mut st = self.reg.state.lock();
-            let t = st.types.entry(type_url.to_owned()).or_default();
-            t.sent_version = version.clone();
-            t.sent_nonce = nonce.clone();
-            t.responses += 1;
-        }
-        self.ctx.metrics.xds().response(type_url);
-        let response = DiscoveryResponse {
+        let nonce = s.sent(type_url, &version);
+        Some(DiscoveryResponse {
             version_info: version,
             resources: resources.iter().map(|b| b.any.clone()).collect(),
             type_url: type_url.to_owned(),
             nonce,
             ..Default::default()
-        };
-        self.tx.send(Ok(response)).await.is_ok()
+        })
     }
-}
-
-/// Serves one SotW stream until the client ends it, it fails, or the server shuts down.
-pub(crate) async fn run(
-    ctx: Arc<Context>,
-    peer: String,
-    mut requests: tonic::Streaming<DiscoveryRequest>,
-    tx: Tx,
-) {
-    ctx.metrics.xds().streams(1);
-    let reg = ctx.clients.register("sotw", peer);
-    let followed = Followed::new(ctx.cache.clone());
-    let waker = followed.waker().clone();
-    let mut services = ctx.cache.services_changed();
-    let mut shutdown = ctx.shutdown.clone();
-    let mut readiness = ctx.readiness.clone();
-    let mut s = Stream {
-        ctx: ctx.clone(),
-        reg,
-        subs: HashMap::new(),
-        followed,
-        next_nonce: 0,
-        tx,
-        log: crate::log_limit::LogLimiter::default(),
-    };
-    loop {
-        // (type, force): a (re)subscription always gets an answer; a wake-up only a change.
-        let mut pending: Vec<(String, bool)> = Vec::new();
-        tokio::select! {
-            req = requests.next() => match req {
-                Some(Ok(req)) => match not_behind(&ctx, claim(&req.version_info, ctx.cache.epoch()))
-                    .await
-                    .and_then(|()| s.request(req))
-                {
-                    Ok(Some(t)) => pending.push((t, true)),
-                    Ok(None) => {}
-                    Err(status) => {
-                        let _ = s.tx.send(Err(status)).await;
-                        break;
-                    }
-                },
-                Some(Err(status)) => {
-                    tracing::debug!(code = ?status.code(), "xds: stream failed");
-                    if let Some(status) = super::request_error("DiscoveryRequest", &status) {
-                        let _ = s.tx.send(Err(status)).await;
-                    }
-                    break;
-                }
-                None => break,
-            },
-            _ = waker.notified() => {
-                waker.take_dirty();
-                pending.extend(s.subs.keys().map(|k| (k.clone(), false)));
-            }
-            r = services.changed(), if s.wildcard() => {
-                if r.is_err() { break; }
-                s.refollow();
-                pending.extend(
-                    s.subs.iter().filter(|(_, v)| v.wildcard).map(|(k, _)| (k.clone(), false)),
-                );
-            }
-            _ = crate::shutdown::stopped(&mut shutdown) => {
-                let _ = s.tx.send(Err(tonic::Status::unavailable("dlbd is shutting down"))).await;
-                break;
-            }
-            () = readiness.going_away() => {
-                let status = tonic::Status::unavailable(crate::readiness::NOT_SYNCED);
-                let _ = s.tx.send(Err(status)).await;
-                break;
-            }
-        }
-        let mut ok = true;
-        for (t, force) in pending {
-            ok &= s.push(&t, force).await;
-        }
-        if !ok {
-            break;
-        }
-    }
-    super::finish_log(&s.reg.state, &mut s.log);
-    drop(s);
-    ctx.metrics.xds().streams(-1);
 }
