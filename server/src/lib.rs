@@ -46,6 +46,7 @@ pub mod config;
 pub mod discovery;
 pub mod dns;
 mod error;
+pub mod etcd;
 pub mod health;
 pub mod leases;
 mod listing;

@@ -46,12 +46,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use dlb::{model, proto};
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, KvClient, Txn, TxnOp,
-    WatchClient, WatchOptions, WatchStream,
+    Compare, CompareOp, GetOptions, KeyValue, KvClient, Txn, TxnOp, WatchClient, WatchOptions,
+    WatchStream,
 };
 use futures::future::BoxFuture;
 use futures::stream::{self, BoxStream, StreamExt};
@@ -63,7 +62,7 @@ use super::plan::{check_service_quota, plan, ServiceState};
 use super::{
     Applied, Change, Mutation, Servers, ServiceSnapshot, Store, StoreSnapshot, WatchEvent,
 };
-use crate::config::EtcdConfig;
+use crate::etcd::EtcdConfig;
 use crate::Error;
 
 /// Keys read per range request (a snapshot reads page by page at one revision).
@@ -167,7 +166,7 @@ fn etcd(e: etcd_client::Error) -> Error {
         }
         _ => "",
     };
-    crate::store::etcd_error("etcd", &e, hint)
+    crate::etcd::etcd_error("etcd", &e, hint)
 }
 
 fn is_compacted(e: &etcd_client::Error) -> bool {
@@ -242,43 +241,6 @@ impl std::fmt::Debug for EtcdStore {
     }
 }
 
-/// Opens one of `dlbd`'s etcd connections (the store, the replica membership and the leases
-/// each have their own): `config`'s endpoints, a 5 s connect timeout, `timeout` per request,
-/// HTTP/2 keepalive pings every `keep_alive.0` (answer within `keep_alive.1`) even while idle,
-/// and `require_leader`, so a member cut off from its leader answers with an error instead of
-/// stale reads and silent watches. Requests go only to endpoints that are connected
-/// ([`super::etcd_channel`]), so a dead member of a cluster fails none.
-pub(crate) async fn connect(
-    config: &EtcdConfig,
-    timeout: Duration,
-    keep_alive: (Duration, Duration),
-) -> Result<Client, etcd_client::Error> {
-    let mut options = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(5))
-        .with_timeout(timeout)
-        .with_keep_alive(keep_alive.0, keep_alive.1)
-        .with_keep_alive_while_idle(true)
-        .with_require_leader(true);
-    if let Some(tls) = &config.tls {
-        let mut t = etcd_client::TlsOptions::new()
-            .ca_certificate(etcd_client::Certificate::from_pem(&tls.ca_pem));
-        if let Some((cert, key)) = &tls.identity {
-            t = t.identity(etcd_client::Identity::from_pem(cert, key));
-        }
-        options = options.with_tls(t);
-    }
-    Client::connect_with_balanced_channel(
-        &config.endpoints,
-        Some(options),
-        super::etcd_channel::UpLinks,
-    )
-    .await
-}
-
-/// The keepalive of the store's and the leases' connections.
-pub(crate) const KEEP_ALIVE: (Duration, Duration) =
-    (Duration::from_secs(10), Duration::from_secs(5));
-
 impl EtcdStore {
     /// Connects to etcd and reads (or, first of all replicas, creates) the epoch. Fails when no
     /// endpoint answers within the connect timeout.
@@ -286,7 +248,7 @@ impl EtcdStore {
         if config.endpoints.is_empty() {
             return Err(Error::Storage("etcd: no endpoints given".into()));
         }
-        let client = connect(config, config.timeout, KEEP_ALIVE)
+        let client = crate::etcd::connect(config, config.timeout, crate::etcd::KEEP_ALIVE)
             .await
             .map_err(etcd)?;
         let kv = client
