@@ -3,8 +3,8 @@
 //! (`crate::leases::etcd`) share: where etcd is ([`EtcdConfig`], plain data, present with or
 //! without the `etcd` feature), and with the feature, the one function that opens a connection
 //! (TLS, timeouts, keepalives, `require_leader`), the balanced channel under it
-//! ([`channel`]: requests only on connected members) and how an etcd error becomes a dlbd
-//! [`Error`](crate::error::Error) ([`etcd_error`]).
+//! (`channel.rs`: requests only on connected members) and how an etcd error becomes a dlbd
+//! [`Error`](crate::Error) (`etcd_error`).
 //!
 //! This module depends on nothing of the server but its error type; the subsystems that talk to
 //! etcd depend on it.
@@ -33,7 +33,7 @@ pub(crate) const KEEP_ALIVE: (Duration, Duration) =
 /// request, HTTP/2 keepalive pings every `keep_alive.0` (answer within `keep_alive.1`) even
 /// while idle, and `require_leader`, so a member cut off from its leader answers with an error
 /// instead of stale reads and silent watches. Requests go only to endpoints that are connected
-/// ([`channel`]), so a dead member of a cluster fails none.
+/// (`channel.rs`), so a dead member of a cluster fails none.
 #[cfg(feature = "etcd")]
 pub(crate) async fn connect(
     config: &EtcdConfig,
