@@ -56,11 +56,6 @@ pub mod membership;
 pub mod metrics;
 // Issue 9 (outlier detection, panic, global least connections, request metrics).
 pub mod circuits;
-mod config_adaptive;
-mod config_call;
-mod config_health;
-mod config_input;
-mod config_sdk_health;
 pub mod global_load;
 pub mod health_metrics;
 pub mod outlier;
