@@ -1,4 +1,6 @@
-//! The crate's error type and its single conversion to a gRPC status.
+//! The crate's error types — [`Error`], and [`ConfigError`] (a configuration that could not be
+//! loaded; [`Error::Config`] wraps it, `config` re-exports it) — and the single conversion to a
+//! gRPC status.
 //!
 //! Handlers return [`Error`]; the one `impl From<Error> for tonic::Status` at the edge decides
 //! the code: malformed input ⇒ `INVALID_ARGUMENT` (the message is the `ValidationError`'s

@@ -1,7 +1,7 @@
 //! The etcd connection that the etcd store (`store::EtcdStore`), the replica membership
 //! (`replicas::etcd`) and the self-registration leases (`leases::etcd`) share: where etcd is
 //! ([`EtcdConfig`], plain data, present with or without the `etcd` feature), and with the
-//! feature, the one function that opens a connection ([`connect`]: TLS, timeouts, keepalives,
+//! feature, the one function that opens a connection (`connect`: TLS, timeouts, keepalives,
 //! `require_leader`), the balanced channel under it (`channel.rs`: requests only on connected
 //! members) and how an etcd error becomes a dlbd [`Error`](crate::Error) (`error.rs`).
 //!

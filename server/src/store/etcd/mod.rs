@@ -8,7 +8,7 @@
 //! |---|---|
 //! | `<prefix>/epoch` | the epoch, decimal; created once by a create-if-absent txn |
 //! | `<prefix>/services` | how many services exist, decimal (the services quota) |
-//! | `<prefix>/svc/<service>/meta` | [`Meta`](keys::Meta): the policy and what a watcher needs to rebuild the [`Change`](super::Change) |
+//! | `<prefix>/svc/<service>/meta` | `Meta` (`keys.rs`): the policy and what a watcher needs to rebuild the [`Change`](super::Change) |
 //! | `<prefix>/svc/<service>/srv/<server_id>` | the protobuf-encoded `proto::Server` record |
 //!
 //! * **Versions are etcd revisions.** Every [`Store::apply`] that changes something is one etcd
@@ -20,7 +20,7 @@
 //!   re-plans: a batch without `expected_version` is retried on the new state (so `Add` of an id
 //!   another replica just added fails with `ALREADY_EXISTS`), one with a stale
 //!   `expected_version` fails with [`Error::VersionMismatch`]. The semantics of a batch are
-//!   [`plan`](super::plan)'s, shared with the in-process stores.
+//!   `plan`'s, shared with the in-process stores.
 //! * **Epoch.** Read from `<prefix>/epoch`, which the first store to connect creates with a
 //!   random non-zero value: every replica on one etcd and prefix reports the same epoch.
 //! * **Watch.** An etcd watch on `<prefix>/svc/` from the requested revision; etcd delivers the
