@@ -45,17 +45,12 @@ mod app;
 pub mod cache;
 pub mod config;
 mod error;
+pub mod etcd;
 pub mod health;
 mod listing;
 pub mod log_limit;
 pub mod membership;
 pub mod metrics;
-// Issue 9 (outlier detection, panic, global least connections, request metrics).
-mod config_adaptive;
-mod config_call;
-mod config_health;
-mod config_input;
-mod config_sdk_health;
 pub mod pickers;
 pub mod readiness;
 pub mod replicas;

@@ -59,7 +59,7 @@ use super::progress::{check_progress, set_contact};
 pub use super::progress::{PROGRESS_EVERY, PROGRESS_TIMEOUT};
 use super::Batch;
 use super::{forwarding, Coordination, Members};
-use crate::config::EtcdConfig;
+use crate::etcd::EtcdConfig;
 use crate::Error;
 
 /// Default membership lease TTL.
@@ -68,7 +68,7 @@ const MIN_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 fn etcd(e: etcd_client::Error) -> Error {
-    crate::store::etcd_error("etcd (replica membership)", &e, "")
+    crate::etcd::etcd_error("etcd (replica membership)", &e, "")
 }
 
 /// Membership through etcd. See the module docs.
@@ -250,7 +250,7 @@ impl EtcdCoordination {
         // Requests and pings bounded by the TTL: a replica cut off notices before its key expires.
         let timeout = config.timeout.min(ttl.max(Duration::from_secs(1)));
         let keep_alive = (Duration::from_secs(2), Duration::from_secs(2));
-        let client = crate::store::etcd::connect(config, timeout, keep_alive)
+        let client = crate::etcd::connect(config, timeout, keep_alive)
             .await
             .map_err(etcd)?;
         let prefix = format!("{}/replicas/", config.prefix.trim_end_matches('/'));
