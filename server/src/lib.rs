@@ -57,7 +57,6 @@ pub mod replicas;
 pub mod reports;
 mod shutdown;
 pub mod store;
-pub mod xds;
 
 pub use app::{spawn, spawn_with_store, RunningServer, ETCD_SUPPORTED, HEALTH_SERVICES};
 pub use config::{

@@ -21,6 +21,7 @@ pub mod membership;
 pub mod reflection;
 pub mod registry;
 pub mod status_layer;
+pub mod xds;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;

@@ -68,7 +68,6 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::cache::Cache;
-use crate::metrics::Metrics;
 pub use clients::XdsClients;
 
 /// Capacity of a stream's outbound queue (responses are full states: a few suffice).
@@ -120,7 +119,7 @@ fn by_type(type_url: &str) -> Vec<(String, String)> {
     )]
 }
 
-/// The xDS metrics (registered in the control plane's registry by [`Metrics`]).
+/// The xDS metrics (registered in the control plane's one registry at start).
 #[derive(Debug, Clone, Default)]
 pub struct XdsMetrics {
     streams: Gauge,
@@ -212,7 +211,7 @@ pub(crate) fn claim(version: &str, epoch: u64) -> Option<u64> {
 #[derive(Debug)]
 pub(crate) struct Context {
     pub cache: Arc<Cache>,
-    pub metrics: Arc<Metrics>,
+    pub metrics: XdsMetrics,
     pub clients: Arc<XdsClients>,
     pub shutdown: watch::Receiver<bool>,
     /// Most ADS streams open at once (`ServerConfig::max_sessions`).
@@ -261,7 +260,7 @@ impl XdsService {
     /// every stream when `shutdown` becomes `true`; at most `max_streams` streams at once.
     pub fn new(
         cache: Arc<Cache>,
-        metrics: Arc<Metrics>,
+        metrics: XdsMetrics,
         clients: Arc<XdsClients>,
         shutdown: watch::Receiver<bool>,
         max_streams: usize,

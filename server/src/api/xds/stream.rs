@@ -149,7 +149,7 @@ impl<V: Variant> Core<V> {
             t.sent_nonce = nonce.clone();
             t.responses += 1;
         });
-        self.ctx.metrics.xds().response(type_url);
+        self.ctx.metrics.response(type_url);
         nonce
     }
 
@@ -184,7 +184,7 @@ impl<V: Variant> Core<V> {
             });
             st.node_id.clone()
         };
-        self.ctx.metrics.xds().nack(type_url);
+        self.ctx.metrics.nack(type_url);
         // Rate-limited per stream: a client NACKing in a loop costs a few lines per window.
         let Some(suppressed) = self.log.check() else {
             return;
@@ -217,7 +217,7 @@ pub(crate) async fn run<V: Variant>(
     mut requests: tonic::Streaming<V::Request>,
     tx: mpsc::Sender<Result<V::Response, tonic::Status>>,
 ) {
-    ctx.metrics.xds().streams(1);
+    ctx.metrics.streams(1);
     let followed = Followed::new(ctx.cache.clone());
     let waker = followed.waker().clone();
     let mut s = Core::<V> {
@@ -293,7 +293,7 @@ pub(crate) async fn run<V: Variant>(
     }
     s.finish_log();
     drop(s);
-    ctx.metrics.xds().streams(-1);
+    ctx.metrics.streams(-1);
 }
 
 /// Never back in time: when a client claims (by the versions it holds, same epoch) a revision
