@@ -67,9 +67,3 @@ impl Shutdown {
         self.tracker.len()
     }
 }
-
-/// Resolves once a `watch` flag turns `true` (or its sender is gone): the form xDS still awaits
-/// (its streams move to [`Shutdown`] with its rewrite).
-pub(crate) async fn stopped(flag: &mut tokio::sync::watch::Receiver<bool>) {
-    let _ = flag.wait_for(|s| *s).await;
-}

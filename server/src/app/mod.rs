@@ -13,15 +13,14 @@ use std::sync::Arc;
 use dlb::proto::registry_server::RegistryServer;
 use dlb::wire::discovery_server::DiscoveryServer;
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 
-use crate::api::{auth, membership::MembershipService, reflection, status_layer};
+use crate::api::{auth, membership::MembershipService, reflection, status_layer, xds};
 use crate::config::ServerConfig;
 use crate::membership::dns;
 use crate::shutdown::Shutdown;
 use crate::Error;
-use crate::{health, metrics, pickers, readiness, replicas, reports, xds};
+use crate::{health, metrics, pickers, readiness, replicas, reports};
 
 use crate::api::discovery::DiscoveryService;
 use crate::api::registry::RegistryService;
@@ -160,7 +159,9 @@ async fn start(
         None => None,
     };
 
-    let metrics = Arc::new(Metrics::with_per_backend(config.per_backend_metrics));
+    let mut metrics = Metrics::with_per_backend(config.per_backend_metrics);
+    let xds_metrics = metrics.register_part(xds::XdsMetrics::register);
+    let metrics = Arc::new(metrics);
     let cache = Arc::new(Cache::new(store.epoch(), config.history_size));
     // The cache is loaded before anything is served: a session's first catch-up sees the state.
     let initial = store.snapshot().await?;
@@ -280,15 +281,6 @@ async fn start(
     let reflection = reflection::v1::wrap(reflection_builder().build_v1()?, shutdown.clone());
     let reflection_v1alpha =
         reflection::v1alpha::wrap(reflection_builder().build_v1alpha()?, shutdown.clone());
-    // xDS still awaits a `watch` flag: it turns `true` when the shutdown starts.
-    let (xds_stop_tx, xds_stop) = watch::channel(false);
-    shutdown.spawn({
-        let shutdown = shutdown.clone();
-        async move {
-            shutdown.stopped().await;
-            let _ = xds_stop_tx.send(true);
-        }
-    });
 
     let xds_clients = Arc::new(xds::XdsClients::default());
     let mut builder = tonic::transport::Server::builder();
@@ -323,9 +315,9 @@ async fn start(
         .add_service(
             xds::XdsService::new(
                 cache.clone(),
-                metrics.clone(),
+                xds_metrics,
                 xds_clients.clone(),
-                xds_stop,
+                shutdown.clone(),
                 config.max_sessions,
             )
             .with_readiness(readiness.clone())

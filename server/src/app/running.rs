@@ -8,11 +8,12 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::HEALTH_SERVICES;
+use crate::api::xds;
 use crate::api::Shared;
 use crate::cache::Cache;
 use crate::shutdown::Shutdown;
 use crate::store::Store;
-use crate::{health, readiness, replicas, xds, Error};
+use crate::{health, readiness, replicas, Error};
 
 /// A running control plane. Dropping it starts a graceful shutdown in the background;
 /// [`RunningServer::shutdown`] does the same and waits for it.
