@@ -5,6 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod common;
+#[cfg(feature = "etcd")]
+mod etcd_support;
 mod fake_dns;
 
 use std::net::SocketAddr;
@@ -15,7 +17,7 @@ use std::time::Duration;
 use common::*;
 use dlb::proto::{self, membership_client::MembershipClient};
 use dlb_server::membership::dns::{DnsConfig, DnsDeclaration};
-use dlb_server::{RunningServer, ServerConfig};
+use dlb_server::{RunningServer, ServerConfig, StoreConfig};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
@@ -206,12 +208,36 @@ fn runtime() -> Runtime {
 
 #[test]
 fn no_task_of_a_stopped_server_stays_alive() {
-    // The server's own runtime: only its tasks run there. The test's clients, backend and name
-    // server run on another one.
+    starts_and_stops(|| async { (StoreConfig::Memory, Box::new(()) as Box<dyn Send>) });
+}
+
+/// The same on etcd: the replica set's tasks (membership, progress checks, the forwarded sums'
+/// receiver) and the leases' expiry run too. The etcd clients' own connection tasks end with
+/// the clients.
+#[cfg(feature = "etcd")]
+#[test]
+fn no_task_of_a_stopped_etcd_replica_stays_alive() {
+    starts_and_stops(|| async {
+        let etcd = etcd_support::Etcd::start().await;
+        let store = StoreConfig::Etcd(etcd.config("/tasks"));
+        (store, Box::new(etcd) as Box<dyn Send>)
+    });
+}
+
+/// Starts a full server on `store` (made on the test's runtime, with whatever must live as long
+/// as the test), exercises it, stops it and waits for its runtime to have no task alive.
+fn starts_and_stops<F, Fut>(store: F)
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = (StoreConfig, Box<dyn Send>)>,
+{
+    // The server's own runtime: only its tasks run there. The test's clients, backend, name
+    // server (and etcd) run on another one.
     let server_rt = runtime();
     let test_rt = runtime();
     let server_handle = server_rt.handle().clone();
     test_rt.block_on(async move {
+        let (store, keep) = store().await;
         let backend = HttpBackend::start().await;
         let dns = FakeDns::start().await;
         dns.set("web.test", &["127.0.0.1"]);
@@ -233,6 +259,7 @@ fn no_task_of_a_stopped_server_stays_alive() {
                 attempts: 1,
                 ..DnsConfig::default()
             },
+            store,
             ..Default::default()
         };
         let server = server_handle
@@ -264,6 +291,7 @@ fn no_task_of_a_stopped_server_stays_alive() {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        drop(keep);
     });
     drop(test_rt);
     drop(server_rt);
