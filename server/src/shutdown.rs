@@ -61,9 +61,4 @@ impl Shutdown {
         self.tracker.close();
         self.tracker.wait().await;
     }
-
-    /// How many tracked tasks are alive now.
-    pub fn tasks(&self) -> usize {
-        self.tracker.len()
-    }
 }

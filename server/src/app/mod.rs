@@ -93,8 +93,9 @@ pub async fn serve(config: ServerConfig, listeners: Listeners) -> Result<Running
     stop_on_error(started, &shutdown).await
 }
 
-/// Like [`spawn`], on a given store. See [`open::apply_config`] for how the configured services
-/// meet the stored state. The replica is alone ([`replicas::Single`]).
+/// Like [`spawn`], on a given store. The configured services meet the stored state as
+/// declarative writes (a no-op when the store already matches; backends registered through the
+/// API and runtime state are kept). The replica is alone ([`replicas::Single`]).
 pub async fn spawn_with_store(
     config: ServerConfig,
     store: Arc<dyn Store>,
@@ -193,7 +194,7 @@ async fn start(
         Arc::new(Pickers::new()),
         Arc::new(reports::loads::LoadTracker::new()),
     );
-    let (health, _health_task) = health::start(
+    let health = health::start(
         cache.clone(),
         store.clone(),
         Arc::new(health::active::probe::NetProber),

@@ -36,7 +36,6 @@ use std::sync::Arc;
 
 use dlb::{model, proto};
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
 
 use crate::cache::Cache;
 use crate::store::Store;
@@ -130,17 +129,17 @@ pub(crate) fn start(
     metrics: metrics::HealthMetrics,
     share: crate::replicas::Share,
     shutdown: &crate::shutdown::Shutdown,
-) -> (HealthHandle, JoinHandle<()>) {
+) -> HealthHandle {
     let (commands, commands_rx) = mpsc::channel(1024);
     let (writes, writes_rx) = mpsc::unbounded_channel();
     let checker = Checker::new(cache, prober, max_in_flight, metrics, writes, share);
     let writer = shutdown.spawn(writer::run(store, writes_rx, shutdown.stopped_owned()));
     let stopped = shutdown.stopped_owned();
-    let task = shutdown.spawn(async move {
+    shutdown.spawn(async move {
         checker.run(commands_rx, stopped).await;
         let _ = writer.await;
     });
-    (HealthHandle { commands }, task)
+    HealthHandle { commands }
 }
 
 /// Whether `service`'s policy, as cached now, has an active health check.
