@@ -4,7 +4,7 @@
 //! Each `Session` call spawns one task that owns all of the session's state (which services it
 //! follows and the version each was last brought to) — no locks. The task `select!`s over
 //! three inputs: the client's messages, its cache [`Waker`] (woken only when a service *it
-//! follows* changes), and the shutdown flag.
+//! follows* changes), and the shutdown signal.
 //!
 //! * **First message** must be a `Subscribe`; anything else ends the stream with
 //!   `INVALID_ARGUMENT`. For each service: a full snapshot, or a delta when the client's
