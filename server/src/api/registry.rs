@@ -16,6 +16,7 @@ use dlb::proto::{self, registry_server::Registry};
 use tonic::{Request, Response, Status};
 
 use crate::api::Shared;
+use crate::health::sources;
 use crate::store::{Applied, Mutation, ServerPatch};
 use crate::Error;
 
@@ -142,21 +143,18 @@ impl RegistryService {
         })
     }
 
+    /// Applies one update of backend `server_id` (`update` builds it from the checked id).
     async fn patch(
         &self,
         service: &str,
         server_id: &str,
-        patch: ServerPatch,
+        update: impl FnOnce(&str) -> Mutation,
         expected_version: Option<u64>,
     ) -> Result<proto::ServerResponse, Error> {
         let service = model::resolve_service(service)?.to_owned();
         model::validate_server_id(server_id)?;
         let applied = self
-            .apply(
-                &service,
-                vec![Mutation::Update(server_id.to_owned(), patch)],
-                expected_version,
-            )
+            .apply(&service, vec![update(server_id)], expected_version)
             .await?;
         if applied.changed {
             tracing::info!(
@@ -196,7 +194,8 @@ impl RegistryService {
             metadata: req.replace_metadata.then_some(req.metadata),
             ..Default::default()
         };
-        self.patch(&req.service, &req.server_id, patch, req.expected_version)
+        let update = |id: &str| Mutation::Update(id.to_owned(), patch);
+        self.patch(&req.service, &req.server_id, update, req.expected_version)
             .await
     }
 
@@ -212,11 +211,8 @@ impl RegistryService {
         {
             return Ok(r);
         }
-        let patch = ServerPatch {
-            admin: Some(verdict),
-            ..Default::default()
-        };
-        self.patch(&req.service, &req.server_id, patch, None).await
+        let admin = |id: &str| sources::admin(id, verdict);
+        self.patch(&req.service, &req.server_id, admin, None).await
     }
 
     async fn list_servers(
