@@ -427,6 +427,27 @@ pub fn validate_policy(policy: &proto::Policy) -> Result<(), ValidationError> {
     crate::health_policy::validate(policy)
 }
 
+/// Checks a policy as `SetPolicy` writes it and returns it as it would be stored:
+/// `ALGORITHM_UNSPECIFIED` keeps `stored`, the service's current algorithm. A caller that does
+/// not know it (`None`: a client's pre-check) substitutes one that accepts the other fields, so
+/// only their own ranges are checked; the store, which knows it, checks the combination. The
+/// one check of a policy write: the client calls it before sending, the store's plan on commit.
+pub fn validate_policy_write(
+    policy: &proto::Policy,
+    stored: Option<i32>,
+) -> Result<proto::Policy, ValidationError> {
+    let mut p = policy.clone();
+    if p.algorithm == proto::Algorithm::Unspecified as i32 {
+        p.algorithm = stored.unwrap_or(if p.bounded_load_factor != 0.0 {
+            proto::Algorithm::Maglev as i32
+        } else {
+            proto::Algorithm::RoundRobin as i32
+        });
+    }
+    validate_policy(&p)?;
+    Ok(p)
+}
+
 /// Converts a stored (validated) policy to the picker's configuration.
 pub fn policy_config(policy: &proto::Policy) -> PolicyConfig {
     let algorithm = match proto::Algorithm::try_from(policy.algorithm) {
@@ -699,5 +720,35 @@ mod tests {
         assert_eq!(validate_update(&u).unwrap_err().field, "weight");
         u.server_id = String::new();
         assert_eq!(validate_update(&u).unwrap_err().field, "server_id");
+    }
+
+    #[test]
+    fn a_policy_write_keeps_the_stored_algorithm_when_it_names_none() {
+        let bounded = proto::Policy {
+            bounded_load_factor: 1.25,
+            ..Default::default()
+        };
+        let rr = proto::Algorithm::RoundRobin as i32;
+        let maglev = proto::Algorithm::Maglev as i32;
+        // The store knows the algorithm: bounded load on round robin is refused.
+        let e = validate_policy_write(&bounded, Some(rr)).unwrap_err();
+        assert_eq!(e.field, "policy.bounded_load_factor");
+        let p = validate_policy_write(&bounded, Some(maglev)).expect("valid on maglev");
+        assert_eq!(p.algorithm, maglev);
+        // A client does not: only the field's own range is checked.
+        assert!(validate_policy_write(&bounded, None).is_ok());
+        let out_of_range = proto::Policy {
+            bounded_load_factor: 0.5,
+            ..Default::default()
+        };
+        assert!(validate_policy_write(&out_of_range, None).is_err());
+        // A named algorithm is kept and checked as it is.
+        let named = proto::Policy {
+            algorithm: rr,
+            bounded_load_factor: 1.25,
+            ..Default::default()
+        };
+        assert!(validate_policy_write(&named, Some(maglev)).is_err());
+        assert!(validate_policy_write(&proto::Policy::default(), None).is_ok());
     }
 }

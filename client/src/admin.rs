@@ -146,19 +146,11 @@ impl ServerUpdate {
 }
 
 /// Validates a policy as sent by `SetPolicy`: like [`model::validate_policy`], except that
-/// `ALGORITHM_UNSPECIFIED` ("keep the current algorithm") is accepted.
+/// `ALGORITHM_UNSPECIFIED` ("keep the current algorithm") is accepted
+/// ([`model::validate_policy_write`], the check the server's store applies, without the stored
+/// algorithm: the server checks the combination).
 pub fn validate_policy_request(policy: &proto::Policy) -> Result<()> {
-    let mut p = policy.clone();
-    if p.algorithm == proto::Algorithm::Unspecified as i32 {
-        // The stored algorithm is unknown here; substitute one that accepts the other fields so
-        // that only their own ranges are checked. The server checks the combination.
-        p.algorithm = if p.bounded_load_factor != 0.0 {
-            proto::Algorithm::Maglev as i32
-        } else {
-            proto::Algorithm::RoundRobin as i32
-        };
-    }
-    model::validate_policy(&p)?;
+    model::validate_policy_write(policy, None)?;
     Ok(())
 }
 

@@ -269,12 +269,7 @@ pub(crate) fn plan(
                 return Err(Error::Task("RemoveService is planned apart".into()));
             }
             Mutation::SetPolicy(policy) => {
-                let mut policy = policy.clone();
-                if policy.algorithm == proto::Algorithm::Unspecified as i32 {
-                    policy.algorithm = state.policy.algorithm;
-                }
-                model::validate_policy(&policy)?;
-                state.policy = policy;
+                state.policy = model::validate_policy_write(policy, Some(state.policy.algorithm))?;
                 created_service |= !exists;
             }
         }
