@@ -12,6 +12,9 @@
 //! | outlier | the passive task's ejections and returns               | [`ejected`], [`returned`] |
 //! | latency | the passive task's adaptive-weight decisions           | [`latency`]         |
 //!
+//! A new backend starts with admin `HEALTHY` and the other slots unset: the store's plan sets
+//! that when it creates the record (the store does not depend on this module).
+//!
 //! The rules: every `detail` is cut to `dlb::sources::MAX_DETAIL_LEN` bytes (at a character
 //! boundary) before it is written, so no source's write is refused for its length; a probe that
 //! has no verdict (unknown, or its check was removed) writes an empty state; a returned backend's
