@@ -58,8 +58,8 @@ pub(crate) fn probe_state(verdict: proto::Verdict, detail: &str) -> proto::Sourc
     }
 }
 
-/// The probe slot of backend `id` set to `state` (from [`probe_state`], or the default, empty
-/// state that clears a verdict whose check is gone).
+/// The probe slot of backend `id` set to `state` (from [`probe_state`]; `UNSET` with no detail
+/// clears a verdict whose check is gone).
 pub(crate) fn probe(id: &str, state: &proto::SourceState) -> Mutation {
     update(
         id,
