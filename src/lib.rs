@@ -24,9 +24,12 @@
 //! * [`adaptive`] — adaptive weights: the pure decision that lowers a slow backend's share, and
 //!   its application to picker inputs;
 //! * [`call`] — the SDK call path's policy (retries, retry budget, hedging, Peak-EWMA tuning)
-//!   and its runtime-free pieces: the retry budget and the latency percentile tracker.
+//!   and its runtime-free pieces: the retry budget and the latency percentile tracker;
+//! * [`backoff`] — capped exponential backoff (optionally jittered), the one schedule every
+//!   retry loop of the server and the SDK waits by.
 
 pub mod adaptive;
+pub mod backoff;
 pub mod balance;
 pub mod call;
 pub mod circuit;

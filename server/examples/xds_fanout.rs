@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use dlb::proto::{self, registry_client::RegistryClient};
-use dlb_server::xds::resources::{CLUSTER, ENDPOINTS, LISTENER};
+use dlb_server::api::xds::resources::{CLUSTER, ENDPOINTS, LISTENER};
 use dlb_server::ServerConfig;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;

@@ -14,11 +14,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
-use crate::api::{auth, membership::MembershipService, reflection, status_layer};
+use crate::api::{auth, membership::MembershipService, reflection, status_layer, xds};
 use crate::config::{EtcdConfig, ServerConfig, StoreConfig};
 use crate::membership::{self, dns, leases};
 use crate::Error;
-use crate::{health, metrics, pickers, readiness, replicas, reports, store, xds};
+use crate::{health, metrics, pickers, readiness, replicas, reports, store};
 
 use crate::api::discovery::DiscoveryService;
 use crate::api::registry::RegistryService;
@@ -212,7 +212,9 @@ async fn start(
         None => None,
     };
 
-    let metrics = Arc::new(Metrics::with_per_backend(config.per_backend_metrics));
+    let mut metrics = Metrics::with_per_backend(config.per_backend_metrics);
+    let xds_metrics = metrics.register_part(xds::XdsMetrics::register);
+    let metrics = Arc::new(metrics);
     let cache = Arc::new(Cache::new(store.epoch(), config.history_size));
     // The cache is loaded before anything is served: a session's first catch-up sees the state.
     let initial = store.snapshot().await?;
@@ -373,7 +375,7 @@ async fn start(
         .add_service(
             xds::XdsService::new(
                 cache.clone(),
-                metrics.clone(),
+                xds_metrics,
                 xds_clients.clone(),
                 shutdown_rx.clone(),
                 config.max_sessions,

@@ -1,4 +1,6 @@
-//! The crate's error type and its single conversion to a gRPC status.
+//! The crate's error types — [`Error`], and [`ConfigError`] (a configuration that could not be
+//! loaded; [`Error::Config`] wraps it, `config` re-exports it) — and the single conversion to a
+//! gRPC status.
 //!
 //! Handlers return [`Error`]; the one `impl From<Error> for tonic::Status` at the edge decides
 //! the code: malformed input ⇒ `INVALID_ARGUMENT` (the message is the `ValidationError`'s
@@ -10,8 +12,6 @@ use std::net::SocketAddr;
 
 use dlb::balance::{BuildError, PickError};
 use dlb::model::ValidationError;
-
-use crate::config::ConfigError;
 
 /// A client-supplied name as it appears in an error: quoted, escaped, at most
 /// `dlb::model::MAX_QUOTED` bytes, with its length when cut.
@@ -153,6 +153,52 @@ impl From<Error> for tonic::Status {
             | Error::Reflection(_)
             | Error::Storage(_)
             | Error::Task(_) => tonic::Status::internal(msg),
+        }
+    }
+}
+
+/// A configuration that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        /// The file.
+        file: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// YAML syntax, unknown field or wrong type (serde_yaml's message names the field and
+    /// position).
+    #[error("{file}: {message}")]
+    Syntax {
+        /// The file.
+        file: String,
+        /// serde_yaml's message.
+        message: String,
+        /// 1-based line, when known.
+        line: Option<usize>,
+    },
+    /// A value that parses but is not valid.
+    #[error("{file}: {path}: {error}{}", .line.map(|l| format!(" (line {l})")).unwrap_or_default())]
+    Invalid {
+        /// The file.
+        file: String,
+        /// Path of the value, e.g. `services[0].backends[1].weight`.
+        path: String,
+        /// 1-based line, when found.
+        line: Option<usize>,
+        /// What is wrong (its Display is part of this error's).
+        error: Box<ValidationError>,
+    },
+}
+
+impl ConfigError {
+    /// The 1-based line of the error, when known.
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            Self::Read { .. } => None,
+            Self::Syntax { line, .. } | Self::Invalid { line, .. } => *line,
         }
     }
 }

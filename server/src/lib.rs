@@ -4,27 +4,34 @@
 //! `dlb.v1.Registry` (admin) and `dlb.v1.Discovery` (SDK sessions) gRPC services, the standard
 //! gRPC health and reflection services, and Prometheus metrics on a separate HTTP port.
 //!
-//! Parts:
+//! The tree, in dependency order (a module uses only those above it; `modgraph.py` checks it):
 //!
-//! * [`config`] — [`ServerConfig`] and its YAML form;
+//! * [`error`](Error) — [`Error`] and [`ConfigError`], and the one conversion to a gRPC status;
+//!   `shutdown` — the one shutdown signal every task awaits; `listing` and [`log_limit`] —
+//!   bounds on listing answers and on client-triggered log lines;
+//! * [`etcd`] — the etcd connection shared by the store, the replicas and the leases;
 //! * [`store`] — the versioned state: the [`store::Store`] contract (revisions, atomic batches
-//!   with compare-and-set, resumable watches) and its memory and embedded (redb) implementations;
+//!   with compare-and-set, resumable watches) and its memory, embedded (redb) and etcd
+//!   implementations;
 //! * [`cache`] — the protocol-neutral snapshot cache that follows the store: per-service
-//!   snapshots, bounded delta history and per-service watchers;
-//! * [`registry`] — the Registry RPCs; [`discovery`] — the DLB sessions, a thin front-end over
-//!   the cache;
-//! * [`membership`] — the Membership RPCs (automatic discovery): [`leases`] (self-registration
-//!   with a TTL, one task owning the deadlines) and [`dns`] (services that follow a DNS name);
-//! * [`auth`] — bearer tokens: who may write and who may read;
-//! * [`health`] — active health checks: probes, one state machine per backend, flap damping,
-//!   verdicts written to the probe source on transitions;
-//! * [`pickers`] — the server-side pickers `GetNextServer` answers from, one builder task per
-//!   service;
-//! * [`loads`] — in-flight sums from SDK load reports; [`metrics`] — Prometheus metrics;
-//! * [`readiness`] — whether this replica serves: its cache in step with the store;
+//!   snapshots, bounded delta history, per-service watchers;
 //! * [`replicas`] — the live replicas of a deployment ([`replicas::Coordination`]: alone, or
-//!   leased keys in etcd) and how per-backend work is split among them;
-//! * [`spawn`] / [`RunningServer`] — start and gracefully stop everything.
+//!   leased keys in etcd), leader election, how per-backend work is split among them;
+//! * [`reports`] — the SDKs' load reports coming in: in-flight sums, global least connections,
+//!   circuit states, the sums forwarded to the leader;
+//! * [`health`] — [`health::active`] probes and [`health::passive`] outlier detection and
+//!   adaptive weights, each written to its own health source;
+//! * [`membership`] — automatic discovery: [`membership::leases`] (self-registration) and
+//!   [`membership::dns`] (services that follow a DNS name);
+//! * [`readiness`] — whether this replica serves: its cache in step with the store;
+//! * [`metrics`] — the Prometheus registry and `/metrics`; [`pickers`] — the server-side
+//!   pickers `GetNextServer` answers from, one builder task per service;
+//! * [`api`] — the gRPC front-ends: Registry, Discovery sessions, Membership, health RPCs,
+//!   standard xDS, auth;
+//! * [`config`] — [`ServerConfig`] and its YAML form;
+//! * `app` — [`spawn`] / [`RunningServer`]: start and gracefully stop everything.
+//!
+//! `docs/architecture.md` walks a write from `dlbctl` to an SDK through these files.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), dlb_server::Error> {
@@ -45,24 +52,18 @@ mod app;
 pub mod cache;
 pub mod config;
 mod error;
+pub mod etcd;
 pub mod health;
 mod listing;
 pub mod log_limit;
 pub mod membership;
 pub mod metrics;
-// Issue 9 (outlier detection, panic, global least connections, request metrics).
-mod config_adaptive;
-mod config_call;
-mod config_health;
-mod config_input;
-mod config_sdk_health;
 pub mod pickers;
 pub mod readiness;
 pub mod replicas;
 pub mod reports;
 mod shutdown;
 pub mod store;
-pub mod xds;
 
 pub use app::{spawn, spawn_with_store, RunningServer, ETCD_SUPPORTED, HEALTH_SERVICES};
 pub use config::{

@@ -16,7 +16,7 @@
 //! | `dlb_sessions_lagging` | gauge | | (sessions whose outbound queue is full: not reading) |
 //! | `dlb_sessions_stalled_total` | counter | | (sessions cut for not reading past the deadline) |
 //! | `dlb_backend_in_flight` | gauge | `service`, `server_id` — only with per-backend metrics on |
-//! | `dlb_xds_streams` / `dlb_xds_nacks_total` | gauge / counter | — / `type` (see [`crate::xds::XdsMetrics`]) |
+//! | `dlb_xds_streams` / `dlb_xds_nacks_total` | gauge / counter | — / `type` (registered by the xDS front-end: `api::xds::XdsMetrics`) |
 //! | `dlb_ready` / `dlb_cache_revision` | gauge | | (see [`crate::readiness`]) |
 //!
 //! Per-backend series are opt-in ([`Metrics::with_per_backend`]): their exported ids per service
@@ -62,8 +62,6 @@ pub struct Metrics {
     per_backend: Option<PerBackend>,
     /// Request, outlier and panic metrics (see [`crate::health::passive::metrics`]).
     pub passive: crate::health::passive::metrics::HealthMetrics,
-    /// The xDS front-end's metrics.
-    xds: crate::xds::XdsMetrics,
     /// The health checker's series (see [`crate::health::active::metrics`]).
     pub health: crate::health::active::metrics::HealthMetrics,
     /// Automatic discovery: leases and DNS (see [`crate::membership::MembershipMetrics`]).
@@ -154,7 +152,6 @@ impl Metrics {
         });
         let membership = crate::membership::MembershipMetrics::registered(&mut registry);
         let health = crate::health::active::metrics::HealthMetrics::register(&mut registry);
-        let xds = crate::xds::XdsMetrics::register(&mut registry);
         let readiness = crate::readiness::ReadinessMetrics::registered(&mut registry);
         let replicas = crate::replicas::ReplicaMetrics::registered(&mut registry);
         Self {
@@ -163,7 +160,6 @@ impl Metrics {
             passive,
             circuits,
             health,
-            xds,
             membership,
             lagging,
             stalled,
@@ -178,9 +174,10 @@ impl Metrics {
         }
     }
 
-    /// The xDS front-end's metrics.
-    pub fn xds(&self) -> &crate::xds::XdsMetrics {
-        &self.xds
+    /// Registers a subsystem's own metrics in the one registry (before the aggregate is
+    /// shared): the subsystem keeps the handles `register` returns.
+    pub fn register_part<T>(&mut self, register: impl FnOnce(&mut Registry) -> T) -> T {
+        register(&mut self.registry)
     }
 
     /// A session connected (+1) or closed (-1).

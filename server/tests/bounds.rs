@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use dlb::proto::{client_message, server_message};
-use dlb_server::xds::resources::{CLUSTER, ENDPOINTS};
+use dlb_server::api::xds::resources::{CLUSTER, ENDPOINTS};
 use dlb_server::RunningServer;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{
@@ -213,7 +213,7 @@ async fn xds_clients_listing_is_truncated_with_a_count_instead_of_failing() {
     let mut open = Vec::new();
     for s in 0..STREAMS {
         let (tx, rx) = sotw(&server).await;
-        for t in 0..dlb_server::xds::MAX_TYPES {
+        for t in 0..dlb_server::api::xds::MAX_TYPES {
             let names = (0..100).map(|i| format!("{s}-{t}-{i:0>240}")).collect();
             tx.send(request(&format!("type.googleapis.com/x.T{t}"), names))
                 .await
@@ -226,7 +226,7 @@ async fn xds_clients_listing_is_truncated_with_a_count_instead_of_failing() {
         let all = server.xds_clients().list();
         let done = all.len() == STREAMS
             && all.iter().all(|c| {
-                c.types.len() == dlb_server::xds::MAX_TYPES
+                c.types.len() == dlb_server::api::xds::MAX_TYPES
                     && c.types.values().all(|t| t.names.len() == 100)
             });
         if done {
@@ -244,7 +244,7 @@ async fn xds_clients_listing_is_truncated_with_a_count_instead_of_failing() {
     assert!(r.truncated);
     assert_eq!(r.total as usize, STREAMS);
     assert!(!r.clients.is_empty() && r.clients.len() < STREAMS);
-    assert!(prost::Message::encoded_len(&r) <= dlb_server::xds::status::MAX_LIST_BYTES);
+    assert!(prost::Message::encoded_len(&r) <= dlb_server::api::xds::status::MAX_LIST_BYTES);
     drop(open);
     server.shutdown().await.unwrap();
 }

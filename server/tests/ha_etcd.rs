@@ -182,7 +182,7 @@ async fn a_maximum_session_age_spreads_clients_again_after_a_failover() {
 ///    is also the endpoint every replica lists first: a replica that used only its first
 ///    endpoint, or that stayed on the dead one, could not write again and the test fails; one
 ///    that keeps sending a share of its requests to the dead member (etcd-client's own
-///    balanced channel did, see `server/src/store/etcd_channel.rs`) fails writes after the
+///    balanced channel did, see `server/src/etcd/channel.rs`) fails writes after the
 ///    first success, and the test fails too.
 /// 2. Member 0 is restarted (it rejoins as a follower) and a **follower** listed second or
 ///    third is killed: no election, only connections lost.

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::*;
 use dlb::proto::{self, membership_client::MembershipClient, server_message};
-use dlb_server::xds::resources::CLUSTER;
+use dlb_server::api::xds::resources::CLUSTER;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use tokio_stream::wrappers::ReceiverStream;

@@ -8,8 +8,8 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use dlb_server::xds::clients::ClientState;
-use dlb_server::xds::resources::{CLUSTER, ENDPOINTS, LISTENER};
+use dlb_server::api::xds::clients::ClientState;
+use dlb_server::api::xds::resources::{CLUSTER, ENDPOINTS, LISTENER};
 use dlb_server::{RunningServer, ServerConfig};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
@@ -561,7 +561,7 @@ async fn oversized_subscriptions_and_too_many_streams_are_refused() {
     .await;
     // Over the per-type quota: the stream ends with RESOURCE_EXHAUSTED naming the field.
     let mut c = Sotw::open(&server, "raw-quota").await;
-    let names: Vec<String> = (0..=dlb_server::xds::MAX_NAMES_PER_TYPE)
+    let names: Vec<String> = (0..=dlb_server::api::xds::MAX_NAMES_PER_TYPE)
         .map(|i| format!("n{i}"))
         .collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -621,7 +621,7 @@ async fn bad_type_urls_are_refused_naming_the_field() {
 
     // More resource types than any xDS client uses.
     let mut c = Sotw::open(&server, "raw-types").await;
-    for i in 0..dlb_server::xds::MAX_TYPES {
+    for i in 0..dlb_server::api::xds::MAX_TYPES {
         c.send(&format!("type.googleapis.com/x.T{i}"), &["s"], "", "")
             .await;
     }

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use dlb::proto;
-use dlb_server::xds::resources::{CLUSTER, ENDPOINTS};
+use dlb_server::api::xds::resources::{CLUSTER, ENDPOINTS};
 use xds_support::{within_4_sigma, Backend, Driver};
 
 /// Resolves a client from an environment variable, else from where `.ci/interop` installs it
@@ -336,7 +336,7 @@ async fn wait_acked(server: &dlb_server::RunningServer, type_url: &str, before: 
 fn type_state(
     server: &dlb_server::RunningServer,
     type_url: &str,
-) -> Option<dlb_server::xds::clients::TypeState> {
+) -> Option<dlb_server::api::xds::clients::TypeState> {
     server
         .xds_clients()
         .list()

@@ -10,7 +10,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use dlb_server::xds::resources::{ENDPOINTS, LISTENER};
+use dlb_server::api::xds::resources::{ENDPOINTS, LISTENER};
 use dlb_server::RunningServer;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{

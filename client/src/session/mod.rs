@@ -59,6 +59,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use dlb::backoff::{Backoff, Jitter};
 use dlb::proto;
 use dlb::proto::client_message::Kind as ClientKind;
 use dlb::proto::discovery_client::DiscoveryClient;
@@ -152,15 +153,6 @@ enum Ended {
     Failed { established: bool },
 }
 
-/// Full-jitter exponential backoff: uniform in `[0, min(max, min × 2^attempt)]`.
-pub(crate) fn backoff_delay(min: Duration, max: Duration, attempt: u32) -> Duration {
-    let cap = min
-        .saturating_mul(1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX))
-        .min(max);
-    let nanos = u64::try_from(cap.as_nanos()).unwrap_or(u64::MAX);
-    Duration::from_nanos(fastrand::u64(0..=nanos))
-}
-
 /// The session task. Runs until the client is closed (its command channel closes or `closed`
 /// flips to true).
 pub(crate) async fn run(
@@ -180,7 +172,9 @@ pub(crate) async fn run(
             .map(|e| (e.state.name.clone(), e))
             .collect(),
     };
-    let mut attempt: u32 = 0;
+    // Full jitter: uniform in `[0, min(max, min × 2^failures)]`.
+    let mut backoff =
+        Backoff::new(config.backoff_min, config.backoff_max).with_jitter(Jitter::Full);
     'sessions: loop {
         let next = tokio::select! {
             next = targets.next() => next,
@@ -203,24 +197,25 @@ pub(crate) async fn run(
         let delay = match ended {
             Ended::Closed => break 'sessions,
             Ended::GoingAway => {
-                attempt = 0;
+                backoff.reset();
                 targets.go_elsewhere();
-                backoff_delay(Duration::ZERO, config.backoff_min, 0)
+                // A pause drawn in `[0, backoff_min]` (full jitter on the schedule's first step),
+                // so a fleet told to go away does not come back in one burst; the schedule
+                // itself stays at its start.
+                let pause = backoff.next_delay();
+                backoff.reset();
+                pause
             }
             Ended::Behind => {
                 targets.go_elsewhere();
-                let d = backoff_delay(config.backoff_min, config.backoff_max, attempt);
-                attempt = attempt.saturating_add(1);
-                d
+                backoff.next_delay()
             }
             Ended::Failed { established } => {
                 if established {
-                    attempt = 0;
+                    backoff.reset();
                     targets.restart();
                 }
-                let d = backoff_delay(config.backoff_min, config.backoff_max, attempt);
-                attempt = attempt.saturating_add(1);
-                d
+                backoff.next_delay()
             }
         };
         // Sleep, but keep accepting subscriptions and notice a close.
@@ -305,26 +300,5 @@ fn client_msg(kind: ClientKind) -> proto::ClientMessage {
     proto::ClientMessage {
         kind: Some(kind),
         ..Default::default()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_is_capped_full_jitter() {
-        let min = Duration::from_millis(100);
-        let max = Duration::from_secs(2);
-        for attempt in 0..40 {
-            let d = backoff_delay(min, max, attempt);
-            assert!(d <= max, "{d:?}");
-            let cap = min.saturating_mul(1 << attempt.min(5)).min(max);
-            assert!(d <= cap.max(min), "{attempt}: {d:?}");
-        }
-        assert_eq!(
-            backoff_delay(Duration::ZERO, Duration::ZERO, 3),
-            Duration::ZERO
-        );
     }
 }

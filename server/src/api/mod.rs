@@ -4,12 +4,12 @@
 //! * [`registry`] — `dlb.v1.Registry` (admin writes and reads, the seed calls, `GetNextServer`);
 //! * [`discovery`] — `dlb.v1.Discovery`, the SDK sessions over the snapshot cache;
 //! * [`membership`] — `dlb.v1.Membership`, leases and DNS declarations;
-//! * [`health`] / [`health_seed`] — `GetHealth` and the seed calls' health results;
+//! * `health` / `health_seed` — `GetHealth` and the seed calls' health results;
 //! * [`xds`] — standard xDS (ADS, SotW and Delta) and CSDS for stock gRPC clients;
 //! * [`auth`] — bearer tokens (who may write, who may read); [`status_layer`] — oversize
 //!   answers as `RESOURCE_EXHAUSTED`; [`reflection`] — server reflection.
 //!
-//! [`Shared`] is what the Registry, Discovery and Membership services share: the store, the
+//! `Shared` is what the Registry, Discovery and Membership services share: the store, the
 //! snapshot cache, the server-side pickers, the load tracker and the metrics. It is immutable
 //! after construction and shared by `Arc`; each part carries its own synchronisation.
 
@@ -21,6 +21,7 @@ pub mod membership;
 pub mod reflection;
 pub mod registry;
 pub mod status_layer;
+pub mod xds;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;

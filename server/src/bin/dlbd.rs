@@ -305,22 +305,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let etcd = matches!(args.store, StoreKind::Etcd);
     // With etcd, an unreachable store is waited for (the replica is simply not up yet; SDKs
     // use the other replicas); anything else wrong at start is an error.
-    let mut backoff = STORE_RETRY_MIN;
+    let mut backoff = dlb::backoff::Backoff::new(STORE_RETRY_MIN, STORE_RETRY_MAX);
     let server = loop {
         match dlb_server::spawn(config.clone()).await {
             Ok(server) => break server,
             Err(e @ (dlb_server::Error::Storage(_) | dlb_server::Error::StorageUnavailable(_)))
                 if etcd =>
             {
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "the store is unreachable; retrying");
+                let wait = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "the store is unreachable; retrying");
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(wait) => {}
                     why = terminated(&mut signals) => {
                         tracing::info!(signal = why?, "stopped before the store was reachable");
                         return Ok(());
                     }
                 }
-                backoff = (backoff * 2).min(STORE_RETRY_MAX);
             }
             Err(e) => return Err(e).context("starting dlbd"),
         }

@@ -41,6 +41,7 @@ impl Cache {
                 st.snapshot_bytes = s.servers.values().map(|r| record_bytes(r)).sum();
                 st.snapshot = Some(Arc::new(s));
                 st.full = Memo::default();
+                st.derived = None;
                 slot.wake_all(st);
             });
         }
@@ -171,6 +172,7 @@ impl Cache {
                     st.snapshot = Some(Arc::new(snap));
                 }
                 st.full = Memo::default();
+                st.derived = None;
                 slot.wake_all(st);
                 removed.then(|| st.unused())
             });

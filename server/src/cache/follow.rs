@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use dlb::backoff::Backoff;
 use futures::StreamExt;
 
 use super::Cache;
@@ -41,7 +42,7 @@ impl Cache {
         stop: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(stop);
-        let mut backoff = MIN_BACKOFF;
+        let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
         let mut resume = loaded;
         loop {
             if let Some(r) = resume.take() {
@@ -64,10 +65,9 @@ impl Cache {
                     self.set_synced(false);
                     tracing::error!(error = %e, "cache: cannot read the store; retrying");
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
                         _ = &mut stop => return,
                     }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
                     continue;
                 }
             };
@@ -89,7 +89,7 @@ impl Cache {
         &self,
         store: &dyn Store,
         from: u64,
-        backoff: &mut Duration,
+        backoff: &mut Backoff,
         stop: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
     ) -> bool {
         let mut events = store.watch(from);
@@ -100,7 +100,7 @@ impl Cache {
             };
             match ev {
                 Some(Ok(WatchEvent::Changes(batch))) => {
-                    *backoff = MIN_BACKOFF;
+                    backoff.reset();
                     if !self.apply(&batch) {
                         self.set_synced(false);
                         return true;
@@ -115,10 +115,9 @@ impl Cache {
                     self.set_synced(false);
                     tracing::error!(error = %e, "cache: store watch failed; re-reading");
                     tokio::select! {
-                        _ = tokio::time::sleep(*backoff) => {}
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
                         _ = &mut *stop => return false,
                     }
-                    *backoff = (*backoff * 2).min(MAX_BACKOFF);
                     return true;
                 }
                 None => {

@@ -14,6 +14,8 @@
 //!   histories together hold at most about the routing state itself plus 64 KiB per service,
 //! * a memo per snapshot and per change where a front-end keeps its encoding of that update,
 //!   so each update is encoded once and the bytes are shared by every session that sends it,
+//!   and per snapshot the values other front-ends derive from it ([`Derived`]: the xDS
+//!   resources), built once and shared by every stream that sends them,
 //! * its watchers: [`Waker`]s of the sessions and builders that follow *this* service. A change
 //!   wakes only them, and a woken watcher reads the newest state — so a burst of changes costs a
 //!   slow watcher one coalesced catch-up, never a queue of stale deltas.
@@ -37,6 +39,7 @@
 //! `parking_lot::Mutex` held for O(changed records) work, never across an `.await`. Wakers are
 //! a dirty set plus a `tokio::sync::Notify` (a wake while the watcher is busy leaves one permit).
 
+use std::any::Any;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -66,6 +69,32 @@ pub const MIN_HISTORY_BYTES: usize = 64 << 10;
 /// A front-end's encoding of one update, computed by the first session that sends it and
 /// shared by every other (see [`dlb::wire`]).
 pub type Memo = Arc<OnceLock<Bytes>>;
+
+/// How many values front-ends may derive from one snapshot ([`Derived`]).
+pub const DERIVED: usize = 4;
+
+/// Values derived from one snapshot by front-ends other than the DLB session (whose encoding is
+/// [`Memo`]) — the xDS front-end's resources, one per type — each made once, by the first
+/// stream that needs it, and shared by every other; they go with the snapshot
+/// ([`Cache::get_derived`]). A front-end owns its indexes (below [`DERIVED`]).
+#[derive(Debug, Default)]
+pub struct Derived([OnceLock<Option<Arc<dyn Any + Send + Sync>>>; DERIVED]);
+
+impl Derived {
+    /// The value at `index`, made by `make` the first time (a `None` from `make` is kept too);
+    /// `None` for an index past [`DERIVED`] or a value of another type than `T`.
+    pub fn get_or_init<T: Any + Send + Sync>(
+        &self,
+        index: usize,
+        make: impl FnOnce() -> Option<T>,
+    ) -> Option<Arc<T>> {
+        let cell = self.0.get(index)?;
+        let value = cell
+            .get_or_init(|| make().map(|v| Arc::new(v) as Arc<dyn Any + Send + Sync>))
+            .clone()?;
+        value.downcast().ok()
+    }
+}
 
 /// What a watcher holding some version of a service must receive to be up to date.
 #[derive(Debug, Clone)]
@@ -169,6 +198,8 @@ struct SlotState {
     snapshot_bytes: usize,
     /// The shared encoding of `snapshot` as a full update (replaced with the snapshot).
     full: Memo,
+    /// What front-ends derived from `snapshot` (made on first use, dropped with the snapshot).
+    derived: Option<Arc<Derived>>,
     history: VecDeque<Arc<Entry>>,
     /// Sum of [`Change::approx_bytes`] over `history`.
     history_bytes: usize,
@@ -285,6 +316,15 @@ impl Cache {
         let slot = self.slots.read().get(service).cloned()?;
         let snap = slot.state.lock().snapshot.clone();
         snap
+    }
+
+    /// The newest snapshot of a service, with what front-ends derived from it ([`Derived`]).
+    pub fn get_derived(&self, service: &str) -> Option<(Arc<ServiceSnapshot>, Arc<Derived>)> {
+        let slot = self.slots.read().get(service).cloned()?;
+        let mut st = slot.state.lock();
+        let snap = st.snapshot.clone()?;
+        let derived = st.derived.get_or_insert_with(Default::default).clone();
+        Some((snap, derived))
     }
 
     /// A new watcher handle (not yet following anything).
@@ -503,6 +543,32 @@ mod tests {
         cache.unfollow_service("a", &wa);
         add(&store, &cache, "a", "a1").await;
         assert_eq!(wa.wakeups(), 1, "an unfollowed watcher was woken");
+    }
+
+    #[tokio::test]
+    async fn derived_values_are_made_once_per_snapshot_and_go_with_it() {
+        let (store, cache, _stop) = started(16).await;
+        add(&store, &cache, "s", "a").await;
+        let made = AtomicU64::new(0);
+        let make = |v: u32| {
+            made.fetch_add(1, Ordering::Relaxed);
+            Some(v)
+        };
+        let (snap, d) = cache.get_derived("s").expect("exists");
+        let first = d.get_or_init(0, || make(1)).expect("made");
+        let (again, d) = cache.get_derived("s").expect("exists");
+        assert!(Arc::ptr_eq(&snap, &again));
+        let second = d.get_or_init(0, || make(2)).expect("kept");
+        assert!(Arc::ptr_eq(&first, &second));
+        assert_eq!(made.load(Ordering::Relaxed), 1);
+        // Another type at the same index, or an index past the end: nothing.
+        assert!(d.get_or_init(0, || Some("x")).is_none());
+        assert!(d.get_or_init(DERIVED, || make(3)).is_none());
+        // A new snapshot starts empty.
+        add(&store, &cache, "s", "b").await;
+        let (_, d) = cache.get_derived("s").expect("exists");
+        assert_eq!(d.get_or_init(0, || make(4)).as_deref(), Some(&4));
+        assert!(cache.get_derived("nope").is_none());
     }
 
     #[tokio::test]

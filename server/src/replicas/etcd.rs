@@ -45,6 +45,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use dlb::backoff::Backoff;
 use etcd_client::{
     Client, Compare, CompareOp, GetOptions, LeaseClient, LeaseKeepAliveStream, LeaseKeeper,
     PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions, WatchStream,
@@ -58,7 +59,7 @@ use super::progress::{check_progress, set_contact};
 pub use super::progress::{PROGRESS_EVERY, PROGRESS_TIMEOUT};
 use super::Batch;
 use super::{forwarding, Coordination, Members};
-use crate::config::EtcdConfig;
+use crate::etcd::EtcdConfig;
 use crate::Error;
 
 /// Default membership lease TTL.
@@ -67,7 +68,7 @@ const MIN_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 fn etcd(e: etcd_client::Error) -> Error {
-    crate::store::etcd_error("etcd (replica membership)", &e, "")
+    crate::etcd::etcd_error("etcd (replica membership)", &e, "")
 }
 
 /// Membership through etcd. See the module docs.
@@ -249,7 +250,7 @@ impl EtcdCoordination {
         // Requests and pings bounded by the TTL: a replica cut off notices before its key expires.
         let timeout = config.timeout.min(ttl.max(Duration::from_secs(1)));
         let keep_alive = (Duration::from_secs(2), Duration::from_secs(2));
-        let client = crate::store::etcd::connect(config, timeout, keep_alive)
+        let client = crate::etcd::connect(config, timeout, keep_alive)
             .await
             .map_err(etcd)?;
         let prefix = format!("{}/replicas/", config.prefix.trim_end_matches('/'));
@@ -324,7 +325,7 @@ async fn run(
 ) {
     let mut joined = Some(joined);
     let mut lease = 0;
-    let mut backoff = MIN_BACKOFF;
+    let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
     // When the membership was interrupted with the lease presumably still alive (a broken
     // stream, rejoined with the same lease): past the TTL without a rejoin it is lost.
     let mut interrupted_at: Option<Instant> = None;
@@ -341,13 +342,12 @@ async fn run(
                         set_contact(&contact, |c| c.lease = false);
                     }
                     tracing::warn!(error = %e, "replica membership: cannot reach etcd; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    tokio::time::sleep(backoff.next_delay()).await;
                     continue;
                 }
             },
         };
-        backoff = MIN_BACKOFF;
+        backoff.reset();
         lease = j.lease;
         *lease_id.lock() = lease;
         set_contact(&contact, |c| c.lease = true);
@@ -364,7 +364,7 @@ async fn run(
             set_contact(&contact, |c| c.lease = false);
         }
         interrupted_at = Some(Instant::now());
-        tokio::time::sleep(backoff).await;
+        tokio::time::sleep(backoff.current()).await;
     }
 }
 

@@ -51,7 +51,7 @@ pub(super) async fn send(
             Some(PutOptions::new().with_lease(lease)),
         )
         .await
-        .map_err(|e| crate::store::etcd_error("etcd (load reports to the leader)", &e, ""))?;
+        .map_err(|e| crate::etcd::etcd_error("etcd (load reports to the leader)", &e, ""))?;
     Ok(())
 }
 

@@ -37,12 +37,6 @@ pub mod embedded_open;
 mod engine;
 #[cfg(feature = "etcd")]
 pub mod etcd;
-#[cfg(feature = "etcd")]
-mod etcd_channel;
-#[cfg(feature = "etcd")]
-mod etcd_error;
-#[cfg(feature = "etcd")]
-pub(crate) use etcd_error::etcd_error;
 pub mod memory;
 mod plan;
 mod scratch;

@@ -2,6 +2,8 @@
 //! at the configured interval) and the reconcile that makes the service's DNS-owned backends
 //! equal to what the name resolved to.
 
+use dlb::backoff::Backoff;
+
 use super::*;
 
 /// Makes the service's DNS-owned backends equal to `resolved` (truncated to the quota).
@@ -120,6 +122,7 @@ pub(super) async fn refresh_loop(
     let mut shutdown = inner.shutdown.clone();
     let mut leadership = inner.leadership.clone();
     let mut delay = first;
+    let mut retry = Backoff::new(inner.config.retry_min, inner.config.retry_max);
     let resolver = match build_resolver(&inner.config) {
         Ok(r) => r,
         Err(e) => {
@@ -165,6 +168,7 @@ pub(super) async fn refresh_loop(
         let failures = status.lock().consecutive_failures;
         match outcome {
             Ok((new, ttl)) => {
+                retry.reset();
                 delay = ttl.clamp(inner.config.min_refresh, inner.config.max_refresh);
                 *status.lock() = Status {
                     next_refresh: Some(Instant::now() + delay),
@@ -174,11 +178,7 @@ pub(super) async fn refresh_loop(
             }
             Err(e) => {
                 let failures = failures.saturating_add(1);
-                let backoff = inner
-                    .config
-                    .retry_min
-                    .saturating_mul(1u32 << (failures - 1).min(16));
-                delay = backoff.min(inner.config.retry_max);
+                delay = retry.next_delay();
                 tracing::warn!(%service, target = %target.to_text(), failures, error = %e, "DNS refresh failed; keeping the last good set");
                 let mut st = status.lock();
                 st.consecutive_failures = failures;

@@ -38,7 +38,7 @@ use futures::FutureExt;
 use tokio::sync::watch;
 
 use super::{is_leased, LeaseKey, LeaseState, Leases};
-use crate::config::EtcdConfig;
+use crate::etcd::EtcdConfig;
 use crate::membership::MembershipMetrics;
 use crate::store::Store;
 use crate::Error;
@@ -47,7 +47,7 @@ use crate::Error;
 const RESTART: Duration = Duration::from_millis(500);
 
 fn etcd(e: etcd_client::Error) -> Error {
-    crate::store::etcd_error("etcd (leases)", &e, "")
+    crate::etcd::etcd_error("etcd (leases)", &e, "")
 }
 
 /// The lease keeper on etcd (see the module docs). Cheap to clone.
@@ -69,10 +69,9 @@ impl std::fmt::Debug for EtcdLeases {
 impl EtcdLeases {
     /// Connects to etcd (its own connection).
     pub async fn connect(config: &EtcdConfig) -> Result<Self, Error> {
-        let client =
-            crate::store::etcd::connect(config, config.timeout, crate::store::etcd::KEEP_ALIVE)
-                .await
-                .map_err(etcd)?;
+        let client = crate::etcd::connect(config, config.timeout, crate::etcd::KEEP_ALIVE)
+            .await
+            .map_err(etcd)?;
         Ok(Self {
             client,
             prefix: format!("{}/leases/", config.prefix.trim_end_matches('/')),

@@ -8,6 +8,9 @@
 //! * [`resources`] — the DLB → xDS mapping (pure functions);
 //! * [`sotw`] — state-of-the-world `StreamAggregatedResources`;
 //! * [`delta`] — incremental `DeltaAggregatedResources`;
+//! * `stream` — the stream core both share: per-stream state (subscriptions, nonces, followed
+//!   services, bounds) and the one select loop; [`sotw`] and [`delta`] say only how a request
+//!   is read and how a response is built;
 //! * [`clients`] — per-stream bookkeeping (subscriptions, versions and nonces sent and acked,
 //!   NACKs); [`status`] — the `dlb.v1.XdsStatus` RPC that lists it for `dlbctl xds-clients`.
 //!
@@ -20,7 +23,7 @@
 //! replica serving the same state) is not sent the same resources again; the epoch and revision
 //! say how new that state is, so a replica whose cache is behind the client's revision (same
 //! epoch) waits for it a bounded time and otherwise ends the stream with `UNAVAILABLE`
-//! ([`not_behind`]) — a client is never sent resources older than those it holds.
+//! ([`stream::not_behind`]) — a client is never sent resources older than those it holds.
 //!
 //! **Resource names and bounds.** A resource name is a DLB service name, so a name is followed
 //! in the cache only when it is one ([`dlb::model::validate_id`]: 1..=128 bytes of
@@ -45,8 +48,8 @@ pub mod delta;
 pub mod resources;
 pub mod sotw;
 pub mod status;
+mod stream;
 
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -65,7 +68,6 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::cache::Cache;
-use crate::metrics::Metrics;
 pub use clients::XdsClients;
 
 /// Capacity of a stream's outbound queue (responses are full states: a few suffice).
@@ -109,7 +111,15 @@ pub(crate) fn check_stream(field: &str, names: usize, bytes: usize) -> Result<()
     Ok(())
 }
 
-/// The xDS metrics (registered in the control plane's registry by [`Metrics`]).
+/// The label set of a per-type metric: the type's short name.
+fn by_type(type_url: &str) -> Vec<(String, String)> {
+    vec![(
+        "type".to_owned(),
+        resources::short_name(type_url).to_owned(),
+    )]
+}
+
+/// The xDS metrics (registered in the control plane's one registry at start).
 #[derive(Debug, Clone, Default)]
 pub struct XdsMetrics {
     streams: Gauge,
@@ -141,22 +151,12 @@ impl XdsMetrics {
 
     /// Counts one NACK of a resource type.
     pub fn nack(&self, type_url: &str) {
-        self.nacks
-            .get_or_create(&vec![(
-                "type".to_owned(),
-                resources::short_name(type_url).to_owned(),
-            )])
-            .inc();
+        self.nacks.get_or_create(&by_type(type_url)).inc();
     }
 
     /// Counts one response of a resource type.
     pub fn response(&self, type_url: &str) {
-        self.responses
-            .get_or_create(&vec![(
-                "type".to_owned(),
-                resources::short_name(type_url).to_owned(),
-            )])
-            .inc();
+        self.responses.get_or_create(&by_type(type_url)).inc();
     }
 
     /// A stream opened (+1) or closed (-1).
@@ -186,7 +186,7 @@ impl Built {
 /// client already holds a resource: [`content`]), the store epoch in hex, and the store
 /// revision the content is as new as. A reconnecting client's versions thus say how new a
 /// state it holds, and a replica whose cache is behind that never answers with older resources
-/// ([`not_behind`]).
+/// ([`stream::not_behind`]).
 pub(crate) fn tag(hash: &str, epoch: u64, revision: u64) -> String {
     format!("{hash}.{epoch:x}.{revision}")
 }
@@ -207,93 +207,11 @@ pub(crate) fn claim(version: &str, epoch: u64) -> Option<u64> {
     r.parse().ok()
 }
 
-/// Never back in time: when a client claims (by the versions it holds, same epoch) a revision
-/// this replica's cache has not applied, waits up to [`crate::cache::AHEAD_WAIT`] for it;
-/// `Err(UNAVAILABLE)` if it does not get there (the client should try another replica).
-pub(crate) async fn not_behind(ctx: &Context, claimed: Option<u64>) -> Result<(), tonic::Status> {
-    let Some(rev) = claimed else { return Ok(()) };
-    if ctx.cache.revision() >= rev
-        || ctx
-            .cache
-            .wait_for_revision(rev, crate::cache::AHEAD_WAIT)
-            .await
-    {
-        return Ok(());
-    }
-    Err(tonic::Status::unavailable(format!(
-        "this replica is behind: the client holds revision {rev}, this replica reached {}; try another replica",
-        ctx.cache.revision()
-    )))
-}
-
-/// The last resource built per (type URL, service), keyed by the service version it was built
-/// from: a change is mapped and encoded once, not once per stream. Bounded by services × 3.
-type Memo = parking_lot::Mutex<HashMap<(String, String), (u64, Arc<Built>)>>;
-
-/// The services one ADS stream follows in the cache, all with the stream's one [`Waker`]:
-/// exactly those some resource type subscribes to (every service for a wildcard). Unfollows
-/// them all when dropped, however the stream ends.
-pub(crate) struct Followed {
-    cache: Arc<Cache>,
-    waker: Arc<crate::cache::Waker>,
-    names: std::collections::BTreeSet<String>,
-}
-
-impl Followed {
-    /// Follows nothing yet.
-    pub(crate) fn new(cache: Arc<Cache>) -> Self {
-        let waker = cache.waker();
-        Self {
-            cache,
-            waker,
-            names: Default::default(),
-        }
-    }
-
-    /// The stream's waker (notified when a followed service changes).
-    pub(crate) fn waker(&self) -> &Arc<crate::cache::Waker> {
-        &self.waker
-    }
-
-    /// Follows exactly the services that `subs` (each type's names and whether it is a
-    /// wildcard) ask for; names that cannot name a service ([`valid_name`]) are not followed.
-    /// O(followed + wanted).
-    pub(crate) fn update<'a>(
-        &mut self,
-        subs: impl IntoIterator<Item = (&'a std::collections::BTreeSet<String>, bool)>,
-    ) {
-        let mut want = std::collections::BTreeSet::new();
-        let mut wildcard = false;
-        for (names, w) in subs {
-            want.extend(names.iter().filter(|n| valid_name(n)).cloned());
-            wildcard |= w;
-        }
-        if wildcard {
-            want.extend(self.cache.service_names().iter().map(|s| s.to_string()));
-        }
-        for gone in self.names.difference(&want) {
-            self.cache.unfollow_service(gone, &self.waker);
-        }
-        for new in want.difference(&self.names) {
-            self.cache.follow_service(new, &self.waker);
-        }
-        self.names = want;
-    }
-}
-
-impl Drop for Followed {
-    fn drop(&mut self) {
-        for name in &self.names {
-            self.cache.unfollow_service(name, &self.waker);
-        }
-    }
-}
-
 /// What every ADS stream shares.
 #[derive(Debug)]
 pub(crate) struct Context {
     pub cache: Arc<Cache>,
-    pub metrics: Arc<Metrics>,
+    pub metrics: XdsMetrics,
     pub clients: Arc<XdsClients>,
     pub shutdown: watch::Receiver<bool>,
     /// Most ADS streams open at once (`ServerConfig::max_sessions`).
@@ -301,42 +219,35 @@ pub(crate) struct Context {
     /// The replica's readiness: no new stream while not ready; open streams end with
     /// `UNAVAILABLE` when it says go away ([`crate::readiness`]).
     pub readiness: crate::readiness::Readiness,
-    /// `parking_lot::Mutex`: held for a map lookup or insert only; resources are built
-    /// outside it (two streams may build the same one once each).
-    memo: Memo,
 }
 
 impl Context {
     /// The resource of `type_url` for the newest snapshot of `service`; `None` when the
-    /// service does not exist or DLB does not serve the type.
+    /// service does not exist or DLB does not serve the type. Built once per snapshot and
+    /// shared by every stream: kept with the snapshot in the cache ([`crate::cache::Derived`]).
     pub fn built(&self, type_url: &str, service: &str) -> Option<Arc<Built>> {
-        if !resources::served(type_url) {
-            return None;
-        }
-        let snap = self.cache.get(service)?;
-        let version = snap.version.version;
-        let key = (type_url.to_owned(), service.to_owned());
-        if let Some((v, b)) = self.memo.lock().get(&key) {
-            if *v == version {
-                return Some(b.clone());
-            }
-        }
-        let any = resources::resource(type_url, &snap)?;
-        let mut h = Fnv::default();
-        h.write(&any.value);
-        let built = Arc::new(Built {
-            hash: h.hex(),
-            any,
-            version,
-        });
-        let mut memo = self.memo.lock();
-        let newer = memo.get(&key).is_some_and(|(v, _)| *v > version);
-        if !newer {
-            memo.insert(key, (version, built.clone()));
-        }
-        Some(built)
+        let index = SERVED.iter().position(|t| *t == type_url)?;
+        let (snap, derived) = self.cache.get_derived(service)?;
+        derived.get_or_init(index, || {
+            let any = resources::resource(type_url, &snap)?;
+            let mut h = ContentHash::default();
+            h.write(&any.value);
+            Some(Built {
+                hash: h.hex(),
+                any,
+                version: snap.version.version,
+            })
+        })
     }
 }
+
+/// The types DLB serves, by their index in a snapshot's [`crate::cache::Derived`] values.
+const SERVED: [&str; 3] = [
+    resources::LISTENER,
+    resources::CLUSTER,
+    resources::ENDPOINTS,
+];
+const _: () = assert!(SERVED.len() <= crate::cache::DERIVED);
 
 /// The ADS gRPC service.
 #[derive(Debug, Clone)]
@@ -349,7 +260,7 @@ impl XdsService {
     /// every stream when `shutdown` becomes `true`; at most `max_streams` streams at once.
     pub fn new(
         cache: Arc<Cache>,
-        metrics: Arc<Metrics>,
+        metrics: XdsMetrics,
         clients: Arc<XdsClients>,
         shutdown: watch::Receiver<bool>,
         max_streams: usize,
@@ -362,7 +273,6 @@ impl XdsService {
                 shutdown,
                 max_streams,
                 readiness: crate::readiness::Readiness::always(),
-                memo: Memo::default(),
             }),
         }
     }
@@ -407,28 +317,28 @@ impl Context {
 /// Most resource types one stream may use (xDS has a handful).
 pub const MAX_TYPES: usize = 16;
 
-/// Checks a request's type URL: present, at most 256 bytes, and (for a type the stream has
-/// not used yet, `new`) within [`MAX_TYPES`] of the `used` ones.
+/// Checks the type URL of a `request` (message name): present, at most 256 bytes, and (for a
+/// type the stream has not used yet, `new`) within [`MAX_TYPES`] of the `used` ones.
 pub(crate) fn check_type(
-    field: &str,
+    request: &str,
     type_url: &str,
     new: bool,
     used: usize,
 ) -> Result<(), tonic::Status> {
     if type_url.is_empty() {
         return Err(tonic::Status::invalid_argument(format!(
-            "{field}: required on an ADS stream"
+            "{request}.type_url: required on an ADS stream"
         )));
     }
     if type_url.len() > 256 {
         return Err(tonic::Status::invalid_argument(format!(
-            "{field}: {} bytes; at most 256",
+            "{request}.type_url: {} bytes; at most 256",
             type_url.len()
         )));
     }
     if new && used >= MAX_TYPES {
         return Err(tonic::Status::resource_exhausted(format!(
-            "{field}: at most {MAX_TYPES} resource types per stream"
+            "{request}.type_url: at most {MAX_TYPES} resource types per stream"
         )));
     }
     Ok(())
@@ -444,6 +354,25 @@ pub(crate) fn check_names(field: &str, count: usize) -> Result<(), tonic::Status
     Ok(())
 }
 
+impl XdsService {
+    /// Admits a new stream of variant `V` and serves it on its own task.
+    fn open<V: stream::Variant>(
+        &self,
+        request: tonic::Request<tonic::Streaming<V::Request>>,
+    ) -> Result<tonic::Response<Out<V::Response>>, tonic::Status> {
+        self.ctx.admit()?;
+        let peer = peer_of(&request);
+        let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
+        tokio::spawn(stream::run::<V>(
+            self.ctx.clone(),
+            peer,
+            request.into_inner(),
+            tx,
+        ));
+        Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
 #[tonic::async_trait]
 impl AggregatedDiscoveryService for XdsService {
     type StreamAggregatedResourcesStream = Out<DiscoveryResponse>;
@@ -453,138 +382,35 @@ impl AggregatedDiscoveryService for XdsService {
         &self,
         request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
     ) -> Result<tonic::Response<Self::StreamAggregatedResourcesStream>, tonic::Status> {
-        self.ctx.admit()?;
-        let peer = peer_of(&request);
-        let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
-        let ctx = self.ctx.clone();
-        tokio::spawn(sotw::run(ctx, peer, request.into_inner(), tx));
-        Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
+        self.open::<sotw::Sotw>(request)
     }
 
     async fn delta_aggregated_resources(
         &self,
         request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, tonic::Status> {
-        self.ctx.admit()?;
-        let peer = peer_of(&request);
-        let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
-        let ctx = self.ctx.clone();
-        tokio::spawn(delta::run(ctx, peer, request.into_inner(), tx));
-        Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
+        self.open::<delta::Delta>(request)
     }
 }
 
-/// FNV-1a, 64 bits: the content hash behind resource versions (stable across processes, so a
-/// reconnecting client's version is recognised by any replica holding the same state).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Fnv(u64);
+/// The content hash behind resource versions: XXH3-64 (unseeded, default secret) over
+/// length-prefixed fields, as 16 hex digits. A pure function of the bytes written — the same on
+/// every replica, in every run, on every machine — because it is compared across replicas and
+/// kept by clients across reconnects: a reconnecting client's version is recognised by any
+/// replica holding the same state.
+#[derive(Clone, Default)]
+pub(crate) struct ContentHash(xxhash_rust::xxh3::Xxh3Default);
 
-impl Default for Fnv {
-    fn default() -> Self {
-        Self(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Fnv {
-    /// Mixes `bytes` in, followed by a separator (so ("ab","c") ≠ ("a","bc")).
+impl ContentHash {
+    /// Mixes `bytes` in, after their length (so ("ab","c") ≠ ("a","bc")).
     pub fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes.iter().chain(&[0xff]) {
-            self.0 ^= u64::from(b);
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
+        let len = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
+        self.0.update(&len.to_le_bytes());
+        self.0.update(bytes);
     }
 
     /// The hash as 16 hex digits.
     pub fn hex(&self) -> String {
-        format!("{:016x}", self.0)
-    }
-}
-
-/// Records the node of a stream's first request (escaped, truncated).
-pub(crate) fn record_node(
-    state: &parking_lot::Mutex<clients::ClientState>,
-    node: Option<&envoy_types::pb::envoy::config::core::v3::Node>,
-) {
-    let Some(node) = node else { return };
-    let mut st = state.lock();
-    if !st.node_id.is_empty() || !st.user_agent.is_empty() {
-        return;
-    }
-    st.node_id = clients::escaped(&node.id, 256);
-    let version = match &node.user_agent_version_type {
-        Some(
-            envoy_types::pb::envoy::config::core::v3::node::UserAgentVersionType::UserAgentVersion(
-                v,
-            ),
-        ) => v.as_str(),
-        _ => "",
-    };
-    let agent = format!("{} {}", node.user_agent_name, version);
-    st.user_agent = clients::escaped(agent.trim(), 256);
-}
-
-/// Records a NACK: bookkeeping, an escaped warning, the metric.
-pub(crate) fn record_nack(
-    ctx: &Context,
-    state: &parking_lot::Mutex<clients::ClientState>,
-    log: &mut crate::log_limit::LogLimiter,
-    type_url: &str,
-    version: &str,
-    nonce: &str,
-    detail: &str,
-) {
-    let message = clients::escaped(detail, clients::MAX_NACK_DETAIL);
-    let node = {
-        let mut st = state.lock();
-        let t = st.types.entry(type_url.to_owned()).or_default();
-        t.nacks += 1;
-        t.last_nack = Some(clients::Nack {
-            version: clients::escaped(version, 128),
-            nonce: clients::escaped(nonce, 128),
-            message: message.clone(),
-            at: std::time::SystemTime::now(),
-        });
-        st.node_id.clone()
-    };
-    ctx.metrics.xds().nack(type_url);
-    // Rate-limited per stream: a client NACKing in a loop costs a few lines per window.
-    let Some(suppressed) = log.check() else {
-        return;
-    };
-    tracing::warn!(
-        node = %node,
-        r#type = resources::short_name(type_url),
-        nonce = %clients::escaped(nonce, 128),
-        error = %message,
-        suppressed,
-        "xds: client rejected a response (NACK)"
-    );
-}
-
-/// Logs the NACK lines of a stream that were suppressed and not reported yet, as it ends.
-pub(crate) fn finish_log(
-    state: &parking_lot::Mutex<clients::ClientState>,
-    log: &mut crate::log_limit::LogLimiter,
-) {
-    let suppressed = log.finish();
-    if suppressed > 0 {
-        let node = state.lock().node_id.clone();
-        tracing::warn!(node = %node, suppressed, "xds: {suppressed} similar messages suppressed");
-    }
-}
-
-/// The status that ends a stream whose request stream failed: a request that cannot be decoded
-/// is `INVALID_ARGUMENT` (tonic reports it as INTERNAL, which would blame the server), one too
-/// large `RESOURCE_EXHAUSTED`; `None` when the client just went away.
-pub(crate) fn request_error(what: &str, e: &tonic::Status) -> Option<tonic::Status> {
-    let msg = clients::escaped(e.message(), 200);
-    match e.code() {
-        tonic::Code::Internal => Some(tonic::Status::invalid_argument(format!(
-            "undecodable {what}: {msg}"
-        ))),
-        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => Some(
-            tonic::Status::resource_exhausted(format!("{what} too large: {msg}")),
-        ),
-        _ => None,
+        format!("{:016x}", self.0.digest())
     }
 }

@@ -43,6 +43,7 @@ use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use dlb::backoff::{Backoff, Jitter};
 use etcd_client::BalancedChannelBuilder;
 use futures::future::BoxFuture;
 use http::Uri;
@@ -277,7 +278,7 @@ async fn run_link(
     shared: Weak<Shared>,
 ) {
     let uri = endpoint.uri().clone();
-    let mut backoff = MIN_BACKOFF;
+    let mut backoff = Backoff::new(MIN_BACKOFF, max_backoff).with_jitter(Jitter::Relative(0.2));
     let mut failing = false;
     loop {
         let (ended, mut end) = watch::channel(false);
@@ -304,7 +305,7 @@ async fn run_link(
                 if opened.elapsed() >= STABLE {
                     let Some(s) = shared.upgrade() else { return };
                     tracing::debug!(endpoint = %uri, "etcd: connection ended; reconnecting");
-                    backoff = MIN_BACKOFF;
+                    backoff.reset();
                     if !s.set(id, State::Connecting) {
                         return;
                     }
@@ -329,20 +330,14 @@ async fn run_link(
         drop(s);
         let failed = Instant::now();
         tokio::select! {
-            () = tokio::time::sleep(jitter(backoff)) => {}
+            () = tokio::time::sleep(backoff.next_delay()) => {}
             () = nudge.notified() => tokio::time::sleep_until(failed + MIN_BACKOFF).await,
         }
-        backoff = (backoff * 2).min(max_backoff);
         let Some(s) = shared.upgrade() else { return };
         if !s.set(id, State::Connecting) {
             return;
         }
     }
-}
-
-/// `d` ± 20 %.
-fn jitter(d: Duration) -> Duration {
-    d.mul_f64(0.8 + 0.4 * fastrand::f64())
 }
 
 /// An error and its sources, `: `-separated.

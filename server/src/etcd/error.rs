@@ -2,7 +2,7 @@
 //! [`Error::StorageUnavailable`] (answered UNAVAILABLE), the rest [`Error::Storage`]. One
 //! function for every part of dlbd that talks to etcd (the store, leases, replicas).
 
-use crate::Error;
+use crate::error::Error;
 
 /// An etcd error as an [`Error`]: [`Error::StorageUnavailable`] when it is transient (etcd
 /// says UNAVAILABLE or DEADLINE_EXCEEDED — no leader, leader changed, timed out — or the
@@ -48,7 +48,6 @@ fn etcd_transient(e: &etcd_client::Error) -> bool {
 #[cfg(test)]
 mod etcd_tests {
     use super::*;
-    use crate::Error;
 
     #[test]
     fn transient_etcd_errors_are_unavailable_and_others_internal() {

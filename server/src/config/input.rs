@@ -22,7 +22,7 @@ use serde::Deserialize;
 
 use dlb::model;
 
-use crate::config::ConfigError;
+use super::ConfigError;
 
 /// The largest configuration file `dlbd` reads.
 pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
