@@ -240,13 +240,43 @@ pub fn validate_metadata<'a>(
     Ok(())
 }
 
-/// Checks every field of a backend record as it would be stored.
-pub fn validate_server(server: &proto::Server) -> Result<(), ValidationError> {
+/// Checks the fields an operator writes on a new backend (id, address, weight, hash key,
+/// labels), in that order. The one check of a written backend: the server edge (`AddServer`),
+/// the store's plan (through [`validate_server`], on every record it commits) and the client's
+/// pre-check all call it, so a bad backend gets the same error wherever it is caught.
+pub fn validate_backend(server: &proto::Server) -> Result<(), ValidationError> {
     validate_server_id(&server.server_id)?;
     validate_address(&server.address)?;
     validate_weight(server.weight)?;
     validate_hash_key(&server.hash_key)?;
-    validate_metadata(&server.metadata)?;
+    validate_metadata(&server.metadata)
+}
+
+/// Checks what an `UpdateServer` request sets: the id, then each field it changes (weight,
+/// address, hash key; the labels only with `replace_metadata`, as they are ignored otherwise).
+/// Called at the server edge and by the client's pre-check; the store's plan checks the
+/// resulting record with [`validate_server`].
+pub fn validate_update(req: &proto::UpdateServerRequest) -> Result<(), ValidationError> {
+    validate_server_id(&req.server_id)?;
+    if let Some(w) = req.weight {
+        validate_weight(w)?;
+    }
+    if let Some(a) = &req.address {
+        validate_address(a)?;
+    }
+    if let Some(h) = &req.hash_key {
+        validate_hash_key(h)?;
+    }
+    if req.replace_metadata {
+        validate_metadata(&req.metadata)?;
+    }
+    Ok(())
+}
+
+/// Checks every field of a backend record as it would be stored: [`validate_backend`], then
+/// the derived fields and the health sources.
+pub fn validate_server(server: &proto::Server) -> Result<(), ValidationError> {
+    validate_backend(server)?;
     if server.effective_weight != 0 {
         validate_weight(server.effective_weight).map_err(|e| {
             ValidationError::new("effective_weight", server.effective_weight, e.reason)
@@ -395,6 +425,27 @@ pub fn validate_policy(policy: &proto::Policy) -> Result<(), ValidationError> {
     crate::adaptive::validate(policy)?;
     crate::call::validate(policy)?;
     crate::health_policy::validate(policy)
+}
+
+/// Checks a policy as `SetPolicy` writes it and returns it as it would be stored:
+/// `ALGORITHM_UNSPECIFIED` keeps `stored`, the service's current algorithm. A caller that does
+/// not know it (`None`: a client's pre-check) substitutes one that accepts the other fields, so
+/// only their own ranges are checked; the store, which knows it, checks the combination. The
+/// one check of a policy write: the client calls it before sending, the store's plan on commit.
+pub fn validate_policy_write(
+    policy: &proto::Policy,
+    stored: Option<i32>,
+) -> Result<proto::Policy, ValidationError> {
+    let mut p = policy.clone();
+    if p.algorithm == proto::Algorithm::Unspecified as i32 {
+        p.algorithm = stored.unwrap_or(if p.bounded_load_factor != 0.0 {
+            proto::Algorithm::Maglev as i32
+        } else {
+            proto::Algorithm::RoundRobin as i32
+        });
+    }
+    validate_policy(&p)?;
+    Ok(p)
 }
 
 /// Converts a stored (validated) policy to the picker's configuration.
@@ -628,5 +679,76 @@ mod tests {
         // Multi-byte characters are cut at a boundary.
         let e = ValidationError::new("f", "é".repeat(100), "r");
         assert!(e.value.len() <= MAX_QUOTED && e.value.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn a_backend_write_is_checked_in_one_order_wherever_it_is_caught() {
+        let mut s = proto::Server {
+            server_id: "a".into(),
+            address: "10.0.0.1:80".into(),
+            weight: 1,
+            ..Default::default()
+        };
+        assert!(validate_backend(&s).is_ok());
+        // The first bad field is the one named: address before weight.
+        s.weight = 0;
+        s.address = "x".into();
+        assert_eq!(validate_backend(&s).unwrap_err().field, "address");
+        s.address = "10.0.0.1:80".into();
+        assert_eq!(validate_backend(&s).unwrap_err().field, "weight");
+        // The store's check of a whole record starts with the same one.
+        assert_eq!(validate_server(&s), validate_backend(&s));
+        s.weight = 1;
+        s.metadata.insert(String::new(), "v".into());
+        assert_eq!(validate_server(&s).unwrap_err().field, "metadata");
+
+        let mut u = proto::UpdateServerRequest {
+            server_id: "a".into(),
+            ..Default::default()
+        };
+        assert!(validate_update(&u).is_ok());
+        // Labels are ignored (so not checked) unless they replace the old ones.
+        u.metadata.insert(String::new(), "v".into());
+        assert!(validate_update(&u).is_ok());
+        u.replace_metadata = true;
+        assert_eq!(validate_update(&u).unwrap_err().field, "metadata");
+        u.hash_key = Some("a b".into());
+        assert_eq!(validate_update(&u).unwrap_err().field, "hash_key");
+        u.address = Some("x".into());
+        assert_eq!(validate_update(&u).unwrap_err().field, "address");
+        u.weight = Some(10_001);
+        assert_eq!(validate_update(&u).unwrap_err().field, "weight");
+        u.server_id = String::new();
+        assert_eq!(validate_update(&u).unwrap_err().field, "server_id");
+    }
+
+    #[test]
+    fn a_policy_write_keeps_the_stored_algorithm_when_it_names_none() {
+        let bounded = proto::Policy {
+            bounded_load_factor: 1.25,
+            ..Default::default()
+        };
+        let rr = proto::Algorithm::RoundRobin as i32;
+        let maglev = proto::Algorithm::Maglev as i32;
+        // The store knows the algorithm: bounded load on round robin is refused.
+        let e = validate_policy_write(&bounded, Some(rr)).unwrap_err();
+        assert_eq!(e.field, "policy.bounded_load_factor");
+        let p = validate_policy_write(&bounded, Some(maglev)).expect("valid on maglev");
+        assert_eq!(p.algorithm, maglev);
+        // A client does not: only the field's own range is checked.
+        assert!(validate_policy_write(&bounded, None).is_ok());
+        let out_of_range = proto::Policy {
+            bounded_load_factor: 0.5,
+            ..Default::default()
+        };
+        assert!(validate_policy_write(&out_of_range, None).is_err());
+        // A named algorithm is kept and checked as it is.
+        let named = proto::Policy {
+            algorithm: rr,
+            bounded_load_factor: 1.25,
+            ..Default::default()
+        };
+        assert!(validate_policy_write(&named, Some(maglev)).is_err());
+        assert!(validate_policy_write(&proto::Policy::default(), None).is_ok());
     }
 }

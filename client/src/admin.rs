@@ -1,7 +1,8 @@
 //! Admin calls: the `Registry` RPCs, validated locally first.
 //!
 //! [`AdminClient`] wraps the generated `RegistryClient` over one lazily connected channel per
-//! control-plane endpoint. Every call validates its input with [`dlb::model`] before anything goes
+//! control-plane endpoint. Every call validates its input with [`dlb::model`] (a backend with
+//! [`model::validate_backend`] / [`model::validate_update`], the functions the server calls) before anything goes
 //! on the wire (so a malformed request fails with the same message the server would give, without a
 //! round trip), then tries the current endpoint and, when that one is unreachable
 //! (`UNAVAILABLE`), the next ones in list order. `dlbctl`, [`crate::Client`] and
@@ -72,14 +73,23 @@ impl NewServer {
         self
     }
 
-    /// Checks every field with [`dlb::model`].
+    /// Checks every field with [`model::validate_backend`], the check the server applies (a
+    /// weight of 0 is refused here: set it, or keep the default 1).
     pub fn validate(&self) -> Result<()> {
-        model::validate_server_id(&self.server_id)?;
-        model::validate_address(&self.address)?;
-        model::validate_weight(self.weight)?;
-        model::validate_hash_key(&self.hash_key)?;
-        model::validate_metadata(&self.metadata)?;
+        model::validate_backend(&self.record())?;
         Ok(())
+    }
+
+    /// The backend as a record (its operator-given fields).
+    fn record(&self) -> proto::Server {
+        proto::Server {
+            server_id: self.server_id.clone(),
+            address: self.address.clone(),
+            weight: self.weight,
+            hash_key: self.hash_key.clone(),
+            metadata: self.metadata.clone(),
+            ..Default::default()
+        }
     }
 }
 
@@ -113,39 +123,34 @@ impl ServerUpdate {
         }
     }
 
-    /// Checks every set field with [`dlb::model`].
+    /// Checks every set field with [`model::validate_update`], the check the server applies.
     pub fn validate(&self) -> Result<()> {
-        model::validate_server_id(&self.server_id)?;
-        if let Some(w) = self.weight {
-            model::validate_weight(w)?;
-        }
-        if let Some(a) = &self.address {
-            model::validate_address(a)?;
-        }
-        if let Some(k) = &self.hash_key {
-            model::validate_hash_key(k)?;
-        }
-        if let Some(m) = &self.metadata {
-            model::validate_metadata(m)?;
-        }
+        model::validate_update(&self.clone().request(String::new()))?;
         Ok(())
+    }
+
+    /// The `UpdateServer` request for `service`.
+    fn request(self, service: String) -> proto::UpdateServerRequest {
+        proto::UpdateServerRequest {
+            service,
+            server_id: self.server_id,
+            weight: self.weight,
+            draining: self.draining,
+            address: self.address,
+            hash_key: self.hash_key,
+            replace_metadata: self.metadata.is_some(),
+            metadata: self.metadata.unwrap_or_default(),
+            expected_version: self.expected_version,
+        }
     }
 }
 
 /// Validates a policy as sent by `SetPolicy`: like [`model::validate_policy`], except that
-/// `ALGORITHM_UNSPECIFIED` ("keep the current algorithm") is accepted.
+/// `ALGORITHM_UNSPECIFIED` ("keep the current algorithm") is accepted
+/// ([`model::validate_policy_write`], the check the server's store applies, without the stored
+/// algorithm: the server checks the combination).
 pub fn validate_policy_request(policy: &proto::Policy) -> Result<()> {
-    let mut p = policy.clone();
-    if p.algorithm == proto::Algorithm::Unspecified as i32 {
-        // The stored algorithm is unknown here; substitute one that accepts the other fields so
-        // that only their own ranges are checked. The server checks the combination.
-        p.algorithm = if p.bounded_load_factor != 0.0 {
-            proto::Algorithm::Maglev as i32
-        } else {
-            proto::Algorithm::RoundRobin as i32
-        };
-    }
-    model::validate_policy(&p)?;
+    model::validate_policy_write(policy, None)?;
     Ok(())
 }
 
@@ -274,14 +279,15 @@ impl AdminClient {
         server: NewServer,
     ) -> Result<proto::ServerResponse> {
         let service = model::resolve_service(service)?.to_owned();
-        server.validate()?;
+        let record = server.record();
+        model::validate_backend(&record)?;
         let req = proto::AddServerRequest {
             service,
-            server_id: server.server_id,
-            address: server.address,
-            weight: server.weight,
-            hash_key: server.hash_key,
-            metadata: server.metadata,
+            server_id: record.server_id,
+            address: record.address,
+            weight: record.weight,
+            hash_key: record.hash_key,
+            metadata: record.metadata,
             ..Default::default()
         };
         self.call(|mut c| {
@@ -336,18 +342,8 @@ impl AdminClient {
         update: ServerUpdate,
     ) -> Result<proto::ServerResponse> {
         let service = model::resolve_service(service)?.to_owned();
-        update.validate()?;
-        let req = proto::UpdateServerRequest {
-            service,
-            server_id: update.server_id,
-            weight: update.weight,
-            draining: update.draining,
-            address: update.address,
-            hash_key: update.hash_key,
-            replace_metadata: update.metadata.is_some(),
-            metadata: update.metadata.unwrap_or_default(),
-            expected_version: update.expected_version,
-        };
+        let req = update.request(service);
+        model::validate_update(&req)?;
         self.call(|mut c| {
             let req = req.clone();
             async move { c.update_server(req).await }

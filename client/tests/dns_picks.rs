@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use dlb_client::Client;
-use dlb_server::dns::{DnsConfig, DnsDeclaration};
+use dlb_server::membership::dns::{DnsConfig, DnsDeclaration};
 use dlb_server::ServerConfig;
 use fake_dns::{FakeDns, Mode};
 

@@ -223,7 +223,7 @@ async fn dlbctl_dns_list_shows_a_failing_name() {
     cfg.dns.attempts = 1;
     cfg.dns.retry_min = Duration::from_millis(100);
     cfg.dns.retry_max = Duration::from_millis(200);
-    cfg.dns.services = vec![dlb_server::dns::DnsDeclaration {
+    cfg.dns.services = vec![dlb_server::membership::dns::DnsDeclaration {
         service: "web".into(),
         target: "web.invalid:80".into(),
         weight: 1,

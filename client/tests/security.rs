@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 use dlb_client::admin::ClientTls;
 use dlb_client::Client;
-use dlb_server::auth::AuthConfig;
+use dlb_server::api::auth::AuthConfig;
 
 const ADMIN: &str = "sdk-admin-token-000001";
 

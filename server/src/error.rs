@@ -33,9 +33,6 @@ pub enum Error {
     /// The service does not exist.
     #[error("service {} not found", quoted(.0))]
     ServiceNotFound(String),
-    /// The service already exists (creating it twice).
-    #[error("service {} already exists", quoted(.0))]
-    ServiceExists(String),
     /// The service still has backends (removing it needs `force`).
     #[error(
         "service {} has {backends} backend(s): remove them first, or force the removal",
@@ -142,9 +139,7 @@ impl From<Error> for tonic::Status {
             Error::ServiceNotFound(_) | Error::ServerNotFound { .. } => {
                 tonic::Status::not_found(msg)
             }
-            Error::ServiceExists(_) | Error::AlreadyExists { .. } => {
-                tonic::Status::already_exists(msg)
-            }
+            Error::AlreadyExists { .. } => tonic::Status::already_exists(msg),
             Error::Unavailable { .. } | Error::StorageUnavailable(_) => {
                 tonic::Status::unavailable(msg)
             }

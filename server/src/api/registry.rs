@@ -1,7 +1,9 @@
 //! The `dlb.v1.Registry` gRPC service: admin reads and writes of routing state.
 //!
 //! Every handler validates its request with `dlb::model` (so a malformed call is rejected with
-//! `INVALID_ARGUMENT` naming the field before anything changes), performs one atomic
+//! `INVALID_ARGUMENT` naming the field before anything changes; a backend's fields with
+//! `model::validate_backend` / `validate_update`, the functions the store's plan and the client
+//! call too), performs one atomic
 //! [`Store::apply`](crate::store::Store::apply) (with the request's `expected_version` as a
 //! compare-and-set), waits until the snapshot cache has the new revision (so the caller's next
 //! session read sees it), and counts itself in `dlb_rpcs_total`. Handlers never build pickers:
@@ -16,6 +18,7 @@ use dlb::proto::{self, registry_server::Registry};
 use tonic::{Request, Response, Status};
 
 use crate::api::Shared;
+use crate::health::sources;
 use crate::store::{Applied, Mutation, ServerPatch};
 use crate::Error;
 
@@ -95,20 +98,16 @@ impl RegistryService {
 
     async fn add(&self, req: proto::AddServerRequest) -> Result<proto::ServerResponse, Error> {
         let service = model::resolve_service(&req.service)?.to_owned();
-        model::validate_server_id(&req.server_id)?;
-        model::validate_address(&req.address)?;
-        let weight = if req.weight == 0 { 1 } else { req.weight };
-        model::validate_weight(weight)?;
-        model::validate_hash_key(&req.hash_key)?;
-        model::validate_metadata(&req.metadata)?;
         let server = proto::Server {
             server_id: req.server_id,
             address: req.address,
-            weight,
+            // 0 (unset on the wire) is the default weight.
+            weight: req.weight.max(1),
             hash_key: req.hash_key,
             metadata: req.metadata,
             ..Default::default()
         };
+        model::validate_backend(&server)?;
         let applied = self
             .apply(&service, vec![Mutation::Add(server)], req.expected_version)
             .await?;
@@ -142,21 +141,18 @@ impl RegistryService {
         })
     }
 
+    /// Applies one update of backend `server_id` (`update` builds it from the checked id).
     async fn patch(
         &self,
         service: &str,
         server_id: &str,
-        patch: ServerPatch,
+        update: impl FnOnce(&str) -> Mutation,
         expected_version: Option<u64>,
     ) -> Result<proto::ServerResponse, Error> {
         let service = model::resolve_service(service)?.to_owned();
         model::validate_server_id(server_id)?;
         let applied = self
-            .apply(
-                &service,
-                vec![Mutation::Update(server_id.to_owned(), patch)],
-                expected_version,
-            )
+            .apply(&service, vec![update(server_id)], expected_version)
             .await?;
         if applied.changed {
             tracing::info!(
@@ -174,20 +170,7 @@ impl RegistryService {
         req: proto::UpdateServerRequest,
     ) -> Result<proto::ServerResponse, Error> {
         model::resolve_service(&req.service)?;
-        model::validate_server_id(&req.server_id)?;
-        if let Some(w) = req.weight {
-            model::validate_weight(w)?;
-        }
-        if let Some(a) = &req.address {
-            model::validate_address(a)?;
-        }
-        if let Some(h) = &req.hash_key {
-            model::validate_hash_key(h)?;
-        }
-        // `metadata` is used only when `replace_metadata` is set (ignored otherwise).
-        if req.replace_metadata {
-            model::validate_metadata(&req.metadata)?;
-        }
+        model::validate_update(&req)?;
         let patch = ServerPatch {
             weight: req.weight,
             draining: req.draining,
@@ -196,7 +179,8 @@ impl RegistryService {
             metadata: req.replace_metadata.then_some(req.metadata),
             ..Default::default()
         };
-        self.patch(&req.service, &req.server_id, patch, req.expected_version)
+        let update = |id: &str| Mutation::Update(id.to_owned(), patch);
+        self.patch(&req.service, &req.server_id, update, req.expected_version)
             .await
     }
 
@@ -212,11 +196,8 @@ impl RegistryService {
         {
             return Ok(r);
         }
-        let patch = ServerPatch {
-            admin: Some(verdict),
-            ..Default::default()
-        };
-        self.patch(&req.service, &req.server_id, patch, None).await
+        let admin = |id: &str| sources::admin(id, verdict);
+        self.patch(&req.service, &req.server_id, admin, None).await
     }
 
     async fn list_servers(

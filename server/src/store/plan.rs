@@ -82,6 +82,19 @@ fn finish(
     Ok(server)
 }
 
+/// The record of a backend new to the service (added or declared): its derived fields are
+/// reset and its sources are those of a new backend.
+fn new_record(server: &proto::Server, now_ms: u64) -> Result<proto::Server, Error> {
+    let record = proto::Server {
+        health: 0,
+        reason: String::new(),
+        effective_weight: 0,
+        sources: Some(new_sources()),
+        ..server.clone()
+    };
+    finish(record, None, now_ms)
+}
+
 fn patch_record(
     old: &proto::Server,
     patch: &ServerPatch,
@@ -183,17 +196,7 @@ pub(crate) fn plan(
                         server_id: server.server_id.clone(),
                     });
                 }
-                let record = finish(
-                    proto::Server {
-                        health: 0,
-                        reason: String::new(),
-                        effective_weight: 0,
-                        sources: Some(new_sources()),
-                        ..server.clone()
-                    },
-                    None,
-                    now_ms,
-                )?;
+                let record = new_record(server, now_ms)?;
                 state.servers.insert(id.clone(), Arc::new(record));
                 created_service |= !exists;
                 touched.insert(id.clone());
@@ -218,17 +221,7 @@ pub(crate) fn plan(
                         Some(old),
                         now_ms,
                     )?,
-                    None => finish(
-                        proto::Server {
-                            health: 0,
-                            reason: String::new(),
-                            effective_weight: 0,
-                            sources: Some(new_sources()),
-                            ..server.clone()
-                        },
-                        None,
-                        now_ms,
-                    )?,
+                    None => new_record(server, now_ms)?,
                 };
                 state.servers.insert(id.clone(), Arc::new(record));
                 created_service |= !exists;
@@ -269,12 +262,7 @@ pub(crate) fn plan(
                 return Err(Error::Task("RemoveService is planned apart".into()));
             }
             Mutation::SetPolicy(policy) => {
-                let mut policy = policy.clone();
-                if policy.algorithm == proto::Algorithm::Unspecified as i32 {
-                    policy.algorithm = state.policy.algorithm;
-                }
-                model::validate_policy(&policy)?;
-                state.policy = policy;
+                state.policy = model::validate_policy_write(policy, Some(state.policy.algorithm))?;
                 created_service |= !exists;
             }
         }

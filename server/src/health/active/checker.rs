@@ -318,7 +318,7 @@ impl Checker {
                     let _ = self.writes.send(Write {
                         service: service.clone(),
                         id: s.server_id.as_str().into(),
-                        state: proto::SourceState::default(),
+                        state: crate::health::sources::probe_state(proto::Verdict::Unset, ""),
                         done: None,
                     });
                 }

@@ -1,7 +1,7 @@
 //! The writer: the only place probe verdicts reach the store.
 //!
 //! It takes every queued [`Write`] available at once, keeps the last one per backend, and
-//! applies one `Mutation::Update(id, ServerPatch { probe, .. })` batch per service (a whole
+//! applies one batch of probe-slot updates ([`sources::probe`]) per service (a whole
 //! rack going down is a few store commits, not thousands). Writes are applied in queue order by
 //! this one task, so two verdicts of one backend never land out of order. When a batch fails
 //! (a backend was removed meanwhile: `NOT_FOUND` fails the whole atomic batch), each write is
@@ -13,7 +13,8 @@ use std::sync::Arc;
 use dlb::proto;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::store::{Mutation, ServerPatch, Store};
+use crate::health::sources;
+use crate::store::{Mutation, Store};
 use crate::Error;
 
 /// A new probe verdict for one backend.
@@ -24,16 +25,6 @@ pub(crate) struct Write {
     pub state: proto::SourceState,
     /// Told the outcome (the service's version after the write).
     pub done: Option<oneshot::Sender<Result<proto::Version, Error>>>,
-}
-
-fn mutation(id: &str, state: &proto::SourceState) -> Mutation {
-    Mutation::Update(
-        id.to_owned(),
-        ServerPatch {
-            probe: Some(state.clone()),
-            ..Default::default()
-        },
-    )
 }
 
 fn reply(
@@ -80,7 +71,10 @@ pub(crate) async fn run(
             e.1.extend(w.done);
         }
         for (service, writes) in by_service {
-            let batch: Vec<Mutation> = writes.iter().map(|(id, (s, _))| mutation(id, s)).collect();
+            let batch: Vec<Mutation> = writes
+                .iter()
+                .map(|(id, (s, _))| sources::probe(id, s))
+                .collect();
             match store.apply(service.to_string(), batch, None).await {
                 Ok(applied) => {
                     let r = Ok(applied.version);
@@ -91,7 +85,7 @@ pub(crate) async fn run(
                 Err(_) => {
                     for (id, (state, dones)) in writes {
                         let r = store
-                            .apply(service.to_string(), vec![mutation(&id, &state)], None)
+                            .apply(service.to_string(), vec![sources::probe(&id, &state)], None)
                             .await
                             .map(|a| a.version);
                         if let Err(e) = &r {

@@ -7,7 +7,7 @@
 //! ([`Window::take`]: per backend, the count-weighted mean when the calls reached
 //! `min_requests`), adds the probe RTTs where active checks run, and hands the samples to the
 //! pure decision [`dlb::adaptive::decide`]. Only the shares that change are written, as
-//! `Mutation::Update(id, ServerPatch { latency: Some(LatencyState { .. }) })`, so the effective
+//! latency-slot updates (`health::sources::latency`), so the effective
 //! weight, the reason and the push to every SDK come from the core ([`dlb::sources`]).
 //!
 //! Reported values are client input: a latency that is not finite or is negative is ignored, a

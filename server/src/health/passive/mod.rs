@@ -5,7 +5,7 @@
 //! that does not fit is dropped and counted). That task **owns all detector state** (one
 //! [`detector::Detector`] per service with outlier detection on), so the outcomes of every SDK
 //! are summed in one place and decisions never split. Ejections and returns reach the store
-//! only as `Mutation::Update(id, ServerPatch { outlier: Some(SourceState { .. }) })`, so the
+//! only as outlier-slot updates (`health::sources::ejected` and `returned`), so the
 //! effective state, the reason and the push to every SDK come from the core
 //! ([`dlb::sources`]): outlier `UNHEALTHY` takes precedence over the probe source, so a passing
 //! active check never reinstates an ejected backend early.
@@ -48,12 +48,12 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::cache::Cache;
+use crate::health::sources;
 use crate::health::HealthHandle;
 use crate::replicas::Coordination;
 use crate::reports::Reports;
 use crate::reports::{forward, Report};
 use crate::store::Store;
-use crate::store::{Mutation, ServerPatch};
 use detector::{Action, Detector};
 
 /// How often the detectors' clocks run.
@@ -395,14 +395,7 @@ async fn write_latency(ctx: &Context, service: &str, decisions: Vec<Decision>) {
     for d in decisions {
         tracing::info!(service, server_id = %d.id, percent = d.percent, detail = %d.detail,
             "adaptive weight");
-        let patch = ServerPatch {
-            latency: Some(proto::LatencyState {
-                weight_percent: d.percent,
-                detail: dlb::model::prefix(&d.detail, dlb::sources::MAX_DETAIL_LEN).to_owned(),
-            }),
-            ..Default::default()
-        };
-        let m = vec![Mutation::Update(d.id.clone(), patch)];
+        let m = vec![sources::latency(&d)];
         if let Err(e) = ctx.leader_store.apply(service.to_owned(), m, None).await {
             tracing::debug!(service, server_id = %d.id, error = %e, "latency write failed");
         }
@@ -458,36 +451,24 @@ fn on_tick(
 /// Writes the actions, one store write each (a backend removed meanwhile fails alone).
 async fn write(ctx: &Context, service: &str, actions: Vec<Action>) {
     for action in actions {
-        let (id, state) = match action {
+        let (id, m) = match action {
             Action::Eject { id, detail, .. } => {
                 tracing::warn!(service, server_id = %id, %detail, "outlier ejected");
                 ctx.metrics.ejection(service);
-                (
-                    id,
-                    proto::SourceState {
-                        verdict: proto::Verdict::Unhealthy as i32,
-                        detail: dlb::model::prefix(&detail, dlb::sources::MAX_DETAIL_LEN)
-                            .to_owned(),
-                    },
-                )
+                let m = sources::ejected(&id, &detail);
+                (id, m)
             }
             Action::Return { id } => {
                 tracing::info!(service, server_id = %id, "outlier returned");
-                (
-                    id,
-                    proto::SourceState {
-                        verdict: proto::Verdict::Healthy as i32,
-                        detail: "returned".to_owned(),
-                    },
-                )
+                let m = sources::returned(&id);
+                (id, m)
             }
         };
-        let patch = ServerPatch {
-            outlier: Some(state),
-            ..Default::default()
-        };
-        let m = vec![Mutation::Update(id.clone(), patch)];
-        if let Err(e) = ctx.leader_store.apply(service.to_owned(), m, None).await {
+        if let Err(e) = ctx
+            .leader_store
+            .apply(service.to_owned(), vec![m], None)
+            .await
+        {
             tracing::debug!(service, server_id = %id, error = %e, "outlier write failed");
         }
     }

@@ -164,29 +164,19 @@ impl Checker {
         let changed = verdict != t.published;
         t.published = verdict;
         t.published_hold = hold_no;
-        let mut detail = detail;
-        if detail.len() > dlb::sources::MAX_DETAIL_LEN {
-            let mut end = dlb::sources::MAX_DETAIL_LEN;
-            while !detail.is_char_boundary(end) {
-                end -= 1;
-            }
-            detail.truncate(end);
-        }
+        let state = crate::health::sources::probe_state(verdict, &detail);
         match verdict {
             _ if !changed => {}
             proto::Verdict::Healthy => self.metrics.transition("healthy"),
             proto::Verdict::Unhealthy => self.metrics.transition("unhealthy"),
             proto::Verdict::Unset => {}
         }
-        tracing::info!(service = %key.0, server_id = %key.1, verdict = verdict.as_str_name(), %detail, "probe verdict changed");
+        tracing::info!(service = %key.0, server_id = %key.1, verdict = verdict.as_str_name(), detail = %state.detail, "probe verdict changed");
         let (tx, rx) = oneshot::channel();
         let _ = self.writes.send(Write {
             service: key.0.clone(),
             id: key.1.clone(),
-            state: proto::SourceState {
-                verdict: verdict as i32,
-                detail,
-            },
+            state,
             done: Some(tx),
         });
         Some(rx)
