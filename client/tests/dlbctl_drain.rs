@@ -160,3 +160,95 @@ async fn drain_and_remove_wait_on_the_barrier_with_documented_exit_codes() {
         assert_eq!(out.code, 2, "{args:?}: {}", out.stderr);
     }
 }
+
+/// `dlbctl register` killed by SIGTERM while 20 SDKs pick: it drains, waits on the barrier,
+/// deregisters and exits 0; from the moment it exits, no SDK picks the backend.
+#[tokio::test]
+async fn register_drains_and_waits_on_sigterm() {
+    use std::process::Stdio;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let server = dlb_server::spawn(config(vec![service_with("web", &["other"])]))
+        .await
+        .unwrap();
+    let ep = endpoint(&server);
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_dlbctl"))
+        .args(["--endpoint", &ep, "--service", "web", "register", "s1"])
+        .args(["127.0.0.1:9100", "--ttl", "30", "--drain-timeout", "30s"])
+        .env_remove("DLB_ENDPOINT")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = within("registration", lines.next_line())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(first.starts_with("registered s1"), "{first}");
+
+    let mut sdks = Vec::new();
+    for i in 0..20 {
+        let client = Client::builder([ep.clone()])
+            .client_id(format!("picker-{i}"))
+            .connect()
+            .await
+            .unwrap();
+        let h = client.service("web").await.unwrap();
+        eventually("the SDK sees s1", || picked(&h, 4).contains("s1")).await;
+        sdks.push((client, h));
+    }
+    // Every SDK picks continuously until the process has exited.
+    let exited = Arc::new(AtomicBool::new(false));
+    let mut pickers = Vec::new();
+    for (_, h) in &sdks {
+        let (h, exited) = (h.clone(), exited.clone());
+        pickers.push(tokio::spawn(async move {
+            let mut after_exit = 0u64;
+            loop {
+                let done = exited.load(Ordering::SeqCst);
+                if let Ok(g) = h.get_next_server(None) {
+                    if done && g.server_id() == "s1" {
+                        after_exit += 1;
+                    }
+                }
+                if done {
+                    return after_exit;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        }));
+    }
+    let pid = child.id().expect("running").to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let mut rest = Vec::new();
+    while let Some(line) = within("dlbctl output", lines.next_line()).await.unwrap() {
+        rest.push(line);
+    }
+    let status = within("dlbctl to exit", child.wait()).await.unwrap();
+    exited.store(true, Ordering::SeqCst);
+    let out = rest.join("\n");
+    assert!(status.success(), "{status}: {out}");
+    for p in pickers {
+        assert_eq!(p.await.unwrap(), 0, "a pick reached s1 after dlbctl exited");
+    }
+    for (_, h) in &sdks {
+        assert!(picked(h, 20).iter().all(|id| id != "s1"));
+    }
+    let order: Vec<usize> = ["draining s1", "barrier: confirmed", "deregistered s1"]
+        .iter()
+        .map(|s| {
+            out.find(s)
+                .unwrap_or_else(|| panic!("{s:?} missing: {out}"))
+        })
+        .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "{out}");
+    assert!(out.contains("20 client(s) confirmed"), "{out}");
+}

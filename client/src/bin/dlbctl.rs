@@ -308,13 +308,17 @@ async fn run(cli: Cli, interrupts: Option<membership::Interrupts>) -> Result<(),
             weight,
             ttl,
             meta,
+            drain_timeout,
+            in_flight_zero,
+            no_drain,
         } => {
+            let drain = drain::wait(!no_drain, in_flight_zero, drain_timeout);
             let mut lease = dlb_client::Lease::new(id, address)
                 .weight(weight)
                 .ttl(std::time::Duration::from_secs(ttl));
             lease.metadata = parse_meta(&meta)?;
             let interrupts = interrupts.unwrap_or_else(membership::Interrupts::install);
-            membership::register(&admin, &service, lease, j, interrupts).await?;
+            membership::register(&admin, &service, lease, j, interrupts, drain).await?;
         }
         Command::Dns(cmd) => membership::dns(&admin, &service, "", cmd, j).await?,
         Command::Policy(PolicyCommand::Get) => {

@@ -203,6 +203,17 @@ pub(crate) enum Command {
         /// Label, key=value (repeatable).
         #[arg(long = "meta", value_name = "KEY=VALUE")]
         meta: Vec<String>,
+        /// On SIGTERM / Ctrl-C, before deregistering: drain the backend and wait on the drain
+        /// barrier at most this long (30s, 500ms, 2m; 1ms..=1h). Exit 6 after deregistering
+        /// if it passes first.
+        #[arg(long, value_parser = crate::drain::parse_timeout, default_value = "30s")]
+        drain_timeout: u32,
+        /// On SIGTERM, also wait until no call is in flight on the backend.
+        #[arg(long, conflicts_with = "no_drain")]
+        in_flight_zero: bool,
+        /// On SIGTERM, deregister at once (no drain, no barrier).
+        #[arg(long)]
+        no_drain: bool,
     },
     /// DNS discovery: declare, remove or list the DNS names services follow.
     #[command(subcommand)]
