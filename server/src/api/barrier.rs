@@ -15,8 +15,18 @@
 //!   [`discovery::acks::AckBook`] and [`xds::XdsClients`] counters) or a load report moves the
 //!   in-flight sums; a 100 ms tick catches stall cut-offs passing. Each check is
 //!   O(sessions + streams) under short per-client locks, never across an `.await`.
+//! * **Several replicas** (etcd): the waiting replica posts the request on the
+//!   [board](crate::replicas::board); every other replica answers with its own clients' check
+//!   ([`answer_requests`], polling the board every 100 ms), and the wait counts every live
+//!   member's answer: a member that has not answered yet is pending (kind `replica`). The
+//!   in-flight count is the sum of every replica's own.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+
+use prost::Message;
 
 use dlb::model::ValidationError;
 use dlb::proto;
@@ -75,10 +85,16 @@ impl Wait {
     }
 }
 
+/// Source of barrier ids on this replica.
+static NEXT_BARRIER: AtomicU64 = AtomicU64::new(0);
+
 /// One check of the barrier.
+#[derive(Debug, Default)]
 struct Check {
     confirmed: u32,
     pending: Vec<proto::BarrierClient>,
+    /// Pending clients other replicas counted but did not list.
+    pending_unlisted: u32,
     stalled: Vec<proto::BarrierClient>,
     in_flight: u64,
 }
@@ -97,12 +113,16 @@ pub(crate) async fn wait(
     let mut xds_acks = shared.xds_clients.subscribe();
     let mut loads = shared.loads.subscribe();
     let mut stopped = false;
+    let posted = post(shared, service, server_id, version).await;
     let (check, ended) = loop {
         // Marked seen before the check: a change during it wakes the next wait.
         acks.borrow_and_update();
         xds_acks.borrow_and_update();
         loads.borrow_and_update();
-        let check = check(shared, service, server_id, version, wait.in_flight_zero);
+        let mut check = check(shared, service, server_id, version, wait.in_flight_zero);
+        if let Some((board, id)) = &posted {
+            merge_answers(shared, &**board, id, version, &mut check).await;
+        }
         if check.pending.is_empty() && (!wait.in_flight_zero || check.in_flight == 0) {
             let ended = if wait.in_flight_zero {
                 proto::BarrierEnd::InFlightZero
@@ -125,13 +145,20 @@ pub(crate) async fn wait(
         }
     };
     let waited = start.elapsed();
+    if let Some((board, id)) = &posted {
+        if let Err(e) = board.withdraw(id).await {
+            tracing::warn!(error = %e, "drain barrier: could not withdraw the request; it goes with this replica's lease");
+        }
+    }
     let label = match ended {
         proto::BarrierEnd::Confirmed => "confirmed",
         proto::BarrierEnd::InFlightZero => "in_flight_zero",
         _ => "deadline",
     };
     shared.metrics.barrier(label, waited.as_secs_f64());
-    let pending_total = u32::try_from(check.pending.len()).unwrap_or(u32::MAX);
+    let pending_total = u32::try_from(check.pending.len())
+        .unwrap_or(u32::MAX)
+        .saturating_add(check.pending_unlisted);
     let mut pending = check.pending;
     pending.truncate(MAX_LISTED);
     let mut stalled = check.stalled;
@@ -159,6 +186,141 @@ pub(crate) async fn wait(
     }
 }
 
+/// Posts the barrier on the board, when there are other replicas; the board and the id.
+async fn post(
+    shared: &Shared,
+    service: &str,
+    server_id: &str,
+    version: u64,
+) -> Option<(Arc<dyn crate::replicas::board::Board>, String)> {
+    let board = shared.board.clone()?;
+    let n = NEXT_BARRIER.fetch_add(1, Ordering::Relaxed) + 1;
+    let request = crate::replicas::board::Request {
+        id: format!("{n}@{}", shared.replica_id),
+        version,
+        service: service.to_owned(),
+        server_id: server_id.to_owned(),
+    };
+    if let Err(e) = board.post(&request).await {
+        // The other replicas cannot answer: each stays pending (named) until the deadline.
+        tracing::warn!(error = %e, "drain barrier: could not post the request to the other replicas");
+    }
+    Some((board, request.id))
+}
+
+/// Adds the other live replicas' answers to `check`; a replica without an answer for
+/// `version` is pending.
+async fn merge_answers(
+    shared: &Shared,
+    board: &dyn crate::replicas::board::Board,
+    id: &str,
+    version: u64,
+    check: &mut Check,
+) {
+    let answers: HashMap<String, Vec<u8>> = match board.answers(id).await {
+        Ok(a) => a.into_iter().collect(),
+        Err(e) => {
+            tracing::debug!(error = %e, "drain barrier: could not read the other replicas' answers");
+            HashMap::new()
+        }
+    };
+    let members = shared.members.borrow().clone();
+    for m in members.ids() {
+        if **m == *shared.replica_id {
+            continue;
+        }
+        let answer = answers
+            .get(&**m)
+            .and_then(|a| proto::DrainBarrier::decode(a.as_slice()).ok())
+            .filter(|a| a.version == version);
+        match answer {
+            Some(a) => {
+                check.confirmed = check.confirmed.saturating_add(a.confirmed);
+                let unlisted = a
+                    .pending_total
+                    .saturating_sub(u32::try_from(a.pending.len()).unwrap_or(u32::MAX));
+                check.pending_unlisted = check.pending_unlisted.saturating_add(unlisted);
+                check.pending.extend(a.pending);
+                check.stalled.extend(a.stalled);
+                check.in_flight = check.in_flight.saturating_add(a.in_flight);
+            }
+            None => check.pending.push(proto::BarrierClient {
+                kind: "replica".into(),
+                id: m.to_string(),
+                replica: m.to_string(),
+                acked_version: 0,
+                peer: String::new(),
+            }),
+        }
+    }
+}
+
+/// Answers the other replicas' barrier requests with this replica's own clients, until the
+/// task is dropped: polls the board every [`crate::replicas::board::POLL`], and posts an answer
+/// when it changed (its own requests are answered by the waiting call itself).
+pub(crate) async fn answer_requests(
+    shared: Arc<Shared>,
+    board: Arc<dyn crate::replicas::board::Board>,
+) {
+    let mine = format!("@{}", shared.replica_id);
+    let mut last: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut acks = shared.acks.subscribe();
+    let mut xds_acks = shared.xds_clients.subscribe();
+    let mut loads = shared.loads.subscribe();
+    loop {
+        match board.requests().await {
+            Ok(requests) => {
+                last.retain(|id, _| requests.iter().any(|r| &r.id == id));
+                for r in requests.iter().filter(|r| !r.id.ends_with(&mine)) {
+                    let c = check(&shared, &r.service, &r.server_id, r.version, true);
+                    let answer = local_answer(c, r.version).encode_to_vec();
+                    if last.get(&r.id) == Some(&answer) {
+                        continue;
+                    }
+                    match board.answer(&r.id, answer.clone()).await {
+                        Ok(()) => {
+                            last.insert(r.id.clone(), answer);
+                        }
+                        Err(e) => tracing::debug!(error = %e, "drain barrier: answer not posted"),
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "drain barrier: requests not read"),
+        }
+        // While a request is open, local changes answer at once; otherwise the next poll.
+        let poll = tokio::time::sleep(crate::replicas::board::POLL);
+        if last.is_empty() {
+            poll.await;
+        } else {
+            tokio::select! {
+                _ = acks.changed() => {}
+                _ = xds_acks.changed() => {}
+                _ = loads.changed() => {}
+                () = poll => {}
+            }
+        }
+    }
+}
+
+/// This replica's answer to a request for `version`.
+fn local_answer(c: Check, version: u64) -> proto::DrainBarrier {
+    let pending_total = u32::try_from(c.pending.len()).unwrap_or(u32::MAX);
+    let mut pending = c.pending;
+    pending.truncate(MAX_LISTED);
+    let mut stalled = c.stalled;
+    stalled.truncate(MAX_LISTED);
+    proto::DrainBarrier {
+        ended: proto::BarrierEnd::Unspecified as i32,
+        version,
+        confirmed: c.confirmed,
+        pending,
+        pending_total,
+        stalled,
+        in_flight: c.in_flight,
+        waited_ms: 0,
+    }
+}
+
 /// Who has confirmed `version` of `service` now.
 fn check(
     shared: &Shared,
@@ -170,12 +332,7 @@ fn check(
     let now = Instant::now();
     let stall = shared.stall_deadline;
     let stalled_since = |since: Option<Instant>| since.is_some_and(|t| now >= t + stall);
-    let mut out = Check {
-        confirmed: 0,
-        pending: Vec::new(),
-        stalled: Vec::new(),
-        in_flight: 0,
-    };
+    let mut out = Check::default();
     let replica = shared.replica_id.to_string();
     for f in shared.acks.followers(service) {
         let discovery::acks::Follower {

@@ -73,4 +73,8 @@ pub(crate) struct Shared {
     pub xds_clients: Arc<xds::XdsClients>,
     /// This replica's id (named in a barrier's answer).
     pub replica_id: Arc<str>,
+    /// Where drain barriers meet the other replicas (`None`: no other replicas).
+    pub board: Option<Arc<dyn crate::replicas::board::Board>>,
+    /// The live replicas (a barrier waits for each one's answer).
+    pub members: tokio::sync::watch::Receiver<crate::replicas::Members>,
 }

@@ -226,7 +226,18 @@ async fn start(
         acks: Default::default(),
         xds_clients: xds_clients.clone(),
         replica_id: coordination.replica_id().clone(),
+        board: coordination.board(),
+        members: coordination.members(),
     });
+    if let Some(board) = shared.board.clone() {
+        let (shared, stop) = (shared.clone(), shutdown.clone());
+        shutdown.spawn(async move {
+            tokio::select! {
+                () = crate::api::barrier::answer_requests(shared, board) => {}
+                () = stop.stopped() => {}
+            }
+        });
+    }
     shutdown.spawn(
         cache
             .clone()
