@@ -3,17 +3,18 @@
 //! version in which the backend takes no new calls — and, optionally, until the backend's
 //! global in-flight count (summed from the SDKs' load reports) is 0, or until a deadline.
 //!
-//! * **Who counts**: every DLB session following the service ([`discovery::acks`]: confirmed
-//!   once its Ack names V or newer) and every xDS stream subscribed to the service's endpoints
-//!   (EDS, by name or wildcard; [`xds::clients`]: confirmed once it acknowledged endpoints built
-//!   from V or newer, or endpoints with the same content as the current ones — a drain that
-//!   changes nothing an xDS client sees sends it nothing).
+//! * **Who counts**: every DLB session following the service
+//!   ([`crate::api::discovery::acks`]: confirmed once its Ack names V or newer) and every xDS
+//!   stream subscribed to the service's endpoints (EDS, by name or wildcard;
+//!   [`xds::clients`]: confirmed once it acknowledged endpoints built from V or newer, or
+//!   endpoints with the same content as the current ones — a drain that changes nothing an xDS
+//!   client sees sends it nothing).
 //! * **Stalled clients** do not block: a client whose update has waited for its Ack longer
 //!   than the session stall cut-off (`stall_deadline`) no longer counts, and the answer lists
 //!   it under `stalled`.
 //! * **No polling on the common path**: the wait re-checks whenever an Ack arrives (the
-//!   [`discovery::acks::AckBook`] and [`xds::XdsClients`] counters) or a load report moves the
-//!   in-flight sums; a 100 ms tick catches stall cut-offs passing. Each check is
+//!   [`crate::api::discovery::acks::AckBook`] and [`xds::XdsClients`] counters) or a load
+//!   report moves the in-flight sums; a 100 ms tick catches stall cut-offs passing. Each check is
 //!   O(sessions + streams) under short per-client locks, never across an `.await`.
 //! * **Several replicas** (etcd): the waiting replica posts the request on the
 //!   [board](crate::replicas::board); every other replica answers with its own clients' check
@@ -32,7 +33,7 @@ use dlb::model::ValidationError;
 use dlb::proto;
 use tokio::time::Instant;
 
-use crate::api::{discovery, xds, Shared};
+use crate::api::{xds, Shared};
 use crate::Error;
 
 /// The deadline when a request leaves `timeout_ms` at 0.
@@ -160,6 +161,8 @@ pub(crate) async fn wait(
         .unwrap_or(u32::MAX)
         .saturating_add(check.pending_unlisted);
     let mut pending = check.pending;
+    let order = |c: &proto::BarrierClient| (c.replica.clone(), c.kind.clone(), c.id.clone());
+    pending.sort_by_key(order);
     pending.truncate(MAX_LISTED);
     let mut stalled = check.stalled;
     stalled.truncate(MAX_LISTED);
@@ -334,28 +337,26 @@ fn check(
     let stalled_since = |since: Option<Instant>| since.is_some_and(|t| now >= t + stall);
     let mut out = Check::default();
     let replica = shared.replica_id.to_string();
-    for f in shared.acks.followers(service) {
-        let discovery::acks::Follower {
-            client_id,
-            peer,
-            state,
-            ..
-        } = f;
-        let client = || proto::BarrierClient {
-            kind: "sdk".into(),
-            id: client_id.clone(),
-            replica: replica.clone(),
-            acked_version: state.acked,
-            peer: peer.clone(),
-        };
-        if state.acked >= version {
-            out.confirmed += 1;
-        } else if stalled_since(state.waiting_since) {
-            out.stalled.push(client());
-        } else {
-            out.pending.push(client());
-        }
-    }
+    shared
+        .acks
+        .for_each_follower(service, |client_id, peer, state| {
+            if state.acked >= version {
+                out.confirmed += 1;
+                return;
+            }
+            let client = proto::BarrierClient {
+                kind: "sdk".into(),
+                id: client_id.to_owned(),
+                replica: replica.clone(),
+                acked_version: state.acked,
+                peer: peer.to_owned(),
+            };
+            if stalled_since(state.waiting_since) {
+                out.stalled.push(client);
+            } else {
+                out.pending.push(client);
+            }
+        });
     let current = xds::built(&shared.cache, xds::resources::ENDPOINTS, service).map(|b| b.held());
     shared.xds_clients.for_each(|c| {
         let Some(t) = c.types.get(xds::resources::ENDPOINTS) else {

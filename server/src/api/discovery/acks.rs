@@ -92,6 +92,19 @@ impl AckBook {
         self.changed.send_modify(|g| *g = g.wrapping_add(1));
     }
 
+    /// Runs `f` on each session following `service` (client id, peer, state), each under its
+    /// own lock, briefly, in no particular order: O(sessions), nothing copied.
+    pub fn for_each_follower(&self, service: &str, mut f: impl FnMut(&str, &str, Followed)) {
+        let sessions: Vec<Arc<Mutex<SessionAcks>>> =
+            self.sessions.lock().values().cloned().collect();
+        for s in sessions {
+            let s = s.lock();
+            if let Some(state) = s.services.get(service) {
+                f(&s.client_id, &s.peer, *state);
+            }
+        }
+    }
+
     /// The sessions following `service`, ordered by session id.
     pub fn followers(&self, service: &str) -> Vec<Follower> {
         let sessions: Vec<(u64, Arc<Mutex<SessionAcks>>)> = self
