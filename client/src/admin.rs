@@ -387,7 +387,7 @@ impl AdminClient {
     }
 
     /// This client with room in each call's deadline for the barrier's.
-    fn waiting(&self, wait: &proto::BarrierWait) -> Self {
+    pub(crate) fn waiting(&self, wait: &proto::BarrierWait) -> Self {
         let barrier = match wait.timeout_ms {
             0 => DEFAULT_BARRIER_TIMEOUT,
             ms => Duration::from_millis(ms.into()),

@@ -371,3 +371,58 @@ async fn an_xds_client_confirms_by_acknowledging_the_endpoints() {
         .unwrap();
     assert_eq!((b.ended(), b.confirmed), (proto::BarrierEnd::Confirmed, 1));
 }
+
+#[tokio::test]
+async fn a_lease_owned_backend_deregisters_itself_after_the_barrier() {
+    use dlb::proto::membership_client::MembershipClient;
+    let server = start().await;
+    seed(&server).await;
+    let mut m = MembershipClient::new(channel(&server).await);
+    m.register(proto::RegisterRequest {
+        service: SERVICE.into(),
+        server_id: "self".into(),
+        address: "127.0.0.1:9".into(),
+        ttl_seconds: 60,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (_c, h) = sdk(&server, 0).await;
+    let (_silent, _) = silent_session(&server).await;
+    let r = m
+        .deregister(proto::DeregisterRequest {
+            service: SERVICE.into(),
+            server_id: "self".into(),
+            drain: wait(false, 800),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // The barrier ran on the drain (the SDK confirmed, the silent session is named), then the
+    // backend went whatever ended the wait.
+    let b = r.barrier.unwrap();
+    assert_eq!(b.ended(), proto::BarrierEnd::Deadline, "{b:?}");
+    assert_eq!((b.confirmed, b.pending_total), (1, 1), "{b:?}");
+    assert!(h.version().version >= b.version);
+    assert!(b.version < r.version.unwrap().version);
+    // An API-owned backend cannot drain itself through Membership.
+    let e = m
+        .deregister(proto::DeregisterRequest {
+            service: SERVICE.into(),
+            server_id: "a".into(),
+            drain: wait(false, 800),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    let list = registry(&server)
+        .await
+        .list_servers(proto::ListServersRequest {
+            service: SERVICE.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.servers.iter().all(|s| s.server_id != "self"));
+    assert!(list.servers.iter().all(|s| !s.draining), "a was drained");
+}
