@@ -1,6 +1,7 @@
 //! The drain barrier over several `dlbd` replicas on a real etcd (feature `etcd`): the
-//! acknowledgements of every replica's clients count, a silent session on another replica is
-//! named with its replica at the deadline. Each test starts its own etcd (`etcd_support`).
+//! acknowledgements of every replica's clients count (50 SDKs over two replicas), a silent
+//! session on another replica is named with its replica at the deadline. Each test starts its
+//! own etcd (`etcd_support`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -65,7 +66,7 @@ async fn every_replicas_clients_confirm() {
             .unwrap();
     }
     let mut sdks = Vec::new();
-    for i in 0..6 {
+    for i in 0..50 {
         sdks.push(sdk(if i % 2 == 0 { &r0 } else { &r1 }, i).await);
     }
 
@@ -79,7 +80,7 @@ async fn every_replicas_clients_confirm() {
     let v = resp.version.unwrap().version;
     let b = resp.barrier.unwrap();
     assert_eq!(b.ended(), proto::BarrierEnd::Confirmed, "{b:?}");
-    assert_eq!((b.confirmed, b.pending_total), (6, 0), "{b:?}");
+    assert_eq!((b.confirmed, b.pending_total), (50, 0), "{b:?}");
     assert!(versions.iter().all(|&x| x >= v), "{versions:?} < {v}");
 
     // A session on r1 that never acknowledges: named with its replica at the deadline.
@@ -100,7 +101,7 @@ async fn every_replicas_clients_confirm() {
         .barrier
         .unwrap();
     assert_eq!(b.ended(), proto::BarrierEnd::Deadline, "{b:?}");
-    assert_eq!((b.confirmed, b.pending_total), (6, 1), "{b:?}");
+    assert_eq!((b.confirmed, b.pending_total), (50, 1), "{b:?}");
     let p = &b.pending[0];
     assert_eq!(
         (p.kind.as_str(), p.id.as_str(), p.replica.as_str()),
@@ -119,7 +120,7 @@ async fn every_replicas_clients_confirm() {
         .unwrap();
     assert_eq!(
         (b.ended(), b.confirmed),
-        (proto::BarrierEnd::Confirmed, 6),
+        (proto::BarrierEnd::Confirmed, 50),
         "{b:?}"
     );
     let mut client = etcd_client::Client::connect([etcd.endpoint()], None)

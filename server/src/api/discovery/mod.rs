@@ -45,8 +45,8 @@
 //!   naming `service` otherwise, `RESOURCE_EXHAUSTED` naming the limit past a bound). Names it
 //!   follows that the store does not hold keep a cache entry only while followed. With every
 //!   bound reached a session holds about 8 MB (its subscriptions, Nack cool-downs, the cache
-//!   entries of the names it follows) plus its outbound queue; all of it goes when it ends or
-//!   unsubscribes.
+//!   entries of the names it follows, its ack record per followed service for the drain
+//!   barrier) plus its outbound queue; all of it goes when it ends or unsubscribes.
 //! * **Readiness** ([`crate::readiness`]): a replica out of step with its store refuses new
 //!   sessions with `UNAVAILABLE`, and past the going-away bound sends open ones `GoingAway`.
 
