@@ -223,6 +223,7 @@ async fn register_drains_and_waits_on_sigterm() {
         }));
     }
     let pid = child.id().expect("running").to_string();
+    let signalled = std::time::Instant::now();
     assert!(std::process::Command::new("kill")
         .args(["-TERM", &pid])
         .status()
@@ -234,6 +235,14 @@ async fn register_drains_and_waits_on_sigterm() {
     }
     let status = within("dlbctl to exit", child.wait()).await.unwrap();
     exited.store(true, Ordering::SeqCst);
+    // Reported, not asserted (this VM stalls): SIGTERM to exit against the barrier's own wait.
+    eprintln!(
+        "dlbctl register: SIGTERM to exit {:?}; {}",
+        signalled.elapsed(),
+        rest.iter()
+            .find(|l| l.starts_with("barrier:"))
+            .map_or("", |l| l.as_str())
+    );
     let out = rest.join("\n");
     assert!(status.success(), "{status}: {out}");
     for p in pickers {
