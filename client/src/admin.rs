@@ -154,6 +154,24 @@ pub fn validate_policy_request(policy: &proto::Policy) -> Result<()> {
     Ok(())
 }
 
+/// The drain barrier's deadline when a request leaves `timeout_ms` at 0 (as `dlbd`).
+pub const DEFAULT_BARRIER_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest drain-barrier deadline `dlbd` accepts, in milliseconds (1 h).
+pub const MAX_BARRIER_TIMEOUT_MS: u32 = 3_600_000;
+
+/// Checks a drain barrier's wait option as `dlbd` does.
+pub fn validate_wait(wait: &proto::BarrierWait) -> Result<()> {
+    if wait.timeout_ms > MAX_BARRIER_TIMEOUT_MS {
+        return Err(model::ValidationError::new(
+            "wait.timeout_ms",
+            wait.timeout_ms,
+            format!("at most {MAX_BARRIER_TIMEOUT_MS} (1 h)"),
+        )
+        .into());
+    }
+    Ok(())
+}
+
 /// Client of the `Registry` RPCs over one or more control-plane endpoints. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct AdminClient {
@@ -313,6 +331,71 @@ impl AdminClient {
             async move { c.remove_server(req).await }
         })
         .await
+    }
+
+    /// `RemoveServer` with a drain barrier: deregisters a backend, then waits until every client
+    /// following the service has acknowledged a version without it, or `wait`'s deadline
+    /// (`docs/drain.md`). The call's own deadline is the usual one plus the barrier's.
+    pub async fn remove_server_waiting(
+        &self,
+        service: &str,
+        server_id: &str,
+        wait: proto::BarrierWait,
+    ) -> Result<proto::RemoveServerResponse> {
+        let req = proto::RemoveServerRequest {
+            service: model::resolve_service(service)?.to_owned(),
+            server_id: checked_id(server_id)?,
+            wait: Some(wait),
+            ..Default::default()
+        };
+        self.waiting(&wait)
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.remove_server(req).await }
+            })
+            .await
+    }
+
+    /// `DrainServer`: marks a backend draining (no new calls) and, with `wait`, waits on the
+    /// drain barrier (`docs/drain.md`): until every client following the service has
+    /// acknowledged the drain (and, with `in_flight_zero`, the backend's global in-flight count
+    /// is 0), or the deadline. Idempotent: retried on the next endpoint when one is unavailable.
+    pub async fn drain_server(
+        &self,
+        service: &str,
+        server_id: &str,
+        wait: Option<proto::BarrierWait>,
+    ) -> Result<proto::DrainServerResponse> {
+        if let Some(w) = &wait {
+            validate_wait(w)?;
+        }
+        let req = proto::DrainServerRequest {
+            service: model::resolve_service(service)?.to_owned(),
+            server_id: checked_id(server_id)?,
+            wait,
+            ..Default::default()
+        };
+        let this = match &wait {
+            Some(w) => self.waiting(w),
+            None => self.clone(),
+        };
+        this.call(|mut c| {
+            let req = req.clone();
+            async move { c.drain_server(req).await }
+        })
+        .await
+    }
+
+    /// This client with room in each call's deadline for the barrier's.
+    pub(crate) fn waiting(&self, wait: &proto::BarrierWait) -> Self {
+        let barrier = match wait.timeout_ms {
+            0 => DEFAULT_BARRIER_TIMEOUT,
+            ms => Duration::from_millis(ms.into()),
+        };
+        Self {
+            request_timeout: self.request_timeout + barrier,
+            ..self.clone()
+        }
     }
 
     /// `RemoveService`: removes a service (its policy and health check). A service that still

@@ -140,6 +140,7 @@ impl AdminClient {
         let req = proto::DeregisterRequest {
             service: model::resolve_service(service)?.to_owned(),
             server_id: server_id.to_owned(),
+            drain: None,
         };
         model::validate_server_id(server_id)?;
         self.call_with(membership, |mut c| {
@@ -147,6 +148,30 @@ impl AdminClient {
             async move { c.deregister(req).await }
         })
         .await
+    }
+
+    /// `Membership.Deregister` with a drain: the backend asks for itself to go safely — drained,
+    /// the drain barrier waited on (`docs/drain.md`), then removed with its lease. The call's
+    /// deadline is the usual one plus the barrier's.
+    pub async fn deregister_draining(
+        &self,
+        service: &str,
+        server_id: &str,
+        wait: proto::BarrierWait,
+    ) -> Result<proto::DeregisterResponse> {
+        crate::admin::validate_wait(&wait)?;
+        let req = proto::DeregisterRequest {
+            service: model::resolve_service(service)?.to_owned(),
+            server_id: server_id.to_owned(),
+            drain: Some(wait),
+        };
+        model::validate_server_id(server_id)?;
+        self.waiting(&wait)
+            .call_with(membership, |mut c| {
+                let req = req.clone();
+                async move { c.deregister(req).await }
+            })
+            .await
     }
 
     /// `Membership.ListLeases`: the leases of `service` with their remaining time.

@@ -58,6 +58,10 @@ pub struct Metrics {
     in_flight: Family<Labels, Gauge>,
     lagging: Gauge,
     stalled: Counter,
+    /// Drain barriers by what ended them, their duration, and those that hit their deadline.
+    barrier_waits: Family<Labels, Counter>,
+    barrier_seconds: Histogram,
+    barrier_timeouts: Counter,
     /// Per-backend in-flight gauges, when enabled, and the ids exported per service.
     per_backend: Option<PerBackend>,
     /// Request, outlier and panic metrics (see [`crate::health::passive::metrics`]).
@@ -138,6 +142,25 @@ impl Metrics {
             "Calls in flight per service, summed over the load reports of all SDK sessions",
             in_flight.clone(),
         );
+        let barrier_waits = Family::<Labels, Counter>::default();
+        registry.register(
+            "dlb_drain_barrier_waits",
+            "Drain barriers waited on, by what ended them (confirmed, in_flight_zero, deadline)",
+            barrier_waits.clone(),
+        );
+        // 1 ms … ~65 s
+        let barrier_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 17));
+        registry.register(
+            "dlb_drain_barrier_seconds",
+            "How long drain barriers waited",
+            barrier_seconds.clone(),
+        );
+        let barrier_timeouts = Counter::default();
+        registry.register(
+            "dlb_drain_barrier_timeouts",
+            "Drain barriers that reached their deadline before every client confirmed",
+            barrier_timeouts.clone(),
+        );
         let passive =
             crate::health::passive::metrics::HealthMetrics::register(&mut registry, per_backend);
         let circuits = crate::reports::circuits::CircuitMetrics::register(&mut registry);
@@ -163,6 +186,9 @@ impl Metrics {
             membership,
             lagging,
             stalled,
+            barrier_waits,
+            barrier_seconds,
+            barrier_timeouts,
             per_backend,
             registry,
             sessions,
@@ -193,6 +219,18 @@ impl Metrics {
                 ("code".to_owned(), format!("{code:?}")),
             ])
             .inc();
+    }
+
+    /// A drain barrier ended (`ended`: `confirmed`, `in_flight_zero` or `deadline`) after
+    /// `seconds`.
+    pub fn barrier(&self, ended: &str, seconds: f64) {
+        self.barrier_waits
+            .get_or_create(&vec![("ended".to_owned(), ended.to_owned())])
+            .inc();
+        self.barrier_seconds.observe(seconds);
+        if ended == "deadline" {
+            self.barrier_timeouts.inc();
+        }
     }
 
     /// A session's outbound queue became full (`+1`) or drained again (`-1`).

@@ -263,6 +263,7 @@ async fn leases_are_renewed_through_any_replica_and_expired_by_the_leader() {
         .deregister(proto::DeregisterRequest {
             service: "svc".into(),
             server_id: "b2".into(),
+            ..Default::default()
         })
         .await
         .unwrap();

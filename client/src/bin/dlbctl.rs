@@ -6,7 +6,9 @@
 //! `--json` (one object per line for `watch`).
 //!
 //! Exit codes: 0 ok, 2 usage or invalid argument, 3 not found, 4 already exists, 5 changed
-//! concurrently (a compare-and-set lost: re-read and retry), 1 anything else.
+//! concurrently (a compare-and-set lost: re-read and retry), 6 a drain barrier's deadline
+//! passed before every client confirmed (`drain --wait`, `remove-server --wait`), 1 anything
+//! else.
 //!
 //! This file runs the subcommands (`run`); the command line is in `cli`, the text and JSON
 //! forms of what is printed in `print`, `watch` in `watch`, and the larger subcommand groups
@@ -30,6 +32,8 @@ mod adaptive;
 mod call;
 #[path = "dlbctl/cli.rs"]
 mod cli;
+#[path = "dlbctl/drain.rs"]
+mod drain;
 #[path = "dlbctl/health.rs"]
 mod health;
 #[path = "dlbctl/print.rs"]
@@ -68,6 +72,15 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
         }
+    }
+}
+
+/// The wait option of `remove-server --wait` (no in-flight wait: a removed backend's calls are
+/// no longer reported).
+fn proto_wait(timeout_ms: u32) -> dlb::proto::BarrierWait {
+    dlb::proto::BarrierWait {
+        in_flight_zero: false,
+        timeout_ms,
     }
 }
 
@@ -125,7 +138,24 @@ async fn run(cli: Cli, interrupts: Option<membership::Interrupts>) -> Result<(),
                 );
             }
         }
-        Command::RemoveServer { id } => {
+        Command::Drain {
+            id,
+            wait,
+            in_flight_zero,
+            timeout,
+        } => {
+            let wait = drain::wait(wait, in_flight_zero, timeout);
+            drain::drain(&admin, &service, &id, wait, j).await?;
+        }
+        Command::RemoveServer {
+            id,
+            wait: true,
+            timeout,
+        } => {
+            let wait = proto_wait(timeout);
+            drain::remove_waiting(&admin, &service, &id, wait, j).await?;
+        }
+        Command::RemoveServer { id, .. } => {
             let r = admin.remove_server(&service, &id).await?;
             if j {
                 println!(
@@ -278,13 +308,17 @@ async fn run(cli: Cli, interrupts: Option<membership::Interrupts>) -> Result<(),
             weight,
             ttl,
             meta,
+            drain_timeout,
+            in_flight_zero,
+            no_drain,
         } => {
+            let drain = drain::wait(!no_drain, in_flight_zero, drain_timeout);
             let mut lease = dlb_client::Lease::new(id, address)
                 .weight(weight)
                 .ttl(std::time::Duration::from_secs(ttl));
             lease.metadata = parse_meta(&meta)?;
             let interrupts = interrupts.unwrap_or_else(membership::Interrupts::install);
-            membership::register(&admin, &service, lease, j, interrupts).await?;
+            membership::register(&admin, &service, lease, j, interrupts, drain).await?;
         }
         Command::Dns(cmd) => membership::dns(&admin, &service, "", cmd, j).await?,
         Command::Policy(PolicyCommand::Get) => {

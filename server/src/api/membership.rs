@@ -74,6 +74,59 @@ impl MembershipService {
         r.map(Response::new)
     }
 
+    /// Drains lease-owned backend `server_id` and waits on the drain barrier (`Deregister`
+    /// with `drain`: a backend asking for itself to go safely).
+    async fn drain_self(
+        &self,
+        service: &str,
+        server_id: &str,
+        wait: crate::api::barrier::Wait,
+    ) -> Result<proto::DrainBarrier, Status> {
+        let Some(snap) = self.shared.store.get_service(service.to_owned()).await? else {
+            return Err(Error::ServiceNotFound(service.to_owned()).into());
+        };
+        let Some(have) = snap.servers.get(server_id) else {
+            return Err(Error::ServerNotFound {
+                service: service.to_owned(),
+                server_id: server_id.to_owned(),
+            }
+            .into());
+        };
+        if !leases::is_leased(have) {
+            return Err(Status::failed_precondition(format!(
+                "server_id {:?} in service {service:?} is not lease-owned; use drain_server",
+                model::prefix(server_id, model::MAX_QUOTED)
+            )));
+        }
+        let patch = crate::store::ServerPatch {
+            draining: Some(true),
+            ..Default::default()
+        };
+        let applied = self
+            .shared
+            .store
+            .apply(
+                service.to_owned(),
+                vec![Mutation::Update(server_id.to_owned(), patch)],
+                None,
+            )
+            .await?;
+        self.wait_cache(applied.version.version).await;
+        tracing::info!(
+            service,
+            server_id,
+            "lease-owned backend draining before it deregisters"
+        );
+        Ok(crate::api::barrier::wait(
+            &self.shared,
+            service,
+            server_id,
+            applied.version.version,
+            wait,
+        )
+        .await)
+    }
+
     async fn wait_cache(&self, version: u64) {
         if !self
             .shared
@@ -214,6 +267,11 @@ impl MembershipService {
             .map_err(Error::from)?
             .to_owned();
         model::validate_server_id(&req.server_id).map_err(Error::from)?;
+        let wait = crate::api::barrier::Wait::parse(req.drain.as_ref(), false)?;
+        let barrier = match wait {
+            Some(wait) => Some(self.drain_self(&service, &req.server_id, wait).await?),
+            None => None,
+        };
         let key = LeaseKey {
             service: service.clone(),
             server_id: req.server_id.clone(),
@@ -266,6 +324,7 @@ impl MembershipService {
                     return Ok(proto::DeregisterResponse {
                         service,
                         version: Some(applied.version),
+                        barrier,
                     });
                 }
                 Err(Error::VersionMismatch { .. }) => continue,

@@ -203,6 +203,7 @@ async fn start(
         replicas::Share::of(&*coordination),
         &shutdown,
     );
+    let xds_clients = Arc::new(xds::XdsClients::default());
     let shared = Arc::new(Shared {
         reports: reports.clone(),
         store: store.clone(),
@@ -222,7 +223,21 @@ async fn start(
         health,
         circuits: reports::circuits::CircuitTracker::new(),
         readiness: readiness.clone(),
+        acks: Default::default(),
+        xds_clients: xds_clients.clone(),
+        replica_id: coordination.replica_id().clone(),
+        board: coordination.board(),
+        members: coordination.members(),
     });
+    if let Some(board) = shared.board.clone() {
+        let (shared, stop) = (shared.clone(), shutdown.clone());
+        shutdown.spawn(async move {
+            tokio::select! {
+                () = crate::api::barrier::answer_requests(shared, board) => {}
+                () = stop.stopped() => {}
+            }
+        });
+    }
     shutdown.spawn(
         cache
             .clone()
@@ -283,7 +298,6 @@ async fn start(
     let reflection_v1alpha =
         reflection::v1alpha::wrap(reflection_builder().build_v1alpha()?, shutdown.clone());
 
-    let xds_clients = Arc::new(xds::XdsClients::default());
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &config.tls {
         let mut server_tls = tonic::transport::ServerTlsConfig::new().identity(

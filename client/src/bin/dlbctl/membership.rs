@@ -132,15 +132,21 @@ impl Interrupts {
     }
 }
 
-/// `dlbctl register`: registers with a lease, renews it until Ctrl-C or SIGTERM, then
-/// deregisters. A signal during registration deregisters once the registration completes; a
-/// second one then exits at once (the lease, if it was granted, expires on its own).
+/// `dlbctl register`: registers with a lease, renews it until Ctrl-C or SIGTERM, then (with
+/// `drain`) drains the backend and waits on the drain barrier — every client following the
+/// service has stopped sending it new calls, and with `in_flight_zero` its calls have ended —
+/// while the lease is still renewed, then deregisters. A backend's `preStop` hook is this one
+/// process: it exits once the backend may. A second signal during the wait deregisters at once.
+/// A signal during registration deregisters once the registration completes; a second one then
+/// exits at once (the lease, if it was granted, expires on its own). After deregistering, a
+/// barrier whose deadline passed exits 6.
 pub async fn register(
     admin: &AdminClient,
     service: &str,
     lease: Lease,
     json_out: bool,
     mut interrupts: Interrupts,
+    drain: Option<proto::BarrierWait>,
 ) -> Result<(), Error> {
     let ttl = lease.ttl;
     let registering = admin.register_and_keep(service, lease);
@@ -181,6 +187,29 @@ pub async fn register(
     if !interrupted {
         interrupts.recv().await;
     }
+    let mut outcome = Ok(());
+    if let Some(wait) = drain {
+        if !json_out {
+            println!(
+                "draining {}; waiting on the drain barrier",
+                server.server_id
+            );
+            let _ = std::io::stdout().flush();
+        }
+        // The lease is still renewed meanwhile (`reg` lives); a second signal stops the wait.
+        tokio::select! {
+            r = crate::drain::drain(admin, service, &server.server_id, Some(wait), json_out) => {
+                match r {
+                    Err(e @ Error::BarrierDeadline(_)) => outcome = Err(e),
+                    Err(e) => eprintln!("drain failed ({e}); deregistering anyway"),
+                    Ok(()) => {}
+                }
+            }
+            () = interrupts.recv() => {
+                eprintln!("interrupted again: deregistering without waiting");
+            }
+        }
+    }
     let d = reg.deregister().await?;
     if json_out {
         println!(
@@ -190,7 +219,7 @@ pub async fn register(
     } else {
         println!("deregistered {} from {}", server.server_id, d.service);
     }
-    Ok(())
+    outcome
 }
 
 fn dns_json(d: &proto::DnsStatus) -> Value {

@@ -48,6 +48,13 @@ impl Session {
             Some(client_message::Kind::Subscribe(sub)) => self.subscribe(sub).await,
             Some(client_message::Kind::Ack(ack)) => {
                 tracing::trace!(session = self.id, service = %model::printable(&ack.service, LOG_QUOTE), nonce = %model::printable(&ack.nonce, LOG_QUOTE), "ack");
+                if let (Ok(service), Some(v)) = (model::resolve_service(&ack.service), ack.version)
+                {
+                    // A version of another history acknowledges nothing here.
+                    if v.epoch == self.epoch {
+                        self.acks.acked(service, v.version);
+                    }
+                }
                 Ok(())
             }
             Some(client_message::Kind::Nack(nack)) => {
@@ -93,6 +100,7 @@ impl Session {
             Some(client_message::Kind::Unsubscribe(u)) => {
                 if let Ok(service) = model::resolve_service(&u.service) {
                     if self.subs.remove(service).is_some() {
+                        self.acks.forget(service);
                         self.sub_bytes -= service.len();
                         self.shared.cache.unfollow_service(service, &self.waker);
                     }

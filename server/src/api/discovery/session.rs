@@ -99,6 +99,8 @@ impl Session {
                 kind: Some(client_message::Kind::Subscribe(sub)),
             })) => {
                 tracing::info!(session = self.id, client_id = %model::printable(&sub.client_id, LOG_QUOTE), services = sub.services.len(), "session subscribed");
+                self.acks
+                    .client_id(model::printable(&sub.client_id, LOG_QUOTE).to_string());
                 if let Err(end) = self.subscribe(sub).await {
                     return end;
                 }
