@@ -108,6 +108,22 @@ mod etcd_board {
         fn answers_prefix(&self, id: &str) -> String {
             format!("{}/barrier-acks/{id}/", self.root)
         }
+        /// Every key under `prefix`: the rest of its key and its value.
+        async fn list(&self, prefix: String) -> Result<Vec<(String, Vec<u8>)>, Error> {
+            let r = self
+                .client
+                .kv_client()
+                .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+                .await
+                .map_err(|e| err(&e))?;
+            Ok(r.kvs()
+                .iter()
+                .filter_map(|kv| {
+                    let rest = kv.key_str().ok()?.strip_prefix(&prefix)?;
+                    Some((rest.to_owned(), kv.value().to_vec()))
+                })
+                .collect())
+        }
         fn lease(&self) -> Result<i64, Error> {
             match *self.lease.lock() {
                 0 => Err(Error::Storage(
@@ -147,20 +163,11 @@ mod etcd_board {
         }
 
         fn requests(&self) -> BoxFuture<'_, Result<Vec<Request>, Error>> {
-            let prefix = self.requests_prefix();
             Box::pin(async move {
-                let r = self
-                    .client
-                    .kv_client()
-                    .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
-                    .await
-                    .map_err(|e| err(&e))?;
-                Ok(r.kvs()
-                    .iter()
-                    .filter_map(|kv| {
-                        let id = kv.key_str().ok()?.strip_prefix(&prefix)?;
-                        Request::decode(id, kv.value())
-                    })
+                let listed = self.list(self.requests_prefix()).await?;
+                Ok(listed
+                    .into_iter()
+                    .filter_map(|(id, value)| Request::decode(&id, &value))
                     .collect())
             })
         }
@@ -180,21 +187,7 @@ mod etcd_board {
 
         fn answers(&self, id: &str) -> BoxFuture<'_, Result<super::Answers, Error>> {
             let prefix = self.answers_prefix(id);
-            Box::pin(async move {
-                let r = self
-                    .client
-                    .kv_client()
-                    .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
-                    .await
-                    .map_err(|e| err(&e))?;
-                Ok(r.kvs()
-                    .iter()
-                    .filter_map(|kv| {
-                        let replica = kv.key_str().ok()?.strip_prefix(&prefix)?;
-                        Some((replica.to_owned(), kv.value().to_vec()))
-                    })
-                    .collect())
-            })
+            Box::pin(async move { self.list(prefix).await })
         }
     }
 }
