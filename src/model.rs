@@ -359,6 +359,7 @@ pub fn default_policy() -> proto::Policy {
         retry_budget: None,
         hedge: None,
         peak_ewma: None,
+        locality: None,
     }
 }
 

@@ -141,6 +141,8 @@ impl ServerUpdate {
             replace_metadata: self.metadata.is_some(),
             metadata: self.metadata.unwrap_or_default(),
             expected_version: self.expected_version,
+            locality: None,
+            priority: None,
         }
     }
 }

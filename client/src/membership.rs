@@ -103,6 +103,8 @@ impl Lease {
             hash_key: self.hash_key.clone(),
             metadata: self.metadata.clone(),
             ttl_seconds: self.ttl_seconds()?,
+            locality: None,
+            priority: 0,
         })
     }
 }
@@ -197,6 +199,8 @@ impl AdminClient {
             service: model::resolve_service(service)?.to_owned(),
             target: target.to_owned(),
             weight,
+            locality: None,
+            priority: 0,
         };
         self.call_with(membership, |mut c| {
             let req = req.clone();

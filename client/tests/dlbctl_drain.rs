@@ -21,6 +21,7 @@ async fn silent_session(
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     tx.send(ClientMessage {
         kind: Some(client_message::Kind::Subscribe(proto::Subscribe {
+            locality: None,
             client_id: "silent".into(),
             services: vec![proto::ServiceSubscription {
                 service: "web".into(),

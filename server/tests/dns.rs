@@ -265,6 +265,8 @@ async fn declare_dns_through_the_api_and_bad_input() {
     // A name that does not resolve: refused, nothing created.
     let err = m
         .declare_dns(proto::DeclareDnsRequest {
+            locality: None,
+            priority: 0,
             service: "ghost".into(),
             target: "nowhere.test:80".into(),
             weight: 0,
@@ -290,6 +292,8 @@ async fn declare_dns_through_the_api_and_bad_input() {
     ] {
         let err = m
             .declare_dns(proto::DeclareDnsRequest {
+                locality: None,
+                priority: 0,
                 service: "web".into(),
                 target: target.into(),
                 weight,
@@ -311,6 +315,8 @@ async fn declare_dns_through_the_api_and_bad_input() {
         .unwrap();
     let st = m
         .declare_dns(proto::DeclareDnsRequest {
+            locality: None,
+            priority: 0,
             service: "web".into(),
             target: "api.test:80".into(),
             weight: 0,
@@ -390,6 +396,8 @@ async fn unspecified_broadcast_and_multicast_answers_never_become_backends() {
     let server = start_dns(dns_config(dns.addr, Vec::new())).await;
     let mut m = membership(&server).await;
     m.declare_dns(proto::DeclareDnsRequest {
+        locality: None,
+        priority: 0,
         service: "mixed".into(),
         target: "mixed.test:80".into(),
         weight: 1,
@@ -400,6 +408,8 @@ async fn unspecified_broadcast_and_multicast_answers_never_become_backends() {
     // Only unusable answers: a failed resolution, nothing created.
     let err = m
         .declare_dns(proto::DeclareDnsRequest {
+            locality: None,
+            priority: 0,
             service: "void".into(),
             target: "void.test:80".into(),
             weight: 1,
@@ -434,6 +444,8 @@ async fn an_api_declaration_survives_a_restart_on_the_embedded_store() {
     membership(&server)
         .await
         .declare_dns(proto::DeclareDnsRequest {
+            locality: None,
+            priority: 0,
             service: "kept".into(),
             target: "kept.test:9000".into(),
             weight: 2,

@@ -303,6 +303,7 @@ mod sessions {
         let kind = prop_oneof![
             (name(), proptest::collection::vec((name(), version()), 0..4)).prop_map(
                 |(client_id, subs)| client_message::Kind::Subscribe(proto::Subscribe {
+                    locality: None,
                     client_id,
                     services: subs
                         .into_iter()

@@ -414,6 +414,8 @@ async fn membership_writes_need_an_admin_token_and_reads_do_not() {
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
     let e = m
         .declare_dns(proto::DeclareDnsRequest {
+            locality: None,
+            priority: 0,
             service: "web".into(),
             target: "127.0.0.1:80".into(),
             weight: 1,

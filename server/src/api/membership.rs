@@ -457,7 +457,7 @@ mod tests {
     use super::*;
 
     /// The largest status a followed name can have: a 128-byte service, a 253-byte name, a
-    /// 256-byte error and every counter at its widest.
+    /// 256-byte error, a locality of three 128-byte parts and every counter at its widest.
     fn status(i: usize) -> proto::DnsStatus {
         proto::DnsStatus {
             service: format!("{i:0>128}"),
@@ -469,6 +469,12 @@ mod tests {
             consecutive_failures: u32::MAX,
             last_error: "e".repeat(256),
             next_refresh_ms: u64::MAX,
+            locality: Some(proto::Locality {
+                region: "r".repeat(128),
+                zone: "z".repeat(128),
+                sub_zone: "s".repeat(128),
+            }),
+            priority: 7,
         }
     }
 

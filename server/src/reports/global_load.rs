@@ -87,6 +87,7 @@ impl GlobalPush {
             out.push(proto::GlobalLoad {
                 service: service.clone(),
                 backends,
+                zone_demand: Vec::new(),
             });
             self.sent.insert(service.clone(), others);
         }

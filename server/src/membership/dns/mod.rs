@@ -434,5 +434,7 @@ fn to_proto(service: &str, target: &Target, weight: u32, s: &Status) -> proto::D
             u64::try_from(t.saturating_duration_since(Instant::now()).as_millis())
                 .unwrap_or(u64::MAX)
         }),
+        locality: None,
+        priority: 0,
     }
 }
