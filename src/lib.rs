@@ -25,6 +25,8 @@
 //!   its application to picker inputs;
 //! * [`call`] — the SDK call path's policy (retries, retry budget, hedging, Peak-EWMA tuning)
 //!   and its runtime-free pieces: the retry budget and the latency percentile tracker;
+//! * [`locality`] — where backends and clients run, backend failover priorities, and the
+//!   routing plan over them (priority failover, zone-aware routing);
 //! * [`backoff`] — capped exponential backoff (optionally jittered), the one schedule every
 //!   retry loop of the server and the SDK waits by.
 
@@ -35,6 +37,7 @@ pub mod call;
 pub mod circuit;
 pub mod health_check;
 pub mod health_policy;
+pub mod locality;
 pub mod model;
 pub mod slow_start;
 pub mod sources;

@@ -13,12 +13,11 @@ use crate::balance::{
 };
 use crate::proto;
 pub use crate::sources::is_eligible;
-pub use crate::validation::{prefix, printable, ValidationError, MAX_QUOTED};
+pub use crate::validation::{prefix, printable, validate_id, ValidationError, MAX_QUOTED};
 
 /// The service used when a request names none.
 pub const DEFAULT_SERVICE: &str = "default";
-/// Maximum length of a server id or service name, in bytes.
-pub const MAX_ID_LEN: usize = 128;
+pub use crate::validation::MAX_ID_LEN;
 /// Smallest accepted weight.
 pub const MIN_WEIGHT: u32 = 1;
 /// Largest accepted weight.
@@ -77,32 +76,6 @@ pub fn validate_key(key: &[u8]) -> Result<(), ValidationError> {
             "key",
             format!("{} bytes", key.len()),
             format!("at most {MAX_KEY_LEN} bytes"),
-        ));
-    }
-    Ok(())
-}
-
-fn is_id_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')
-}
-
-/// Checks an identifier (server id, service name): 1..=128 bytes of `[A-Za-z0-9._:-]`.
-pub fn validate_id(field: &str, value: &str) -> Result<(), ValidationError> {
-    if value.is_empty() {
-        return Err(ValidationError::new(field, value, "must not be empty"));
-    }
-    if value.len() > MAX_ID_LEN {
-        return Err(ValidationError::new(
-            field,
-            value,
-            format!("must be at most {MAX_ID_LEN} bytes, got {}", value.len()),
-        ));
-    }
-    if let Some(c) = value.chars().find(|c| !is_id_char(*c)) {
-        return Err(ValidationError::new(
-            field,
-            value,
-            format!("character {c:?} not allowed; use only [A-Za-z0-9._:-]"),
         ));
     }
     Ok(())
@@ -241,7 +214,7 @@ pub fn validate_metadata<'a>(
 }
 
 /// Checks the fields an operator writes on a new backend (id, address, weight, hash key,
-/// labels), in that order. The one check of a written backend: the server edge (`AddServer`),
+/// labels, locality, priority), in that order. The one check of a written backend: the server edge (`AddServer`),
 /// the store's plan (through [`validate_server`], on every record it commits) and the client's
 /// pre-check all call it, so a bad backend gets the same error wherever it is caught.
 pub fn validate_backend(server: &proto::Server) -> Result<(), ValidationError> {
@@ -249,7 +222,11 @@ pub fn validate_backend(server: &proto::Server) -> Result<(), ValidationError> {
     validate_address(&server.address)?;
     validate_weight(server.weight)?;
     validate_hash_key(&server.hash_key)?;
-    validate_metadata(&server.metadata)
+    validate_metadata(&server.metadata)?;
+    if let Some(l) = &server.locality {
+        crate::locality::validate_locality("locality", l)?;
+    }
+    crate::locality::validate_priority("priority", server.priority)
 }
 
 /// Checks what an `UpdateServer` request sets: the id, then each field it changes (weight,
@@ -269,6 +246,12 @@ pub fn validate_update(req: &proto::UpdateServerRequest) -> Result<(), Validatio
     }
     if req.replace_metadata {
         validate_metadata(&req.metadata)?;
+    }
+    if let Some(l) = &req.locality {
+        crate::locality::validate_locality("locality", l)?;
+    }
+    if let Some(p) = req.priority {
+        crate::locality::validate_priority("priority", p)?;
     }
     Ok(())
 }

@@ -105,6 +105,8 @@ impl RegistryService {
             weight: req.weight.max(1),
             hash_key: req.hash_key,
             metadata: req.metadata,
+            locality: dlb::locality::normalize(req.locality),
+            priority: req.priority,
             ..Default::default()
         };
         model::validate_backend(&server)?;
@@ -220,6 +222,8 @@ impl RegistryService {
             address: req.address,
             hash_key: req.hash_key,
             metadata: req.replace_metadata.then_some(req.metadata),
+            locality: req.locality.map(Some),
+            priority: req.priority,
             ..Default::default()
         };
         let update = |id: &str| Mutation::Update(id.to_owned(), patch);
