@@ -41,10 +41,14 @@ pub struct NewServer {
     pub hash_key: String,
     /// Free-form labels.
     pub metadata: HashMap<String, String>,
+    /// Where the backend runs (`None`: no locality; docs/locality.md).
+    pub locality: Option<proto::Locality>,
+    /// Failover priority, 0..=7 (0 = primary).
+    pub priority: u32,
 }
 
 impl NewServer {
-    /// A backend with weight 1, no hash key and no labels.
+    /// A backend with weight 1, no hash key, no labels, no locality, priority 0.
     pub fn new(server_id: impl Into<String>, address: impl Into<String>) -> Self {
         Self {
             server_id: server_id.into(),
@@ -52,7 +56,21 @@ impl NewServer {
             weight: 1,
             hash_key: String::new(),
             metadata: HashMap::new(),
+            locality: None,
+            priority: 0,
         }
+    }
+
+    /// Sets where the backend runs (see [`crate::locality`] to build one).
+    pub fn locality(mut self, locality: proto::Locality) -> Self {
+        self.locality = Some(locality);
+        self
+    }
+
+    /// Sets the failover priority (0 = primary, at most 7).
+    pub fn priority(mut self, priority: u32) -> Self {
+        self.priority = priority;
+        self
     }
 
     /// Sets the weight.
@@ -88,6 +106,8 @@ impl NewServer {
             weight: self.weight,
             hash_key: self.hash_key.clone(),
             metadata: self.metadata.clone(),
+            locality: self.locality.clone(),
+            priority: self.priority,
             ..Default::default()
         }
     }
@@ -109,6 +129,10 @@ pub struct ServerUpdate {
     pub hash_key: Option<String>,
     /// New labels, replacing the old ones.
     pub metadata: Option<HashMap<String, String>>,
+    /// New locality, replacing the whole old one (an all-empty one clears it).
+    pub locality: Option<proto::Locality>,
+    /// New failover priority, 0..=7.
+    pub priority: Option<u32>,
     /// Compare-and-set: apply only if the service is at this version (`FailedPrecondition`
     /// naming the current version otherwise).
     pub expected_version: Option<u64>,
@@ -121,6 +145,18 @@ impl ServerUpdate {
             server_id: server_id.into(),
             ..Self::default()
         }
+    }
+
+    /// Sets a new locality (an all-empty one clears it).
+    pub fn locality(mut self, locality: proto::Locality) -> Self {
+        self.locality = Some(locality);
+        self
+    }
+
+    /// Sets a new failover priority (0 = primary, at most 7).
+    pub fn priority(mut self, priority: u32) -> Self {
+        self.priority = Some(priority);
+        self
     }
 
     /// Checks every set field with [`model::validate_update`], the check the server applies.
@@ -141,8 +177,8 @@ impl ServerUpdate {
             replace_metadata: self.metadata.is_some(),
             metadata: self.metadata.unwrap_or_default(),
             expected_version: self.expected_version,
-            locality: None,
-            priority: None,
+            locality: self.locality,
+            priority: self.priority,
         }
     }
 }
@@ -308,6 +344,8 @@ impl AdminClient {
             weight: record.weight,
             hash_key: record.hash_key,
             metadata: record.metadata,
+            locality: record.locality,
+            priority: record.priority,
             ..Default::default()
         };
         self.call(|mut c| {
