@@ -2,8 +2,8 @@
 //! backend (docs/locality.md).
 //!
 //! This module owns the domain rules of the `Locality` message and of `Server.priority`: their
-//! validation (the one check every entry point calls, through [`crate::model::validate_backend`]
-//! and [`crate::model::validate_update`]) and the normal form an empty locality takes (none).
+//! validation (the one check every entry point calls, through `model::validate_backend`
+//! and `model::validate_update`) and the normal form an empty locality takes (none).
 
 use crate::proto;
 use crate::validation::{validate_id, ValidationError};

@@ -26,6 +26,7 @@ use std::time::Duration;
 use dlb::balance::{Picker, StickyTable, MAX_BACKENDS};
 use dlb::model;
 use dlb::proto;
+use dlb::routing;
 
 use crate::state::{ServiceState, Snapshot, Version};
 
@@ -311,7 +312,7 @@ impl Entry {
         let Some(policy) = self.policy.clone() else {
             return Ok(());
         };
-        let built = model::build_picker(self.picker.as_deref(), &policy, self.records.values());
+        let built = routing::build_picker(self.picker.as_deref(), &policy, self.records.values());
         let picker = match built {
             Ok(p) => Arc::new(p),
             Err(e) => {
@@ -342,7 +343,7 @@ impl Entry {
             ))
         });
         self.picker = Some(picker.clone());
-        self.sticky = model::carry_sticky(self.sticky.as_ref(), &policy);
+        self.sticky = routing::carry_sticky(self.sticky.as_ref(), &policy);
         self.state.publish(Snapshot {
             version: self.version,
             picker: Some(picker),
