@@ -4,6 +4,12 @@
 //! This module owns the domain rules of the `Locality` message and of `Server.priority`: their
 //! validation (the one check every entry point calls, through [`crate::model::validate_backend`]
 //! and [`crate::model::validate_update`]) and the normal form an empty locality takes (none).
+//! Its submodules own the service's locality policy ([`policy`]) and the routing plan over
+//! localities and priorities.
+
+pub mod policy;
+
+pub use policy::{config, validate_locality_policy, LocalityConfig};
 
 use crate::proto;
 use crate::validation::{validate_id, ValidationError};
