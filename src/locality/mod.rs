@@ -7,8 +7,14 @@
 //! Its submodules own the service's locality policy ([`policy`]) and the routing plan over
 //! localities and priorities.
 
+pub mod group;
+pub mod plan;
+#[cfg(test)]
+mod plan_tests;
 pub mod policy;
 
+pub use group::{group, GroupKey, Groups, ZoneKey};
+pub use plan::{plan, plan_by_zone, BackendState, Plan, Spill};
 pub use policy::{config, validate_locality_policy, LocalityConfig};
 
 use crate::proto;
