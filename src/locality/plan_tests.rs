@@ -98,6 +98,30 @@ fn half_down_local_zone_spills_by_the_formula() {
 }
 
 #[test]
+fn spill_goes_by_residual_capacity() {
+    // a 2 of 4 up, b 4, c 8; equal demand. Capacity 2, 4, 8 of 14: a keeps (1/7)/(1/3) = 3/7;
+    // b's residual 4/14 − 1/3 < 0, so c (residual 8/14 − 1/3) takes all the 4/7 spilled.
+    let mut s = Vec::new();
+    for (z, n, up) in [("a", 4, 2), ("b", 4, 4), ("c", 8, 8)] {
+        for i in 0..n {
+            s.push((0, z, i < up, 0));
+        }
+    }
+    let (g, b) = setup(&s);
+    let p = plan(
+        &LocalityConfig::default(),
+        None,
+        &g,
+        &b,
+        &equal_demand(),
+        Some(&zk("a")),
+    );
+    assert!(close(share(&p, &g, 0, "a"), 3.0 / 7.0), "{p:?}");
+    assert!(close(share(&p, &g, 0, "b"), 0.0));
+    assert!(close(share(&p, &g, 0, "c"), 4.0 / 7.0));
+}
+
+#[test]
 fn local_zone_down_spreads_by_capacity() {
     let (g, b) = three_zones(4);
     let p = plan(

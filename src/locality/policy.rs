@@ -215,6 +215,13 @@ mod tests {
             let e = validate_locality_policy(&policy(l)).unwrap_err();
             assert_eq!(e.field, field);
         }
+        let mut p = policy(proto::LocalityPolicy {
+            cross_zone_budget_percent: 101,
+            ..Default::default()
+        });
+        p.algorithm = proto::Algorithm::RoundRobin as i32;
+        let e = crate::model::validate_policy(&p).unwrap_err();
+        assert_eq!(e.field, "policy.locality.cross_zone_budget_percent");
         for ok in [100, 1000] {
             let p = policy(proto::LocalityPolicy {
                 overprovisioning_percent: ok,
