@@ -194,6 +194,11 @@ async fn start(
         Arc::new(Pickers::new()),
         Arc::new(reports::loads::LoadTracker::new()),
     );
+    let demand = Arc::new(reports::demand::DemandTracker::new(metrics.demand.clone()));
+    shutdown.spawn(reports::demand::run(
+        demand.clone(),
+        shutdown.stopped_owned(),
+    ));
     let health = health::start(
         cache.clone(),
         store.clone(),
@@ -211,6 +216,7 @@ async fn start(
         cache: cache.clone(),
         pickers: built.clone(),
         loads: loads.clone(),
+        demand: demand.clone(),
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
         session_queue: config.session_queue,
