@@ -52,6 +52,9 @@ pub(super) struct Entry {
     held_since: Option<tokio::time::Instant>,
     /// The in-flight counts of the other SDKs, as last pushed (`GlobalLoad`), by backend id.
     others: std::collections::HashMap<String, u64>,
+    /// The demand share per client zone, as last pushed (`GlobalLoad.zone_demand`, see
+    /// [`super::demand`]); empty: not known.
+    zone_demand: Vec<proto::ZoneDemand>,
     /// Slow start: when the picker must be rebuilt for a ramp to progress (see
     /// `dlb::slow_start`); `None` when nothing ramps.
     pub(super) ramp_at: Option<tokio::time::Instant>,
@@ -76,6 +79,7 @@ impl Entry {
             dirty: false,
             held_since: None,
             others: std::collections::HashMap::new(),
+            zone_demand: Vec::new(),
             ramp_at: None,
             breakers: None,
         }
@@ -93,9 +97,25 @@ impl Entry {
         }
     }
 
+    /// The demand share per client zone last pushed for this service (empty: not known), for
+    /// the locality plan when the picker is built or re-planned.
+    // Read by the locality plan once `model::build_picker` takes its inputs (issue 18).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(super) fn zone_demand(&self) -> &[proto::ZoneDemand] {
+        &self.zone_demand
+    }
+
+    /// The other SDKs' in-flight counts per backend id last pushed (absent: 0).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(super) fn others_in_flight(&self) -> &std::collections::HashMap<String, u64> {
+        &self.others
+    }
+
     /// Applies a `GlobalLoad` push: every backend's baseline becomes the other SDKs' count
-    /// (0 when left out), so least connections compares `own live count + others`.
+    /// (0 when left out), so least connections compares `own live count + others`; the zone
+    /// demand replaces the one held.
     pub(super) fn global_load(&mut self, g: &proto::GlobalLoad) {
+        self.zone_demand = super::demand::sanitize(&g.zone_demand);
         self.others = g
             .backends
             .iter()
@@ -691,5 +711,36 @@ mod tests {
             "resubscribes without a known version"
         );
         assert_eq!(e.state.stats.held_back.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn global_loads_keep_the_zone_demand_and_the_others_counts() {
+        let mut e = Entry::new(Arc::new(ServiceState::new("s".into())));
+        e.apply(&full(7, 1, &["a", "b"])).unwrap();
+        assert!(e.zone_demand().is_empty(), "not known before a push");
+        let zone = |z: &str, share| proto::ZoneDemand {
+            locality: Some(proto::Locality {
+                region: "eu".into(),
+                zone: z.into(),
+                sub_zone: String::new(),
+            }),
+            share,
+        };
+        e.global_load(&proto::GlobalLoad {
+            service: "s".into(),
+            backends: vec![proto::BackendInFlight {
+                server_id: "a".into(),
+                in_flight: 4,
+            }],
+            zone_demand: vec![zone("a", 0.4), zone("b", 0.6), zone("c", f64::NAN)],
+        });
+        assert_eq!(e.zone_demand(), &[zone("a", 0.4), zone("b", 0.6)]);
+        assert_eq!(e.others_in_flight().get("a"), Some(&4));
+        // Kept across a rebuild; the next push replaces it (a new session clears it).
+        e.apply(&full(7, 2, &["a", "b", "c"])).unwrap();
+        assert_eq!(e.zone_demand().len(), 2);
+        e.global_load(&proto::GlobalLoad::default());
+        assert!(e.zone_demand().is_empty());
+        assert!(e.others_in_flight().is_empty());
     }
 }
