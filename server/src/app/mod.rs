@@ -236,6 +236,14 @@ async fn start(
         members: coordination.members(),
     });
     if let Some(board) = shared.board.clone() {
+        // Several replicas: zone demand is summed over them (`reports::demand::replicas`).
+        shutdown.spawn(reports::demand::replicas::share(
+            demand.clone(),
+            board.clone(),
+            shared.replica_id.clone(),
+            shared.members.clone(),
+            shutdown.stopped_owned(),
+        ));
         let (shared, stop) = (shared.clone(), shutdown.clone());
         shutdown.spawn(async move {
             tokio::select! {

@@ -19,13 +19,16 @@
 //!   service is tracked only while a zoned session follows it or its window holds calls; a zone
 //!   only while it has followers or calls in the window, so what gone sessions left expires
 //!   within 10 s. One report adds at most [`MAX_REPORTED_CALLS`] calls.
-//! * **One replica.** The numbers are this replica's sessions'. With several replicas each one
-//!   computes the demand of its own sessions (as `GlobalLoad`'s in-flight counts, which are also
-//!   per replica).
+//! * **Several replicas** ([`replicas`], etcd): every second each replica posts its own
+//!   sessions' counts per (service, zone) — calls in its window, followers — and reads the
+//!   others'; a zone's demand is the sum over the live replicas, so every replica publishes the
+//!   same shares (within a second). Past [`MAX_ZONES`] zones after summing, the smallest are
+//!   left out.
 //!
 //! One `parking_lot::Mutex` guards the maps; it is held for O(zones × 10) per change, never
 //! across `.await`.
 
+pub mod replicas;
 pub mod window;
 
 use std::collections::{HashMap, HashSet};
@@ -54,6 +57,9 @@ pub const TICK: Duration = Duration::from_secs(1);
 /// Most calls one load report adds (a report is client input).
 pub const MAX_REPORTED_CALLS: u64 = 1_000_000_000;
 
+/// One service's counts per zone.
+pub type ZoneCounts = Vec<(ZoneKey, Counts)>;
+
 /// Shares as published: sorted by zone, summing to 1 (empty: not known).
 pub type Shares = Arc<[(ZoneKey, f64)]>;
 
@@ -74,6 +80,7 @@ struct Zone {
 
 #[derive(Debug)]
 struct Service {
+    /// This replica's sessions' zones.
     zones: HashMap<ZoneKey, Zone>,
     /// What was last published, and its generation.
     generation: u64,
@@ -84,6 +91,8 @@ struct Service {
 struct Inner {
     sessions: HashMap<u64, Member>,
     services: HashMap<Arc<str>, Service>,
+    /// The other replicas' counts, summed, per service ([`replicas`]).
+    remote: HashMap<Arc<str>, ZoneCounts>,
     /// The generation of the next publication (0 means "nothing published").
     next_generation: u64,
 }
@@ -97,6 +106,16 @@ pub struct DemandTracker {
     /// Second 0 of the windows.
     start: Instant,
     metrics: DemandMetrics,
+}
+
+impl Service {
+    fn new() -> Self {
+        Self {
+            zones: HashMap::new(),
+            generation: 0,
+            published: Arc::from([]),
+        }
+    }
 }
 
 impl DemandTracker {
@@ -149,11 +168,7 @@ impl DemandTracker {
         if member.services.contains(service) {
             return;
         }
-        let entry = services.entry(service.into()).or_insert_with(|| Service {
-            zones: HashMap::new(),
-            generation: 0,
-            published: Arc::from([]),
-        });
+        let entry = services.entry(service.into()).or_insert_with(Service::new);
         if !entry.zones.contains_key(&member.zone) && entry.zones.len() >= MAX_ZONES {
             self.metrics.dropped.inc();
             return;
@@ -252,12 +267,68 @@ impl DemandTracker {
     pub fn tick(&self) {
         let now = self.now();
         let mut inner = self.inner.lock();
+        self.refresh_all(&mut inner, now);
+    }
+
+    /// Replaces the other replicas' counts (summed per service and zone) and publishes what
+    /// moved.
+    pub fn set_remote(&self, remote: HashMap<Arc<str>, ZoneCounts>) {
+        let now = self.now();
+        let mut inner = self.inner.lock();
+        let gone: Vec<Arc<str>> = inner
+            .remote
+            .keys()
+            .filter(|s| !remote.contains_key(*s))
+            .cloned()
+            .collect();
+        for service in remote.keys().chain(&gone) {
+            if !inner.services.contains_key(service) {
+                inner.services.insert(service.clone(), Service::new());
+            }
+        }
+        inner.remote = remote;
+        self.refresh_all(&mut inner, now);
+    }
+
+    /// This replica's own counts per service and zone (calls in the window, followers), for
+    /// the other replicas.
+    pub fn local_counts(&self) -> Vec<(Arc<str>, ZoneCounts)> {
+        let now = self.now();
+        let mut inner = self.inner.lock();
+        let mut out: Vec<(Arc<str>, ZoneCounts)> = inner
+            .services
+            .iter_mut()
+            .filter(|(_, s)| !s.zones.is_empty())
+            .map(|(name, s)| {
+                let mut zones: Vec<(ZoneKey, Counts)> = s
+                    .zones
+                    .iter_mut()
+                    .map(|(z, c)| {
+                        (
+                            z.clone(),
+                            Counts {
+                                calls: c.window.total(now),
+                                followers: c.followers,
+                            },
+                        )
+                    })
+                    .filter(|(_, c)| c.calls > 0 || c.followers > 0)
+                    .collect();
+                zones.sort_by(|a, b| a.0.cmp(&b.0));
+                (name.clone(), zones)
+            })
+            .filter(|(_, zones)| !zones.is_empty())
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    fn refresh_all(&self, inner: &mut Inner, now: u64) {
         let names: Vec<Arc<str>> = inner.services.keys().cloned().collect();
         let mut changed = false;
         for service in names {
-            changed |= self.refresh(&mut inner, &service, now);
+            changed |= self.refresh(inner, &service, now);
         }
-        drop(inner);
         self.bump(changed);
     }
 
@@ -291,7 +362,7 @@ impl DemandTracker {
         let Some(s) = inner.services.get_mut(service) else {
             return false;
         };
-        let mut counts: Vec<(ZoneKey, Counts)> = Vec::with_capacity(s.zones.len());
+        let mut counts: HashMap<ZoneKey, Counts> = HashMap::with_capacity(s.zones.len());
         s.zones.retain(|zone, z| {
             let c = Counts {
                 calls: z.window.total(now),
@@ -299,12 +370,26 @@ impl DemandTracker {
             };
             let keep = c.calls > 0 || c.followers > 0;
             if keep {
-                counts.push((zone.clone(), c));
+                counts.insert(zone.clone(), c);
             }
             keep
         });
+        let remote = inner.remote.get(service).map_or(&[][..], |r| &r[..]);
+        for (zone, c) in remote {
+            let sum = counts.entry(zone.clone()).or_default();
+            sum.calls = sum.calls.saturating_add(c.calls);
+            sum.followers = sum.followers.saturating_add(c.followers);
+        }
+        let mut counts: Vec<(ZoneKey, Counts)> = counts.into_iter().collect();
+        if counts.len() > MAX_ZONES {
+            // The largest zones (calls, then followers) are kept.
+            counts.sort_by(|a, b| {
+                (b.1.calls, b.1.followers, &a.0).cmp(&(a.1.calls, a.1.followers, &b.0))
+            });
+            counts.truncate(MAX_ZONES);
+        }
         let new = window::shares(counts.iter().map(|(z, c)| (z, *c)));
-        if s.zones.is_empty() {
+        if new.is_empty() && s.zones.is_empty() && remote.is_empty() {
             let old = inner.services.remove(service).map(|s| s.published);
             let had = old.as_ref().is_some_and(|o| !o.is_empty());
             if let Some(old) = old {
