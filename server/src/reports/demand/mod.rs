@@ -57,6 +57,11 @@ pub const TICK: Duration = Duration::from_secs(1);
 /// Most calls one load report adds (a report is client input).
 pub const MAX_REPORTED_CALLS: u64 = 1_000_000_000;
 
+/// Ids at or above this are for xDS streams (`XDS_IDS | stream id`), so that a front-end other
+/// than the Discovery sessions (whose ids count up from 1) can count its clients' zones as
+/// followers ([`DemandTracker::join`], [`DemandTracker::follow`]) without colliding.
+pub const XDS_IDS: u64 = 1 << 63;
+
 /// One service's counts per zone.
 pub type ZoneCounts = Vec<(ZoneKey, Counts)>;
 
