@@ -99,7 +99,7 @@ impl Entry {
 
     /// The demand share per client zone last pushed for this service (empty: not known), for
     /// the locality plan when the picker is built or re-planned.
-    // Read by the locality plan once `model::build_picker` takes its inputs (issue 18).
+    // Read by the locality plan once `routing::build_picker` takes its inputs (issue 18).
     #[cfg_attr(not(test), allow(dead_code))]
     pub(super) fn zone_demand(&self) -> &[proto::ZoneDemand] {
         &self.zone_demand
