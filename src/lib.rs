@@ -6,6 +6,8 @@
 //! * [`proto`] — the generated wire types and gRPC stubs for `proto/dlb/v1/dlb.proto`;
 //! * [`model`] — the domain rules every entry point applies the same way: identifier, address,
 //!   weight and policy validation, and conversions between wire and domain types;
+//! * [`routing`] — the one build of a service's picker from its stored records and policy
+//!   (eligibility, latency shares, slow start, sticky tables), shared by `dlbd` and the SDK;
 //! * [`validation`] — the error every check returns ([`validation::ValidationError`]) and the
 //!   quoting of client text in it: a leaf module, so that the policy modules below report errors
 //!   without importing [`model`] (which imports them to validate a whole policy);
@@ -39,6 +41,7 @@ pub mod health_check;
 pub mod health_policy;
 pub mod locality;
 pub mod model;
+pub mod routing;
 pub mod slow_start;
 pub mod sources;
 pub mod validation;

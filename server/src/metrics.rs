@@ -15,6 +15,7 @@
 //! | `dlb_in_flight` | gauge | `service` (sum of in-flight calls reported by SDKs) |
 //! | `dlb_sessions_lagging` | gauge | | (sessions whose outbound queue is full: not reading) |
 //! | `dlb_sessions_stalled_total` | counter | | (sessions cut for not reading past the deadline) |
+//! | `dlb_zone_demand_share` / `dlb_zone_demand_zones_dropped_total` | gauge / counter | `service`, `zone` / — (see [`crate::reports::demand`]) |
 //! | `dlb_backend_in_flight` | gauge | `service`, `server_id` — only with per-backend metrics on |
 //! | `dlb_xds_streams` / `dlb_xds_nacks_total` | gauge / counter | — / `type` (registered by the xDS front-end: `api::xds::XdsMetrics`) |
 //! | `dlb_ready` / `dlb_cache_revision` | gauge | | (see [`crate::readiness`]) |
@@ -72,6 +73,8 @@ pub struct Metrics {
     pub membership: crate::membership::MembershipMetrics,
     /// The SDKs' circuit-breaker states (see [`crate::reports::circuits`]).
     pub circuits: crate::reports::circuits::CircuitMetrics,
+    /// Zone demand shares (see [`crate::reports::demand`]).
+    pub demand: crate::reports::demand::DemandMetrics,
     /// `dlb_ready` and `dlb_cache_revision` (see [`crate::readiness`]).
     pub readiness: crate::readiness::ReadinessMetrics,
     /// `dlb_replica_leader` and `dlb_replica_members` (see [`crate::replicas`]).
@@ -164,6 +167,7 @@ impl Metrics {
         let passive =
             crate::health::passive::metrics::HealthMetrics::register(&mut registry, per_backend);
         let circuits = crate::reports::circuits::CircuitMetrics::register(&mut registry);
+        let demand = crate::reports::demand::DemandMetrics::register(&mut registry);
         let per_backend = per_backend.then(|| {
             let family = Family::<Labels, Gauge>::default();
             registry.register(
@@ -182,6 +186,7 @@ impl Metrics {
             replicas,
             passive,
             circuits,
+            demand,
             health,
             membership,
             lagging,

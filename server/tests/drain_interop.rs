@@ -10,7 +10,6 @@
 mod common;
 mod xds_support;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use dlb::proto;
@@ -18,25 +17,11 @@ use dlb_client::Client;
 use dlb_server::api::xds::resources::ENDPOINTS;
 use xds_support::{Backend, Driver};
 
-fn python() -> Option<PathBuf> {
-    if let Some(v) = std::env::var_os("DLB_INTEROP_PYTHON").filter(|v| !v.is_empty()) {
-        return Some(PathBuf::from(v));
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/interop-venv/bin/python");
-    if venv.exists() {
-        return Some(venv);
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "DLB_INTEROP_PYTHON is not set and CI is set: run .ci/interop first"
-    );
-    eprintln!("SKIPPED: DLB_INTEROP_PYTHON is not set (run .ci/interop to install grpcio)");
-    None
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_sdks_and_grpcio_confirm_before_drain_wait_returns() {
-    let Some(python) = python() else { return };
+    let Some(python) = xds_support::python() else {
+        return;
+    };
     let server = common::start().await;
     let mut reg = common::registry(&server).await;
     let mut backends = Vec::new();
@@ -50,8 +35,7 @@ async fn fifty_sdks_and_grpcio_confirm_before_drain_wait_returns() {
     let dir = tempfile::tempdir().unwrap();
     let bootstrap = dir.path().join("bootstrap.json");
     xds_support::write_bootstrap(&bootstrap, server.grpc_addr(), "interop-node");
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../interop/python/xds_client.py");
-    let script = script.display().to_string();
+    let script = xds_support::grpcio_script();
     let mut grpcio = Driver::start(&python, &[script.as_str(), "xds:///s"], &bootstrap).await;
     grpcio
         .until(40, None, Duration::from_secs(60), "both backends", |r| {

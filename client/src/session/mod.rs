@@ -69,6 +69,7 @@ use tonic::transport::Channel;
 
 use crate::state::ServiceState;
 
+mod demand;
 mod entry;
 mod persist;
 mod serve;

@@ -43,6 +43,8 @@ pub(crate) struct Shared {
     pub cache: Arc<Cache>,
     pub pickers: Arc<Pickers>,
     pub loads: Arc<LoadTracker>,
+    /// Zone demand per service, from the zoned sessions ([`crate::reports::demand`]).
+    pub demand: Arc<crate::reports::demand::DemandTracker>,
     pub metrics: Arc<Metrics>,
     /// Given when a graceful shutdown starts; every session task is spawned through it.
     pub shutdown: crate::shutdown::Shutdown,

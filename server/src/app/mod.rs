@@ -194,6 +194,11 @@ async fn start(
         Arc::new(Pickers::new()),
         Arc::new(reports::loads::LoadTracker::new()),
     );
+    let demand = Arc::new(reports::demand::DemandTracker::new(metrics.demand.clone()));
+    shutdown.spawn(reports::demand::run(
+        demand.clone(),
+        shutdown.stopped_owned(),
+    ));
     let health = health::start(
         cache.clone(),
         store.clone(),
@@ -211,6 +216,7 @@ async fn start(
         cache: cache.clone(),
         pickers: built.clone(),
         loads: loads.clone(),
+        demand: demand.clone(),
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
         session_queue: config.session_queue,
@@ -230,6 +236,14 @@ async fn start(
         members: coordination.members(),
     });
     if let Some(board) = shared.board.clone() {
+        // Several replicas: zone demand is summed over them (`reports::demand::replicas`).
+        shutdown.spawn(reports::demand::replicas::share(
+            demand.clone(),
+            board.clone(),
+            shared.replica_id.clone(),
+            shared.members.clone(),
+            shutdown.stopped_owned(),
+        ));
         let (shared, stop) = (shared.clone(), shutdown.clone());
         shutdown.spawn(async move {
             tokio::select! {

@@ -5,7 +5,9 @@
 //!
 //! * `<prefix>/barriers/<barrier-id>` — the request: `VERSION\nSERVICE\nSERVER_ID`;
 //! * `<prefix>/barrier-acks/<barrier-id>/<replica-id>` — a replica's answer: a protobuf
-//!   `DrainBarrier` of its own clients (`confirmed`, `pending`, `stalled`, `in_flight`).
+//!   `DrainBarrier` of its own clients (`confirmed`, `pending`, `stalled`, `in_flight`);
+//! * `<prefix>/demand/<replica-id>` — a replica's zone-demand counts (`reports::demand::replicas`),
+//!   posted every second when they changed and read by every replica.
 //!
 //! Why the store and not the load-report forwarding path: forwarding goes to the leader only,
 //! once a second, while a barrier runs on whichever replica answered the call and needs every
@@ -71,6 +73,11 @@ pub trait Board: Send + Sync + 'static {
     fn answer(&self, id: &str, answer: Vec<u8>) -> BoxFuture<'_, Result<(), Error>>;
     /// The answers to request `id`: (replica id, answer).
     fn answers(&self, id: &str) -> BoxFuture<'_, Result<Answers, Error>>;
+    /// Posts this replica's zone-demand counts, replacing its previous post (attached to its
+    /// membership).
+    fn post_demand(&self, value: Vec<u8>) -> BoxFuture<'_, Result<(), Error>>;
+    /// Every replica's zone-demand post: (replica id, value).
+    fn demand(&self) -> BoxFuture<'_, Result<Answers, Error>>;
 }
 
 #[cfg(feature = "etcd")]
@@ -187,6 +194,24 @@ mod etcd_board {
 
         fn answers(&self, id: &str) -> BoxFuture<'_, Result<super::Answers, Error>> {
             let prefix = self.answers_prefix(id);
+            Box::pin(async move { self.list(prefix).await })
+        }
+
+        fn post_demand(&self, value: Vec<u8>) -> BoxFuture<'_, Result<(), Error>> {
+            let key = format!("{}/demand/{}", self.root, self.me);
+            Box::pin(async move {
+                let lease = self.lease()?;
+                self.client
+                    .kv_client()
+                    .put(key, value, Some(PutOptions::new().with_lease(lease)))
+                    .await
+                    .map_err(|e| err(&e))?;
+                Ok(())
+            })
+        }
+
+        fn demand(&self) -> BoxFuture<'_, Result<super::Answers, Error>> {
+            let prefix = format!("{}/demand/", self.root);
             Box::pin(async move { self.list(prefix).await })
         }
     }

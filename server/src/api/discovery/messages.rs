@@ -37,6 +37,7 @@ impl Session {
                 // Recorded at once, so the follow is undone however the session ends.
                 self.sub_bytes += service.len();
                 self.subs.insert(service.clone(), Sub::NotFound);
+                self.shared.demand.follow(self.id, &service);
             }
             self.catch_up(&service, known, true).await?;
         }
@@ -103,6 +104,7 @@ impl Session {
                         self.acks.forget(service);
                         self.sub_bytes -= service.len();
                         self.shared.cache.unfollow_service(service, &self.waker);
+                        self.shared.demand.unfollow(self.id, service);
                     }
                     self.nacked.remove(service);
                     self.global.forget(service);
@@ -140,6 +142,9 @@ impl Session {
                         .backends
                         .retain(|b| snap.servers.contains_key(b.server_id.as_str()));
                     self.shared.reports.submit(service, &report.backends);
+                    self.shared
+                        .demand
+                        .report(self.id, service, &report.backends);
                     if self
                         .shared
                         .circuits

@@ -29,9 +29,12 @@
 //!   the drain barrier reads ([`crate::api::barrier`]); **Nack** is answered with a full snapshot; **Unsubscribe** stops
 //!   updates; **LoadReport** replaces this session's in-flight counts for the service (see
 //!   [`crate::reports::loads`]); they are removed when the session ends.
-//! * **GlobalLoad**: the other sessions' in-flight counts, pushed at most every 100 ms and only
-//!   when they moved ([`crate::reports::global_load`]); load-report outcomes go to the outlier task
-//!   ([`crate::health::passive`]).
+//! * **GlobalLoad**: the other sessions' in-flight counts and the service's zone demand, pushed
+//!   at most every 100 ms and only when they moved ([`crate::reports::global_load`]); load-report
+//!   outcomes go to the outlier task ([`crate::health::passive`]) and, for a session with a zone,
+//!   to the zone demand ([`crate::reports::demand`]).
+//! * **Locality**: the first Subscribe's `locality` is validated (`INVALID_ARGUMENT` naming
+//!   `locality.zone` etc.) and gives the session's zone for the demand; later ones are ignored.
 //! * **Heartbeat**: a session that has sent nothing for `session_heartbeat` (5 s by default)
 //!   sends a `Heartbeat` with the cache's revision, so an SDK can fail over from a control plane
 //!   that is connected but no longer talking (its update deadline).
@@ -150,7 +153,10 @@ impl Discovery for DiscoveryService {
             waker: self.shared.cache.waker(),
             nacked: HashMap::new(),
             log: crate::log_limit::LogLimiter::default(),
-            global: crate::reports::global_load::GlobalPush::new(&self.shared.loads),
+            global: crate::reports::global_load::GlobalPush::new(
+                &self.shared.loads,
+                &self.shared.demand,
+            ),
             last_sent: tokio::time::Instant::now(),
         };
         tracing::debug!(session = id, ?peer, "session opened");
@@ -194,6 +200,7 @@ struct Cleanup {
 impl Drop for Cleanup {
     fn drop(&mut self) {
         self.shared.sessions.fetch_sub(1, Ordering::Relaxed);
+        self.shared.demand.remove_session(self.id);
         for (service, totals) in self.shared.loads.remove_session(self.id) {
             self.shared.pickers.set_baselines(&service, &totals);
             self.shared.metrics.in_flight(&service, &totals);
