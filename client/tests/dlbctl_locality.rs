@@ -183,6 +183,18 @@ async fn dlbctl_sets_and_shows_locality_and_priority() {
     assert_eq!(l["cross_zone_budget_percent"], 10);
     assert_eq!(l["budget_healthy_threshold_percent"], 60);
     assert_eq!(l["saturation_in_flight"], 8);
+    let out = run_dlbctl(
+        &ep,
+        &args(&["policy", "set", "--cross-zone-budget-percent", "101"]),
+    )
+    .await;
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("policy.locality.cross_zone_budget_percent"),
+        "{}",
+        out.stderr
+    );
     let got = srv
         .store()
         .get_service("web".into())

@@ -455,5 +455,9 @@ mod tests {
             "services[0].dns_locality.region",
         );
         bad("    policy:\n      locality: { spill: 1 }\n", "spill");
+        bad(
+            "    policy:\n      locality: { overprovisioning_percent: 50 }\n",
+            "services[0].policy.locality.overprovisioning_percent",
+        );
     }
 }
