@@ -149,7 +149,9 @@ pub fn build_for<'a>(
     let by_zone = client.zone.is_some()
         && locality.zone_aware
         && !hashing
-        && servers.iter().any(|s| ZoneKey::of(s.locality.as_ref()).is_some());
+        && servers
+            .iter()
+            .any(|s| ZoneKey::of(s.locality.as_ref()).is_some());
     if !by_zone && servers.iter().all(|s| s.priority == 0) {
         let picker = match previous {
             Some(old) => old.rebuild(&config, &specs),

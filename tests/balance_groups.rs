@@ -90,7 +90,10 @@ fn picks_follow_the_shares() {
             );
         }
         let s = p.shares();
-        assert!((s[0] - 0.7).abs() < 1e-6 && (s[2] - 0.1).abs() < 1e-6, "{s:?}");
+        assert!(
+            (s[0] - 0.7).abs() < 1e-6 && (s[2] - 0.1).abs() < 1e-6,
+            "{s:?}"
+        );
     }
 }
 
@@ -107,14 +110,7 @@ fn one_group_at_full_share_takes_every_pick() {
 #[test]
 fn a_group_with_nothing_eligible_falls_through() {
     // Group 0 has no eligible backend: its share goes to the next group that can pick.
-    let p = grouped(
-        Algorithm::RoundRobin,
-        3,
-        4,
-        |i| i >= 4,
-        &[false; 3],
-        |_| {},
-    );
+    let p = grouped(Algorithm::RoundRobin, 3, 4, |i| i >= 4, &[false; 3], |_| {});
     p.set_shares(&[1.0, 0.0, 0.0]);
     assert_eq!(group_counts(&p, 1_000, |_| None), vec![0, 1_000, 0]);
     // Nothing eligible anywhere: the usual error.
@@ -146,10 +142,18 @@ fn per_group_panic_routes_over_the_group_or_empties_it() {
     p.set_shares(&[1.0, 0.0]);
     let mut seen = HashMap::new();
     for _ in 0..400 {
-        *seen.entry(p.pick(None).unwrap().backend().id().to_owned()).or_insert(0) += 1;
+        *seen
+            .entry(p.pick(None).unwrap().backend().id().to_owned())
+            .or_insert(0) += 1;
     }
-    assert_eq!(seen.len(), 4, "route_all spreads over the whole group: {seen:?}");
-    assert!(seen.keys().all(|id| ["b0", "b1", "b2", "b3"].contains(&id.as_str())));
+    assert_eq!(
+        seen.len(),
+        4,
+        "route_all spreads over the whole group: {seen:?}"
+    );
+    assert!(seen
+        .keys()
+        .all(|id| ["b0", "b1", "b2", "b3"].contains(&id.as_str())));
     let p = grouped(
         Algorithm::RoundRobin,
         2,

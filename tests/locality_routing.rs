@@ -89,7 +89,11 @@ fn a_client_in_zone_a_stays_in_a_and_spills_by_the_formula() {
     let pol = policy(|_| {});
     let (p, layout) = routing::build_for(None, &pol, &three_zones(&[]), &client).unwrap();
     assert!(layout.is_some());
-    assert_eq!(count(&p, N).get(&'a'), Some(&(N as u64)), "healthy a keeps all");
+    assert_eq!(
+        count(&p, N).get(&'a'),
+        Some(&(N as u64)),
+        "healthy a keeps all"
+    );
 
     // 2 of a's 4 down, equal demand: a's capacity share 2/10 = 0.2 < its demand 1/3, so a keeps
     // 0.2 / (1/3) = 0.6 and the rest goes to b and c by residual capacity (0.2 each).
@@ -97,7 +101,10 @@ fn a_client_in_zone_a_stays_in_a_and_spills_by_the_formula() {
     let c = count(&p, N);
     for (z, share) in [('a', 0.6), ('b', 0.2), ('c', 0.2)] {
         let got = c.get(&z).copied().unwrap_or(0);
-        assert!(within_4_sigma(got, N as u64, share), "{z}: {got} of {N}, want {share}");
+        assert!(
+            within_4_sigma(got, N as u64, share),
+            "{z}: {got} of {N}, want {share}"
+        );
     }
 
     // All of a down: b and c by capacity.
@@ -115,8 +122,7 @@ fn a_client_in_zone_a_stays_in_a_and_spills_by_the_formula() {
 
     // A 10 % budget while a is at 50 % health (the default threshold): at most 10 % leave.
     let budget = policy(|l| l.cross_zone_budget_percent = 10);
-    let (p, _) =
-        routing::build_for(None, &budget, &three_zones(&["a0", "a1"]), &client).unwrap();
+    let (p, _) = routing::build_for(None, &budget, &three_zones(&["a0", "a1"]), &client).unwrap();
     let c = count(&p, N);
     let out = N as u64 - c.get(&'a').copied().unwrap_or(0);
     assert!(within_4_sigma(out, N as u64, 0.1), "{c:?}");
@@ -135,7 +141,11 @@ fn priorities_fail_over_with_overprovisioning() {
     let pol = policy(|_| {});
     // No client zone: priority failover only (as dlbd's own picker).
     let p = routing::build_picker(None, &pol, &servers(0)).unwrap();
-    assert_eq!(count(&p, N).get(&'s'), None, "healthy primary: nothing to priority 1");
+    assert_eq!(
+        count(&p, N).get(&'s'),
+        None,
+        "healthy primary: nothing to priority 1"
+    );
     // Half the primary: min(1, 0.5 × 1.4) = 0.7 stays, 0.3 spills.
     let p = routing::build_picker(Some(&p), &pol, &servers(2)).unwrap();
     let c = count(&p, N);
@@ -171,6 +181,9 @@ fn saturation_spills_before_any_ejection() {
     assert!(plan.local < 1.0, "{plan:?}");
     let c = count(&p, N);
     let kept = c.get(&'a').copied().unwrap_or(0);
-    assert!(within_4_sigma(kept, N as u64, plan.local), "{c:?} vs {plan:?}");
+    assert!(
+        within_4_sigma(kept, N as u64, plan.local),
+        "{c:?} vs {plan:?}"
+    );
     assert!(p.backends().iter().all(|b| b.is_eligible()));
 }

@@ -41,6 +41,8 @@ fn web(target: &str) -> DnsDeclaration {
         service: "web".into(),
         target: target.into(),
         weight: 3,
+        locality: None,
+        priority: 0,
     }
 }
 
@@ -477,7 +479,9 @@ fn yaml_declares_dns_services_and_resolver_settings() {
         [DnsDeclaration {
             service: "web".into(),
             target: "web.internal:8080".into(),
-            weight: 5
+            weight: 5,
+            locality: None,
+            priority: 0,
         }]
     );
     for (bad, field) in [

@@ -168,11 +168,7 @@ impl Picker {
         let (strategy, bounded, groups) = match grouping {
             None => {
                 let all: Vec<u32> = (0..backends.len() as u32).collect();
-                (
-                    strategy(policy, &backends, &all),
-                    bounded_over(&all),
-                    None,
-                )
+                (strategy(policy, &backends, &all), bounded_over(&all), None)
             }
             Some(g) => {
                 let n = g.panic.len();
@@ -180,8 +176,10 @@ impl Picker {
                 for (i, &group) in g.of_backend.iter().enumerate() {
                     members[group as usize].push(i as u32);
                 }
-                let strategies: Box<[Strategy]> =
-                    members.iter().map(|m| strategy(policy, &backends, m)).collect();
+                let strategies: Box<[Strategy]> = members
+                    .iter()
+                    .map(|m| strategy(policy, &backends, m))
+                    .collect();
                 let per_group: Box<[Option<Bounded>]> =
                     members.iter().map(|m| bounded_over(m)).collect();
                 // The picker-wide flag says "bounded policy" (the total is counted); caps are
@@ -228,7 +226,11 @@ fn check_grouping(g: &Grouping<'_>, n: usize) -> Result<(), BuildError> {
             g.panic.len()
         )));
     }
-    if let Some(&bad) = g.of_backend.iter().find(|&&x| usize::from(x) >= g.panic.len()) {
+    if let Some(&bad) = g
+        .of_backend
+        .iter()
+        .find(|&&x| usize::from(x) >= g.panic.len())
+    {
         return Err(BuildError::InvalidGrouping(format!(
             "group {bad} of {} groups",
             g.panic.len()

@@ -126,7 +126,13 @@ impl Groups {
     /// The current shares, recomputed from the thresholds.
     pub(super) fn shares(&self) -> Vec<f64> {
         const TOP: f64 = 4_294_967_296.0;
-        let top = |t: u32| if t == u32::MAX { 1u64 << 32 } else { u64::from(t) };
+        let top = |t: u32| {
+            if t == u32::MAX {
+                1u64 << 32
+            } else {
+                u64::from(t)
+            }
+        };
         let mut prev = 0u64;
         self.thresholds
             .iter()
@@ -188,7 +194,9 @@ impl Picker {
 
     /// The shares picks are spread by, per group (`[1.0]` for an ungrouped picker).
     pub fn shares(&self) -> Vec<f64> {
-        self.groups.as_ref().map_or_else(|| vec![1.0], |g| g.shares())
+        self.groups
+            .as_ref()
+            .map_or_else(|| vec![1.0], |g| g.shares())
     }
 
     /// Number of groups (1 for an ungrouped picker).

@@ -377,7 +377,10 @@ impl Picker {
                 Strategy::Ring(r) => r.heap_bytes(),
             })
             .sum::<usize>()
-            + self.groups.as_ref().map_or(0, |g| g.of_backend.len() * 2 + g.len() * 24);
+            + self
+                .groups
+                .as_ref()
+                .map_or(0, |g| g.of_backend.len() * 2 + g.len() * 24);
         self.backends.len() * per_backend + strings + index + tables
     }
 

@@ -36,6 +36,8 @@ mod cli;
 mod drain;
 #[path = "dlbctl/health.rs"]
 mod health;
+#[path = "dlbctl/locality.rs"]
+mod locality;
 #[path = "dlbctl/print.rs"]
 mod print;
 #[path = "dlbctl/watch.rs"]
@@ -110,6 +112,7 @@ async fn run(cli: Cli, interrupts: Option<membership::Interrupts>) -> Result<(),
             weight,
             hash_key,
             meta,
+            locality,
         } => {
             let server = NewServer {
                 server_id: id,
@@ -117,6 +120,8 @@ async fn run(cli: Cli, interrupts: Option<membership::Interrupts>) -> Result<(),
                 weight,
                 hash_key: hash_key.unwrap_or_default(),
                 metadata: parse_meta(&meta)?,
+                locality: locality.locality(),
+                priority: locality.priority.unwrap_or(0),
             };
             let r = admin.add_server(&service, server).await?;
             print_server_response(j, "added", &r);
@@ -178,6 +183,7 @@ async fn run(cli: Cli, interrupts: Option<membership::Interrupts>) -> Result<(),
             address,
             hash_key,
             expected_version,
+            locality,
         } => {
             let update = ServerUpdate {
                 server_id: id,
@@ -186,6 +192,8 @@ async fn run(cli: Cli, interrupts: Option<membership::Interrupts>) -> Result<(),
                 address,
                 hash_key,
                 metadata: None,
+                locality: locality.locality(),
+                priority: locality.priority,
                 expected_version,
             };
             let r = admin.update_server(&service, update).await?;
@@ -311,11 +319,14 @@ async fn run(cli: Cli, interrupts: Option<membership::Interrupts>) -> Result<(),
             drain_timeout,
             in_flight_zero,
             no_drain,
+            locality,
         } => {
             let drain = drain::wait(!no_drain, in_flight_zero, drain_timeout);
             let mut lease = dlb_client::Lease::new(id, address)
                 .weight(weight)
-                .ttl(std::time::Duration::from_secs(ttl));
+                .ttl(std::time::Duration::from_secs(ttl))
+                .priority(locality.priority.unwrap_or(0));
+            lease.locality = locality.locality();
             lease.metadata = parse_meta(&meta)?;
             let interrupts = interrupts.unwrap_or_else(membership::Interrupts::install);
             membership::register(&admin, &service, lease, j, interrupts, drain).await?;
@@ -384,6 +395,7 @@ async fn run(cli: Cli, interrupts: Option<membership::Interrupts>) -> Result<(),
             set.sdk_health.apply(&mut policy);
             set.adaptive.apply(&mut policy);
             set.call.apply(&mut policy)?;
+            set.locality.apply(&mut policy);
             model::validate_policy(&policy)?;
             let r = admin
                 .set_policy_if(&service, policy, Some(read_version))

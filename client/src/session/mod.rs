@@ -104,6 +104,8 @@ pub(crate) struct SessionConfig {
     pub(crate) update_deadline: Duration,
     /// Bearer token for the session.
     pub(crate) token: crate::channel::TokenInterceptor,
+    /// Where this client runs (sent in the first `Subscribe`; `None`: no zone).
+    pub(crate) locality: Option<proto::Locality>,
 }
 
 /// Connection state shared with the client.
@@ -261,7 +263,7 @@ async fn session_once(
     let subscribe = proto::Subscribe {
         client_id: config.client_id.clone(),
         services: entries.values().map(Entry::subscription).collect(),
-        ..Default::default()
+        locality: config.locality.clone(),
     };
     if tx
         .send(client_msg(ClientKind::Subscribe(subscribe)))

@@ -417,6 +417,7 @@ mod tests {
             saver: None,
         };
         let config = SessionConfig {
+            locality: None,
             client_id: "test".into(),
             report_interval: Duration::from_secs(1),
             ack_delay: ACK_DELAY,

@@ -9,7 +9,7 @@
 //! on a lease-owned id is refused with `ALREADY_EXISTS` as for any taken id. `Deregister` only
 //! removes lease-owned records (`FAILED_PRECONDITION` otherwise). An operator's `RemoveServer`
 //! may remove a lease-owned record; its next renewal registers it again. A re-register with a
-//! different address (or weight, hash key, metadata, TTL) updates the record in place, one
+//! different address (or weight, hash key, metadata, TTL, locality, priority) updates the record in place, one
 //! write, keeping its health sources and drain flag; a renewal that changes nothing writes
 //! nothing.
 //!
@@ -44,6 +44,8 @@ fn same_declaration(have: &proto::Server, want: &proto::Server) -> bool {
         && have.hash_key == want.hash_key
         && have.metadata == want.metadata
         && have.lease_ttl_seconds == want.lease_ttl_seconds
+        && have.locality == want.locality
+        && have.priority == want.priority
 }
 
 /// The Membership service implementation.
@@ -152,6 +154,10 @@ impl MembershipService {
             model::validate_weight(weight)?;
             model::validate_hash_key(&req.hash_key)?;
             model::validate_metadata(&req.metadata)?;
+            if let Some(l) = &req.locality {
+                dlb::locality::validate_locality("locality", l)?;
+            }
+            dlb::locality::validate_priority("priority", req.priority)?;
             if !(leases::MIN_TTL_SECONDS..=leases::MAX_TTL_SECONDS).contains(&req.ttl_seconds) {
                 return Err(model::ValidationError::new(
                     "ttl_seconds",
@@ -174,6 +180,8 @@ impl MembershipService {
             metadata: req.metadata.clone(),
             source: proto::BackendSource::Lease as i32,
             lease_ttl_seconds: req.ttl_seconds,
+            locality: dlb::locality::normalize(req.locality.clone()),
+            priority: req.priority,
             ..Default::default()
         };
         let key = LeaseKey {
@@ -394,8 +402,12 @@ impl Membership for MembershipService {
         let req = request.into_inner();
         let r = async {
             let service = model::resolve_service(&req.service).map_err(Error::from)?;
-            let weight = if req.weight == 0 { 1 } else { req.weight };
-            let status = self.dns.declare(service, &req.target, weight).await?;
+            let template = dns::Template {
+                weight: if req.weight == 0 { 1 } else { req.weight },
+                locality: req.locality,
+                priority: req.priority,
+            };
+            let status = self.dns.declare(service, &req.target, template).await?;
             self.wait_cache(self.shared.store.snapshot().await?.revision)
                 .await;
             Ok(status)

@@ -84,6 +84,9 @@ pub(crate) enum Command {
         /// Label `key=value` (repeatable).
         #[arg(long = "meta")]
         meta: Vec<String>,
+        /// Locality and failover priority.
+        #[command(flatten)]
+        locality: crate::locality::LocalityFlags,
     },
     /// Deregister a backend. With --wait, answer only once every client following the service
     /// has acknowledged a version without it (exit 6 if the --timeout passes first, naming the
@@ -148,6 +151,9 @@ pub(crate) enum Command {
         /// Apply only if the service is at this version (exit 5 otherwise).
         #[arg(long, value_name = "VERSION")]
         expected_version: Option<u64>,
+        /// New locality (replaces the whole locality) and failover priority.
+        #[command(flatten)]
+        locality: crate::locality::LocalityFlags,
     },
     /// List the service's backends.
     List,
@@ -214,6 +220,9 @@ pub(crate) enum Command {
         /// On SIGTERM, deregister at once (no drain, no barrier).
         #[arg(long)]
         no_drain: bool,
+        /// Locality and failover priority.
+        #[command(flatten)]
+        locality: crate::locality::LocalityFlags,
     },
     /// DNS discovery: declare, remove or list the DNS names services follow.
     #[command(subcommand)]
@@ -259,6 +268,9 @@ pub(crate) struct PolicySet {
     /// Call-path settings: retries, retry budget, hedging, Peak-EWMA.
     #[command(flatten)]
     pub(crate) call: call::CallFlags,
+    /// Locality settings: priority failover, zone-aware routing, cross-zone budget.
+    #[command(flatten)]
+    pub(crate) locality: crate::locality::LocalityPolicyFlags,
 }
 
 /// `dlbctl policy set` flags for slow start and the SDK's circuit breaker

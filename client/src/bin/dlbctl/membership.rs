@@ -21,6 +21,9 @@ pub enum DnsCommand {
         /// Weight of every discovered backend.
         #[arg(long, default_value_t = 1)]
         weight: u32,
+        /// Locality and failover priority of every discovered backend.
+        #[command(flatten)]
+        locality: crate::locality::LocalityFlags,
     },
     /// Stop following the service's DNS name and remove its DNS-owned backends.
     Remove,
@@ -226,7 +229,8 @@ fn dns_json(d: &proto::DnsStatus) -> Value {
     json!({"service": d.service, "target": d.target, "weight": d.weight, "backends": d.backends,
            "resolved": d.resolved, "truncated": d.truncated,
            "consecutive_failures": d.consecutive_failures, "last_error": d.last_error,
-           "next_refresh_ms": d.next_refresh_ms})
+           "next_refresh_ms": d.next_refresh_ms,
+           "locality": crate::locality::json(d.locality.as_ref()), "priority": d.priority})
 }
 
 fn dns_text(d: &proto::DnsStatus) -> String {
@@ -234,6 +238,7 @@ fn dns_text(d: &proto::DnsStatus) -> String {
         "{} dns={} w={} backends={} resolved={}",
         d.service, d.target, d.weight, d.backends, d.resolved
     );
+    out.push_str(&crate::locality::text(d.locality.as_ref(), d.priority));
     if d.truncated {
         out.push_str(" truncated");
     }
@@ -261,8 +266,16 @@ pub async fn dns(
     json_out: bool,
 ) -> Result<(), Error> {
     match cmd {
-        DnsCommand::Declare { target, weight } => {
-            let d = admin.declare_dns(service, &target, weight).await?;
+        DnsCommand::Declare {
+            target,
+            weight,
+            locality,
+        } => {
+            let mut declaration = dlb_client::DnsDeclaration::new(target)
+                .weight(weight)
+                .priority(locality.priority.unwrap_or(0));
+            declaration.locality = locality.locality();
+            let d = admin.declare_dns_with(service, &declaration).await?;
             if json_out {
                 println!("{}", dns_json(&d));
             } else {
