@@ -277,7 +277,10 @@ impl ClientBuilder {
             locality: own_locality,
         };
         let restored = match &self.snapshot_file {
-            Some(path) => session::restore(path),
+            Some(path) => session::restore(
+                path,
+                dlb::locality::ZoneKey::of(config.locality.as_ref()).as_ref(),
+            ),
             None => session::Restored::empty(),
         };
         let tokio_clock = self.call_clock == CallClock::Tokio;

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dlb::balance::{Picker, StickyTable, MAX_BACKENDS};
+use dlb::locality::ZoneKey;
 use dlb::model;
 use dlb::proto;
 use dlb::routing;
@@ -55,6 +56,12 @@ pub(super) struct Entry {
     /// The demand share per client zone, as last pushed (`GlobalLoad.zone_demand`, see
     /// [`super::demand`]); empty: not known.
     zone_demand: Vec<proto::ZoneDemand>,
+    /// The same, keyed for the locality plan.
+    demand: Vec<(ZoneKey, f64)>,
+    /// This SDK's zone (`ClientBuilder::locality`), for zone-aware routing.
+    zone: Option<ZoneKey>,
+    /// The grouping of `picker` when it is grouped by locality (re-planned on each push).
+    layout: Option<routing::Layout>,
     /// Slow start: when the picker must be rebuilt for a ramp to progress (see
     /// `dlb::slow_start`); `None` when nothing ramps.
     pub(super) ramp_at: Option<tokio::time::Instant>,
@@ -67,7 +74,9 @@ pub(super) struct Entry {
 pub(super) const HOLD_GRACE: Duration = Duration::from_secs(30);
 
 impl Entry {
-    pub(super) fn new(state: Arc<ServiceState>) -> Self {
+    /// A fresh entry of `state` for an SDK in `zone` (zone-aware routing; `None`: no zone
+    /// preference).
+    pub(super) fn new(state: Arc<ServiceState>, zone: Option<ZoneKey>) -> Self {
         Self {
             state,
             records: BTreeMap::new(),
@@ -80,6 +89,9 @@ impl Entry {
             held_since: None,
             others: std::collections::HashMap::new(),
             zone_demand: Vec::new(),
+            demand: Vec::new(),
+            zone,
+            layout: None,
             ramp_at: None,
             breakers: None,
         }
@@ -97,16 +109,15 @@ impl Entry {
         }
     }
 
-    /// The demand share per client zone last pushed for this service (empty: not known), for
-    /// the locality plan when the picker is built or re-planned.
-    // Read by the locality plan once `routing::build_picker` takes its inputs (issue 18).
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// The demand share per client zone last pushed for this service (empty: not known), as
+    /// the locality plan reads it.
+    #[cfg(test)]
     pub(super) fn zone_demand(&self) -> &[proto::ZoneDemand] {
         &self.zone_demand
     }
 
     /// The other SDKs' in-flight counts per backend id last pushed (absent: 0).
-    #[cfg_attr(not(test), allow(dead_code))]
+    #[cfg(test)]
     pub(super) fn others_in_flight(&self) -> &std::collections::HashMap<String, u64> {
         &self.others
     }
@@ -116,6 +127,11 @@ impl Entry {
     /// demand replaces the one held.
     pub(super) fn global_load(&mut self, g: &proto::GlobalLoad) {
         self.zone_demand = super::demand::sanitize(&g.zone_demand);
+        self.demand = self
+            .zone_demand
+            .iter()
+            .filter_map(|d| Some((ZoneKey::of(d.locality.as_ref())?, d.share)))
+            .collect();
         self.others = g
             .backends
             .iter()
@@ -128,6 +144,14 @@ impl Entry {
             .collect();
         if let Some(picker) = &self.picker {
             crate::global::apply_baselines(picker, &self.others);
+            // Demand and load moved: re-plan the locality shares (no rebuild).
+            if let (Some(layout), Some(policy)) = (self.layout.as_mut(), self.policy.as_ref()) {
+                let client = routing::Client {
+                    zone: self.zone.as_ref(),
+                    demand: &self.demand,
+                };
+                routing::replan(picker, layout, policy, &client);
+            }
         }
     }
 
@@ -332,9 +356,21 @@ impl Entry {
         let Some(policy) = self.policy.clone() else {
             return Ok(());
         };
-        let built = routing::build_picker(self.picker.as_deref(), &policy, self.records.values());
+        let client = routing::Client {
+            zone: self.zone.as_ref(),
+            demand: &self.demand,
+        };
+        let built = routing::build_for(
+            self.picker.as_deref(),
+            &policy,
+            self.records.values(),
+            &client,
+        );
         let picker = match built {
-            Ok(p) => Arc::new(p),
+            Ok((p, layout)) => {
+                self.layout = layout;
+                Arc::new(p)
+            }
             Err(e) => {
                 tracing::error!(service = %self.state.name, error = %e,
                     "could not build a picker for a validated state; asking for a full snapshot");
@@ -491,7 +527,7 @@ pub(crate) fn apply_detached(
     state: &Arc<ServiceState>,
     update: &proto::ServiceUpdate,
 ) -> Result<(), String> {
-    let mut entry = Entry::new(state.clone());
+    let mut entry = Entry::new(state.clone(), None);
     entry.picker = state.snapshot.load().picker.clone();
     entry.stage(update)?;
     entry.flush()

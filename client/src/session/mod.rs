@@ -60,6 +60,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dlb::backoff::{Backoff, Jitter};
+use dlb::locality::ZoneKey;
 use dlb::proto;
 use dlb::proto::client_message::Kind as ClientKind;
 use dlb::proto::discovery_client::DiscoveryClient;
@@ -167,6 +168,7 @@ pub(crate) async fn run(
     restored: Restored,
     snapshot_file: Option<std::path::PathBuf>,
 ) {
+    let zone = ZoneKey::of(config.locality.as_ref());
     let mut routing = Routing {
         saver: snapshot_file.map(|path| Saver::new(path, &restored.saved)),
         entries: restored
@@ -231,7 +233,7 @@ pub(crate) async fn run(
                 cmd = commands.recv() => match cmd {
                     None => break 'sessions,
                     Some(Command::Subscribe(state)) => {
-                        routing.entries.entry(state.name.clone()).or_insert_with(|| Entry::new(state));
+                        routing.entries.entry(state.name.clone()).or_insert_with(|| Entry::new(state, zone.clone()));
                     }
                 },
             }
@@ -257,7 +259,7 @@ async fn session_once(
     while let Ok(Command::Subscribe(state)) = commands.try_recv() {
         entries
             .entry(state.name.clone())
-            .or_insert_with(|| Entry::new(state));
+            .or_insert_with(|| Entry::new(state, ZoneKey::of(config.locality.as_ref())));
     }
     let (tx, rx) = mpsc::channel::<proto::ClientMessage>(1024);
     let subscribe = proto::Subscribe {

@@ -25,7 +25,7 @@ fn full(epoch: u64, version: u64, ids: &[&str]) -> proto::ServiceUpdate {
 
 #[test]
 fn deltas_need_the_right_base_and_emptying_is_guarded() {
-    let mut e = Entry::new(Arc::new(ServiceState::new("s".into())));
+    let mut e = Entry::new(Arc::new(ServiceState::new("s".into())), None);
     e.apply(&full(7, 1, &["a", "b"])).unwrap();
     assert_eq!(
         e.version,
@@ -138,7 +138,7 @@ fn add(epoch: u64, base: u64, id: &str) -> proto::ServiceUpdate {
 fn restart_flooding_is_held_back_until_half_are_back() {
     let ten: Vec<String> = (0..10).map(|i| format!("b{i}")).collect();
     let ids: Vec<&str> = ten.iter().map(String::as_str).collect();
-    let mut e = Entry::new(Arc::new(ServiceState::new("s".into())));
+    let mut e = Entry::new(Arc::new(ServiceState::new("s".into())), None);
     e.apply(&full(7, 5, &ids)).unwrap();
     // New epoch, one backend re-registered: held.
     e.apply(&full(8, 1, &["b0"])).unwrap();
@@ -166,7 +166,7 @@ fn restart_flooding_is_held_back_until_half_are_back() {
 
 #[tokio::test(start_paused = true)]
 async fn a_hold_ends_after_the_grace_period() {
-    let mut e = Entry::new(Arc::new(ServiceState::new("s".into())));
+    let mut e = Entry::new(Arc::new(ServiceState::new("s".into())), None);
     e.apply(&full(7, 1, &["a", "b", "c"])).unwrap();
     e.apply(&full(8, 1, &["z"])).unwrap();
     assert!(e.state.snapshot.load().stale);
@@ -191,7 +191,7 @@ fn not_found(epoch: u64) -> proto::ServiceNotFound {
 
 #[test]
 fn not_found_is_applied_unless_it_comes_from_another_epoch() {
-    let mut e = Entry::new(Arc::new(ServiceState::new("s".into())));
+    let mut e = Entry::new(Arc::new(ServiceState::new("s".into())), None);
     // Nothing held: applied.
     e.not_found(&not_found(7));
     assert!(e.state.snapshot.load().not_found);
@@ -216,7 +216,7 @@ fn not_found_is_applied_unless_it_comes_from_another_epoch() {
 
 #[test]
 fn global_loads_keep_the_zone_demand_and_the_others_counts() {
-    let mut e = Entry::new(Arc::new(ServiceState::new("s".into())));
+    let mut e = Entry::new(Arc::new(ServiceState::new("s".into())), None);
     e.apply(&full(7, 1, &["a", "b"])).unwrap();
     assert!(e.zone_demand().is_empty(), "not known before a push");
     let zone = |z: &str, share| proto::ZoneDemand {
