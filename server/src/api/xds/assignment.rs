@@ -1,0 +1,510 @@
+//! Per-node EDS: the ClusterLoadAssignment of a service as a client of one zone receives it,
+//! built once per (service version, client zone) and shared by every stream of that zone.
+//!
+//! **Layout.** Stock round robin ignores endpoint weights but honours *locality* weights
+//! (`xds_wrr_locality`), so every backend is its own locality — its real `region` and `zone`,
+//! with `sub_zone` naming the backend — whose weight carries the backend's share. For round
+//! robin and least connections the shares are the locality plan's ([`super::plan`]) for the
+//! client's zone: the groups (priority, zone) the plan gives traffic are all in priority 0,
+//! each backend weighted by its group's share × its part of the group's capacity (so priority
+//! loads and zone spill are expressed as locality weights: stock clients implement neither
+//! overprovisioning nor zone-aware routing); the groups with no share follow in lower
+//! priorities, one per original priority in order, so a stock client still fails over natively
+//! when everything planned dies before dlbd pushes the next assignment. For consistent hashing
+//! (Maglev, ring hash → `RING_HASH`, which weighs by endpoint weight) zone-aware routing does
+//! not apply: one locality per priority holds its backends, at that priority (renumbered
+//! 0, 1, … as the protocol requires), and the client fails over natively.
+//!
+//! **Client zones.** A client's zone is `(region, zone)` of its `node.locality`. A zone no
+//! backend of the service has is the zone-less client's (both route by capacity), so a service
+//! keeps at most one assignment per backend zone + 1, however many clients and zones connect:
+//! 1,000 clients in 10 zones cost 10 computations per change.
+//!
+//! Health: an eligible backend is `HEALTHY`, a draining one `DRAINING`, an unhealthy one
+//! `UNHEALTHY`; in overall panic every endpoint is `HEALTHY` (`route_all`) or `UNHEALTHY`
+//! (`fail`), see [`resources::panic_health`]. Addresses must be IP literals (`ip:port`); a
+//! backend whose address is a host name is left out, and logged.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use dlb::proto::{self, Algorithm};
+use envoy_types::pb::envoy::config::core::v3 as core;
+use envoy_types::pb::envoy::config::endpoint::v3 as endpoint;
+use envoy_types::pb::google::protobuf::{value, Struct, UInt32Value, Value};
+use envoy_types::util::pack_any;
+use parking_lot::Mutex;
+
+use super::plan::{self, GroupInput, Zone};
+use super::resources::{health_of, panic_health, weight_of};
+use super::{Built, ContentHash};
+use crate::store::ServiceSnapshot;
+
+/// Sum of the locality weights of the planned priority (priority 0): shares are expressed in
+/// millionths.
+const SCALE: f64 = 1_000_000.0;
+
+/// A backend with a usable address.
+#[derive(Debug)]
+struct Member {
+    server: Arc<proto::Server>,
+    addr: SocketAddr,
+    group: usize,
+}
+
+/// The per-zone assignments of one service snapshot (kept with it in the cache).
+#[derive(Debug)]
+pub struct Assignments {
+    snap: Arc<ServiceSnapshot>,
+    members: Vec<Member>,
+    groups: Vec<GroupInput>,
+    hashing: bool,
+    built: Mutex<HashMap<Option<Zone>, Arc<Built>>>,
+}
+
+/// The zone of a locality: `(region, zone)`; `None` for an unset or all-empty one.
+pub fn zone_of(region: &str, zone: &str) -> Option<Zone> {
+    if region.is_empty() && zone.is_empty() {
+        return None;
+    }
+    Some((region.to_owned(), zone.to_owned()))
+}
+
+impl Assignments {
+    /// Groups the backends of `snap` (O(backends)); nothing is built yet.
+    pub fn new(snap: Arc<ServiceSnapshot>) -> Self {
+        let hashing = matches!(
+            snap.policy.algorithm(),
+            Algorithm::Maglev | Algorithm::RingHash
+        );
+        let mut index: BTreeMap<(u32, Option<Zone>), usize> = BTreeMap::new();
+        let mut groups: Vec<GroupInput> = Vec::new();
+        let mut members = Vec::with_capacity(snap.servers.len());
+        for server in snap.servers.values() {
+            let Ok(addr) = server.address.parse::<SocketAddr>() else {
+                tracing::warn!(
+                    service = %snap.name.escape_debug(),
+                    server_id = %server.server_id.escape_debug(),
+                    address = %server.address.escape_debug(),
+                    "xds: backend address is not ip:port; left out of the ClusterLoadAssignment"
+                );
+                continue;
+            };
+            let zone = server
+                .locality
+                .as_ref()
+                .and_then(|l| zone_of(&l.region, &l.zone))
+                .filter(|_| !hashing);
+            let key = (server.priority, zone.clone());
+            let group = *index.entry(key).or_insert_with(|| {
+                groups.push(GroupInput {
+                    priority: server.priority,
+                    zone,
+                    total: 0,
+                    eligible: 0,
+                    capacity: 0.0,
+                });
+                groups.len() - 1
+            });
+            let g = &mut groups[group];
+            g.total += 1;
+            if dlb::model::is_eligible(server) {
+                g.eligible += 1;
+                g.capacity += f64::from(weight_of(server));
+            }
+            members.push(Member {
+                server: server.clone(),
+                addr,
+                group,
+            });
+        }
+        Self {
+            snap,
+            members,
+            groups,
+            hashing,
+            built: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The assignment key of a client in `zone`: the zone when some backend is in it (and the
+    /// service routes by zone), else `None` (the zone-less assignment).
+    fn key(&self, zone: Option<&Zone>) -> Option<Zone> {
+        let zone = zone?;
+        self.groups
+            .iter()
+            .any(|g| g.zone.as_ref() == Some(zone))
+            .then(|| zone.clone())
+    }
+
+    /// The packed assignment for a client in `zone`, built the first time a client of its key
+    /// asks (never under the lock) and shared afterwards.
+    pub fn for_zone(&self, zone: Option<&Zone>) -> Arc<Built> {
+        let key = self.key(zone);
+        if let Some(b) = self.built.lock().get(&key) {
+            return b.clone();
+        }
+        let any = pack_any(self.layout(key.as_ref()));
+        let mut h = ContentHash::default();
+        h.write(&any.value);
+        let built = Arc::new(Built {
+            hash: h.hex(),
+            any,
+            version: self.snap.version.version,
+        });
+        self.built.lock().entry(key).or_insert(built).clone()
+    }
+
+    /// How many assignments were built (one per client zone key asked for).
+    pub fn computed(&self) -> usize {
+        self.built.lock().len()
+    }
+
+    /// The ClusterLoadAssignment for a client in `zone` (a key of [`Assignments::key`]).
+    pub fn layout(&self, zone: Option<&Zone>) -> endpoint::ClusterLoadAssignment {
+        let panic = panic_health(&self.snap);
+        let endpoints = if self.hashing {
+            self.by_priority(panic)
+        } else {
+            self.planned(zone, panic)
+        };
+        endpoint::ClusterLoadAssignment {
+            cluster_name: self.snap.name.clone(),
+            endpoints,
+            ..Default::default()
+        }
+    }
+
+    /// Hashing: one locality per priority, priorities renumbered 0, 1, ….
+    fn by_priority(&self, panic: Option<core::HealthStatus>) -> Vec<endpoint::LocalityLbEndpoints> {
+        let mut by: BTreeMap<u32, Vec<endpoint::LbEndpoint>> = BTreeMap::new();
+        for m in &self.members {
+            by.entry(m.server.priority)
+                .or_default()
+                .push(lb_endpoint(&m.server, m.addr, panic));
+        }
+        by.into_iter()
+            .enumerate()
+            .map(|(level, (p, lb_endpoints))| endpoint::LocalityLbEndpoints {
+                locality: Some(core::Locality {
+                    region: "dlb".into(),
+                    zone: self.snap.name.clone(),
+                    sub_zone: if p == 0 {
+                        String::new()
+                    } else {
+                        format!("priority-{p}")
+                    },
+                }),
+                lb_endpoints,
+                load_balancing_weight: Some(UInt32Value { value: 1 }),
+                priority: u32::try_from(level).unwrap_or(u32::MAX),
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    /// Round robin and least connections: the plan's groups in priority 0 weighted by their
+    /// shares, the others in lower priorities (see the module docs).
+    fn planned(
+        &self,
+        zone: Option<&Zone>,
+        panic: Option<core::HealthStatus>,
+    ) -> Vec<endpoint::LocalityLbEndpoints> {
+        let policy = self.snap.policy.locality.as_ref();
+        // Total weight of each group's backends (for a planned group with no capacity: in
+        // panic, over all of them).
+        let mut weights = vec![0.0; self.groups.len()];
+        for m in &self.members {
+            weights[m.group] += f64::from(weight_of(&m.server));
+        }
+        // Overall `route_all` panic: every backend is routed to, as if eligible.
+        let route_all = panic == Some(core::HealthStatus::Healthy);
+        let shares = if route_all {
+            let all: Vec<GroupInput> = self
+                .groups
+                .iter()
+                .zip(&weights)
+                .map(|(g, w)| GroupInput {
+                    eligible: g.total,
+                    capacity: *w,
+                    ..g.clone()
+                })
+                .collect();
+            plan::shares(&all, zone, policy)
+        } else {
+            plan::shares(&self.groups, zone, policy)
+        };
+        let planned_any = shares.iter().any(|s| *s > 0.0);
+        // The lower priorities: one per original priority that has a group without share.
+        let mut rest: Vec<u32> = self
+            .groups
+            .iter()
+            .zip(&shares)
+            .filter(|(_, s)| **s <= 0.0)
+            .map(|(g, _)| g.priority)
+            .collect();
+        rest.sort_unstable();
+        rest.dedup();
+        let first = u32::from(planned_any);
+        self.members
+            .iter()
+            .map(|m| {
+                let g = &self.groups[m.group];
+                let share = shares[m.group];
+                let w = f64::from(weight_of(&m.server));
+                let (priority, weight) = if share > 0.0 {
+                    let part = if route_all || g.capacity <= 0.0 {
+                        w / weights[m.group].max(1.0)
+                    } else if dlb::model::is_eligible(&m.server) {
+                        w / g.capacity
+                    } else {
+                        0.0
+                    };
+                    (0, (share * part * SCALE).round().clamp(1.0, SCALE) as u32)
+                } else {
+                    let level = rest.iter().position(|p| *p == g.priority).unwrap_or(0);
+                    (
+                        first + u32::try_from(level).unwrap_or(u32::MAX - 1),
+                        weight_of(&m.server),
+                    )
+                };
+                let (region, zone) = g.zone.clone().unwrap_or_default();
+                endpoint::LocalityLbEndpoints {
+                    locality: Some(core::Locality {
+                        region,
+                        zone,
+                        sub_zone: m.server.server_id.clone(),
+                    }),
+                    lb_endpoints: vec![lb_endpoint(&m.server, m.addr, panic)],
+                    load_balancing_weight: Some(UInt32Value { value: weight }),
+                    priority,
+                    ..Default::default()
+                }
+            })
+            .collect()
+    }
+}
+
+fn lb_endpoint(
+    server: &proto::Server,
+    addr: SocketAddr,
+    health: Option<core::HealthStatus>,
+) -> endpoint::LbEndpoint {
+    endpoint::LbEndpoint {
+        host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(
+            endpoint::Endpoint {
+                address: Some(core::Address {
+                    address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+                        address: addr.ip().to_string(),
+                        port_specifier: Some(core::socket_address::PortSpecifier::PortValue(
+                            u32::from(addr.port()),
+                        )),
+                        ..Default::default()
+                    })),
+                }),
+                hostname: server.server_id.clone(),
+                ..Default::default()
+            },
+        )),
+        health_status: health.unwrap_or_else(|| health_of(server)) as i32,
+        load_balancing_weight: Some(UInt32Value {
+            value: weight_of(server),
+        }),
+        metadata: Some(hash_key_metadata(server)),
+    }
+}
+
+/// `envoy.lb` → `hash_key`: the backend's stable hash key (its `hash_key`, else its id). Clients
+/// implementing gRFC A76 place the endpoint on the hash ring by it, so a backend that moves to
+/// a new address keeps its keys; older clients hash the address.
+fn hash_key_metadata(server: &proto::Server) -> core::Metadata {
+    let key = if server.hash_key.is_empty() {
+        server.server_id.clone()
+    } else {
+        server.hash_key.clone()
+    };
+    let value = Value {
+        kind: Some(value::Kind::StringValue(key)),
+    };
+    let mut lb = Struct::default();
+    lb.fields.insert("hash_key".into(), value);
+    let mut md = core::Metadata::default();
+    md.filter_metadata.insert("envoy.lb".into(), lb);
+    md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `(id, zone, priority, eligible)` backends, weight 1, region "r".
+    fn snap(backends: &[(&str, &str, u32, bool)], algorithm: Algorithm) -> Arc<ServiceSnapshot> {
+        let mut servers = crate::store::Servers::new();
+        for (i, (id, zone, priority, eligible)) in backends.iter().enumerate() {
+            let mut s = proto::Server {
+                server_id: (*id).into(),
+                address: format!("127.0.0.1:{}", 1000 + i),
+                weight: 1,
+                priority: *priority,
+                locality: (!zone.is_empty()).then(|| proto::Locality {
+                    region: "r".into(),
+                    zone: (*zone).into(),
+                    sub_zone: String::new(),
+                }),
+                ..Default::default()
+            };
+            if !eligible {
+                s.set_health(proto::HealthStatus::Unhealthy);
+            }
+            servers.insert((*id).into(), Arc::new(s));
+        }
+        Arc::new(ServiceSnapshot {
+            name: "s".into(),
+            version: proto::Version {
+                epoch: 1,
+                version: 3,
+            },
+            policy: proto::Policy {
+                algorithm: algorithm as i32,
+                ..dlb::model::default_policy()
+            },
+            servers,
+        })
+    }
+
+    fn zone(z: &str) -> Zone {
+        ("r".into(), z.into())
+    }
+
+    /// Per backend id (sub_zone): (priority, locality weight).
+    fn layout(a: &Assignments, z: Option<&Zone>) -> BTreeMap<String, (u32, u32)> {
+        a.layout(z)
+            .endpoints
+            .into_iter()
+            .map(|l| {
+                let id = l.locality.map(|l| l.sub_zone).unwrap_or_default();
+                (id, (l.priority, l.load_balancing_weight.map_or(0, |w| w.value)))
+            })
+            .collect()
+    }
+
+    fn three_zones(a_down: usize) -> Vec<(String, String, u32, bool)> {
+        let mut v = Vec::new();
+        for z in ["a", "b", "c"] {
+            for i in 0..4 {
+                v.push((format!("{z}{i}"), z.to_owned(), 0, !(z == "a" && i < a_down)));
+            }
+        }
+        v
+    }
+
+    fn as_refs(v: &[(String, String, u32, bool)]) -> Vec<(&str, &str, u32, bool)> {
+        v.iter()
+            .map(|(i, z, p, e)| (i.as_str(), z.as_str(), *p, *e))
+            .collect()
+    }
+
+    #[test]
+    fn local_zone_first_and_other_zones_in_a_lower_priority() {
+        let backends = three_zones(0);
+        let a = Assignments::new(snap(&as_refs(&backends), Algorithm::RoundRobin));
+        let l = layout(&a, Some(&zone("a")));
+        for (id, (p, w)) in &l {
+            if id.starts_with('a') {
+                assert_eq!((*p, *w), (0, 250_000), "{id}");
+            } else {
+                assert_eq!((*p, *w), (1, 1), "{id}");
+            }
+        }
+        // Without a zone (or in a zone no backend is in): every backend in priority 0, equal.
+        let none = layout(&a, None);
+        assert!(none.values().all(|&(p, w)| p == 0 && w == 83_333), "{none:?}");
+        assert!(a.key(Some(&zone("elsewhere"))).is_none());
+    }
+
+    #[test]
+    fn half_the_local_zone_down_spills_by_the_formula() {
+        let backends = three_zones(2);
+        let a = Assignments::new(snap(&as_refs(&backends), Algorithm::RoundRobin));
+        let l = layout(&a, Some(&zone("a")));
+        // Keep 0.6 over a's 2 eligible backends; 0.2 to each of b and c (4 backends each).
+        assert_eq!(l["a2"], (0, 300_000));
+        assert_eq!(l["a0"], (0, 1), "an unhealthy backend keeps weight 1");
+        assert_eq!(l["b0"], (0, 50_000));
+        assert_eq!(l["c3"], (0, 50_000));
+    }
+
+    #[test]
+    fn priorities_are_contiguous_and_overprovisioning_becomes_weights() {
+        // P0: 4 backends, 2 eligible (h = 70); P1 gets 30 %; P3 (nothing in P2) gets none.
+        let a = Assignments::new(snap(
+            &[
+                ("p0a", "", 0, true),
+                ("p0b", "", 0, true),
+                ("p0c", "", 0, false),
+                ("p0d", "", 0, false),
+                ("p1a", "", 1, true),
+                ("p3a", "", 3, true),
+            ],
+            Algorithm::RoundRobin,
+        ));
+        let l = layout(&a, None);
+        assert_eq!(l["p0a"], (0, 350_000));
+        assert_eq!(l["p1a"], (0, 300_000));
+        assert_eq!(l["p3a"], (1, 1));
+        // Every P0 backend healthy: P1 and P3 become priorities 1 and 2.
+        let a = Assignments::new(snap(
+            &[("p0a", "", 0, true), ("p1a", "", 1, true), ("p3a", "", 3, true)],
+            Algorithm::RoundRobin,
+        ));
+        let l = layout(&a, None);
+        assert_eq!(l["p0a"], (0, 1_000_000));
+        assert_eq!(l["p1a"], (1, 1));
+        assert_eq!(l["p3a"], (2, 1));
+    }
+
+    #[test]
+    fn hashing_keeps_one_locality_per_priority() {
+        let a = Assignments::new(snap(
+            &[("x", "a", 0, true), ("y", "b", 0, true), ("z", "a", 2, true)],
+            Algorithm::Maglev,
+        ));
+        let cla = a.layout(None);
+        assert_eq!(cla.endpoints.len(), 2);
+        assert_eq!(cla.endpoints[0].lb_endpoints.len(), 2);
+        assert_eq!(
+            cla.endpoints.iter().map(|l| l.priority).collect::<Vec<_>>(),
+            vec![0, 1]
+        );
+        // No zone routing: every client gets the one assignment.
+        assert!(a.key(Some(&zone("a"))).is_none());
+    }
+
+    #[test]
+    fn one_computation_per_zone_however_many_clients() {
+        let mut backends = Vec::new();
+        for z in 0..10 {
+            for i in 0..10 {
+                backends.push((format!("z{z}-{i}"), format!("z{z}"), 0, true));
+            }
+        }
+        let a = Assignments::new(snap(&as_refs(&backends), Algorithm::RoundRobin));
+        let zones: Vec<Zone> = (0..10).map(|z| zone(&format!("z{z}"))).collect();
+        let mut first = Vec::new();
+        for c in 0..1000 {
+            let b = a.for_zone(Some(&zones[c % 10]));
+            if c < 10 {
+                first.push(b);
+            } else {
+                assert!(Arc::ptr_eq(&b, &first[c % 10]), "client {c} rebuilt");
+            }
+        }
+        assert_eq!(a.computed(), 10);
+        // Zone-less and unknown zones share one more.
+        a.for_zone(None);
+        a.for_zone(Some(&zone("nowhere")));
+        assert_eq!(a.computed(), 11);
+        assert_ne!(first[0].hash, first[1].hash);
+    }
+}
