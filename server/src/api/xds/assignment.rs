@@ -384,7 +384,10 @@ mod tests {
             .into_iter()
             .map(|l| {
                 let id = l.locality.map(|l| l.sub_zone).unwrap_or_default();
-                (id, (l.priority, l.load_balancing_weight.map_or(0, |w| w.value)))
+                (
+                    id,
+                    (l.priority, l.load_balancing_weight.map_or(0, |w| w.value)),
+                )
             })
             .collect()
     }
@@ -393,7 +396,12 @@ mod tests {
         let mut v = Vec::new();
         for z in ["a", "b", "c"] {
             for i in 0..4 {
-                v.push((format!("{z}{i}"), z.to_owned(), 0, !(z == "a" && i < a_down)));
+                v.push((
+                    format!("{z}{i}"),
+                    z.to_owned(),
+                    0,
+                    !(z == "a" && i < a_down),
+                ));
             }
         }
         v
@@ -419,7 +427,10 @@ mod tests {
         }
         // Without a zone (or in a zone no backend is in): every backend in priority 0, equal.
         let none = layout(&a, None);
-        assert!(none.values().all(|&(p, w)| p == 0 && w == 83_333), "{none:?}");
+        assert!(
+            none.values().all(|&(p, w)| p == 0 && w == 83_333),
+            "{none:?}"
+        );
         assert!(a.key(Some(&zone("elsewhere"))).is_none());
     }
 
@@ -455,7 +466,11 @@ mod tests {
         assert_eq!(l["p3a"], (1, 1));
         // Every P0 backend healthy: P1 and P3 become priorities 1 and 2.
         let a = Assignments::new(snap(
-            &[("p0a", "", 0, true), ("p1a", "", 1, true), ("p3a", "", 3, true)],
+            &[
+                ("p0a", "", 0, true),
+                ("p1a", "", 1, true),
+                ("p3a", "", 3, true),
+            ],
             Algorithm::RoundRobin,
         ));
         let l = layout(&a, None);
@@ -467,7 +482,11 @@ mod tests {
     #[test]
     fn hashing_keeps_one_locality_per_priority() {
         let a = Assignments::new(snap(
-            &[("x", "a", 0, true), ("y", "b", 0, true), ("z", "a", 2, true)],
+            &[
+                ("x", "a", 0, true),
+                ("y", "b", 0, true),
+                ("z", "a", 2, true),
+            ],
             Algorithm::Maglev,
         ));
         let cla = a.layout(None);

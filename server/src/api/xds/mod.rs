@@ -263,8 +263,8 @@ pub(crate) fn built(
         let index = SERVED.iter().position(|t| *t == type_url)?;
         let (snap, derived) = cache.get_derived(service)?;
         if type_url == resources::ENDPOINTS {
-            let per_zone = derived
-                .get_or_init(index, || Some(assignment::Assignments::new(snap.clone())))?;
+            let per_zone =
+                derived.get_or_init(index, || Some(assignment::Assignments::new(snap.clone())))?;
             return Some(per_zone.for_zone(zone));
         }
         derived.get_or_init(index, || {

@@ -25,8 +25,8 @@ use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 
-use super::stream::{Core, Variant};
 use super::plan::Zone;
+use super::stream::{Core, Variant};
 use super::{claim, content, resources, Built, ContentHash, Context};
 
 /// The resources of `type_url` for `names` (or every service with `wildcard`), in name order,
@@ -120,7 +120,8 @@ impl Variant for Sotw {
         let mut resumed_held = None;
         if first && !req.version_info.is_empty() && req.response_nonce.is_empty() {
             // A reconnecting client says what it holds: resume from there.
-            let (built, version) = resources_for(&ctx, &type_url, &sub.names, sub.wildcard, zone.as_ref());
+            let (built, version) =
+                resources_for(&ctx, &type_url, &sub.names, sub.wildcard, zone.as_ref());
             if content(&version) == content(&req.version_info) {
                 if type_url == resources::ENDPOINTS {
                     resumed_held = Some(built.iter().map(|(n, b)| (n.clone(), b.held())).collect());
@@ -145,7 +146,8 @@ impl Variant for Sotw {
     /// The type's resources if they differ from the last response (or `force`).
     fn response(s: &mut Core<Self>, type_url: &str, force: bool) -> Option<DiscoveryResponse> {
         let sub = s.subs.get(type_url)?;
-        let (resources, version) = resources_for(&s.ctx, type_url, &sub.names, sub.wildcard, s.zone.as_ref());
+        let (resources, version) =
+            resources_for(&s.ctx, type_url, &sub.names, sub.wildcard, s.zone.as_ref());
         // Same content: nothing to send (a newer revision alone changes nothing for the client).
         if !force && sub.held.as_deref().map(content) == Some(content(&version)) {
             return None;

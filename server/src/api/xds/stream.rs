@@ -20,8 +20,8 @@ use envoy_types::pb::envoy::config::core::v3::{node::UserAgentVersionType, Node}
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
-use super::clients::{self, Registration, TypeState};
 use super::assignment::zone_of;
+use super::clients::{self, Registration, TypeState};
 use super::plan::Zone;
 use super::{resources, valid_name, Context};
 use crate::cache::{Cache, Waker};
@@ -193,7 +193,13 @@ impl<V: Variant> Core<V> {
         }
         if let Some(l) = &node.locality {
             // A part longer than any backend's (128 bytes) can match none: dropped.
-            let part = |v: &str| if v.len() > 128 { String::new() } else { v.to_owned() };
+            let part = |v: &str| {
+                if v.len() > 128 {
+                    String::new()
+                } else {
+                    v.to_owned()
+                }
+            };
             let locality = dlb::proto::Locality {
                 region: part(&l.region),
                 zone: part(&l.zone),
