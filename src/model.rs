@@ -408,6 +408,7 @@ pub fn validate_policy(policy: &proto::Policy) -> Result<(), ValidationError> {
     crate::circuit::validate(policy)?;
     crate::adaptive::validate(policy)?;
     crate::call::validate(policy)?;
+    crate::locality::validate_locality_policy(policy)?;
     crate::health_policy::validate(policy)
 }
 

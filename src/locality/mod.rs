@@ -4,6 +4,18 @@
 //! This module owns the domain rules of the `Locality` message and of `Server.priority`: their
 //! validation (the one check every entry point calls, through [`crate::model::validate_backend`]
 //! and [`crate::model::validate_update`]) and the normal form an empty locality takes (none).
+//! Its submodules own the service's locality policy ([`policy`]) and the routing plan over
+//! localities and priorities.
+
+pub mod group;
+pub mod plan;
+#[cfg(test)]
+mod plan_tests;
+pub mod policy;
+
+pub use group::{group, GroupKey, Groups, ZoneKey};
+pub use plan::{plan, plan_by_zone, BackendState, Plan, Spill};
+pub use policy::{config, validate_locality_policy, LocalityConfig};
 
 use crate::proto;
 use crate::validation::{validate_id, ValidationError};
