@@ -4,7 +4,7 @@
 //! **Layout.** Stock round robin ignores endpoint weights but honours *locality* weights
 //! (`xds_wrr_locality`), so every backend is its own locality — its real `region` and `zone`,
 //! with `sub_zone` naming the backend — whose weight carries the backend's share. For round
-//! robin and least connections the shares are the locality plan's ([`super::plan`]) for the
+//! robin and least connections the shares are the locality plan's (`dlb::locality::plan`) for the
 //! client's zone: the groups (priority, zone) the plan gives traffic are all in priority 0,
 //! each backend weighted by its group's share × its part of the group's capacity (so priority
 //! loads and zone spill are expressed as locality weights: stock clients implement neither
@@ -36,10 +36,11 @@ use envoy_types::pb::google::protobuf::{value, Any, Struct, UInt32Value, Value};
 use envoy_types::util::pack_any;
 use parking_lot::Mutex;
 
-use super::plan::{self, GroupInput, Zone};
 use super::resources::{health_of, panic_health, weight_of};
 use super::{Built, ContentHash};
 use crate::store::ServiceSnapshot;
+use dlb::balance::{PanicConfig, PanicMode};
+use dlb::locality::{BackendState, Groups, LocalityConfig};
 
 /// Sum of the locality weights of the planned priority (priority 0): shares are expressed in
 /// millionths.
@@ -58,23 +59,38 @@ struct Member {
 pub struct Assignments {
     snap: Arc<ServiceSnapshot>,
     members: Vec<Member>,
-    groups: Vec<GroupInput>,
+    groups: Groups,
+    /// Per member, as the plan sees it.
+    backends: Vec<BackendState>,
+    /// The same, every backend eligible (overall `route_all` panic).
+    all_eligible: Vec<BackendState>,
+    cfg: LocalityConfig,
+    panic_cfg: Option<PanicConfig>,
     hashing: bool,
     /// The overall panic's health override ([`panic_health`]).
     panic: Option<core::HealthStatus>,
-    /// Per group, the weight of all its backends.
+    /// Per group, whether its priority is in `route_all` panic (its endpoints are sent HEALTHY).
+    group_route_all: Vec<bool>,
+    /// Per group, the weight of all its backends and of its eligible ones.
     weights: Vec<f64>,
+    capacity: Vec<f64>,
     /// Per member, its locality and endpoint encoded (made by the first [`Assignments::encoded`]).
     prefixes: OnceLock<Vec<Vec<u8>>>,
     built: Mutex<HashMap<Option<Zone>, Arc<Built>>>,
 }
+
+/// A client's or backend's zone (region, zone of its locality).
+pub type Zone = dlb::locality::ZoneKey;
 
 /// The zone of a locality: `(region, zone)`; `None` for an unset or all-empty one.
 pub fn zone_of(region: &str, zone: &str) -> Option<Zone> {
     if region.is_empty() && zone.is_empty() {
         return None;
     }
-    Some((region.to_owned(), zone.to_owned()))
+    Some(Zone {
+        region: region.to_owned(),
+        zone: zone.to_owned(),
+    })
 }
 
 impl Assignments {
@@ -84,9 +100,7 @@ impl Assignments {
             snap.policy.algorithm(),
             Algorithm::Maglev | Algorithm::RingHash
         );
-        let mut index: BTreeMap<(u32, Option<Zone>), usize> = BTreeMap::new();
-        let mut groups: Vec<GroupInput> = Vec::new();
-        let mut members = Vec::with_capacity(snap.servers.len());
+        let mut usable = Vec::with_capacity(snap.servers.len());
         for server in snap.servers.values() {
             let Ok(addr) = server.address.parse::<SocketAddr>() else {
                 tracing::warn!(
@@ -97,45 +111,69 @@ impl Assignments {
                 );
                 continue;
             };
-            let zone = server
-                .locality
-                .as_ref()
-                .and_then(|l| zone_of(&l.region, &l.zone))
-                .filter(|_| !hashing);
-            let key = (server.priority, zone.clone());
-            let group = *index.entry(key).or_insert_with(|| {
-                groups.push(GroupInput {
-                    priority: server.priority,
-                    zone,
-                    total: 0,
-                    eligible: 0,
-                    capacity: 0.0,
-                });
-                groups.len() - 1
-            });
-            let g = &mut groups[group];
-            g.total += 1;
-            if dlb::model::is_eligible(server) {
-                g.eligible += 1;
-                g.capacity += f64::from(weight_of(server));
-            }
-            members.push(Member {
-                server: server.clone(),
+            usable.push((server.clone(), addr));
+        }
+        let groups = dlb::locality::group(
+            usable
+                .iter()
+                .map(|(s, _)| (s.priority, s.locality.as_ref())),
+            !hashing,
+        );
+        let members: Vec<Member> = usable
+            .into_iter()
+            .zip(&groups.of_server)
+            .map(|((server, addr), g)| Member {
+                server,
                 addr,
-                group,
-            });
-        }
+                group: usize::from(*g),
+            })
+            .collect();
+        let backends: Vec<BackendState> = members
+            .iter()
+            .map(|m| BackendState {
+                group: u16::try_from(m.group).unwrap_or(u16::MAX),
+                weight: weight_of(&m.server),
+                eligible: dlb::model::is_eligible(&m.server),
+                in_flight: 0,
+            })
+            .collect();
+        let all_eligible = backends
+            .iter()
+            .map(|b| BackendState {
+                eligible: true,
+                ..*b
+            })
+            .collect();
         let mut weights = vec![0.0; groups.len()];
-        for m in &members {
-            weights[m.group] += f64::from(weight_of(&m.server));
+        let mut capacity = vec![0.0; groups.len()];
+        for (m, b) in members.iter().zip(&backends) {
+            weights[m.group] += f64::from(b.weight);
+            if b.eligible {
+                capacity[m.group] += f64::from(b.weight);
+            }
         }
+        let cfg = dlb::locality::config(&snap.policy);
+        let panic_cfg = dlb::health_policy::panic_config(&snap.policy);
+        // Per-priority panic does not depend on the client's zone.
+        let group_route_all = match panic_cfg {
+            Some(p) if p.mode == PanicMode::RouteAll && !hashing => {
+                dlb::locality::plan(&cfg, Some(&p), &groups, &backends, &[], None).group_panic
+            }
+            _ => vec![false; groups.len()],
+        };
         Self {
             panic: panic_health(&snap),
             snap,
             members,
             groups,
+            backends,
+            all_eligible,
+            cfg,
+            panic_cfg,
             hashing,
+            group_route_all,
             weights,
+            capacity,
             prefixes: OnceLock::new(),
             built: Mutex::new(HashMap::new()),
         }
@@ -146,6 +184,7 @@ impl Assignments {
     fn key(&self, zone: Option<&Zone>) -> Option<Zone> {
         let zone = zone?;
         self.groups
+            .keys
             .iter()
             .any(|g| g.zone.as_ref() == Some(zone))
             .then(|| zone.clone())
@@ -227,28 +266,27 @@ impl Assignments {
     /// client in `zone`: the plan's groups in priority 0 weighted by their shares, the others
     /// in lower priorities (see the module docs). O(backends + groups × priorities).
     fn placement(&self, zone: Option<&Zone>) -> Vec<(u32, u32)> {
-        let policy = self.snap.policy.locality.as_ref();
+        // Overall `route_all` panic: every backend is routed to, as if eligible.
         let route_all = self.panic == Some(core::HealthStatus::Healthy);
-        let shares = if route_all {
-            // Overall `route_all` panic: every backend is routed to, as if eligible.
-            let all: Vec<GroupInput> = self
-                .groups
-                .iter()
-                .zip(&self.weights)
-                .map(|(g, w)| GroupInput {
-                    eligible: g.total,
-                    capacity: *w,
-                    ..g.clone()
-                })
-                .collect();
-            plan::shares(&all, zone, policy)
+        let backends = if route_all {
+            &self.all_eligible
         } else {
-            plan::shares(&self.groups, zone, policy)
+            &self.backends
         };
+        let plan = dlb::locality::plan(
+            &self.cfg,
+            self.panic_cfg.as_ref(),
+            &self.groups,
+            backends,
+            &[],
+            zone,
+        );
+        let shares = plan.shares;
         let planned_any = shares.iter().any(|s| *s > 0.0);
         // The lower priorities: one per original priority that has a group without share.
         let mut rest: Vec<u32> = self
             .groups
+            .keys
             .iter()
             .zip(&shares)
             .filter(|(_, s)| **s <= 0.0)
@@ -260,15 +298,16 @@ impl Assignments {
         self.members
             .iter()
             .map(|m| {
-                let g = &self.groups[m.group];
+                let g = &self.groups.keys[m.group];
                 let share = shares[m.group];
                 let w = f64::from(weight_of(&m.server));
                 if share > 0.0 {
                     // A planned group with no capacity is in panic: over all its backends.
-                    let part = if route_all || g.capacity <= 0.0 {
+                    let capacity = self.capacity[m.group];
+                    let part = if route_all || plan.group_panic[m.group] || capacity <= 0.0 {
                         w / self.weights[m.group].max(1.0)
                     } else if dlb::model::is_eligible(&m.server) {
-                        w / g.capacity
+                        w / capacity
                     } else {
                         0.0
                     };
@@ -291,7 +330,7 @@ impl Assignments {
             .zip(self.placement(zone))
             .map(|(m, (priority, weight))| endpoint::LocalityLbEndpoints {
                 locality: Some(self.locality(m)),
-                lb_endpoints: vec![lb_endpoint(&m.server, m.addr, self.panic)],
+                lb_endpoints: vec![lb_endpoint(&m.server, m.addr, self.health_override(m))],
                 load_balancing_weight: Some(UInt32Value { value: weight }),
                 priority,
                 ..Default::default()
@@ -299,9 +338,20 @@ impl Assignments {
             .collect()
     }
 
+    /// The health a member is sent with instead of its own: the overall panic's, else HEALTHY
+    /// when its priority is in `route_all` panic (routed over all its backends).
+    fn health_override(&self, m: &Member) -> Option<core::HealthStatus> {
+        self.panic
+            .or(self.group_route_all[m.group].then_some(core::HealthStatus::Healthy))
+    }
+
     /// A member's locality: its group's region and zone, `sub_zone` its id.
     fn locality(&self, m: &Member) -> core::Locality {
-        let (region, zone) = self.groups[m.group].zone.clone().unwrap_or_default();
+        let (region, zone) = self.groups.keys[m.group]
+            .zone
+            .clone()
+            .map(|z| (z.region, z.zone))
+            .unwrap_or_default();
         core::Locality {
             region,
             zone,
@@ -320,7 +370,7 @@ impl Assignments {
                 .map(|m| {
                     let mut b = Vec::new();
                     prost::encoding::message::encode(1, &self.locality(m), &mut b);
-                    let ep = lb_endpoint(&m.server, m.addr, self.panic);
+                    let ep = lb_endpoint(&m.server, m.addr, self.health_override(m));
                     prost::encoding::message::encode(2, &ep, &mut b);
                     b
                 })

@@ -37,7 +37,10 @@ fn snap(backends: &[(&str, &str, u32, bool)], algorithm: Algorithm) -> Arc<Servi
 }
 
 fn zone(z: &str) -> Zone {
-    ("r".into(), z.into())
+    Zone {
+        region: "r".into(),
+        zone: z.into(),
+    }
 }
 
 /// Per backend id (sub_zone): (priority, locality weight).

@@ -7,7 +7,7 @@
 //!
 //! * [`resources`] — the DLB → xDS mapping (pure functions); [`assignment`] — the
 //!   ClusterLoadAssignment per client zone (per-node EDS), built with the locality plan
-//!   ([`plan`]) once per (service version, client zone);
+//!   (`dlb::locality::plan`) once per (service version, client zone);
 //! * [`sotw`] — state-of-the-world `StreamAggregatedResources`;
 //! * [`delta`] — incremental `DeltaAggregatedResources`;
 //! * `stream` — the stream core both share: per-stream state (subscriptions, nonces, followed
@@ -48,7 +48,6 @@
 pub mod assignment;
 pub mod clients;
 pub mod delta;
-pub mod plan;
 pub mod resources;
 pub mod sotw;
 pub mod status;
@@ -245,7 +244,7 @@ impl Context {
         &self,
         type_url: &str,
         service: &str,
-        zone: Option<&plan::Zone>,
+        zone: Option<&assignment::Zone>,
     ) -> Option<Arc<Built>> {
         built(&self.cache, type_url, service, zone)
     }
@@ -257,7 +256,7 @@ pub(crate) fn built(
     cache: &Cache,
     type_url: &str,
     service: &str,
-    zone: Option<&plan::Zone>,
+    zone: Option<&assignment::Zone>,
 ) -> Option<Arc<Built>> {
     {
         let index = SERVED.iter().position(|t| *t == type_url)?;

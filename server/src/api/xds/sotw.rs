@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 
-use super::plan::Zone;
+use super::assignment::Zone;
 use super::stream::{Core, Variant};
 use super::{claim, content, resources, Built, ContentHash, Context};
 

@@ -21,8 +21,8 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use super::assignment::zone_of;
+use super::assignment::Zone;
 use super::clients::{self, Registration, TypeState};
-use super::plan::Zone;
 use super::{resources, valid_name, Context};
 use crate::cache::{Cache, Waker};
 use crate::log_limit::LogLimiter;
