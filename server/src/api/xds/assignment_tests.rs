@@ -211,3 +211,42 @@ fn one_computation_per_zone_however_many_clients() {
     assert_eq!(a.computed(), 11);
     assert_ne!(first[0].hash, first[1].hash);
 }
+
+#[test]
+fn a_priority_in_route_all_panic_is_sent_healthy_over_all_its_backends() {
+    // P0: 1 of 10 eligible (10 %); P1: 3 of 5 (60 %). Health 0.14 + 0.84 < 1, so a priority
+    // below the 20 % threshold (P0) is in panic; overall 4 of 15 (27 %) is not.
+    let mut backends: Vec<(String, String, u32, bool)> = (0..10)
+        .map(|i| (format!("p0-{i}"), String::new(), 0, i == 0))
+        .collect();
+    backends.extend((0..5).map(|i| (format!("p1-{i}"), String::new(), 1, i < 3)));
+    let mut s = (*snap(&as_refs(&backends), Algorithm::RoundRobin)).clone();
+    s.policy.panic = Some(proto::PanicPolicy {
+        threshold_percent: 20,
+        mode: proto::PanicMode::RouteAll as i32,
+    });
+    let a = Assignments::new(Arc::new(s.clone()));
+    let health = |a: &Assignments, id: &str| {
+        a.layout(None)
+            .endpoints
+            .iter()
+            .find(|l| l.locality.as_ref().is_some_and(|l| l.sub_zone == id))
+            .map(|l| l.lb_endpoints[0].health_status)
+    };
+    let healthy = Some(core::HealthStatus::Healthy as i32);
+    let unhealthy = Some(core::HealthStatus::Unhealthy as i32);
+    assert_eq!(health(&a, "p0-5"), healthy, "P0 in panic: all HEALTHY");
+    assert_eq!(health(&a, "p1-4"), unhealthy, "P1 not in panic");
+    let l = layout(&a, None);
+    // Loads normalised: P0 0.14 / 0.98 over its 10 backends, P1 0.84 / 0.98 over 3.
+    assert_eq!(l["p0-5"], (0, 14_286), "{l:?}");
+    assert_eq!(l["p1-0"], (0, 285_714), "{l:?}");
+    assert_eq!(l["p1-4"], (0, 1), "{l:?}");
+    // Without a panic threshold: P0's unhealthy backends stay unhealthy, weight 1.
+    s.policy.panic = None;
+    let a = Assignments::new(Arc::new(s));
+    assert_eq!(health(&a, "p0-5"), unhealthy);
+    let l = layout(&a, None);
+    assert_eq!(l["p0-5"], (0, 1), "{l:?}");
+    assert_eq!(l["p0-0"], (0, 142_857), "{l:?}");
+}
