@@ -152,6 +152,42 @@ async fn scenario(program: PathBuf, args: Vec<String>) {
         to(&r, "c")
     );
 
+    // Priority 0 at 50 % healthy (2 of 4 down in every zone): with the default
+    // overprovisioning 1.4 it takes 70 %, priority 1 the other 30 % — for both clients (stock
+    // clients do not implement overprovisioning: dlbd sends it as locality weights). The
+    // client in a keeps all of priority 0's share in a (every zone is at half capacity).
+    for id in ["b0", "b1", "c0", "c1"] {
+        set_health(&mut reg, id, false).await;
+    }
+    for (who, drv) in [("zone a", &mut c), ("zone-less", &mut d)] {
+        drv.until(
+            100,
+            None,
+            Duration::from_secs(20),
+            "priority 1 takes a share",
+            |r| r.errors.is_empty() && to(r, "p1-") > 0 && r.of("b0") + r.of("c0") == 0,
+        )
+        .await;
+        let r = drv.calls(n, None).await;
+        assert!(r.errors.is_empty(), "{r:?}");
+        assert!(
+            within_4_sigma(to(&r, "p1-"), n, 0.3),
+            "{who}: {} of {n} calls to priority 1, expected {:.0} ± 4σ; {r:?}",
+            to(&r, "p1-"),
+            n as f64 * 0.3
+        );
+        if who == "zone a" {
+            assert_eq!(to(&r, "a") + to(&r, "p1-"), n, "{r:?}");
+        }
+        eprintln!(
+            "{who}, priority 0 at 50 %: {} of {n} calls to priority 1 (expected 30 %), a {} b {} c {}",
+            to(&r, "p1-"),
+            to(&r, "a"),
+            to(&r, "b"),
+            to(&r, "c")
+        );
+    }
+
     // All of priority 0 down: everything to priority 1.
     for (id, _, _) in &p0 {
         set_health(&mut reg, id, false).await;
