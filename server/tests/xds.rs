@@ -197,7 +197,12 @@ async fn sotw_serves_the_three_resources_and_records_acks() {
         .iter()
         .map(|l| l.load_balancing_weight.as_ref().unwrap().value)
         .collect();
-    assert_eq!(weights, vec![2, 5], "one locality per backend, weighted");
+    // Locality weights are the backends' shares in millionths (weights 2 and 5).
+    assert_eq!(
+        weights,
+        vec![285_714, 714_286],
+        "one locality per backend, weighted"
+    );
     c.ack(&e, &["s"]).await;
 
     let st = client_state(&server, "raw-sotw", |c| {

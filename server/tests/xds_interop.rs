@@ -17,27 +17,7 @@ use std::time::Duration;
 
 use dlb::proto;
 use dlb_server::api::xds::resources::{CLUSTER, ENDPOINTS};
-use xds_support::{within_4_sigma, Backend, Driver};
-
-/// Resolves a client from an environment variable, else from where `.ci/interop` installs it
-/// (`default`, when `installed` exists), or says the test is skipped (a failure when `CI` is
-/// set).
-fn client(var: &str, default: PathBuf, installed: PathBuf) -> Option<PathBuf> {
-    match std::env::var_os(var) {
-        Some(v) if !v.is_empty() => return Some(PathBuf::from(v)),
-        _ => {}
-    }
-    if installed.exists() {
-        return Some(default);
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{var} is not set, {} does not exist, and CI is set: run .ci/interop first",
-        installed.display()
-    );
-    eprintln!("SKIPPED: {var} is not set (run .ci/interop to install the stock clients)");
-    None
-}
+use xds_support::{client, within_4_sigma, Backend, Driver};
 
 fn interop_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../interop")

@@ -357,8 +357,19 @@ fn check(
                 out.pending.push(client);
             }
         });
-    let current = xds::built(&shared.cache, xds::resources::ENDPOINTS, service).map(|b| b.held());
     shared.xds_clients.for_each(|c| {
+        // The assignment this client's zone receives (per-node EDS; cached per zone).
+        let zone = c
+            .locality
+            .as_ref()
+            .and_then(|l| xds::assignment::zone_of(&l.region, &l.zone));
+        let current = xds::built(
+            &shared.cache,
+            xds::resources::ENDPOINTS,
+            service,
+            zone.as_ref(),
+        )
+        .map(|b| b.held());
         let Some(t) = c.types.get(xds::resources::ENDPOINTS) else {
             return;
         };

@@ -119,6 +119,19 @@ impl Backend {
 
 /// Writes a gRPC xDS bootstrap file naming `ads` as the management server.
 pub fn write_bootstrap(path: &Path, ads: SocketAddr, node: &str) {
+    write_bootstrap_in(path, ads, node, "", "");
+}
+
+/// Writes a bootstrap file like [`write_bootstrap`] whose node is in `region`/`zone`
+/// (`node.locality`; empty strings: no locality).
+pub fn write_bootstrap_in(path: &Path, ads: SocketAddr, node: &str, region: &str, zone: &str) {
+    let mut locality = serde_json::Map::new();
+    if !region.is_empty() {
+        locality.insert("region".into(), region.into());
+    }
+    if !zone.is_empty() {
+        locality.insert("zone".into(), zone.into());
+    }
     let json = serde_json::json!({
         "xds_servers": [{
             "server_uri": ads.to_string(),
@@ -126,7 +139,7 @@ pub fn write_bootstrap(path: &Path, ads: SocketAddr, node: &str) {
             "server_features": ["xds_v3"],
         }],
         // grpc-js-xds 1.14 rejects a node without a locality.
-        "node": {"id": node, "locality": {}},
+        "node": {"id": node, "locality": locality},
     });
     std::fs::write(path, json.to_string()).unwrap();
 }
@@ -251,22 +264,31 @@ pub fn within_4_sigma(observed: u64, n: u64, p: f64) -> bool {
     (observed as f64 - mean).abs() <= 4.0 * sd
 }
 
-/// The Python with grpcio the interop tests drive: `DLB_INTEROP_PYTHON`, else `.ci/interop`'s
-/// `target/interop-venv`. Neither: `None` (the caller skips), or a panic when `CI` is set.
-pub fn python() -> Option<PathBuf> {
-    if let Some(v) = std::env::var_os("DLB_INTEROP_PYTHON").filter(|v| !v.is_empty()) {
-        return Some(PathBuf::from(v));
+/// Resolves a client from an environment variable, else from where `.ci/interop` installs it
+/// (`default`, when `installed` exists), or says the test is skipped (a failure when `CI` is
+/// set).
+pub fn client(var: &str, default: PathBuf, installed: PathBuf) -> Option<PathBuf> {
+    match std::env::var_os(var) {
+        Some(v) if !v.is_empty() => return Some(PathBuf::from(v)),
+        _ => {}
     }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/interop-venv/bin/python");
-    if venv.exists() {
-        return Some(venv);
+    if installed.exists() {
+        return Some(default);
     }
     assert!(
         std::env::var_os("CI").is_none(),
-        "DLB_INTEROP_PYTHON is not set and CI is set: run .ci/interop first"
+        "{var} is not set, {} does not exist, and CI is set: run .ci/interop first",
+        installed.display()
     );
-    eprintln!("SKIPPED: DLB_INTEROP_PYTHON is not set (run .ci/interop to install grpcio)");
+    eprintln!("SKIPPED: {var} is not set (run .ci/interop to install the stock clients)");
     None
+}
+
+/// The Python with grpcio the interop tests drive: `DLB_INTEROP_PYTHON`, else `.ci/interop`'s
+/// `target/interop-venv`.
+pub fn python() -> Option<PathBuf> {
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/interop-venv/bin/python");
+    client("DLB_INTEROP_PYTHON", venv.clone(), venv)
 }
 
 /// The Python grpcio xDS client script (`interop/python/xds_client.py`).

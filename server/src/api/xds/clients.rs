@@ -78,6 +78,9 @@ pub struct ClientState {
     pub node_id: String,
     /// `node.user_agent_name` and version (escaped, truncated).
     pub user_agent: String,
+    /// `node.locality` from the first request (each part at most 128 bytes, else dropped;
+    /// `None`: none or all empty). Its region and zone choose the client's EDS assignment.
+    pub locality: Option<dlb::proto::Locality>,
     /// Per resource type URL.
     pub types: BTreeMap<String, TypeState>,
     /// Per service: the endpoints of the last EDS response sent.

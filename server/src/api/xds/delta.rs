@@ -143,6 +143,7 @@ impl Variant for Delta {
         _force: bool,
     ) -> Option<DeltaDiscoveryResponse> {
         let ctx = s.ctx.clone();
+        let zone = s.zone.clone();
         let sub = s.subs.get_mut(type_url)?;
         let mut names = sub.names.clone();
         let held = &mut sub.held.resources;
@@ -154,7 +155,7 @@ impl Variant for Delta {
         let mut out = Vec::new();
         let mut removed = Vec::new();
         for name in names {
-            match ctx.built(type_url, &name) {
+            match ctx.built(type_url, &name, zone.as_ref()) {
                 Some(b) => {
                     // Held already when the content is the same (whatever revision it was
                     // tagged with then).

@@ -5,7 +5,9 @@
 //!
 //! Parts:
 //!
-//! * [`resources`] — the DLB → xDS mapping (pure functions);
+//! * [`resources`] — the DLB → xDS mapping (pure functions); [`assignment`] — the
+//!   ClusterLoadAssignment per client zone (per-node EDS), built with the locality plan
+//!   (`dlb::locality::plan`) once per (service version, client zone);
 //! * [`sotw`] — state-of-the-world `StreamAggregatedResources`;
 //! * [`delta`] — incremental `DeltaAggregatedResources`;
 //! * `stream` — the stream core both share: per-stream state (subscriptions, nonces, followed
@@ -43,6 +45,7 @@
 //! Auth and TLS are those of the whole port: the ADS path needs a read token when read tokens are
 //! configured (`api::auth`).
 
+pub mod assignment;
 pub mod clients;
 pub mod delta;
 pub mod resources;
@@ -165,11 +168,13 @@ impl XdsMetrics {
     }
 }
 
-/// One resource built from one service version: packed, with its content hash. Shared by every
-/// stream that sends it.
+/// One resource built from one service version (for EDS: and one client zone): packed, with its
+/// content hash. Shared by every stream that sends it.
 #[derive(Debug)]
-pub(crate) struct Built {
+pub struct Built {
+    /// The packed resource.
     pub any: envoy_types::pb::google::protobuf::Any,
+    /// Its content hash.
     pub hash: String,
     /// The service version (store revision) it was built from.
     pub version: u64,
@@ -231,20 +236,36 @@ pub(crate) struct Context {
 }
 
 impl Context {
-    /// The resource of `type_url` for the newest snapshot of `service`; `None` when the
-    /// service does not exist or DLB does not serve the type. Built once per snapshot and
-    /// shared by every stream: kept with the snapshot in the cache ([`crate::cache::Derived`]).
-    pub fn built(&self, type_url: &str, service: &str) -> Option<Arc<Built>> {
-        built(&self.cache, type_url, service)
+    /// The resource of `type_url` for the newest snapshot of `service`, as a client in `zone`
+    /// receives it; `None` when the service does not exist or DLB does not serve the type.
+    /// Built once per snapshot (EDS: per snapshot and client zone, [`assignment`]) and shared
+    /// by every stream: kept with the snapshot in the cache ([`crate::cache::Derived`]).
+    pub fn built(
+        &self,
+        type_url: &str,
+        service: &str,
+        zone: Option<&assignment::Zone>,
+    ) -> Option<Arc<Built>> {
+        built(&self.cache, type_url, service, zone)
     }
 }
 
-/// The resource of `type_url` for the newest snapshot of `service` in `cache` (see
-/// [`Context::built`]).
-pub(crate) fn built(cache: &Cache, type_url: &str, service: &str) -> Option<Arc<Built>> {
+/// The resource of `type_url` for the newest snapshot of `service` in `cache`, for a client in
+/// `zone` (see [`Context::built`]).
+pub(crate) fn built(
+    cache: &Cache,
+    type_url: &str,
+    service: &str,
+    zone: Option<&assignment::Zone>,
+) -> Option<Arc<Built>> {
     {
         let index = SERVED.iter().position(|t| *t == type_url)?;
         let (snap, derived) = cache.get_derived(service)?;
+        if type_url == resources::ENDPOINTS {
+            let per_zone =
+                derived.get_or_init(index, || Some(assignment::Assignments::new(snap.clone())))?;
+            return Some(per_zone.for_zone(zone));
+        }
         derived.get_or_init(index, || {
             let any = resources::resource(type_url, &snap)?;
             let mut h = ContentHash::default();

@@ -8,20 +8,14 @@
 //! * **Cluster** `S`: type EDS with its EDS config from ADS; the balancing policy both in the
 //!   legacy `lb_policy` field and in the `load_balancing_policy` list (gRFC A52: a client takes
 //!   the first policy it supports).
-//! * **ClusterLoadAssignment** `S`: endpoints with their health and effective weight. Stock
-//!   round robin ignores endpoint weights but honours *locality* weights (`xds_wrr_locality`),
-//!   so for round robin and least connections every backend is its own locality whose weight is
-//!   the backend's effective weight: that gives the configured shares. For consistent hashing
-//!   (Maglev, ring hash → `RING_HASH`, which weighs by endpoint weight) all backends share one
-//!   locality of weight 1.
+//! * **ClusterLoadAssignment** `S`: per client zone, see [`super::assignment`] (every backend
+//!   its own locality with its real region and zone, locality weights carrying the locality
+//!   plan's shares, priorities for native failover).
 //!
 //! Health: an eligible backend is `HEALTHY`, a draining one `DRAINING`, an unhealthy one
-//! `UNHEALTHY` (stock clients use only HEALTHY and UNKNOWN endpoints, gRFC A27). Addresses must
-//! be IP literals (`ip:port`); a backend whose address is a host name is left out, and logged.
+//! `UNHEALTHY` (stock clients use only HEALTHY and UNKNOWN endpoints, gRFC A27).
 //!
 //! Every function here is pure and O(backends).
-
-use std::net::SocketAddr;
 
 use dlb::proto::{self, Algorithm};
 use envoy_types::pb::envoy::config::cluster::v3 as cluster;
@@ -32,7 +26,7 @@ use envoy_types::pb::envoy::config::route::v3 as route;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
 use envoy_types::pb::envoy::extensions::load_balancing_policies as lbp;
-use envoy_types::pb::google::protobuf::{value, Any, Struct, UInt32Value, Value};
+use envoy_types::pb::google::protobuf::{Any, UInt32Value};
 use envoy_types::util::pack_any;
 
 use crate::store::ServiceSnapshot;
@@ -271,105 +265,10 @@ pub fn panic_health(snap: &ServiceSnapshot) -> Option<core::HealthStatus> {
     }
 }
 
-fn lb_endpoint(
-    server: &proto::Server,
-    addr: SocketAddr,
-    health: Option<core::HealthStatus>,
-) -> endpoint::LbEndpoint {
-    endpoint::LbEndpoint {
-        host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(
-            endpoint::Endpoint {
-                address: Some(core::Address {
-                    address: Some(core::address::Address::SocketAddress(core::SocketAddress {
-                        address: addr.ip().to_string(),
-                        port_specifier: Some(core::socket_address::PortSpecifier::PortValue(
-                            u32::from(addr.port()),
-                        )),
-                        ..Default::default()
-                    })),
-                }),
-                hostname: server.server_id.clone(),
-                ..Default::default()
-            },
-        )),
-        health_status: health.unwrap_or_else(|| health_of(server)) as i32,
-        load_balancing_weight: Some(UInt32Value {
-            value: weight_of(server),
-        }),
-        metadata: Some(hash_key_metadata(server)),
-    }
-}
-
-/// `envoy.lb` → `hash_key`: the backend's stable hash key (its `hash_key`, else its id). Clients
-/// implementing gRFC A76 place the endpoint on the hash ring by it, so a backend that moves to
-/// a new address keeps its keys; older clients hash the address.
-fn hash_key_metadata(server: &proto::Server) -> core::Metadata {
-    let key = if server.hash_key.is_empty() {
-        server.server_id.clone()
-    } else {
-        server.hash_key.clone()
-    };
-    let value = Value {
-        kind: Some(value::Kind::StringValue(key)),
-    };
-    let mut lb = Struct::default();
-    lb.fields.insert("hash_key".into(), value);
-    let mut md = core::Metadata::default();
-    md.filter_metadata.insert("envoy.lb".into(), lb);
-    md
-}
-
-/// ClusterLoadAssignment `S` (see the module docs for the locality layout).
+/// ClusterLoadAssignment `S` as a client without a zone receives it (see
+/// [`super::assignment`] for the layout and the per-zone assignments).
 pub fn endpoints_for(snap: &ServiceSnapshot) -> endpoint::ClusterLoadAssignment {
-    let mut endpoints = Vec::new();
-    let mut shared = Vec::new();
-    let per_backend = !hashing(&snap.policy);
-    let panic = panic_health(snap);
-    for server in snap.servers.values() {
-        let Ok(addr) = server.address.parse::<SocketAddr>() else {
-            tracing::warn!(
-                service = %snap.name.escape_debug(),
-                server_id = %server.server_id.escape_debug(),
-                address = %server.address.escape_debug(),
-                "xds: backend address is not ip:port; left out of the ClusterLoadAssignment"
-            );
-            continue;
-        };
-        let ep = lb_endpoint(server, addr, panic);
-        if per_backend {
-            endpoints.push(endpoint::LocalityLbEndpoints {
-                locality: Some(core::Locality {
-                    region: "dlb".into(),
-                    zone: snap.name.clone(),
-                    sub_zone: server.server_id.clone(),
-                }),
-                lb_endpoints: vec![ep],
-                load_balancing_weight: Some(UInt32Value {
-                    value: weight_of(server),
-                }),
-                ..Default::default()
-            });
-        } else {
-            shared.push(ep);
-        }
-    }
-    if !per_backend {
-        endpoints.push(endpoint::LocalityLbEndpoints {
-            locality: Some(core::Locality {
-                region: "dlb".into(),
-                zone: snap.name.clone(),
-                sub_zone: String::new(),
-            }),
-            lb_endpoints: shared,
-            load_balancing_weight: Some(UInt32Value { value: 1 }),
-            ..Default::default()
-        });
-    }
-    endpoint::ClusterLoadAssignment {
-        cluster_name: snap.name.clone(),
-        endpoints,
-        ..Default::default()
-    }
+    super::assignment::Assignments::new(std::sync::Arc::new(snap.clone())).layout(None)
 }
 
 #[cfg(test)]
@@ -420,7 +319,10 @@ mod tests {
             .iter()
             .map(|l| l.load_balancing_weight.as_ref().map_or(0, |w| w.value))
             .collect();
-        assert_eq!(weights, vec![3, 1, 2]);
+        // Locality weights are shares in millionths: "a" is the only eligible backend; the
+        // unhealthy and the draining one keep the minimum weight 1.
+        assert_eq!(weights, vec![1_000_000, 1, 1]);
+        assert!(cla.endpoints.iter().all(|l| l.priority == 0));
         let health: Vec<i32> = cla
             .endpoints
             .iter()

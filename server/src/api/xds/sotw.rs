@@ -25,6 +25,7 @@ use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 
+use super::assignment::Zone;
 use super::stream::{Core, Variant};
 use super::{claim, content, resources, Built, ContentHash, Context};
 
@@ -35,6 +36,7 @@ pub(crate) fn resources_for(
     type_url: &str,
     names: &BTreeSet<String>,
     wildcard: bool,
+    zone: Option<&Zone>,
 ) -> (Vec<(String, Arc<Built>)>, String) {
     let mut out = Vec::new();
     let mut newest = 0;
@@ -54,7 +56,7 @@ pub(crate) fn resources_for(
             names
         };
         for name in names {
-            if let Some(b) = ctx.built(type_url, name) {
+            if let Some(b) = ctx.built(type_url, name, zone) {
                 h.write(name.as_bytes());
                 h.write(b.hash.as_bytes());
                 newest = newest.max(b.version);
@@ -102,6 +104,7 @@ impl Variant for Sotw {
         }
         super::check_stream("DiscoveryRequest.resource_names", count, bytes)?;
         let ctx = s.ctx.clone();
+        let zone = s.zone.clone();
         let sub = s.subs.entry(type_url.clone()).or_default();
         let wildcard = (first || sub.wildcard)
             && names.is_empty()
@@ -117,7 +120,8 @@ impl Variant for Sotw {
         let mut resumed_held = None;
         if first && !req.version_info.is_empty() && req.response_nonce.is_empty() {
             // A reconnecting client says what it holds: resume from there.
-            let (built, version) = resources_for(&ctx, &type_url, &sub.names, sub.wildcard);
+            let (built, version) =
+                resources_for(&ctx, &type_url, &sub.names, sub.wildcard, zone.as_ref());
             if content(&version) == content(&req.version_info) {
                 if type_url == resources::ENDPOINTS {
                     resumed_held = Some(built.iter().map(|(n, b)| (n.clone(), b.held())).collect());
@@ -142,7 +146,8 @@ impl Variant for Sotw {
     /// The type's resources if they differ from the last response (or `force`).
     fn response(s: &mut Core<Self>, type_url: &str, force: bool) -> Option<DiscoveryResponse> {
         let sub = s.subs.get(type_url)?;
-        let (resources, version) = resources_for(&s.ctx, type_url, &sub.names, sub.wildcard);
+        let (resources, version) =
+            resources_for(&s.ctx, type_url, &sub.names, sub.wildcard, s.zone.as_ref());
         // Same content: nothing to send (a newer revision alone changes nothing for the client).
         if !force && sub.held.as_deref().map(content) == Some(content(&version)) {
             return None;

@@ -45,6 +45,7 @@ fn to_wire(c: ClientState) -> proto::XdsClient {
         peer: c.peer,
         node_id: c.node_id,
         user_agent: c.user_agent,
+        locality: c.locality,
         types: c
             .types
             .into_iter()

@@ -20,6 +20,8 @@ use envoy_types::pb::envoy::config::core::v3::{node::UserAgentVersionType, Node}
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
+use super::assignment::zone_of;
+use super::assignment::Zone;
 use super::clients::{self, Registration, TypeState};
 use super::{resources, valid_name, Context};
 use crate::cache::{Cache, Waker};
@@ -72,6 +74,8 @@ pub(crate) struct Core<V: Variant> {
     next_nonce: u64,
     /// Limits the log lines this client can trigger (NACKs).
     log: LogLimiter,
+    /// The client's zone (`node.locality` of its first request): chooses its EDS assignment.
+    pub zone: Option<Zone>,
 }
 
 impl<V: Variant> Core<V> {
@@ -179,12 +183,30 @@ impl<V: Variant> Core<V> {
         nonce
     }
 
-    /// Records the node of a stream's first request (escaped, truncated).
-    fn record_node(&self, node: Option<&Node>) {
+    /// Records the node of a stream's first request (escaped, truncated) and the client's
+    /// zone.
+    fn record_node(&mut self, node: Option<&Node>) {
         let Some(node) = node else { return };
         let mut st = self.reg.state.lock();
-        if !st.node_id.is_empty() || !st.user_agent.is_empty() {
+        if !st.node_id.is_empty() || !st.user_agent.is_empty() || st.locality.is_some() {
             return;
+        }
+        if let Some(l) = &node.locality {
+            // A part longer than any backend's (128 bytes) can match none: dropped.
+            let part = |v: &str| {
+                if v.len() > 128 {
+                    String::new()
+                } else {
+                    v.to_owned()
+                }
+            };
+            let locality = dlb::proto::Locality {
+                region: part(&l.region),
+                zone: part(&l.zone),
+                sub_zone: part(&l.sub_zone),
+            };
+            self.zone = zone_of(&locality.region, &locality.zone);
+            st.locality = dlb::locality::normalize(Some(locality));
         }
         st.node_id = clients::escaped(&node.id, 256);
         let version = match &node.user_agent_version_type {
@@ -253,6 +275,7 @@ pub(crate) async fn run<V: Variant>(
         followed,
         next_nonce: 0,
         log: LogLimiter::default(),
+        zone: None,
     };
     let mut services = ctx.cache.services_changed();
     let shutdown = ctx.shutdown.clone();

@@ -1,0 +1,252 @@
+//! Unit tests of [`super`]: the per-zone layouts and their cache.
+use super::*;
+
+/// `(id, zone, priority, eligible)` backends, weight 1, region "r".
+fn snap(backends: &[(&str, &str, u32, bool)], algorithm: Algorithm) -> Arc<ServiceSnapshot> {
+    let mut servers = crate::store::Servers::new();
+    for (i, (id, zone, priority, eligible)) in backends.iter().enumerate() {
+        let mut s = proto::Server {
+            server_id: (*id).into(),
+            address: format!("127.0.0.1:{}", 1000 + i),
+            weight: 1,
+            priority: *priority,
+            locality: (!zone.is_empty()).then(|| proto::Locality {
+                region: "r".into(),
+                zone: (*zone).into(),
+                sub_zone: String::new(),
+            }),
+            ..Default::default()
+        };
+        if !eligible {
+            s.set_health(proto::HealthStatus::Unhealthy);
+        }
+        servers.insert((*id).into(), Arc::new(s));
+    }
+    Arc::new(ServiceSnapshot {
+        name: "s".into(),
+        version: proto::Version {
+            epoch: 1,
+            version: 3,
+        },
+        policy: proto::Policy {
+            algorithm: algorithm as i32,
+            ..dlb::model::default_policy()
+        },
+        servers,
+    })
+}
+
+fn zone(z: &str) -> Zone {
+    Zone {
+        region: "r".into(),
+        zone: z.into(),
+    }
+}
+
+/// Per backend id (sub_zone): (priority, locality weight).
+fn layout(a: &Assignments, z: Option<&Zone>) -> BTreeMap<String, (u32, u32)> {
+    a.layout(z)
+        .endpoints
+        .into_iter()
+        .map(|l| {
+            let id = l.locality.map(|l| l.sub_zone).unwrap_or_default();
+            (
+                id,
+                (l.priority, l.load_balancing_weight.map_or(0, |w| w.value)),
+            )
+        })
+        .collect()
+}
+
+fn three_zones(a_down: usize) -> Vec<(String, String, u32, bool)> {
+    let mut v = Vec::new();
+    for z in ["a", "b", "c"] {
+        for i in 0..4 {
+            v.push((
+                format!("{z}{i}"),
+                z.to_owned(),
+                0,
+                !(z == "a" && i < a_down),
+            ));
+        }
+    }
+    v
+}
+
+fn as_refs(v: &[(String, String, u32, bool)]) -> Vec<(&str, &str, u32, bool)> {
+    v.iter()
+        .map(|(i, z, p, e)| (i.as_str(), z.as_str(), *p, *e))
+        .collect()
+}
+
+#[test]
+fn local_zone_first_and_other_zones_in_a_lower_priority() {
+    let backends = three_zones(0);
+    let a = Assignments::new(snap(&as_refs(&backends), Algorithm::RoundRobin));
+    let l = layout(&a, Some(&zone("a")));
+    for (id, (p, w)) in &l {
+        if id.starts_with('a') {
+            assert_eq!((*p, *w), (0, 250_000), "{id}");
+        } else {
+            assert_eq!((*p, *w), (1, 1), "{id}");
+        }
+    }
+    // Without a zone (or in a zone no backend is in): every backend in priority 0, equal.
+    let none = layout(&a, None);
+    assert!(
+        none.values().all(|&(p, w)| p == 0 && w == 83_333),
+        "{none:?}"
+    );
+    assert!(a.key(Some(&zone("elsewhere"))).is_none());
+}
+
+#[test]
+fn half_the_local_zone_down_spills_by_the_formula() {
+    let backends = three_zones(2);
+    let a = Assignments::new(snap(&as_refs(&backends), Algorithm::RoundRobin));
+    let l = layout(&a, Some(&zone("a")));
+    // Keep 0.6 over a's 2 eligible backends; 0.2 to each of b and c (4 backends each).
+    assert_eq!(l["a2"], (0, 300_000));
+    assert_eq!(l["a0"], (0, 1), "an unhealthy backend keeps weight 1");
+    assert_eq!(l["b0"], (0, 50_000));
+    assert_eq!(l["c3"], (0, 50_000));
+}
+
+#[test]
+fn priorities_are_contiguous_and_overprovisioning_becomes_weights() {
+    // P0: 4 backends, 2 eligible (h = 70); P1 gets 30 %; P3 (nothing in P2) gets none.
+    let a = Assignments::new(snap(
+        &[
+            ("p0a", "", 0, true),
+            ("p0b", "", 0, true),
+            ("p0c", "", 0, false),
+            ("p0d", "", 0, false),
+            ("p1a", "", 1, true),
+            ("p3a", "", 3, true),
+        ],
+        Algorithm::RoundRobin,
+    ));
+    let l = layout(&a, None);
+    assert_eq!(l["p0a"], (0, 350_000));
+    assert_eq!(l["p1a"], (0, 300_000));
+    assert_eq!(l["p3a"], (1, 1));
+    // Every P0 backend healthy: P1 and P3 become priorities 1 and 2.
+    let a = Assignments::new(snap(
+        &[
+            ("p0a", "", 0, true),
+            ("p1a", "", 1, true),
+            ("p3a", "", 3, true),
+        ],
+        Algorithm::RoundRobin,
+    ));
+    let l = layout(&a, None);
+    assert_eq!(l["p0a"], (0, 1_000_000));
+    assert_eq!(l["p1a"], (1, 1));
+    assert_eq!(l["p3a"], (2, 1));
+}
+
+#[test]
+fn hashing_keeps_one_locality_per_priority() {
+    let a = Assignments::new(snap(
+        &[
+            ("x", "a", 0, true),
+            ("y", "b", 0, true),
+            ("z", "a", 2, true),
+        ],
+        Algorithm::Maglev,
+    ));
+    let cla = a.layout(None);
+    assert_eq!(cla.endpoints.len(), 2);
+    assert_eq!(cla.endpoints[0].lb_endpoints.len(), 2);
+    assert_eq!(
+        cla.endpoints.iter().map(|l| l.priority).collect::<Vec<_>>(),
+        vec![0, 1]
+    );
+    // No zone routing: every client gets the one assignment.
+    assert!(a.key(Some(&zone("a"))).is_none());
+}
+
+#[test]
+fn the_fast_encoding_decodes_to_the_layout() {
+    use prost::Message;
+    let mut backends = three_zones(2);
+    backends.push(("p1".into(), String::new(), 2, true));
+    backends.push(("big".into(), "b".into(), 0, true));
+    let a = Assignments::new(snap(&as_refs(&backends), Algorithm::RoundRobin));
+    for z in [None, Some(zone("a")), Some(zone("b"))] {
+        let bytes = a.encoded(z.as_ref());
+        let decoded = endpoint::ClusterLoadAssignment::decode(&bytes[..]).expect("decodes");
+        assert_eq!(decoded, a.layout(z.as_ref()), "{z:?}");
+    }
+    assert!(a
+        .layout(Some(&zone("a")))
+        .endpoints
+        .iter()
+        .any(|l| l.priority > 0));
+}
+
+#[test]
+fn one_computation_per_zone_however_many_clients() {
+    let mut backends = Vec::new();
+    for z in 0..10 {
+        for i in 0..10 {
+            backends.push((format!("z{z}-{i}"), format!("z{z}"), 0, true));
+        }
+    }
+    let a = Assignments::new(snap(&as_refs(&backends), Algorithm::RoundRobin));
+    let zones: Vec<Zone> = (0..10).map(|z| zone(&format!("z{z}"))).collect();
+    let mut first = Vec::new();
+    for c in 0..1000 {
+        let b = a.for_zone(Some(&zones[c % 10]));
+        if c < 10 {
+            first.push(b);
+        } else {
+            assert!(Arc::ptr_eq(&b, &first[c % 10]), "client {c} rebuilt");
+        }
+    }
+    assert_eq!(a.computed(), 10);
+    // Zone-less and unknown zones share one more.
+    a.for_zone(None);
+    a.for_zone(Some(&zone("nowhere")));
+    assert_eq!(a.computed(), 11);
+    assert_ne!(first[0].hash, first[1].hash);
+}
+
+#[test]
+fn a_priority_in_route_all_panic_is_sent_healthy_over_all_its_backends() {
+    // P0: 1 of 10 eligible (10 %); P1: 3 of 5 (60 %). Health 0.14 + 0.84 < 1, so a priority
+    // below the 20 % threshold (P0) is in panic; overall 4 of 15 (27 %) is not.
+    let mut backends: Vec<(String, String, u32, bool)> = (0..10)
+        .map(|i| (format!("p0-{i}"), String::new(), 0, i == 0))
+        .collect();
+    backends.extend((0..5).map(|i| (format!("p1-{i}"), String::new(), 1, i < 3)));
+    let mut s = (*snap(&as_refs(&backends), Algorithm::RoundRobin)).clone();
+    s.policy.panic = Some(proto::PanicPolicy {
+        threshold_percent: 20,
+        mode: proto::PanicMode::RouteAll as i32,
+    });
+    let a = Assignments::new(Arc::new(s.clone()));
+    let health = |a: &Assignments, id: &str| {
+        a.layout(None)
+            .endpoints
+            .iter()
+            .find(|l| l.locality.as_ref().is_some_and(|l| l.sub_zone == id))
+            .map(|l| l.lb_endpoints[0].health_status)
+    };
+    let healthy = Some(core::HealthStatus::Healthy as i32);
+    let unhealthy = Some(core::HealthStatus::Unhealthy as i32);
+    assert_eq!(health(&a, "p0-5"), healthy, "P0 in panic: all HEALTHY");
+    assert_eq!(health(&a, "p1-4"), unhealthy, "P1 not in panic");
+    let l = layout(&a, None);
+    // Loads normalised: P0 0.14 / 0.98 over its 10 backends, P1 0.84 / 0.98 over 3.
+    assert_eq!(l["p0-5"], (0, 14_286), "{l:?}");
+    assert_eq!(l["p1-0"], (0, 285_714), "{l:?}");
+    assert_eq!(l["p1-4"], (0, 1), "{l:?}");
+    // Without a panic threshold: P0's unhealthy backends stay unhealthy, weight 1.
+    s.policy.panic = None;
+    let a = Assignments::new(Arc::new(s));
+    assert_eq!(health(&a, "p0-5"), unhealthy);
+    let l = layout(&a, None);
+    assert_eq!(l["p0-5"], (0, 1), "{l:?}");
+    assert_eq!(l["p0-0"], (0, 142_857), "{l:?}");
+}
