@@ -77,6 +77,22 @@ fn healthy_local_zone_keeps_everything() {
 }
 
 #[test]
+fn demand_noise_within_the_slack_keeps_everything_local() {
+    let (g, b) = three_zones(0);
+    let cfg = LocalityConfig::default();
+    // Capacity 1/3; a's measured demand 0.35 (within 2 points): all local.
+    let noisy = vec![(zk("a"), 0.35), (zk("b"), 0.33), (zk("c"), 0.32)];
+    let p = plan(&cfg, None, &g, &b, &noisy, Some(&zk("a")));
+    assert!(close(p.local, 1.0), "{p:?}");
+    assert_eq!(p.spill, Spill::None);
+    // 0.36 is past it: a keeps (1/3) / 0.36.
+    let more = vec![(zk("a"), 0.36), (zk("b"), 0.32), (zk("c"), 0.32)];
+    let p = plan(&cfg, None, &g, &b, &more, Some(&zk("a")));
+    assert!(close(p.local, (1.0 / 3.0) / 0.36), "{p:?}");
+    assert_eq!(p.spill, Spill::LocalCapacity);
+}
+
+#[test]
 fn half_down_local_zone_spills_by_the_formula() {
     // upstream a = 2/10 < demand a = 1/3: keep 0.2 / (1/3) = 0.6; the 0.4 spilled splits by
     // residual capacity (0.4 − 1/3 for b and c alike): 0.2 each.
