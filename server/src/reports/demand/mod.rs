@@ -6,7 +6,9 @@
 //!   `locality` ([`DemandTracker::join`]); a session without one is counted nowhere (it still
 //!   receives the shares).
 //! * **Demand** of a zone on a service = the calls (successes + failures) its sessions reported
-//!   on the service over the last 10 s ([`window::Window`]); before any call is counted, the
+//!   on the service over the last 10 s, complete seconds only ([`window::Window`]: a second
+//!   still filling holds some sessions' reports and not yet others'); before any call is
+//!   counted, the
 //!   number of its sessions that follow the service. Shares sum to 1 ([`window::shares`]).
 //! * **Published** shares change only when a share moved by more than [`MOVE_THRESHOLD`] (1 %)
 //!   or the zone set changed; each publication has a new generation, and the change signal
@@ -373,7 +375,8 @@ impl DemandTracker {
                 calls: z.window.total(now),
                 followers: z.followers,
             };
-            let keep = c.calls > 0 || c.followers > 0;
+            // Calls of the second still filling keep the zone (they count once it completes).
+            let keep = c.followers > 0 || !z.window.is_empty(now);
             if keep {
                 counts.insert(zone.clone(), c);
             }

@@ -57,6 +57,9 @@ async fn followers_then_calls_then_the_window_slides_back() {
     // Calls replace followers: a 10, b 30.
     t.report(1, "web", &calls(10));
     t.report(3, "web", &calls(30));
+    // Counted once their second is complete.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    t.tick();
     assert_eq!(
         shares(&t, "web"),
         vec![("a".into(), 0.25), ("b".into(), 0.75)]
@@ -68,11 +71,13 @@ async fn followers_then_calls_then_the_window_slides_back() {
     t.report(2, "web", &calls(0));
     let (g2, _) = t.published("web");
     t.report(3, "web", &calls(1)); // b: 31/41 = 0.756, +0.6 %
+    tokio::time::advance(Duration::from_secs(1)).await;
+    t.tick();
     assert_eq!(t.published("web").0, g2);
     assert!(!rx.has_changed().unwrap());
     assert_ne!(g1, g2);
-    // Ten seconds on, the first reports leave the window; the second-1 report is alone.
-    tokio::time::advance(Duration::from_secs(9)).await;
+    // At second 11 the second-0 reports have left the window; the second-2 report is alone.
+    tokio::time::advance(Duration::from_secs(8)).await;
     t.tick();
     assert_eq!(
         shares(&t, "web"),
@@ -105,6 +110,8 @@ async fn calls_of_gone_sessions_expire_with_the_window() {
     t.report(1, "web", &calls(30));
     t.report(2, "web", &calls(10));
     t.remove_session(1);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    t.tick();
     // a's calls still count until they leave the window, then a goes.
     assert_eq!(
         shares(&t, "web"),
@@ -152,6 +159,8 @@ async fn zones_per_service_are_capped_and_the_rest_is_dropped() {
             ..Default::default()
         }],
     );
+    tokio::time::advance(Duration::from_secs(1)).await;
+    t.tick();
     let top = t.published("web").1[0].1;
     assert!(top > 0.99 && top <= 1.0, "{top}");
 }

@@ -3,13 +3,14 @@
 //!
 //! A [`Window`] holds [`BUCKETS`] one-second buckets: a report's calls go into the bucket of the
 //! second it arrived in; the window's total is the sum of the buckets of the last [`BUCKETS`]
-//! seconds (older buckets are zeroed as time moves on). O(1) to add, O(BUCKETS) to read.
+//! seconds (older buckets are zeroed as time moves on), less the second still filling. O(1) to
+//! add, O(BUCKETS) to read.
 
 use std::time::Duration;
 
 /// One-second buckets in a window.
 pub const BUCKETS: usize = 10;
-/// The span of a window: demand is the calls of the last 10 s.
+/// The span of a window: demand is the calls of the last 10 s (9 complete seconds are read).
 pub const WINDOW: Duration = Duration::from_secs(BUCKETS as u64);
 
 /// A client zone: the (region, zone) of a locality (`sub_zone` is not routed on). A locality
@@ -79,10 +80,25 @@ impl Window {
         *b = b.saturating_add(calls);
     }
 
-    /// The calls of the last [`BUCKETS`] seconds as of `now` (saturating).
+    /// Whether no call at all is in the window as of `now`, the second still filling included.
+    pub fn is_empty(&mut self, now: u64) -> bool {
+        self.advance(now);
+        self.buckets.iter().all(|&n| n == 0)
+    }
+
+    /// The calls of the last `BUCKETS - 1` **complete** seconds as of `now` (saturating): the
+    /// second `now` is still filling and is left out. Clients report at different phases, so
+    /// a partial second holds some clients' reports and not yet others' (at a service's first
+    /// second, the first client to report looked like 100 % of the demand); a complete second
+    /// holds one second of every client's reports.
     pub fn total(&mut self, now: u64) -> u64 {
         self.advance(now);
-        self.buckets.iter().fold(0u64, |a, n| a.saturating_add(*n))
+        let current = (self.head % BUCKETS as u64) as usize;
+        self.buckets
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != current)
+            .fold(0u64, |a, (_, n)| a.saturating_add(*n))
     }
 }
 
@@ -146,23 +162,32 @@ mod tests {
     fn the_window_keeps_the_last_ten_seconds() {
         let mut w = Window::default();
         w.add(0, 5);
+        // The second that is still filling does not count.
+        assert_eq!(w.total(0), 0);
         w.add(3, 7);
-        assert_eq!(w.total(3), 12);
+        assert_eq!(w.total(3), 5);
+        assert_eq!(w.total(4), 12);
         assert_eq!(w.total(9), 12);
         // Second 0 leaves the window at second 10, second 3 at 13.
         assert_eq!(w.total(10), 7);
         w.add(12, 1);
-        assert_eq!(w.total(12), 8);
+        assert_eq!(w.total(12), 7);
         assert_eq!(w.total(13), 1);
         assert_eq!(w.total(22), 0);
         // A long gap clears everything at once; the same bucket index is reused correctly.
         w.add(100, 4);
         w.add(110, 6);
-        assert_eq!(w.total(110), 6);
+        assert_eq!(w.total(111), 6);
         w.add(111, u64::MAX);
-        assert_eq!(w.total(111), u64::MAX);
+        assert_eq!(w.total(112), u64::MAX);
         // Reading in the past changes nothing.
         assert_eq!(w.total(50), u64::MAX);
+        // Calls of the second still filling are not read, but the window is not empty.
+        let mut w = Window::default();
+        w.add(5, 1);
+        assert_eq!(w.total(5), 0);
+        assert!(!w.is_empty(5));
+        assert!(w.is_empty(15));
     }
 
     #[test]
