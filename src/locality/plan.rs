@@ -55,6 +55,24 @@ pub enum Spill {
     BudgetCapped,
 }
 
+impl Spill {
+    /// The reason's name in metrics, JSON and `dlbctl` (`none`, `local_capacity`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Spill::None => "none",
+            Spill::NoClientZone => "no_client_zone",
+            Spill::ZoneAwareOff => "zone_aware_off",
+            Spill::BelowMinClusterSize => "below_min_cluster_size",
+            Spill::Unzoned => "unzoned",
+            Spill::Panic => "panic",
+            Spill::NoLocalBackends => "no_local_backends",
+            Spill::LocalDown => "local_down",
+            Spill::LocalCapacity => "local_capacity",
+            Spill::BudgetCapped => "budget_capped",
+        }
+    }
+}
+
 /// The plan for one client zone.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Plan {
