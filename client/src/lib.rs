@@ -67,6 +67,7 @@ pub use admin::{AdminClient, ChannelOptions, NewServer, ServerUpdate, TokenInter
 pub use call::{Balance, BalanceBuilder, BalanceLayer};
 pub use clock::CallClock;
 pub use error::{Error, Result};
+pub use locality::{GroupShare, LocalityStatus};
 pub use membership::{DnsDeclaration, Lease, Registration};
 pub use metrics::ClientMetrics;
 pub use resolve::{Resolve, SystemResolver};

@@ -185,3 +185,63 @@ mod tests {
         assert!(m.contains("DLB_SUB_ZONE"), "{m}");
     }
 }
+
+/// How one followed service routes by locality right now ([`crate::ServiceHandle::locality`]):
+/// the plan this SDK applies (docs/locality.md), re-computed at each rebuild and each
+/// `GlobalLoad` push. Only for a service whose picker is grouped (some backend has a priority
+/// above 0, or this client has a zone and zone-aware routing applies).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalityStatus {
+    /// This client's zone (`None`: no zone preference).
+    pub zone: Option<proto::Locality>,
+    /// The demand share per client zone `dlbd` pushed (empty: not known yet; equal shares).
+    pub zone_demand: Vec<(proto::Locality, f64)>,
+    /// Each group's share of this client's calls.
+    pub groups: Vec<GroupShare>,
+    /// Share of the calls kept in this client's zone (0 without a zone).
+    pub local: f64,
+    /// Why calls leave the zone (`none`, `local_capacity`, `budget_capped`, … see
+    /// [`dlb::locality::Spill::as_str`]).
+    pub spill: &'static str,
+    /// The load of each priority, in priority order.
+    pub priority_load: Vec<(u32, f64)>,
+}
+
+/// One group of a [`LocalityStatus`]: backends of one priority (and zone).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupShare {
+    /// Failover priority, 0 = primary.
+    pub priority: u32,
+    /// The zone (`None`: backends without one, or a hashing algorithm's per-priority group).
+    pub zone: Option<proto::Locality>,
+    /// Share of this client's calls sent to the group.
+    pub share: f64,
+}
+
+impl LocalityStatus {
+    pub(crate) fn of(
+        zone: Option<&dlb::locality::ZoneKey>,
+        demand: &[(dlb::locality::ZoneKey, f64)],
+        groups: &dlb::locality::Groups,
+        plan: &dlb::locality::Plan,
+    ) -> Self {
+        let wire = |z: &dlb::locality::ZoneKey| locality(z.region.clone(), z.zone.clone());
+        Self {
+            zone: zone.map(wire),
+            zone_demand: demand.iter().map(|(z, d)| (wire(z), *d)).collect(),
+            groups: groups
+                .keys
+                .iter()
+                .zip(&plan.shares)
+                .map(|(k, &share)| GroupShare {
+                    priority: k.priority,
+                    zone: k.zone.as_ref().map(wire),
+                    share,
+                })
+                .collect(),
+            local: plan.local,
+            spill: plan.spill.as_str(),
+            priority_load: plan.priority_load.clone(),
+        }
+    }
+}

@@ -20,6 +20,8 @@
 //! | `dlb_sdk_nacks_total`, `dlb_sdk_held_back_total`, `dlb_sdk_rebuilds_total` | counter | `service` |
 //! | `dlb_sdk_regressions_refused_total` | counter | `service` (same-epoch updates older than the version routed on, refused; the client moved to another endpoint) |
 //! | `dlb_sdk_backends` | gauge | `service`, `eligible` (`true`, `false`) |
+//! | `dlb_sdk_locality_local_share` | gauge | `service` (share of the calls the locality plan keeps in the client's zone; only for a client with a zone and a grouped service) |
+//! | `dlb_sdk_locality_spill` | gauge | `service`, `reason` (1 for why calls leave the zone: `none`, `local_capacity`, `budget_capped`, `local_down`, …; grouped services) |
 //! | `dlb_sdk_call_requests_total`, `dlb_sdk_call_retries_total`, `dlb_sdk_call_hedges_total`, `dlb_sdk_call_budget_exhausted_total`, `dlb_sdk_call_cancelled_total` | counter | `service` (the call path, [`crate::call`]) |
 //! | `dlb_sdk_call_errors_total` | counter | `service`, `class` (`status`, `connect`, `transport`, `deadline`, `no_backend`) |
 //! | `dlb_sdk_call_latency_seconds` | histogram | `service` |
@@ -190,6 +192,30 @@ impl Collector for ClientMetrics {
                 let labels = [("service", s.name.as_str()), ("eligible", flag)];
                 ConstGauge::new(n).encode(m.encode_family(&labels)?)?;
             }
+        }
+        let plans: Vec<(&str, Arc<crate::LocalityStatus>)> = services
+            .iter()
+            .filter_map(|s| Some((s.name.as_str(), s.locality.lock().clone()?)))
+            .collect();
+        let mut m = encoder.encode_descriptor(
+            "dlb_sdk_locality_local_share",
+            "Share of the service's calls the locality plan keeps in this client's zone",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (name, p) in plans.iter().filter(|(_, p)| p.zone.is_some()) {
+            let labels = [("service", *name)];
+            ConstGauge::new(p.local).encode(m.encode_family(&labels)?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "dlb_sdk_locality_spill",
+            "1 for the reason calls leave this client's zone (none: they do not)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (name, p) in &plans {
+            let labels = [("service", *name), ("reason", p.spill)];
+            ConstGauge::new(1i64).encode(m.encode_family(&labels)?)?;
         }
         let calls: Vec<(&str, &crate::call::CallStats)> =
             calls.iter().map(|(n, s)| (n.as_str(), &**s)).collect();

@@ -96,6 +96,14 @@ impl ServiceHandle {
             .map_or(0, |b| b.trips.load(Ordering::Relaxed))
     }
 
+    /// The locality plan this client applies to the service: its zone, the pushed zone demand,
+    /// each group's share, the share kept in-zone and why calls leave it (docs/locality.md).
+    /// `None` while the service's picker is not grouped (no backend above priority 0, and no
+    /// client zone or no zoned backend or a hashing algorithm).
+    pub fn locality(&self) -> Option<crate::LocalityStatus> {
+        self.state.locality.lock().as_deref().cloned()
+    }
+
     /// The version the handle currently routes on (`epoch` 0 before the first snapshot).
     pub fn version(&self) -> Version {
         self.state.snapshot.load().version

@@ -29,6 +29,7 @@ use dlb::model;
 use dlb::proto;
 use dlb::routing;
 
+use crate::locality::LocalityStatus;
 use crate::state::{ServiceState, Snapshot, Version};
 
 /// Task-owned state of one service.
@@ -150,7 +151,13 @@ impl Entry {
                     zone: self.zone.as_ref(),
                     demand: &self.demand,
                 };
-                routing::replan(picker, layout, policy, &client);
+                let plan = routing::replan(picker, layout, policy, &client);
+                *self.state.locality.lock() = Some(Arc::new(LocalityStatus::of(
+                    self.zone.as_ref(),
+                    &self.demand,
+                    &layout.groups,
+                    &plan,
+                )));
             }
         }
     }
@@ -386,6 +393,20 @@ impl Entry {
                 .map(|d| tokio::time::Instant::now() + d);
         // Backends new to this picker start from the pushed global counts too.
         crate::global::apply_baselines(&picker, &self.others);
+        // The plan again, now that the pushed in-flight counts are in (and for the status).
+        *self.state.locality.lock() = self.layout.as_mut().map(|layout| {
+            let client = routing::Client {
+                zone: self.zone.as_ref(),
+                demand: &self.demand,
+            };
+            let plan = routing::replan(&picker, layout, &policy, &client);
+            Arc::new(LocalityStatus::of(
+                self.zone.as_ref(),
+                &self.demand,
+                &layout.groups,
+                &plan,
+            ))
+        });
         crate::global::panic_event(
             &self.state,
             self.picker.as_deref().map(|p| p.panic_state()),

@@ -168,6 +168,10 @@ pub(crate) struct ServiceState {
     /// by the client when the service is created (an atomic because restored states are shared
     /// before the client sets it). Read with one relaxed load per pick.
     pub(crate) tokio_clock: std::sync::atomic::AtomicBool,
+    /// The locality plan the session task applies (`None`: the picker is not grouped). Written
+    /// at each rebuild and `GlobalLoad` push, read by [`crate::ServiceHandle::locality`] and
+    /// the metrics; never on the pick path.
+    pub(crate) locality: Mutex<Option<Arc<crate::locality::LocalityStatus>>>,
 }
 
 impl ServiceState {
@@ -182,6 +186,7 @@ impl ServiceState {
             generation: AtomicU64::new(0),
             views: Mutex::new(Vec::new()),
             tokio_clock: std::sync::atomic::AtomicBool::new(false),
+            locality: Mutex::new(None),
         }
     }
 
