@@ -104,7 +104,7 @@ async fn set_health(
         version = r.unwrap().version;
     }
     for h in handles {
-        converge(h, version.clone()).await;
+        converge(h, version).await;
     }
 }
 
@@ -218,7 +218,7 @@ async fn clients_stay_in_their_zone_and_spill_by_the_formula() {
         .unwrap()
         .version;
     for h in &hs {
-        converge(h, v.clone()).await;
+        converge(h, v).await;
     }
     set_health(&sdks[0], "web", &["a2", "a3"], true, &hs).await;
     let got = rounds(N, &clients, &zones).await;
