@@ -244,3 +244,93 @@ fn global_loads_keep_the_zone_demand_and_the_others_counts() {
     assert!(e.zone_demand().is_empty());
     assert!(e.others_in_flight().is_empty());
 }
+
+/// Issue 18, load-aware: an SDK in zone a; a's 4 backends carry 9 calls each from other
+/// sessions (pushed in `GlobalLoad`), with `saturation_in_flight = 10`: a's capacity is 4 × 0.1
+/// of 8.4, so a keeps (0.4 / 8.4) / (1/3) ≈ 14.3 % — spill begins while every backend is still
+/// eligible (no ejection); when the load drains, everything comes home. No rebuild in between.
+#[test]
+fn saturation_pushed_in_global_load_spills_before_any_ejection() {
+    fastrand::seed(7);
+    let zone_of = |z: &str| proto::Locality {
+        region: "r".into(),
+        zone: z.into(),
+        sub_zone: String::new(),
+    };
+    let mut update = full(7, 1, &[]);
+    for z in ["a", "b", "c"] {
+        for i in 0..4 {
+            let mut s = server(&format!("{z}{i}"));
+            s.locality = Some(zone_of(z));
+            update.upserts.push(s);
+        }
+    }
+    let mut policy = model::default_policy();
+    policy.locality = Some(proto::LocalityPolicy {
+        saturation_in_flight: 10,
+        ..Default::default()
+    });
+    update.policy = Some(policy);
+    let a = ZoneKey::of(Some(&zone_of("a")));
+    let mut e = Entry::new(Arc::new(ServiceState::new("s".into())), a);
+    e.apply(&update).unwrap();
+    let demand: Vec<proto::ZoneDemand> = ["a", "b", "c"]
+        .iter()
+        .map(|z| proto::ZoneDemand {
+            locality: Some(zone_of(z)),
+            share: 1.0 / 3.0,
+        })
+        .collect();
+    let in_a = |e: &Entry, n: usize| -> usize {
+        let picker = e.state.snapshot.load().picker.clone().unwrap();
+        (0..n)
+            .filter(|_| picker.pick(None).unwrap().backend().id().starts_with('a'))
+            .count()
+    };
+    e.global_load(&proto::GlobalLoad {
+        service: "s".into(),
+        backends: vec![],
+        zone_demand: demand.clone(),
+    });
+    assert_eq!(in_a(&e, 3_000), 3_000, "unloaded: all local");
+    let rebuilds = e.state.stats.rebuilds.load(Ordering::Relaxed);
+
+    e.global_load(&proto::GlobalLoad {
+        service: "s".into(),
+        backends: (0..4)
+            .map(|i| proto::BackendInFlight {
+                server_id: format!("a{i}"),
+                in_flight: 9,
+            })
+            .collect(),
+        zone_demand: demand.clone(),
+    });
+    let status = e.state.locality.lock().clone().unwrap();
+    assert_eq!(status.spill, "local_capacity", "{status:?}");
+    let want = (0.4 / 8.4) * 3.0;
+    assert!((status.local - want).abs() < 1e-6, "{status:?}");
+    let picker = e.state.snapshot.load().picker.clone().unwrap();
+    assert!(
+        picker.backends().iter().all(|b| b.is_eligible()),
+        "no ejection"
+    );
+    let n = 20_000;
+    let got = in_a(&e, n) as f64;
+    let sigma = (n as f64 * want * (1.0 - want)).sqrt();
+    assert!(
+        (got - n as f64 * want).abs() <= 4.0 * sigma,
+        "{got} of {n} in a"
+    );
+
+    e.global_load(&proto::GlobalLoad {
+        service: "s".into(),
+        backends: vec![],
+        zone_demand: demand,
+    });
+    assert_eq!(in_a(&e, 3_000), 3_000, "drained: all local again");
+    assert_eq!(
+        e.state.stats.rebuilds.load(Ordering::Relaxed),
+        rebuilds,
+        "re-planned without rebuilds"
+    );
+}
