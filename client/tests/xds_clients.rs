@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use envoy_types::pb::envoy::config::core::v3::{node::UserAgentVersionType, Node};
+use envoy_types::pb::envoy::config::core::v3::{node::UserAgentVersionType, Locality, Node};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
@@ -47,6 +47,11 @@ async fn xds_clients_lists_streams_with_acks_and_nacks() {
             id: "ctl-node".into(),
             user_agent_name: "gRPC Test".into(),
             user_agent_version_type: Some(UserAgentVersionType::UserAgentVersion("9.9".into())),
+            locality: Some(Locality {
+                region: "eu".into(),
+                zone: "eu-a".into(),
+                sub_zone: "rack-1".into(),
+            }),
             ..Default::default()
         }),
         type_url: LISTENER.into(),
@@ -107,6 +112,7 @@ async fn xds_clients_lists_streams_with_acks_and_nacks() {
     };
     assert_eq!(client["protocol"], "sotw");
     assert_eq!(client["user_agent"], "gRPC Test 9.9");
+    assert_eq!(client["locality"]["zone"], "eu-a", "{client}");
     let types = client["types"].as_array().unwrap();
     let lds = types.iter().find(|t| t["type_url"] == LISTENER).unwrap();
     assert_eq!(lds["names"][0], "default");
@@ -123,6 +129,7 @@ async fn xds_clients_lists_streams_with_acks_and_nacks() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("node=\"ctl-node\""), "{text}");
+    assert!(text.contains("locality=eu/eu-a/rack-1"), "{text}");
     assert!(text.contains("last NACK"), "{text}");
     drop(tx);
     server.shutdown().await.unwrap();

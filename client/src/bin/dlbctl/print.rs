@@ -206,7 +206,8 @@ pub(crate) fn print_xds_clients(j: bool, r: &dlb::proto::ListXdsClientsResponse)
                     })
                     .collect();
                 json!({"stream": c.stream, "protocol": c.protocol, "peer": c.peer,
-                       "node_id": c.node_id, "user_agent": c.user_agent, "types": types})
+                       "node_id": c.node_id, "user_agent": c.user_agent,
+                       "locality": crate::locality::json(c.locality.as_ref()), "types": types})
             })
             .collect();
         println!(
@@ -219,8 +220,11 @@ pub(crate) fn print_xds_clients(j: bool, r: &dlb::proto::ListXdsClientsResponse)
         println!("no xDS clients connected");
     }
     for c in &r.clients {
+        let zone = crate::locality::zone_text(c.locality.as_ref())
+            .map(|z| format!(" locality={z}"))
+            .unwrap_or_default();
         println!(
-            "stream {} {} node={:?} agent={:?} peer={}",
+            "stream {} {} node={:?} agent={:?} peer={}{zone}",
             c.stream, c.protocol, c.node_id, c.user_agent, c.peer
         );
         for t in &c.types {
