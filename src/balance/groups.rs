@@ -120,7 +120,18 @@ impl Groups {
         for t in &self.thresholds[last_positive..] {
             t.store(u32::MAX, Ordering::Relaxed);
         }
+        // Resolved here, once, to a group that can pick, so the pick's fast path checks nothing.
+        if single != MIXED {
+            single = self.usable(single as usize).unwrap_or(single as usize) as u32;
+        }
         self.single.store(single, Ordering::Relaxed);
+    }
+
+    /// The group that takes every pick when one does (already one that can pick, if any).
+    #[inline(always)]
+    pub(super) fn single(&self) -> Option<usize> {
+        let single = self.single.load(Ordering::Relaxed);
+        (single != MIXED).then_some(single as usize)
     }
 
     /// The current shares, recomputed from the thresholds.
@@ -148,15 +159,19 @@ impl Groups {
     /// The group for a pick: `draw` is called only when the shares are mixed.
     #[inline]
     pub(super) fn choose(&self, draw: impl FnOnce() -> u32) -> usize {
-        let single = self.single.load(Ordering::Relaxed);
-        if single != MIXED {
-            return single as usize;
+        if let Some(g) = self.single() {
+            return g;
         }
         let r = draw();
-        self.thresholds
+        // The thresholds grow, so the first one above `r` is at the count of those at or below
+        // it: counted without a branch (the group is random, so a search loop's exit
+        // mispredicted on most spilled picks).
+        let below: usize = self
+            .thresholds
             .iter()
-            .position(|t| r < t.load(Ordering::Relaxed))
-            .unwrap_or(self.thresholds.len() - 1)
+            .map(|t| usize::from(r >= t.load(Ordering::Relaxed)))
+            .sum();
+        below.min(self.thresholds.len() - 1)
     }
 
     /// `g` if it can pick, else the next group (wrapping) that can; `None` when none can.

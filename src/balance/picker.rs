@@ -110,6 +110,16 @@ impl Picker {
         key: Option<&[u8]>,
         count: bool,
     ) -> Result<Pick<'p>, PickError> {
+        // One group takes everything (the healthy in-zone case): straight to it, no draw.
+        if let Some(g) = groups.single() {
+            return self.pick_in(
+                &groups.strategies[g],
+                groups.bounded[g].as_ref(),
+                key,
+                None,
+                count,
+            );
+        }
         let hashing = matches!(
             self.policy.algorithm,
             Algorithm::Maglev | Algorithm::RingHash
