@@ -56,6 +56,7 @@ mod error;
 pub mod etcd;
 pub mod health;
 mod listing;
+pub mod locality;
 pub mod log_limit;
 pub mod membership;
 pub mod metrics;

@@ -528,4 +528,12 @@ impl Registry for RegistryService {
         let r = crate::api::health::get_health(&self.shared, request.into_inner()).await;
         self.done("GetHealth", r)
     }
+
+    async fn get_locality_plan(
+        &self,
+        request: Request<proto::GetLocalityPlanRequest>,
+    ) -> Result<Response<proto::GetLocalityPlanResponse>, Status> {
+        let r = crate::api::locality::get_locality_plan(&self.shared, request.into_inner());
+        self.done("GetLocalityPlan", r)
+    }
 }
