@@ -1,7 +1,8 @@
 //! dlbctl's locality and priority: the `--region --zone --sub-zone --priority` flags of
 //! `add-server`, `update-server`, `register` and `dns declare`, the `policy set` flags of the
 //! locality policy, and how a backend's locality is printed (`locality=region/zone[/sub_zone]`
-//! and `prio=N` in text, `locality` / `priority` in JSON; docs/locality.md).
+//! and `prio=N` in text, `locality` / `priority` in JSON; docs/locality.md), and `locality
+//! show`, the plan dlbd computes for each client zone (`GetLocalityPlan`).
 
 use clap::Args;
 use dlb::proto;
