@@ -330,8 +330,10 @@ pub fn router(metrics: Arc<Metrics>) -> axum::Router {
         axum::routing::get(move || {
             let metrics = metrics.clone();
             async move {
-                match metrics.render() {
-                    Ok(body) => (
+                // Off the runtime's threads: the locality series are computed at scrape time
+                // (O(services × zones × backends), bounded by `crate::locality`).
+                match tokio::task::spawn_blocking(move || metrics.render()).await {
+                    Ok(Ok(body)) => (
                         StatusCode::OK,
                         [(
                             header::CONTENT_TYPE,
@@ -340,7 +342,7 @@ pub fn router(metrics: Arc<Metrics>) -> axum::Router {
                         body,
                     )
                         .into_response(),
-                    Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+                    Ok(Err(_)) | Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
                 }
             }
         }),

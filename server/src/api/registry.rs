@@ -533,7 +533,13 @@ impl Registry for RegistryService {
         &self,
         request: Request<proto::GetLocalityPlanRequest>,
     ) -> Result<Response<proto::GetLocalityPlanResponse>, Status> {
-        let r = crate::api::locality::get_locality_plan(&self.shared, request.into_inner());
+        // Off the runtime's threads: O(zones × backends) of planning for a large service.
+        let (shared, req) = (self.shared.clone(), request.into_inner());
+        let r = tokio::task::spawn_blocking(move || {
+            crate::api::locality::get_locality_plan(&shared, req)
+        })
+        .await
+        .unwrap_or_else(|e| Err(Error::Task(format!("locality plan: {e}"))));
         self.done("GetLocalityPlan", r)
     }
 }
