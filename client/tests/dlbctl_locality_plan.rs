@@ -197,3 +197,77 @@ async fn locality_show_and_metrics_follow_the_plan() {
 
     srv.shutdown().await.unwrap();
 }
+
+/// With SDK clients in the zones (followers, before any call), the plan reads the pushed
+/// demand: 2 clients in a, 1 in b, 1 in c → demand 0.5 / 0.25 / 0.25. With 2 of a's 4 down
+/// (capacity 0.2 / 0.4 / 0.4), a keeps 0.2 / 0.5 = 40 % and spills 30 % to each of b and c
+/// (residuals 0.15 each).
+#[tokio::test]
+async fn locality_show_reads_the_pushed_zone_demand() {
+    let srv = dlb_server::spawn(config(dlb_server::ServerConfig::default().services))
+        .await
+        .unwrap();
+    let ep = endpoint(&srv);
+    let admin = AdminClient::new([ep.clone()]).unwrap();
+    for (zi, z) in ZONES.iter().enumerate() {
+        for i in 0..4 {
+            let s = NewServer {
+                server_id: format!("{z}{i}"),
+                address: format!("127.0.0.1:{}", 9100 + zi * 10 + i),
+                weight: 1,
+                hash_key: String::new(),
+                metadata: Default::default(),
+                locality: Some(dlb_client::locality::locality("eu", *z)),
+                priority: 0,
+            };
+            admin.add_server("web", s).await.unwrap();
+        }
+    }
+    for id in ["a0", "a1"] {
+        admin.health_check_failed("web", id).await.unwrap();
+    }
+    let mut clients = Vec::new();
+    for z in ["a", "a", "b", "c"] {
+        let c = dlb_client::Client::builder([ep.clone()])
+            .locality("eu", z)
+            .connect()
+            .await
+            .unwrap();
+        let web = within("web", c.service("web")).await.unwrap();
+        clients.push((c, web));
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let p = loop {
+        let p = plan(&ep).await;
+        let a = zone(&p, "a");
+        if p["demand_known"] == true && close(a["demand"].as_f64().unwrap(), 0.5) {
+            break p;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no demand pushed: {p}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let a = zone(&p, "a");
+    assert!(
+        close(zone(&p, "b")["demand"].as_f64().unwrap(), 0.25),
+        "{p}"
+    );
+    assert!(close(a["local_share"].as_f64().unwrap(), 0.4), "{a}");
+    assert_eq!(a["spill"], "local_capacity", "{a}");
+    assert!(close(share(a, "b"), 0.3), "{a}");
+    assert!(close(share(a, "c"), 0.3), "{a}");
+    let text = dlbctl_ok(&ep, &["locality", "show", "web"]).await;
+    assert!(text.contains("demand=reported"), "{text}");
+    assert!(
+        text.contains("zone eu/a: demand=50.0% local=40.0% spill=local_capacity"),
+        "{text}"
+    );
+    let m = scrape(srv.metrics_addr().unwrap()).await;
+    let la = "service=\"web\",client_zone=\"eu/a\"";
+    let local_a = metric(&m, "dlb_locality_local_share", la).unwrap();
+    assert!(close(local_a, 0.4), "{local_a}: {m}");
+    drop(clients);
+    srv.shutdown().await.unwrap();
+}
