@@ -137,12 +137,7 @@ pub fn build_for<'a>(
     client: &Client<'_>,
 ) -> Result<(Picker, Option<Layout>), BuildError> {
     let servers: Vec<&proto::Server> = servers.into_iter().collect();
-    let mut specs: Vec<BackendSpec> = servers.iter().map(|s| backend_spec(s)).collect();
-    crate::adaptive::apply(&mut specs, &servers);
-    if let Some(ramp) = crate::slow_start::config(policy) {
-        let ready: Vec<u64> = servers.iter().map(|s| s.ready_since_ms).collect();
-        crate::slow_start::apply(&mut specs, &ready, crate::slow_start::now_ms(), &ramp);
-    }
+    let specs = specs_of(policy, &servers);
     let config = policy_config(policy);
     let locality = crate::locality::config(policy);
     let hashing = matches!(config.algorithm, Algorithm::Maglev | Algorithm::RingHash);
@@ -187,6 +182,116 @@ pub fn build_for<'a>(
     }?;
     picker.set_shares(&plan.shares);
     Ok((picker, Some(layout)))
+}
+
+/// The picker's input for `servers`: eligibility, latency shares and slow-start weights
+/// applied (at the local wall clock's now).
+fn specs_of(policy: &proto::Policy, servers: &[&proto::Server]) -> Vec<BackendSpec> {
+    let mut specs: Vec<BackendSpec> = servers.iter().map(|s| backend_spec(s)).collect();
+    crate::adaptive::apply(&mut specs, servers);
+    if let Some(ramp) = crate::slow_start::config(policy) {
+        let ready: Vec<u64> = servers.iter().map(|s| s.ready_since_ms).collect();
+        crate::slow_start::apply(&mut specs, &ready, crate::slow_start::now_ms(), &ramp);
+    }
+    specs
+}
+
+/// The plans of a service's client zones ([`plan_zones`]).
+#[derive(Debug, Clone, Default)]
+pub struct ZonePlans {
+    /// The groups: by (priority, zone), or by priority only for the hashing algorithms.
+    pub groups: Groups,
+    /// Per group: (eligible, total) backends.
+    pub counts: Vec<(u32, u32)>,
+    /// Per group: its priority is in panic (the same for every client zone).
+    pub panic: Vec<bool>,
+    /// The plan of each client zone planned, in zone order.
+    pub plans: Vec<(ZoneKey, Plan)>,
+    /// How many client zones there are (with demand or backends), planned or not.
+    pub zones_total: usize,
+}
+
+/// The locality plan of every client zone of a service as an SDK in that zone computes it
+/// (`dlbctl locality show`, `dlbd`'s locality metrics): the zones with `demand` or backends, at
+/// most `max_zones` of them (demand zones first, then by zone order), each planned by
+/// [`crate::locality::plan`] over the same inputs the pickers use (eligibility, latency
+/// shares and slow start of [`build_for`]; `in_flight` gives each backend's global in-flight
+/// count by id, read only with load-aware capacity on). Groups are by (priority, zone) unless
+/// the algorithm hashes (as the SDK and per-node EDS group them). O(backends × log +
+/// max_zones × (backends + groups × demand zones)).
+pub fn plan_zones<'a>(
+    policy: &proto::Policy,
+    servers: impl IntoIterator<Item = &'a proto::Server>,
+    in_flight: impl Fn(&str) -> u64,
+    demand: &[(ZoneKey, f64)],
+    max_zones: usize,
+) -> ZonePlans {
+    let servers: Vec<&proto::Server> = servers.into_iter().collect();
+    let specs = specs_of(policy, &servers);
+    let locality = crate::locality::config(policy);
+    let hashing = matches!(
+        policy_config(policy).algorithm,
+        Algorithm::Maglev | Algorithm::RingHash
+    );
+    let groups = crate::locality::group(
+        servers.iter().map(|s| (s.priority, s.locality.as_ref())),
+        !hashing,
+    );
+    let states: Vec<BackendState> = specs
+        .iter()
+        .zip(&groups.of_server)
+        .map(|(spec, &group)| BackendState {
+            group,
+            weight: spec.weight,
+            eligible: spec.eligible,
+            in_flight: if locality.saturation.is_some() {
+                in_flight(&spec.id)
+            } else {
+                0
+            },
+        })
+        .collect();
+    let mut counts = vec![(0u32, 0u32); groups.len()];
+    for s in &states {
+        if let Some(c) = counts.get_mut(usize::from(s.group)) {
+            c.0 = c.0.saturating_add(u32::from(s.eligible));
+            c.1 = c.1.saturating_add(1);
+        }
+    }
+    let mut demand_zones: Vec<&ZoneKey> = demand.iter().map(|(z, _)| z).collect();
+    demand_zones.sort();
+    demand_zones.dedup();
+    let mut others: Vec<ZoneKey> = servers
+        .iter()
+        .filter_map(|s| ZoneKey::of(s.locality.as_ref()))
+        .filter(|z| demand_zones.binary_search(&z).is_err())
+        .collect();
+    others.sort();
+    others.dedup();
+    let zones_total = demand_zones.len() + others.len();
+    let mut zones: Vec<ZoneKey> = demand_zones.into_iter().cloned().collect();
+    zones.extend(others);
+    zones.truncate(max_zones);
+    zones.sort();
+    let panic_cfg = crate::health_policy::panic_config(policy);
+    let plan = |z: Option<&ZoneKey>| {
+        crate::locality::plan(&locality, panic_cfg.as_ref(), &groups, &states, demand, z)
+    };
+    let panic = plan(None).group_panic;
+    let plans = zones
+        .into_iter()
+        .map(|z| {
+            let p = plan(Some(&z));
+            (z, p)
+        })
+        .collect();
+    ZonePlans {
+        counts,
+        panic,
+        plans,
+        zones_total,
+        groups,
+    }
 }
 
 /// Re-plans a grouped picker built by [`build_for`] with its `layout`: reads every backend's

@@ -187,3 +187,55 @@ fn saturation_spills_before_any_ejection() {
     );
     assert!(p.backends().iter().all(|b| b.is_eligible()));
 }
+
+/// `plan_zones` (what `dlbctl locality show` and dlbd's metrics read): every zone with backends
+/// or demand, demand zones first under the cap, the per-group counts, the same plan as the
+/// SDK's for each zone, and the in-flight counts read only with load-aware capacity on.
+#[test]
+fn plan_zones_plans_every_client_zone_as_the_sdk_would() {
+    let servers = three_zones(&["a0", "a1"]);
+    let p = routing::plan_zones(
+        &dlb::model::default_policy(),
+        &servers,
+        |_| panic!("in-flight counts are read only with load-aware capacity"),
+        &[],
+        64,
+    );
+    assert_eq!(p.zones_total, 3);
+    assert_eq!(p.counts, vec![(2, 4), (4, 4), (4, 4)]);
+    assert_eq!(p.panic, vec![false; 3]);
+    let zones: Vec<&ZoneKey> = p.plans.iter().map(|(z, _)| z).collect();
+    assert_eq!(zones, [&zone("a"), &zone("b"), &zone("c")]);
+    let a = &p.plans[0].1;
+    assert!((a.local - 0.6).abs() < 1e-9, "{a:?}");
+    assert_eq!(a.spill, dlb::locality::Spill::LocalCapacity);
+    assert_eq!(p.plans[1].1.spill, dlb::locality::Spill::None);
+
+    // Demand from a zone without backends is planned first when the cap bites.
+    let demand = [(zone("x"), 0.5), (zone("a"), 0.5)];
+    let p = routing::plan_zones(&dlb::model::default_policy(), &servers, |_| 0, &demand, 2);
+    assert_eq!(p.zones_total, 4);
+    let zones: Vec<&ZoneKey> = p.plans.iter().map(|(z, _)| z).collect();
+    assert_eq!(zones, [&zone("a"), &zone("x")]);
+    assert_eq!(p.plans[1].1.spill, dlb::locality::Spill::NoLocalBackends);
+
+    // Load-aware: a's backends at 9 in flight of s = 10 → a keeps 0.4 / 8.4 × 3 (docs).
+    let servers = three_zones(&[]);
+    let pol = policy(|l| l.saturation_in_flight = 10);
+    let load = |id: &str| if id.starts_with('a') { 9 } else { 0 };
+    let p = routing::plan_zones(&pol, &servers, load, &[], 64);
+    let a = &p.plans[0].1;
+    assert!((a.local - 0.4 / 8.4 * 3.0).abs() < 1e-9, "{a:?}");
+    assert_eq!(a.spill, dlb::locality::Spill::LocalCapacity);
+
+    // Hashing: groups per priority only, no zone preference.
+    let pol = proto::Policy {
+        algorithm: proto::Algorithm::Maglev as i32,
+        ..dlb::model::default_policy()
+    };
+    let p = routing::plan_zones(&pol, &servers, |_| 0, &[], 64);
+    assert_eq!(p.groups.len(), 1);
+    assert_eq!(p.counts, vec![(12, 12)]);
+    assert_eq!(p.plans.len(), 3);
+    assert_eq!(p.plans[0].1.spill, dlb::locality::Spill::Unzoned);
+}

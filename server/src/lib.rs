@@ -21,6 +21,8 @@
 //!   circuit states, the sums forwarded to the leader;
 //! * [`health`] — [`health::active`] probes and [`health::passive`] outlier detection and
 //!   adaptive weights, each written to its own health source;
+//! * [`locality`] — the locality plan of each client zone of a service, as an SDK there plans
+//!   it (`GetLocalityPlan`) and the locality metrics computed from it at scrape time;
 //! * [`membership`] — automatic discovery: [`membership::leases`] (self-registration) and
 //!   [`membership::dns`] (services that follow a DNS name);
 //! * [`readiness`] — whether this replica serves: its cache in step with the store;
@@ -56,6 +58,7 @@ mod error;
 pub mod etcd;
 pub mod health;
 mod listing;
+pub mod locality;
 pub mod log_limit;
 pub mod membership;
 pub mod metrics;

@@ -1,7 +1,7 @@
 //! Bounded listings: the one place that decides how many entries of a listing answer fit in its
-//! byte budget. Every listing RPC (ListServices, GetHealth, ListXdsClients, ListLeases, ListDns,
-//! and the circuit reports of ListServers) keeps the first entries, in the listing's order, that
-//! fit in [`MAX_LIST_BYTES`](dlb::model::MAX_LIST_BYTES) with the rest of its response, and
+//! byte budget. Every listing RPC (ListServices, GetHealth, GetLocalityPlan, ListXdsClients,
+//! ListLeases, ListDns, and the circuit reports of ListServers) keeps the first entries, in the
+//! listing's order, that fit in [`MAX_LIST_BYTES`](dlb::model::MAX_LIST_BYTES) with the rest of its response, and
 //! reports whether entries were left out (`truncated`) and how many exist (`total`): a listing
 //! never fails on the message size, whatever clients or operators created.
 

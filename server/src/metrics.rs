@@ -19,6 +19,7 @@
 //! | `dlb_backend_in_flight` | gauge | `service`, `server_id` — only with per-backend metrics on |
 //! | `dlb_xds_streams` / `dlb_xds_nacks_total` | gauge / counter | — / `type` (registered by the xDS front-end: `api::xds::XdsMetrics`) |
 //! | `dlb_ready` / `dlb_cache_revision` | gauge | | (see [`crate::readiness`]) |
+//! | `dlb_locality_local_share` / `dlb_locality_spill` | gauge | `service`, `client_zone` (, `reason`) — computed at scrape time (see [`crate::locality`]) |
 //!
 //! Per-backend series are opt-in ([`Metrics::with_per_backend`]): their exported ids per service
 //! are remembered in a `parking_lot::Mutex<HashMap<..>>` so that series of backends that no
@@ -79,6 +80,8 @@ pub struct Metrics {
     pub readiness: crate::readiness::ReadinessMetrics,
     /// `dlb_replica_leader` and `dlb_replica_members` (see [`crate::replicas`]).
     pub replicas: crate::replicas::ReplicaMetrics,
+    /// The locality plan's series, computed at scrape time (see [`crate::locality`]).
+    pub locality: crate::locality::LocalityCollector,
 }
 
 impl Default for Metrics {
@@ -181,7 +184,9 @@ impl Metrics {
         let health = crate::health::active::metrics::HealthMetrics::register(&mut registry);
         let readiness = crate::readiness::ReadinessMetrics::registered(&mut registry);
         let replicas = crate::replicas::ReplicaMetrics::registered(&mut registry);
+        let locality = crate::locality::LocalityCollector::register(&mut registry);
         Self {
+            locality,
             readiness,
             replicas,
             passive,
@@ -325,8 +330,10 @@ pub fn router(metrics: Arc<Metrics>) -> axum::Router {
         axum::routing::get(move || {
             let metrics = metrics.clone();
             async move {
-                match metrics.render() {
-                    Ok(body) => (
+                // Off the runtime's threads: the locality series are computed at scrape time
+                // (O(services × zones × backends), bounded by `crate::locality`).
+                match tokio::task::spawn_blocking(move || metrics.render()).await {
+                    Ok(Ok(body)) => (
                         StatusCode::OK,
                         [(
                             header::CONTENT_TYPE,
@@ -335,7 +342,7 @@ pub fn router(metrics: Arc<Metrics>) -> axum::Router {
                         body,
                     )
                         .into_response(),
-                    Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+                    Ok(Err(_)) | Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
                 }
             }
         }),

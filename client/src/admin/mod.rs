@@ -402,6 +402,19 @@ impl AdminClient {
         .await
     }
 
+    /// `GetLocalityPlan`: the locality plan `dlbd` computes for each client zone of the service
+    /// (share kept in the zone, why the rest spills, each group's share; docs/locality.md).
+    pub async fn get_locality_plan(&self, service: &str) -> Result<proto::GetLocalityPlanResponse> {
+        let req = proto::GetLocalityPlanRequest {
+            service: model::resolve_service(service)?.to_owned(),
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.get_locality_plan(req).await }
+        })
+        .await
+    }
+
     /// `SetPolicy`: replaces the service's policy (`ALGORITHM_UNSPECIFIED` keeps the algorithm).
     pub async fn set_policy(
         &self,

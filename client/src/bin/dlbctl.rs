@@ -411,6 +411,7 @@ async fn run(cli: Cli, interrupts: Option<membership::Interrupts>) -> Result<(),
             }
         }
         Command::Health(cmd) => health::run(&admin, &service, cmd, j).await?,
+        Command::Locality(cmd) => locality::run(&admin, &service, cmd, j).await?,
         Command::Watch { count } => {
             watch(
                 &cli.endpoint,

@@ -5,6 +5,7 @@
 //! * [`discovery`] — `dlb.v1.Discovery`, the SDK sessions over the snapshot cache;
 //! * [`membership`] — `dlb.v1.Membership`, leases and DNS declarations;
 //! * `health` / `health_seed` — `GetHealth` and the seed calls' health results;
+//! * `locality` — `GetLocalityPlan` (the plans of [`crate::locality`]);
 //! * [`xds`] — standard xDS (ADS, SotW and Delta) and CSDS for stock gRPC clients;
 //! * [`barrier`] — the drain barrier `DrainServer` / `RemoveServer` wait on;
 //! * [`auth`] — bearer tokens (who may write, who may read); [`status_layer`] — oversize
@@ -19,6 +20,7 @@ pub mod barrier;
 pub mod discovery;
 pub(crate) mod health;
 pub(crate) mod health_seed;
+pub(crate) mod locality;
 pub mod membership;
 pub mod reflection;
 pub mod registry;

@@ -528,4 +528,18 @@ impl Registry for RegistryService {
         let r = crate::api::health::get_health(&self.shared, request.into_inner()).await;
         self.done("GetHealth", r)
     }
+
+    async fn get_locality_plan(
+        &self,
+        request: Request<proto::GetLocalityPlanRequest>,
+    ) -> Result<Response<proto::GetLocalityPlanResponse>, Status> {
+        // Off the runtime's threads: O(zones × backends) of planning for a large service.
+        let (shared, req) = (self.shared.clone(), request.into_inner());
+        let r = tokio::task::spawn_blocking(move || {
+            crate::api::locality::get_locality_plan(&shared, req)
+        })
+        .await
+        .unwrap_or_else(|e| Err(Error::Task(format!("locality plan: {e}"))));
+        self.done("GetLocalityPlan", r)
+    }
 }

@@ -195,6 +195,11 @@ async fn start(
         Arc::new(reports::loads::LoadTracker::new()),
     );
     let demand = Arc::new(reports::demand::DemandTracker::new(metrics.demand.clone()));
+    metrics.locality.set(crate::locality::Sources {
+        cache: cache.clone(),
+        loads: loads.clone(),
+        demand: demand.clone(),
+    });
     shutdown.spawn(reports::demand::run(
         demand.clone(),
         shutdown.stopped_owned(),

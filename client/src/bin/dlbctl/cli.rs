@@ -227,6 +227,9 @@ pub(crate) enum Command {
     /// DNS discovery: declare, remove or list the DNS names services follow.
     #[command(subcommand)]
     Dns(membership::DnsCommand),
+    /// Locality: the plan dlbd computes for each client zone (docs/locality.md).
+    #[command(subcommand)]
+    Locality(crate::locality::LocalityCommand),
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,7 +1,8 @@
 //! dlbctl's locality and priority: the `--region --zone --sub-zone --priority` flags of
 //! `add-server`, `update-server`, `register` and `dns declare`, the `policy set` flags of the
 //! locality policy, and how a backend's locality is printed (`locality=region/zone[/sub_zone]`
-//! and `prio=N` in text, `locality` / `priority` in JSON; docs/locality.md).
+//! and `prio=N` in text, `locality` / `priority` in JSON; docs/locality.md), and `locality
+//! show`, the plan dlbd computes for each client zone (`GetLocalityPlan`).
 
 use clap::Args;
 use dlb::proto;
@@ -167,4 +168,155 @@ pub(crate) fn policy_json(p: &proto::Policy) -> Value {
         }),
         None => Value::Null,
     }
+}
+
+/// `dlbctl locality` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum LocalityCommand {
+    /// Print the locality plan dlbd computes for each client zone of SERVICE (default: the
+    /// --service): its demand, the share kept in the zone, why the rest spills, the load of
+    /// each priority and each group's (priority, zone) share with its eligible/total backends.
+    /// NOT_FOUND (exit 3) if the service does not exist.
+    Show {
+        /// The service (default: --service).
+        service: Option<String>,
+    },
+}
+
+/// Runs `dlbctl locality …` (`service` is the --service, used when none is given).
+pub(crate) async fn run(
+    admin: &dlb_client::AdminClient,
+    service: &str,
+    cmd: LocalityCommand,
+    json_out: bool,
+) -> Result<(), dlb_client::Error> {
+    let LocalityCommand::Show { service: named } = cmd;
+    let service = match &named {
+        Some(s) => dlb::model::resolve_service(s)?,
+        None => service,
+    };
+    let r = admin.get_locality_plan(service).await?;
+    if json_out {
+        println!("{}", plan_json(&r));
+    } else {
+        print!("{}", plan_text(&r));
+    }
+    Ok(())
+}
+
+/// A group's zone as text: `region/zone`, or `-` for no zone.
+fn group_zone(g: Option<&proto::LocalityGroup>) -> String {
+    g.and_then(|g| zone_text(g.locality.as_ref()))
+        .unwrap_or_else(|| "-".to_owned())
+}
+
+/// The plan in JSON: groups once, and per client zone its groups with their shares.
+fn plan_json(r: &proto::GetLocalityPlanResponse) -> Value {
+    let group = |i: u32, share: Option<f64>| {
+        let g = r.groups.get(i as usize);
+        let mut v = json!({
+            "group": i,
+            "priority": g.map(|g| g.priority),
+            "zone": g.and_then(|g| zone_text(g.locality.as_ref())),
+            "eligible": g.map(|g| g.eligible),
+            "total": g.map(|g| g.total),
+            "panic": g.map(|g| g.panic),
+        });
+        if let (Some(s), Some(o)) = (share, v.as_object_mut()) {
+            o.insert("share".into(), json!(s));
+        }
+        v
+    };
+    let groups: Vec<Value> = (0..r.groups.len())
+        .map(|i| group(u32::try_from(i).unwrap_or(u32::MAX), None))
+        .collect();
+    let zones: Vec<Value> = r
+        .zones
+        .iter()
+        .map(|z| {
+            json!({
+                "zone": zone_text(z.locality.as_ref()),
+                "demand": z.demand,
+                "local_share": z.local_share,
+                "spill": z.spill,
+                "priority_load": z.priority_load.iter()
+                    .map(|p| json!({"priority": p.priority, "load": p.load}))
+                    .collect::<Vec<_>>(),
+                "groups": z.shares.iter()
+                    .map(|s| group(s.group, Some(s.share)))
+                    .collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({
+        "service": r.service,
+        "version": crate::print::version_json(r.version),
+        "demand_known": r.demand_known,
+        "groups": groups,
+        "zones": zones,
+        "truncated": r.truncated,
+        "zones_total": r.zones_total,
+        "groups_total": r.groups_total,
+    })
+}
+
+/// The plan as text: a header, then per client zone a line and one line per group it sends
+/// traffic to.
+fn plan_text(r: &proto::GetLocalityPlanResponse) -> String {
+    let pct = |x: f64| format!("{:.1}%", x * 100.0);
+    let mut out = format!(
+        "service {} {} demand={}\n",
+        r.service,
+        crate::print::version_text(r.version),
+        if r.demand_known {
+            "reported"
+        } else {
+            "unknown (equal over the zones with backends)"
+        }
+    );
+    if r.zones.is_empty() {
+        out.push_str("  no client zone (no backend has a zone and no zone demand)\n");
+    }
+    for z in &r.zones {
+        let loads: Vec<String> = z
+            .priority_load
+            .iter()
+            .map(|p| format!("p{}={}", p.priority, pct(p.load)))
+            .collect();
+        out.push_str(&format!(
+            "zone {}: demand={} local={} spill={} priorities {}\n",
+            zone_text(z.locality.as_ref()).unwrap_or_else(|| "-".to_owned()),
+            if r.demand_known {
+                pct(z.demand)
+            } else {
+                "-".to_owned()
+            },
+            pct(z.local_share),
+            z.spill,
+            loads.join(" ")
+        ));
+        for s in &z.shares {
+            let g = r.groups.get(s.group as usize);
+            out.push_str(&format!(
+                "  p{} {:<24} {:>6}  {}/{} eligible{}\n",
+                g.map_or(0, |g| g.priority),
+                group_zone(g),
+                pct(s.share),
+                g.map_or(0, |g| g.eligible),
+                g.map_or(0, |g| g.total),
+                if g.is_some_and(|g| g.panic) {
+                    " (panic)"
+                } else {
+                    ""
+                }
+            ));
+        }
+    }
+    if r.truncated {
+        out.push_str(&format!(
+            "{}\n",
+            crate::print::more_not_shown(r.zones_total, r.zones.len())
+        ));
+    }
+    out
 }
