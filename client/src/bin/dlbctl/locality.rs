@@ -140,18 +140,23 @@ pub(crate) fn json(l: Option<&proto::Locality>) -> Value {
 /// The locality policy in policy text: `locality(overprovisioning=140% …)`, empty at every
 /// default.
 pub(crate) fn policy_text(p: &proto::Policy) -> String {
-    let Some(l) = &p.locality else {
+    if p.locality.is_none() {
         return String::new();
-    };
+    }
+    // The effective values (a 0 in the record means "the default").
+    let c = dlb::locality::config(p);
+    let pct = |f: f64| (f * 100.0).round();
     format!(
-        " locality(overprovisioning={}% zone_aware={} min_cluster_size={} budget={}% \
+        " locality(overprovisioning={}% zone_aware={} min_cluster_size={} budget={} \
          budget_threshold={}% saturation_in_flight={})",
-        l.overprovisioning_percent,
-        l.zone_aware.unwrap_or(true),
-        l.min_cluster_size,
-        l.cross_zone_budget_percent,
-        l.budget_healthy_threshold_percent,
-        l.saturation_in_flight
+        pct(c.overprovisioning),
+        c.zone_aware,
+        c.min_cluster_size,
+        c.budget
+            .map_or_else(|| "off".to_owned(), |b| format!("{}%", pct(b))),
+        pct(c.budget_threshold),
+        c.saturation
+            .map_or_else(|| "off".to_owned(), |s| format!("{s}")),
     )
 }
 
