@@ -225,7 +225,7 @@ impl LocalityStatus {
         groups: &dlb::locality::Groups,
         plan: &dlb::locality::Plan,
     ) -> Self {
-        let wire = |z: &dlb::locality::ZoneKey| locality(z.region.clone(), z.zone.clone());
+        let wire = dlb::locality::ZoneKey::to_proto;
         Self {
             zone: zone.map(wire),
             zone_demand: demand.iter().map(|(z, d)| (wire(z), *d)).collect(),

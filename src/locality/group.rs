@@ -23,6 +23,15 @@ impl ZoneKey {
         }
         Some(ZoneKey::from(l))
     }
+
+    /// The wire form (`sub_zone` empty).
+    pub fn to_proto(&self) -> proto::Locality {
+        proto::Locality {
+            region: self.region.clone(),
+            zone: self.zone.clone(),
+            sub_zone: String::new(),
+        }
+    }
 }
 
 impl From<&proto::Locality> for ZoneKey {

@@ -469,7 +469,7 @@ impl DemandMetrics {
         let labels = |z: &ZoneKey| {
             vec![
                 ("service".to_owned(), service.to_owned()),
-                ("zone".to_owned(), z.label()),
+                ("zone".to_owned(), z.to_string()),
             ]
         };
         for (z, _) in old {

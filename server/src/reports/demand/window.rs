@@ -13,40 +13,8 @@ pub const BUCKETS: usize = 10;
 /// The span of a window: demand is the calls of the last 10 s (9 complete seconds are read).
 pub const WINDOW: Duration = Duration::from_secs(BUCKETS as u64);
 
-/// A client zone: the (region, zone) of a locality (`sub_zone` is not routed on). A locality
-/// with a region and no zone is the zone `(region, "")`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ZoneKey {
-    /// The region.
-    pub region: String,
-    /// The zone within the region (may be empty).
-    pub zone: String,
-}
-
-impl ZoneKey {
-    /// The zone of a (normalised) locality; `None` when it has none.
-    pub fn of(locality: Option<&dlb::proto::Locality>) -> Option<Self> {
-        let l = locality.filter(|l| !(l.region.is_empty() && l.zone.is_empty()))?;
-        Some(Self {
-            region: l.region.clone(),
-            zone: l.zone.clone(),
-        })
-    }
-
-    /// The wire form (`sub_zone` empty).
-    pub fn to_proto(&self) -> dlb::proto::Locality {
-        dlb::proto::Locality {
-            region: self.region.clone(),
-            zone: self.zone.clone(),
-            sub_zone: String::new(),
-        }
-    }
-
-    /// The metric label: `region/zone`.
-    pub fn label(&self) -> String {
-        format!("{}/{}", self.region, self.zone)
-    }
-}
+/// A client zone: the (region, zone) of a locality (`sub_zone` is not routed on); the core's.
+pub use dlb::locality::ZoneKey;
 
 /// Calls per second over the last [`BUCKETS`] seconds. See the module docs.
 #[derive(Debug, Default, Clone)]
@@ -256,6 +224,6 @@ mod tests {
         let k = ZoneKey::of(Some(&l)).expect("a zone");
         assert_eq!(k, z("a"));
         assert_eq!(k.to_proto().sub_zone, "");
-        assert_eq!(k.label(), "eu/a");
+        assert_eq!(k.to_string(), "eu/a");
     }
 }
