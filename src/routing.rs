@@ -154,22 +154,11 @@ pub fn build_for<'a>(
         }?;
         return Ok((picker, None));
     }
-    let groups = crate::locality::group(
-        servers.iter().map(|s| (s.priority, s.locality.as_ref())),
-        by_zone,
-    );
-    let states: Vec<BackendState> = specs
-        .iter()
-        .zip(&groups.of_server)
-        .map(|(spec, &group)| BackendState {
-            group,
-            weight: spec.weight,
-            eligible: spec.eligible,
-            in_flight: previous
-                .and_then(|p| p.get(&spec.id))
-                .map_or(0, |b| b.load().load()),
-        })
-        .collect();
+    let (groups, states) = grouped(&servers, &specs, by_zone, |id| {
+        previous
+            .and_then(|p| p.get(id))
+            .map_or(0, |b| b.load().load())
+    });
     let layout = Layout { groups, states };
     let plan = plan_of(&layout, &locality, policy, client);
     let grouping = Grouping {
@@ -182,6 +171,31 @@ pub fn build_for<'a>(
     }?;
     picker.set_shares(&plan.shares);
     Ok((picker, Some(layout)))
+}
+
+/// The groups of `servers` (by (priority, zone) when `by_zone`, else by priority) and each
+/// backend's plan input from its spec, with `in_flight` by id.
+fn grouped(
+    servers: &[&proto::Server],
+    specs: &[BackendSpec],
+    by_zone: bool,
+    in_flight: impl Fn(&str) -> u64,
+) -> (Groups, Vec<BackendState>) {
+    let groups = crate::locality::group(
+        servers.iter().map(|s| (s.priority, s.locality.as_ref())),
+        by_zone,
+    );
+    let states = specs
+        .iter()
+        .zip(&groups.of_server)
+        .map(|(spec, &group)| BackendState {
+            group,
+            weight: spec.weight,
+            eligible: spec.eligible,
+            in_flight: in_flight(&spec.id),
+        })
+        .collect();
+    (groups, states)
 }
 
 /// The picker's input for `servers`: eligibility, latency shares and slow-start weights
@@ -233,24 +247,14 @@ pub fn plan_zones<'a>(
         policy_config(policy).algorithm,
         Algorithm::Maglev | Algorithm::RingHash
     );
-    let groups = crate::locality::group(
-        servers.iter().map(|s| (s.priority, s.locality.as_ref())),
-        !hashing,
-    );
-    let states: Vec<BackendState> = specs
-        .iter()
-        .zip(&groups.of_server)
-        .map(|(spec, &group)| BackendState {
-            group,
-            weight: spec.weight,
-            eligible: spec.eligible,
-            in_flight: if locality.saturation.is_some() {
-                in_flight(&spec.id)
-            } else {
-                0
-            },
-        })
-        .collect();
+    let load_aware = locality.saturation.is_some();
+    let (groups, states) = grouped(&servers, &specs, !hashing, |id| {
+        if load_aware {
+            in_flight(id)
+        } else {
+            0
+        }
+    });
     let mut counts = vec![(0u32, 0u32); groups.len()];
     for s in &states {
         if let Some(c) = counts.get_mut(usize::from(s.group)) {
