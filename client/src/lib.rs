@@ -277,11 +277,9 @@ impl ClientBuilder {
             token: self.channel.token.clone(),
             locality: own_locality,
         };
+        let zone = dlb::locality::ZoneKey::of(config.locality.as_ref());
         let restored = match &self.snapshot_file {
-            Some(path) => session::restore(
-                path,
-                dlb::locality::ZoneKey::of(config.locality.as_ref()).as_ref(),
-            ),
+            Some(path) => session::restore(path, zone.as_ref()),
             None => session::Restored::empty(),
         };
         let tokio_clock = self.call_clock == CallClock::Tokio;
