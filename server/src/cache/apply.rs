@@ -41,7 +41,7 @@ impl Cache {
                 st.snapshot_bytes = s.servers.values().map(|r| record_bytes(r)).sum();
                 st.snapshot = Some(Arc::new(s));
                 st.full = Memo::default();
-                st.derived = None;
+                st.retire_derived(false);
                 slot.wake_all(st);
             });
         }
@@ -56,6 +56,7 @@ impl Cache {
                 let mut st = slot.state.lock();
                 if st.snapshot.take().is_some() {
                     st.clear_history();
+                    st.retire_derived(true);
                     st.snapshot_bytes = 0;
                     slot.wake_all(&st);
                 }
@@ -172,7 +173,7 @@ impl Cache {
                     st.snapshot = Some(Arc::new(snap));
                 }
                 st.full = Memo::default();
-                st.derived = None;
+                st.retire_derived(removed);
                 slot.wake_all(st);
                 removed.then(|| st.unused())
             });

@@ -77,10 +77,42 @@ pub const DERIVED: usize = 4;
 /// [`Memo`]) — the xDS front-end's resources, one per type — each made once, by the first
 /// stream that needs it, and shared by every other; they go with the snapshot
 /// ([`Cache::get_derived`]). A front-end owns its indexes (below [`DERIVED`]).
+///
+/// The values of the snapshot this one replaced stay reachable ([`Derived::previous`]) until a
+/// front-end lets them go ([`Derived::drop_previous`]) or the next snapshot comes: one
+/// generation deep, so a front-end can carry over what did not change (per-node EDS re-encodes
+/// only the backends whose records changed).
 #[derive(Debug, Default)]
-pub struct Derived([OnceLock<Option<Arc<dyn Any + Send + Sync>>>; DERIVED]);
+pub struct Derived {
+    values: [OnceLock<Option<Arc<dyn Any + Send + Sync>>>; DERIVED],
+    previous: Mutex<Option<Arc<Derived>>>,
+}
 
 impl Derived {
+    /// The values of a new snapshot, after those of the one it replaced (`previous`).
+    fn after(previous: Option<Arc<Derived>>) -> Self {
+        if let Some(p) = &previous {
+            // One generation deep: the previous one lets go of its own previous.
+            p.previous.lock().take();
+        }
+        Self {
+            values: Default::default(),
+            previous: Mutex::new(previous),
+        }
+    }
+
+    /// The value at `index` of the snapshot this one replaced, if it was made (and is a `T`).
+    pub fn previous<T: Any + Send + Sync>(&self, index: usize) -> Option<Arc<T>> {
+        let p = self.previous.lock().clone()?;
+        let value = p.values.get(index)?.get()?.clone()?;
+        value.downcast().ok()
+    }
+
+    /// Lets go of the previous snapshot's values.
+    pub fn drop_previous(&self) {
+        self.previous.lock().take();
+    }
+
     /// The value at `index`, made by `make` the first time (a `None` from `make` is kept too);
     /// `None` for an index past [`DERIVED`] or a value of another type than `T`.
     pub fn get_or_init<T: Any + Send + Sync>(
@@ -88,7 +120,7 @@ impl Derived {
         index: usize,
         make: impl FnOnce() -> Option<T>,
     ) -> Option<Arc<T>> {
-        let cell = self.0.get(index)?;
+        let cell = self.values.get(index)?;
         let value = cell
             .get_or_init(|| make().map(|v| Arc::new(v) as Arc<dyn Any + Send + Sync>))
             .clone()?;
@@ -200,6 +232,9 @@ struct SlotState {
     full: Memo,
     /// What front-ends derived from `snapshot` (made on first use, dropped with the snapshot).
     derived: Option<Arc<Derived>>,
+    /// What front-ends derived from the snapshot `snapshot` replaced, handed to the next
+    /// [`Derived`] made ([`Derived::previous`]).
+    retired: Option<Arc<Derived>>,
     history: VecDeque<Arc<Entry>>,
     /// Sum of [`Change::approx_bytes`] over `history`.
     history_bytes: usize,
@@ -210,6 +245,16 @@ struct SlotState {
 }
 
 impl SlotState {
+    /// A new snapshot replaces the one `derived` was made from (or the service goes: `gone`).
+    fn retire_derived(&mut self, gone: bool) {
+        if gone {
+            self.derived = None;
+            self.retired = None;
+        } else if let Some(d) = self.derived.take() {
+            self.retired = Some(d);
+        }
+    }
+
     /// Forgets the history.
     fn clear_history(&mut self) {
         self.history.clear();
@@ -323,7 +368,11 @@ impl Cache {
         let slot = self.slots.read().get(service).cloned()?;
         let mut st = slot.state.lock();
         let snap = st.snapshot.clone()?;
-        let derived = st.derived.get_or_insert_with(Default::default).clone();
+        if st.derived.is_none() {
+            let retired = st.retired.take();
+            st.derived = Some(Arc::new(Derived::after(retired)));
+        }
+        let derived = st.derived.clone()?;
         Some((snap, derived))
     }
 
@@ -564,10 +613,19 @@ mod tests {
         // Another type at the same index, or an index past the end: nothing.
         assert!(d.get_or_init(0, || Some("x")).is_none());
         assert!(d.get_or_init(DERIVED, || make(3)).is_none());
-        // A new snapshot starts empty.
+        // A new snapshot starts empty, with the previous one's values reachable.
         add(&store, &cache, "s", "b").await;
         let (_, d) = cache.get_derived("s").expect("exists");
+        assert_eq!(d.previous::<u32>(0).as_deref(), Some(&1));
+        assert!(d.previous::<&str>(0).is_none(), "another type");
         assert_eq!(d.get_or_init(0, || make(4)).as_deref(), Some(&4));
+        // One generation deep: the next snapshot's previous is this one, which let go of its own.
+        add(&store, &cache, "s", "c").await;
+        let (_, d3) = cache.get_derived("s").expect("exists");
+        assert_eq!(d3.previous::<u32>(0).as_deref(), Some(&4));
+        assert!(d.previous::<u32>(0).is_none());
+        d3.drop_previous();
+        assert!(d3.previous::<u32>(0).is_none());
         assert!(cache.get_derived("nope").is_none());
     }
 

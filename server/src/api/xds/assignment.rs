@@ -76,6 +76,9 @@ pub struct Assignments {
     capacity: Vec<f64>,
     /// Per member, its locality and endpoint encoded (made by the first [`Assignments::encoded`]).
     prefixes: OnceLock<Vec<Vec<u8>>>,
+    /// The previous version's assignments, whose prefixes of unchanged backends the first
+    /// [`Assignments::encoded`] carries over (then lets go).
+    previous: Mutex<Option<Arc<Assignments>>>,
     built: Mutex<HashMap<Option<Zone>, Arc<Built>>>,
 }
 
@@ -94,8 +97,10 @@ pub fn zone_of(region: &str, zone: &str) -> Option<Zone> {
 }
 
 impl Assignments {
-    /// Groups the backends of `snap` (O(backends)); nothing is built yet.
-    pub fn new(snap: Arc<ServiceSnapshot>) -> Self {
+    /// Groups the backends of `snap` (O(backends)); nothing is built yet. `previous`: the
+    /// assignments of the version `snap` replaced, if any (their encoded backends are reused
+    /// where the record did not change).
+    pub fn new(snap: Arc<ServiceSnapshot>, previous: Option<Arc<Assignments>>) -> Self {
         let hashing = matches!(
             snap.policy.algorithm(),
             Algorithm::Maglev | Algorithm::RingHash
@@ -175,6 +180,7 @@ impl Assignments {
             weights,
             capacity,
             prefixes: OnceLock::new(),
+            previous: Mutex::new(previous),
             built: Mutex::new(HashMap::new()),
         }
     }
@@ -365,12 +371,18 @@ impl Assignments {
     fn encoded(&self, zone: Option<&Zone>) -> Vec<u8> {
         use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
         let prefixes = self.prefixes.get_or_init(|| {
+            let previous = self.previous.lock().take();
+            let mut carry = Carry::new(previous.as_deref(), self.hashing);
             self.members
                 .iter()
                 .map(|m| {
+                    let health = self.health_override(m);
+                    if let Some(b) = carry.find(m, health) {
+                        return b;
+                    }
                     let mut b = Vec::new();
                     prost::encoding::message::encode(1, &self.locality(m), &mut b);
-                    let ep = lb_endpoint(&m.server, m.addr, self.health_override(m));
+                    let ep = lb_endpoint(&m.server, m.addr, health);
                     prost::encoding::message::encode(2, &ep, &mut b);
                     b
                 })
@@ -401,6 +413,40 @@ impl Assignments {
             }
         }
         out
+    }
+}
+
+/// The encoded members of the previous version, walked alongside the new ones (both are in
+/// server id order, the snapshot's).
+struct Carry<'a> {
+    previous: Option<(&'a Assignments, &'a [Vec<u8>])>,
+    next: usize,
+}
+
+impl<'a> Carry<'a> {
+    fn new(previous: Option<&'a Assignments>, hashing: bool) -> Self {
+        // The grouping (and so each member's locality) depends on the algorithm kind.
+        let previous = previous
+            .filter(|p| p.hashing == hashing)
+            .and_then(|p| Some((p, p.prefixes.get()?.as_slice())));
+        Self { previous, next: 0 }
+    }
+
+    /// The previous encoding of `m` when its record is the very same (`Arc`) and it is sent
+    /// with the same health override: its locality and endpoint bytes are then the same.
+    fn find(&mut self, m: &Member, health: Option<core::HealthStatus>) -> Option<Vec<u8>> {
+        let (p, prefixes) = self.previous?;
+        while p
+            .members
+            .get(self.next)
+            .is_some_and(|o| o.server.server_id < m.server.server_id)
+        {
+            self.next += 1;
+        }
+        let o = p.members.get(self.next)?;
+        (Arc::ptr_eq(&o.server, &m.server) && p.health_override(o) == health)
+            .then(|| prefixes.get(self.next).cloned())
+            .flatten()
     }
 }
 

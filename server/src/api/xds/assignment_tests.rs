@@ -82,7 +82,7 @@ fn as_refs(v: &[(String, String, u32, bool)]) -> Vec<(&str, &str, u32, bool)> {
 #[test]
 fn local_zone_first_and_other_zones_in_a_lower_priority() {
     let backends = three_zones(0);
-    let a = Assignments::new(snap(&as_refs(&backends), Algorithm::RoundRobin));
+    let a = Assignments::new(snap(&as_refs(&backends), Algorithm::RoundRobin), None);
     let l = layout(&a, Some(&zone("a")));
     for (id, (p, w)) in &l {
         if id.starts_with('a') {
@@ -103,7 +103,7 @@ fn local_zone_first_and_other_zones_in_a_lower_priority() {
 #[test]
 fn half_the_local_zone_down_spills_by_the_formula() {
     let backends = three_zones(2);
-    let a = Assignments::new(snap(&as_refs(&backends), Algorithm::RoundRobin));
+    let a = Assignments::new(snap(&as_refs(&backends), Algorithm::RoundRobin), None);
     let l = layout(&a, Some(&zone("a")));
     // Keep 0.6 over a's 2 eligible backends; 0.2 to each of b and c (4 backends each).
     assert_eq!(l["a2"], (0, 300_000));
@@ -115,30 +115,36 @@ fn half_the_local_zone_down_spills_by_the_formula() {
 #[test]
 fn priorities_are_contiguous_and_overprovisioning_becomes_weights() {
     // P0: 4 backends, 2 eligible (h = 70); P1 gets 30 %; P3 (nothing in P2) gets none.
-    let a = Assignments::new(snap(
-        &[
-            ("p0a", "", 0, true),
-            ("p0b", "", 0, true),
-            ("p0c", "", 0, false),
-            ("p0d", "", 0, false),
-            ("p1a", "", 1, true),
-            ("p3a", "", 3, true),
-        ],
-        Algorithm::RoundRobin,
-    ));
+    let a = Assignments::new(
+        snap(
+            &[
+                ("p0a", "", 0, true),
+                ("p0b", "", 0, true),
+                ("p0c", "", 0, false),
+                ("p0d", "", 0, false),
+                ("p1a", "", 1, true),
+                ("p3a", "", 3, true),
+            ],
+            Algorithm::RoundRobin,
+        ),
+        None,
+    );
     let l = layout(&a, None);
     assert_eq!(l["p0a"], (0, 350_000));
     assert_eq!(l["p1a"], (0, 300_000));
     assert_eq!(l["p3a"], (1, 1));
     // Every P0 backend healthy: P1 and P3 become priorities 1 and 2.
-    let a = Assignments::new(snap(
-        &[
-            ("p0a", "", 0, true),
-            ("p1a", "", 1, true),
-            ("p3a", "", 3, true),
-        ],
-        Algorithm::RoundRobin,
-    ));
+    let a = Assignments::new(
+        snap(
+            &[
+                ("p0a", "", 0, true),
+                ("p1a", "", 1, true),
+                ("p3a", "", 3, true),
+            ],
+            Algorithm::RoundRobin,
+        ),
+        None,
+    );
     let l = layout(&a, None);
     assert_eq!(l["p0a"], (0, 1_000_000));
     assert_eq!(l["p1a"], (1, 1));
@@ -147,14 +153,17 @@ fn priorities_are_contiguous_and_overprovisioning_becomes_weights() {
 
 #[test]
 fn hashing_keeps_one_locality_per_priority() {
-    let a = Assignments::new(snap(
-        &[
-            ("x", "a", 0, true),
-            ("y", "b", 0, true),
-            ("z", "a", 2, true),
-        ],
-        Algorithm::Maglev,
-    ));
+    let a = Assignments::new(
+        snap(
+            &[
+                ("x", "a", 0, true),
+                ("y", "b", 0, true),
+                ("z", "a", 2, true),
+            ],
+            Algorithm::Maglev,
+        ),
+        None,
+    );
     let cla = a.layout(None);
     assert_eq!(cla.endpoints.len(), 2);
     assert_eq!(cla.endpoints[0].lb_endpoints.len(), 2);
@@ -172,7 +181,7 @@ fn the_fast_encoding_decodes_to_the_layout() {
     let mut backends = three_zones(2);
     backends.push(("p1".into(), String::new(), 2, true));
     backends.push(("big".into(), "b".into(), 0, true));
-    let a = Assignments::new(snap(&as_refs(&backends), Algorithm::RoundRobin));
+    let a = Assignments::new(snap(&as_refs(&backends), Algorithm::RoundRobin), None);
     for z in [None, Some(zone("a")), Some(zone("b"))] {
         let bytes = a.encoded(z.as_ref());
         let decoded = endpoint::ClusterLoadAssignment::decode(&bytes[..]).expect("decodes");
@@ -193,7 +202,7 @@ fn one_computation_per_zone_however_many_clients() {
             backends.push((format!("z{z}-{i}"), format!("z{z}"), 0, true));
         }
     }
-    let a = Assignments::new(snap(&as_refs(&backends), Algorithm::RoundRobin));
+    let a = Assignments::new(snap(&as_refs(&backends), Algorithm::RoundRobin), None);
     let zones: Vec<Zone> = (0..10).map(|z| zone(&format!("z{z}"))).collect();
     let mut first = Vec::new();
     for c in 0..1000 {
@@ -225,7 +234,7 @@ fn a_priority_in_route_all_panic_is_sent_healthy_over_all_its_backends() {
         threshold_percent: 20,
         mode: proto::PanicMode::RouteAll as i32,
     });
-    let a = Assignments::new(Arc::new(s.clone()));
+    let a = Assignments::new(Arc::new(s.clone()), None);
     let health = |a: &Assignments, id: &str| {
         a.layout(None)
             .endpoints
@@ -244,9 +253,75 @@ fn a_priority_in_route_all_panic_is_sent_healthy_over_all_its_backends() {
     assert_eq!(l["p1-4"], (0, 1), "{l:?}");
     // Without a panic threshold: P0's unhealthy backends stay unhealthy, weight 1.
     s.policy.panic = None;
-    let a = Assignments::new(Arc::new(s));
+    let a = Assignments::new(Arc::new(s), None);
     assert_eq!(health(&a, "p0-5"), unhealthy);
     let l = layout(&a, None);
     assert_eq!(l["p0-5"], (0, 1), "{l:?}");
     assert_eq!(l["p0-0"], (0, 142_857), "{l:?}");
+}
+
+/// The next version's encoding carries the unchanged backends' bytes over from the previous
+/// assignments, and still decodes to its own layout: a changed record (new `Arc`), a health
+/// override that changed with the same record (priority 0 enters `route_all` panic), and a
+/// switch to a hashing algorithm (other grouping) are each encoded anew.
+#[test]
+fn the_next_version_carries_unchanged_backends_over() {
+    use prost::Message;
+    let check = |a: &Assignments| {
+        for z in [None, Some(zone("a")), Some(zone("b"))] {
+            let bytes = a.encoded(z.as_ref());
+            let decoded = endpoint::ClusterLoadAssignment::decode(&bytes[..]).expect("decodes");
+            assert_eq!(decoded, a.layout(z.as_ref()), "{z:?}");
+        }
+    };
+    let mut backends = three_zones(0);
+    backends.push(("p1".into(), String::new(), 1, true));
+    let first = snap(&as_refs(&backends), Algorithm::RoundRobin);
+    let a1 = Arc::new(Assignments::new(first.clone(), None));
+    check(&a1);
+
+    // One backend's health flips (a new record); the others are the same Arcs.
+    let mut s = (*first).clone();
+    let mut changed = (*s.servers["a0"]).clone();
+    changed.set_health(proto::HealthStatus::Unhealthy);
+    s.servers.insert("a0".into(), Arc::new(changed));
+    s.version.version += 1;
+    let second = Arc::new(s);
+    let a2 = Arc::new(Assignments::new(second.clone(), Some(a1.clone())));
+    check(&a2);
+    let fresh = Assignments::new(second.clone(), None);
+    assert_eq!(a2.encoded(None), fresh.encoded(None));
+    assert!(a2.previous.lock().is_none(), "let go once carried");
+    let carried = |a: &Assignments, b: &Assignments, id: &str| {
+        let i = a.members.iter().position(|m| m.server.server_id == id);
+        let p = |x: &Assignments| x.prefixes.get().expect("encoded")[i.expect("member")].clone();
+        p(a) == p(b)
+    };
+    assert!(carried(&a1, &a2, "b1"));
+    assert!(
+        !carried(&a1, &a2, "a0"),
+        "the changed record is encoded anew"
+    );
+
+    // Same records, but priority 0 enters route_all panic: its endpoints are sent HEALTHY.
+    let mut s = (*second).clone();
+    s.policy.panic = Some(proto::PanicPolicy {
+        threshold_percent: 99,
+        mode: proto::PanicMode::RouteAll as i32,
+    });
+    let third = Arc::new(s);
+    let a3 = Assignments::new(third.clone(), Some(a2.clone()));
+    check(&a3);
+    assert_eq!(
+        a3.encoded(None),
+        Assignments::new(third.clone(), None).encoded(None)
+    );
+
+    // A hashing algorithm groups by priority only: nothing is carried.
+    let mut s = (*third).clone();
+    s.policy.algorithm = Algorithm::RingHash as i32;
+    s.policy.panic = None;
+    let a4 = Assignments::new(Arc::new(s.clone()), Some(a2));
+    let fresh = Assignments::new(Arc::new(s), None);
+    assert_eq!(a4.layout(None), fresh.layout(None));
 }

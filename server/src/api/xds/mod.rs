@@ -262,9 +262,14 @@ pub(crate) fn built(
         let index = SERVED.iter().position(|t| *t == type_url)?;
         let (snap, derived) = cache.get_derived(service)?;
         if type_url == resources::ENDPOINTS {
-            let per_zone =
-                derived.get_or_init(index, || Some(assignment::Assignments::new(snap.clone())))?;
-            return Some(per_zone.for_zone(zone));
+            let per_zone = derived.get_or_init(index, || {
+                let previous = derived.previous::<assignment::Assignments>(index);
+                Some(assignment::Assignments::new(snap.clone(), previous))
+            })?;
+            let built = per_zone.for_zone(zone);
+            // Carried over (or not) by now: the previous version's values can go.
+            derived.drop_previous();
+            return Some(built);
         }
         derived.get_or_init(index, || {
             let any = resources::resource(type_url, &snap)?;

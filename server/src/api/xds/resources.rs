@@ -268,7 +268,7 @@ pub fn panic_health(snap: &ServiceSnapshot) -> Option<core::HealthStatus> {
 /// ClusterLoadAssignment `S` as a client without a zone receives it (see
 /// [`super::assignment`] for the layout and the per-zone assignments).
 pub fn endpoints_for(snap: &ServiceSnapshot) -> endpoint::ClusterLoadAssignment {
-    super::assignment::Assignments::new(std::sync::Arc::new(snap.clone())).layout(None)
+    super::assignment::Assignments::new(std::sync::Arc::new(snap.clone()), None).layout(None)
 }
 
 #[cfg(test)]
