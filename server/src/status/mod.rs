@@ -1,0 +1,114 @@
+//! The status page: what the control plane is doing, read-only, on the metrics listener
+//! (`--metrics-listen`, loopback by default) next to `/metrics`.
+//!
+//! * `model` — the data ([`model::Overview`], [`model::ServiceView`]) built from the snapshot
+//!   cache, the checker, the load reports, circuits, xDS clients, replicas and readiness;
+//! * `access` — the read-token rule (bearer header or the login form's cookie);
+//! * this file — the routes: `GET /api/overview`, `GET /api/services/{name}` (JSON, the same
+//!   fields the page shows; documented in `docs/status.md`), `GET`/`POST /login`.
+//!
+//! Every handler only reads; none holds a lock across `.await` (the checker's view is asked
+//! over its command channel, everything else is copied out under short locks).
+
+pub mod access;
+pub mod model;
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+use crate::api::auth::AuthConfig;
+use crate::api::xds::XdsClients;
+use crate::api::Shared;
+use crate::replicas::Coordination;
+
+/// What the page reads: the front-ends' shared handles (cache, checker, loads, reports,
+/// circuits, sessions, readiness), the xDS clients, the replica set, the tokens and the store's
+/// kind.
+pub struct Status {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) xds_clients: Arc<XdsClients>,
+    pub(crate) coordination: Arc<dyn Coordination>,
+    pub(crate) auth: AuthConfig,
+    pub(crate) store_kind: &'static str,
+}
+
+impl std::fmt::Debug for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Status")
+            .field("store_kind", &self.store_kind)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The page's routes, to merge with the metrics router.
+pub fn router(status: Arc<Status>) -> axum::Router {
+    axum::Router::new()
+        .route("/api/overview", get(api_overview))
+        .route("/api/services/{name}", get(api_service))
+        .route(
+            "/login",
+            get(access::login_form)
+                .post(login)
+                .layer(DefaultBodyLimit::max(access::MAX_LOGIN_BODY)),
+        )
+        .with_state(status)
+}
+
+/// A JSON answer that is never cached.
+fn json(status: StatusCode, value: &impl serde::Serialize) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(body) => (
+            status,
+            [
+                (header::CONTENT_TYPE, "application/json"),
+                (header::CACHE_CONTROL, "no-store"),
+            ],
+            body,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+#[derive(serde::Serialize)]
+struct ApiError {
+    error: String,
+}
+
+async fn api_overview(State(status): State<Arc<Status>>, headers: HeaderMap) -> Response {
+    if !access::allowed(&status.auth, &headers) {
+        return access::api_denied();
+    }
+    json(StatusCode::OK, &model::overview(&status))
+}
+
+async fn api_service(
+    State(status): State<Arc<Status>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if !access::allowed(&status.auth, &headers) {
+        return access::api_denied();
+    }
+    match model::service(&status, &name).await {
+        Some(view) => json(StatusCode::OK, &view),
+        None => json(
+            StatusCode::NOT_FOUND,
+            &ApiError {
+                error: format!(
+                    "service: {:?} does not exist",
+                    crate::api::xds::clients::escaped(&name, 256)
+                ),
+            },
+        ),
+    }
+}
+
+async fn login(State(status): State<Arc<Status>>, body: Bytes) -> Response {
+    access::login(&status.auth, &body)
+}

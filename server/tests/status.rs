@@ -1,0 +1,233 @@
+//! The status page's JSON API over real HTTP: the overview and a service's backends (effective
+//! state and reason, rates from SDK load reports, metadata as given), 404 for an unknown
+//! service, and the read-token rule (no data without a token; bearer header or the login
+//! form's cookie).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::*;
+use dlb::proto::{self, client_message};
+use dlb_server::api::auth::AuthConfig;
+use dlb_server::ServerConfig;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const ADMIN: &str = "admin-secret-token-0001";
+const READER: &str = "reader-secret-token-0001";
+
+/// One HTTP/1.1 exchange: (status code, raw head, body).
+async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    extra: &str,
+    body: &str,
+) -> (u16, String, String) {
+    tokio::time::timeout(WAIT, async move {
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{extra}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        conn.read_to_string(&mut out).await.unwrap();
+        let (head, body) = out.split_once("\r\n\r\n").unwrap();
+        let code = head[9..12].parse().unwrap();
+        (code, head.to_owned(), body.to_owned())
+    })
+    .await
+    .expect("request timed out")
+}
+
+async fn get_json(addr: SocketAddr, path: &str, extra: &str) -> (u16, Value) {
+    let (code, head, body) = request(addr, "GET", path, extra, "").await;
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/json"),
+        "{head}"
+    );
+    (
+        code,
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}")),
+    )
+}
+
+async fn server(auth: AuthConfig) -> dlb_server::RunningServer {
+    start_with(ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        auth,
+        ..Default::default()
+    })
+    .await
+}
+
+fn backend<'a>(service: &'a Value, id: &str) -> &'a Value {
+    service["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["id"] == id)
+        .unwrap_or_else(|| panic!("no backend {id} in {service}"))
+}
+
+#[tokio::test]
+async fn overview_and_service_show_state_reasons_rates_and_metadata() {
+    let server = server(AuthConfig::default()).await;
+    let addr = server.metrics_addr().unwrap();
+    let mut c = registry(&server).await;
+    c.add_server(add("", "a", "10.0.0.1:80", 3)).await.unwrap();
+    let hostile = "<script>alert(\"x\")</script> ' é 🚀";
+    let mut b = add("", "b", "10.0.0.2:80", 1);
+    b.metadata.insert("zone".into(), "eu-1".into());
+    b.metadata.insert("note".into(), hostile.into());
+    c.add_server(b).await.unwrap();
+    c.health_check_failed(hc("", "b")).await.unwrap();
+    c.add_server(add("other", "x", "10.0.1.1:80", 1))
+        .await
+        .unwrap();
+
+    // An SDK reports traffic on `a`: it shows as a rate and in-flight.
+    let mut s = Session::open(&server, subscribe(&[("", None)])).await;
+    s.update().await;
+    s.send(client_message::Kind::LoadReport(proto::LoadReport {
+        service: String::new(),
+        backends: vec![proto::BackendLoad {
+            server_id: "a".into(),
+            in_flight: 4,
+            successes: 90,
+            failures: 10,
+            ..Default::default()
+        }],
+        interval_ms: 1000,
+    }))
+    .await;
+
+    let mut service = Value::Null;
+    for _ in 0..250 {
+        let (code, v) = get_json(addr, "/api/services/default", "").await;
+        assert_eq!(code, 200, "{v}");
+        service = v;
+        let a = backend(&service, "a");
+        if a["in_flight"] == 4 && a["requests_per_s"].as_f64().unwrap() > 0.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let a = backend(&service, "a");
+    assert_eq!(a["in_flight"], 4, "{service}");
+    assert_eq!(a["eligible"], true);
+    assert_eq!(a["weight"], 3);
+    assert_eq!(a["effective_weight"], 3);
+    assert_eq!(a["source"], "api");
+    // 100 requests in the current second, averaged over 10 s.
+    assert_eq!(a["requests_per_s"], 10.0, "{a}");
+    assert_eq!(a["errors_per_s"], 1.0, "{a}");
+    assert_eq!(a["requests_trend"].as_array().unwrap().len(), 120);
+    let b = backend(&service, "b");
+    assert_eq!(b["eligible"], false);
+    assert_eq!(b["health"], "unhealthy");
+    assert_eq!(b["reason"], "admin: health_check_failed");
+    assert_eq!(b["zone"], "eu-1");
+    assert_eq!(
+        b["metadata"]["note"], hostile,
+        "JSON carries the string as given"
+    );
+    assert!(b.get("requests_trend").is_none(), "no reports, no trend");
+    assert_eq!(service["name"], "default");
+    assert_eq!(service["backends"]["total"], 2);
+    assert_eq!(service["backends"]["unhealthy"], 1);
+    assert_eq!(service["policy"]["algorithm"], service["algorithm"]);
+
+    let (code, o) = get_json(addr, "/api/overview", "").await;
+    assert_eq!(code, 200);
+    let names: Vec<&str> = o["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["default", "other"]);
+    assert_eq!(o["services"][0]["backends"]["eligible"], 1);
+    assert_eq!(o["services"][0]["in_flight"], 4);
+    assert_eq!(o["services"][0]["panic"]["active"], false);
+    assert_eq!(o["sessions"], 1);
+    assert_eq!(o["xds_clients"], 0);
+    assert_eq!(o["replica"]["leader"], true);
+    assert_eq!(o["replica"]["readiness"], "ready");
+    assert_eq!(o["replica"]["id"], server.replica_id());
+    assert_eq!(o["store"]["kind"], "memory");
+    assert_eq!(o["store"]["revision"], server.cache().revision());
+
+    let (code, e) = get_json(addr, "/api/services/nope", "").await;
+    assert_eq!(code, 404);
+    assert!(e["error"].as_str().unwrap().contains("nope"), "{e}");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn with_read_tokens_no_data_without_one() {
+    let server = server(AuthConfig {
+        admin_tokens: vec![ADMIN.into()],
+        read_tokens: vec![READER.into()],
+    })
+    .await;
+    let addr = server.metrics_addr().unwrap();
+    for path in ["/api/overview", "/api/services/default"] {
+        let (code, v) = get_json(addr, path, "").await;
+        assert_eq!(code, 401, "{path}: {v}");
+        assert!(v.get("services").is_none() && v.get("servers").is_none());
+        let (code, _) = get_json(
+            addr,
+            path,
+            "Authorization: Bearer wrong-token-000000000\r\n",
+        )
+        .await;
+        assert_eq!(code, 401, "{path}");
+    }
+    for token in [READER, ADMIN] {
+        let (code, v) = get_json(
+            addr,
+            "/api/overview",
+            &format!("Authorization: bearer {token}\r\n"),
+        )
+        .await;
+        assert_eq!(code, 200, "{v}");
+        assert!(v["services"].is_array());
+    }
+
+    // The login form: a wrong token sets nothing; the right one sets a cookie that reads.
+    let (code, head, _) = request(addr, "GET", "/login", "", "").await;
+    assert_eq!(code, 200, "{head}");
+    let form = "Content-Type: application/x-www-form-urlencoded\r\n";
+    let (code, head, body) =
+        request(addr, "POST", "/login", form, "token=nope-nope-nope-nope").await;
+    assert_eq!(code, 401);
+    assert!(!head.to_ascii_lowercase().contains("set-cookie"), "{head}");
+    assert!(!body.contains("nope-nope"), "the token is never echoed");
+    let (code, head, _) = request(addr, "POST", "/login", form, &format!("token={READER}")).await;
+    assert_eq!(code, 303, "{head}");
+    let cookie = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("set-cookie:")
+                .then(|| l[11..].trim().to_owned())
+        })
+        .expect("a cookie");
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let pair = cookie.split(';').next().unwrap();
+    let (code, v) = get_json(addr, "/api/overview", &format!("Cookie: {pair}\r\n")).await;
+    assert_eq!(code, 200, "{v}");
+    // /metrics keeps its own rule (open, as before).
+    let (code, _, _) = request(addr, "GET", "/metrics", "", "").await;
+    assert_eq!(code, 200);
+    server.shutdown().await.unwrap();
+}
