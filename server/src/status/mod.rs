@@ -4,19 +4,24 @@
 //! * `model` — the data ([`model::Overview`], [`model::ServiceView`]) built from the snapshot
 //!   cache, the checker, the load reports, circuits, xDS clients, replicas and readiness;
 //! * `access` — the read-token rule (bearer header or the login form's cookie);
-//! * this file — the routes: `GET /api/overview`, `GET /api/services/{name}` (JSON, the same
-//!   fields the page shows; documented in `docs/status.md`), `GET`/`POST /login`.
+//! * `page` — the HTML (maud templates) and the compiled-in assets (`assets/`);
+//! * `live` — the server-sent events an open page follows (`GET /api/events`);
+//! * this file — the routes: `GET /` and `GET /services/{name}` (the pages),
+//!   `GET /api/overview`, `GET /api/services/{name}` (JSON, the same fields the page shows;
+//!   documented in `docs/status.md`), `GET /api/events`, `GET`/`POST /login`, the assets.
 //!
 //! Every handler only reads; none holds a lock across `.await` (the checker's view is asked
 //! over its command channel, everything else is copied out under short locks).
 
 pub mod access;
+pub mod live;
 pub mod model;
+pub mod page;
 
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -48,6 +53,17 @@ impl std::fmt::Debug for Status {
 /// The page's routes, to merge with the metrics router.
 pub fn router(status: Arc<Status>) -> axum::Router {
     axum::Router::new()
+        .route("/", get(overview_page))
+        .route("/services/{name}", get(service_page))
+        .route(
+            "/assets/status.css",
+            get(|| async { asset("text/css", page::CSS) }),
+        )
+        .route(
+            "/assets/status.js",
+            get(|| async { asset("text/javascript", page::JS) }),
+        )
+        .route("/api/events", get(events))
         .route("/api/overview", get(api_overview))
         .route("/api/services/{name}", get(api_service))
         .route(
@@ -73,6 +89,73 @@ fn json(status: StatusCode, value: &impl serde::Serialize) -> Response {
             .into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+fn html(status: StatusCode, markup: maud::Markup) -> Response {
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        markup.into_string(),
+    )
+        .into_response()
+}
+
+async fn overview_page(State(status): State<Arc<Status>>, headers: HeaderMap) -> Response {
+    if !access::allowed(&status.auth, &headers) {
+        return access::page_denied();
+    }
+    html(StatusCode::OK, page::overview(&model::overview(&status)))
+}
+
+async fn service_page(
+    State(status): State<Arc<Status>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if !access::allowed(&status.auth, &headers) {
+        return access::page_denied();
+    }
+    match model::service(&status, &name).await {
+        Some(view) => html(StatusCode::OK, page::service(&view)),
+        None => html(
+            StatusCode::NOT_FOUND,
+            maud::html! { p { "service " code { (name) } " does not exist. " a href="/" { "overview" } } },
+        ),
+    }
+}
+
+/// `GET /api/events[?service=NAME&version=V]`: the live updates of one open page.
+async fn events(
+    State(status): State<Arc<Status>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    if !access::allowed(&status.auth, &headers) {
+        return access::api_denied();
+    }
+    let (mut service, mut version) = (None, None);
+    for (k, v) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match &*k {
+            "service" => service = Some(v.into_owned()),
+            "version" => version = v.parse().ok(),
+            _ => {}
+        }
+    }
+    live::stream(status, service, version).into_response()
 }
 
 #[derive(serde::Serialize)]

@@ -126,7 +126,7 @@ pub struct PolicyView {
 }
 
 /// One backend.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct BackendView {
     /// Its id.
     pub id: String,
@@ -183,7 +183,7 @@ pub struct BackendView {
 }
 
 /// An xDS client following a service.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Follower {
     /// `xds-sotw` or `xds-delta`.
     pub protocol: String,
