@@ -34,9 +34,10 @@
     set(tr, from + 6, String(s.in_flight));
     set(tr, from + 7, (s.panic.active ? "PANIC " : "") + s.panic.mode, s.panic.active ? "bad" : "");
   }
+  // Overview rows carry data-id; backend rows are found by their first cell (the id).
   function rowsById(tbody) {
     const m = new Map();
-    for (const tr of tbody.rows) m.set(tr.dataset.id, tr);
+    for (const tr of tbody.rows) m.set(tr.dataset.id ?? tr.cells[0].textContent, tr);
     return m;
   }
 
@@ -84,7 +85,7 @@
     const c = b.circuit_open + b.circuit_half_open;
     set(tr, 9, c > 0 ? b.circuit_open + "/" + b.circuit_half_open : "");
     set(tr, 10, b.source + (b.lease_ttl_seconds ? " " + b.lease_ttl_seconds + "s" : "") + (b.dns_name ? " " + b.dns_name : ""));
-    set(tr, 11, Object.entries(b.metadata).map(([k, v]) => k + "=" + v + " ").join(""));
+    set(tr, 11, Object.entries(b.metadata).filter(([k]) => k !== "zone").map(([k, v]) => k + "=" + v + " ").join(""));
   }
   function ratesCell(tr, r, e) {
     set(tr, 7, rate(r) + (e > 0 ? " / " + rate(e) : ""));
@@ -134,9 +135,8 @@
       if (!tr) {
         // Kept in id order, as the server renders them.
         tr = document.createElement("tr");
-        tr.dataset.id = b.id;
         let before = null;
-        for (const r of tbody.rows) if (r.dataset.id > b.id) { before = r; break; }
+        for (const r of tbody.rows) if (r.cells[0].textContent > b.id) { before = r; break; }
         tbody.insertBefore(tr, before);
       }
       backendRow(tr, b);
