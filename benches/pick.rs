@@ -1,7 +1,8 @@
 //! Pick-path benchmarks of the `dlb` core: pick latency per policy at 10, 1,000 and 10,000
 //! backends (weights 1..=100 from a fixed seed), 1- vs 2-thread throughput on one shared picker,
-//! build time at 10,000 backends, memory per backend (printed), and the cost of one SDK update
-//! (`rebuild` of a 10-backend picker).
+//! build time at 10,000 backends, memory per backend (printed), the cost of one SDK update
+//! (`rebuild` of a 10-backend picker), and the cost of locality (`locality/*`: 1,000 backends in
+//! 3 zones, ungrouped against grouped with one group at 100 % and with shares 0.7/0.15/0.15).
 //!
 //! Run: `cargo bench -p dlb --bench pick`.
 #![allow(clippy::unwrap_used)]
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use dlb::balance::{Algorithm, BackendSpec, Picker, PolicyConfig};
+use dlb::balance::{Algorithm, BackendSpec, Grouping, Picker, PolicyConfig};
 
 const SIZES: [usize; 3] = [10, 1_000, 10_000];
 
@@ -250,6 +251,42 @@ fn rebuild(c: &mut Criterion) {
     group.finish();
 }
 
+/// Locality: the same 1,000 backends ungrouped (`flat`), in 3 zone groups with the local one at
+/// 100 % (`local`: the healthy in-zone case, no draw), and at 0.7/0.15/0.15 (`spill`).
+fn locality(c: &mut Criterion) {
+    let keys = keys();
+    let specs = specs(1_000);
+    let of: Vec<u16> = (0..1_000).map(|i| (i % 3) as u16).collect();
+    let grouping = Grouping {
+        of_backend: &of,
+        panic: &[false; 3],
+    };
+    for (name, pol, keyed) in [
+        ("wrr", policy(Algorithm::RoundRobin, false, None), false),
+        ("p2c", policy(Algorithm::LeastConnP2c, true, None), false),
+        ("maglev", policy(Algorithm::Maglev, false, None), true),
+    ] {
+        let mut group = c.benchmark_group(format!("locality/{name}"));
+        let flat = Picker::build(&pol, &specs).unwrap();
+        let local = Picker::build_grouped(&pol, &specs, &grouping).unwrap();
+        local.set_shares(&[1.0, 0.0, 0.0]);
+        let spill = Picker::build_grouped(&pol, &specs, &grouping).unwrap();
+        spill.set_shares(&[0.7, 0.15, 0.15]);
+        for (case, picker) in [("flat", &flat), ("local", &local), ("spill", &spill)] {
+            group.bench_with_input(BenchmarkId::from_parameter(case), picker, |b, p| {
+                let mut i = 0usize;
+                b.iter(|| {
+                    i = (i + 1) & 4095;
+                    let key = keyed.then(|| &keys[i][..]);
+                    let pick = p.pick(black_box(key)).unwrap();
+                    black_box(pick.backend().weight())
+                });
+            });
+        }
+        group.finish();
+    }
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .measurement_time(Duration::from_secs(2))
@@ -260,6 +297,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = pick_latency, throughput, build, rebuild
+    targets = pick_latency, throughput, build, rebuild, locality
 }
 criterion_main!(benches);

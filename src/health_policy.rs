@@ -2,7 +2,7 @@
 //! threshold — their validation, their defaults, and the conversion to the picker's
 //! [`PanicConfig`]. Used by every entry point that accepts a policy (the Registry, the YAML
 //! config, `dlbctl`) through `model::validate_policy`, and by the pickers of the SDK
-//! and `dlbd` through `model::policy_config`, so all agree.
+//! and `dlbd` through `routing::policy_config`, so all agree.
 //!
 //! The max-ejection rule itself is [`max_ejected`]; `docs/outlier.md` documents all of it.
 

@@ -6,6 +6,8 @@
 //! * [`proto`] — the generated wire types and gRPC stubs for `proto/dlb/v1/dlb.proto`;
 //! * [`model`] — the domain rules every entry point applies the same way: identifier, address,
 //!   weight and policy validation, and conversions between wire and domain types;
+//! * [`routing`] — the one build of a service's picker from its stored records and policy
+//!   (eligibility, latency shares, slow start, sticky tables), shared by `dlbd` and the SDK;
 //! * [`validation`] — the error every check returns ([`validation::ValidationError`]) and the
 //!   quoting of client text in it: a leaf module, so that the policy modules below report errors
 //!   without importing [`model`] (which imports them to validate a whole policy);
@@ -25,6 +27,8 @@
 //!   its application to picker inputs;
 //! * [`call`] — the SDK call path's policy (retries, retry budget, hedging, Peak-EWMA tuning)
 //!   and its runtime-free pieces: the retry budget and the latency percentile tracker;
+//! * [`locality`] — where backends and clients run, backend failover priorities, and the
+//!   routing plan over them (priority failover, zone-aware routing);
 //! * [`backoff`] — capped exponential backoff (optionally jittered), the one schedule every
 //!   retry loop of the server and the SDK waits by.
 
@@ -35,7 +39,9 @@ pub mod call;
 pub mod circuit;
 pub mod health_check;
 pub mod health_policy;
+pub mod locality;
 pub mod model;
+pub mod routing;
 pub mod slow_start;
 pub mod sources;
 pub mod validation;

@@ -2,23 +2,16 @@
 //!
 //! Validation lives here once so that a malformed value is rejected with the same message whether
 //! it arrives over gRPC, from the command line or from a config file. Every error names the field
-//! and the offending value. This module also converts between wire types ([`crate::proto`]) and
-//! the balancing types ([`crate::balance`]).
+//! and the offending value. Building pickers from these
+//! types is [`crate::routing`]'s.
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use crate::balance::{
-    Algorithm, BackendSpec, BuildError, Picker, PolicyConfig, StickyConfig, StickyMode, StickyTable,
-};
 use crate::proto;
 pub use crate::sources::is_eligible;
-pub use crate::validation::{prefix, printable, ValidationError, MAX_QUOTED};
+pub use crate::validation::{prefix, printable, validate_id, ValidationError, MAX_QUOTED};
 
 /// The service used when a request names none.
 pub const DEFAULT_SERVICE: &str = "default";
-/// Maximum length of a server id or service name, in bytes.
-pub const MAX_ID_LEN: usize = 128;
+pub use crate::validation::MAX_ID_LEN;
 /// Smallest accepted weight.
 pub const MIN_WEIGHT: u32 = 1;
 /// Largest accepted weight.
@@ -29,10 +22,6 @@ pub const MAX_METADATA_LEN: usize = 256;
 pub const MAX_METADATA_ENTRIES: usize = 64;
 /// Maximum length of an address, in bytes.
 pub const MAX_ADDRESS_LEN: usize = 261;
-/// Default sticky-session idle TTL.
-pub const DEFAULT_STICKY_TTL: Duration = Duration::from_secs(3600);
-/// Default maximum number of sticky-session bindings.
-pub const DEFAULT_STICKY_MAX_ENTRIES: usize = 100_000;
 /// Bounds of the bounded-load factor when it is enabled.
 pub const LOAD_FACTOR_RANGE: std::ops::RangeInclusive<f64> = 1.0..=100.0;
 
@@ -77,32 +66,6 @@ pub fn validate_key(key: &[u8]) -> Result<(), ValidationError> {
             "key",
             format!("{} bytes", key.len()),
             format!("at most {MAX_KEY_LEN} bytes"),
-        ));
-    }
-    Ok(())
-}
-
-fn is_id_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')
-}
-
-/// Checks an identifier (server id, service name): 1..=128 bytes of `[A-Za-z0-9._:-]`.
-pub fn validate_id(field: &str, value: &str) -> Result<(), ValidationError> {
-    if value.is_empty() {
-        return Err(ValidationError::new(field, value, "must not be empty"));
-    }
-    if value.len() > MAX_ID_LEN {
-        return Err(ValidationError::new(
-            field,
-            value,
-            format!("must be at most {MAX_ID_LEN} bytes, got {}", value.len()),
-        ));
-    }
-    if let Some(c) = value.chars().find(|c| !is_id_char(*c)) {
-        return Err(ValidationError::new(
-            field,
-            value,
-            format!("character {c:?} not allowed; use only [A-Za-z0-9._:-]"),
         ));
     }
     Ok(())
@@ -241,7 +204,7 @@ pub fn validate_metadata<'a>(
 }
 
 /// Checks the fields an operator writes on a new backend (id, address, weight, hash key,
-/// labels), in that order. The one check of a written backend: the server edge (`AddServer`),
+/// labels, locality, priority), in that order. The one check of a written backend: the server edge (`AddServer`),
 /// the store's plan (through [`validate_server`], on every record it commits) and the client's
 /// pre-check all call it, so a bad backend gets the same error wherever it is caught.
 pub fn validate_backend(server: &proto::Server) -> Result<(), ValidationError> {
@@ -249,7 +212,11 @@ pub fn validate_backend(server: &proto::Server) -> Result<(), ValidationError> {
     validate_address(&server.address)?;
     validate_weight(server.weight)?;
     validate_hash_key(&server.hash_key)?;
-    validate_metadata(&server.metadata)
+    validate_metadata(&server.metadata)?;
+    if let Some(l) = &server.locality {
+        crate::locality::validate_locality("locality", l)?;
+    }
+    crate::locality::validate_priority("priority", server.priority)
 }
 
 /// Checks what an `UpdateServer` request sets: the id, then each field it changes (weight,
@@ -269,6 +236,12 @@ pub fn validate_update(req: &proto::UpdateServerRequest) -> Result<(), Validatio
     }
     if req.replace_metadata {
         validate_metadata(&req.metadata)?;
+    }
+    if let Some(l) = &req.locality {
+        crate::locality::validate_locality("locality", l)?;
+    }
+    if let Some(p) = req.priority {
+        crate::locality::validate_priority("priority", p)?;
     }
     Ok(())
 }
@@ -330,17 +303,6 @@ pub fn validate_server(server: &proto::Server) -> Result<(), ValidationError> {
     Ok(())
 }
 
-/// Converts a stored backend to the picker's input.
-pub fn backend_spec(server: &proto::Server) -> BackendSpec {
-    BackendSpec {
-        id: server.server_id.clone(),
-        address: server.address.clone(),
-        weight: crate::sources::picker_weight(server),
-        hash_key: (!server.hash_key.is_empty()).then(|| server.hash_key.clone()),
-        eligible: is_eligible(server),
-    }
-}
-
 /// The policy of a new service: smooth weighted round robin, no bounded load, no stickiness.
 pub fn default_policy() -> proto::Policy {
     proto::Policy {
@@ -359,6 +321,7 @@ pub fn default_policy() -> proto::Policy {
         retry_budget: None,
         hedge: None,
         peak_ewma: None,
+        locality: None,
     }
 }
 
@@ -424,6 +387,7 @@ pub fn validate_policy(policy: &proto::Policy) -> Result<(), ValidationError> {
     crate::circuit::validate(policy)?;
     crate::adaptive::validate(policy)?;
     crate::call::validate(policy)?;
+    crate::locality::validate_locality_policy(policy)?;
     crate::health_policy::validate(policy)
 }
 
@@ -446,87 +410,6 @@ pub fn validate_policy_write(
     }
     validate_policy(&p)?;
     Ok(p)
-}
-
-/// Converts a stored (validated) policy to the picker's configuration.
-pub fn policy_config(policy: &proto::Policy) -> PolicyConfig {
-    let algorithm = match proto::Algorithm::try_from(policy.algorithm) {
-        Ok(proto::Algorithm::LeastConnExact) => Algorithm::LeastConnExact,
-        Ok(proto::Algorithm::LeastConnP2c) => Algorithm::LeastConnP2c,
-        Ok(proto::Algorithm::Maglev) => Algorithm::Maglev,
-        Ok(proto::Algorithm::RingHash) => Algorithm::RingHash,
-        Ok(proto::Algorithm::PeakEwma) => Algorithm::PeakEwma,
-        _ => Algorithm::RoundRobin,
-    };
-    PolicyConfig {
-        algorithm,
-        bounded_load_factor: (policy.bounded_load_factor != 0.0)
-            .then_some(policy.bounded_load_factor),
-        track_in_flight: true,
-        panic: crate::health_policy::panic_config(policy),
-        peak_ewma: crate::call::ewma_config(policy),
-    }
-}
-
-/// The sticky-session configuration of a stored policy, if stickiness is on.
-pub fn sticky_config(policy: &proto::Policy) -> Option<StickyConfig> {
-    let mode = match proto::StickyMode::try_from(policy.sticky_mode) {
-        Ok(proto::StickyMode::Strict) => StickyMode::Strict,
-        Ok(proto::StickyMode::Fallback) => StickyMode::Fallback,
-        _ => return None,
-    };
-    Some(StickyConfig {
-        mode,
-        ttl: if policy.sticky_ttl_seconds == 0 {
-            DEFAULT_STICKY_TTL
-        } else {
-            Duration::from_secs(u64::from(policy.sticky_ttl_seconds))
-        },
-        max_entries: if policy.sticky_max_entries == 0 {
-            DEFAULT_STICKY_MAX_ENTRIES
-        } else {
-            policy.sticky_max_entries as usize
-        },
-    })
-}
-
-/// Builds the picker for a service state (`policy` and its stored `servers`), off the request
-/// path. With the `previous` picker of the same service it rebuilds, so in-flight accounting and
-/// unchanged strings carry over by id. Used by `dlbd` and the SDK alike. Backends with a latency
-/// share get it with precision ([`crate::adaptive::apply`]). With slow start in the
-/// policy, ramping backends get their ramped weight at the local wall clock's now (see
-/// [`crate::slow_start`]; rebuild again at [`crate::slow_start::next_tick`]).
-pub fn build_picker<'a>(
-    previous: Option<&Picker>,
-    policy: &proto::Policy,
-    servers: impl IntoIterator<Item = &'a proto::Server>,
-) -> Result<Picker, BuildError> {
-    let servers: Vec<&proto::Server> = servers.into_iter().collect();
-    let mut specs: Vec<BackendSpec> = servers.iter().map(|s| backend_spec(s)).collect();
-    crate::adaptive::apply(&mut specs, &servers);
-    if let Some(ramp) = crate::slow_start::config(policy) {
-        let ready: Vec<u64> = servers.iter().map(|s| s.ready_since_ms).collect();
-        crate::slow_start::apply(&mut specs, &ready, crate::slow_start::now_ms(), &ramp);
-    }
-    let config = policy_config(policy);
-    match previous {
-        Some(old) => old.rebuild(&config, &specs),
-        None => Picker::build(&config, &specs),
-    }
-}
-
-/// The sticky-session table for `policy`: the `previous` table when its configuration is
-/// unchanged (bindings survive unrelated updates), a new one when it changed, none when the
-/// policy is not sticky.
-pub fn carry_sticky(
-    previous: Option<&Arc<StickyTable>>,
-    policy: &proto::Policy,
-) -> Option<Arc<StickyTable>> {
-    let config = sticky_config(policy)?;
-    Some(match previous {
-        Some(table) if *table.config() == config => table.clone(),
-        _ => Arc::new(StickyTable::new(config)),
-    })
 }
 
 /// Parses an algorithm name as used by `dlbctl` and the YAML config (`round_robin`, `wrr`,

@@ -71,6 +71,35 @@ impl ValidationError {
     }
 }
 
+/// Maximum length of a server id or service name, in bytes.
+pub const MAX_ID_LEN: usize = 128;
+
+fn is_id_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')
+}
+
+/// Checks an identifier (server id, service name): 1..=128 bytes of `[A-Za-z0-9._:-]`.
+pub fn validate_id(field: &str, value: &str) -> Result<(), ValidationError> {
+    if value.is_empty() {
+        return Err(ValidationError::new(field, value, "must not be empty"));
+    }
+    if value.len() > MAX_ID_LEN {
+        return Err(ValidationError::new(
+            field,
+            value,
+            format!("must be at most {MAX_ID_LEN} bytes, got {}", value.len()),
+        ));
+    }
+    if let Some(c) = value.chars().find(|c| !is_id_char(*c)) {
+        return Err(ValidationError::new(
+            field,
+            value,
+            format!("character {c:?} not allowed; use only [A-Za-z0-9._:-]"),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -246,7 +246,7 @@ fn bench(c: &mut Criterion) {
         for n in SIZES {
             let snap = snapshot(algorithm, n);
             let picker =
-                dlb::model::build_picker(None, snap.policy.as_ref().unwrap(), &snap.upserts)
+                dlb::routing::build_picker(None, snap.policy.as_ref().unwrap(), &snap.upserts)
                     .unwrap();
             let mut group = c.benchmark_group(format!("core_tracked/{name}"));
             group.bench_with_input(BenchmarkId::from_parameter(n), &picker, |b, p| {

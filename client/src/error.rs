@@ -65,17 +65,22 @@ pub enum Error {
     /// Any other gRPC failure, with its status.
     #[error("rpc failed: {0}")]
     Rpc(tonic::Status),
+    /// A drain barrier's deadline passed before every client confirmed (the message says how
+    /// many had not).
+    #[error("drain barrier: {0}")]
+    BarrierDeadline(String),
 }
 
 impl Error {
     /// The `dlbctl` exit code for this error: 2 invalid argument, 3 not found, 4 already exists,
-    /// 1 anything else.
+    /// 5 failed precondition, 6 a drain barrier's deadline passed, 1 anything else.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::InvalidArgument(_) | Error::InvalidEndpoint { .. } => 2,
             Error::NotFound(_) | Error::ServiceNotFound(_) => 3,
             Error::AlreadyExists(_) => 4,
             Error::FailedPrecondition(_) => 5,
+            Error::BarrierDeadline(_) => 6,
             _ => 1,
         }
     }

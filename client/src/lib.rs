@@ -45,6 +45,7 @@ mod channel;
 pub mod clock;
 mod error;
 mod global;
+pub mod locality;
 pub mod membership;
 pub mod metrics;
 mod resolve;
@@ -66,7 +67,7 @@ pub use admin::{AdminClient, ChannelOptions, NewServer, ServerUpdate, TokenInter
 pub use call::{Balance, BalanceBuilder, BalanceLayer};
 pub use clock::CallClock;
 pub use error::{Error, Result};
-pub use membership::{Lease, Registration};
+pub use membership::{DnsDeclaration, Lease, Registration};
 pub use metrics::ClientMetrics;
 pub use resolve::{Resolve, SystemResolver};
 pub use service::{BackendInfo, CallGuard, ServiceHandle};
@@ -93,6 +94,7 @@ pub struct ClientBuilder {
     snapshot_file: Option<std::path::PathBuf>,
     resolver: Arc<dyn Resolve>,
     call_clock: CallClock,
+    locality: locality::LocalitySetting,
 }
 
 impl ClientBuilder {
@@ -121,6 +123,7 @@ impl ClientBuilder {
             snapshot_file: None,
             resolver: Arc::new(SystemResolver),
             call_clock: CallClock::Tsc,
+            locality: locality::LocalitySetting::default(),
         }
     }
 
@@ -243,6 +246,7 @@ impl ClientBuilder {
 
     /// Builds the client and starts its session task. Must be called inside a tokio runtime.
     pub async fn connect(self) -> Result<Client> {
+        let own_locality = self.locality.resolve(|var| std::env::var(var).ok())?;
         let mut channels = Vec::with_capacity(self.endpoints.len());
         let mut targets = Vec::with_capacity(self.endpoints.len());
         for raw in &self.endpoints {
@@ -270,9 +274,13 @@ impl ClientBuilder {
             connect_timeout: self.channel.connect_timeout,
             update_deadline: self.update_deadline,
             token: self.channel.token.clone(),
+            locality: own_locality,
         };
         let restored = match &self.snapshot_file {
-            Some(path) => session::restore(path),
+            Some(path) => session::restore(
+                path,
+                dlb::locality::ZoneKey::of(config.locality.as_ref()).as_ref(),
+            ),
             None => session::Restored::empty(),
         };
         let tokio_clock = self.call_clock == CallClock::Tokio;

@@ -41,6 +41,10 @@ pub struct Lease {
     pub metadata: HashMap<String, String>,
     /// Time to live.
     pub ttl: Duration,
+    /// Where the backend runs (`None`: no locality; docs/locality.md).
+    pub locality: Option<proto::Locality>,
+    /// Failover priority, 0..=7 (0 = primary).
+    pub priority: u32,
 }
 
 impl Lease {
@@ -53,7 +57,21 @@ impl Lease {
             hash_key: String::new(),
             metadata: HashMap::new(),
             ttl: Duration::from_secs(10),
+            locality: None,
+            priority: 0,
         }
+    }
+
+    /// Sets where the backend runs (see [`crate::locality`] to build one).
+    pub fn locality(mut self, locality: proto::Locality) -> Self {
+        self.locality = Some(locality);
+        self
+    }
+
+    /// Sets the failover priority (0 = primary, at most 7).
+    pub fn priority(mut self, priority: u32) -> Self {
+        self.priority = priority;
+        self
     }
 
     /// Sets the weight.
@@ -95,6 +113,10 @@ impl Lease {
         model::validate_weight(if self.weight == 0 { 1 } else { self.weight })?;
         model::validate_hash_key(&self.hash_key)?;
         model::validate_metadata(&self.metadata)?;
+        if let Some(l) = &self.locality {
+            dlb::locality::validate_locality("locality", l)?;
+        }
+        dlb::locality::validate_priority("priority", self.priority)?;
         Ok(proto::RegisterRequest {
             service,
             server_id: self.server_id.clone(),
@@ -103,6 +125,66 @@ impl Lease {
             hash_key: self.hash_key.clone(),
             metadata: self.metadata.clone(),
             ttl_seconds: self.ttl_seconds()?,
+            locality: self.locality.clone(),
+            priority: self.priority,
+        })
+    }
+}
+
+/// A DNS declaration for [`AdminClient::declare_dns_with`]: every backend discovered for the
+/// name gets its weight, locality and priority.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsDeclaration {
+    /// `name:port`.
+    pub target: String,
+    /// Weight of every discovered backend (0 means 1).
+    pub weight: u32,
+    /// Their locality (`None`: no locality).
+    pub locality: Option<proto::Locality>,
+    /// Their failover priority, 0..=7.
+    pub priority: u32,
+}
+
+impl DnsDeclaration {
+    /// A declaration of `target` (`name:port`), weight 1, no locality, priority 0.
+    pub fn new(target: impl Into<String>) -> Self {
+        Self {
+            target: target.into(),
+            weight: 0,
+            locality: None,
+            priority: 0,
+        }
+    }
+
+    /// Sets the weight of every discovered backend.
+    pub fn weight(mut self, weight: u32) -> Self {
+        self.weight = weight;
+        self
+    }
+
+    /// Sets their locality.
+    pub fn locality(mut self, locality: proto::Locality) -> Self {
+        self.locality = Some(locality);
+        self
+    }
+
+    /// Sets their failover priority.
+    pub fn priority(mut self, priority: u32) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    fn request(&self, service: &str) -> Result<proto::DeclareDnsRequest> {
+        if let Some(l) = &self.locality {
+            dlb::locality::validate_locality("locality", l)?;
+        }
+        dlb::locality::validate_priority("priority", self.priority)?;
+        Ok(proto::DeclareDnsRequest {
+            service: model::resolve_service(service)?.to_owned(),
+            target: self.target.clone(),
+            weight: self.weight,
+            locality: self.locality.clone(),
+            priority: self.priority,
         })
     }
 }
@@ -140,6 +222,7 @@ impl AdminClient {
         let req = proto::DeregisterRequest {
             service: model::resolve_service(service)?.to_owned(),
             server_id: server_id.to_owned(),
+            drain: None,
         };
         model::validate_server_id(server_id)?;
         self.call_with(membership, |mut c| {
@@ -147,6 +230,30 @@ impl AdminClient {
             async move { c.deregister(req).await }
         })
         .await
+    }
+
+    /// `Membership.Deregister` with a drain: the backend asks for itself to go safely — drained,
+    /// the drain barrier waited on (`docs/drain.md`), then removed with its lease. The call's
+    /// deadline is the usual one plus the barrier's.
+    pub async fn deregister_draining(
+        &self,
+        service: &str,
+        server_id: &str,
+        wait: proto::BarrierWait,
+    ) -> Result<proto::DeregisterResponse> {
+        crate::admin::validate_wait(&wait)?;
+        let req = proto::DeregisterRequest {
+            service: model::resolve_service(service)?.to_owned(),
+            server_id: server_id.to_owned(),
+            drain: Some(wait),
+        };
+        model::validate_server_id(server_id)?;
+        self.waiting(&wait)
+            .call_with(membership, |mut c| {
+                let req = req.clone();
+                async move { c.deregister(req).await }
+            })
+            .await
     }
 
     /// `Membership.ListLeases`: the leases of `service` with their remaining time.
@@ -161,18 +268,28 @@ impl AdminClient {
         .await
     }
 
-    /// `Membership.DeclareDns`: `service`'s DNS-owned backends follow `target` (`name:port`).
+    /// `Membership.DeclareDns`: `service`'s DNS-owned backends follow `target` (`name:port`),
+    /// each with `weight` (0 means 1), no locality, priority 0. See
+    /// [`AdminClient::declare_dns_with`] for the other fields.
     pub async fn declare_dns(
         &self,
         service: &str,
         target: &str,
         weight: u32,
     ) -> Result<proto::DnsStatus> {
-        let req = proto::DeclareDnsRequest {
-            service: model::resolve_service(service)?.to_owned(),
-            target: target.to_owned(),
-            weight,
-        };
+        self.declare_dns_with(service, &DnsDeclaration::new(target).weight(weight))
+            .await
+    }
+
+    /// `Membership.DeclareDns` with every field of `declaration` (locality and priority are
+    /// checked here first, as the server checks them). A re-declaration rewrites the
+    /// service's DNS-owned backends in place.
+    pub async fn declare_dns_with(
+        &self,
+        service: &str,
+        declaration: &DnsDeclaration,
+    ) -> Result<proto::DnsStatus> {
+        let req = declaration.request(service)?;
         self.call_with(membership, |mut c| {
             let req = req.clone();
             async move { c.declare_dns(req).await }

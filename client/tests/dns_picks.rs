@@ -26,6 +26,8 @@ async fn dns_addresses_join_and_leave_the_sdk_picks() {
             service: "web".into(),
             target: "web.test:8080".into(),
             weight: 1,
+            locality: None,
+            priority: 0,
         }],
         min_refresh: Duration::from_millis(200),
         max_refresh: Duration::from_secs(1),

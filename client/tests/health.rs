@@ -261,6 +261,7 @@ async fn panic_event(server: &RunningServer, service: &str, active: bool) -> pro
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(proto::ClientMessage {
         kind: Some(proto::client_message::Kind::Subscribe(proto::Subscribe {
+            locality: None,
             client_id: "test".into(),
             services: vec![proto::ServiceSubscription {
                 service: service.into(),

@@ -227,6 +227,8 @@ async fn dlbctl_dns_list_shows_a_failing_name() {
         service: "web".into(),
         target: "web.invalid:80".into(),
         weight: 1,
+        locality: None,
+        priority: 0,
     }];
     let server = dlb_server::spawn(cfg).await.unwrap();
     let ep = endpoint(&server);

@@ -67,6 +67,7 @@ async fn main() -> anyhow::Result<()> {
         let (tx, rx) = mpsc::channel(16);
         tx.send(ClientMessage {
             kind: Some(client_message::Kind::Subscribe(proto::Subscribe {
+                locality: None,
                 client_id: "convergence".into(),
                 services: vec![proto::ServiceSubscription::default()],
             })),

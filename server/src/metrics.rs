@@ -15,6 +15,7 @@
 //! | `dlb_in_flight` | gauge | `service` (sum of in-flight calls reported by SDKs) |
 //! | `dlb_sessions_lagging` | gauge | | (sessions whose outbound queue is full: not reading) |
 //! | `dlb_sessions_stalled_total` | counter | | (sessions cut for not reading past the deadline) |
+//! | `dlb_zone_demand_share` / `dlb_zone_demand_zones_dropped_total` | gauge / counter | `service`, `zone` / — (see [`crate::reports::demand`]) |
 //! | `dlb_backend_in_flight` | gauge | `service`, `server_id` — only with per-backend metrics on |
 //! | `dlb_xds_streams` / `dlb_xds_nacks_total` | gauge / counter | — / `type` (registered by the xDS front-end: `api::xds::XdsMetrics`) |
 //! | `dlb_ready` / `dlb_cache_revision` | gauge | | (see [`crate::readiness`]) |
@@ -58,6 +59,10 @@ pub struct Metrics {
     in_flight: Family<Labels, Gauge>,
     lagging: Gauge,
     stalled: Counter,
+    /// Drain barriers by what ended them, their duration, and those that hit their deadline.
+    barrier_waits: Family<Labels, Counter>,
+    barrier_seconds: Histogram,
+    barrier_timeouts: Counter,
     /// Per-backend in-flight gauges, when enabled, and the ids exported per service.
     per_backend: Option<PerBackend>,
     /// Request, outlier and panic metrics (see [`crate::health::passive::metrics`]).
@@ -68,6 +73,8 @@ pub struct Metrics {
     pub membership: crate::membership::MembershipMetrics,
     /// The SDKs' circuit-breaker states (see [`crate::reports::circuits`]).
     pub circuits: crate::reports::circuits::CircuitMetrics,
+    /// Zone demand shares (see [`crate::reports::demand`]).
+    pub demand: crate::reports::demand::DemandMetrics,
     /// `dlb_ready` and `dlb_cache_revision` (see [`crate::readiness`]).
     pub readiness: crate::readiness::ReadinessMetrics,
     /// `dlb_replica_leader` and `dlb_replica_members` (see [`crate::replicas`]).
@@ -138,9 +145,29 @@ impl Metrics {
             "Calls in flight per service, summed over the load reports of all SDK sessions",
             in_flight.clone(),
         );
+        let barrier_waits = Family::<Labels, Counter>::default();
+        registry.register(
+            "dlb_drain_barrier_waits",
+            "Drain barriers waited on, by what ended them (confirmed, in_flight_zero, deadline)",
+            barrier_waits.clone(),
+        );
+        // 1 ms … ~65 s
+        let barrier_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 17));
+        registry.register(
+            "dlb_drain_barrier_seconds",
+            "How long drain barriers waited",
+            barrier_seconds.clone(),
+        );
+        let barrier_timeouts = Counter::default();
+        registry.register(
+            "dlb_drain_barrier_timeouts",
+            "Drain barriers that reached their deadline before every client confirmed",
+            barrier_timeouts.clone(),
+        );
         let passive =
             crate::health::passive::metrics::HealthMetrics::register(&mut registry, per_backend);
         let circuits = crate::reports::circuits::CircuitMetrics::register(&mut registry);
+        let demand = crate::reports::demand::DemandMetrics::register(&mut registry);
         let per_backend = per_backend.then(|| {
             let family = Family::<Labels, Gauge>::default();
             registry.register(
@@ -159,10 +186,14 @@ impl Metrics {
             replicas,
             passive,
             circuits,
+            demand,
             health,
             membership,
             lagging,
             stalled,
+            barrier_waits,
+            barrier_seconds,
+            barrier_timeouts,
             per_backend,
             registry,
             sessions,
@@ -193,6 +224,18 @@ impl Metrics {
                 ("code".to_owned(), format!("{code:?}")),
             ])
             .inc();
+    }
+
+    /// A drain barrier ended (`ended`: `confirmed`, `in_flight_zero` or `deadline`) after
+    /// `seconds`.
+    pub fn barrier(&self, ended: &str, seconds: f64) {
+        self.barrier_waits
+            .get_or_create(&vec![("ended".to_owned(), ended.to_owned())])
+            .inc();
+        self.barrier_seconds.observe(seconds);
+        if ended == "deadline" {
+            self.barrier_timeouts.inc();
+        }
     }
 
     /// A session's outbound queue became full (`+1`) or drained again (`-1`).

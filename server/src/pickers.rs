@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use dlb::balance::{Picker, StickyTable};
-use dlb::model;
 use dlb::proto;
+use dlb::routing;
 use parking_lot::RwLock;
 use tokio::sync::watch;
 
@@ -123,7 +123,7 @@ impl Pickers {
                 return Ok(false);
             }
         }
-        let built = model::build_picker(
+        let built = routing::build_picker(
             current.as_ref().map(|c| &*c.picker),
             &snapshot.policy,
             snapshot.servers.values().map(|s| &**s),
@@ -132,7 +132,7 @@ impl Pickers {
             service: snapshot.name.clone(),
             source,
         })?;
-        let sticky = model::carry_sticky(
+        let sticky = routing::carry_sticky(
             current.as_ref().and_then(|c| c.sticky.as_ref()),
             &snapshot.policy,
         );

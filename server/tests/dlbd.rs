@@ -263,6 +263,7 @@ async fn first_update(grpc: &str, known: Option<proto::Version>) -> proto::Servi
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(proto::ClientMessage {
         kind: Some(client_message::Kind::Subscribe(proto::Subscribe {
+            locality: None,
             client_id: "kill9-test".into(),
             services: vec![proto::ServiceSubscription {
                 service: "web".into(),

@@ -99,6 +99,7 @@ async fn not_found_answers(inbound: &mut tonic::Streaming<proto::ServerMessage>,
 fn subscribe(client_id: &str, names: &[String]) -> proto::ClientMessage {
     proto::ClientMessage {
         kind: Some(client_message::Kind::Subscribe(proto::Subscribe {
+            locality: None,
             client_id: client_id.into(),
             services: names
                 .iter()

@@ -41,6 +41,8 @@ fn web(target: &str) -> DnsDeclaration {
         service: "web".into(),
         target: target.into(),
         weight: 3,
+        locality: None,
+        priority: 0,
     }
 }
 
@@ -265,6 +267,8 @@ async fn declare_dns_through_the_api_and_bad_input() {
     // A name that does not resolve: refused, nothing created.
     let err = m
         .declare_dns(proto::DeclareDnsRequest {
+            locality: None,
+            priority: 0,
             service: "ghost".into(),
             target: "nowhere.test:80".into(),
             weight: 0,
@@ -290,6 +294,8 @@ async fn declare_dns_through_the_api_and_bad_input() {
     ] {
         let err = m
             .declare_dns(proto::DeclareDnsRequest {
+                locality: None,
+                priority: 0,
                 service: "web".into(),
                 target: target.into(),
                 weight,
@@ -311,6 +317,8 @@ async fn declare_dns_through_the_api_and_bad_input() {
         .unwrap();
     let st = m
         .declare_dns(proto::DeclareDnsRequest {
+            locality: None,
+            priority: 0,
             service: "web".into(),
             target: "api.test:80".into(),
             weight: 0,
@@ -390,6 +398,8 @@ async fn unspecified_broadcast_and_multicast_answers_never_become_backends() {
     let server = start_dns(dns_config(dns.addr, Vec::new())).await;
     let mut m = membership(&server).await;
     m.declare_dns(proto::DeclareDnsRequest {
+        locality: None,
+        priority: 0,
         service: "mixed".into(),
         target: "mixed.test:80".into(),
         weight: 1,
@@ -400,6 +410,8 @@ async fn unspecified_broadcast_and_multicast_answers_never_become_backends() {
     // Only unusable answers: a failed resolution, nothing created.
     let err = m
         .declare_dns(proto::DeclareDnsRequest {
+            locality: None,
+            priority: 0,
             service: "void".into(),
             target: "void.test:80".into(),
             weight: 1,
@@ -434,6 +446,8 @@ async fn an_api_declaration_survives_a_restart_on_the_embedded_store() {
     membership(&server)
         .await
         .declare_dns(proto::DeclareDnsRequest {
+            locality: None,
+            priority: 0,
             service: "kept".into(),
             target: "kept.test:9000".into(),
             weight: 2,
@@ -465,7 +479,9 @@ fn yaml_declares_dns_services_and_resolver_settings() {
         [DnsDeclaration {
             service: "web".into(),
             target: "web.internal:8080".into(),
-            weight: 5
+            weight: 5,
+            locality: None,
+            priority: 0,
         }]
     );
     for (bad, field) in [

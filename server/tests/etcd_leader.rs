@@ -263,6 +263,7 @@ async fn leases_are_renewed_through_any_replica_and_expired_by_the_leader() {
         .deregister(proto::DeregisterRequest {
             service: "svc".into(),
             server_id: "b2".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -288,6 +289,8 @@ async fn only_the_leader_refreshes_dns_and_a_new_leader_takes_over() {
                 service: "web".into(),
                 target: "web.test:80".into(),
                 weight: 1,
+                locality: None,
+                priority: 0,
             }],
             min_refresh: Duration::from_millis(200),
             max_refresh: Duration::from_millis(300),

@@ -368,16 +368,26 @@ async fn health_checks_are_split_among_live_replicas_and_taken_over() {
         assert!(tokio::time::Instant::now() < deadline, "ghost never joined");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let vs = views(&survivors).await;
-    let ghosts: std::collections::BTreeMap<String, u64> = vs[0]
-        .iter()
-        .filter(|(_, (p, _, _))| p == "ghost")
-        .map(|(id, _)| {
-            let probes = vs.iter().map(|v| v[id].2).max().unwrap_or(0);
-            (id.clone(), probes)
-        })
-        .collect();
-    assert!(!ghosts.is_empty(), "the ghost owns none of {N} backends");
+    // The checkers learn the member set a moment after `members()` shows it: poll their views.
+    let ghosts: std::collections::BTreeMap<String, u64> = loop {
+        let vs = views(&survivors).await;
+        let ghosts: std::collections::BTreeMap<String, u64> = vs[0]
+            .iter()
+            .filter(|(_, (p, _, _))| p == "ghost")
+            .map(|(id, _)| {
+                let probes = vs.iter().map(|v| v[id].2).max().unwrap_or(0);
+                (id.clone(), probes)
+            })
+            .collect();
+        if !ghosts.is_empty() {
+            break ghosts;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the ghost owns none of {N} backends"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     let _ = wait_split(&survivors, &["r0", "r2"], N, &ghosts).await;
     let takeover_crash = died.elapsed();
     eprintln!(

@@ -40,10 +40,25 @@ fn server() -> impl Strategy<Value = proto::Server> {
         any::<i32>(),
         any::<bool>(),
         any::<u32>(),
+        proptest::option::of(locality()),
+        prop_oneof![0u32..=8, any::<u32>()],
     )
         .prop_map(
-            |(server_id, address, weight, hash_key, metadata, health, draining, ew)| {
+            |(
+                server_id,
+                address,
+                weight,
+                hash_key,
+                metadata,
+                health,
+                draining,
+                ew,
+                locality,
+                priority,
+            )| {
                 proto::Server {
+                    locality,
+                    priority,
                     server_id,
                     address,
                     weight,
@@ -85,6 +100,14 @@ fn policy() -> impl Strategy<Value = proto::Policy> {
         })
 }
 
+fn locality() -> impl Strategy<Value = proto::Locality> {
+    (text(), text(), text()).prop_map(|(region, zone, sub_zone)| proto::Locality {
+        region,
+        zone,
+        sub_zone,
+    })
+}
+
 fn source() -> impl Strategy<Value = proto::SourceState> {
     (-1i32..4, text()).prop_map(|(verdict, detail)| proto::SourceState { verdict, detail })
 }
@@ -102,18 +125,24 @@ fn mutation() -> impl Strategy<Value = Mutation> {
             Just(proto::Verdict::Unhealthy)
         ]),
         proptest::option::of(source()),
+        proptest::option::of(proptest::option::of(locality())),
+        proptest::option::of(prop_oneof![0u32..=8, any::<u32>()]),
     )
         .prop_map(
-            |(weight, draining, address, hash_key, metadata, admin, probe)| ServerPatch {
-                weight,
-                draining,
-                address,
-                hash_key,
-                metadata,
-                admin,
-                probe,
-                outlier: None,
-                latency: None,
+            |(weight, draining, address, hash_key, metadata, admin, probe, locality, priority)| {
+                ServerPatch {
+                    weight,
+                    draining,
+                    address,
+                    hash_key,
+                    metadata,
+                    admin,
+                    probe,
+                    outlier: None,
+                    latency: None,
+                    locality,
+                    priority,
+                }
             },
         );
     prop_oneof![
@@ -303,6 +332,7 @@ mod sessions {
         let kind = prop_oneof![
             (name(), proptest::collection::vec((name(), version()), 0..4)).prop_map(
                 |(client_id, subs)| client_message::Kind::Subscribe(proto::Subscribe {
+                    locality: None,
                     client_id,
                     services: subs
                         .into_iter()

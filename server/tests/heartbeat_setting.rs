@@ -73,6 +73,7 @@ async fn dlbd_heartbeat_ms_is_the_interval_a_quiet_session_gets() {
     let (out, rx) = tokio::sync::mpsc::channel(4);
     out.send(proto::ClientMessage {
         kind: Some(client_message::Kind::Subscribe(proto::Subscribe {
+            locality: None,
             client_id: "heartbeat-test".into(),
             services: vec![proto::ServiceSubscription {
                 service: "default".into(),

@@ -110,6 +110,7 @@ async fn garbage_after_subscribe_ends_with_an_error_status() {
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
     let valid = proto::Subscribe {
+        locality: None,
         client_id: "raw".into(),
         services: vec![proto::ServiceSubscription::default()],
     }

@@ -156,6 +156,7 @@ async fn deregister_removes_at_once() {
         .deregister(proto::DeregisterRequest {
             service: String::new(),
             server_id: "w1".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -166,6 +167,7 @@ async fn deregister_removes_at_once() {
         .deregister(proto::DeregisterRequest {
             service: String::new(),
             server_id: "w1".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -217,6 +219,7 @@ async fn bad_input_and_the_ownership_rule() {
         .deregister(proto::DeregisterRequest {
             service: "web".into(),
             server_id: "api1".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -411,6 +414,8 @@ async fn membership_writes_need_an_admin_token_and_reads_do_not() {
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
     let e = m
         .declare_dns(proto::DeclareDnsRequest {
+            locality: None,
+            priority: 0,
             service: "web".into(),
             target: "127.0.0.1:80".into(),
             weight: 1,

@@ -213,6 +213,7 @@ async fn lease_created_services_go_with_their_last_lease() {
     m.deregister(proto::DeregisterRequest {
         service: "dereg".into(),
         server_id: "d1".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -228,6 +229,7 @@ async fn lease_created_services_go_with_their_last_lease() {
     m.deregister(proto::DeregisterRequest {
         service: "dereg".into(),
         server_id: "d2".into(),
+        ..Default::default()
     })
     .await
     .unwrap();

@@ -226,6 +226,7 @@ async fn not_found_then_created_then_nack() {
     .await;
     // Round trip through a second subscription so the unsubscribe has been processed.
     s.send(client_message::Kind::Subscribe(proto::Subscribe {
+        locality: None,
         client_id: String::new(),
         services: vec![proto::ServiceSubscription {
             service: "default".into(),

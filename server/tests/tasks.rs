@@ -250,6 +250,8 @@ where
                     service: "dnsweb".into(),
                     target: "web.test:8080".into(),
                     weight: 1,
+                    locality: None,
+                    priority: 0,
                 }],
                 min_refresh: Duration::from_millis(200),
                 max_refresh: Duration::from_secs(1),

@@ -95,9 +95,11 @@ pub fn table_size(n: usize) -> u64 {
 
 impl Maglev {
     /// Builds the table. `order` lists backend indices in hash order; `keys[i]`, `weights[i]`,
-    /// `eligible[i]` describe backend `i`. At least one backend.
+    /// `eligible[i]` describe backend `i`; backends not in `order` are not in the table. At least
+    /// one backend.
     pub(super) fn build(order: &[u16], keys: &[&str], weights: &[u32], eligible: &[bool]) -> Self {
-        let m = table_size(keys.len());
+        // Sized for the backends in `order` (a group of a grouped picker holds a subset).
+        let m = table_size(order.len());
         // Per backend (by rank in `order`): current preferred slot and skip.
         let mut cur = Vec::with_capacity(order.len());
         let mut skip = Vec::with_capacity(order.len());

@@ -67,6 +67,7 @@
 use std::time::Duration;
 
 mod build;
+mod groups;
 mod load;
 mod pick;
 mod picker;
@@ -80,6 +81,7 @@ pub mod ring;
 pub mod sticky;
 pub mod wrr;
 
+pub use groups::Grouping;
 pub use load::{Backend, BackendLoad, Outcomes};
 pub use panic::{PanicConfig, PanicMode, PanicState};
 pub use pick::{OwnedPick, Pick};
@@ -195,6 +197,9 @@ pub enum BuildError {
     /// The input is larger than the picker supports.
     #[error("too many backends: {0}")]
     TooLarge(String),
+    /// A grouping does not fit the backends it groups (a programming error of the caller).
+    #[error("invalid grouping: {0}")]
+    InvalidGrouping(String),
 }
 
 /// Why a pick failed.

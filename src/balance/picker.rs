@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use super::groups::{group_bits, Groups};
 use super::{
     ewma, hash, least_conn, maglev, ring, wrr, Algorithm, Backend, BackendLoad, OwnedPick,
     PanicState, Pick, PickError, PolicyConfig,
@@ -54,7 +55,10 @@ pub struct Picker {
     pub(super) bounded: Option<Bounded>,
     /// Calls in flight through bounded pickers of this service; shared across generations.
     pub(super) total: Arc<AtomicU64>,
+    /// The selection strategy of an ungrouped picker (`Empty` when grouped).
     pub(super) strategy: Strategy,
+    /// The groups of a grouped picker (locality; see `groups.rs`), `None` when ungrouped.
+    pub(super) groups: Option<Box<Groups>>,
     /// The panic state decided at build time.
     pub(super) panic: PanicState,
 }
@@ -92,7 +96,52 @@ impl Picker {
     /// The pick; `count` says whether a policy that does not need counts counts the call.
     #[inline(always)]
     fn pick_impl(&self, key: Option<&[u8]>, count: bool) -> Result<Pick<'_>, PickError> {
-        let index = match &self.strategy {
+        match &self.groups {
+            None => self.pick_in(&self.strategy, self.bounded.as_ref(), key, None, count),
+            Some(groups) => self.pick_grouped(groups, key, count),
+        }
+    }
+
+    /// The pick of a grouped picker: the group by the shares, then the pick within it.
+    #[inline]
+    fn pick_grouped<'p>(
+        &'p self,
+        groups: &'p Groups,
+        key: Option<&[u8]>,
+        count: bool,
+    ) -> Result<Pick<'p>, PickError> {
+        let hashing = matches!(
+            self.policy.algorithm,
+            Algorithm::Maglev | Algorithm::RingHash
+        );
+        let (g, h) = if hashing {
+            let h = key.map_or_else(hash::random_hash, hash::key_hash);
+            (groups.choose(|| group_bits(h)), Some(h))
+        } else {
+            (groups.choose(|| fastrand::u32(..)), None)
+        };
+        let g = groups.usable(g).unwrap_or(g);
+        self.pick_in(
+            &groups.strategies[g],
+            groups.bounded[g].as_ref(),
+            key,
+            h,
+            count,
+        )
+    }
+
+    /// The pick with one strategy; `h` is the key's hash when the caller computed it already.
+    #[inline(always)]
+    fn pick_in<'p>(
+        &'p self,
+        strategy: &'p Strategy,
+        bounded: Option<&Bounded>,
+        key: Option<&[u8]>,
+        h: Option<u64>,
+        count: bool,
+    ) -> Result<Pick<'p>, PickError> {
+        let key_hash = || h.unwrap_or_else(|| key.map_or_else(hash::random_hash, hash::key_hash));
+        let index = match strategy {
             Strategy::Empty => {
                 return Err(if self.backends.is_empty() {
                     PickError::NoBackends
@@ -131,15 +180,15 @@ impl Picker {
                 });
             }
             Strategy::Maglev(m) => {
-                let h = key.map_or_else(hash::random_hash, hash::key_hash);
-                match &self.bounded {
+                let h = key_hash();
+                match bounded {
                     None => u32::from(m.lookup(h)),
                     Some(b) => return Ok(self.pick_bounded(b, m.table(), m.slot(h))),
                 }
             }
             Strategy::Ring(r) => {
-                let h = key.map_or_else(hash::random_hash, hash::key_hash);
-                match &self.bounded {
+                let h = key_hash();
+                match bounded {
                     None => u32::from(r.lookup(h)),
                     Some(b) => return Ok(self.pick_bounded(b, r.owners(), r.point(h))),
                 }
@@ -154,6 +203,15 @@ impl Picker {
                 counted: false,
             }
         })
+    }
+
+    /// The strategy the backend at `index` is picked by (its group's when grouped).
+    #[inline]
+    fn strategy_of(&self, index: u32) -> &Strategy {
+        match &self.groups {
+            None => &self.strategy,
+            Some(g) => &g.strategies[g.of_backend[index as usize] as usize],
+        }
     }
 
     /// The bounded-load walk (see the module docs): the first eligible backend in candidate
@@ -205,7 +263,7 @@ impl Picker {
         let counted = self.counts;
         if counted {
             let load = &self.backends[index as usize].load;
-            match &self.strategy {
+            match self.strategy_of(index) {
                 Strategy::LcExact(lc) => lc.acquire(index, load),
                 _ => {
                     load.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -226,7 +284,7 @@ impl Picker {
     #[inline]
     pub(super) fn release(&self, index: u32) {
         let load = &self.backends[index as usize].load;
-        match &self.strategy {
+        match self.strategy_of(index) {
             Strategy::LcExact(lc) => lc.release(index, load),
             _ => {
                 load.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -280,8 +338,18 @@ impl Picker {
     /// without it the tree catches up within `n` picks (see [`least_conn`]). A no-op for the
     /// other policies, which read the atomics on every pick.
     pub fn refresh_loads(&self) {
-        if let Strategy::LcExact(lc) = &self.strategy {
-            lc.refresh();
+        for s in self.strategies() {
+            if let Strategy::LcExact(lc) = s {
+                lc.refresh();
+            }
+        }
+    }
+
+    /// Every selection strategy: the one of an ungrouped picker, or each group's.
+    fn strategies(&self) -> &[Strategy] {
+        match &self.groups {
+            None => std::slice::from_ref(&self.strategy),
+            Some(g) => &g.strategies,
         }
     }
 
@@ -296,19 +364,28 @@ impl Picker {
             .sum();
         let index = self.by_id.capacity() * (std::mem::size_of::<(Arc<str>, usize)>() + 1)
             + self.eligible.len() * 4;
-        let tables = match &self.strategy {
-            Strategy::Empty => 0,
-            Strategy::Wrr(w) => w.heap_bytes(),
-            Strategy::LcExact(lc) => lc.heap_bytes(),
-            Strategy::P2c(p) => p.heap_bytes(),
-            Strategy::Ewma(e) => e.heap_bytes(),
-            Strategy::Maglev(m) => m.heap_bytes(),
-            Strategy::Ring(r) => r.heap_bytes(),
-        };
+        let tables: usize = self
+            .strategies()
+            .iter()
+            .map(|s| match s {
+                Strategy::Empty => 0,
+                Strategy::Wrr(w) => w.heap_bytes(),
+                Strategy::LcExact(lc) => lc.heap_bytes(),
+                Strategy::P2c(p) => p.heap_bytes(),
+                Strategy::Ewma(e) => e.heap_bytes(),
+                Strategy::Maglev(m) => m.heap_bytes(),
+                Strategy::Ring(r) => r.heap_bytes(),
+            })
+            .sum::<usize>()
+            + self
+                .groups
+                .as_ref()
+                .map_or(0, |g| g.of_backend.len() * 2 + g.len() * 24);
         self.backends.len() * per_backend + strings + index + tables
     }
 
-    /// The round-robin schedule (backend indices, one period) for a round-robin picker.
+    /// The round-robin schedule (backend indices, one period) for an ungrouped round-robin
+    /// picker.
     pub fn wrr_schedule(&self) -> Option<&[u16]> {
         match &self.strategy {
             Strategy::Wrr(w) => Some(w.schedule()),

@@ -56,9 +56,14 @@ impl Ring {
     /// Builds the ring. `order` lists backend indices in hash order; `keys[i]`, `weights[i]`,
     /// `eligible[i]` describe backend `i`. At least one backend.
     pub(super) fn build(order: &[u16], keys: &[&str], weights: &[u32], eligible: &[bool]) -> Self {
-        let n = keys.len() as u64;
+        // Sized and weighted over the backends in `order` (a group holds a subset).
+        let n = order.len() as u64;
         let target = (POINTS_PER_BACKEND * n).clamp(MIN_RING, MAX_RING);
-        let total_w: u64 = weights.iter().map(|&w| u64::from(w)).sum::<u64>().max(1);
+        let total_w: u64 = order
+            .iter()
+            .map(|&b| u64::from(weights[b as usize]))
+            .sum::<u64>()
+            .max(1);
         let mut points: Vec<(u64, u32)> = Vec::with_capacity(target as usize + order.len());
         let mut buf = Vec::new();
         for (rank, &b) in order.iter().enumerate() {

@@ -6,7 +6,9 @@
 //! `--json` (one object per line for `watch`).
 //!
 //! Exit codes: 0 ok, 2 usage or invalid argument, 3 not found, 4 already exists, 5 changed
-//! concurrently (a compare-and-set lost: re-read and retry), 1 anything else.
+//! concurrently (a compare-and-set lost: re-read and retry), 6 a drain barrier's deadline
+//! passed before every client confirmed (`drain --wait`, `remove-server --wait`), 1 anything
+//! else.
 //!
 //! This file runs the subcommands (`run`); the command line is in `cli`, the text and JSON
 //! forms of what is printed in `print`, `watch` in `watch`, and the larger subcommand groups
@@ -30,8 +32,12 @@ mod adaptive;
 mod call;
 #[path = "dlbctl/cli.rs"]
 mod cli;
+#[path = "dlbctl/drain.rs"]
+mod drain;
 #[path = "dlbctl/health.rs"]
 mod health;
+#[path = "dlbctl/locality.rs"]
+mod locality;
 #[path = "dlbctl/print.rs"]
 mod print;
 #[path = "dlbctl/watch.rs"]
@@ -71,6 +77,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// The wait option of `remove-server --wait` (no in-flight wait: a removed backend's calls are
+/// no longer reported).
+fn proto_wait(timeout_ms: u32) -> dlb::proto::BarrierWait {
+    dlb::proto::BarrierWait {
+        in_flight_zero: false,
+        timeout_ms,
+    }
+}
+
 fn parse_meta(entries: &[String]) -> Result<HashMap<String, String>, Error> {
     let mut out = HashMap::new();
     for e in entries {
@@ -97,6 +112,7 @@ async fn run(cli: Cli, interrupts: Option<membership::Interrupts>) -> Result<(),
             weight,
             hash_key,
             meta,
+            locality,
         } => {
             let server = NewServer {
                 server_id: id,
@@ -104,6 +120,8 @@ async fn run(cli: Cli, interrupts: Option<membership::Interrupts>) -> Result<(),
                 weight,
                 hash_key: hash_key.unwrap_or_default(),
                 metadata: parse_meta(&meta)?,
+                locality: locality.locality(),
+                priority: locality.priority.unwrap_or(0),
             };
             let r = admin.add_server(&service, server).await?;
             print_server_response(j, "added", &r);
@@ -125,7 +143,24 @@ async fn run(cli: Cli, interrupts: Option<membership::Interrupts>) -> Result<(),
                 );
             }
         }
-        Command::RemoveServer { id } => {
+        Command::Drain {
+            id,
+            wait,
+            in_flight_zero,
+            timeout,
+        } => {
+            let wait = drain::wait(wait, in_flight_zero, timeout);
+            drain::drain(&admin, &service, &id, wait, j).await?;
+        }
+        Command::RemoveServer {
+            id,
+            wait: true,
+            timeout,
+        } => {
+            let wait = proto_wait(timeout);
+            drain::remove_waiting(&admin, &service, &id, wait, j).await?;
+        }
+        Command::RemoveServer { id, .. } => {
             let r = admin.remove_server(&service, &id).await?;
             if j {
                 println!(
@@ -148,6 +183,7 @@ async fn run(cli: Cli, interrupts: Option<membership::Interrupts>) -> Result<(),
             address,
             hash_key,
             expected_version,
+            locality,
         } => {
             let update = ServerUpdate {
                 server_id: id,
@@ -156,6 +192,8 @@ async fn run(cli: Cli, interrupts: Option<membership::Interrupts>) -> Result<(),
                 address,
                 hash_key,
                 metadata: None,
+                locality: locality.locality(),
+                priority: locality.priority,
                 expected_version,
             };
             let r = admin.update_server(&service, update).await?;
@@ -278,13 +316,20 @@ async fn run(cli: Cli, interrupts: Option<membership::Interrupts>) -> Result<(),
             weight,
             ttl,
             meta,
+            drain_timeout,
+            in_flight_zero,
+            no_drain,
+            locality,
         } => {
+            let drain = drain::wait(!no_drain, in_flight_zero, drain_timeout);
             let mut lease = dlb_client::Lease::new(id, address)
                 .weight(weight)
-                .ttl(std::time::Duration::from_secs(ttl));
+                .ttl(std::time::Duration::from_secs(ttl))
+                .priority(locality.priority.unwrap_or(0));
+            lease.locality = locality.locality();
             lease.metadata = parse_meta(&meta)?;
             let interrupts = interrupts.unwrap_or_else(membership::Interrupts::install);
-            membership::register(&admin, &service, lease, j, interrupts).await?;
+            membership::register(&admin, &service, lease, j, interrupts, drain).await?;
         }
         Command::Dns(cmd) => membership::dns(&admin, &service, "", cmd, j).await?,
         Command::Policy(PolicyCommand::Get) => {
@@ -350,6 +395,7 @@ async fn run(cli: Cli, interrupts: Option<membership::Interrupts>) -> Result<(),
             set.sdk_health.apply(&mut policy);
             set.adaptive.apply(&mut policy);
             set.call.apply(&mut policy)?;
+            set.locality.apply(&mut policy);
             model::validate_policy(&policy)?;
             let r = admin
                 .set_policy_if(&service, policy, Some(read_version))

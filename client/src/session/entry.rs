@@ -24,8 +24,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dlb::balance::{Picker, StickyTable, MAX_BACKENDS};
+use dlb::locality::ZoneKey;
 use dlb::model;
 use dlb::proto;
+use dlb::routing;
 
 use crate::state::{ServiceState, Snapshot, Version};
 
@@ -51,6 +53,15 @@ pub(super) struct Entry {
     held_since: Option<tokio::time::Instant>,
     /// The in-flight counts of the other SDKs, as last pushed (`GlobalLoad`), by backend id.
     others: std::collections::HashMap<String, u64>,
+    /// The demand share per client zone, as last pushed (`GlobalLoad.zone_demand`, see
+    /// [`super::demand`]); empty: not known.
+    zone_demand: Vec<proto::ZoneDemand>,
+    /// The same, keyed for the locality plan.
+    demand: Vec<(ZoneKey, f64)>,
+    /// This SDK's zone (`ClientBuilder::locality`), for zone-aware routing.
+    zone: Option<ZoneKey>,
+    /// The grouping of `picker` when it is grouped by locality (re-planned on each push).
+    layout: Option<routing::Layout>,
     /// Slow start: when the picker must be rebuilt for a ramp to progress (see
     /// `dlb::slow_start`); `None` when nothing ramps.
     pub(super) ramp_at: Option<tokio::time::Instant>,
@@ -63,7 +74,9 @@ pub(super) struct Entry {
 pub(super) const HOLD_GRACE: Duration = Duration::from_secs(30);
 
 impl Entry {
-    pub(super) fn new(state: Arc<ServiceState>) -> Self {
+    /// A fresh entry of `state` for an SDK in `zone` (zone-aware routing; `None`: no zone
+    /// preference).
+    pub(super) fn new(state: Arc<ServiceState>, zone: Option<ZoneKey>) -> Self {
         Self {
             state,
             records: BTreeMap::new(),
@@ -75,6 +88,10 @@ impl Entry {
             dirty: false,
             held_since: None,
             others: std::collections::HashMap::new(),
+            zone_demand: Vec::new(),
+            demand: Vec::new(),
+            zone,
+            layout: None,
             ramp_at: None,
             breakers: None,
         }
@@ -92,9 +109,29 @@ impl Entry {
         }
     }
 
+    /// The demand share per client zone last pushed for this service (empty: not known), as
+    /// the locality plan reads it.
+    #[cfg(test)]
+    pub(super) fn zone_demand(&self) -> &[proto::ZoneDemand] {
+        &self.zone_demand
+    }
+
+    /// The other SDKs' in-flight counts per backend id last pushed (absent: 0).
+    #[cfg(test)]
+    pub(super) fn others_in_flight(&self) -> &std::collections::HashMap<String, u64> {
+        &self.others
+    }
+
     /// Applies a `GlobalLoad` push: every backend's baseline becomes the other SDKs' count
-    /// (0 when left out), so least connections compares `own live count + others`.
+    /// (0 when left out), so least connections compares `own live count + others`; the zone
+    /// demand replaces the one held.
     pub(super) fn global_load(&mut self, g: &proto::GlobalLoad) {
+        self.zone_demand = super::demand::sanitize(&g.zone_demand);
+        self.demand = self
+            .zone_demand
+            .iter()
+            .filter_map(|d| Some((ZoneKey::of(d.locality.as_ref())?, d.share)))
+            .collect();
         self.others = g
             .backends
             .iter()
@@ -107,6 +144,14 @@ impl Entry {
             .collect();
         if let Some(picker) = &self.picker {
             crate::global::apply_baselines(picker, &self.others);
+            // Demand and load moved: re-plan the locality shares (no rebuild).
+            if let (Some(layout), Some(policy)) = (self.layout.as_mut(), self.policy.as_ref()) {
+                let client = routing::Client {
+                    zone: self.zone.as_ref(),
+                    demand: &self.demand,
+                };
+                routing::replan(picker, layout, policy, &client);
+            }
         }
     }
 
@@ -311,9 +356,21 @@ impl Entry {
         let Some(policy) = self.policy.clone() else {
             return Ok(());
         };
-        let built = model::build_picker(self.picker.as_deref(), &policy, self.records.values());
+        let client = routing::Client {
+            zone: self.zone.as_ref(),
+            demand: &self.demand,
+        };
+        let built = routing::build_for(
+            self.picker.as_deref(),
+            &policy,
+            self.records.values(),
+            &client,
+        );
         let picker = match built {
-            Ok(p) => Arc::new(p),
+            Ok((p, layout)) => {
+                self.layout = layout;
+                Arc::new(p)
+            }
             Err(e) => {
                 tracing::error!(service = %self.state.name, error = %e,
                     "could not build a picker for a validated state; asking for a full snapshot");
@@ -342,7 +399,7 @@ impl Entry {
             ))
         });
         self.picker = Some(picker.clone());
-        self.sticky = model::carry_sticky(self.sticky.as_ref(), &policy);
+        self.sticky = routing::carry_sticky(self.sticky.as_ref(), &policy);
         self.state.publish(Snapshot {
             version: self.version,
             picker: Some(picker),
@@ -470,225 +527,11 @@ pub(crate) fn apply_detached(
     state: &Arc<ServiceState>,
     update: &proto::ServiceUpdate,
 ) -> Result<(), String> {
-    let mut entry = Entry::new(state.clone());
+    let mut entry = Entry::new(state.clone(), None);
     entry.picker = state.snapshot.load().picker.clone();
     entry.stage(update)?;
     entry.flush()
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn server(id: &str) -> proto::Server {
-        proto::Server {
-            server_id: id.into(),
-            address: "127.0.0.1:80".into(),
-            weight: 1,
-            health: proto::HealthStatus::Healthy as i32,
-            ..Default::default()
-        }
-    }
-
-    fn full(epoch: u64, version: u64, ids: &[&str]) -> proto::ServiceUpdate {
-        proto::ServiceUpdate {
-            service: "s".into(),
-            version: Some(proto::Version { epoch, version }),
-            full: true,
-            policy: Some(model::default_policy()),
-            upserts: ids.iter().map(|i| server(i)).collect(),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn deltas_need_the_right_base_and_emptying_is_guarded() {
-        let mut e = Entry::new(Arc::new(ServiceState::new("s".into())));
-        e.apply(&full(7, 1, &["a", "b"])).unwrap();
-        assert_eq!(
-            e.version,
-            Version {
-                epoch: 7,
-                version: 1
-            }
-        );
-        let mut d = proto::ServiceUpdate {
-            service: "s".into(),
-            version: Some(proto::Version {
-                epoch: 7,
-                version: 3,
-            }),
-            base: Some(proto::Version {
-                epoch: 7,
-                version: 2,
-            }),
-            removals: vec!["a".into()],
-            ..Default::default()
-        };
-        assert!(e.apply(&d).is_err(), "wrong base must be nacked");
-        d.base = Some(proto::Version {
-            epoch: 7,
-            version: 1,
-        });
-        e.apply(&d).unwrap();
-        assert_eq!(e.records.len(), 1);
-        // A full empty snapshot from another epoch is held back.
-        e.apply(&full(8, 1, &[])).unwrap();
-        let snap = e.state.snapshot.load();
-        assert!(snap.stale);
-        assert_eq!(snap.picker.as_ref().unwrap().backends().len(), 1);
-        assert_eq!(
-            e.version,
-            Version {
-                epoch: 8,
-                version: 1
-            }
-        );
-        // Backends that do not cover the routed one: still held (restart-flooding rule).
-        e.apply(&full(8, 2, &["c"])).unwrap();
-        assert!(e.state.snapshot.load().stale);
-        // The routed backend is back: published.
-        e.apply(&full(8, 2, &["b", "c"])).unwrap();
-        let snap = e.state.snapshot.load();
-        assert!(!snap.stale);
-        assert_eq!(snap.picker.as_ref().unwrap().backends().len(), 2);
-        // Same epoch removal to empty is applied.
-        let d = proto::ServiceUpdate {
-            service: "s".into(),
-            version: Some(proto::Version {
-                epoch: 8,
-                version: 3,
-            }),
-            base: Some(proto::Version {
-                epoch: 8,
-                version: 2,
-            }),
-            removals: vec!["b".into(), "c".into()],
-            ..Default::default()
-        };
-        e.apply(&d).unwrap();
-        assert!(e
-            .state
-            .snapshot
-            .load()
-            .picker
-            .as_ref()
-            .unwrap()
-            .backends()
-            .is_empty());
-        // Invalid record: nacked, nothing changes.
-        let mut bad = full(8, 4, &["x"]);
-        bad.upserts[0].weight = 0;
-        assert!(e.apply(&bad).is_err());
-        assert_eq!(e.version.version, 3);
-    }
-
-    fn routed(e: &Entry) -> Vec<String> {
-        let snap = e.state.snapshot.load();
-        let mut ids: Vec<String> = snap
-            .picker
-            .as_ref()
-            .map(|p| p.backends().iter().map(|b| b.id().to_owned()).collect())
-            .unwrap_or_default();
-        ids.sort();
-        ids
-    }
-
-    fn add(epoch: u64, base: u64, id: &str) -> proto::ServiceUpdate {
-        proto::ServiceUpdate {
-            service: "s".into(),
-            version: Some(proto::Version {
-                epoch,
-                version: base + 1,
-            }),
-            base: Some(proto::Version {
-                epoch,
-                version: base,
-            }),
-            upserts: vec![server(id)],
-            ..Default::default()
-        }
-    }
-
-    /// A restarted control plane whose first re-registered backend would take all the traffic:
-    /// held back until half of the routed backends are back, then published.
-    #[test]
-    fn restart_flooding_is_held_back_until_half_are_back() {
-        let ten: Vec<String> = (0..10).map(|i| format!("b{i}")).collect();
-        let ids: Vec<&str> = ten.iter().map(String::as_str).collect();
-        let mut e = Entry::new(Arc::new(ServiceState::new("s".into())));
-        e.apply(&full(7, 5, &ids)).unwrap();
-        // New epoch, one backend re-registered: held.
-        e.apply(&full(8, 1, &["b0"])).unwrap();
-        assert!(e.state.snapshot.load().stale);
-        assert_eq!(routed(&e).len(), 10, "the first backend would take 100 %");
-        // Backends come back one by one; still fewer than half: held.
-        for (v, id) in (1..4).zip(["b1", "b2", "b3"]) {
-            e.apply(&add(8, v, id)).unwrap();
-            assert!(
-                e.state.snapshot.load().stale,
-                "published with {} of 10",
-                v + 1
-            );
-        }
-        // The fifth covers half: published.
-        e.apply(&add(8, 4, "b4")).unwrap();
-        let snap = e.state.snapshot.load();
-        assert!(!snap.stale);
-        assert_eq!(routed(&e), vec!["b0", "b1", "b2", "b3", "b4"]);
-        assert_eq!(e.state.stats.held_back.load(Ordering::Relaxed), 4);
-        // A new epoch that keeps most of them is applied at once.
-        e.apply(&full(9, 1, &["b0", "b1", "b2", "b9"])).unwrap();
-        assert!(!e.state.snapshot.load().stale);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_hold_ends_after_the_grace_period() {
-        let mut e = Entry::new(Arc::new(ServiceState::new("s".into())));
-        e.apply(&full(7, 1, &["a", "b", "c"])).unwrap();
-        e.apply(&full(8, 1, &["z"])).unwrap();
-        assert!(e.state.snapshot.load().stale);
-        assert!(
-            !e.release_expired_hold(),
-            "released before the grace period"
-        );
-        tokio::time::advance(HOLD_GRACE).await;
-        assert!(e.release_expired_hold());
-        let snap = e.state.snapshot.load();
-        assert!(!snap.stale);
-        assert_eq!(routed(&e), vec!["z"]);
-    }
-
-    fn not_found(epoch: u64) -> proto::ServiceNotFound {
-        proto::ServiceNotFound {
-            service: "s".into(),
-            version: Some(proto::Version { epoch, version: 0 }),
-            nonce: "n".into(),
-        }
-    }
-
-    #[test]
-    fn not_found_is_applied_unless_it_comes_from_another_epoch() {
-        let mut e = Entry::new(Arc::new(ServiceState::new("s".into())));
-        // Nothing held: applied.
-        e.not_found(&not_found(7));
-        assert!(e.state.snapshot.load().not_found);
-        // A service that existed in the same epoch and was deleted: applied.
-        e.apply(&full(7, 1, &["a"])).unwrap();
-        e.not_found(&not_found(7));
-        let snap = e.state.snapshot.load();
-        assert!(snap.not_found && snap.picker.is_none());
-        // From another epoch while routing on a non-empty snapshot: held back.
-        e.apply(&full(7, 2, &["a"])).unwrap();
-        e.not_found(&not_found(9));
-        let snap = e.state.snapshot.load();
-        assert!(!snap.not_found && snap.stale);
-        assert_eq!(snap.picker.as_ref().unwrap().backends().len(), 1);
-        assert_eq!(
-            e.version,
-            Version::default(),
-            "resubscribes without a known version"
-        );
-        assert_eq!(e.state.stats.held_back.load(Ordering::Relaxed), 1);
-    }
-}
+mod tests;

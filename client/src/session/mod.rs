@@ -60,6 +60,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dlb::backoff::{Backoff, Jitter};
+use dlb::locality::ZoneKey;
 use dlb::proto;
 use dlb::proto::client_message::Kind as ClientKind;
 use dlb::proto::discovery_client::DiscoveryClient;
@@ -69,6 +70,7 @@ use tonic::transport::Channel;
 
 use crate::state::ServiceState;
 
+mod demand;
 mod entry;
 mod persist;
 mod serve;
@@ -103,6 +105,8 @@ pub(crate) struct SessionConfig {
     pub(crate) update_deadline: Duration,
     /// Bearer token for the session.
     pub(crate) token: crate::channel::TokenInterceptor,
+    /// Where this client runs (sent in the first `Subscribe`; `None`: no zone).
+    pub(crate) locality: Option<proto::Locality>,
 }
 
 /// Connection state shared with the client.
@@ -164,6 +168,7 @@ pub(crate) async fn run(
     restored: Restored,
     snapshot_file: Option<std::path::PathBuf>,
 ) {
+    let zone = ZoneKey::of(config.locality.as_ref());
     let mut routing = Routing {
         saver: snapshot_file.map(|path| Saver::new(path, &restored.saved)),
         entries: restored
@@ -228,7 +233,7 @@ pub(crate) async fn run(
                 cmd = commands.recv() => match cmd {
                     None => break 'sessions,
                     Some(Command::Subscribe(state)) => {
-                        routing.entries.entry(state.name.clone()).or_insert_with(|| Entry::new(state));
+                        routing.entries.entry(state.name.clone()).or_insert_with(|| Entry::new(state, zone.clone()));
                     }
                 },
             }
@@ -254,13 +259,13 @@ async fn session_once(
     while let Ok(Command::Subscribe(state)) = commands.try_recv() {
         entries
             .entry(state.name.clone())
-            .or_insert_with(|| Entry::new(state));
+            .or_insert_with(|| Entry::new(state, ZoneKey::of(config.locality.as_ref())));
     }
     let (tx, rx) = mpsc::channel::<proto::ClientMessage>(1024);
     let subscribe = proto::Subscribe {
         client_id: config.client_id.clone(),
         services: entries.values().map(Entry::subscription).collect(),
-        ..Default::default()
+        locality: config.locality.clone(),
     };
     if tx
         .send(client_msg(ClientKind::Subscribe(subscribe)))

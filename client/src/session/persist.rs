@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use dlb::locality::ZoneKey;
 use dlb::model;
 use dlb::proto;
 use prost::Message;
@@ -200,7 +201,7 @@ impl Restored {
 /// Reads the file at `path` and publishes every valid service in it, stale. A missing file
 /// restores nothing; an unreadable, oversized or corrupt file, or one of another format, is
 /// logged and restores nothing; an invalid service inside a valid file is skipped (logged).
-pub(crate) fn restore(path: &Path) -> Restored {
+pub(crate) fn restore(path: &Path, zone: Option<&ZoneKey>) -> Restored {
     let mut out = Restored::empty();
     let bytes = match read_bounded(path) {
         Ok(Some(b)) => b,
@@ -244,7 +245,7 @@ pub(crate) fn restore(path: &Path) -> Restored {
             continue;
         }
         let state = Arc::new(ServiceState::new(name.clone()));
-        let mut entry = Entry::new(state.clone());
+        let mut entry = Entry::new(state.clone(), zone.cloned());
         if let Err(e) = entry.stage(&update).and_then(|()| entry.flush()) {
             tracing::warn!(service = %model::printable(&name, 64), error = %e,
                 "skipping an invalid service of the routing snapshot file");
@@ -314,7 +315,7 @@ mod tests {
         let mut entries = HashMap::new();
         for (name, ids) in [("web", &["a", "b"][..]), ("api", &["c"][..])] {
             let state = Arc::new(ServiceState::new(name.into()));
-            let mut e = Entry::new(state);
+            let mut e = Entry::new(state, None);
             e.stage(&full(name, 7, ids)).unwrap();
             e.flush().unwrap();
             entries.insert(name.to_owned(), e);
@@ -324,7 +325,7 @@ mod tests {
         saver.maybe_write();
         saver.writing.take().unwrap().await.unwrap();
 
-        let restored = restore(&path);
+        let restored = restore(&path, None);
         let mut names: Vec<_> = restored.states.iter().map(|s| s.name.clone()).collect();
         names.sort();
         assert_eq!(names, ["api", "web"]);
@@ -356,16 +357,16 @@ mod tests {
     async fn a_missing_corrupt_or_foreign_file_restores_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("routing.pb");
-        assert!(restore(&path).states.is_empty());
+        assert!(restore(&path, None).states.is_empty());
         std::fs::write(&path, b"\xff\xff\xff garbage").unwrap();
-        assert!(restore(&path).states.is_empty());
+        assert!(restore(&path, None).states.is_empty());
         let other = proto::SdkSnapshotFile {
             format: 2,
             services: vec![full("web", 1, &["a"])],
             ..Default::default()
         };
         std::fs::write(&path, other.encode_to_vec()).unwrap();
-        assert!(restore(&path).states.is_empty());
+        assert!(restore(&path, None).states.is_empty());
         // An invalid service is skipped; a valid one beside it is kept.
         let mut bad = full("bad", 1, &["a"]);
         bad.upserts[0].address = "no port".into();
@@ -375,7 +376,7 @@ mod tests {
             ..Default::default()
         };
         std::fs::write(&path, mixed.encode_to_vec()).unwrap();
-        let r = restore(&path);
+        let r = restore(&path, None);
         assert_eq!(r.states.len(), 1);
         assert_eq!(r.states[0].name, "web");
     }

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use dlb::locality::ZoneKey;
 use dlb::proto;
 use dlb::proto::client_message::Kind as ClientKind;
 use dlb::proto::server_message::Kind as ServerKind;
@@ -211,7 +212,9 @@ where
                 None => return Ended::Closed,
                 Some(Command::Subscribe(state)) => {
                     let name = state.name.clone();
-                    let entry = entries.entry(name).or_insert_with(|| Entry::new(state));
+                    let entry = entries
+                        .entry(name)
+                        .or_insert_with(|| Entry::new(state, ZoneKey::of(config.locality.as_ref())));
                     let sub = proto::Subscribe {
                         client_id: config.client_id.clone(),
                         services: vec![entry.subscription()],
@@ -413,10 +416,11 @@ mod tests {
         let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel();
         let state = Arc::new(ServiceState::new("s".into()));
         let mut routing = Routing {
-            entries: HashMap::from([("s".to_owned(), Entry::new(state.clone()))]),
+            entries: HashMap::from([("s".to_owned(), Entry::new(state.clone(), None))]),
             saver: None,
         };
         let config = SessionConfig {
+            locality: None,
             client_id: "test".into(),
             report_interval: Duration::from_secs(1),
             ack_delay: ACK_DELAY,

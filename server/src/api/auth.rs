@@ -1,7 +1,7 @@
 //! Who may write: bearer tokens on the gRPC port.
 //!
 //! With admin tokens configured (`dlbd --admin-token-file`), every Registry call that changes
-//! routing (`AddServer`, `RemoveServer`, `UpdateServer`, `HealthCheckPassed`,
+//! routing (`AddServer`, `RemoveServer`, `DrainServer`, `UpdateServer`, `HealthCheckPassed`,
 //! `HealthCheckFailed`, `SetPolicy`, `RemoveService`) needs `authorization: Bearer <admin token>`. Reads (the
 //! other Registry calls), Discovery sessions and xDS (ADS) streams are open unless read tokens are configured
 //! (`--read-token-file`); an admin token is also a read token. The standard health and reflection
@@ -21,9 +21,10 @@ use futures::future::BoxFuture;
 use subtle::ConstantTimeEq;
 
 /// Registry methods that change routing state.
-pub const WRITE_METHODS: [&str; 11] = [
+pub const WRITE_METHODS: [&str; 12] = [
     "/dlb.v1.Registry/AddServer",
     "/dlb.v1.Registry/RemoveServer",
+    "/dlb.v1.Registry/DrainServer",
     "/dlb.v1.Registry/UpdateServer",
     "/dlb.v1.Registry/HealthCheckPassed",
     "/dlb.v1.Registry/HealthCheckFailed",

@@ -9,7 +9,7 @@
 //! on a lease-owned id is refused with `ALREADY_EXISTS` as for any taken id. `Deregister` only
 //! removes lease-owned records (`FAILED_PRECONDITION` otherwise). An operator's `RemoveServer`
 //! may remove a lease-owned record; its next renewal registers it again. A re-register with a
-//! different address (or weight, hash key, metadata, TTL) updates the record in place, one
+//! different address (or weight, hash key, metadata, TTL, locality, priority) updates the record in place, one
 //! write, keeping its health sources and drain flag; a renewal that changes nothing writes
 //! nothing.
 //!
@@ -44,6 +44,8 @@ fn same_declaration(have: &proto::Server, want: &proto::Server) -> bool {
         && have.hash_key == want.hash_key
         && have.metadata == want.metadata
         && have.lease_ttl_seconds == want.lease_ttl_seconds
+        && have.locality == want.locality
+        && have.priority == want.priority
 }
 
 /// The Membership service implementation.
@@ -74,6 +76,59 @@ impl MembershipService {
         r.map(Response::new)
     }
 
+    /// Drains lease-owned backend `server_id` and waits on the drain barrier (`Deregister`
+    /// with `drain`: a backend asking for itself to go safely).
+    async fn drain_self(
+        &self,
+        service: &str,
+        server_id: &str,
+        wait: crate::api::barrier::Wait,
+    ) -> Result<proto::DrainBarrier, Status> {
+        let Some(snap) = self.shared.store.get_service(service.to_owned()).await? else {
+            return Err(Error::ServiceNotFound(service.to_owned()).into());
+        };
+        let Some(have) = snap.servers.get(server_id) else {
+            return Err(Error::ServerNotFound {
+                service: service.to_owned(),
+                server_id: server_id.to_owned(),
+            }
+            .into());
+        };
+        if !leases::is_leased(have) {
+            return Err(Status::failed_precondition(format!(
+                "server_id {:?} in service {service:?} is not lease-owned; use drain_server",
+                model::prefix(server_id, model::MAX_QUOTED)
+            )));
+        }
+        let patch = crate::store::ServerPatch {
+            draining: Some(true),
+            ..Default::default()
+        };
+        let applied = self
+            .shared
+            .store
+            .apply(
+                service.to_owned(),
+                vec![Mutation::Update(server_id.to_owned(), patch)],
+                None,
+            )
+            .await?;
+        self.wait_cache(applied.version.version).await;
+        tracing::info!(
+            service,
+            server_id,
+            "lease-owned backend draining before it deregisters"
+        );
+        Ok(crate::api::barrier::wait(
+            &self.shared,
+            service,
+            server_id,
+            applied.version.version,
+            wait,
+        )
+        .await)
+    }
+
     async fn wait_cache(&self, version: u64) {
         if !self
             .shared
@@ -99,6 +154,10 @@ impl MembershipService {
             model::validate_weight(weight)?;
             model::validate_hash_key(&req.hash_key)?;
             model::validate_metadata(&req.metadata)?;
+            if let Some(l) = &req.locality {
+                dlb::locality::validate_locality("locality", l)?;
+            }
+            dlb::locality::validate_priority("priority", req.priority)?;
             if !(leases::MIN_TTL_SECONDS..=leases::MAX_TTL_SECONDS).contains(&req.ttl_seconds) {
                 return Err(model::ValidationError::new(
                     "ttl_seconds",
@@ -121,6 +180,8 @@ impl MembershipService {
             metadata: req.metadata.clone(),
             source: proto::BackendSource::Lease as i32,
             lease_ttl_seconds: req.ttl_seconds,
+            locality: dlb::locality::normalize(req.locality.clone()),
+            priority: req.priority,
             ..Default::default()
         };
         let key = LeaseKey {
@@ -214,6 +275,11 @@ impl MembershipService {
             .map_err(Error::from)?
             .to_owned();
         model::validate_server_id(&req.server_id).map_err(Error::from)?;
+        let wait = crate::api::barrier::Wait::parse(req.drain.as_ref(), false)?;
+        let barrier = match wait {
+            Some(wait) => Some(self.drain_self(&service, &req.server_id, wait).await?),
+            None => None,
+        };
         let key = LeaseKey {
             service: service.clone(),
             server_id: req.server_id.clone(),
@@ -266,6 +332,7 @@ impl MembershipService {
                     return Ok(proto::DeregisterResponse {
                         service,
                         version: Some(applied.version),
+                        barrier,
                     });
                 }
                 Err(Error::VersionMismatch { .. }) => continue,
@@ -335,8 +402,12 @@ impl Membership for MembershipService {
         let req = request.into_inner();
         let r = async {
             let service = model::resolve_service(&req.service).map_err(Error::from)?;
-            let weight = if req.weight == 0 { 1 } else { req.weight };
-            let status = self.dns.declare(service, &req.target, weight).await?;
+            let template = dns::Template {
+                weight: if req.weight == 0 { 1 } else { req.weight },
+                locality: req.locality,
+                priority: req.priority,
+            };
+            let status = self.dns.declare(service, &req.target, template).await?;
             self.wait_cache(self.shared.store.snapshot().await?.revision)
                 .await;
             Ok(status)
@@ -398,7 +469,7 @@ mod tests {
     use super::*;
 
     /// The largest status a followed name can have: a 128-byte service, a 253-byte name, a
-    /// 256-byte error and every counter at its widest.
+    /// 256-byte error, a locality of three 128-byte parts and every counter at its widest.
     fn status(i: usize) -> proto::DnsStatus {
         proto::DnsStatus {
             service: format!("{i:0>128}"),
@@ -410,6 +481,12 @@ mod tests {
             consecutive_failures: u32::MAX,
             last_error: "e".repeat(256),
             next_refresh_ms: u64::MAX,
+            locality: Some(proto::Locality {
+                region: "r".repeat(128),
+                zone: "z".repeat(128),
+                sub_zone: "s".repeat(128),
+            }),
+            priority: 7,
         }
     }
 

@@ -6,6 +6,7 @@
 //! * [`membership`] — `dlb.v1.Membership`, leases and DNS declarations;
 //! * `health` / `health_seed` — `GetHealth` and the seed calls' health results;
 //! * [`xds`] — standard xDS (ADS, SotW and Delta) and CSDS for stock gRPC clients;
+//! * [`barrier`] — the drain barrier `DrainServer` / `RemoveServer` wait on;
 //! * [`auth`] — bearer tokens (who may write, who may read); [`status_layer`] — oversize
 //!   answers as `RESOURCE_EXHAUSTED`; [`reflection`] — server reflection.
 //!
@@ -14,6 +15,7 @@
 //! after construction and shared by `Arc`; each part carries its own synchronisation.
 
 pub mod auth;
+pub mod barrier;
 pub mod discovery;
 pub(crate) mod health;
 pub(crate) mod health_seed;
@@ -41,6 +43,8 @@ pub(crate) struct Shared {
     pub cache: Arc<Cache>,
     pub pickers: Arc<Pickers>,
     pub loads: Arc<LoadTracker>,
+    /// Zone demand per service, from the zoned sessions ([`crate::reports::demand`]).
+    pub demand: Arc<crate::reports::demand::DemandTracker>,
     pub metrics: Arc<Metrics>,
     /// Given when a graceful shutdown starts; every session task is spawned through it.
     pub shutdown: crate::shutdown::Shutdown,
@@ -65,4 +69,14 @@ pub(crate) struct Shared {
     pub circuits: crate::reports::circuits::CircuitTracker,
     /// Whether this replica serves sessions ([`crate::readiness`]).
     pub readiness: crate::readiness::Readiness,
+    /// What each DLB session acknowledged ([`discovery::acks`]), for the drain barrier.
+    pub acks: Arc<discovery::acks::AckBook>,
+    /// Every xDS stream's bookkeeping (acks included), for the drain barrier.
+    pub xds_clients: Arc<xds::XdsClients>,
+    /// This replica's id (named in a barrier's answer).
+    pub replica_id: Arc<str>,
+    /// Where drain barriers meet the other replicas (`None`: no other replicas).
+    pub board: Option<Arc<dyn crate::replicas::board::Board>>,
+    /// The live replicas (a barrier waits for each one's answer).
+    pub members: tokio::sync::watch::Receiver<crate::replicas::Members>,
 }

@@ -17,7 +17,7 @@ use dlb::model;
 use dlb::proto::{self, registry_server::Registry};
 use tonic::{Request, Response, Status};
 
-use crate::api::Shared;
+use crate::api::{barrier, Shared};
 use crate::health::sources;
 use crate::store::{Applied, Mutation, ServerPatch};
 use crate::Error;
@@ -105,6 +105,8 @@ impl RegistryService {
             weight: req.weight.max(1),
             hash_key: req.hash_key,
             metadata: req.metadata,
+            locality: dlb::locality::normalize(req.locality),
+            priority: req.priority,
             ..Default::default()
         };
         model::validate_backend(&server)?;
@@ -124,6 +126,7 @@ impl RegistryService {
     ) -> Result<proto::RemoveServerResponse, Error> {
         let service = model::resolve_service(&req.service)?.to_owned();
         model::validate_server_id(&req.server_id)?;
+        let wait = barrier::Wait::parse(req.wait.as_ref(), true)?;
         let applied = self
             .apply(
                 &service,
@@ -135,9 +138,51 @@ impl RegistryService {
             )
             .await?;
         tracing::info!(service, server_id = %req.server_id, version = applied.version.version, "server removed");
+        let barrier = match wait {
+            Some(wait) => Some(
+                barrier::wait(
+                    &self.shared,
+                    &service,
+                    &req.server_id,
+                    applied.version.version,
+                    wait,
+                )
+                .await,
+            ),
+            None => None,
+        };
         Ok(proto::RemoveServerResponse {
             service,
             version: Some(applied.version),
+            barrier,
+        })
+    }
+
+    async fn drain(
+        &self,
+        req: proto::DrainServerRequest,
+    ) -> Result<proto::DrainServerResponse, Error> {
+        let wait = barrier::Wait::parse(req.wait.as_ref(), false)?;
+        let patch = ServerPatch {
+            draining: Some(true),
+            ..Default::default()
+        };
+        let update = |id: &str| Mutation::Update(id.to_owned(), patch);
+        let r = self
+            .patch(&req.service, &req.server_id, update, req.expected_version)
+            .await?;
+        let version = r.version.map_or(0, |v| v.version);
+        let barrier = match wait {
+            Some(wait) => {
+                Some(barrier::wait(&self.shared, &r.service, &req.server_id, version, wait).await)
+            }
+            None => None,
+        };
+        Ok(proto::DrainServerResponse {
+            service: r.service,
+            server: r.server,
+            version: r.version,
+            barrier,
         })
     }
 
@@ -177,6 +222,8 @@ impl RegistryService {
             address: req.address,
             hash_key: req.hash_key,
             metadata: req.replace_metadata.then_some(req.metadata),
+            locality: req.locality.map(Some),
+            priority: req.priority,
             ..Default::default()
         };
         let update = |id: &str| Mutation::Update(id.to_owned(), patch);
@@ -388,6 +435,14 @@ impl Registry for RegistryService {
     ) -> Result<Response<proto::RemoveServerResponse>, Status> {
         let r = self.remove(request.into_inner()).await;
         self.done("RemoveServer", r)
+    }
+
+    async fn drain_server(
+        &self,
+        request: Request<proto::DrainServerRequest>,
+    ) -> Result<Response<proto::DrainServerResponse>, Status> {
+        let r = self.drain(request.into_inner()).await;
+        self.done("DrainServer", r)
     }
 
     async fn update_server(

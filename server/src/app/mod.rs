@@ -194,6 +194,11 @@ async fn start(
         Arc::new(Pickers::new()),
         Arc::new(reports::loads::LoadTracker::new()),
     );
+    let demand = Arc::new(reports::demand::DemandTracker::new(metrics.demand.clone()));
+    shutdown.spawn(reports::demand::run(
+        demand.clone(),
+        shutdown.stopped_owned(),
+    ));
     let health = health::start(
         cache.clone(),
         store.clone(),
@@ -203,6 +208,7 @@ async fn start(
         replicas::Share::of(&*coordination),
         &shutdown,
     );
+    let xds_clients = Arc::new(xds::XdsClients::default());
     let shared = Arc::new(Shared {
         reports: reports.clone(),
         store: store.clone(),
@@ -210,6 +216,7 @@ async fn start(
         cache: cache.clone(),
         pickers: built.clone(),
         loads: loads.clone(),
+        demand: demand.clone(),
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
         session_queue: config.session_queue,
@@ -222,7 +229,29 @@ async fn start(
         health,
         circuits: reports::circuits::CircuitTracker::new(),
         readiness: readiness.clone(),
+        acks: Default::default(),
+        xds_clients: xds_clients.clone(),
+        replica_id: coordination.replica_id().clone(),
+        board: coordination.board(),
+        members: coordination.members(),
     });
+    if let Some(board) = shared.board.clone() {
+        // Several replicas: zone demand is summed over them (`reports::demand::replicas`).
+        shutdown.spawn(reports::demand::replicas::share(
+            demand.clone(),
+            board.clone(),
+            shared.replica_id.clone(),
+            shared.members.clone(),
+            shutdown.stopped_owned(),
+        ));
+        let (shared, stop) = (shared.clone(), shutdown.clone());
+        shutdown.spawn(async move {
+            tokio::select! {
+                () = crate::api::barrier::answer_requests(shared, board) => {}
+                () = stop.stopped() => {}
+            }
+        });
+    }
     shutdown.spawn(
         cache
             .clone()
@@ -283,7 +312,6 @@ async fn start(
     let reflection_v1alpha =
         reflection::v1alpha::wrap(reflection_builder().build_v1alpha()?, shutdown.clone());
 
-    let xds_clients = Arc::new(xds::XdsClients::default());
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &config.tls {
         let mut server_tls = tonic::transport::ServerTlsConfig::new().identity(

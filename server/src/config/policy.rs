@@ -30,6 +30,10 @@
 //!            backoff_base_ms: 25, backoff_max_ms: 250, max_replay_body_bytes: 65536 }
 //!   retry_budget: { ratio: 0.2, min_per_second: 10, window_seconds: 10 }
 //!   hedge: { delay_percentile: 95, max_hedges: 1 }      # or { delay_ms: 50 }
+//!   # Locality: priority failover, zone-aware routing, cross-zone budget (docs/locality.md):
+//!   locality: { overprovisioning_percent: 140, zone_aware: true, min_cluster_size: 6,
+//!               cross_zone_budget_percent: 10, budget_healthy_threshold_percent: 50,
+//!               saturation_in_flight: 0 }
 //! ```
 //!
 //! Validation is [`dlb::model::validate_policy`], as for every other entry point; an error
@@ -59,6 +63,7 @@ pub(super) struct RawPolicy {
     retry_budget: Option<RawBudget>,
     hedge: Option<RawHedge>,
     peak_ewma: Option<RawPeakEwma>,
+    locality: Option<RawLocalityPolicy>,
 }
 
 /// The validated wire policy of a service's YAML `policy:` (the default policy without one).
@@ -282,6 +287,18 @@ struct RawPeakEwma {
     default_rtt_us: Option<u32>,
 }
 
+/// `policy.locality` in the YAML (`proto::LocalityPolicy`; 0 or left out: the default).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLocalityPolicy {
+    overprovisioning_percent: Option<u32>,
+    zone_aware: Option<bool>,
+    min_cluster_size: Option<u32>,
+    cross_zone_budget_percent: Option<u32>,
+    budget_healthy_threshold_percent: Option<u32>,
+    saturation_in_flight: Option<u32>,
+}
+
 /// Sets the policy's call-path fields from the YAML ones.
 fn apply_call(p: &RawPolicy, policy: &mut proto::Policy) {
     policy.retry = p.retry.as_ref().map(|r| proto::RetryPolicy {
@@ -305,6 +322,14 @@ fn apply_call(p: &RawPolicy, policy: &mut proto::Policy) {
     policy.peak_ewma = p.peak_ewma.as_ref().map(|e| proto::PeakEwma {
         decay_ms: e.decay_ms.unwrap_or(0),
         default_rtt_us: e.default_rtt_us.unwrap_or(0),
+    });
+    policy.locality = p.locality.as_ref().map(|l| proto::LocalityPolicy {
+        overprovisioning_percent: l.overprovisioning_percent.unwrap_or(0),
+        zone_aware: l.zone_aware,
+        min_cluster_size: l.min_cluster_size.unwrap_or(0),
+        cross_zone_budget_percent: l.cross_zone_budget_percent.unwrap_or(0),
+        budget_healthy_threshold_percent: l.budget_healthy_threshold_percent.unwrap_or(0),
+        saturation_in_flight: l.saturation_in_flight.unwrap_or(0),
     });
 }
 

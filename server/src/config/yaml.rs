@@ -77,6 +77,32 @@ struct RawService {
     dns: Option<String>,
     /// Weight of the DNS-owned backends (default 1).
     dns_weight: Option<u32>,
+    /// Locality of the DNS-owned backends (default none).
+    dns_locality: Option<RawLocality>,
+    /// Failover priority of the DNS-owned backends (default 0).
+    dns_priority: Option<u32>,
+}
+
+/// `locality: { region, zone, sub_zone }` of a backend or a DNS declaration.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLocality {
+    #[serde(default)]
+    region: String,
+    #[serde(default)]
+    zone: String,
+    #[serde(default)]
+    sub_zone: String,
+}
+
+impl RawLocality {
+    fn to_proto(&self) -> proto::Locality {
+        proto::Locality {
+            region: self.region.clone(),
+            zone: self.zone.clone(),
+            sub_zone: self.sub_zone.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -90,6 +116,8 @@ struct RawBackend {
     metadata: BTreeMap<String, String>,
     #[serde(default)]
     draining: bool,
+    locality: Option<RawLocality>,
+    priority: Option<u32>,
 }
 
 /// Collects a path and turns a `ValidationError` into a located `ConfigError`.
@@ -238,11 +266,19 @@ impl ServerConfig {
                     service: svc.name.clone(),
                     target: target.clone(),
                     weight: s.dns_weight.unwrap_or(1),
+                    locality: s.dns_locality.as_ref().map(RawLocality::to_proto),
+                    priority: s.dns_priority.unwrap_or(0),
                 };
                 crate::membership::dns::Target::parse(&d.target)
                     .map_err(|e| ctx.invalid(format!("services[{i}].dns"), e))?;
                 model::validate_weight(d.weight)
                     .map_err(|e| ctx.invalid(format!("services[{i}].dns_weight"), e))?;
+                if let Some(l) = &d.locality {
+                    dlb::locality::validate_locality("dns_locality", l)
+                        .map_err(|e| ctx.invalid(format!("services[{i}].{}", e.field), e))?;
+                }
+                dlb::locality::validate_priority("dns_priority", d.priority)
+                    .map_err(|e| ctx.invalid(format!("services[{i}].dns_priority"), e))?;
                 cfg.dns.services.push(d);
             }
             cfg.services.push(svc);
@@ -293,6 +329,8 @@ fn convert_service(ctx: &Ctx<'_>, i: usize, s: &RawService) -> Result<ServiceCon
             hash_key: b.hash_key.clone().unwrap_or_default(),
             metadata: b.metadata.clone().into_iter().collect(),
             draining: b.draining,
+            locality: dlb::locality::normalize(b.locality.as_ref().map(RawLocality::to_proto)),
+            priority: b.priority.unwrap_or(0),
             ..Default::default()
         };
         model::validate_server(&server).map_err(|e| {
@@ -336,5 +374,90 @@ mod tests {
         let msg = e.to_string();
         assert!(msg.contains("services[0].backends[0].weight"), "{msg}");
         assert!(msg.contains("(line 6)"), "{msg}");
+    }
+
+    #[test]
+    fn locality_priority_and_locality_policy() {
+        let c = ServerConfig::from_yaml_str(
+            "services:
+  - name: web
+    policy:
+      locality: { overprovisioning_percent: 150, zone_aware: false, min_cluster_size: 3,
+                  cross_zone_budget_percent: 10, budget_healthy_threshold_percent: 60,
+                  saturation_in_flight: 8 }
+    backends:
+      - id: a
+        address: 1.2.3.4:80
+        locality: { region: eu, zone: eu-a, sub_zone: r1 }
+        priority: 1
+      - id: b
+        address: 1.2.3.5:80
+        locality: {}
+    dns: backend.local:80
+    dns_locality: { region: eu, zone: eu-b }
+    dns_priority: 2
+",
+        )
+        .unwrap();
+        let web = c.services.iter().find(|s| s.name == "web").unwrap();
+        let l = web.policy.locality.unwrap();
+        assert_eq!(
+            (
+                l.overprovisioning_percent,
+                l.zone_aware,
+                l.min_cluster_size,
+                l.cross_zone_budget_percent,
+                l.budget_healthy_threshold_percent,
+                l.saturation_in_flight
+            ),
+            (150, Some(false), 3, 10, 60, 8)
+        );
+        let a = &web.backends[0];
+        let want = proto::Locality {
+            region: "eu".into(),
+            zone: "eu-a".into(),
+            sub_zone: "r1".into(),
+        };
+        assert_eq!((a.locality.as_ref(), a.priority), (Some(&want), 1));
+        assert_eq!(web.backends[1].locality, None, "an empty locality is none");
+        let d = &c.dns.services[0];
+        assert_eq!(d.locality.as_ref().unwrap().zone, "eu-b");
+        assert_eq!(d.priority, 2);
+
+        let bad = |yaml: &str, want: &str| {
+            let text = format!("services:\n  - name: web\n{yaml}");
+            let msg = ServerConfig::from_yaml_str(&text).unwrap_err().to_string();
+            assert!(msg.contains(want), "{yaml}: {msg}");
+        };
+        let backend = "    backends:\n      - id: a\n        address: 1.2.3.4:80\n";
+        bad(
+            &format!("{backend}        locality: {{ region: eu, zone: \"a b\" }}\n"),
+            "services[0].backends[0].locality.zone",
+        );
+        bad(
+            &format!("{backend}        locality: {{ zone: a }}\n"),
+            "services[0].backends[0].locality.region",
+        );
+        bad(
+            &format!("{backend}        priority: 8\n"),
+            "services[0].backends[0].priority",
+        );
+        bad(
+            &format!("{backend}        locality: {{ region: eu, rack: r1 }}\n"),
+            "rack",
+        );
+        bad(
+            "    dns: backend.local:80\n    dns_priority: 9\n",
+            "services[0].dns_priority",
+        );
+        bad(
+            "    dns: backend.local:80\n    dns_locality: { zone: z }\n",
+            "services[0].dns_locality.region",
+        );
+        bad("    policy:\n      locality: { spill: 1 }\n", "spill");
+        bad(
+            "    policy:\n      locality: { overprovisioning_percent: 50 }\n",
+            "services[0].policy.locality.overprovisioning_percent",
+        );
     }
 }

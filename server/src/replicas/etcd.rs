@@ -91,6 +91,8 @@ pub struct EtcdCoordination {
     forwarded: Mutex<Option<mpsc::Receiver<Batch>>>,
     /// Whether this replica can prove it is in contact with etcd (see the module docs).
     contact: watch::Sender<super::Contact>,
+    /// Drain barriers between replicas ([`super::board`]), on this connection and lease.
+    board: Arc<super::board::EtcdBoard>,
 }
 
 impl std::fmt::Debug for EtcdCoordination {
@@ -278,6 +280,12 @@ impl EtcdCoordination {
             client: client.clone(),
             loads_key: format!("{loads}{id}"),
             forwarded: Mutex::new(Some(forward_rx)),
+            board: Arc::new(super::board::EtcdBoard {
+                client: client.clone(),
+                root: config.prefix.trim_end_matches('/').to_owned(),
+                me: id.clone(),
+                lease: lease_id.clone(),
+            }),
             contact: watch::Sender::new(super::Contact {
                 proven_at: Some(Instant::now()),
                 ..super::Contact::OK
@@ -552,5 +560,9 @@ impl Coordination for EtcdCoordination {
 
     fn take_forwarded(&self) -> Option<mpsc::Receiver<Batch>> {
         self.forwarded.lock().take()
+    }
+
+    fn board(&self) -> Option<Arc<dyn super::board::Board>> {
+        Some(self.board.clone())
     }
 }

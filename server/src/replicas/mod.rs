@@ -24,11 +24,15 @@
 //! ([`Coordination::take_forwarded`]). On etcd a batch is a put of `<prefix>/loads/<replica-id>`
 //! (attached to the membership lease), and the leader watches `<prefix>/loads/` while it leads.
 //!
+//! **Drain barriers** count the clients of every replica: a waiting replica posts a request on
+//! the [`board`] (etcd keys) and the others answer with their own clients' acknowledgements.
+//!
 //! Work that must be done by exactly one live replica per item (active health checks, one per
 //! backend) is assigned by [rendezvous hashing](Members::owner) over the member set: every
 //! replica computes the same owner from the same view, and when a member joins or leaves only
 //! the items it owned (or now owns) move — O(members) per item, no coordination traffic.
 
+pub mod board;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 #[cfg(feature = "etcd")]
@@ -218,6 +222,11 @@ pub trait Coordination: Send + Sync + 'static {
     /// lose contact with.
     fn contact(&self) -> watch::Receiver<Contact> {
         watch::channel(Contact::OK).1
+    }
+    /// Where drain barriers meet the other replicas' acknowledgements ([`board`]); `None`
+    /// where there are no other replicas ([`Single`]).
+    fn board(&self) -> Option<Arc<dyn board::Board>> {
+        None
     }
 }
 

@@ -6,10 +6,12 @@
 //! * [`loads`] — in-flight sums per backend from every session's reports;
 //! * [`global_load`] — least-connections picks with every SDK's in-flight counts;
 //! * [`circuits`] — the SDKs' reported circuit-breaker states;
+//! * [`demand`] — the share of each service's calls made by clients of each zone;
 //! * [`forward`] — the sums a replica that does not lead forwards to the leader;
 //! * [`rates`] — request and error rates per backend over the last minutes (the status page).
 
 pub mod circuits;
+pub mod demand;
 pub mod forward;
 pub mod global_load;
 pub mod loads;

@@ -261,6 +261,10 @@ pub struct ServerPatch {
     pub hash_key: Option<String>,
     /// New labels, replacing the old ones.
     pub metadata: Option<HashMap<String, String>>,
+    /// New locality, replacing the old one (`Some(None)` or an all-empty one clears it).
+    pub locality: Option<Option<proto::Locality>>,
+    /// New failover priority.
+    pub priority: Option<u32>,
     /// New verdict of the admin health source (`health_check_passed` / `_failed`).
     pub admin: Option<proto::Verdict>,
     /// New state of the active-probe health source.
@@ -278,7 +282,8 @@ pub enum Mutation {
     /// default policy if it does not exist. Its admin source starts `HEALTHY`, probe and outlier
     /// unset (eligible).
     Add(proto::Server),
-    /// Declares a backend's configuration — address, weight, hash key, metadata, and its
+    /// Declares a backend's configuration — address, weight, hash key, metadata, locality,
+    /// priority, and its
     /// ownership (source, lease TTL, DNS name) — as a config file, a lease or DNS discovery
     /// does: creates the backend, or sets those fields and keeps its runtime state (drain flag,
     /// health sources). Creates the service if needed.

@@ -77,6 +77,7 @@ fn finish(
     now_ms: u64,
 ) -> Result<proto::Server, Error> {
     sources::stamp(&mut server);
+    server.locality = dlb::locality::normalize(server.locality.take());
     dlb::slow_start::stamp_ready_since(old, &mut server, now_ms);
     model::validate_server(&server)?;
     Ok(server)
@@ -115,6 +116,12 @@ fn patch_record(
     }
     if let Some(m) = &patch.metadata {
         new.metadata.clone_from(m);
+    }
+    if let Some(l) = &patch.locality {
+        new.locality.clone_from(l);
+    }
+    if let Some(p) = patch.priority {
+        new.priority = p;
     }
     let sources = new.sources.get_or_insert_with(Default::default);
     if let Some(v) = patch.admin {
@@ -216,6 +223,8 @@ pub(crate) fn plan(
                             source: server.source,
                             lease_ttl_seconds: server.lease_ttl_seconds,
                             dns_name: server.dns_name.clone(),
+                            locality: server.locality.clone(),
+                            priority: server.priority,
                             ..(**old).clone()
                         },
                         Some(old),

@@ -69,6 +69,7 @@ pub fn hc(service: &str, id: &str) -> proto::HealthCheckRequest {
 pub fn subscribe(services: &[(&str, Option<proto::Version>)]) -> ClientMessage {
     ClientMessage {
         kind: Some(client_message::Kind::Subscribe(proto::Subscribe {
+            locality: None,
             client_id: "test".into(),
             services: services
                 .iter()

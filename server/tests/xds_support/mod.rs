@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -249,4 +249,30 @@ pub fn within_4_sigma(observed: u64, n: u64, p: f64) -> bool {
     let mean = n as f64 * p;
     let sd = (n as f64 * p * (1.0 - p)).sqrt();
     (observed as f64 - mean).abs() <= 4.0 * sd
+}
+
+/// The Python with grpcio the interop tests drive: `DLB_INTEROP_PYTHON`, else `.ci/interop`'s
+/// `target/interop-venv`. Neither: `None` (the caller skips), or a panic when `CI` is set.
+pub fn python() -> Option<PathBuf> {
+    if let Some(v) = std::env::var_os("DLB_INTEROP_PYTHON").filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(v));
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/interop-venv/bin/python");
+    if venv.exists() {
+        return Some(venv);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "DLB_INTEROP_PYTHON is not set and CI is set: run .ci/interop first"
+    );
+    eprintln!("SKIPPED: DLB_INTEROP_PYTHON is not set (run .ci/interop to install grpcio)");
+    None
+}
+
+/// The Python grpcio xDS client script (`interop/python/xds_client.py`).
+pub fn grpcio_script() -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../interop/python/xds_client.py")
+        .display()
+        .to_string()
 }

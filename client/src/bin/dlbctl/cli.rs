@@ -84,12 +84,40 @@ pub(crate) enum Command {
         /// Label `key=value` (repeatable).
         #[arg(long = "meta")]
         meta: Vec<String>,
+        /// Locality and failover priority.
+        #[command(flatten)]
+        locality: crate::locality::LocalityFlags,
     },
-    /// Deregister a backend.
+    /// Deregister a backend. With --wait, answer only once every client following the service
+    /// has acknowledged a version without it (exit 6 if the --timeout passes first, naming the
+    /// clients that had not; docs/drain.md).
     #[command(visible_alias = "remove_server")]
     RemoveServer {
         /// Backend id.
         id: String,
+        /// Wait on the drain barrier.
+        #[arg(long)]
+        wait: bool,
+        /// The barrier's deadline: 30s, 500ms, 2m (1ms..=1h).
+        #[arg(long, value_parser = crate::drain::parse_timeout, default_value = "30s", requires = "wait")]
+        timeout: u32,
+    },
+    /// Drain a backend: no new calls, calls in flight finish. With --wait, answer only once every
+    /// client following the service has acknowledged the drain (with --in-flight-zero, also once
+    /// the backend's global in-flight count is 0); exit 6 if the --timeout passes first, naming
+    /// the clients that had not confirmed (docs/drain.md).
+    Drain {
+        /// Backend id.
+        id: String,
+        /// Wait on the drain barrier.
+        #[arg(long)]
+        wait: bool,
+        /// Also wait until no call is in flight on the backend (from the SDKs' load reports).
+        #[arg(long, requires = "wait")]
+        in_flight_zero: bool,
+        /// The barrier's deadline: 30s, 500ms, 2m (1ms..=1h).
+        #[arg(long, value_parser = crate::drain::parse_timeout, default_value = "30s", requires = "wait")]
+        timeout: u32,
     },
     /// Remove a service: its policy and health check. Refused (exit 5, naming the count) while
     /// it has backends unless --force, which removes them too; NOT_FOUND (exit 3) if missing.
@@ -123,6 +151,9 @@ pub(crate) enum Command {
         /// Apply only if the service is at this version (exit 5 otherwise).
         #[arg(long, value_name = "VERSION")]
         expected_version: Option<u64>,
+        /// New locality (replaces the whole locality) and failover priority.
+        #[command(flatten)]
+        locality: crate::locality::LocalityFlags,
     },
     /// List the service's backends.
     List,
@@ -178,6 +209,20 @@ pub(crate) enum Command {
         /// Label, key=value (repeatable).
         #[arg(long = "meta", value_name = "KEY=VALUE")]
         meta: Vec<String>,
+        /// On SIGTERM / Ctrl-C, before deregistering: drain the backend and wait on the drain
+        /// barrier at most this long (30s, 500ms, 2m; 1ms..=1h). Exit 6 after deregistering
+        /// if it passes first.
+        #[arg(long, value_parser = crate::drain::parse_timeout, default_value = "30s")]
+        drain_timeout: u32,
+        /// On SIGTERM, also wait until no call is in flight on the backend.
+        #[arg(long, conflicts_with = "no_drain")]
+        in_flight_zero: bool,
+        /// On SIGTERM, deregister at once (no drain, no barrier).
+        #[arg(long)]
+        no_drain: bool,
+        /// Locality and failover priority.
+        #[command(flatten)]
+        locality: crate::locality::LocalityFlags,
     },
     /// DNS discovery: declare, remove or list the DNS names services follow.
     #[command(subcommand)]
@@ -223,6 +268,9 @@ pub(crate) struct PolicySet {
     /// Call-path settings: retries, retry budget, hedging, Peak-EWMA.
     #[command(flatten)]
     pub(crate) call: call::CallFlags,
+    /// Locality settings: priority failover, zone-aware routing, cross-zone budget.
+    #[command(flatten)]
+    pub(crate) locality: crate::locality::LocalityPolicyFlags,
 }
 
 /// `dlbctl policy set` flags for slow start and the SDK's circuit breaker

@@ -21,6 +21,9 @@ pub enum DnsCommand {
         /// Weight of every discovered backend.
         #[arg(long, default_value_t = 1)]
         weight: u32,
+        /// Locality and failover priority of every discovered backend.
+        #[command(flatten)]
+        locality: crate::locality::LocalityFlags,
     },
     /// Stop following the service's DNS name and remove its DNS-owned backends.
     Remove,
@@ -132,15 +135,21 @@ impl Interrupts {
     }
 }
 
-/// `dlbctl register`: registers with a lease, renews it until Ctrl-C or SIGTERM, then
-/// deregisters. A signal during registration deregisters once the registration completes; a
-/// second one then exits at once (the lease, if it was granted, expires on its own).
+/// `dlbctl register`: registers with a lease, renews it until Ctrl-C or SIGTERM, then (with
+/// `drain`) drains the backend and waits on the drain barrier — every client following the
+/// service has stopped sending it new calls, and with `in_flight_zero` its calls have ended —
+/// while the lease is still renewed, then deregisters. A backend's `preStop` hook is this one
+/// process: it exits once the backend may. A second signal during the wait deregisters at once.
+/// A signal during registration deregisters once the registration completes; a second one then
+/// exits at once (the lease, if it was granted, expires on its own). After deregistering, a
+/// barrier whose deadline passed exits 6.
 pub async fn register(
     admin: &AdminClient,
     service: &str,
     lease: Lease,
     json_out: bool,
     mut interrupts: Interrupts,
+    drain: Option<proto::BarrierWait>,
 ) -> Result<(), Error> {
     let ttl = lease.ttl;
     let registering = admin.register_and_keep(service, lease);
@@ -181,6 +190,29 @@ pub async fn register(
     if !interrupted {
         interrupts.recv().await;
     }
+    let mut outcome = Ok(());
+    if let Some(wait) = drain {
+        if !json_out {
+            println!(
+                "draining {}; waiting on the drain barrier",
+                server.server_id
+            );
+            let _ = std::io::stdout().flush();
+        }
+        // The lease is still renewed meanwhile (`reg` lives); a second signal stops the wait.
+        tokio::select! {
+            r = crate::drain::drain(admin, service, &server.server_id, Some(wait), json_out) => {
+                match r {
+                    Err(e @ Error::BarrierDeadline(_)) => outcome = Err(e),
+                    Err(e) => eprintln!("drain failed ({e}); deregistering anyway"),
+                    Ok(()) => {}
+                }
+            }
+            () = interrupts.recv() => {
+                eprintln!("interrupted again: deregistering without waiting");
+            }
+        }
+    }
     let d = reg.deregister().await?;
     if json_out {
         println!(
@@ -190,14 +222,15 @@ pub async fn register(
     } else {
         println!("deregistered {} from {}", server.server_id, d.service);
     }
-    Ok(())
+    outcome
 }
 
 fn dns_json(d: &proto::DnsStatus) -> Value {
     json!({"service": d.service, "target": d.target, "weight": d.weight, "backends": d.backends,
            "resolved": d.resolved, "truncated": d.truncated,
            "consecutive_failures": d.consecutive_failures, "last_error": d.last_error,
-           "next_refresh_ms": d.next_refresh_ms})
+           "next_refresh_ms": d.next_refresh_ms,
+           "locality": crate::locality::json(d.locality.as_ref()), "priority": d.priority})
 }
 
 fn dns_text(d: &proto::DnsStatus) -> String {
@@ -205,6 +238,7 @@ fn dns_text(d: &proto::DnsStatus) -> String {
         "{} dns={} w={} backends={} resolved={}",
         d.service, d.target, d.weight, d.backends, d.resolved
     );
+    out.push_str(&crate::locality::text(d.locality.as_ref(), d.priority));
     if d.truncated {
         out.push_str(" truncated");
     }
@@ -232,8 +266,16 @@ pub async fn dns(
     json_out: bool,
 ) -> Result<(), Error> {
     match cmd {
-        DnsCommand::Declare { target, weight } => {
-            let d = admin.declare_dns(service, &target, weight).await?;
+        DnsCommand::Declare {
+            target,
+            weight,
+            locality,
+        } => {
+            let mut declaration = dlb_client::DnsDeclaration::new(target)
+                .weight(weight)
+                .priority(locality.priority.unwrap_or(0));
+            declaration.locality = locality.locality();
+            let d = admin.declare_dns_with(service, &declaration).await?;
             if json_out {
                 println!("{}", dns_json(&d));
             } else {

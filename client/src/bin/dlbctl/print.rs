@@ -102,6 +102,8 @@ pub(crate) fn server_json(s: &proto::Server) -> Value {
             "detail": p.detail,
         })),
         "ready_since_ms": s.ready_since_ms,
+        "locality": crate::locality::json(s.locality.as_ref()),
+        "priority": s.priority,
     })
 }
 
@@ -110,6 +112,7 @@ pub(crate) fn server_text(s: &proto::Server) -> String {
     if s.effective_weight != 0 && s.effective_weight != s.weight {
         out.push_str(&format!(" (effective {})", s.effective_weight));
     }
+    out.push_str(&crate::locality::text(s.locality.as_ref(), s.priority));
     out.push_str(&format!(" {}", health_name(s.health)));
     if !s.reason.is_empty() {
         // The reason already says "draining" when the backend drains.
@@ -143,12 +146,13 @@ pub(crate) fn policy_json(p: &proto::Policy) -> Value {
         "sdk_health": sdk_health_text(p),
         "adaptive": adaptive::text(p),
         "call": call::text(p),
+        "locality": crate::locality::policy_json(p),
     })
 }
 
 pub(crate) fn policy_text(p: &proto::Policy) -> String {
     format!(
-        "algorithm={} bounded_load={} sticky={} sticky_ttl={} sticky_max={} {} {} {} {}",
+        "algorithm={} bounded_load={} sticky={} sticky_ttl={} sticky_max={} {} {} {} {}{}",
         model::algorithm_name(p.algorithm),
         p.bounded_load_factor,
         model::sticky_mode_name(p.sticky_mode),
@@ -157,7 +161,8 @@ pub(crate) fn policy_text(p: &proto::Policy) -> String {
         health_text(p),
         sdk_health_text(p),
         adaptive::text(p),
-        call::text(p)
+        call::text(p),
+        crate::locality::policy_text(p)
     )
 }
 

@@ -36,6 +36,7 @@ pub(crate) async fn watch(
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let subscribe = proto::ClientMessage {
         kind: Some(ClientKind::Subscribe(proto::Subscribe {
+            locality: None,
             client_id: format!("dlbctl-{}", std::process::id()),
             services: vec![proto::ServiceSubscription {
                 service: service.to_owned(),

@@ -196,6 +196,12 @@ impl Session {
                 )
             }
         };
+        // Recorded before the hand-over: an update stuck behind a full queue waits for its Ack.
+        match sub {
+            Sub::At(v) => self.acks.sent(service, v),
+            Sub::NotFound => self.acks.forget(service),
+            Sub::Resend => {}
+        }
         self.send(out).await?;
         if let Some(at) = at {
             self.shared.metrics.push_latency(at.elapsed().as_secs_f64());

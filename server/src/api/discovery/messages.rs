@@ -37,6 +37,7 @@ impl Session {
                 // Recorded at once, so the follow is undone however the session ends.
                 self.sub_bytes += service.len();
                 self.subs.insert(service.clone(), Sub::NotFound);
+                self.shared.demand.follow(self.id, &service);
             }
             self.catch_up(&service, known, true).await?;
         }
@@ -48,6 +49,13 @@ impl Session {
             Some(client_message::Kind::Subscribe(sub)) => self.subscribe(sub).await,
             Some(client_message::Kind::Ack(ack)) => {
                 tracing::trace!(session = self.id, service = %model::printable(&ack.service, LOG_QUOTE), nonce = %model::printable(&ack.nonce, LOG_QUOTE), "ack");
+                if let (Ok(service), Some(v)) = (model::resolve_service(&ack.service), ack.version)
+                {
+                    // A version of another history acknowledges nothing here.
+                    if v.epoch == self.epoch {
+                        self.acks.acked(service, v.version);
+                    }
+                }
                 Ok(())
             }
             Some(client_message::Kind::Nack(nack)) => {
@@ -93,8 +101,10 @@ impl Session {
             Some(client_message::Kind::Unsubscribe(u)) => {
                 if let Ok(service) = model::resolve_service(&u.service) {
                     if self.subs.remove(service).is_some() {
+                        self.acks.forget(service);
                         self.sub_bytes -= service.len();
                         self.shared.cache.unfollow_service(service, &self.waker);
+                        self.shared.demand.unfollow(self.id, service);
                     }
                     self.nacked.remove(service);
                     self.global.forget(service);
@@ -132,6 +142,9 @@ impl Session {
                         .backends
                         .retain(|b| snap.servers.contains_key(b.server_id.as_str()));
                     self.shared.reports.submit(service, &report.backends);
+                    self.shared
+                        .demand
+                        .report(self.id, service, &report.backends);
                     if self
                         .shared
                         .circuits

@@ -25,12 +25,16 @@
 //! * **Backpressure**: writers never wait for sessions — a change only marks the service dirty
 //!   in the session's waker. The outbound queue towards the HTTP/2 stream is a bounded `mpsc`
 //!   channel (`session_queue`); a full queue blocks only this session's task.
-//! * **Ack** is logged; **Nack** is answered with a full snapshot; **Unsubscribe** stops
+//! * **Ack** is recorded per service (clamped to the version sent) in the [`acks::AckBook`]
+//!   the drain barrier reads ([`crate::api::barrier`]); **Nack** is answered with a full snapshot; **Unsubscribe** stops
 //!   updates; **LoadReport** replaces this session's in-flight counts for the service (see
 //!   [`crate::reports::loads`]); they are removed when the session ends.
-//! * **GlobalLoad**: the other sessions' in-flight counts, pushed at most every 100 ms and only
-//!   when they moved ([`crate::reports::global_load`]); load-report outcomes go to the outlier task
-//!   ([`crate::health::passive`]).
+//! * **GlobalLoad**: the other sessions' in-flight counts and the service's zone demand, pushed
+//!   at most every 100 ms and only when they moved ([`crate::reports::global_load`]); load-report
+//!   outcomes go to the outlier task ([`crate::health::passive`]) and, for a session with a zone,
+//!   to the zone demand ([`crate::reports::demand`]).
+//! * **Locality**: the first Subscribe's `locality` is validated (`INVALID_ARGUMENT` naming
+//!   `locality.zone` etc.) and gives the session's zone for the demand; later ones are ignored.
 //! * **Heartbeat**: a session that has sent nothing for `session_heartbeat` (5 s by default)
 //!   sends a `Heartbeat` with the cache's revision, so an SDK can fail over from a control plane
 //!   that is connected but no longer talking (its update deadline).
@@ -44,8 +48,8 @@
 //!   naming `service` otherwise, `RESOURCE_EXHAUSTED` naming the limit past a bound). Names it
 //!   follows that the store does not hold keep a cache entry only while followed. With every
 //!   bound reached a session holds about 8 MB (its subscriptions, Nack cool-downs, the cache
-//!   entries of the names it follows) plus its outbound queue; all of it goes when it ends or
-//!   unsubscribes.
+//!   entries of the names it follows, its ack record per followed service for the drain
+//!   barrier) plus its outbound queue; all of it goes when it ends or unsubscribes.
 //! * **Readiness** ([`crate::readiness`]): a replica out of step with its store refuses new
 //!   sessions with `UNAVAILABLE`, and past the going-away bound sends open ones `GoingAway`.
 
@@ -63,6 +67,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::api::Shared;
 
+pub mod acks;
 mod catch_up;
 mod messages;
 mod session;
@@ -135,6 +140,10 @@ impl Discovery for DiscoveryService {
                 id,
             },
             id,
+            acks: self
+                .shared
+                .acks
+                .register(id, peer.map(|p| p.to_string()).unwrap_or_default()),
             shared: self.shared.clone(),
             tx,
             subs: HashMap::new(),
@@ -144,7 +153,10 @@ impl Discovery for DiscoveryService {
             waker: self.shared.cache.waker(),
             nacked: HashMap::new(),
             log: crate::log_limit::LogLimiter::default(),
-            global: crate::reports::global_load::GlobalPush::new(&self.shared.loads),
+            global: crate::reports::global_load::GlobalPush::new(
+                &self.shared.loads,
+                &self.shared.demand,
+            ),
             last_sent: tokio::time::Instant::now(),
         };
         tracing::debug!(session = id, ?peer, "session opened");
@@ -188,6 +200,7 @@ struct Cleanup {
 impl Drop for Cleanup {
     fn drop(&mut self) {
         self.shared.sessions.fetch_sub(1, Ordering::Relaxed);
+        self.shared.demand.remove_session(self.id);
         for (service, totals) in self.shared.loads.remove_session(self.id) {
             self.shared.pickers.set_baselines(&service, &totals);
             self.shared.metrics.in_flight(&service, &totals);
@@ -226,6 +239,8 @@ enum End {
 struct Session {
     _cleanup: Cleanup,
     id: u64,
+    /// What the client acknowledged, per service, for the drain barrier ([`acks`]).
+    acks: acks::AckEntry,
     shared: Arc<Shared>,
     tx: mpsc::Sender<Result<Outbound, Status>>,
     subs: HashMap<String, Sub>,

@@ -99,6 +99,17 @@ impl Session {
                 kind: Some(client_message::Kind::Subscribe(sub)),
             })) => {
                 tracing::info!(session = self.id, client_id = %model::printable(&sub.client_id, LOG_QUOTE), services = sub.services.len(), "session subscribed");
+                self.acks
+                    .client_id(model::printable(&sub.client_id, LOG_QUOTE).to_string());
+                if let Some(l) = &sub.locality {
+                    if let Err(e) = dlb::locality::validate_locality("locality", l) {
+                        return End::Status(Status::invalid_argument(e.to_string()));
+                    }
+                }
+                let locality = dlb::locality::normalize(sub.locality.clone());
+                if let Some(zone) = crate::reports::demand::ZoneKey::of(locality.as_ref()) {
+                    self.shared.demand.join(self.id, zone);
+                }
                 if let Err(end) = self.subscribe(sub).await {
                     return end;
                 }
@@ -157,7 +168,7 @@ impl Session {
                     }
                 }
                 () = self.global.due() => {
-                    let msgs = self.global.collect(&self.shared.loads, self.id, self.subs.keys());
+                    let msgs = self.global.collect(&self.shared.loads, &self.shared.demand, self.id, self.subs.keys());
                     for g in msgs {
                         if let Err(end) = self.send(Self::message(server_message::Kind::GlobalLoad(g))).await {
                             return end;

@@ -1,5 +1,7 @@
 //! Per-client xDS bookkeeping: who is connected, what each stream subscribed to per resource
-//! type, the last version and nonce sent and acknowledged, and the last NACK.
+//! type, the last version and nonce sent and acknowledged, and the last NACK; per service, the
+//! endpoints (EDS) the client acknowledged, which the drain barrier reads
+//! ([`crate::api::barrier`]; every acknowledgement bumps [`XdsClients::subscribe`]).
 //!
 //! Each ADS stream owns one [`ClientState`] behind a `parking_lot::Mutex` (written by its own
 //! task on every request and response, read by `dlbctl xds-clients`; held for O(resource names)
@@ -29,6 +31,15 @@ pub struct Nack {
     pub at: SystemTime,
 }
 
+/// One service's endpoints (ClusterLoadAssignment) as a client holds them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Held {
+    /// The resource's content hash.
+    pub hash: String,
+    /// The service version it was built from (0: unknown, e.g. an unreadable client version).
+    pub version: u64,
+}
+
 /// One resource type on one stream.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TypeState {
@@ -50,6 +61,8 @@ pub struct TypeState {
     pub nacks: u64,
     /// The last NACK, if any.
     pub last_nack: Option<Nack>,
+    /// Since when a response of this type has waited for its acknowledgement (`None`: none).
+    pub waiting_since: Option<tokio::time::Instant>,
 }
 
 /// One connected xDS client (one ADS stream).
@@ -67,13 +80,29 @@ pub struct ClientState {
     pub user_agent: String,
     /// Per resource type URL.
     pub types: BTreeMap<String, TypeState>,
+    /// Per service: the endpoints of the last EDS response sent.
+    pub endpoints_sent: BTreeMap<String, Held>,
+    /// Per service: the endpoints of the last EDS response acknowledged.
+    pub endpoints_acked: BTreeMap<String, Held>,
 }
 
 /// Every connected xDS client.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct XdsClients {
     next: AtomicU64,
     clients: Mutex<HashMap<u64, Arc<Mutex<ClientState>>>>,
+    /// Bumped on every acknowledgement and when a stream ends.
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for XdsClients {
+    fn default() -> Self {
+        Self {
+            next: AtomicU64::new(0),
+            clients: Mutex::new(HashMap::new()),
+            changed: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 /// A stream's entry in [`XdsClients`]; removes it when dropped.
@@ -88,6 +117,14 @@ pub struct Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         self.owner.clients.lock().remove(&self.id);
+        self.owner.bump();
+    }
+}
+
+impl Registration {
+    /// Tells waiting barriers that this stream's acknowledgements changed.
+    pub fn bump(&self) {
+        self.owner.bump();
     }
 }
 
@@ -115,6 +152,23 @@ impl XdsClients {
         let mut out: Vec<ClientState> = states.iter().map(|s| s.lock().clone()).collect();
         out.sort_by_key(|c| c.stream);
         out
+    }
+
+    /// A receiver that changes whenever some stream's acknowledgements may have changed.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    /// Runs `f` on every stream's state in turn (each under its own lock, briefly).
+    pub fn for_each(&self, mut f: impl FnMut(&ClientState)) {
+        let states: Vec<Arc<Mutex<ClientState>>> = self.clients.lock().values().cloned().collect();
+        for s in states {
+            f(&s.lock());
+        }
     }
 
     /// Number of connected streams.

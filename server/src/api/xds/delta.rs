@@ -26,7 +26,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 
 use super::stream::{Core, Variant};
-use super::{claim, content, resources, ContentHash};
+use super::{claim, clients, content, resources, ContentHash};
 
 /// What a delta client holds of one resource type.
 #[derive(Debug, Default)]
@@ -195,6 +195,23 @@ impl Variant for Delta {
         }
         let system_version = h.hex();
         sub.held.system_version = system_version.clone();
+        if type_url == resources::ENDPOINTS {
+            let epoch = ctx.cache.epoch();
+            let held = held
+                .iter()
+                .filter_map(|(name, v)| {
+                    let v = v.as_deref()?;
+                    Some((
+                        name.clone(),
+                        clients::Held {
+                            hash: content(v).to_owned(),
+                            version: claim(v, epoch).unwrap_or(0),
+                        },
+                    ))
+                })
+                .collect();
+            s.sent_endpoints(held);
+        }
         let nonce = s.sent(type_url, &system_version);
         Some(DeltaDiscoveryResponse {
             system_version_info: system_version,

@@ -176,6 +176,14 @@ pub(crate) struct Built {
 }
 
 impl Built {
+    /// What a client holding this resource holds, for the drain barrier.
+    pub fn held(&self) -> clients::Held {
+        clients::Held {
+            hash: self.hash.clone(),
+            version: self.version,
+        }
+    }
+
     /// The resource's xDS version: `HASH.EPOCH.REVISION` (see [`tag`]).
     pub fn tagged(&self, epoch: u64) -> String {
         tag(&self.hash, epoch, self.version)
@@ -227,8 +235,16 @@ impl Context {
     /// service does not exist or DLB does not serve the type. Built once per snapshot and
     /// shared by every stream: kept with the snapshot in the cache ([`crate::cache::Derived`]).
     pub fn built(&self, type_url: &str, service: &str) -> Option<Arc<Built>> {
+        built(&self.cache, type_url, service)
+    }
+}
+
+/// The resource of `type_url` for the newest snapshot of `service` in `cache` (see
+/// [`Context::built`]).
+pub(crate) fn built(cache: &Cache, type_url: &str, service: &str) -> Option<Arc<Built>> {
+    {
         let index = SERVED.iter().position(|t| *t == type_url)?;
-        let (snap, derived) = self.cache.get_derived(service)?;
+        let (snap, derived) = cache.get_derived(service)?;
         derived.get_or_init(index, || {
             let any = resources::resource(type_url, &snap)?;
             let mut h = ContentHash::default();

@@ -35,7 +35,7 @@ pub(crate) fn resources_for(
     type_url: &str,
     names: &BTreeSet<String>,
     wildcard: bool,
-) -> (Vec<Arc<Built>>, String) {
+) -> (Vec<(String, Arc<Built>)>, String) {
     let mut out = Vec::new();
     let mut newest = 0;
     let mut h = ContentHash::default();
@@ -58,7 +58,7 @@ pub(crate) fn resources_for(
                 h.write(name.as_bytes());
                 h.write(b.hash.as_bytes());
                 newest = newest.max(b.version);
-                out.push(b);
+                out.push((name.clone(), b));
             }
         }
     }
@@ -114,16 +114,24 @@ impl Variant for Sotw {
         sub.names = names;
         sub.wildcard = wildcard;
         let mut resumed = None;
+        let mut resumed_held = None;
         if first && !req.version_info.is_empty() && req.response_nonce.is_empty() {
             // A reconnecting client says what it holds: resume from there.
-            let (_, version) = resources_for(&ctx, &type_url, &sub.names, sub.wildcard);
+            let (built, version) = resources_for(&ctx, &type_url, &sub.names, sub.wildcard);
             if content(&version) == content(&req.version_info) {
+                if type_url == resources::ENDPOINTS {
+                    resumed_held = Some(built.iter().map(|(n, b)| (n.clone(), b.held())).collect());
+                }
                 sub.held = Some(version.clone());
                 resumed = Some(version);
             }
         }
         if let Some(version) = &resumed {
             s.client_type(&type_url, |t| t.acked_version = version.clone());
+            if let Some(held) = resumed_held {
+                // It holds exactly what would be sent now: acknowledged.
+                s.resumed_endpoints(held);
+            }
         }
         s.subscribed(&type_url);
         s.refollow();
@@ -142,10 +150,18 @@ impl Variant for Sotw {
         if let Some(sub) = s.subs.get_mut(type_url) {
             sub.held = Some(version.clone());
         }
+        if type_url == resources::ENDPOINTS {
+            s.sent_endpoints(
+                resources
+                    .iter()
+                    .map(|(n, b)| (n.clone(), b.held()))
+                    .collect(),
+            );
+        }
         let nonce = s.sent(type_url, &version);
         Some(DiscoveryResponse {
             version_info: version,
-            resources: resources.iter().map(|b| b.any.clone()).collect(),
+            resources: resources.iter().map(|(_, b)| b.any.clone()).collect(),
             type_url: type_url.to_owned(),
             nonce,
             ..Default::default()

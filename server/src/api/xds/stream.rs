@@ -96,11 +96,34 @@ impl<V: Variant> Core<V> {
     pub fn answered(&mut self, type_url: &str, version: &str, nonce: &str, error: Option<&str>) {
         match error {
             Some(detail) => self.record_nack(type_url, version, nonce, detail),
-            None => self.client_type(type_url, |t| {
-                t.acked_version = clients::escaped(version, 128);
-                t.acked_nonce = nonce.to_owned();
-            }),
+            None => {
+                self.client_type(type_url, |t| {
+                    t.acked_version = clients::escaped(version, 128);
+                    t.acked_nonce = nonce.to_owned();
+                    t.waiting_since = None;
+                });
+                if type_url == resources::ENDPOINTS {
+                    let mut st = self.reg.state.lock();
+                    st.endpoints_acked = st.endpoints_sent.clone();
+                    drop(st);
+                    self.reg.bump();
+                }
+            }
         }
+    }
+
+    /// An EDS response holding `held` (per service) is about to be sent.
+    pub fn sent_endpoints(&mut self, held: std::collections::BTreeMap<String, clients::Held>) {
+        self.reg.state.lock().endpoints_sent = held;
+    }
+
+    /// A resumed EDS subscription already holds `held`: it counts as acknowledged.
+    pub fn resumed_endpoints(&mut self, held: std::collections::BTreeMap<String, clients::Held>) {
+        let mut st = self.reg.state.lock();
+        st.endpoints_sent = held.clone();
+        st.endpoints_acked = held;
+        drop(st);
+        self.reg.bump();
     }
 
     /// Shows the subscription of `type_url` in the bookkeeping.
@@ -148,6 +171,9 @@ impl<V: Variant> Core<V> {
             t.sent_version = version.to_owned();
             t.sent_nonce = nonce.clone();
             t.responses += 1;
+            if t.waiting_since.is_none() {
+                t.waiting_since = Some(tokio::time::Instant::now());
+            }
         });
         self.ctx.metrics.response(type_url);
         nonce

@@ -4,7 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use dlb::model;
+use dlb::{model, proto};
 
 /// Longest DNS name accepted (RFC 1035).
 const MAX_NAME_LEN: usize = 253;
@@ -86,6 +86,10 @@ impl DnsConfig {
             model::validate_id("service", &d.service)?;
             Target::parse(&d.target)?;
             model::validate_weight(d.weight)?;
+            if let Some(l) = &d.locality {
+                dlb::locality::validate_locality("locality", l)?;
+            }
+            dlb::locality::validate_priority("priority", d.priority)?;
         }
         Ok(())
     }
@@ -100,6 +104,44 @@ pub struct DnsDeclaration {
     pub target: String,
     /// Weight of every discovered backend (1..=10000).
     pub weight: u32,
+    /// Locality of every discovered backend (`None`: no locality).
+    pub locality: Option<proto::Locality>,
+    /// Failover priority of every discovered backend (0..=7).
+    pub priority: u32,
+}
+
+impl DnsDeclaration {
+    /// What every backend discovered for this declaration gets.
+    pub fn template(&self) -> Template {
+        Template {
+            weight: self.weight,
+            locality: dlb::locality::normalize(self.locality.clone()),
+            priority: self.priority,
+        }
+    }
+}
+
+/// What every backend a followed name discovers gets: the declaration's weight, locality and
+/// priority. A re-declaration with another template rewrites the backends in place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    /// Weight (1..=10000).
+    pub weight: u32,
+    /// Locality, in its stored form (`None`: no locality).
+    pub locality: Option<proto::Locality>,
+    /// Failover priority (0..=7).
+    pub priority: u32,
+}
+
+impl Template {
+    /// The template a stored DNS-owned record was written with.
+    pub fn of(server: &proto::Server) -> Self {
+        Self {
+            weight: server.weight,
+            locality: server.locality.clone(),
+            priority: server.priority,
+        }
+    }
 }
 
 /// A parsed `name:port`.

@@ -5,7 +5,7 @@
 //! `hickory-resolver` against the configured name servers (or the system's `resolv.conf`) and
 //! reconciles the service: a backend per address, id `<ip>-<port>` (e.g. `10.0.0.7-8080`,
 //! `2001:db8::7-8080`), address `ip:port` / `[ip]:port`, the declared weight, `source = DNS` and
-//! `dns_name = name:port`. Additions and removals are one ordinary store write (compare-and-set
+//! `dns_name = name:port`, and the declaration's locality and priority ([`Template`]). Additions and removals are one ordinary store write (compare-and-set
 //! on the version just read, retried), pushed like any change; a refresh that finds the same set
 //! writes nothing. Only DNS-owned records are touched: an address whose id is taken by an API or
 //! lease record is skipped (and logged). Answers that can never be a backend's address — the
@@ -61,7 +61,7 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-pub use config::{backend_id, DnsConfig, DnsDeclaration, Target};
+pub use config::{backend_id, DnsConfig, DnsDeclaration, Target, Template};
 
 use crate::membership::MembershipMetrics;
 use crate::shutdown::Shutdown;
@@ -100,7 +100,7 @@ pub struct Status {
 
 struct Followed {
     target: Target,
-    weight: u32,
+    template: Template,
     status: Arc<Mutex<Status>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -145,14 +145,14 @@ impl DnsManager {
         initial: &StoreSnapshot,
         shutdown: Shutdown,
     ) -> Self {
-        let mut declared: BTreeMap<String, (String, u32)> = BTreeMap::new();
+        let mut declared: BTreeMap<String, (String, Template)> = BTreeMap::new();
         for svc in &initial.services {
             if let Some(s) = svc.servers.values().find(|s| is_dns(s)) {
-                declared.insert(svc.name.clone(), (s.dns_name.clone(), s.weight));
+                declared.insert(svc.name.clone(), (s.dns_name.clone(), Template::of(s)));
             }
         }
         for d in &config.services {
-            declared.insert(d.service.clone(), (d.target.clone(), d.weight));
+            declared.insert(d.service.clone(), (d.target.clone(), d.template()));
         }
         let manager = Self {
             inner: Arc::new(Inner {
@@ -165,9 +165,9 @@ impl DnsManager {
                 followed: Mutex::new(HashMap::new()),
             }),
         };
-        for (service, (target, weight)) in declared {
+        for (service, (target, template)) in declared {
             match Target::parse(&target) {
-                Ok(t) => manager.follow(service, t, weight, Status::default(), Duration::ZERO),
+                Ok(t) => manager.follow(service, t, template, Status::default(), Duration::ZERO),
                 Err(e) => {
                     tracing::warn!(%service, error = %e, "stored DNS name is invalid; not followed")
                 }
@@ -182,7 +182,7 @@ impl DnsManager {
         &self,
         service: String,
         target: Target,
-        weight: u32,
+        template: Template,
         status: Status,
         first: Duration,
     ) {
@@ -191,7 +191,7 @@ impl DnsManager {
             self.inner.clone(),
             service.clone(),
             target.clone(),
-            weight,
+            template.clone(),
             status.clone(),
             first,
         ));
@@ -199,7 +199,7 @@ impl DnsManager {
             service,
             Followed {
                 target,
-                weight,
+                template,
                 status,
                 task,
             },
@@ -210,10 +210,10 @@ impl DnsManager {
     }
 
     /// Stops the task of `service`, if any; returns what it followed.
-    fn unfollow(&self, service: &str) -> Option<(Target, u32)> {
+    fn unfollow(&self, service: &str) -> Option<(Target, Template)> {
         let f = self.inner.followed.lock().remove(service)?;
         f.task.abort();
-        Some((f.target, f.weight))
+        Some((f.target, f.template))
     }
 
     /// With several replicas: while this replica leads, every [`RESCAN`] follows the names found
@@ -253,21 +253,21 @@ impl DnsManager {
                 .iter()
                 .any(|d| d.service == service)
         };
-        let mut found: HashMap<String, (String, u32)> = HashMap::new();
+        let mut found: HashMap<String, (String, Template)> = HashMap::new();
         for name in cache.service_names() {
             let Some(snap) = cache.get(&name) else {
                 continue;
             };
             if let Some(s) = snap.servers.values().find(|s| is_dns(s)) {
-                found.insert(name.to_string(), (s.dns_name.clone(), s.weight));
+                found.insert(name.to_string(), (s.dns_name.clone(), Template::of(s)));
             }
         }
-        let followed: HashMap<String, String> = self
+        let followed: HashMap<String, (String, Template)> = self
             .inner
             .followed
             .lock()
             .iter()
-            .map(|(s, f)| (s.clone(), f.target.to_text()))
+            .map(|(s, f)| (s.clone(), (f.target.to_text(), f.template.clone())))
             .collect();
         let missing: std::collections::HashSet<String> = followed
             .keys()
@@ -280,16 +280,18 @@ impl DnsManager {
             self.inner.metrics.dns_forget(service);
         }
         *suspects = missing;
-        for (service, (target, weight)) in found {
-            // Followed already (a name redeclared elsewhere is followed anew); the config file
-            // wins for its services.
-            if followed.get(&service) == Some(&target) || configured(&service) {
+        for (service, (target, template)) in found {
+            // Followed already (a name, weight, locality or priority redeclared elsewhere is
+            // followed anew); the config file wins for its services.
+            if followed.get(&service) == Some(&(target.clone(), template.clone()))
+                || configured(&service)
+            {
                 continue;
             }
             match Target::parse(&target) {
                 Ok(t) => {
                     tracing::info!(%service, target = %target, "following a DNS name declared through another replica");
-                    self.follow(service, t, weight, Status::default(), Duration::ZERO);
+                    self.follow(service, t, template, Status::default(), Duration::ZERO);
                 }
                 Err(e) => {
                     tracing::warn!(%service, error = %e, "stored DNS name is invalid; not followed")
@@ -313,16 +315,26 @@ impl DnsManager {
         }
     }
 
-    /// `DeclareDns`: resolves `target` once (a name that does not resolve is refused with
-    /// FAILED_PRECONDITION and changes nothing), writes the backends, then follows it.
+    /// `DeclareDns`: checks the declaration (INVALID_ARGUMENT naming the field), resolves
+    /// `target` once (a name that does not resolve is refused with FAILED_PRECONDITION and
+    /// changes nothing), writes the backends with `template`'s weight, locality and priority
+    /// (a re-declaration rewrites existing ones in place), then follows it.
     pub async fn declare(
         &self,
         service: &str,
         target: &str,
-        weight: u32,
+        template: Template,
     ) -> Result<proto::DnsStatus, tonic::Status> {
         let target = Target::parse(target).map_err(Error::from)?;
-        model::validate_weight(weight).map_err(Error::from)?;
+        model::validate_weight(template.weight).map_err(Error::from)?;
+        if let Some(l) = &template.locality {
+            dlb::locality::validate_locality("locality", l).map_err(Error::from)?;
+        }
+        dlb::locality::validate_priority("priority", template.priority).map_err(Error::from)?;
+        let template = Template {
+            locality: dlb::locality::normalize(template.locality),
+            ..template
+        };
         let resolver = build_resolver(&self.inner.config).map_err(tonic::Status::internal)?;
         let resolved = resolve(&resolver, &target).await.map_err(|e| {
             tonic::Status::failed_precondition(format!(
@@ -335,7 +347,7 @@ impl DnsManager {
         let previous = self.unfollow(service);
         let store = self.inner.store.clone();
         let status =
-            match reconcile(&self.inner, &*store, service, &target, weight, &resolved).await {
+            match reconcile(&self.inner, &*store, service, &target, &template, &resolved).await {
                 Ok(s) => s,
                 Err(e) => {
                     // Nothing was written: keep following what was declared before, if anything.
@@ -351,9 +363,9 @@ impl DnsManager {
             next_refresh: Some(Instant::now() + delay),
             ..status
         };
-        let reply = to_proto(service, &target, weight, &status);
+        let reply = to_proto(service, &target, &template, &status);
         tracing::info!(service, target = %target.to_text(), backends = status.backends, "DNS name declared");
-        self.follow(service.to_owned(), target, weight, status, delay);
+        self.follow(service.to_owned(), target, template, status, delay);
         Ok(reply)
     }
 
@@ -407,7 +419,7 @@ impl DnsManager {
         let mut out: Vec<proto::DnsStatus> = followed
             .iter()
             .filter(|(s, _)| service.is_none_or(|want| want == s.as_str()))
-            .map(|(s, f)| to_proto(s, &f.target, f.weight, &f.status.lock()))
+            .map(|(s, f)| to_proto(s, &f.target, &f.template, &f.status.lock()))
             .collect();
         out.sort_by(|a, b| a.service.cmp(&b.service));
         out
@@ -420,11 +432,11 @@ impl DnsManager {
     }
 }
 
-fn to_proto(service: &str, target: &Target, weight: u32, s: &Status) -> proto::DnsStatus {
+fn to_proto(service: &str, target: &Target, template: &Template, s: &Status) -> proto::DnsStatus {
     proto::DnsStatus {
         service: service.to_owned(),
         target: target.to_text(),
-        weight,
+        weight: template.weight,
         backends: u32::try_from(s.backends).unwrap_or(u32::MAX),
         resolved: u32::try_from(s.resolved).unwrap_or(u32::MAX),
         truncated: s.truncated,
@@ -434,5 +446,7 @@ fn to_proto(service: &str, target: &Target, weight: u32, s: &Status) -> proto::D
             u64::try_from(t.saturating_duration_since(Instant::now()).as_millis())
                 .unwrap_or(u64::MAX)
         }),
+        locality: template.locality.clone(),
+        priority: template.priority,
     }
 }

@@ -12,7 +12,7 @@ pub(super) async fn reconcile(
     store: &dyn Store,
     service: &str,
     target: &Target,
-    weight: u32,
+    template: &Template,
     resolved: &Resolved,
 ) -> Result<Status, Error> {
     for (ip, why) in &resolved.skipped {
@@ -41,7 +41,9 @@ pub(super) async fn reconcile(
             let server = proto::Server {
                 server_id: id.clone(),
                 address,
-                weight,
+                weight: template.weight,
+                locality: template.locality.clone(),
+                priority: template.priority,
                 source: proto::BackendSource::Dns as i32,
                 dns_name: dns_name.clone(),
                 ..Default::default()
@@ -75,6 +77,8 @@ pub(super) async fn reconcile(
                 Some(have)
                     if have.address == want.address
                         && have.weight == want.weight
+                        && have.locality == want.locality
+                        && have.priority == want.priority
                         && have.dns_name == want.dns_name =>
                 {
                     backends += 1;
@@ -115,7 +119,7 @@ pub(super) async fn refresh_loop(
     inner: Arc<Inner>,
     service: String,
     target: Target,
-    weight: u32,
+    template: Template,
     status: Arc<Mutex<Status>>,
     first: Duration,
 ) {
@@ -145,12 +149,17 @@ pub(super) async fn refresh_loop(
         let mut lost = leadership.clone();
         let refresh = async {
             match resolve(&resolver, &target).await {
-                Ok(resolved) => {
-                    reconcile(&inner, &*inner.fenced, &service, &target, weight, &resolved)
-                        .await
-                        .map(|s| (s, resolved.ttl))
-                        .map_err(|e| format!("store: {e}"))
-                }
+                Ok(resolved) => reconcile(
+                    &inner,
+                    &*inner.fenced,
+                    &service,
+                    &target,
+                    &template,
+                    &resolved,
+                )
+                .await
+                .map(|s| (s, resolved.ttl))
+                .map_err(|e| format!("store: {e}")),
                 Err(e) => Err(e),
             }
         };

@@ -12,7 +12,6 @@
 //! (`crate::channel`, which also owns the transport options re-exported here:
 //! [`ChannelOptions`], [`ClientTls`], [`TokenInterceptor`], [`make_endpoint`]).
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -28,122 +27,8 @@ use crate::channel::admin_channel;
 pub use crate::channel::{make_endpoint, ChannelOptions, ClientTls, TokenInterceptor};
 use crate::error::{Error, Result};
 
-/// A backend to register with [`AdminClient::add_server`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewServer {
-    /// Unique id within the service.
-    pub server_id: String,
-    /// `host:port`.
-    pub address: String,
-    /// Relative share, 1..=10000.
-    pub weight: u32,
-    /// Stable consistent-hashing key; empty means "use the server id".
-    pub hash_key: String,
-    /// Free-form labels.
-    pub metadata: HashMap<String, String>,
-}
-
-impl NewServer {
-    /// A backend with weight 1, no hash key and no labels.
-    pub fn new(server_id: impl Into<String>, address: impl Into<String>) -> Self {
-        Self {
-            server_id: server_id.into(),
-            address: address.into(),
-            weight: 1,
-            hash_key: String::new(),
-            metadata: HashMap::new(),
-        }
-    }
-
-    /// Sets the weight.
-    pub fn weight(mut self, weight: u32) -> Self {
-        self.weight = weight;
-        self
-    }
-
-    /// Sets the stable hash key.
-    pub fn hash_key(mut self, key: impl Into<String>) -> Self {
-        self.hash_key = key.into();
-        self
-    }
-
-    /// Adds a label.
-    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.metadata.insert(key.into(), value.into());
-        self
-    }
-
-    /// Checks every field with [`model::validate_backend`], the check the server applies (a
-    /// weight of 0 is refused here: set it, or keep the default 1).
-    pub fn validate(&self) -> Result<()> {
-        model::validate_backend(&self.record())?;
-        Ok(())
-    }
-
-    /// The backend as a record (its operator-given fields).
-    fn record(&self) -> proto::Server {
-        proto::Server {
-            server_id: self.server_id.clone(),
-            address: self.address.clone(),
-            weight: self.weight,
-            hash_key: self.hash_key.clone(),
-            metadata: self.metadata.clone(),
-            ..Default::default()
-        }
-    }
-}
-
-/// A change to an existing backend for [`AdminClient::update_server`]: only the fields that are
-/// `Some` change.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ServerUpdate {
-    /// The backend to change.
-    pub server_id: String,
-    /// New weight, 1..=10000.
-    pub weight: Option<u32>,
-    /// New drain flag.
-    pub draining: Option<bool>,
-    /// New address.
-    pub address: Option<String>,
-    /// New hash key (empty resets it to the server id).
-    pub hash_key: Option<String>,
-    /// New labels, replacing the old ones.
-    pub metadata: Option<HashMap<String, String>>,
-    /// Compare-and-set: apply only if the service is at this version (`FailedPrecondition`
-    /// naming the current version otherwise).
-    pub expected_version: Option<u64>,
-}
-
-impl ServerUpdate {
-    /// An update of `server_id` that changes nothing yet.
-    pub fn new(server_id: impl Into<String>) -> Self {
-        Self {
-            server_id: server_id.into(),
-            ..Self::default()
-        }
-    }
-
-    /// Checks every set field with [`model::validate_update`], the check the server applies.
-    pub fn validate(&self) -> Result<()> {
-        model::validate_update(&self.clone().request(String::new()))?;
-        Ok(())
-    }
-
-    /// The `UpdateServer` request for `service`.
-    fn request(self, service: String) -> proto::UpdateServerRequest {
-        proto::UpdateServerRequest {
-            service,
-            server_id: self.server_id,
-            weight: self.weight,
-            draining: self.draining,
-            address: self.address,
-            hash_key: self.hash_key,
-            replace_metadata: self.metadata.is_some(),
-            metadata: self.metadata.unwrap_or_default(),
-            expected_version: self.expected_version,
-        }
-    }
-}
+mod records;
+pub use records::{NewServer, ServerUpdate};
 
 /// Validates a policy as sent by `SetPolicy`: like [`model::validate_policy`], except that
 /// `ALGORITHM_UNSPECIFIED` ("keep the current algorithm") is accepted
@@ -151,6 +36,24 @@ impl ServerUpdate {
 /// algorithm: the server checks the combination).
 pub fn validate_policy_request(policy: &proto::Policy) -> Result<()> {
     model::validate_policy_write(policy, None)?;
+    Ok(())
+}
+
+/// The drain barrier's deadline when a request leaves `timeout_ms` at 0 (as `dlbd`).
+pub const DEFAULT_BARRIER_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest drain-barrier deadline `dlbd` accepts, in milliseconds (1 h).
+pub const MAX_BARRIER_TIMEOUT_MS: u32 = 3_600_000;
+
+/// Checks a drain barrier's wait option as `dlbd` does.
+pub fn validate_wait(wait: &proto::BarrierWait) -> Result<()> {
+    if wait.timeout_ms > MAX_BARRIER_TIMEOUT_MS {
+        return Err(model::ValidationError::new(
+            "wait.timeout_ms",
+            wait.timeout_ms,
+            format!("at most {MAX_BARRIER_TIMEOUT_MS} (1 h)"),
+        )
+        .into());
+    }
     Ok(())
 }
 
@@ -288,6 +191,8 @@ impl AdminClient {
             weight: record.weight,
             hash_key: record.hash_key,
             metadata: record.metadata,
+            locality: record.locality,
+            priority: record.priority,
             ..Default::default()
         };
         self.call(|mut c| {
@@ -313,6 +218,71 @@ impl AdminClient {
             async move { c.remove_server(req).await }
         })
         .await
+    }
+
+    /// `RemoveServer` with a drain barrier: deregisters a backend, then waits until every client
+    /// following the service has acknowledged a version without it, or `wait`'s deadline
+    /// (`docs/drain.md`). The call's own deadline is the usual one plus the barrier's.
+    pub async fn remove_server_waiting(
+        &self,
+        service: &str,
+        server_id: &str,
+        wait: proto::BarrierWait,
+    ) -> Result<proto::RemoveServerResponse> {
+        let req = proto::RemoveServerRequest {
+            service: model::resolve_service(service)?.to_owned(),
+            server_id: checked_id(server_id)?,
+            wait: Some(wait),
+            ..Default::default()
+        };
+        self.waiting(&wait)
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.remove_server(req).await }
+            })
+            .await
+    }
+
+    /// `DrainServer`: marks a backend draining (no new calls) and, with `wait`, waits on the
+    /// drain barrier (`docs/drain.md`): until every client following the service has
+    /// acknowledged the drain (and, with `in_flight_zero`, the backend's global in-flight count
+    /// is 0), or the deadline. Idempotent: retried on the next endpoint when one is unavailable.
+    pub async fn drain_server(
+        &self,
+        service: &str,
+        server_id: &str,
+        wait: Option<proto::BarrierWait>,
+    ) -> Result<proto::DrainServerResponse> {
+        if let Some(w) = &wait {
+            validate_wait(w)?;
+        }
+        let req = proto::DrainServerRequest {
+            service: model::resolve_service(service)?.to_owned(),
+            server_id: checked_id(server_id)?,
+            wait,
+            ..Default::default()
+        };
+        let this = match &wait {
+            Some(w) => self.waiting(w),
+            None => self.clone(),
+        };
+        this.call(|mut c| {
+            let req = req.clone();
+            async move { c.drain_server(req).await }
+        })
+        .await
+    }
+
+    /// This client with room in each call's deadline for the barrier's.
+    pub(crate) fn waiting(&self, wait: &proto::BarrierWait) -> Self {
+        let barrier = match wait.timeout_ms {
+            0 => DEFAULT_BARRIER_TIMEOUT,
+            ms => Duration::from_millis(ms.into()),
+        };
+        Self {
+            request_timeout: self.request_timeout + barrier,
+            ..self.clone()
+        }
     }
 
     /// `RemoveService`: removes a service (its policy and health check). A service that still

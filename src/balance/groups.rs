@@ -1,0 +1,214 @@
+//! Groups inside a picker (locality: one group per priority, or per priority and zone): which
+//! group each backend is in, one selection strategy per group, and the shares by which picks
+//! are spread over the groups.
+//!
+//! The shares are set by the picker's owner at any time ([`Picker::set_shares`], computed by
+//! `dlb::locality`), without a rebuild: they are cumulative thresholds over `u32` in relaxed
+//! atomics. A pick draws 32 bits — random, or for the hashing policies mixed from the key's hash
+//! so that a key keeps its group while the thresholds around it hold — and takes the first group
+//! whose threshold is above the draw. When one group holds everything ([`Groups::single`]) no
+//! draw is made. A drawn group with nothing to pick falls through to the next one that has.
+//! A pick racing `set_shares` may see some thresholds old and some new: it still lands in a
+//! valid group, and falls through as above.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use super::picker::{Bounded, Strategy};
+use super::Picker;
+
+/// `single` when no one group holds every pick.
+const MIXED: u32 = u32::MAX;
+
+/// How the backends of a picker are grouped, given to [`Picker::build_grouped`].
+#[derive(Debug, Clone, Copy)]
+pub struct Grouping<'a> {
+    /// The group of each backend, in the order of the specs (dense, `0..groups`).
+    pub of_backend: &'a [u16],
+    /// Per group: whether it is in panic on its own (the picker's panic mode applied to that group
+    /// only: `route_all` routes over all its backends, `fail` makes it pick nothing). Its length
+    /// is the number of groups.
+    pub panic: &'a [bool],
+}
+
+/// The groups of a grouped picker.
+#[derive(Debug)]
+pub(super) struct Groups {
+    /// Per backend (global index): its group.
+    pub(super) of_backend: Box<[u16]>,
+    /// Per group: the selection strategy over its backends.
+    pub(super) strategies: Box<[Strategy]>,
+    /// Per group: bounded-load parameters (hashing policies with a factor).
+    pub(super) bounded: Box<[Option<Bounded>]>,
+    /// Cumulative thresholds: group `g` takes draws `< thresholds[g]` not taken by a lower one.
+    thresholds: Box<[AtomicU32]>,
+    /// The group that holds every pick, or [`MIXED`].
+    single: AtomicU32,
+}
+
+impl Groups {
+    pub(super) fn new(
+        of_backend: Box<[u16]>,
+        strategies: Box<[Strategy]>,
+        bounded: Box<[Option<Bounded>]>,
+    ) -> Self {
+        let n = strategies.len();
+        let groups = Self {
+            of_backend,
+            thresholds: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            strategies,
+            bounded,
+            single: AtomicU32::new(MIXED),
+        };
+        // Until shares are set: everything to the first group that can pick.
+        let first = groups
+            .strategies
+            .iter()
+            .position(|s| !matches!(s, Strategy::Empty))
+            .unwrap_or(0);
+        let mut shares = vec![0.0; n];
+        if n > 0 {
+            shares[first] = 1.0;
+        }
+        groups.set_shares(&shares);
+        groups
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.strategies.len()
+    }
+
+    /// Sets the shares (see the module docs). Negative, NaN and missing entries count as 0; the
+    /// shares are normalised; all zero means "the first group that can pick".
+    pub(super) fn set_shares(&self, shares: &[f64]) {
+        let n = self.len();
+        let clean = |g: usize| {
+            shares
+                .get(g)
+                .copied()
+                .filter(|s| s.is_finite() && *s > 0.0)
+                .unwrap_or(0.0)
+        };
+        let total: f64 = (0..n).map(clean).sum();
+        if total <= 0.0 {
+            let first = self
+                .strategies
+                .iter()
+                .position(|s| !matches!(s, Strategy::Empty))
+                .unwrap_or(0);
+            for (g, t) in self.thresholds.iter().enumerate() {
+                t.store(if g >= first { u32::MAX } else { 0 }, Ordering::Relaxed);
+            }
+            self.single.store(first as u32, Ordering::Relaxed);
+            return;
+        }
+        let mut cum = 0.0;
+        let mut single = MIXED;
+        let mut last_positive = 0;
+        for g in 0..n {
+            let s = clean(g);
+            if s > 0.0 {
+                last_positive = g;
+                if s >= total {
+                    single = g as u32;
+                }
+            }
+            cum += s;
+            let t = ((cum / total) * 4_294_967_296.0).min(u32::MAX as f64) as u32;
+            self.thresholds[g].store(t, Ordering::Relaxed);
+        }
+        // Rounding must not leave a gap at the top: the last group with a share takes the rest.
+        for t in &self.thresholds[last_positive..] {
+            t.store(u32::MAX, Ordering::Relaxed);
+        }
+        self.single.store(single, Ordering::Relaxed);
+    }
+
+    /// The current shares, recomputed from the thresholds.
+    pub(super) fn shares(&self) -> Vec<f64> {
+        const TOP: f64 = 4_294_967_296.0;
+        let top = |t: u32| {
+            if t == u32::MAX {
+                1u64 << 32
+            } else {
+                u64::from(t)
+            }
+        };
+        let mut prev = 0u64;
+        self.thresholds
+            .iter()
+            .map(|t| {
+                let t = top(t.load(Ordering::Relaxed));
+                let s = t.saturating_sub(prev) as f64 / TOP;
+                prev = prev.max(t);
+                s
+            })
+            .collect()
+    }
+
+    /// The group for a pick: `draw` is called only when the shares are mixed.
+    #[inline]
+    pub(super) fn choose(&self, draw: impl FnOnce() -> u32) -> usize {
+        let single = self.single.load(Ordering::Relaxed);
+        if single != MIXED {
+            return single as usize;
+        }
+        let r = draw();
+        self.thresholds
+            .iter()
+            .position(|t| r < t.load(Ordering::Relaxed))
+            .unwrap_or(self.thresholds.len() - 1)
+    }
+
+    /// `g` if it can pick, else the next group (wrapping) that can; `None` when none can.
+    #[inline]
+    pub(super) fn usable(&self, g: usize) -> Option<usize> {
+        if !matches!(self.strategies[g], Strategy::Empty) {
+            return Some(g);
+        }
+        let n = self.len();
+        (1..n)
+            .map(|k| (g + k) % n)
+            .find(|&h| !matches!(self.strategies[h], Strategy::Empty))
+    }
+}
+
+/// 32 bits of a key's hash for the group draw, decorrelated from the bits the tables use
+/// (the splitmix64 finaliser).
+#[inline]
+pub(super) fn group_bits(h: u64) -> u32 {
+    let mut z = h ^ 0x9E37_79B9_7F4A_7C15;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) >> 32) as u32
+}
+
+impl Picker {
+    /// Sets how picks are spread over the groups of a grouped picker (one share per group, in
+    /// group order; normalised; see the module docs of `groups`). Any thread, any time, off the
+    /// request path; picks racing it stay valid. A no-op on an ungrouped picker.
+    pub fn set_shares(&self, shares: &[f64]) {
+        if let Some(g) = &self.groups {
+            g.set_shares(shares);
+        }
+    }
+
+    /// The shares picks are spread by, per group (`[1.0]` for an ungrouped picker).
+    pub fn shares(&self) -> Vec<f64> {
+        self.groups
+            .as_ref()
+            .map_or_else(|| vec![1.0], |g| g.shares())
+    }
+
+    /// Number of groups (1 for an ungrouped picker).
+    pub fn group_count(&self) -> usize {
+        self.groups.as_ref().map_or(1, |g| g.len())
+    }
+
+    /// The group of the backend at `index` (0 for an ungrouped picker).
+    pub fn group_of(&self, index: usize) -> u16 {
+        self.groups
+            .as_ref()
+            .and_then(|g| g.of_backend.get(index).copied())
+            .unwrap_or(0)
+    }
+}
