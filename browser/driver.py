@@ -2,7 +2,8 @@
 """Drives Debian's headless Chromium for the status page's browser test
 (server/tests/status_browser.rs), one command per stdin line, one JSON answer per stdout line:
 
-  open URL                 load a page; answers {"ms": navigation-to-load ms, "bytes": first-load bytes}
+  open URL                 load a page; answers {"ms": navigation start to the load event, "fcp":
+                           to the first contentful paint (ms), "bytes": first-load bytes, "url"}
   js CODE                  run `return (CODE)` in the page; answers its value
   wait MS CODE             poll `CODE` every 10 ms until truthy; answers {"ms": elapsed} or {"timeout": true}
   screenshot PATH          save a PNG of the window
@@ -41,7 +42,8 @@ def main():
                 nav = driver.execute_script(
                     "const n = performance.getEntriesByType('navigation')[0];"
                     "const r = performance.getEntriesByType('resource');"
-                    "return {ms: n.loadEventEnd - n.startTime, "
+                    "const p = performance.getEntriesByName('first-contentful-paint')[0];"
+                    "return {ms: n.loadEventEnd - n.startTime, fcp: p ? p.startTime : null, "
                     "bytes: n.encodedBodySize + r.reduce((a, e) => a + e.encodedBodySize, 0), "
                     "url: location.pathname};")
                 out(nav)

@@ -83,9 +83,25 @@ async fn overview_and_service_show_state_reasons_rates_and_metadata() {
     c.add_server(add("", "a", "10.0.0.1:80", 3)).await.unwrap();
     let hostile = "<script>alert(\"x\")</script> ' é 🚀";
     let mut b = add("", "b", "10.0.0.2:80", 1);
-    b.metadata.insert("zone".into(), "eu-1".into());
     b.metadata.insert("note".into(), hostile.into());
+    b.locality = Some(proto::Locality {
+        region: "eu-west-1".into(),
+        zone: "eu-west-1a".into(),
+        sub_zone: String::new(),
+    });
+    b.priority = 2;
     c.add_server(b).await.unwrap();
+    // A backend that registered itself with a lease of 60 s.
+    let mut m = dlb::proto::membership_client::MembershipClient::new(channel(&server).await);
+    m.register(proto::RegisterRequest {
+        service: String::new(),
+        server_id: "l".into(),
+        address: "10.0.0.3:80".into(),
+        ttl_seconds: 60,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     c.health_check_failed(hc("", "b")).await.unwrap();
     c.add_server(add("other", "x", "10.0.1.1:80", 1))
         .await
@@ -132,14 +148,29 @@ async fn overview_and_service_show_state_reasons_rates_and_metadata() {
     assert_eq!(b["eligible"], false);
     assert_eq!(b["health"], "unhealthy");
     assert_eq!(b["reason"], "admin: health_check_failed");
-    assert_eq!(b["zone"], "eu-1");
+    assert_eq!(b["zone"], "eu-west-1/eu-west-1a");
+    assert_eq!(b["locality"]["region"], "eu-west-1");
+    assert_eq!(b["locality"]["zone"], "eu-west-1a");
+    assert!(b["locality"].get("sub_zone").is_none(), "{b}");
+    assert_eq!(b["priority"], 2);
+    assert!(
+        a.get("zone").is_none() && a.get("locality").is_none(),
+        "{a}"
+    );
+    assert_eq!(a["priority"], 0);
+    assert!(a.get("lease_ttl_seconds").is_none() && a.get("lease_age_seconds").is_none());
+    let l = backend(&service, "l");
+    assert_eq!(l["source"], "lease");
+    assert_eq!(l["lease_ttl_seconds"], 60);
+    let age = l["lease_age_seconds"].as_u64().expect("a lease age");
+    assert!(age < 60, "{l}");
     assert_eq!(
         b["metadata"]["note"], hostile,
         "JSON carries the string as given"
     );
     assert!(b.get("requests_trend").is_none(), "no reports, no trend");
     assert_eq!(service["name"], "default");
-    assert_eq!(service["backends"]["total"], 2);
+    assert_eq!(service["backends"]["total"], 3);
     assert_eq!(service["backends"]["unhealthy"], 1);
     assert_eq!(service["policy"]["algorithm"], service["algorithm"]);
 
@@ -152,7 +183,7 @@ async fn overview_and_service_show_state_reasons_rates_and_metadata() {
         .map(|s| s["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["default", "other"]);
-    assert_eq!(o["services"][0]["backends"]["eligible"], 1);
+    assert_eq!(o["services"][0]["backends"]["eligible"], 2);
     assert_eq!(o["services"][0]["in_flight"], 4);
     assert_eq!(o["services"][0]["panic"]["active"], false);
     assert_eq!(o["sessions"], 1);
@@ -229,5 +260,108 @@ async fn with_read_tokens_no_data_without_one() {
     // /metrics keeps its own rule (open, as before).
     let (code, _, _) = request(addr, "GET", "/metrics", "", "").await;
     assert_eq!(code, 200);
+    server.shutdown().await.unwrap();
+}
+
+/// The follower of `service` on session `stream`.
+fn follower(service: &Value, client_id: &str) -> Value {
+    service["followers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["client_id"] == client_id)
+        .cloned()
+        .unwrap_or_else(|| panic!("no follower {client_id} in {service}"))
+}
+
+fn subscribe_as(client_id: &str) -> proto::ClientMessage {
+    let mut m = subscribe(&[("svc", None)]);
+    if let Some(client_message::Kind::Subscribe(s)) = &mut m.kind {
+        s.client_id = client_id.into();
+    }
+    m
+}
+
+async fn ack(s: &Session, u: &proto::ServiceUpdate) {
+    s.send(client_message::Kind::Ack(proto::Ack {
+        service: "svc".into(),
+        version: u.version,
+        nonce: u.nonce.clone(),
+    }))
+    .await;
+}
+
+#[tokio::test]
+async fn followers_show_acked_versions_and_only_real_laggards_lag() {
+    let server = server(AuthConfig::default()).await;
+    let addr = server.metrics_addr().unwrap();
+    let mut c = registry(&server).await;
+    c.add_server(add("svc", "a", "10.0.0.1:80", 1))
+        .await
+        .unwrap();
+    // `prompt` acks every update; `stuck` acks the first one only.
+    let mut prompt = Session::open(&server, subscribe_as("prompt")).await;
+    let u = prompt.update().await;
+    ack(&prompt, &u).await;
+    let mut stuck = Session::open(&server, subscribe_as("stuck")).await;
+    let u = stuck.update().await;
+    ack(&stuck, &u).await;
+    let first = v(&u);
+    c.add_server(add("svc", "b", "10.0.0.2:80", 1))
+        .await
+        .unwrap();
+    let u = prompt.update().await;
+    ack(&prompt, &u).await;
+    let current = v(&u);
+    assert_eq!(v(&stuck.update().await), current);
+
+    // The stuck one turns lagging once the grace has passed (polls, generous deadline).
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let service = loop {
+        let (code, service) = get_json(addr, "/api/services/svc", "").await;
+        assert_eq!(code, 200, "{service}");
+        let p = follower(&service, "prompt");
+        let s = follower(&service, "stuck");
+        if s["lagging"] == true && p["acked_version"] == current {
+            break service;
+        }
+        // Never lagging before its grace: behind_ms says how long it has been behind.
+        if s["lagging"] == true {
+            assert!(s["behind_ms"].as_u64().unwrap() > 2000, "{s}");
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{service}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(service["version"], current);
+    let p = follower(&service, "prompt");
+    assert_eq!(p["kind"], "sdk");
+    assert_eq!(p["protocol"], "dlb");
+    assert_eq!(p["lagging"], false, "acked the current version: {p}");
+    assert!(p.get("behind_ms").is_none(), "{p}");
+    let s = follower(&service, "stuck");
+    assert_eq!(s["acked_version"], first);
+    assert!(s["behind_ms"].as_u64().unwrap() > 2000, "{s}");
+
+    // The page shows the same, the laggard highlighted.
+    let (code, _, html) = request(addr, "GET", "/services/svc", "", "").await;
+    assert_eq!(code, 200);
+    assert!(html.contains("<tr class=\"bad\"><td>sdk</td>"), "{html}");
+    assert!(html.contains("lagging"), "{html}");
+
+    // Once it acks, it is in step again.
+    ack(&stuck, &u).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (_, service) = get_json(addr, "/api/services/svc", "").await;
+        let s = follower(&service, "stuck");
+        if s["lagging"] == false {
+            assert_eq!(s["acked_version"], current);
+            assert!(s.get("behind_ms").is_none(), "{s}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{service}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    drop((prompt, stuck));
     server.shutdown().await.unwrap();
 }

@@ -122,6 +122,11 @@ fn cell(id: &str, i: usize) -> String {
     )
 }
 
+/// Cells of a backend row (page.rs's `row`).
+const STATE: usize = 4;
+const REASON: usize = 5;
+const META: usize = 12;
+
 const HOSTILE: &str =
     "<script>window.__pwned=1</script><img src=x onerror=\"window.__pwned=2\"> 'q' \"dq\" é 🚀";
 
@@ -138,8 +143,12 @@ async fn the_page_follows_changes_escapes_and_renders() {
             &format!("10.0.0.{i}:8080"),
             10,
         );
-        b.metadata
-            .insert("zone".into(), format!("eu-{}", i % 2 + 1));
+        b.locality = Some(proto::Locality {
+            region: "eu-west-1".into(),
+            zone: format!("eu-west-1{}", ["a", "b"][i % 2]),
+            sub_zone: String::new(),
+        });
+        b.priority = u32::from(i > 4);
         if i == 3 {
             b.metadata.insert("note".into(), HOSTILE.into());
         }
@@ -150,7 +159,14 @@ async fn the_page_follows_changes_escapes_and_renders() {
         .unwrap();
     // Traffic from an SDK, for the rates and sparklines.
     let mut s = Session::open(&server, subscribe(&[("checkout", None)])).await;
-    s.update().await;
+    let u = s.update().await;
+    // It acknowledges this version only: it lags after the changes below.
+    s.send(client_message::Kind::Ack(proto::Ack {
+        service: "checkout".into(),
+        version: u.version,
+        nonce: u.nonce.clone(),
+    }))
+    .await;
     let report = |n: u64| {
         client_message::Kind::LoadReport(proto::LoadReport {
             service: "checkout".into(),
@@ -186,8 +202,8 @@ async fn the_page_follows_changes_escapes_and_renders() {
             10_000,
             &format!(
                 "{} === 'unhealthy' && {} === 'admin: health_check_failed'",
-                cell("web-2", 3),
-                cell("web-2", 4)
+                cell("web-2", STATE),
+                cell("web-2", REASON)
             ),
         )
         .await;
@@ -210,7 +226,7 @@ async fn the_page_follows_changes_escapes_and_renders() {
     assert_eq!(b.js("window.__marker").await, 42, "the page was reloaded");
 
     // Hostile metadata is text: in the DOM as given, no element or script made of it.
-    let meta = b.js(&cell("web-3", 11)).await;
+    let meta = b.js(&cell("web-3", META)).await;
     assert!(meta.as_str().unwrap().contains(HOSTILE), "{meta}");
     assert_eq!(
         b.js("document.querySelectorAll('#backends script, #backends img').length")
@@ -222,10 +238,10 @@ async fn the_page_follows_changes_escapes_and_renders() {
     let mut hostile = add("checkout", "web-7", "10.0.0.7:8080", 1);
     hostile.metadata.insert("note".into(), HOSTILE.into());
     c.add_server(hostile).await.unwrap();
-    b.wait(10_000, &format!("{}.includes('🚀')", cell("web-7", 11)))
+    b.wait(10_000, &format!("{}.includes('🚀')", cell("web-7", META)))
         .await;
     assert!(b
-        .js(&cell("web-7", 11))
+        .js(&cell("web-7", META))
         .await
         .as_str()
         .unwrap()
@@ -247,6 +263,17 @@ async fn the_page_follows_changes_escapes_and_renders() {
         "document.querySelectorAll('#backends polyline').length >= 4",
     )
     .await;
+    // The SDK session acked none of the changes since: it shows lagging, highlighted.
+    b.wait(
+        10_000,
+        "document.querySelector('#followers tbody tr.bad')?.cells[7]?.textContent === 'lagging'",
+    )
+    .await;
+    assert_eq!(
+        b.js(&cell("web-1", 2)).await,
+        "eu-west-1/eu-west-1b p0",
+        "zone and priority"
+    );
     let shot = std::env::temp_dir().join(format!("dlb-status-page-{}.png", std::process::id()));
     b.send(&format!("screenshot {}", shot.display())).await;
     println!("screenshot (1280x800): {}", shot.display());
@@ -275,7 +302,7 @@ async fn the_page_follows_changes_escapes_and_renders() {
             .await
             .unwrap();
     }
-    let mut worst: f64 = 0.0;
+    let (mut worst, mut worst_fcp, mut most): (f64, f64, f64) = (0.0, 0.0, 0.0);
     for _ in 0..3 {
         let nav = b.send(&format!("open http://{addr}/services/big")).await;
         let bytes = nav["bytes"].as_f64().unwrap();
@@ -287,8 +314,13 @@ async fn the_page_follows_changes_escapes_and_renders() {
             1000
         );
         worst = worst.max(nav["ms"].as_f64().unwrap());
+        worst_fcp = worst_fcp.max(nav["fcp"].as_f64().unwrap_or(f64::NAN));
+        most = most.max(bytes);
     }
-    println!("1,000 backends: load in {worst:.0} ms at worst of 3");
+    // Recorded in BENCHMARKS.md (timing bars live there, not in asserts: this VM stalls).
+    println!(
+        "1,000 backends, worst of 3 loads: {most:.0} bytes first load, first contentful paint {worst_fcp:.0} ms, load event {worst:.0} ms"
+    );
     b.quit().await;
     server.shutdown().await.unwrap();
 }

@@ -356,7 +356,7 @@ async fn start(
         .add_service(
             dlb::proto::membership_server::MembershipServer::new(MembershipService::new(
                 shared.clone(),
-                leases,
+                leases.clone(),
                 dns,
             ))
             .max_decoding_message_size(dlb::model::MAX_MESSAGE_BYTES)
@@ -371,6 +371,7 @@ async fn start(
             shared: shared.clone(),
             xds_clients: xds_clients.clone(),
             coordination: coordination.clone(),
+            leases: leases.clone(),
             auth: config.auth.clone(),
             store_kind: match &config.store {
                 crate::config::StoreConfig::Memory => "memory",

@@ -130,7 +130,7 @@ impl Page {
             self.overview = serde_json::to_string(&model::overview(&self.status)).ok();
             return None;
         };
-        let view = model::service(&self.status, &name).await?;
+        let view = model::service_with(&self.status, &name, false).await?;
         self.followers = view.followers.clone();
         if rendered == Some(view.summary.version) {
             self.version = rendered;
@@ -188,7 +188,7 @@ impl Page {
         if !(ticked || version != self.version) {
             return None;
         }
-        let view = model::service(&self.status, name).await?;
+        let view = model::service_with(&self.status, name, false).await?;
         let followers = (view.followers != self.followers).then_some(view.followers.as_slice());
         if version != self.version {
             self.version = version;

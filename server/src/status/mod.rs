@@ -2,7 +2,8 @@
 //! (`--metrics-listen`, loopback by default) next to `/metrics`.
 //!
 //! * `model` — the data ([`model::Overview`], [`model::ServiceView`]) built from the snapshot
-//!   cache, the checker, the load reports, circuits, xDS clients, replicas and readiness;
+//!   cache, the checker, the load reports, circuits, leases, replicas and readiness;
+//! * `followers` — the SDK sessions and xDS clients following a service, and which lag;
 //! * `access` — the read-token rule (bearer header or the login form's cookie);
 //! * `page` — the HTML (maud templates) and the compiled-in assets (`assets/`);
 //! * `live` — the server-sent events an open page follows (`GET /api/events`);
@@ -14,6 +15,7 @@
 //! over its command channel, everything else is copied out under short locks).
 
 pub mod access;
+pub mod followers;
 pub mod live;
 pub mod model;
 pub mod page;
@@ -32,12 +34,13 @@ use crate::api::Shared;
 use crate::replicas::Coordination;
 
 /// What the page reads: the front-ends' shared handles (cache, checker, loads, reports,
-/// circuits, sessions, readiness), the xDS clients, the replica set, the tokens and the store's
-/// kind.
+/// circuits, sessions and their acks, readiness), the xDS clients, the replica set, the lease
+/// keeper (lease ages), the tokens and the store's kind.
 pub struct Status {
     pub(crate) shared: Arc<Shared>,
     pub(crate) xds_clients: Arc<XdsClients>,
     pub(crate) coordination: Arc<dyn Coordination>,
+    pub(crate) leases: Arc<dyn crate::membership::leases::Leases>,
     pub(crate) auth: AuthConfig,
     pub(crate) store_kind: &'static str,
 }

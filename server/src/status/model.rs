@@ -8,13 +8,14 @@
 //! and readiness. Nothing here writes. Cost: O(services) for the overview, O(backends +
 //! followers) for a service.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
 use dlb::proto;
 use serde::Serialize;
 
+pub use super::followers::Follower;
 use super::Status;
-use crate::api::xds;
 
 /// Everything on the overview.
 #[derive(Debug, Clone, Serialize)]
@@ -108,7 +109,8 @@ pub struct ServiceView {
     pub policy: PolicyView,
     /// Each backend, ordered by id.
     pub servers: Vec<BackendView>,
-    /// xDS clients following the service, with the version each acknowledged.
+    /// The clients on this replica following the service (SDK sessions, xDS streams), with
+    /// the version each acknowledged.
     pub followers: Vec<Follower>,
 }
 
@@ -125,6 +127,45 @@ pub struct PolicyView {
     pub health_check: bool,
 }
 
+/// A backend's locality (Envoy's `core.Locality`); empty parts are left out.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct LocalityView {
+    /// The region.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub region: String,
+    /// The zone.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub zone: String,
+    /// The sub-zone.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub sub_zone: String,
+}
+
+impl LocalityView {
+    fn of(l: Option<&proto::Locality>) -> Option<Self> {
+        let l = l?;
+        if l.region.is_empty() && l.zone.is_empty() && l.sub_zone.is_empty() {
+            return None;
+        }
+        Some(Self {
+            region: l.region.clone(),
+            zone: l.zone.clone(),
+            sub_zone: l.sub_zone.clone(),
+        })
+    }
+
+    /// `region/zone/sub_zone`, down to the last part set (a zone needs a region, a sub-zone
+    /// a zone, so the parts are never ambiguous).
+    fn display(&self) -> String {
+        [&self.region, &self.zone, &self.sub_zone]
+            .into_iter()
+            .filter(|p| !p.is_empty())
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join("/")
+    }
+}
+
 /// One backend.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct BackendView {
@@ -132,9 +173,14 @@ pub struct BackendView {
     pub id: String,
     /// `host:port`.
     pub address: String,
-    /// The `zone` metadata label, if any.
+    /// Where it runs, `region/zone` (`/sub_zone` when set), when it has a locality.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
+    /// Its locality field by field, when it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub locality: Option<LocalityView>,
+    /// Its failover priority (0: primary).
+    pub priority: u32,
     /// Every metadata label.
     pub metadata: BTreeMap<String, String>,
     /// The configured weight.
@@ -177,26 +223,13 @@ pub struct BackendView {
     /// The lease's TTL in seconds (lease-sourced backends).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lease_ttl_seconds: Option<u32>,
+    /// Seconds since the lease was last renewed (TTL minus the time left), as of this answer;
+    /// absent when not known (live updates leave it out: it changes every second).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_age_seconds: Option<u64>,
     /// The DNS name it was found under (dns-sourced backends).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dns_name: Option<String>,
-}
-
-/// An xDS client following a service.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct Follower {
-    /// `xds-sotw` or `xds-delta`.
-    pub protocol: String,
-    /// The stream's id.
-    pub stream: u64,
-    /// `node.id` (escaped, truncated).
-    pub node_id: String,
-    /// The peer's address.
-    pub peer: String,
-    /// The last version it acknowledged for the service's endpoints (empty: none yet).
-    pub acked_version: String,
-    /// Whether that version is older than the service's (or none is acknowledged yet).
-    pub lagging: bool,
 }
 
 fn algorithm(policy: &proto::Policy) -> &'static str {
@@ -296,9 +329,42 @@ fn source(s: &proto::Server) -> &'static str {
     }
 }
 
-/// A service's page; `None` when it does not exist.
+/// Longest wait for the lease keeper's answer (on etcd a lease's time to live is one RPC);
+/// past it the page shows TTLs without ages.
+const LEASE_WAIT: Duration = Duration::from_millis(500);
+
+/// Seconds since each lease of `service` was renewed, by backend id (empty when the keeper
+/// does not answer in time).
+async fn lease_ages(status: &Status, service: &str) -> HashMap<String, u64> {
+    let list = tokio::time::timeout(LEASE_WAIT, status.leases.list(service.to_owned())).await;
+    match list {
+        Ok(Ok(leases)) => leases
+            .into_iter()
+            .map(|l| (l.server_id, l.ttl.saturating_sub(l.remaining).as_secs()))
+            .collect(),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, service, "status page: leases not listed");
+            HashMap::new()
+        }
+        Err(_) => HashMap::new(),
+    }
+}
+
+/// A service's page, with lease ages; `None` when it does not exist.
 pub async fn service(status: &Status, name: &str) -> Option<ServiceView> {
+    service_with(status, name, true).await
+}
+
+/// A service's page; lease ages only when `with_leases` (the live updates leave them out: they
+/// change every second, and on etcd each costs an RPC). `None` when it does not exist.
+pub async fn service_with(status: &Status, name: &str, with_leases: bool) -> Option<ServiceView> {
     let snap = status.shared.cache.get(name)?;
+    let leased = snap.servers.values().any(|s| source(s) == "lease");
+    let ages = if with_leases && leased {
+        lease_ages(status, name).await
+    } else {
+        HashMap::new()
+    };
     let probes: BTreeMap<String, _> = status
         .shared
         .health
@@ -316,10 +382,13 @@ pub async fn service(status: &Status, name: &str) -> Option<ServiceView> {
             let probe = probes.get(&s.server_id);
             let rates = rates.remove(&s.server_id).unwrap_or_default();
             let circuit = circuits.get(&s.server_id).copied().unwrap_or_default();
+            let locality = LocalityView::of(s.locality.as_ref());
             BackendView {
                 id: s.server_id.clone(),
                 address: s.address.clone(),
-                zone: s.metadata.get("zone").cloned(),
+                zone: locality.as_ref().map(LocalityView::display),
+                locality,
+                priority: s.priority,
                 metadata: s
                     .metadata
                     .iter()
@@ -356,11 +425,12 @@ pub async fn service(status: &Status, name: &str) -> Option<ServiceView> {
                 circuit_half_open: circuit.half_open,
                 source: source(s),
                 lease_ttl_seconds: (s.lease_ttl_seconds > 0).then_some(s.lease_ttl_seconds),
+                lease_age_seconds: ages.get(&s.server_id).copied(),
                 dns_name: (!s.dns_name.is_empty()).then(|| s.dns_name.clone()),
             }
         })
         .collect();
-    let followers = followers(status, &snap);
+    let followers = super::followers::followers(status, name, snap.version.version);
     let policy = PolicyView {
         algorithm: algorithm(&snap.policy),
         panic_threshold_percent: snap
@@ -377,31 +447,4 @@ pub async fn service(status: &Status, name: &str) -> Option<ServiceView> {
         servers,
         followers,
     })
-}
-
-/// The EDS type URL: the resource whose acked version says which endpoints a client holds.
-const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
-
-fn followers(status: &Status, snap: &crate::store::ServiceSnapshot) -> Vec<Follower> {
-    let epoch = status.shared.cache.epoch();
-    status
-        .xds_clients
-        .list()
-        .into_iter()
-        .filter_map(|c| {
-            let t = c.types.get(EDS)?;
-            if !(t.wildcard || t.names.contains(&snap.name)) {
-                return None;
-            }
-            let acked = xds::claim(&t.acked_version, epoch);
-            Some(Follower {
-                protocol: format!("xds-{}", c.protocol),
-                stream: c.stream,
-                node_id: c.node_id.clone(),
-                peer: c.peer.clone(),
-                acked_version: t.acked_version.clone(),
-                lagging: acked.is_none_or(|r| r < snap.version.version),
-            })
-        })
-        .collect()
 }

@@ -124,7 +124,8 @@ fn row(b: &BackendView) -> Markup {
         // row counts 1,000 times on a big service.
         tr {
             td { (b.id) }
-            td { (b.address) @if let Some(z) = &b.zone { " " small { (z) } } }
+            td { (b.address) }
+            td { @if let Some(z) = &b.zone { (z) " " } "p" (b.priority) }
             td { (b.weight) @if b.effective_weight != b.weight { "→" (b.effective_weight) } }
             td class=(class) { (text) }
             td { (b.reason) }
@@ -133,17 +134,45 @@ fn row(b: &BackendView) -> Markup {
             td { (rate(b.requests_per_s)) @if b.errors_per_s > 0.0 { " / " (rate(b.errors_per_s)) } }
             td {}
             td { @if b.circuit_open + b.circuit_half_open > 0 { (b.circuit_open) "/" (b.circuit_half_open) } }
-            td { (b.source) @if let Some(t) = b.lease_ttl_seconds { " " (t) "s" } @if let Some(d) = &b.dns_name { " " (d) } }
-            td { @for (k, v) in &b.metadata { @if k != "zone" { (k) "=" (v) " " } } }
+            td data-age=[b.lease_age_seconds] { (source(b)) }
+            td { @for (k, v) in &b.metadata { (k) "=" (v) " " } }
         }
+    }
+}
+
+/// The source cell: `api`, `lease AGEs/TTLs` (`lease TTLs` when the age is not known) or
+/// `dns NAME`. The script builds the same text (`status.js`, `sourceText`).
+fn source(b: &BackendView) -> String {
+    let mut s = b.source.to_owned();
+    if let Some(ttl) = b.lease_ttl_seconds {
+        match b.lease_age_seconds {
+            Some(age) => s.push_str(&format!(" {age}s/{ttl}s")),
+            None => s.push_str(&format!(" {ttl}s")),
+        }
+    }
+    if let Some(d) = &b.dns_name {
+        s.push(' ');
+        s.push_str(d);
+    }
+    s
+}
+
+/// The follower's state cell: `in step`, `behind` (within the grace) or `lagging`.
+pub fn follower_state(f: &Follower) -> &'static str {
+    match (f.lagging, f.behind_ms.is_some()) {
+        (true, _) => "lagging",
+        (false, true) => "behind",
+        (false, false) => "in step",
     }
 }
 
 fn follower(f: &Follower) -> Markup {
     html! {
         tr .bad[f.lagging] {
-            td { (f.protocol) } td { (f.stream) } td { (f.node_id) } td { (f.peer) }
-            td { (f.acked_version) } td { @if f.lagging { "lagging" } @else { "in step" } }
+            td { (f.kind) } td { (f.protocol) } td { (f.stream) } td { (f.client_id) } td { (f.peer) }
+            td { (f.acked_version) }
+            td { @if let Some(ms) = f.behind_ms { (ms) " ms" } }
+            td { (follower_state(f)) }
         }
     }
 }
@@ -152,6 +181,8 @@ fn follower(f: &Follower) -> Markup {
 pub fn service(v: &ServiceView) -> Markup {
     let s = &v.summary;
     let body = html! {
+        p .note { "Rates: requests this replica's SDKs reported (with several replicas, each shows its own share). Clients: those connected to this replica; lagging = behind the service's version for more than "
+            (super::followers::LAG_GRACE.as_secs()) " s." }
         table #summary {
             thead { tr {
                 th { "version" } th { "policy" } th { "backends" } th { "eligible" }
@@ -166,18 +197,22 @@ pub fn service(v: &ServiceView) -> Markup {
         }
         table #backends {
             thead { tr {
-                th { "backend" } th { "address" } th { "weight" } th { "state" } th { "reason" }
-                th { "probe" } th { "in flight" } th { "req/s / err/s" } th { "trend (2 min)" }
-                th { "circuits open/half" } th { "source" } th { "metadata" }
+                th { "backend" } th { "address" } th title="region/zone/sub_zone, priority" { "zone · prio" }
+                th { "weight" } th { "state" } th { "reason" }
+                th { "probe" } th { "in flight" } th { "req/s / err/s" } th { "trend (1 min)" }
+                th { "circuits open/half" }
+                th title="lease: age (at page load or last change) / TTL" { "source" }
+                th { "metadata" }
             } }
             tbody {
                 @for b in &v.servers { (row(b)) }
             }
         }
-        h2 { "xDS followers" }
+        h2 { "Clients following it on this replica" }
         table #followers {
             thead { tr {
-                th { "protocol" } th { "stream" } th { "node" } th { "peer" } th { "acked version" } th { "" }
+                th { "kind" } th { "protocol" } th { "stream" } th { "client" } th { "peer" }
+                th { "acked version" } th { "behind" } th { "" }
             } }
             tbody { @for f in &v.followers { (follower(f)) } }
         }

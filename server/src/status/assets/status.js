@@ -71,27 +71,42 @@
   }
 
   // ---- a service ----
+  // Cells of a backend row (the order of page.rs's `row`).
+  const ID = 0, ADDR = 1, ZONE = 2, WEIGHT = 3, STATE = 4, REASON = 5, PROBE = 6, INFLIGHT = 7,
+    RATES = 8, TREND = 9, CIRCUITS = 10, SOURCE = 11, META = 12;
+  // As page.rs's `source`: a live update carries no lease age (it changes every second), so
+  // the age shown at load (the cell's data-age) is kept.
+  function sourceText(td, b) {
+    if (b.lease_age_seconds !== undefined) td.dataset.age = String(b.lease_age_seconds);
+    let t = b.source;
+    if (b.lease_ttl_seconds) {
+      t += " " + (td.dataset.age !== undefined ? td.dataset.age + "s/" : "") + b.lease_ttl_seconds + "s";
+    }
+    if (b.dns_name) t += " " + b.dns_name;
+    return t;
+  }
   function backendRow(tr, b) {
-    set(tr, 0, b.id);
-    set(tr, 1, b.address + (b.zone ? " " + b.zone : ""));
-    set(tr, 2, String(b.weight) + (b.effective_weight !== b.weight ? "\u2192" + b.effective_weight : ""));
+    set(tr, ID, b.id);
+    set(tr, ADDR, b.address);
+    set(tr, ZONE, (b.zone ? b.zone + " " : "") + "p" + b.priority);
+    set(tr, WEIGHT, String(b.weight) + (b.effective_weight !== b.weight ? "\u2192" + b.effective_weight : ""));
     const st = b.eligible ? ["ok", "eligible"] : b.health === "unhealthy" ? ["bad", "unhealthy"] : ["warn", "draining"];
-    set(tr, 3, st[1], st[0]);
-    set(tr, 4, b.reason);
-    set(tr, 5, (b.probe || "") + (b.probe_rtt_us !== undefined ? " " + Math.floor(b.probe_rtt_us / 1000) + "ms" : ""));
-    set(tr, 6, String(b.in_flight));
+    set(tr, STATE, st[1], st[0]);
+    set(tr, REASON, b.reason);
+    set(tr, PROBE, (b.probe || "") + (b.probe_rtt_us !== undefined ? " " + Math.floor(b.probe_rtt_us / 1000) + "ms" : ""));
+    set(tr, INFLIGHT, String(b.in_flight));
     ratesCell(tr, b.requests_per_s, b.errors_per_s);
-    cell(tr, 8);
+    cell(tr, TREND);
     const c = b.circuit_open + b.circuit_half_open;
-    set(tr, 9, c > 0 ? b.circuit_open + "/" + b.circuit_half_open : "");
-    set(tr, 10, b.source + (b.lease_ttl_seconds ? " " + b.lease_ttl_seconds + "s" : "") + (b.dns_name ? " " + b.dns_name : ""));
-    set(tr, 11, Object.entries(b.metadata).filter(([k]) => k !== "zone").map(([k, v]) => k + "=" + v + " ").join(""));
+    set(tr, CIRCUITS, c > 0 ? b.circuit_open + "/" + b.circuit_half_open : "");
+    set(tr, SOURCE, sourceText(cell(tr, SOURCE), b));
+    set(tr, META, Object.entries(b.metadata).map(([k, v]) => k + "=" + v + " ").join(""));
   }
   function ratesCell(tr, r, e) {
-    set(tr, 7, rate(r) + (e > 0 ? " / " + rate(e) : ""));
+    set(tr, RATES, rate(r) + (e > 0 ? " / " + rate(e) : ""));
   }
   function spark(tr, values) {
-    const td = cell(tr, 8);
+    const td = cell(tr, TREND);
     const NS = "http://www.w3.org/2000/svg";
     let svg = td.firstChild;
     if (!svg) {
@@ -112,13 +127,16 @@
     while (t.length > POINTS) t.shift();
     return t;
   }
+  // As page.rs's `follower`.
   function followers(list) {
     const tbody = document.querySelector("#followers tbody");
     tbody.replaceChildren();
     for (const f of list) {
       const tr = tbody.insertRow();
       if (f.lagging) tr.className = "bad";
-      [f.protocol, String(f.stream), f.node_id, f.peer, f.acked_version, f.lagging ? "lagging" : "in step"]
+      const state = f.lagging ? "lagging" : f.behind_ms !== undefined ? "behind" : "in step";
+      [f.kind, f.protocol, String(f.stream), f.client_id, f.peer, String(f.acked_version),
+        f.behind_ms !== undefined ? f.behind_ms + " ms" : "", state]
         .forEach((t, i) => set(tr, i, t));
     }
   }
