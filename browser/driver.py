@@ -2,8 +2,9 @@
 """Drives Debian's headless Chromium for the status page's browser test
 (server/tests/status_browser.rs), one command per stdin line, one JSON answer per stdout line:
 
-  open URL                 load a page; answers {"ms": navigation start to the load event, "fcp":
-                           to the first contentful paint (ms), "bytes": first-load bytes, "url"}
+  open URL                 load a page; answers, in ms from the navigation's start: "ttfb" (first
+                           byte), "html" (the document received), "fcp" (first contentful paint),
+                           "ms" (the load event's end); "bytes" (first-load bytes), "url"
   js CODE                  run `return (CODE)` in the page; answers its value
   wait MS CODE             poll `CODE` every 10 ms until truthy; answers {"ms": elapsed} or {"timeout": true}
   screenshot PATH          save a PNG of the window
@@ -39,11 +40,20 @@ def main():
             cmd, _, rest = line.rstrip("\n").partition(" ")
             if cmd == "open":
                 driver.get(rest)
+                # The load event's end and the first paint are recorded just after `get`
+                # returns: wait for both (at most 10 s), then read them.
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline and not driver.execute_script(
+                        "const n = performance.getEntriesByType('navigation')[0];"
+                        "return n && n.loadEventEnd > 0 && "
+                        "performance.getEntriesByName('first-contentful-paint').length > 0;"):
+                    time.sleep(0.01)
                 nav = driver.execute_script(
                     "const n = performance.getEntriesByType('navigation')[0];"
                     "const r = performance.getEntriesByType('resource');"
                     "const p = performance.getEntriesByName('first-contentful-paint')[0];"
                     "return {ms: n.loadEventEnd - n.startTime, fcp: p ? p.startTime : null, "
+                    "ttfb: n.responseStart - n.startTime, html: n.responseEnd - n.startTime, "
                     "bytes: n.encodedBodySize + r.reduce((a, e) => a + e.encodedBodySize, 0), "
                     "url: location.pathname};")
                 out(nav)

@@ -88,6 +88,7 @@ pub fn overview(o: &Overview) -> Markup {
                 dt { "xDS clients" } dd #r-xds { (o.xds_clients) }
             }
         }
+        p .note { "Requests and errors: the load reports this replica received (with several replicas, each shows its own share). Sessions and xDS clients: those connected to this replica." }
         table #services {
             thead { tr {
                 th { "service" } th { "backends" } th { "eligible" } th { "unhealthy" }
@@ -197,10 +198,10 @@ pub fn service(v: &ServiceView) -> Markup {
         }
         table #backends {
             thead { tr {
-                th { "backend" } th { "address" } th title="region/zone/sub_zone, priority" { "zone · prio" }
+                th { "backend" } th { "address" } th title="region/zone/sub_zone, priority" { "zone" }
                 th { "weight" } th { "state" } th { "reason" }
-                th { "probe" } th { "in flight" } th { "req/s / err/s" } th { "trend (1 min)" }
-                th { "circuits open/half" }
+                th { "probe" } th { "in flight" } th title="requests/s / errors/s" { "req/s" }
+                th { "trend (1 min)" } th title="SDK circuit breakers open/half-open" { "circuits" }
                 th title="lease: age (at page load or last change) / TTL" { "source" }
                 th { "metadata" }
             } }
