@@ -48,7 +48,7 @@ async fn changes(
             service: "s".into(),
             server_id: format!("b{}", (n / 2) as usize % backends),
         };
-        if n % 2 == 0 {
+        if n.is_multiple_of(2) {
             c.health_check_failed(req).await?;
         } else {
             c.health_check_passed(req).await?;
