@@ -58,6 +58,12 @@ impl Events {
 
     /// The next event other than `rates`/`trends` (those follow traffic, not changes).
     async fn next(&mut self) -> (String, Value) {
+        self.next_of(&|name| name != "rates" && name != "trends")
+            .await
+    }
+
+    /// The next event whose name passes `keep`.
+    async fn next_of(&mut self, keep: &dyn Fn(&str) -> bool) -> (String, Value) {
         loop {
             while let Some(at) = self.buf.find("event: ") {
                 let rest = &self.buf[at + 7..];
@@ -70,7 +76,7 @@ impl Events {
                     .filter_map(|l| l.strip_prefix("data: "))
                     .collect::<Vec<_>>()
                     .join("\n");
-                if name != "rates" && name != "trends" {
+                if keep(&name) {
                     return (name, serde_json::from_str(&data).unwrap_or(Value::Null));
                 }
             }
@@ -156,6 +162,48 @@ async fn an_open_page_gets_one_small_event_per_change() {
     assert_eq!(e["upsert"][0]["id"], "new-1", "{e}");
     assert_eq!(e["upsert"].as_array().unwrap().len(), 1);
     assert_eq!(e["summary"]["backends"]["total"], 51);
+
+    // A removal: its id, no row.
+    c.remove_server(dlb::proto::RemoveServerRequest {
+        service: String::new(),
+        server_id: "b-03".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (name, e) = events.next().await;
+    assert_eq!(name, "service");
+    assert_eq!(e["remove"], serde_json::json!(["b-03"]), "{e}");
+    assert!(e["upsert"].as_array().unwrap().is_empty(), "{e}");
+    assert_eq!(e["summary"]["backends"]["total"], 50);
+
+    // In-flight moves without a version change: the tick sends that row alone.
+    let mut s = Session::open(&server, subscribe(&[("", None)])).await;
+    s.update().await;
+    s.send(dlb::proto::client_message::Kind::LoadReport(
+        dlb::proto::LoadReport {
+            service: String::new(),
+            backends: vec![dlb::proto::BackendLoad {
+                server_id: "b-10".into(),
+                in_flight: 5,
+                successes: 1,
+                ..Default::default()
+            }],
+            interval_ms: 1000,
+        },
+    ))
+    .await;
+    loop {
+        let (_, e) = events.next_of(&|name| name == "rates").await;
+        let Some(upsert) = e.get("upsert") else {
+            continue;
+        };
+        let upsert = upsert.as_array().unwrap();
+        assert_eq!(upsert.len(), 1, "only the row that moved: {e}");
+        assert_eq!(upsert[0]["id"], "b-10");
+        assert_eq!(upsert[0]["in_flight"], 5);
+        break;
+    }
 
     // The overview page hears of it too.
     let (name, o) = overview.next().await;

@@ -2,19 +2,23 @@
 //! (`GET /api/events?service=NAME`, or without `service` for the overview).
 //!
 //! The stream follows the snapshot cache's revision (`Cache::revisions`): when it moves, the
-//! page's service is looked up (O(1)); if its version changed, the backends are rebuilt and
-//! only the rows that differ from what this stream last sent go out, in one `service` event
-//! (`{"summary", "upsert": [rows], "remove": [ids]}`). A change thus costs one small event per
-//! open page, and a change to another service costs that page nothing but the lookup. Every
-//! [`TICK`] a `rates` event carries the last second's requests and errors of the backends that
-//! have traffic (the sparklines), and the followers and summary when they changed. The
+//! page's service is looked up (O(1)); if its version changed, the backends the changes touched
+//! (their ids from the cache's history, [`Cache::catch_up`](crate::cache::Cache::catch_up);
+//! every backend when it does not reach back) are rebuilt and only the rows that differ from
+//! what this stream last sent go out, in one `service` event (`{"summary", "upsert": [rows],
+//! "remove": [ids]}`). A change thus costs one small event per open page and O(changed) rows,
+//! and a change to another service costs that page nothing but the lookup. Every [`TICK`] a
+//! `rates` event carries the last second's requests and errors of the backends that have
+//! traffic (the sparklines), the followers and summary when they changed, and the rows whose
+//! in-flight, probe or circuit columns moved without a version change (O(backends) once a
+//! second). The
 //! overview page gets an `overview` event (the whole [`Overview`], O(services)) when it changed.
 //!
 //! No task: the stream is a `futures::stream::unfold` polled by the connection. It ends when
 //! the client goes away (the connection drops it) or the server shuts down (it watches the
 //! [`Shutdown`](crate::Shutdown) signal), so a graceful shutdown never waits for an open page.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -27,6 +31,7 @@ use tokio::sync::watch;
 
 use super::model::{self, BackendView, Follower, Overview, ServiceSummary};
 use super::Status;
+use crate::cache::Catchup;
 
 /// How often the rates (sparklines), followers and overview are refreshed.
 pub const TICK: Duration = Duration::from_secs(1);
@@ -52,6 +57,9 @@ struct Rates<'a> {
     backends: HashMap<&'a str, [f64; 4]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     followers: Option<&'a [Follower]>,
+    /// Rows whose in-flight, probe or circuit columns moved since they were last sent.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    upsert: Vec<&'a BackendView>,
 }
 
 /// What one stream last sent.
@@ -130,7 +138,7 @@ impl Page {
             self.overview = serde_json::to_string(&model::overview(&self.status)).ok();
             return None;
         };
-        let view = model::service_with(&self.status, &name, false).await?;
+        let view = model::service_with(&self.status, &name, false, None).await?;
         self.followers = view.followers.clone();
         if rendered == Some(view.summary.version) {
             self.version = rendered;
@@ -188,38 +196,20 @@ impl Page {
         if !(ticked || version != self.version) {
             return None;
         }
-        let view = model::service_with(&self.status, name, false).await?;
-        let followers = (view.followers != self.followers).then_some(view.followers.as_slice());
         if version != self.version {
-            self.version = version;
-            let mut upsert = Vec::new();
-            let mut seen = std::collections::HashSet::new();
-            for b in &view.servers {
-                seen.insert(b.id.as_str());
-                let s = steady(b);
-                if self.rows.get(&b.id) != Some(&s) {
-                    upsert.push(b);
-                    self.rows.insert(b.id.clone(), s);
-                }
+            return self.changed(name).await;
+        }
+        // The tick: the rates, and the rows whose other live columns (in-flight, probe,
+        // circuits) moved without a version change. O(backends), once a second.
+        let view = model::service_with(&self.status, name, false, None).await?;
+        let followers = (view.followers != self.followers).then_some(view.followers.as_slice());
+        let mut upsert = Vec::new();
+        for b in &view.servers {
+            let s = steady(b);
+            if self.rows.get(&b.id).is_some_and(|r| *r != s) {
+                upsert.push(b);
+                self.rows.insert(b.id.clone(), s);
             }
-            let remove: Vec<&str> = self
-                .rows
-                .keys()
-                .filter(|id| !seen.contains(id.as_str()))
-                .map(String::as_str)
-                .collect();
-            let e = event(
-                "service",
-                &Change {
-                    summary: &view.summary,
-                    upsert,
-                    remove,
-                    followers,
-                },
-            );
-            self.rows.retain(|id, _| seen.contains(id.as_str()));
-            self.followers = view.followers.clone();
-            return e;
         }
         let backends = view
             .servers
@@ -239,7 +229,7 @@ impl Page {
             })
             .collect::<HashMap<_, _>>();
         let traffic = !backends.is_empty();
-        if !traffic && !self.had_traffic && followers.is_none() {
+        if !traffic && !self.had_traffic && followers.is_none() && upsert.is_empty() {
             return None;
         }
         self.had_traffic = traffic;
@@ -248,6 +238,70 @@ impl Page {
             &Rates {
                 summary: &view.summary,
                 backends,
+                followers,
+                upsert,
+            },
+        );
+        self.followers = view.followers.clone();
+        e
+    }
+
+    /// The `service` event after the service's version moved: the rows of the backends the
+    /// changes touched (from the cache's history; every row when it does not reach back to the
+    /// version this page holds).
+    async fn changed(&mut self, name: &str) -> Option<Event> {
+        let touched = self.version.and_then(|held| {
+            match self.status.shared.cache.catch_up(name, Some(held)) {
+                Catchup::Delta {
+                    version, changes, ..
+                } => {
+                    let mut ids = BTreeSet::new();
+                    for c in &changes {
+                        ids.extend(c.upserts.iter().map(|s| s.server_id.clone()));
+                        ids.extend(c.removals.iter().cloned());
+                    }
+                    Some((ids, version))
+                }
+                _ => None,
+            }
+        });
+        let only = touched.as_ref().map(|(ids, _)| ids);
+        let view = model::service_with(&self.status, name, false, only).await?;
+        let followers = (view.followers != self.followers).then_some(view.followers.as_slice());
+        // A change newer than the delta's end is handled on the next pass (the revision
+        // watch has fired for it).
+        self.version = Some(touched.as_ref().map_or(view.summary.version, |t| t.1));
+        let mut upsert = Vec::new();
+        let seen: HashSet<&str> = view.servers.iter().map(|b| b.id.as_str()).collect();
+        for b in &view.servers {
+            let s = steady(b);
+            if self.rows.get(&b.id) != Some(&s) {
+                upsert.push(b);
+                self.rows.insert(b.id.clone(), s);
+            }
+        }
+        let remove: Vec<String> = match only {
+            Some(ids) => ids
+                .iter()
+                .filter(|id| !seen.contains(id.as_str()) && self.rows.contains_key(*id))
+                .cloned()
+                .collect(),
+            None => self
+                .rows
+                .keys()
+                .filter(|id| !seen.contains(id.as_str()))
+                .cloned()
+                .collect(),
+        };
+        for id in &remove {
+            self.rows.remove(id);
+        }
+        let e = event(
+            "service",
+            &Change {
+                summary: &view.summary,
+                upsert,
+                remove: remove.iter().map(String::as_str).collect(),
                 followers,
             },
         );

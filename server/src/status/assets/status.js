@@ -165,6 +165,8 @@
   }
   function rates(r) {
     const rows = rowsById(document.querySelector("#backends tbody"));
+    // Rows whose in-flight, probe or circuit columns moved (no version change).
+    for (const b of r.upsert || []) { const tr = rows.get(b.id); if (tr) backendRow(tr, b); }
     for (const [id, tr] of rows) {
       const v = r.backends[id];
       if (v) {
