@@ -116,7 +116,9 @@ pub fn followers(status: &Status, service: &str, version: u64) -> Vec<Follower> 
             )
         })
         .collect();
-    let current = xds::built(cache, xds::resources::ENDPOINTS, service).map(|b| b.held());
+    // The current endpoints, built (or taken from the cache's memo) only when an xDS client
+    // follows the service and has not acknowledged the current version.
+    let mut current: Option<Option<xds::clients::Held>> = None;
     for c in status.shared.xds_clients.list() {
         let Some(t) = c.types.get(xds::resources::ENDPOINTS) else {
             continue;
@@ -126,7 +128,13 @@ pub fn followers(status: &Status, service: &str, version: u64) -> Vec<Follower> 
         }
         let acked = c.endpoints_acked.get(service);
         let in_step = acked.is_some_and(|a| {
-            a.version >= version || current.as_ref().is_some_and(|cur| cur.hash == a.hash)
+            a.version >= version
+                || current
+                    .get_or_insert_with(|| {
+                        xds::built(cache, xds::resources::ENDPOINTS, service).map(|b| b.held())
+                    })
+                    .as_ref()
+                    .is_some_and(|cur| cur.hash == a.hash)
         });
         let held = acked.map_or(0, |a| a.version);
         let behind = if in_step {
