@@ -197,6 +197,10 @@ async fn overview_and_service_show_state_reasons_rates_and_metadata() {
     let (code, e) = get_json(addr, "/api/services/nope", "").await;
     assert_eq!(code, 404);
     assert!(e["error"].as_str().unwrap().contains("nope"), "{e}");
+    // The event stream of a service that does not exist: the same 404, not a silent stream.
+    let (code, e) = get_json(addr, "/api/events?service=nope&version=1", "").await;
+    assert_eq!(code, 404);
+    assert!(e["error"].as_str().unwrap().contains("nope"), "{e}");
     server.shutdown().await.unwrap();
 }
 

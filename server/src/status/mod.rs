@@ -158,7 +158,25 @@ async fn events(
             _ => {}
         }
     }
+    if let Some(name) = &service {
+        if status.shared.cache.get(name).is_none() {
+            return not_found(name);
+        }
+    }
     live::stream(status, service, version).into_response()
+}
+
+/// `404` with `{"error": "service: \"NAME\" does not exist"}` (the name escaped, truncated).
+fn not_found(name: &str) -> Response {
+    json(
+        StatusCode::NOT_FOUND,
+        &ApiError {
+            error: format!(
+                "service: {:?} does not exist",
+                crate::api::xds::clients::escaped(name, 256)
+            ),
+        },
+    )
 }
 
 #[derive(serde::Serialize)]
@@ -183,15 +201,7 @@ async fn api_service(
     }
     match model::service(&status, &name).await {
         Some(view) => json(StatusCode::OK, &view),
-        None => json(
-            StatusCode::NOT_FOUND,
-            &ApiError {
-                error: format!(
-                    "service: {:?} does not exist",
-                    crate::api::xds::clients::escaped(&name, 256)
-                ),
-            },
-        ),
+        None => not_found(&name),
     }
 }
 
