@@ -369,3 +369,94 @@ async fn followers_show_acked_versions_and_only_real_laggards_lag() {
     drop((prompt, stuck));
     server.shutdown().await.unwrap();
 }
+
+async fn next_response(
+    responses: &mut tonic::Streaming<
+        envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse,
+    >,
+) -> envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse {
+    tokio::time::timeout(WAIT, responses.message())
+        .await
+        .expect("no xDS response in time")
+        .unwrap()
+        .expect("the stream ended")
+}
+
+#[tokio::test]
+async fn an_xds_client_that_acked_is_in_step_and_one_that_stopped_lags() {
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+    let server = server(AuthConfig::default()).await;
+    let addr = server.metrics_addr().unwrap();
+    let mut c = registry(&server).await;
+    c.add_server(add("svc", "a", "10.0.0.1:80", 1))
+        .await
+        .unwrap();
+    let mut ads = AggregatedDiscoveryServiceClient::new(channel(&server).await);
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let mut responses = ads
+        .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let request = |version: &str, nonce: &str| DiscoveryRequest {
+        node: Some(Node {
+            id: "node-1".into(),
+            ..Default::default()
+        }),
+        type_url: EDS.into(),
+        resource_names: vec!["svc".into()],
+        version_info: version.into(),
+        response_nonce: nonce.into(),
+        ..Default::default()
+    };
+    tx.send(request("", "")).await.unwrap();
+    let r = next_response(&mut responses).await;
+    tx.send(request(&r.version_info, &r.nonce)).await.unwrap();
+
+    let xds_follower = |service: &Value| {
+        service["followers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["kind"] == "xds")
+            .cloned()
+    };
+    let version = server.cache().get("svc").unwrap().version.version;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (_, service) = get_json(addr, "/api/services/svc", "").await;
+        if let Some(f) = xds_follower(&service).filter(|f| f["acked_version"] == version) {
+            assert_eq!(f["protocol"], "xds-sotw");
+            assert_eq!(f["client_id"], "node-1");
+            assert_eq!(f["lagging"], false, "{f}");
+            assert!(f.get("behind_ms").is_none(), "{f}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{service}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // A change it receives but never acknowledges: lagging once the grace has passed.
+    c.add_server(add("svc", "b", "10.0.0.2:80", 1))
+        .await
+        .unwrap();
+    next_response(&mut responses).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (_, service) = get_json(addr, "/api/services/svc", "").await;
+        let f = xds_follower(&service).unwrap();
+        if f["lagging"] == true {
+            assert_eq!(f["acked_version"], version);
+            assert!(f["behind_ms"].as_u64().unwrap() > 2000, "{f}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{service}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    drop(tx);
+    server.shutdown().await.unwrap();
+}
