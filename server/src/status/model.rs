@@ -4,9 +4,10 @@
 //! Built on request from the handles in [`Status`](super::Status): the snapshot cache (backends,
 //! effective state and reason, policy, panic), the active checker's views (probe state and
 //! RTT), the load tracker (global in-flight), the reports' [`Rates`](crate::reports::rates),
-//! the circuit tracker, the xDS clients (followers and their acked versions), the replica set
-//! and readiness. Nothing here writes. Cost: O(services) for the overview, O(backends +
-//! followers) for a service.
+//! the circuit tracker, the lease keeper (lease ages), the followers ([`super::followers`]:
+//! SDK sessions and xDS clients with their acked versions), the replica set and readiness.
+//! Nothing here writes. Cost: O(services) for the overview, O(backends + followers) for a
+//! service (O(the backends asked for) with `only`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
