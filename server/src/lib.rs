@@ -31,6 +31,7 @@
 //! * [`api`] — the gRPC front-ends: Registry, Discovery sessions, Membership, health RPCs,
 //!   standard xDS, auth;
 //! * [`config`] — [`ServerConfig`] and its YAML form;
+//! * [`status`] — the read-only status page and its JSON API, on the metrics listener;
 //! * `app` — [`serve`] (on bound [`Listeners`]) / [`spawn`] / [`RunningServer`]: start and
 //!   gracefully stop everything.
 //!
@@ -67,6 +68,7 @@ pub mod readiness;
 pub mod replicas;
 pub mod reports;
 pub mod shutdown;
+pub mod status;
 pub mod store;
 
 pub use app::{

@@ -102,7 +102,7 @@ fn need(path: &str) -> Need {
 /// The token of an `authorization: Bearer <token>` header value. The scheme is
 /// case-insensitive (RFC 7235 §2.1: `bearer`, `BEARER` are the same scheme) and one or more
 /// spaces separate it from the token; anything else is no bearer token.
-fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+pub(crate) fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     let scheme = value.get(..6)?;
     if !scheme.eq_ignore_ascii_case(b"bearer") {
         return None;
@@ -125,6 +125,17 @@ impl AuthConfig {
     /// Whether any check is configured.
     pub fn is_enabled(&self) -> bool {
         !self.admin_tokens.is_empty() || !self.read_tokens.is_empty()
+    }
+
+    /// Whether reads need no token (no read token is configured; the status page follows the
+    /// same rule as gRPC reads).
+    pub fn reads_open(&self) -> bool {
+        self.read_tokens.is_empty()
+    }
+
+    /// Whether `token` may read: a read token or an admin token (constant time).
+    pub fn allows_read(&self, token: &[u8]) -> bool {
+        matches(token, &self.admin_tokens) | matches(token, &self.read_tokens)
     }
 
     /// Decides a request by its path and `authorization` header.

@@ -20,7 +20,7 @@ use crate::config::ServerConfig;
 use crate::membership::dns;
 use crate::shutdown::Shutdown;
 use crate::Error;
-use crate::{health, metrics, pickers, readiness, replicas, reports};
+use crate::{health, metrics, pickers, readiness, replicas, reports, status};
 
 use crate::api::discovery::DiscoveryService;
 use crate::api::registry::RegistryService;
@@ -361,7 +361,7 @@ async fn start(
         .add_service(
             dlb::proto::membership_server::MembershipServer::new(MembershipService::new(
                 shared.clone(),
-                leases,
+                leases.clone(),
                 dns,
             ))
             .max_decoding_message_size(dlb::model::MAX_MESSAGE_BYTES)
@@ -372,7 +372,19 @@ async fn start(
         shutdown.spawn(router.serve_with_incoming_shutdown(incoming, shutdown.stopped_owned()));
 
     let metrics_task = metrics_listener.map(|listener| {
-        let app = metrics::router(metrics.clone());
+        let page = status::Status {
+            shared: shared.clone(),
+            xds_clients: xds_clients.clone(),
+            coordination: coordination.clone(),
+            leases: leases.clone(),
+            auth: config.auth.clone(),
+            store_kind: match &config.store {
+                crate::config::StoreConfig::Memory => "memory",
+                crate::config::StoreConfig::Embedded(_) => "embedded",
+                crate::config::StoreConfig::Etcd(_) => "etcd",
+            },
+        };
+        let app = metrics::router(metrics.clone()).merge(status::router(Arc::new(page)));
         let stopped = shutdown.stopped_owned();
         shutdown.spawn(async move {
             axum::serve(listener, app)

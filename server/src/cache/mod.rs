@@ -52,6 +52,9 @@ use tokio::time::Instant;
 
 mod apply;
 mod follow;
+mod since;
+
+pub use since::Behind;
 
 use crate::store::{Change, ServiceSnapshot};
 

@@ -7,13 +7,15 @@
 //! * [`global_load`] — least-connections picks with every SDK's in-flight counts;
 //! * [`circuits`] — the SDKs' reported circuit-breaker states;
 //! * [`demand`] — the share of each service's calls made by clients of each zone;
-//! * [`forward`] — the sums a replica that does not lead forwards to the leader.
+//! * [`forward`] — the sums a replica that does not lead forwards to the leader;
+//! * [`rates`] — request and error rates per backend over the last minutes (the status page).
 
 pub mod circuits;
 pub mod demand;
 pub mod forward;
 pub mod global_load;
 pub mod loads;
+pub mod rates;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -39,6 +41,8 @@ pub struct Reports {
     dropped: AtomicU64,
     /// Backend entries in queued reports (see [`MAX_QUEUED_LOADS`]).
     queued: std::sync::atomic::AtomicUsize,
+    /// Request and error rates per backend, from every submitted report (the status page).
+    pub rates: rates::Rates,
 }
 
 impl Reports {
@@ -50,6 +54,7 @@ impl Reports {
                 tx,
                 dropped: AtomicU64::new(0),
                 queued: Default::default(),
+                rates: rates::Rates::new(),
             },
             rx,
         )
@@ -65,6 +70,7 @@ impl Reports {
         if loads.is_empty() {
             return;
         }
+        self.rates.record(service, &loads);
         let n = loads.len();
         if self.queued.fetch_add(n, Ordering::Relaxed) + n > MAX_QUEUED_LOADS {
             self.queued.fetch_sub(n, Ordering::Relaxed);
