@@ -176,8 +176,9 @@ pub struct Fleet {
 
 impl Fleet {
     /// `n` clients of `service`, client `i` trying the endpoints from `i mod len` on, each
-    /// picking every `pace` until stopped. Failure detection: a killed replica's connections
-    /// are reset by the kernel (seen at once); HTTP/2 keepalive 500 ms for a vanished host;
+    /// picking every `pace` until stopped, from its first successful pick on. Failure
+    /// detection: a killed replica's connections are reset by the kernel (seen at once);
+    /// HTTP/2 keepalive 500 ms for a vanished host;
     /// update deadline 12 s (dlbd heartbeats quiet sessions every 5 s); reconnect backoff
     /// 10–200 ms.
     pub async fn start(n: usize, endpoints: &[String], service: &str, pace: Duration) -> Self {
@@ -199,6 +200,17 @@ impl Fleet {
                 .await
                 .expect("fleet client connects");
             let handle = client.service(service).await.expect("fleet subscribes");
+            // A replica whose store watch has not yet delivered the seeding writes answers
+            // "not found" first (eventual consistency between replicas, not a failover): count
+            // failures only once this client has routed on the service.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while handle.get_next_server(None).is_err() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "fleet client {i} never saw {service}"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             let (h, f, p, s) = (handle.clone(), failed.clone(), picks.clone(), stop.clone());
             tasks.push(tokio::spawn(async move {
                 while !s.load(Ordering::Relaxed) {
