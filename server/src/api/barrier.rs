@@ -21,6 +21,12 @@
 //!   ([`answer_requests`], polling the board every 100 ms), and the wait counts every live
 //!   member's answer: a member that has not answered yet is pending (kind `replica`). The
 //!   in-flight count is the sum of every replica's own.
+//! * **Seen on the status page**: each wait in progress is listed in [`Active`] (`active`)
+//!   with its latest check, and leaves it when it ends or its RPC is cancelled.
+
+mod active;
+
+pub(crate) use active::Active;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,6 +58,8 @@ pub(crate) struct Wait {
     pub in_flight_zero: bool,
     /// The deadline, from the start of the wait.
     pub timeout: Duration,
+    /// The backend is being removed (else drained).
+    pub removal: bool,
 }
 
 impl Wait {
@@ -82,6 +90,7 @@ impl Wait {
         Ok(Some(Self {
             in_flight_zero: w.in_flight_zero,
             timeout,
+            removal,
         }))
     }
 }
@@ -108,6 +117,8 @@ pub(crate) async fn wait(
     version: u64,
     wait: Wait,
 ) -> proto::DrainBarrier {
+    // Listed on the status page until this call ends or is dropped.
+    let registration = shared.barriers.register(service, server_id, version, wait);
     let start = Instant::now();
     let deadline = start + wait.timeout;
     let mut acks = shared.acks.subscribe();
@@ -124,6 +135,12 @@ pub(crate) async fn wait(
         if let Some((board, id)) = &posted {
             merge_answers(shared, &**board, id, version, &mut check).await;
         }
+        registration.progress(
+            check.confirmed,
+            pending_total(&check),
+            u32::try_from(check.stalled.len()).unwrap_or(u32::MAX),
+            check.in_flight,
+        );
         if check.pending.is_empty() && (!wait.in_flight_zero || check.in_flight == 0) {
             let ended = if wait.in_flight_zero {
                 proto::BarrierEnd::InFlightZero
@@ -146,6 +163,7 @@ pub(crate) async fn wait(
         }
     };
     let waited = start.elapsed();
+    drop(registration);
     if let Some((board, id)) = &posted {
         if let Err(e) = board.withdraw(id).await {
             tracing::warn!(error = %e, "drain barrier: could not withdraw the request; it goes with this replica's lease");
@@ -157,9 +175,7 @@ pub(crate) async fn wait(
         _ => "deadline",
     };
     shared.metrics.barrier(label, waited.as_secs_f64());
-    let pending_total = u32::try_from(check.pending.len())
-        .unwrap_or(u32::MAX)
-        .saturating_add(check.pending_unlisted);
+    let pending_total = pending_total(&check);
     let mut pending = check.pending;
     let order = |c: &proto::BarrierClient| (c.replica.clone(), c.kind.clone(), c.id.clone());
     pending.sort_by_key(order);
@@ -187,6 +203,13 @@ pub(crate) async fn wait(
         in_flight: check.in_flight,
         waited_ms: u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
     }
+}
+
+/// Every pending client of a check, listed or not.
+fn pending_total(check: &Check) -> u32 {
+    u32::try_from(check.pending.len())
+        .unwrap_or(u32::MAX)
+        .saturating_add(check.pending_unlisted)
 }
 
 /// Posts the barrier on the board, when there are other replicas; the board and the id.
@@ -422,7 +445,8 @@ mod tests {
             parsed,
             Some(Wait {
                 in_flight_zero: true,
-                timeout: DEFAULT_TIMEOUT
+                timeout: DEFAULT_TIMEOUT,
+                removal: false,
             })
         );
         let e = Wait::parse(Some(&w(false, MAX_TIMEOUT_MS + 1)), false)

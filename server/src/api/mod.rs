@@ -79,6 +79,8 @@ pub(crate) struct Shared {
     pub replica_id: Arc<str>,
     /// Where drain barriers meet the other replicas (`None`: no other replicas).
     pub board: Option<Arc<dyn crate::replicas::board::Board>>,
+    /// The drain barriers waiting on this replica now (the status page lists them).
+    pub barriers: barrier::Active,
     /// The live replicas (a barrier waits for each one's answer).
     pub members: tokio::sync::watch::Receiver<crate::replicas::Members>,
 }

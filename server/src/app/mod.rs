@@ -239,6 +239,7 @@ async fn start(
         replica_id: coordination.replica_id().clone(),
         board: coordination.board(),
         members: coordination.members(),
+        barriers: Default::default(),
     });
     if let Some(board) = shared.board.clone() {
         // Several replicas: zone demand is summed over them (`reports::demand::replicas`).

@@ -11,7 +11,9 @@
 //! `rates` event carries the last second's requests and errors of the backends that have
 //! traffic (the sparklines), the followers and summary when they changed, and the rows whose
 //! in-flight, probe or circuit columns moved without a version change (O(backends) once a
-//! second). The
+//! second), and the drain barriers waiting for the service when they changed (a barrier's
+//! start, progress and end show within a tick; while one waits, every tick: its time left
+//! moves). The
 //! overview page gets an `overview` event (the whole [`Overview`], O(services)) when it changed.
 //!
 //! No task: the stream is a `futures::stream::unfold` polled by the connection. It ends when
@@ -29,7 +31,7 @@ use futures::Stream;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::model::{self, BackendView, Follower, Overview, ServiceSummary};
+use super::model::{self, BackendView, BarrierView, Follower, Overview, ServiceSummary};
 use super::Status;
 use crate::cache::Catchup;
 
@@ -47,6 +49,8 @@ struct Change<'a> {
     remove: Vec<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     followers: Option<&'a [Follower]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    barriers: Option<&'a [BarrierView]>,
 }
 
 /// A `rates` event: per backend with traffic, `[requests, errors]` in the last complete second
@@ -57,6 +61,10 @@ struct Rates<'a> {
     backends: HashMap<&'a str, [f64; 4]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     followers: Option<&'a [Follower]>,
+    /// The drain barriers in progress, when they changed (while any waits: every tick, its
+    /// time left moves).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    barriers: Option<&'a [BarrierView]>,
     /// Rows whose in-flight, probe or circuit columns moved since they were last sent.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     upsert: Vec<&'a BackendView>,
@@ -73,6 +81,7 @@ struct Page {
     version: Option<u64>,
     rows: HashMap<String, BackendView>,
     followers: Vec<Follower>,
+    barriers: Vec<BarrierView>,
     /// Overview page: the overview last sent.
     overview: Option<String>,
     /// Whether the last `rates` event had any backend with traffic (then one more, with
@@ -140,6 +149,7 @@ impl Page {
         };
         let view = model::service_with(&self.status, &name, false, None).await?;
         self.followers = view.followers.clone();
+        self.barriers = view.barriers.clone();
         if rendered == Some(view.summary.version) {
             self.version = rendered;
             self.rows = view
@@ -203,6 +213,7 @@ impl Page {
         // circuits) moved without a version change. O(backends), once a second.
         let view = model::service_with(&self.status, name, false, None).await?;
         let followers = (view.followers != self.followers).then_some(view.followers.as_slice());
+        let barriers = (view.barriers != self.barriers).then_some(view.barriers.as_slice());
         let mut upsert = Vec::new();
         for b in &view.servers {
             let s = steady(b);
@@ -229,7 +240,12 @@ impl Page {
             })
             .collect::<HashMap<_, _>>();
         let traffic = !backends.is_empty();
-        if !traffic && !self.had_traffic && followers.is_none() && upsert.is_empty() {
+        if !traffic
+            && !self.had_traffic
+            && followers.is_none()
+            && barriers.is_none()
+            && upsert.is_empty()
+        {
             return None;
         }
         self.had_traffic = traffic;
@@ -239,10 +255,12 @@ impl Page {
                 summary: &view.summary,
                 backends,
                 followers,
+                barriers,
                 upsert,
             },
         );
         self.followers = view.followers.clone();
+        self.barriers = view.barriers.clone();
         e
     }
 
@@ -268,6 +286,7 @@ impl Page {
         let only = touched.as_ref().map(|(ids, _)| ids);
         let view = model::service_with(&self.status, name, false, only).await?;
         let followers = (view.followers != self.followers).then_some(view.followers.as_slice());
+        let barriers = (view.barriers != self.barriers).then_some(view.barriers.as_slice());
         // A change newer than the delta's end is handled on the next pass (the revision
         // watch has fired for it).
         self.version = Some(touched.as_ref().map_or(view.summary.version, |t| t.1));
@@ -303,9 +322,11 @@ impl Page {
                 upsert,
                 remove: remove.iter().map(String::as_str).collect(),
                 followers,
+                barriers,
             },
         );
         self.followers = view.followers.clone();
+        self.barriers = view.barriers.clone();
         e
     }
 }
@@ -332,6 +353,7 @@ pub fn stream(
         version: None,
         rows: HashMap::new(),
         followers: Vec::new(),
+        barriers: Vec::new(),
         overview: None,
         had_traffic: true,
         rendered: Some(rendered),

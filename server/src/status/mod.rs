@@ -3,6 +3,7 @@
 //!
 //! * `model` — the data ([`model::Overview`], [`model::ServiceView`]) built from the snapshot
 //!   cache, the checker, the load reports, circuits, leases, replicas and readiness;
+//! * `barriers` — the drain barriers waiting on this replica;
 //! * `followers` — the SDK sessions and xDS clients following a service, and which lag;
 //! * `access` — the read-token rule (bearer header or the login form's cookie);
 //! * `page` — the HTML (maud templates) and the compiled-in assets (`assets/`);
@@ -15,6 +16,7 @@
 //! over its command channel, everything else is copied out under short locks).
 
 pub mod access;
+pub mod barriers;
 pub mod followers;
 pub mod live;
 pub mod model;

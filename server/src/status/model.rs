@@ -5,7 +5,8 @@
 //! effective state and reason, policy, panic), the active checker's views (probe state and
 //! RTT), the load tracker (global in-flight), the reports' [`Rates`](crate::reports::rates),
 //! the circuit tracker, the lease keeper (lease ages), the followers ([`super::followers`]:
-//! SDK sessions and xDS clients with their acked versions), the replica set and readiness.
+//! SDK sessions and xDS clients with their acked versions), the drain barriers waiting
+//! ([`super::barriers`]), the replica set and readiness.
 //! Nothing here writes. Cost: O(services) for the overview, O(backends + followers) for a
 //! service (O(the backends asked for) with `only`).
 
@@ -16,6 +17,7 @@ use std::time::Duration;
 use dlb::proto;
 use serde::Serialize;
 
+pub use super::barriers::BarrierView;
 pub use super::followers::Follower;
 use super::Status;
 
@@ -30,6 +32,8 @@ pub struct Overview {
     pub sessions: usize,
     /// xDS (ADS) streams connected to this replica.
     pub xds_clients: usize,
+    /// Drain barriers waiting on this replica now.
+    pub barriers: usize,
     /// Every service, by name.
     pub services: Vec<ServiceSummary>,
 }
@@ -114,6 +118,8 @@ pub struct ServiceView {
     /// The clients on this replica following the service (SDK sessions, xDS streams), with
     /// the version each acknowledged.
     pub followers: Vec<Follower>,
+    /// The drain barriers waiting on this replica for one of its backends, oldest first.
+    pub barriers: Vec<BarrierView>,
 }
 
 /// The policy fields an operator looks at first.
@@ -319,6 +325,7 @@ pub fn overview(status: &Status) -> Overview {
             .sessions
             .load(std::sync::atomic::Ordering::Relaxed),
         xds_clients: status.xds_clients.len(),
+        barriers: super::barriers::count(status),
         services,
     }
 }
@@ -461,5 +468,6 @@ pub async fn service_with(
         policy,
         servers,
         followers,
+        barriers: super::barriers::of_service(status, name),
     })
 }

@@ -8,7 +8,7 @@
 
 use maud::{html, Markup, DOCTYPE};
 
-use super::model::{BackendView, Follower, Overview, ServiceSummary, ServiceView};
+use super::model::{BackendView, BarrierView, Follower, Overview, ServiceSummary, ServiceView};
 
 /// The stylesheet, compiled in.
 pub const CSS: &str = include_str!("assets/status.css");
@@ -86,6 +86,7 @@ pub fn overview(o: &Overview) -> Markup {
                 dt { "store" } dd #r-store { (o.store.kind) " · epoch " (o.store.epoch) " · revision " (o.store.revision) }
                 dt { "sessions" } dd #r-sessions { (o.sessions) }
                 dt { "xDS clients" } dd #r-xds { (o.xds_clients) }
+                dt { "drain barriers" } dd #r-barriers { (o.barriers) }
             }
         }
         p .note { "Requests and errors: the load reports this replica received (with several replicas, each shows its own share). Sessions and xDS clients: those connected to this replica." }
@@ -178,6 +179,33 @@ fn follower(f: &Follower) -> Markup {
     }
 }
 
+/// What a barrier waits for: `drain vV acked` (or `removal …`), `+ in-flight 0` when asked.
+/// The script builds the same text (`status.js`, `barriers`).
+pub fn barrier_waits_for(b: &BarrierView) -> String {
+    let mut s = format!("{} v{} acked", b.kind, b.version);
+    if b.in_flight_zero {
+        s.push_str(" + in-flight 0");
+    }
+    s
+}
+
+/// Milliseconds as seconds with one decimal (`2.5 s`).
+fn seconds(ms: u64) -> String {
+    format!("{}.{} s", ms / 1000, ms % 1000 / 100)
+}
+
+fn barrier(b: &BarrierView) -> Markup {
+    html! {
+        tr .warn[b.pending_total > 0] {
+            td { (b.server_id) }
+            td { (barrier_waits_for(b)) }
+            td { (b.confirmed) " / " (b.pending_total) " / " (b.stalled) }
+            td { (b.in_flight) }
+            td { (seconds(b.deadline_in_ms)) }
+        }
+    }
+}
+
 /// `GET /services/{name}`.
 pub fn service(v: &ServiceView) -> Markup {
     let s = &v.summary;
@@ -216,6 +244,15 @@ pub fn service(v: &ServiceView) -> Markup {
                 th { "acked version" } th { "behind" } th { "" }
             } }
             tbody { @for f in &v.followers { (follower(f)) } }
+        }
+        h2 { "Drain barriers in progress on this replica" }
+        table #barriers {
+            thead { tr {
+                th { "backend" } th { "waiting for" }
+                th title="clients confirmed / pending / stalled (no longer counted)" { "confirmed / pending / stalled" }
+                th { "in flight" } th { "deadline in" }
+            } }
+            tbody { @for b in &v.barriers { (barrier(b)) } }
         }
     };
     layout(&s.name, "service", Some((&s.name, s.version)), body)

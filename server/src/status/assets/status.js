@@ -51,6 +51,7 @@
     text("r-store", o.store.kind + " \u00b7 epoch " + o.store.epoch + " \u00b7 revision " + o.store.revision);
     text("r-sessions", String(o.sessions));
     text("r-xds", String(o.xds_clients));
+    text("r-barriers", String(o.barriers));
     const tbody = document.querySelector("#services tbody");
     const rows = rowsById(tbody);
     const keep = new Set();
@@ -140,6 +141,22 @@
         .forEach((t, i) => set(tr, i, t));
     }
   }
+  // As page.rs's `barrier`: the drain barriers in progress (the whole list when it changed).
+  function barriers(list) {
+    const tbody = document.querySelector("#barriers tbody");
+    tbody.replaceChildren();
+    for (const b of list) {
+      const tr = tbody.insertRow();
+      if (b.pending_total > 0) tr.className = "warn";
+      const ms = b.deadline_in_ms;
+      [b.server_id,
+        b.kind + " v" + b.version + " acked" + (b.in_flight_zero ? " + in-flight 0" : ""),
+        b.confirmed + " / " + b.pending_total + " / " + b.stalled,
+        String(b.in_flight),
+        Math.floor(ms / 1000) + "." + Math.floor(ms % 1000 / 100) + " s"]
+        .forEach((t, i) => set(tr, i, t));
+    }
+  }
   function summary(s) {
     const tr = document.querySelector("#summary tbody tr");
     set(tr, 0, String(s.version));
@@ -162,6 +179,7 @@
     for (const id of c.remove) { const tr = rows.get(id); if (tr) tr.remove(); trends.delete(id); }
     summary(c.summary);
     if (c.followers) followers(c.followers);
+    if (c.barriers) barriers(c.barriers);
   }
   function rates(r) {
     const rows = rowsById(document.querySelector("#backends tbody"));
@@ -179,6 +197,7 @@
     }
     summary(r.summary);
     if (r.followers) followers(r.followers);
+    if (r.barriers) barriers(r.barriers);
   }
   function initial(t) {
     const rows = rowsById(document.querySelector("#backends tbody"));
