@@ -14,10 +14,13 @@
 //! `/proc/self/status`) — dlbd and all SDKs share this process. Bounded: exits by itself.
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/sessions.rs"]
+mod sessions;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dlb_client::{AdminClient, Client, NewServer, ServerUpdate, Version};
+use dlb_client::{AdminClient, NewServer, ServerUpdate, Version};
 
 const SERVICE: &str = "bench";
 const BACKENDS: usize = 10;
@@ -116,29 +119,7 @@ async fn main() -> anyhow::Result<()> {
 
     // N clients, each with its own connection and session, connected 50 at a time.
     let started = Instant::now();
-    let mut handles = Vec::with_capacity(args.sessions);
-    let mut clients = Vec::with_capacity(args.sessions);
-    for chunk in 0..args.sessions.div_ceil(50) {
-        let mut set = tokio::task::JoinSet::new();
-        for i in chunk * 50..((chunk + 1) * 50).min(args.sessions) {
-            let endpoint = endpoint.clone();
-            set.spawn(async move {
-                let client = Client::builder([endpoint])
-                    .client_id(format!("bench-{i}"))
-                    .connect_timeout(Duration::from_secs(10))
-                    .subscribe_timeout(Duration::from_secs(30))
-                    .connect()
-                    .await?;
-                let handle = client.service(SERVICE).await?;
-                Ok::<_, dlb_client::Error>((client, handle))
-            });
-        }
-        while let Some(r) = set.join_next().await {
-            let (client, handle) = r??;
-            clients.push(client);
-            handles.push(handle);
-        }
-    }
+    let (clients, handles) = sessions::connect(&endpoint, SERVICE, args.sessions).await?;
     println!(
         "{} sessions connected and subscribed in {:.2?}",
         handles.len(),

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dlb::proto;
-use dlb_server::api::xds::assignment::{zone_of, Assignments};
+use dlb_server::api::xds::assignment::{Assignments, Zone};
 use dlb_server::store::{Servers, ServiceSnapshot};
 
 const ZONES: usize = 10;
@@ -68,7 +68,12 @@ fn main() -> anyhow::Result<()> {
         servers.insert(id.as_str().into(), Arc::new(server(id, i, None, 1)));
     }
     let zones: Vec<_> = (0..ZONES)
-        .map(|z| zone_of("eu", &format!("eu-{z}")))
+        .map(|z| {
+            Some(Zone {
+                region: "eu".into(),
+                zone: format!("eu-{z}"),
+            })
+        })
         .collect();
     let mut snap = ServiceSnapshot {
         name: "s".into(),

@@ -17,11 +17,7 @@ use std::time::Duration;
 
 use dlb::proto;
 use dlb_server::api::xds::resources::{CLUSTER, ENDPOINTS};
-use xds_support::{client, within_4_sigma, Backend, Driver};
-
-fn interop_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../interop")
-}
+use xds_support::{grpc_js_client, grpcio_client, within_4_sigma, Backend, Driver};
 
 /// The whole flow against one stock client: shares follow weights, a failed health check stops
 /// a backend's traffic, an added backend gets traffic, a draining one gets none, a killed one is
@@ -327,24 +323,16 @@ fn type_state(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_grpcio_balances_through_dlbd() {
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/interop-venv/bin/python");
-    let Some(python) = client("DLB_INTEROP_PYTHON", venv.clone(), venv) else {
+    let Some((program, args)) = grpcio_client() else {
         return;
     };
-    let script = interop_dir().join("python/xds_client.py");
-    scenario(python, vec![script.display().to_string()]).await;
+    scenario(program, args).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_grpc_js_balances_through_dlbd() {
-    let node = interop_dir().join("node");
-    let Some(dir) = client(
-        "DLB_INTEROP_NODE_DIR",
-        node.clone(),
-        node.join("node_modules"),
-    ) else {
+    let Some((program, args)) = grpc_js_client() else {
         return;
     };
-    let script = dir.join("xds_client.js");
-    scenario(PathBuf::from("node"), vec![script.display().to_string()]).await;
+    scenario(program, args).await;
 }

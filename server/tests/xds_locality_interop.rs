@@ -13,13 +13,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use dlb::proto;
-use xds_support::{client, within_4_sigma, Backend, Calls, Driver};
+use xds_support::{grpc_js_client, grpcio_client, within_4_sigma, Backend, Calls, Driver};
 
 type Registry = proto::registry_client::RegistryClient<tonic::transport::Channel>;
-
-fn interop_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../interop")
-}
 
 /// Calls that reached backends whose id starts with `prefix`.
 fn to(r: &Calls, prefix: &str) -> u64 {
@@ -247,24 +243,16 @@ async fn scenario(program: PathBuf, args: Vec<String>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_grpcio_follows_zones_and_priorities() {
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/interop-venv/bin/python");
-    let Some(python) = client("DLB_INTEROP_PYTHON", venv.clone(), venv) else {
+    let Some((program, args)) = grpcio_client() else {
         return;
     };
-    let script = interop_dir().join("python/xds_client.py");
-    scenario(python, vec![script.display().to_string()]).await;
+    scenario(program, args).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_grpc_js_follows_zones_and_priorities() {
-    let node = interop_dir().join("node");
-    let Some(dir) = client(
-        "DLB_INTEROP_NODE_DIR",
-        node.clone(),
-        node.join("node_modules"),
-    ) else {
+    let Some((program, args)) = grpc_js_client() else {
         return;
     };
-    let script = dir.join("xds_client.js");
-    scenario(PathBuf::from("node"), vec![script.display().to_string()]).await;
+    scenario(program, args).await;
 }

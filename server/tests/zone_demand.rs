@@ -4,71 +4,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+mod demand_support;
 
 use std::time::Duration;
 
 use common::*;
+use demand_support::{demand, report, subscribe_in};
 use dlb::proto::{self, client_message, server_message};
 use tonic::Code;
-
-fn subscribe_in(zone: Option<(&str, &str)>) -> proto::ClientMessage {
-    let mut msg = subscribe(&[("web", None)]);
-    if let Some(client_message::Kind::Subscribe(s)) = &mut msg.kind {
-        s.locality = zone.map(|(region, zone)| proto::Locality {
-            region: region.into(),
-            zone: zone.into(),
-            sub_zone: "rack-1".into(),
-        });
-    }
-    msg
-}
-
-fn report(calls: u64) -> client_message::Kind {
-    client_message::Kind::LoadReport(proto::LoadReport {
-        service: "web".into(),
-        backends: vec![proto::BackendLoad {
-            server_id: "b1".into(),
-            successes: calls - calls / 10,
-            failures: calls / 10,
-            ..Default::default()
-        }],
-        interval_ms: 1000,
-    })
-}
-
-/// Reads until a `GlobalLoad` whose zone demand is `want` ((zone, share), in order) arrives;
-/// returns how many `GlobalLoad`s came before it.
-async fn demand(s: &mut Session, want: &[(&str, f64)]) -> usize {
-    let mut seen = Vec::new();
-    let found = tokio::time::timeout(WAIT, async {
-        loop {
-            if let server_message::Kind::GlobalLoad(g) = s.next().await {
-                let got: Vec<(String, f64)> = g
-                    .zone_demand
-                    .iter()
-                    .map(|d| {
-                        let l = d.locality.clone().unwrap_or_default();
-                        assert_eq!((l.region.as_str(), l.sub_zone.as_str()), ("eu", ""));
-                        (l.zone, d.share)
-                    })
-                    .collect();
-                let sum: f64 = got.iter().map(|(_, x)| x).sum();
-                assert!((sum - 1.0).abs() < 1e-9, "shares sum to {sum}: {got:?}");
-                if got.len() == want.len()
-                    && got
-                        .iter()
-                        .zip(want)
-                        .all(|((z, x), (wz, wx))| z == wz && (x - wx).abs() < 1e-9)
-                {
-                    return seen.len();
-                }
-                seen.push(got);
-            }
-        }
-    })
-    .await;
-    found.unwrap_or_else(|_| panic!("no GlobalLoad with {want:?}; saw {seen:?}"))
-}
 
 #[tokio::test]
 async fn three_sessions_in_two_zones_get_the_demand_shares() {

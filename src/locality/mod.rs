@@ -14,7 +14,7 @@ mod plan_tests;
 pub mod policy;
 
 pub use group::{group, GroupKey, Groups, ZoneKey};
-pub use plan::{plan, plan_by_zone, BackendState, Plan, Spill};
+pub use plan::{plan, BackendState, Plan, Spill};
 pub use policy::{config, validate_locality_policy, LocalityConfig};
 
 use crate::proto;

@@ -360,31 +360,3 @@ fn split(
     }
     reason
 }
-
-/// The plan of every zone with demand or backends, in zone order (for `dlbctl locality show`
-/// and per-node EDS).
-pub fn plan_by_zone(
-    cfg: &LocalityConfig,
-    panic: Option<&PanicConfig>,
-    groups: &Groups,
-    backends: &[BackendState],
-    demand: &[(ZoneKey, f64)],
-) -> Vec<(ZoneKey, Plan)> {
-    let mut zones: Vec<&ZoneKey> = groups
-        .keys
-        .iter()
-        .filter_map(|k| k.zone.as_ref())
-        .chain(demand.iter().map(|(z, _)| z))
-        .collect();
-    zones.sort();
-    zones.dedup();
-    zones
-        .into_iter()
-        .map(|z| {
-            (
-                z.clone(),
-                plan(cfg, panic, groups, backends, demand, Some(z)),
-            )
-        })
-        .collect()
-}

@@ -283,18 +283,6 @@ fn small_priorities_and_hashing_groups_are_not_zone_aware() {
     assert_eq!(p.shares, vec![1.0]);
 }
 
-#[test]
-fn plan_by_zone_covers_demand_and_backend_zones() {
-    let (g, b) = three_zones(0);
-    let mut demand = equal_demand();
-    demand.push((zk("d"), 1.0));
-    let plans = plan_by_zone(&LocalityConfig::default(), None, &g, &b, &demand);
-    let zones: Vec<_> = plans.iter().map(|(z, _)| z.zone.clone()).collect();
-    assert_eq!(zones, ["a", "b", "c", "d"]);
-    assert_eq!(plans[3].1.spill, Spill::NoLocalBackends);
-    assert!(close(plans[0].1.local, 1.0));
-}
-
 /// Random single- or two-priority services over zones a..c (some without zone).
 fn arb_service() -> impl Strategy<Value = Vec<(u32, u8, bool, u32, u64)>> {
     prop::collection::vec((0u32..2, 0u8..4, any::<bool>(), 1u32..5, 0u64..40), 1..24)

@@ -54,10 +54,8 @@ pub(super) struct Entry {
     held_since: Option<tokio::time::Instant>,
     /// The in-flight counts of the other SDKs, as last pushed (`GlobalLoad`), by backend id.
     others: std::collections::HashMap<String, u64>,
-    /// The demand share per client zone, as last pushed (`GlobalLoad.zone_demand`, see
-    /// [`super::demand`]); empty: not known.
-    zone_demand: Vec<proto::ZoneDemand>,
-    /// The same, keyed for the locality plan.
+    /// The demand share per client zone, as last pushed (`GlobalLoad.zone_demand`, checked by
+    /// [`super::demand::sanitize`]); empty: not known.
     demand: Vec<(ZoneKey, f64)>,
     /// This SDK's zone (`ClientBuilder::locality`), for zone-aware routing.
     zone: Option<ZoneKey>,
@@ -89,7 +87,6 @@ impl Entry {
             dirty: false,
             held_since: None,
             others: std::collections::HashMap::new(),
-            zone_demand: Vec::new(),
             demand: Vec::new(),
             zone,
             layout: None,
@@ -113,8 +110,14 @@ impl Entry {
     /// The demand share per client zone last pushed for this service (empty: not known), as
     /// the locality plan reads it.
     #[cfg(test)]
-    pub(super) fn zone_demand(&self) -> &[proto::ZoneDemand] {
-        &self.zone_demand
+    pub(super) fn zone_demand(&self) -> Vec<proto::ZoneDemand> {
+        self.demand
+            .iter()
+            .map(|(z, share)| proto::ZoneDemand {
+                locality: Some(z.to_proto()),
+                share: *share,
+            })
+            .collect()
     }
 
     /// The other SDKs' in-flight counts per backend id last pushed (absent: 0).
@@ -127,9 +130,7 @@ impl Entry {
     /// (0 when left out), so least connections compares `own live count + others`; the zone
     /// demand replaces the one held.
     pub(super) fn global_load(&mut self, g: &proto::GlobalLoad) {
-        self.zone_demand = super::demand::sanitize(&g.zone_demand);
-        self.demand = self
-            .zone_demand
+        self.demand = super::demand::sanitize(&g.zone_demand)
             .iter()
             .filter_map(|d| Some((ZoneKey::of(d.locality.as_ref())?, d.share)))
             .collect();

@@ -382,10 +382,7 @@ fn check(
         });
     shared.xds_clients.for_each(|c| {
         // The assignment this client's zone receives (per-node EDS; cached per zone).
-        let zone = c
-            .locality
-            .as_ref()
-            .and_then(|l| xds::assignment::zone_of(&l.region, &l.zone));
+        let zone = xds::assignment::Zone::of(c.locality.as_ref());
         let current = xds::built(
             &shared.cache,
             xds::resources::ENDPOINTS,

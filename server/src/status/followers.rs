@@ -131,10 +131,7 @@ pub fn followers(status: &Status, service: &str, version: u64) -> Vec<Follower> 
             continue;
         }
         let acked = c.endpoints_acked.get(service);
-        let zone = c
-            .locality
-            .as_ref()
-            .and_then(|l| xds::assignment::zone_of(&l.region, &l.zone));
+        let zone = xds::assignment::Zone::of(c.locality.as_ref());
         let in_step = acked.is_some_and(|a| {
             a.version >= version
                 || current

@@ -291,6 +291,26 @@ pub fn python() -> Option<PathBuf> {
     client("DLB_INTEROP_PYTHON", venv.clone(), venv)
 }
 
+/// The stock grpcio client as a command: the Python of [`python`] running
+/// `interop/python/xds_client.py`; `None`: skipped (see [`client`]).
+pub fn grpcio_client() -> Option<(PathBuf, Vec<String>)> {
+    Some((python()?, vec![grpcio_script()]))
+}
+
+/// The stock grpc-js client as a command: `node` running `xds_client.js` of
+/// `DLB_INTEROP_NODE_DIR`, else of `interop/node` once `.ci/interop` installed its modules;
+/// `None`: skipped (see [`client`]).
+pub fn grpc_js_client() -> Option<(PathBuf, Vec<String>)> {
+    let node = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../interop/node");
+    let dir = client(
+        "DLB_INTEROP_NODE_DIR",
+        node.clone(),
+        node.join("node_modules"),
+    )?;
+    let script = dir.join("xds_client.js").display().to_string();
+    Some((PathBuf::from("node"), vec![script]))
+}
+
 /// The Python grpcio xDS client script (`interop/python/xds_client.py`).
 pub fn grpcio_script() -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -85,17 +85,6 @@ pub struct Assignments {
 /// A client's or backend's zone (region, zone of its locality).
 pub type Zone = dlb::locality::ZoneKey;
 
-/// The zone of a locality: `(region, zone)`; `None` for an unset or all-empty one.
-pub fn zone_of(region: &str, zone: &str) -> Option<Zone> {
-    if region.is_empty() && zone.is_empty() {
-        return None;
-    }
-    Some(Zone {
-        region: region.to_owned(),
-        zone: zone.to_owned(),
-    })
-}
-
 impl Assignments {
     /// Groups the backends of `snap` (O(backends)); nothing is built yet. `previous`: the
     /// assignments of the version `snap` replaced, if any (their encoded backends are reused

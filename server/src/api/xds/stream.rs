@@ -20,7 +20,6 @@ use envoy_types::pb::envoy::config::core::v3::{node::UserAgentVersionType, Node}
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
-use super::assignment::zone_of;
 use super::assignment::Zone;
 use super::clients::{self, Registration, TypeState};
 use super::{resources, valid_name, Context};
@@ -205,7 +204,7 @@ impl<V: Variant> Core<V> {
                 zone: part(&l.zone),
                 sub_zone: part(&l.sub_zone),
             };
-            self.zone = zone_of(&locality.region, &locality.zone);
+            self.zone = Zone::of(Some(&locality));
             st.locality = dlb::locality::normalize(Some(locality));
         }
         st.node_id = clients::escaped(&node.id, 256);
