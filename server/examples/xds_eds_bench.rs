@@ -3,13 +3,16 @@
 //! and one encoded, hashed assignment per client zone, then 1,000 cache lookups).
 //!
 //! ```text
-//! cargo run --release -p dlb-server --example xds_eds_bench -- [backends_per_zone] [changes] [clients] [fresh]
+//! cargo run --release -p dlb-server --example xds_eds_bench -- [backends_per_zone] [changes] [clients] [fresh|inputs]
 //! ```
 //!
 //! Defaults: 10 backends per zone (100 in all, priority 0, plus 10 at priority 1 without a
 //! zone), 500 changes (each marks one backend unhealthy or healthy again), 1,000 clients in
 //! 10 zones. Each version's assignments carry the unchanged backends' encodings over from the
 //! previous version's, as `dlbd` does; a fourth argument `fresh` builds each from scratch.
+//! `inputs` measures a change of the live inputs instead of the store: the clients' zones are
+//! built once, then each change publishes a new zone demand (half of it from zone `c % 10`)
+//! and times [`Assignments::refresh`] (every built zone re-planned, those that moved encoded).
 //! Prints the time per change (p50, p99, max, mean) and the assignments built.
 
 use std::sync::Arc;
@@ -17,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use dlb::proto;
 use dlb_server::api::xds::assignment::{Assignments, Zone};
+use dlb_server::api::xds::inputs::Inputs;
 use dlb_server::store::{Servers, ServiceSnapshot};
 
 const ZONES: usize = 10;
@@ -46,7 +50,8 @@ fn main() -> anyhow::Result<()> {
     let per_zone: usize = args.next().map_or(Ok(10), |a| a.parse())?;
     let changes: usize = args.next().map_or(Ok(500), |a| a.parse())?;
     let clients: usize = args.next().map_or(Ok(1000), |a| a.parse())?;
-    let fresh = args.next().is_some_and(|a| a == "fresh");
+    let mode = args.next().unwrap_or_default();
+    let fresh = mode == "fresh";
     let mut previous: Option<Arc<Assignments>> = None;
 
     let mut servers = Servers::new();
@@ -87,6 +92,9 @@ fn main() -> anyhow::Result<()> {
     let mut times = Vec::with_capacity(changes);
     let mut built = 0;
     let mut bytes = 0;
+    if mode == "inputs" {
+        return live_inputs(&snap, &zones, changes, clients);
+    }
     for c in 0..changes {
         // The change: one backend (of zone c % 10) flips its health.
         let id = &ids[(c * 7919) % ids.len()];
@@ -102,7 +110,7 @@ fn main() -> anyhow::Result<()> {
         let shared = Arc::new(snap.clone());
 
         let t0 = Instant::now();
-        let a = Arc::new(Assignments::new(shared, previous.take()));
+        let a = Arc::new(Assignments::new(shared, previous.take(), None));
         for k in 0..clients {
             let b = a.for_zone(zones[k % ZONES].as_ref());
             bytes = b.any.value.len();
@@ -126,6 +134,62 @@ fn main() -> anyhow::Result<()> {
         pct(&times, 0.99),
         pct(&times, 1.0),
         mean
+    );
+    Ok(())
+}
+
+/// The `inputs` mode (see the module docs).
+fn live_inputs(
+    snap: &ServiceSnapshot,
+    zones: &[Option<Zone>],
+    changes: usize,
+    clients: usize,
+) -> anyhow::Result<()> {
+    let a = Assignments::new(Arc::new(snap.clone()), None, None);
+    for k in 0..clients {
+        a.for_zone(zones[k % ZONES].as_ref());
+    }
+    let mut times = Vec::with_capacity(changes);
+    let mut replanned = 0;
+    for c in 0..changes {
+        let hot = c % ZONES;
+        let demand: Vec<(Zone, f64)> = zones
+            .iter()
+            .enumerate()
+            .filter_map(|(z, zone)| {
+                let share = if z == hot {
+                    0.5
+                } else {
+                    0.5 / (ZONES - 1) as f64
+                };
+                Some((zone.clone()?, share))
+            })
+            .collect();
+        let inputs = Inputs {
+            demand_generation: c as u64 + 1,
+            demand: demand.into(),
+            in_flight: Default::default(),
+        };
+        let t0 = Instant::now();
+        replanned += a.refresh(inputs);
+        for k in 0..clients {
+            a.for_zone(zones[k % ZONES].as_ref());
+        }
+        times.push(t0.elapsed());
+    }
+    let mean = times.iter().sum::<Duration>() / u32::try_from(times.len()).unwrap_or(1);
+    times.sort();
+    println!(
+        "per-node EDS, live inputs: {} backends, {clients} clients in {ZONES} zones, {changes} demand changes",
+        snap.servers.len()
+    );
+    println!(
+        "per change: p50 {:?} p99 {:?} max {:?} mean {:?}; {:.1} zone assignments replaced per change",
+        pct(&times, 0.50),
+        pct(&times, 0.99),
+        pct(&times, 1.0),
+        mean,
+        replanned as f64 / changes as f64
     );
     Ok(())
 }

@@ -2,7 +2,8 @@
 //! through `xds:///s`: per-node EDS keeps a client of zone `a` (bootstrap `node.locality`) in
 //! its zone, spills by the documented formula when half of `a` fails, and priority failover
 //! works natively (primary healthy → nothing to priority 1; primary gone → everything to it;
-//! primary back → traffic returns). Calls are counted at the real backends (each answers with
+//! primary back → traffic returns), and a zone whose backends SDKs report saturated (global
+//! in-flight, `saturation_in_flight`) spills by the load-aware formula. Calls are counted at the real backends (each answers with
 //! its id). Clients are found as in `xds_interop.rs` (`.ci/interop` installs them).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -233,6 +234,81 @@ async fn scenario(program: PathBuf, args: Vec<String>) {
     assert!(r.errors.is_empty(), "{r:?}");
     assert_eq!(to(&r, "p1-"), 0, "{r:?}");
     d.quit().await;
+
+    // Load-aware, from the SDKs' reports: with `saturation_in_flight` 10 and one SDK session
+    // per zone (equal demand), a's four backends at 9 in flight leave a a capacity of 0.4 of
+    // 8.4: the stock client in a keeps (0.4 / 8.4) / (1/3) ≈ 14.3 % home, no backend ejected.
+    reg.set_policy(proto::SetPolicyRequest {
+        service: "s".into(),
+        policy: Some(proto::Policy {
+            locality: Some(proto::LocalityPolicy {
+                saturation_in_flight: 10,
+                ..Default::default()
+            }),
+            ..dlb::model::default_policy()
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut sdks = Vec::new();
+    for zone in ["a", "b", "c"] {
+        let mut first = common::subscribe(&[("s", None)]);
+        if let Some(proto::client_message::Kind::Subscribe(sub)) = &mut first.kind {
+            sub.locality = Some(proto::Locality {
+                region: "r".into(),
+                zone: zone.into(),
+                sub_zone: String::new(),
+            });
+        }
+        let mut s = common::Session::open(&server, first).await;
+        s.update().await;
+        sdks.push(s);
+    }
+    let busy = |n: u64| {
+        proto::client_message::Kind::LoadReport(proto::LoadReport {
+            service: "s".into(),
+            backends: (0..4)
+                .map(|i| proto::BackendLoad {
+                    server_id: format!("a{i}"),
+                    in_flight: n,
+                    ..Default::default()
+                })
+                .collect(),
+            interval_ms: 1000,
+        })
+    };
+    sdks[0].send(busy(9)).await;
+    c.until(
+        300,
+        None,
+        Duration::from_secs(20),
+        "a spills on load",
+        |r| r.errors.is_empty() && to(r, "a") < 150 && to(r, "b") > 0 && to(r, "c") > 0,
+    )
+    .await;
+    let r = c.calls(n, None).await;
+    assert!(r.errors.is_empty(), "{r:?}");
+    let keep = (0.4 / 8.4) * 3.0;
+    assert!(
+        within_4_sigma(to(&r, "a"), n, keep),
+        "a saturated: {} of {n} calls kept in a, expected {:.0} ± 4σ; {r:?}",
+        to(&r, "a"),
+        n as f64 * keep
+    );
+    eprintln!(
+        "a's backends at 9 of 10 in flight, {n} calls: a {} b {} c {} (expected 14.3/42.9/42.9 %)",
+        to(&r, "a"),
+        to(&r, "b"),
+        to(&r, "c")
+    );
+    // Drained: home again.
+    sdks[0].send(busy(0)).await;
+    c.until(60, None, Duration::from_secs(20), "a home again", |r| {
+        r.errors.is_empty() && to(r, "a") == 60
+    })
+    .await;
+    drop(sdks);
 
     c.quit().await;
     for b in backends {

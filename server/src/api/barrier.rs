@@ -388,6 +388,7 @@ fn check(
             xds::resources::ENDPOINTS,
             service,
             zone.as_ref(),
+            None,
         )
         .map(|b| b.held());
         let Some(t) = c.types.get(xds::resources::ENDPOINTS) else {

@@ -204,6 +204,11 @@ async fn start(
         demand.clone(),
         shutdown.stopped_owned(),
     ));
+    // Per-node EDS plans with the same live inputs as the SDKs (`xds::inputs`).
+    let plan_sources = xds::inputs::PlanSources {
+        demand: demand.clone(),
+        loads: loads.clone(),
+    };
     let health = health::start(
         cache.clone(),
         store.clone(),
@@ -214,6 +219,12 @@ async fn start(
         &shutdown,
     );
     let xds_clients = Arc::new(xds::XdsClients::default());
+    shutdown.spawn(xds::inputs::run(
+        cache.clone(),
+        plan_sources.clone(),
+        xds_metrics.clone(),
+        shutdown.stopped_owned(),
+    ));
     let shared = Arc::new(Shared {
         reports: reports.clone(),
         store: store.clone(),
@@ -356,6 +367,7 @@ async fn start(
                 config.max_sessions,
             )
             .with_readiness(readiness.clone())
+            .with_plan_sources(plan_sources)
             .into_server(),
         )
         .add_service(xds::status::XdsStatusService::new(xds_clients.clone()).into_server())

@@ -111,6 +111,12 @@ impl Derived {
         value.downcast().ok()
     }
 
+    /// The value at `index` if it was made (and is a `T`); never makes it.
+    pub fn peek<T: Any + Send + Sync>(&self, index: usize) -> Option<Arc<T>> {
+        let value = self.values.get(index)?.get()?.clone()?;
+        value.downcast().ok()
+    }
+
     /// Lets go of the previous snapshot's values.
     pub fn drop_previous(&self) {
         self.previous.lock().take();
@@ -444,6 +450,17 @@ impl Cache {
         self.with_slot(service, |_, st| {
             st.watchers.insert(waker.id, waker.clone());
         });
+    }
+
+    /// Wakes every follower of `service` without a change of its snapshot: for a front-end
+    /// whose derived value changed from inputs outside the store (per-node EDS re-planned on
+    /// new zone demand or load). A follower that finds nothing new sends nothing.
+    pub fn wake_followers(&self, service: &str) {
+        let slot = self.slots.read().get(service).cloned();
+        if let Some(slot) = slot {
+            let st = slot.state.lock();
+            slot.wake_all(&st);
+        }
     }
 
     /// Stops waking `waker` for `service`; the last follower of a name the store does not hold

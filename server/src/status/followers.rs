@@ -137,8 +137,14 @@ pub fn followers(status: &Status, service: &str, version: u64) -> Vec<Follower> 
                 || current
                     .entry(zone.clone())
                     .or_insert_with(|| {
-                        xds::built(cache, xds::resources::ENDPOINTS, service, zone.as_ref())
-                            .map(|b| b.held())
+                        xds::built(
+                            cache,
+                            xds::resources::ENDPOINTS,
+                            service,
+                            zone.as_ref(),
+                            None,
+                        )
+                        .map(|b| b.held())
                     })
                     .as_ref()
                     .is_some_and(|cur| cur.hash == a.hash)

@@ -20,6 +20,11 @@
 //! keeps at most one assignment per backend zone + 1, however many clients and zones connect:
 //! 1,000 clients in 10 zones cost 10 computations per change.
 //!
+//! **Live inputs.** The plan also reads the zone demand measured from the SDKs' reports and,
+//! for a load-aware policy, the global in-flight counts ([`super::inputs`]): the same inputs an
+//! SDK of the client's zone plans with. They are held here ([`Assignments::refresh`]) and a
+//! zone's assignment is replaced when its plan moves, without a new snapshot.
+//!
 //! Health: an eligible backend is `HEALTHY`, a draining one `DRAINING`, an unhealthy one
 //! `UNHEALTHY`; in overall panic every endpoint is `HEALTHY` (`route_all`) or `UNHEALTHY`
 //! (`fail`), see [`resources::panic_health`]. Addresses must be IP literals (`ip:port`); a
@@ -32,15 +37,16 @@ use std::sync::{Arc, OnceLock};
 use dlb::proto::{self, Algorithm};
 use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::endpoint::v3 as endpoint;
-use envoy_types::pb::google::protobuf::{value, Any, Struct, UInt32Value, Value};
+use envoy_types::pb::google::protobuf::{Any, UInt32Value};
 use envoy_types::util::pack_any;
 use parking_lot::Mutex;
 
-use super::resources::{health_of, panic_health, weight_of};
+use super::inputs::{Inputs, LOAD_MOVE};
+use super::resources::{lb_endpoint, panic_health, weight_of};
 use super::{Built, ContentHash};
 use crate::store::ServiceSnapshot;
 use dlb::balance::{PanicConfig, PanicMode};
-use dlb::locality::{BackendState, Groups, LocalityConfig};
+use dlb::locality::{BackendState, Groups, LocalityConfig, Plan};
 
 /// Sum of the locality weights of the planned priority (priority 0): shares are expressed in
 /// millionths.
@@ -79,7 +85,18 @@ pub struct Assignments {
     /// The previous version's assignments, whose prefixes of unchanged backends the first
     /// [`Assignments::encoded`] carries over (then lets go).
     previous: Mutex<Option<Arc<Assignments>>>,
-    built: Mutex<HashMap<Option<Zone>, Arc<Built>>>,
+    /// The live inputs the assignments are planned with ([`Assignments::refresh`]).
+    inputs: Mutex<Arc<Inputs>>,
+    /// Per client zone key, its assignment and the group shares it was planned with.
+    built: Mutex<HashMap<Option<Zone>, Planned>>,
+}
+
+/// One client zone's assignment.
+#[derive(Debug, Clone)]
+struct Planned {
+    /// The plan's group shares behind it (empty for consistent hashing: no plan).
+    shares: Vec<f64>,
+    built: Arc<Built>,
 }
 
 /// A client's or backend's zone (region, zone of its locality).
@@ -88,8 +105,19 @@ pub type Zone = dlb::locality::ZoneKey;
 impl Assignments {
     /// Groups the backends of `snap` (O(backends)); nothing is built yet. `previous`: the
     /// assignments of the version `snap` replaced, if any (their encoded backends are reused
-    /// where the record did not change).
-    pub fn new(snap: Arc<ServiceSnapshot>, previous: Option<Arc<Assignments>>) -> Self {
+    /// where the record did not change). `inputs`: the live plan inputs, else those of
+    /// `previous`, else none (equal demand, no load) until [`Assignments::refresh`].
+    pub fn new(
+        snap: Arc<ServiceSnapshot>,
+        previous: Option<Arc<Assignments>>,
+        inputs: Option<Inputs>,
+    ) -> Self {
+        let inputs = inputs.map(Arc::new).unwrap_or_else(|| {
+            previous
+                .as_ref()
+                .map(|p| p.inputs.lock().clone())
+                .unwrap_or_default()
+        });
         let hashing = matches!(
             snap.policy.algorithm(),
             Algorithm::Maglev | Algorithm::RingHash
@@ -170,6 +198,7 @@ impl Assignments {
             capacity,
             prefixes: OnceLock::new(),
             previous: Mutex::new(previous),
+            inputs: Mutex::new(inputs),
             built: Mutex::new(HashMap::new()),
         }
     }
@@ -186,28 +215,139 @@ impl Assignments {
     }
 
     /// The packed assignment for a client in `zone`, built the first time a client of its key
-    /// asks (never under the lock) and shared afterwards.
+    /// asks (never under the lock) and shared afterwards (until [`Assignments::refresh`]
+    /// replaces it).
     pub fn for_zone(&self, zone: Option<&Zone>) -> Arc<Built> {
         let key = self.key(zone);
-        if let Some(b) = self.built.lock().get(&key) {
-            return b.clone();
+        if let Some(p) = self.built.lock().get(&key) {
+            return p.built.clone();
         }
-        let any = if self.hashing {
-            pack_any(self.layout(key.as_ref()))
-        } else {
-            Any {
-                type_url: super::resources::ENDPOINTS.to_owned(),
-                value: self.encoded(key.as_ref()),
+        loop {
+            let inputs = self.inputs.lock().clone();
+            let planned = if self.hashing {
+                self.packed(pack_any(self.layout(key.as_ref())), Vec::new())
+            } else {
+                self.build(self.plan(key.as_ref(), &inputs))
+            };
+            let mut built = self.built.lock();
+            if let Some(p) = built.get(&key) {
+                return p.built.clone();
             }
+            // Planned with the inputs still current: kept. (Else `refresh` may already have
+            // passed this key by: planned again with the new ones.)
+            if Arc::ptr_eq(&inputs, &self.inputs.lock()) {
+                let b = planned.built.clone();
+                built.insert(key, planned);
+                return b;
+            }
+        }
+    }
+
+    /// Plans with new live inputs: each built zone's assignment whose group shares moved
+    /// (by more than [`LOAD_MOVE`] when only the load changed, at all when the demand did) is
+    /// replaced. Returns how many were. Consistent hashing plans nothing: always 0.
+    pub fn refresh(&self, inputs: Inputs) -> usize {
+        let (inputs, threshold) = {
+            let mut current = self.inputs.lock();
+            if **current == inputs {
+                return 0;
+            }
+            let threshold = if current.demand == inputs.demand {
+                LOAD_MOVE
+            } else {
+                1e-9
+            };
+            *current = Arc::new(inputs);
+            (current.clone(), threshold)
         };
+        if self.hashing {
+            return 0;
+        }
+        let held: Vec<(Option<Zone>, Vec<f64>)> = self
+            .built
+            .lock()
+            .iter()
+            .map(|(k, p)| (k.clone(), p.shares.clone()))
+            .collect();
+        let mut changed = 0;
+        for (key, old) in held {
+            let plan = self.plan(key.as_ref(), &inputs);
+            let moved = old.len() != plan.shares.len()
+                || old
+                    .iter()
+                    .zip(&plan.shares)
+                    .any(|(a, b)| (a - b).abs() > threshold);
+            if moved {
+                let planned = self.build(plan);
+                self.built.lock().insert(key, planned);
+                changed += 1;
+            }
+        }
+        changed
+    }
+
+    /// The assignment of `plan` (a client zone's), encoded and hashed.
+    fn build(&self, plan: Plan) -> Planned {
+        let any = Any {
+            type_url: super::resources::ENDPOINTS.to_owned(),
+            value: self.encoded(&plan),
+        };
+        self.packed(any, plan.shares)
+    }
+
+    /// `any` hashed, as a zone's assignment planned with `shares`.
+    fn packed(&self, any: Any, shares: Vec<f64>) -> Planned {
         let mut h = ContentHash::default();
         h.write(&any.value);
-        let built = Arc::new(Built {
-            hash: h.hex(),
-            any,
-            version: self.snap.version.version,
-        });
-        self.built.lock().entry(key).or_insert(built).clone()
+        Planned {
+            shares,
+            built: Arc::new(Built {
+                hash: h.hex(),
+                any,
+                version: self.snap.version.version,
+            }),
+        }
+    }
+
+    /// The plan of a client of zone `zone` with `inputs` (overall `route_all` panic: every
+    /// backend counts as eligible).
+    fn plan(&self, zone: Option<&Zone>, inputs: &Inputs) -> Plan {
+        let base = if self.route_all() {
+            &self.all_eligible
+        } else {
+            &self.backends
+        };
+        let loaded: Vec<BackendState>;
+        let backends = if self.cfg.saturation.is_none() || inputs.in_flight.is_empty() {
+            base
+        } else {
+            loaded = base
+                .iter()
+                .zip(&self.members)
+                .map(|(b, m)| BackendState {
+                    in_flight: inputs
+                        .in_flight
+                        .get(&m.server.server_id)
+                        .copied()
+                        .unwrap_or(0),
+                    ..*b
+                })
+                .collect();
+            &loaded
+        };
+        dlb::locality::plan(
+            &self.cfg,
+            self.panic_cfg.as_ref(),
+            &self.groups,
+            backends,
+            &inputs.demand,
+            zone,
+        )
+    }
+
+    /// Whether the overall panic routes over every backend (`route_all`).
+    fn route_all(&self) -> bool {
+        self.panic == Some(core::HealthStatus::Healthy)
     }
 
     /// How many assignments were built (one per client zone key asked for).
@@ -215,12 +355,14 @@ impl Assignments {
         self.built.lock().len()
     }
 
-    /// The ClusterLoadAssignment for a client in `zone` (a key of [`Assignments::key`]).
+    /// The ClusterLoadAssignment for a client in `zone` (a key of [`Assignments::key`]), with
+    /// the current inputs.
     pub fn layout(&self, zone: Option<&Zone>) -> endpoint::ClusterLoadAssignment {
         let endpoints = if self.hashing {
             self.by_priority(self.panic)
         } else {
-            self.planned(zone)
+            let inputs = self.inputs.lock().clone();
+            self.planned(&self.plan(zone, &inputs))
         };
         endpoint::ClusterLoadAssignment {
             cluster_name: self.snap.name.clone(),
@@ -257,33 +399,20 @@ impl Assignments {
             .collect()
     }
 
-    /// Round robin and least connections: per member, its (priority, locality weight) for a
-    /// client in `zone`: the plan's groups in priority 0 weighted by their shares, the others
-    /// in lower priorities (see the module docs). O(backends + groups × priorities).
-    fn placement(&self, zone: Option<&Zone>) -> Vec<(u32, u32)> {
+    /// Round robin and least connections: per member, its (priority, locality weight) by
+    /// `plan` (a client zone's): the plan's groups in priority 0 weighted by their shares, the
+    /// others in lower priorities (see the module docs). O(backends + groups × priorities).
+    fn placement(&self, plan: &Plan) -> Vec<(u32, u32)> {
         // Overall `route_all` panic: every backend is routed to, as if eligible.
-        let route_all = self.panic == Some(core::HealthStatus::Healthy);
-        let backends = if route_all {
-            &self.all_eligible
-        } else {
-            &self.backends
-        };
-        let plan = dlb::locality::plan(
-            &self.cfg,
-            self.panic_cfg.as_ref(),
-            &self.groups,
-            backends,
-            &[],
-            zone,
-        );
-        let shares = plan.shares;
+        let route_all = self.route_all();
+        let shares = &plan.shares;
         let planned_any = shares.iter().any(|s| *s > 0.0);
         // The lower priorities: one per original priority that has a group without share.
         let mut rest: Vec<u32> = self
             .groups
             .keys
             .iter()
-            .zip(&shares)
+            .zip(shares)
             .filter(|(_, s)| **s <= 0.0)
             .map(|(g, _)| g.priority)
             .collect();
@@ -319,10 +448,10 @@ impl Assignments {
     }
 
     /// The planned layout as messages (what [`Assignments::encoded`] encodes).
-    fn planned(&self, zone: Option<&Zone>) -> Vec<endpoint::LocalityLbEndpoints> {
+    fn planned(&self, plan: &Plan) -> Vec<endpoint::LocalityLbEndpoints> {
         self.members
             .iter()
-            .zip(self.placement(zone))
+            .zip(self.placement(plan))
             .map(|(m, (priority, weight))| endpoint::LocalityLbEndpoints {
                 locality: Some(self.locality(m)),
                 lb_endpoints: vec![lb_endpoint(&m.server, m.addr, self.health_override(m))],
@@ -354,10 +483,11 @@ impl Assignments {
         }
     }
 
-    /// The encoded planned ClusterLoadAssignment for `zone`: the zone-independent part of each
-    /// locality (its locality and endpoint, encoded once per snapshot) followed by its weight
-    /// and priority. Decodes to [`Assignments::layout`] (tested), at a fraction of its cost.
-    fn encoded(&self, zone: Option<&Zone>) -> Vec<u8> {
+    /// The encoded planned ClusterLoadAssignment of `plan` (a client zone's): the
+    /// zone-independent part of each locality (its locality and endpoint, encoded once per
+    /// snapshot) followed by its weight and priority. Decodes to [`Assignments::layout`]
+    /// (tested), at a fraction of its cost.
+    fn encoded(&self, plan: &Plan) -> Vec<u8> {
         use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
         let prefixes = self.prefixes.get_or_init(|| {
             let previous = self.previous.lock().take();
@@ -382,7 +512,7 @@ impl Assignments {
             name.len() + prefixes.iter().map(|p| p.len() + 24).sum::<usize>() + 8,
         );
         prost::encoding::string::encode(1, name, &mut out);
-        for (prefix, (priority, weight)) in prefixes.iter().zip(self.placement(zone)) {
+        for (prefix, (priority, weight)) in prefixes.iter().zip(self.placement(plan)) {
             // load_balancing_weight (3): UInt32Value { value (1) = weight }, weight ≥ 1.
             let wrapper = 1 + encoded_len_varint(u64::from(weight));
             let mut len = prefix.len() + 1 + encoded_len_varint(wrapper as u64) + wrapper;
@@ -437,54 +567,6 @@ impl<'a> Carry<'a> {
             .then(|| prefixes.get(self.next).cloned())
             .flatten()
     }
-}
-
-fn lb_endpoint(
-    server: &proto::Server,
-    addr: SocketAddr,
-    health: Option<core::HealthStatus>,
-) -> endpoint::LbEndpoint {
-    endpoint::LbEndpoint {
-        host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(
-            endpoint::Endpoint {
-                address: Some(core::Address {
-                    address: Some(core::address::Address::SocketAddress(core::SocketAddress {
-                        address: addr.ip().to_string(),
-                        port_specifier: Some(core::socket_address::PortSpecifier::PortValue(
-                            u32::from(addr.port()),
-                        )),
-                        ..Default::default()
-                    })),
-                }),
-                hostname: server.server_id.clone(),
-                ..Default::default()
-            },
-        )),
-        health_status: health.unwrap_or_else(|| health_of(server)) as i32,
-        load_balancing_weight: Some(UInt32Value {
-            value: weight_of(server),
-        }),
-        metadata: Some(hash_key_metadata(server)),
-    }
-}
-
-/// `envoy.lb` → `hash_key`: the backend's stable hash key (its `hash_key`, else its id). Clients
-/// implementing gRFC A76 place the endpoint on the hash ring by it, so a backend that moves to
-/// a new address keeps its keys; older clients hash the address.
-fn hash_key_metadata(server: &proto::Server) -> core::Metadata {
-    let key = if server.hash_key.is_empty() {
-        server.server_id.clone()
-    } else {
-        server.hash_key.clone()
-    };
-    let value = Value {
-        kind: Some(value::Kind::StringValue(key)),
-    };
-    let mut lb = Struct::default();
-    lb.fields.insert("hash_key".into(), value);
-    let mut md = core::Metadata::default();
-    md.filter_metadata.insert("envoy.lb".into(), lb);
-    md
 }
 
 #[cfg(test)]

@@ -7,7 +7,8 @@
 //!
 //! * [`resources`] — the DLB → xDS mapping (pure functions); [`assignment`] — the
 //!   ClusterLoadAssignment per client zone (per-node EDS), built with the locality plan
-//!   (`dlb::locality::plan`) once per (service version, client zone);
+//!   (`dlb::locality::plan`) once per (service version, client zone) and re-planned when its
+//!   live inputs — zone demand, global in-flight counts — move ([`inputs`]);
 //! * [`sotw`] — state-of-the-world `StreamAggregatedResources`;
 //! * [`delta`] — incremental `DeltaAggregatedResources`;
 //! * `stream` — the stream core both share: per-stream state (subscriptions, nonces, followed
@@ -48,6 +49,7 @@
 pub mod assignment;
 pub mod clients;
 pub mod delta;
+pub mod inputs;
 pub mod resources;
 pub mod sotw;
 pub mod status;
@@ -128,6 +130,7 @@ pub struct XdsMetrics {
     streams: Gauge,
     nacks: Family<Vec<(String, String)>, Counter>,
     responses: Family<Vec<(String, String)>, Counter>,
+    replans: Counter,
 }
 
 impl XdsMetrics {
@@ -149,7 +152,17 @@ impl XdsMetrics {
             "xDS responses sent, by resource type",
             m.responses.clone(),
         );
+        registry.register(
+            "dlb_xds_eds_replans",
+            "Per-node EDS assignments (one service, one client zone) replaced because the zone demand or the global in-flight counts moved the plan (no store change)",
+            m.replans.clone(),
+        );
         m
+    }
+
+    /// Counts `n` per-node EDS assignments re-planned from live inputs.
+    pub fn replanned(&self, n: u64) {
+        self.replans.inc_by(n);
     }
 
     /// Counts one NACK of a resource type.
@@ -233,6 +246,9 @@ pub(crate) struct Context {
     /// The replica's readiness: no new stream while not ready; open streams end with
     /// `UNAVAILABLE` when it says go away ([`crate::readiness`]).
     pub readiness: crate::readiness::Readiness,
+    /// The live inputs of per-node EDS plans (none: equal demand, no load, until [`inputs::run`]
+    /// refreshes them).
+    pub plan_sources: Option<inputs::PlanSources>,
 }
 
 impl Context {
@@ -246,17 +262,25 @@ impl Context {
         service: &str,
         zone: Option<&assignment::Zone>,
     ) -> Option<Arc<Built>> {
-        built(&self.cache, type_url, service, zone)
+        built(
+            &self.cache,
+            type_url,
+            service,
+            zone,
+            self.plan_sources.as_ref(),
+        )
     }
 }
 
 /// The resource of `type_url` for the newest snapshot of `service` in `cache`, for a client in
-/// `zone` (see [`Context::built`]).
+/// `zone` (see [`Context::built`]). `sources`: where a service's first per-node assignments
+/// read their live inputs (else they start from the previous version's).
 pub(crate) fn built(
     cache: &Cache,
     type_url: &str,
     service: &str,
     zone: Option<&assignment::Zone>,
+    sources: Option<&inputs::PlanSources>,
 ) -> Option<Arc<Built>> {
     {
         let index = SERVED.iter().position(|t| *t == type_url)?;
@@ -264,7 +288,8 @@ pub(crate) fn built(
         if type_url == resources::ENDPOINTS {
             let per_zone = derived.get_or_init(index, || {
                 let previous = derived.previous::<assignment::Assignments>(index);
-                Some(assignment::Assignments::new(snap.clone(), previous))
+                let inputs = sources.map(|s| s.inputs(&snap));
+                Some(assignment::Assignments::new(snap.clone(), previous, inputs))
             })?;
             let built = per_zone.for_zone(zone);
             // Carried over (or not) by now: the previous version's values can go.
@@ -291,6 +316,8 @@ const SERVED: [&str; 3] = [
     resources::ENDPOINTS,
 ];
 const _: () = assert!(SERVED.len() <= crate::cache::DERIVED);
+/// The index of EDS in [`SERVED`] (per-node assignments, refreshed by [`inputs`]).
+pub(crate) const ENDPOINTS_INDEX: usize = 2;
 
 /// The ADS gRPC service.
 #[derive(Debug, Clone)]
@@ -316,8 +343,19 @@ impl XdsService {
                 shutdown,
                 max_streams,
                 readiness: crate::readiness::Readiness::always(),
+                plan_sources: None,
             }),
         }
+    }
+
+    /// Plans per-node EDS with the live inputs of `sources` (zone demand, global in-flight
+    /// counts; refreshed by [`inputs::run`], which the caller runs). Call before
+    /// [`XdsService::into_server`], while this is the only handle.
+    pub fn with_plan_sources(mut self, sources: inputs::PlanSources) -> Self {
+        if let Some(ctx) = Arc::get_mut(&mut self.ctx) {
+            ctx.plan_sources = Some(sources);
+        }
+        self
     }
 
     /// Gates the service on `readiness` (by default it is always ready). Call before

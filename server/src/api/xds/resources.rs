@@ -26,7 +26,7 @@ use envoy_types::pb::envoy::config::route::v3 as route;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
 use envoy_types::pb::envoy::extensions::load_balancing_policies as lbp;
-use envoy_types::pb::google::protobuf::{Any, UInt32Value};
+use envoy_types::pb::google::protobuf::{value, Any, Struct, UInt32Value, Value};
 use envoy_types::util::pack_any;
 
 use crate::store::ServiceSnapshot;
@@ -268,7 +268,56 @@ pub fn panic_health(snap: &ServiceSnapshot) -> Option<core::HealthStatus> {
 /// ClusterLoadAssignment `S` as a client without a zone receives it (see
 /// [`super::assignment`] for the layout and the per-zone assignments).
 pub fn endpoints_for(snap: &ServiceSnapshot) -> endpoint::ClusterLoadAssignment {
-    super::assignment::Assignments::new(std::sync::Arc::new(snap.clone()), None).layout(None)
+    super::assignment::Assignments::new(std::sync::Arc::new(snap.clone()), None, None).layout(None)
+}
+
+/// The endpoint of `server` at `addr`, sent with health `health` (else its own).
+pub(crate) fn lb_endpoint(
+    server: &proto::Server,
+    addr: std::net::SocketAddr,
+    health: Option<core::HealthStatus>,
+) -> endpoint::LbEndpoint {
+    endpoint::LbEndpoint {
+        host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(
+            endpoint::Endpoint {
+                address: Some(core::Address {
+                    address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+                        address: addr.ip().to_string(),
+                        port_specifier: Some(core::socket_address::PortSpecifier::PortValue(
+                            u32::from(addr.port()),
+                        )),
+                        ..Default::default()
+                    })),
+                }),
+                hostname: server.server_id.clone(),
+                ..Default::default()
+            },
+        )),
+        health_status: health.unwrap_or_else(|| health_of(server)) as i32,
+        load_balancing_weight: Some(UInt32Value {
+            value: weight_of(server),
+        }),
+        metadata: Some(hash_key_metadata(server)),
+    }
+}
+
+/// `envoy.lb` → `hash_key`: the backend's stable hash key (its `hash_key`, else its id). Clients
+/// implementing gRFC A76 place the endpoint on the hash ring by it, so a backend that moves to
+/// a new address keeps its keys; older clients hash the address.
+fn hash_key_metadata(server: &proto::Server) -> core::Metadata {
+    let key = if server.hash_key.is_empty() {
+        server.server_id.clone()
+    } else {
+        server.hash_key.clone()
+    };
+    let value = Value {
+        kind: Some(value::Kind::StringValue(key)),
+    };
+    let mut lb = Struct::default();
+    lb.fields.insert("hash_key".into(), value);
+    let mut md = core::Metadata::default();
+    md.filter_metadata.insert("envoy.lb".into(), lb);
+    md
 }
 
 #[cfg(test)]
