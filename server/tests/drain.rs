@@ -256,10 +256,8 @@ async fn bad_wait_options_are_refused_and_change_nothing() {
 mod raw_xds {
     use super::*;
     use envoy_types::pb::envoy::config::core::v3::Node;
-    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
     use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
     use tokio::sync::mpsc;
-    use tokio_stream::wrappers::ReceiverStream;
 
     pub const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 
@@ -271,24 +269,19 @@ mod raw_xds {
 
     impl Eds {
         pub async fn open(server: &dlb_server::RunningServer, node: &str) -> Eds {
-            let mut client = AggregatedDiscoveryServiceClient::new(channel(server).await);
-            let (tx, rx) = mpsc::channel(16);
-            tx.send(DiscoveryRequest {
-                node: Some(Node {
-                    id: node.into(),
+            let (tx, rx) = sotw(
+                server,
+                DiscoveryRequest {
+                    node: Some(Node {
+                        id: node.into(),
+                        ..Default::default()
+                    }),
+                    type_url: EDS.into(),
+                    resource_names: vec![SERVICE.into()],
                     ..Default::default()
-                }),
-                type_url: EDS.into(),
-                resource_names: vec![SERVICE.into()],
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-            let rx = client
-                .stream_aggregated_resources(ReceiverStream::new(rx))
-                .await
-                .unwrap()
-                .into_inner();
+                },
+            )
+            .await;
             Eds { tx, rx }
         }
 

@@ -17,11 +17,9 @@ use dlb_server::api::xds::resources::ENDPOINTS;
 use dlb_server::RunningServer;
 use envoy_types::pb::envoy::config::core::v3::{Locality, Node};
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use prost::Message;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -67,29 +65,24 @@ struct Ads {
 
 impl Ads {
     async fn open(server: &RunningServer, zone: &str) -> Ads {
-        let mut client = AggregatedDiscoveryServiceClient::new(common::channel(server).await);
-        let (tx, rx) = mpsc::channel(4);
-        tx.send(DiscoveryRequest {
-            node: Some(Node {
-                id: format!("grpc-in-{zone}"),
-                locality: Some(Locality {
-                    region: "eu".into(),
-                    zone: zone.into(),
-                    sub_zone: String::new(),
+        let (tx, rx) = common::sotw(
+            server,
+            DiscoveryRequest {
+                node: Some(Node {
+                    id: format!("grpc-in-{zone}"),
+                    locality: Some(Locality {
+                        region: "eu".into(),
+                        zone: zone.into(),
+                        sub_zone: String::new(),
+                    }),
+                    ..Default::default()
                 }),
+                type_url: ENDPOINTS.into(),
+                resource_names: vec!["web".into()],
                 ..Default::default()
-            }),
-            type_url: ENDPOINTS.into(),
-            resource_names: vec!["web".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        let rx = client
-            .stream_aggregated_resources(ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
+            },
+        )
+        .await;
         Ads { tx, rx }
     }
 

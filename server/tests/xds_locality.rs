@@ -82,21 +82,16 @@ fn first(l: &BTreeMap<String, (u32, u32)>) -> Vec<String> {
 }
 
 async fn sotw(server: &RunningServer, id: &str, zone: &str) -> DiscoveryResponse {
-    let mut client = AggregatedDiscoveryServiceClient::new(common::channel(server).await);
-    let (tx, rx) = mpsc::channel(4);
-    tx.send(DiscoveryRequest {
-        node: node(id, zone),
-        type_url: ENDPOINTS.into(),
-        resource_names: vec!["s".into()],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut stream = client
-        .stream_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut stream) = common::sotw(
+        server,
+        DiscoveryRequest {
+            node: node(id, zone),
+            type_url: ENDPOINTS.into(),
+            resource_names: vec!["s".into()],
+            ..Default::default()
+        },
+    )
+    .await;
     let r = tokio::time::timeout(WAIT, stream.message())
         .await
         .unwrap()

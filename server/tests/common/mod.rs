@@ -9,6 +9,8 @@ use dlb::proto::{
     server_message, ClientMessage, ServerMessage,
 };
 use dlb_server::{RunningServer, ServerConfig};
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -47,6 +49,26 @@ pub async fn channel(server: &RunningServer) -> Channel {
 
 pub async fn registry(server: &RunningServer) -> RegistryClient<Channel> {
     RegistryClient::new(channel(server).await)
+}
+
+/// Opens a state-of-the-world ADS stream whose first request is `first`: the sender of the
+/// client's further requests and the server's responses.
+pub async fn sotw(
+    server: &RunningServer,
+    first: DiscoveryRequest,
+) -> (mpsc::Sender<DiscoveryRequest>, Streaming<DiscoveryResponse>) {
+    let mut client = AggregatedDiscoveryServiceClient::new(channel(server).await);
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(first).await.unwrap();
+    let rx = tokio::time::timeout(
+        WAIT,
+        client.stream_aggregated_resources(ReceiverStream::new(rx)),
+    )
+    .await
+    .expect("ADS stream timed out")
+    .expect("ADS stream failed")
+    .into_inner();
+    (tx, rx)
 }
 
 pub fn add(service: &str, id: &str, address: &str, weight: u32) -> proto::AddServerRequest {
