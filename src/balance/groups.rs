@@ -30,15 +30,23 @@ pub struct Grouping<'a> {
     pub panic: &'a [bool],
 }
 
+/// One group of a grouped picker: what a pick that lands in it needs, side by side so that one
+/// index (and one bounds check) reaches both.
+#[derive(Debug)]
+pub(super) struct Group {
+    /// The selection strategy over the group's backends.
+    pub(super) strategy: Strategy,
+    /// Bounded-load parameters (hashing policies with a factor).
+    pub(super) bounded: Option<Bounded>,
+}
+
 /// The groups of a grouped picker.
 #[derive(Debug)]
 pub(super) struct Groups {
     /// Per backend (global index): its group.
     pub(super) of_backend: Box<[u16]>,
-    /// Per group: the selection strategy over its backends.
-    pub(super) strategies: Box<[Strategy]>,
-    /// Per group: bounded-load parameters (hashing policies with a factor).
-    pub(super) bounded: Box<[Option<Bounded>]>,
+    /// Per group: its strategy and bounded-load parameters.
+    pub(super) groups: Box<[Group]>,
     /// Cumulative thresholds: group `g` takes draws `< thresholds[g]` not taken by a lower one.
     thresholds: Box<[AtomicU32]>,
     /// The group that holds every pick, or [`MIXED`].
@@ -46,25 +54,16 @@ pub(super) struct Groups {
 }
 
 impl Groups {
-    pub(super) fn new(
-        of_backend: Box<[u16]>,
-        strategies: Box<[Strategy]>,
-        bounded: Box<[Option<Bounded>]>,
-    ) -> Self {
-        let n = strategies.len();
+    pub(super) fn new(of_backend: Box<[u16]>, groups: Box<[Group]>) -> Self {
+        let n = groups.len();
         let groups = Self {
             of_backend,
             thresholds: (0..n).map(|_| AtomicU32::new(0)).collect(),
-            strategies,
-            bounded,
+            groups,
             single: AtomicU32::new(MIXED),
         };
         // Until shares are set: everything to the first group that can pick.
-        let first = groups
-            .strategies
-            .iter()
-            .position(|s| !matches!(s, Strategy::Empty))
-            .unwrap_or(0);
+        let first = groups.first_usable();
         let mut shares = vec![0.0; n];
         if n > 0 {
             shares[first] = 1.0;
@@ -74,7 +73,15 @@ impl Groups {
     }
 
     pub(super) fn len(&self) -> usize {
-        self.strategies.len()
+        self.groups.len()
+    }
+
+    /// The first group that can pick (0 when none can).
+    fn first_usable(&self) -> usize {
+        self.groups
+            .iter()
+            .position(|g| !matches!(g.strategy, Strategy::Empty))
+            .unwrap_or(0)
     }
 
     /// Sets the shares (see the module docs). Negative, NaN and missing entries count as 0; the
@@ -90,11 +97,7 @@ impl Groups {
         };
         let total: f64 = (0..n).map(clean).sum();
         if total <= 0.0 {
-            let first = self
-                .strategies
-                .iter()
-                .position(|s| !matches!(s, Strategy::Empty))
-                .unwrap_or(0);
+            let first = self.first_usable();
             for (g, t) in self.thresholds.iter().enumerate() {
                 t.store(if g >= first { u32::MAX } else { 0 }, Ordering::Relaxed);
             }
@@ -177,13 +180,13 @@ impl Groups {
     /// `g` if it can pick, else the next group (wrapping) that can; `None` when none can.
     #[inline]
     pub(super) fn usable(&self, g: usize) -> Option<usize> {
-        if !matches!(self.strategies[g], Strategy::Empty) {
+        if !matches!(self.groups[g].strategy, Strategy::Empty) {
             return Some(g);
         }
         let n = self.len();
         (1..n)
             .map(|k| (g + k) % n)
-            .find(|&h| !matches!(self.strategies[h], Strategy::Empty))
+            .find(|&h| !matches!(self.groups[h].strategy, Strategy::Empty))
     }
 }
 

@@ -94,32 +94,27 @@ impl Picker {
     }
 
     /// The pick; `count` says whether a policy that does not need counts counts the call.
+    ///
+    /// Grouped: the group that takes every pick when there is one (the healthy in-zone case: no
+    /// draw, resolved by `set_shares`), else a draw by the shares (out of line); then the one
+    /// pick within the group's strategy.
     #[inline(always)]
     fn pick_impl(&self, key: Option<&[u8]>, count: bool) -> Result<Pick<'_>, PickError> {
-        match &self.groups {
-            None => self.pick_in(&self.strategy, self.bounded.as_ref(), key, None, count),
-            Some(groups) => self.pick_grouped(groups, key, count),
-        }
+        let Some(groups) = &self.groups else {
+            return self.pick_in(&self.strategy, self.bounded.as_ref(), key, None, count);
+        };
+        let (g, h) = match groups.single() {
+            Some(g) => (g, None),
+            None => self.draw_group(groups, key),
+        };
+        let group = &groups.groups[g];
+        self.pick_in(&group.strategy, group.bounded.as_ref(), key, h, count)
     }
 
-    /// The pick of a grouped picker: the group by the shares, then the pick within it.
-    #[inline]
-    fn pick_grouped<'p>(
-        &'p self,
-        groups: &'p Groups,
-        key: Option<&[u8]>,
-        count: bool,
-    ) -> Result<Pick<'p>, PickError> {
-        // One group takes everything (the healthy in-zone case): straight to it, no draw.
-        if let Some(g) = groups.single() {
-            return self.pick_in(
-                &groups.strategies[g],
-                groups.bounded[g].as_ref(),
-                key,
-                None,
-                count,
-            );
-        }
+    /// The group of a pick by the shares, when they are mixed (see `groups.rs`), and the key's
+    /// hash when the policy hashes (the draw is mixed from it; the pick reuses it).
+    #[inline(never)]
+    fn draw_group(&self, groups: &Groups, key: Option<&[u8]>) -> (usize, Option<u64>) {
         let hashing = matches!(
             self.policy.algorithm,
             Algorithm::Maglev | Algorithm::RingHash
@@ -130,14 +125,7 @@ impl Picker {
         } else {
             (groups.choose(|| fastrand::u32(..)), None)
         };
-        let g = groups.usable(g).unwrap_or(g);
-        self.pick_in(
-            &groups.strategies[g],
-            groups.bounded[g].as_ref(),
-            key,
-            h,
-            count,
-        )
+        (groups.usable(g).unwrap_or(g), h)
     }
 
     /// The pick with one strategy; `h` is the key's hash when the caller computed it already.
@@ -204,14 +192,14 @@ impl Picker {
                 }
             }
         };
-        Ok(if count {
-            self.acquire(index)
-        } else {
-            Pick {
-                picker: self,
-                index,
-                counted: false,
-            }
+        // `counted` as a plain bool (not a `Pick` from `acquire`), so that the result is built
+        // in registers on every path (merging a returned `Pick` made LLVM build it in memory,
+        // a store-forwarding stall on every pick).
+        let counted = count && self.count_call(index);
+        Ok(Pick {
+            picker: self,
+            index,
+            counted,
         })
     }
 
@@ -220,7 +208,7 @@ impl Picker {
     fn strategy_of(&self, index: u32) -> &Strategy {
         match &self.groups {
             None => &self.strategy,
-            Some(g) => &g.strategies[g.of_backend[index as usize] as usize],
+            Some(g) => &g.groups[usize::from(g.of_backend[index as usize])].strategy,
         }
     }
 
@@ -270,24 +258,29 @@ impl Picker {
 
     /// Counts one call on `index` when this picker counts calls.
     fn acquire(&self, index: u32) -> Pick<'_> {
-        let counted = self.counts;
-        if counted {
-            let load = &self.backends[index as usize].load;
-            match self.strategy_of(index) {
-                Strategy::LcExact(lc) => lc.acquire(index, load),
-                _ => {
-                    load.in_flight.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            if self.bounded.is_some() {
-                self.total.fetch_add(1, Ordering::Relaxed);
-            }
-        }
         Pick {
             picker: self,
             index,
-            counted,
+            counted: self.count_call(index),
         }
+    }
+
+    /// Counts one call on `index` when this picker counts calls; whether it did.
+    fn count_call(&self, index: u32) -> bool {
+        if !self.counts {
+            return false;
+        }
+        let load = &self.backends[index as usize].load;
+        match self.strategy_of(index) {
+            Strategy::LcExact(lc) => lc.acquire(index, load),
+            _ => {
+                load.in_flight.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if self.bounded.is_some() {
+            self.total.fetch_add(1, Ordering::Relaxed);
+        }
+        true
     }
 
     /// Ends one counted call on `index`.
@@ -356,11 +349,12 @@ impl Picker {
     }
 
     /// Every selection strategy: the one of an ungrouped picker, or each group's.
-    fn strategies(&self) -> &[Strategy] {
-        match &self.groups {
-            None => std::slice::from_ref(&self.strategy),
-            Some(g) => &g.strategies,
-        }
+    fn strategies(&self) -> impl Iterator<Item = &Strategy> {
+        let grouped = self.groups.as_deref().map_or(&[][..], |g| &g.groups[..]);
+        let ungrouped = self.groups.is_none().then_some(&self.strategy);
+        ungrouped
+            .into_iter()
+            .chain(grouped.iter().map(|g| &g.strategy))
     }
 
     /// Approximate heap memory of this picker in bytes: backends (with their strings and load
@@ -376,7 +370,6 @@ impl Picker {
             + self.eligible.len() * 4;
         let tables: usize = self
             .strategies()
-            .iter()
             .map(|s| match s {
                 Strategy::Empty => 0,
                 Strategy::Wrr(w) => w.heap_bytes(),
