@@ -19,6 +19,9 @@ use super::Picker;
 /// `single` when no one group holds every pick.
 const MIXED: u32 = u32::MAX;
 
+/// The thresholds are counted in blocks of this many.
+const LANES: usize = 4;
+
 /// How the backends of a picker are grouped, given to [`Picker::build_grouped`].
 #[derive(Debug, Clone, Copy)]
 pub struct Grouping<'a> {
@@ -48,6 +51,9 @@ pub(super) struct Groups {
     /// Per group: its strategy and bounded-load parameters.
     pub(super) groups: Box<[Group]>,
     /// Cumulative thresholds: group `g` takes draws `< thresholds[g]` not taken by a lower one.
+    /// Padded with `u32::MAX` to a multiple of [`LANES`] entries, so that the pick counts them
+    /// in whole blocks, without a remainder loop (a padding entry counts only for the draw
+    /// `u32::MAX`, which the last group takes anyway).
     thresholds: Box<[AtomicU32]>,
     /// The group that holds every pick, or [`MIXED`].
     single: AtomicU32,
@@ -58,7 +64,9 @@ impl Groups {
         let n = groups.len();
         let groups = Self {
             of_backend,
-            thresholds: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            thresholds: (0..n.next_multiple_of(LANES))
+                .map(|_| AtomicU32::new(u32::MAX))
+                .collect(),
             groups,
             single: AtomicU32::new(MIXED),
         };
@@ -148,7 +156,7 @@ impl Groups {
             }
         };
         let mut prev = 0u64;
-        self.thresholds
+        self.thresholds[..self.len()]
             .iter()
             .map(|t| {
                 let t = top(t.load(Ordering::Relaxed));
@@ -159,22 +167,23 @@ impl Groups {
             .collect()
     }
 
-    /// The group for a pick: `draw` is called only when the shares are mixed.
-    #[inline]
-    pub(super) fn choose(&self, draw: impl FnOnce() -> u32) -> usize {
-        if let Some(g) = self.single() {
-            return g;
-        }
-        let r = draw();
+    /// The group for the draw `r` by the thresholds (when the shares are mixed).
+    #[inline(always)]
+    pub(super) fn choose(&self, r: u32) -> usize {
         // The thresholds grow, so the first one above `r` is at the count of those at or below
         // it: counted without a branch (the group is random, so a search loop's exit
-        // mispredicted on most spilled picks).
+        // mispredicted on most spilled picks), in whole blocks of `LANES`.
         let below: usize = self
             .thresholds
-            .iter()
-            .map(|t| usize::from(r >= t.load(Ordering::Relaxed)))
+            .chunks_exact(LANES)
+            .map(|block| {
+                block
+                    .iter()
+                    .map(|t| usize::from(r >= t.load(Ordering::Relaxed)))
+                    .sum::<usize>()
+            })
             .sum();
-        below.min(self.thresholds.len() - 1)
+        below.min(self.len().saturating_sub(1))
     }
 
     /// `g` if it can pick, else the next group (wrapping) that can; `None` when none can.
@@ -228,5 +237,45 @@ impl Picker {
             .as_ref()
             .and_then(|g| g.of_backend.get(index).copied())
             .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn groups(n: usize) -> Groups {
+        let g = (0..n).map(|_| Group {
+            strategy: Strategy::Empty,
+            bounded: None,
+        });
+        Groups::new(Box::new([]), g.collect())
+    }
+
+    /// For every group count (padded or not), the draw at each threshold's edges lands in the
+    /// group the module docs say, never in a padding entry; the shares read back unchanged.
+    #[test]
+    fn choose_takes_the_first_threshold_above_the_draw() {
+        for n in 1..=9 {
+            let g = groups(n);
+            let shares: Vec<f64> = (1..=n).map(|k| k as f64).collect();
+            g.set_shares(&shares);
+            let total: f64 = shares.iter().sum();
+            let back = g.shares();
+            assert_eq!(back.len(), n);
+            for (s, b) in shares.iter().zip(&back) {
+                assert!((s / total - b).abs() < 1e-9, "{n}: {back:?}");
+            }
+            let t: Vec<u32> = g.thresholds[..n]
+                .iter()
+                .map(|t| t.load(Ordering::Relaxed))
+                .collect();
+            for k in 0..n {
+                let lo = if k == 0 { 0 } else { t[k - 1] };
+                assert_eq!(g.choose(lo), k, "{n} groups, draw {lo}");
+                assert_eq!(g.choose(t[k].saturating_sub(1).max(lo)), k, "{n} groups");
+            }
+            assert_eq!(g.choose(u32::MAX), n - 1);
+        }
     }
 }

@@ -113,7 +113,7 @@ impl Picker {
 
     /// The group of a pick by the shares, when they are mixed (see `groups.rs`), and the key's
     /// hash when the policy hashes (the draw is mixed from it; the pick reuses it).
-    #[inline(never)]
+    #[inline(always)]
     fn draw_group(&self, groups: &Groups, key: Option<&[u8]>) -> (usize, Option<u64>) {
         let hashing = matches!(
             self.policy.algorithm,
@@ -121,9 +121,9 @@ impl Picker {
         );
         let (g, h) = if hashing {
             let h = key.map_or_else(hash::random_hash, hash::key_hash);
-            (groups.choose(|| group_bits(h)), Some(h))
+            (groups.choose(group_bits(h)), Some(h))
         } else {
-            (groups.choose(|| fastrand::u32(..)), None)
+            (groups.choose(fastrand::u32(..)), None)
         };
         (groups.usable(g).unwrap_or(g), h)
     }
