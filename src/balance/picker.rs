@@ -181,14 +181,16 @@ impl Picker {
                 let h = key_hash();
                 match bounded {
                     None => u32::from(m.lookup(h)),
-                    Some(b) => return Ok(self.pick_bounded(b, m.table(), m.slot(h))),
+                    Some(b) => return Ok(self.counted(self.pick_bounded(b, m.table(), m.slot(h)))),
                 }
             }
             Strategy::Ring(r) => {
                 let h = key_hash();
                 match bounded {
                     None => u32::from(r.lookup(h)),
-                    Some(b) => return Ok(self.pick_bounded(b, r.owners(), r.point(h))),
+                    Some(b) => {
+                        return Ok(self.counted(self.pick_bounded(b, r.owners(), r.point(h))))
+                    }
                 }
             }
         };
@@ -212,9 +214,21 @@ impl Picker {
         }
     }
 
+    /// A pick of `index` whose call is already counted.
+    #[inline(always)]
+    fn counted(&self, index: u32) -> Pick<'_> {
+        Pick {
+            picker: self,
+            index,
+            counted: true,
+        }
+    }
+
     /// The bounded-load walk (see the module docs): the first eligible backend in candidate
-    /// order `owners[start..]` (wrapping) whose in-flight count is below its cap.
-    fn pick_bounded(&self, b: &Bounded, owners: &[u16], start: usize) -> Pick<'_> {
+    /// order `owners[start..]` (wrapping) whose in-flight count is below its cap, its call
+    /// counted. Returns the index only, so the caller builds the `Pick` in registers (a `Pick`
+    /// returned through memory was read back with a store-forwarding stall).
+    fn pick_bounded(&self, b: &Bounded, owners: &[u16], start: usize) -> u32 {
         let mut total = self.total.fetch_add(1, Ordering::Relaxed) + 1;
         let len = owners.len();
         for _ in 0..3 {
@@ -226,11 +240,7 @@ impl Picker {
                     last = idx;
                     let be = &self.backends[idx as usize];
                     if be.eligible && be.load.try_acquire_below(b.cap(be.weight, total)) {
-                        return Pick {
-                            picker: self,
-                            index: idx,
-                            counted: true,
-                        };
+                        return idx;
                     }
                 }
                 i += 1;
@@ -249,11 +259,7 @@ impl Picker {
             .load
             .in_flight
             .fetch_add(1, Ordering::Relaxed);
-        Pick {
-            picker: self,
-            index: idx,
-            counted: true,
-        }
+        idx
     }
 
     /// Counts one call on `index` when this picker counts calls.
