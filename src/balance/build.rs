@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use super::groups::{Grouping, Groups};
+use super::groups::{Group, Grouping, Groups};
 use super::picker::{Bounded, Strategy};
 use super::{
     ewma, hash, least_conn, maglev, panic, ring, wrr, Algorithm, Backend, BackendLoad, BackendSpec,
@@ -176,23 +176,20 @@ impl Picker {
                 for (i, &group) in g.of_backend.iter().enumerate() {
                     members[group as usize].push(i as u32);
                 }
-                let strategies: Box<[Strategy]> = members
+                let per_group: Box<[Group]> = members
                     .iter()
-                    .map(|m| strategy(policy, &backends, m))
+                    .map(|m| Group {
+                        strategy: strategy(policy, &backends, m),
+                        bounded: bounded_over(m),
+                    })
                     .collect();
-                let per_group: Box<[Option<Bounded>]> =
-                    members.iter().map(|m| bounded_over(m)).collect();
                 // The picker-wide flag says "bounded policy" (the total is counted); caps are
                 // the groups'.
                 let all: Vec<u32> = (0..backends.len() as u32).collect();
                 (
                     Strategy::Empty,
                     bounded_over(&all),
-                    Some(Box::new(Groups::new(
-                        g.of_backend.into(),
-                        strategies,
-                        per_group,
-                    ))),
+                    Some(Box::new(Groups::new(g.of_backend.into(), per_group))),
                 )
             }
         };

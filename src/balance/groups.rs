@@ -19,6 +19,9 @@ use super::Picker;
 /// `single` when no one group holds every pick.
 const MIXED: u32 = u32::MAX;
 
+/// The thresholds are counted in blocks of this many.
+const LANES: usize = 4;
+
 /// How the backends of a picker are grouped, given to [`Picker::build_grouped`].
 #[derive(Debug, Clone, Copy)]
 pub struct Grouping<'a> {
@@ -30,41 +33,45 @@ pub struct Grouping<'a> {
     pub panic: &'a [bool],
 }
 
+/// One group of a grouped picker: what a pick that lands in it needs, side by side so that one
+/// index (and one bounds check) reaches both.
+#[derive(Debug)]
+pub(super) struct Group {
+    /// The selection strategy over the group's backends.
+    pub(super) strategy: Strategy,
+    /// Bounded-load parameters (hashing policies with a factor).
+    pub(super) bounded: Option<Bounded>,
+}
+
 /// The groups of a grouped picker.
 #[derive(Debug)]
 pub(super) struct Groups {
     /// Per backend (global index): its group.
     pub(super) of_backend: Box<[u16]>,
-    /// Per group: the selection strategy over its backends.
-    pub(super) strategies: Box<[Strategy]>,
-    /// Per group: bounded-load parameters (hashing policies with a factor).
-    pub(super) bounded: Box<[Option<Bounded>]>,
+    /// Per group: its strategy and bounded-load parameters.
+    pub(super) groups: Box<[Group]>,
     /// Cumulative thresholds: group `g` takes draws `< thresholds[g]` not taken by a lower one.
+    /// Padded with `u32::MAX` to a multiple of [`LANES`] entries, so that the pick counts them
+    /// in whole blocks, without a remainder loop (a padding entry counts only for the draw
+    /// `u32::MAX`, which the last group takes anyway).
     thresholds: Box<[AtomicU32]>,
     /// The group that holds every pick, or [`MIXED`].
     single: AtomicU32,
 }
 
 impl Groups {
-    pub(super) fn new(
-        of_backend: Box<[u16]>,
-        strategies: Box<[Strategy]>,
-        bounded: Box<[Option<Bounded>]>,
-    ) -> Self {
-        let n = strategies.len();
+    pub(super) fn new(of_backend: Box<[u16]>, groups: Box<[Group]>) -> Self {
+        let n = groups.len();
         let groups = Self {
             of_backend,
-            thresholds: (0..n).map(|_| AtomicU32::new(0)).collect(),
-            strategies,
-            bounded,
+            thresholds: (0..n.next_multiple_of(LANES))
+                .map(|_| AtomicU32::new(u32::MAX))
+                .collect(),
+            groups,
             single: AtomicU32::new(MIXED),
         };
         // Until shares are set: everything to the first group that can pick.
-        let first = groups
-            .strategies
-            .iter()
-            .position(|s| !matches!(s, Strategy::Empty))
-            .unwrap_or(0);
+        let first = groups.first_usable();
         let mut shares = vec![0.0; n];
         if n > 0 {
             shares[first] = 1.0;
@@ -74,7 +81,15 @@ impl Groups {
     }
 
     pub(super) fn len(&self) -> usize {
-        self.strategies.len()
+        self.groups.len()
+    }
+
+    /// The first group that can pick (0 when none can).
+    fn first_usable(&self) -> usize {
+        self.groups
+            .iter()
+            .position(|g| !matches!(g.strategy, Strategy::Empty))
+            .unwrap_or(0)
     }
 
     /// Sets the shares (see the module docs). Negative, NaN and missing entries count as 0; the
@@ -90,11 +105,7 @@ impl Groups {
         };
         let total: f64 = (0..n).map(clean).sum();
         if total <= 0.0 {
-            let first = self
-                .strategies
-                .iter()
-                .position(|s| !matches!(s, Strategy::Empty))
-                .unwrap_or(0);
+            let first = self.first_usable();
             for (g, t) in self.thresholds.iter().enumerate() {
                 t.store(if g >= first { u32::MAX } else { 0 }, Ordering::Relaxed);
             }
@@ -145,7 +156,7 @@ impl Groups {
             }
         };
         let mut prev = 0u64;
-        self.thresholds
+        self.thresholds[..self.len()]
             .iter()
             .map(|t| {
                 let t = top(t.load(Ordering::Relaxed));
@@ -156,34 +167,35 @@ impl Groups {
             .collect()
     }
 
-    /// The group for a pick: `draw` is called only when the shares are mixed.
-    #[inline]
-    pub(super) fn choose(&self, draw: impl FnOnce() -> u32) -> usize {
-        if let Some(g) = self.single() {
-            return g;
-        }
-        let r = draw();
+    /// The group for the draw `r` by the thresholds (when the shares are mixed).
+    #[inline(always)]
+    pub(super) fn choose(&self, r: u32) -> usize {
         // The thresholds grow, so the first one above `r` is at the count of those at or below
         // it: counted without a branch (the group is random, so a search loop's exit
-        // mispredicted on most spilled picks).
+        // mispredicted on most spilled picks), in whole blocks of `LANES`.
         let below: usize = self
             .thresholds
-            .iter()
-            .map(|t| usize::from(r >= t.load(Ordering::Relaxed)))
+            .chunks_exact(LANES)
+            .map(|block| {
+                block
+                    .iter()
+                    .map(|t| usize::from(r >= t.load(Ordering::Relaxed)))
+                    .sum::<usize>()
+            })
             .sum();
-        below.min(self.thresholds.len() - 1)
+        below.min(self.len().saturating_sub(1))
     }
 
     /// `g` if it can pick, else the next group (wrapping) that can; `None` when none can.
     #[inline]
     pub(super) fn usable(&self, g: usize) -> Option<usize> {
-        if !matches!(self.strategies[g], Strategy::Empty) {
+        if !matches!(self.groups[g].strategy, Strategy::Empty) {
             return Some(g);
         }
         let n = self.len();
         (1..n)
             .map(|k| (g + k) % n)
-            .find(|&h| !matches!(self.strategies[h], Strategy::Empty))
+            .find(|&h| !matches!(self.groups[h].strategy, Strategy::Empty))
     }
 }
 
@@ -225,5 +237,45 @@ impl Picker {
             .as_ref()
             .and_then(|g| g.of_backend.get(index).copied())
             .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn groups(n: usize) -> Groups {
+        let g = (0..n).map(|_| Group {
+            strategy: Strategy::Empty,
+            bounded: None,
+        });
+        Groups::new(Box::new([]), g.collect())
+    }
+
+    /// For every group count (padded or not), the draw at each threshold's edges lands in the
+    /// group the module docs say, never in a padding entry; the shares read back unchanged.
+    #[test]
+    fn choose_takes_the_first_threshold_above_the_draw() {
+        for n in 1..=9 {
+            let g = groups(n);
+            let shares: Vec<f64> = (1..=n).map(|k| k as f64).collect();
+            g.set_shares(&shares);
+            let total: f64 = shares.iter().sum();
+            let back = g.shares();
+            assert_eq!(back.len(), n);
+            for (s, b) in shares.iter().zip(&back) {
+                assert!((s / total - b).abs() < 1e-9, "{n}: {back:?}");
+            }
+            let t: Vec<u32> = g.thresholds[..n]
+                .iter()
+                .map(|t| t.load(Ordering::Relaxed))
+                .collect();
+            for k in 0..n {
+                let lo = if k == 0 { 0 } else { t[k - 1] };
+                assert_eq!(g.choose(lo), k, "{n} groups, draw {lo}");
+                assert_eq!(g.choose(t[k].saturating_sub(1).max(lo)), k, "{n} groups");
+            }
+            assert_eq!(g.choose(u32::MAX), n - 1);
+        }
     }
 }

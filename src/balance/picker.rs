@@ -94,50 +94,38 @@ impl Picker {
     }
 
     /// The pick; `count` says whether a policy that does not need counts counts the call.
+    ///
+    /// Grouped: the group that takes every pick when there is one (the healthy in-zone case: no
+    /// draw, resolved by `set_shares`), else a draw by the shares (out of line); then the one
+    /// pick within the group's strategy.
     #[inline(always)]
     fn pick_impl(&self, key: Option<&[u8]>, count: bool) -> Result<Pick<'_>, PickError> {
-        match &self.groups {
-            None => self.pick_in(&self.strategy, self.bounded.as_ref(), key, None, count),
-            Some(groups) => self.pick_grouped(groups, key, count),
-        }
+        let Some(groups) = &self.groups else {
+            return self.pick_in(&self.strategy, self.bounded.as_ref(), key, None, count);
+        };
+        let (g, h) = match groups.single() {
+            Some(g) => (g, None),
+            None => self.draw_group(groups, key),
+        };
+        let group = &groups.groups[g];
+        self.pick_in(&group.strategy, group.bounded.as_ref(), key, h, count)
     }
 
-    /// The pick of a grouped picker: the group by the shares, then the pick within it.
-    #[inline]
-    fn pick_grouped<'p>(
-        &'p self,
-        groups: &'p Groups,
-        key: Option<&[u8]>,
-        count: bool,
-    ) -> Result<Pick<'p>, PickError> {
-        // One group takes everything (the healthy in-zone case): straight to it, no draw.
-        if let Some(g) = groups.single() {
-            return self.pick_in(
-                &groups.strategies[g],
-                groups.bounded[g].as_ref(),
-                key,
-                None,
-                count,
-            );
-        }
+    /// The group of a pick by the shares, when they are mixed (see `groups.rs`), and the key's
+    /// hash when the policy hashes (the draw is mixed from it; the pick reuses it).
+    #[inline(always)]
+    fn draw_group(&self, groups: &Groups, key: Option<&[u8]>) -> (usize, Option<u64>) {
         let hashing = matches!(
             self.policy.algorithm,
             Algorithm::Maglev | Algorithm::RingHash
         );
         let (g, h) = if hashing {
             let h = key.map_or_else(hash::random_hash, hash::key_hash);
-            (groups.choose(|| group_bits(h)), Some(h))
+            (groups.choose(group_bits(h)), Some(h))
         } else {
-            (groups.choose(|| fastrand::u32(..)), None)
+            (groups.choose(fastrand::u32(..)), None)
         };
-        let g = groups.usable(g).unwrap_or(g);
-        self.pick_in(
-            &groups.strategies[g],
-            groups.bounded[g].as_ref(),
-            key,
-            h,
-            count,
-        )
+        (groups.usable(g).unwrap_or(g), h)
     }
 
     /// The pick with one strategy; `h` is the key's hash when the caller computed it already.
@@ -193,25 +181,27 @@ impl Picker {
                 let h = key_hash();
                 match bounded {
                     None => u32::from(m.lookup(h)),
-                    Some(b) => return Ok(self.pick_bounded(b, m.table(), m.slot(h))),
+                    Some(b) => return Ok(self.counted(self.pick_bounded(b, m.table(), m.slot(h)))),
                 }
             }
             Strategy::Ring(r) => {
                 let h = key_hash();
                 match bounded {
                     None => u32::from(r.lookup(h)),
-                    Some(b) => return Ok(self.pick_bounded(b, r.owners(), r.point(h))),
+                    Some(b) => {
+                        return Ok(self.counted(self.pick_bounded(b, r.owners(), r.point(h))))
+                    }
                 }
             }
         };
-        Ok(if count {
-            self.acquire(index)
-        } else {
-            Pick {
-                picker: self,
-                index,
-                counted: false,
-            }
+        // `counted` as a plain bool (not a `Pick` from `acquire`), so that the result is built
+        // in registers on every path (merging a returned `Pick` made LLVM build it in memory,
+        // a store-forwarding stall on every pick).
+        let counted = count && self.count_call(index);
+        Ok(Pick {
+            picker: self,
+            index,
+            counted,
         })
     }
 
@@ -220,13 +210,25 @@ impl Picker {
     fn strategy_of(&self, index: u32) -> &Strategy {
         match &self.groups {
             None => &self.strategy,
-            Some(g) => &g.strategies[g.of_backend[index as usize] as usize],
+            Some(g) => &g.groups[usize::from(g.of_backend[index as usize])].strategy,
+        }
+    }
+
+    /// A pick of `index` whose call is already counted.
+    #[inline(always)]
+    fn counted(&self, index: u32) -> Pick<'_> {
+        Pick {
+            picker: self,
+            index,
+            counted: true,
         }
     }
 
     /// The bounded-load walk (see the module docs): the first eligible backend in candidate
-    /// order `owners[start..]` (wrapping) whose in-flight count is below its cap.
-    fn pick_bounded(&self, b: &Bounded, owners: &[u16], start: usize) -> Pick<'_> {
+    /// order `owners[start..]` (wrapping) whose in-flight count is below its cap, its call
+    /// counted. Returns the index only, so the caller builds the `Pick` in registers (a `Pick`
+    /// returned through memory was read back with a store-forwarding stall).
+    fn pick_bounded(&self, b: &Bounded, owners: &[u16], start: usize) -> u32 {
         let mut total = self.total.fetch_add(1, Ordering::Relaxed) + 1;
         let len = owners.len();
         for _ in 0..3 {
@@ -238,11 +240,7 @@ impl Picker {
                     last = idx;
                     let be = &self.backends[idx as usize];
                     if be.eligible && be.load.try_acquire_below(b.cap(be.weight, total)) {
-                        return Pick {
-                            picker: self,
-                            index: idx,
-                            counted: true,
-                        };
+                        return idx;
                     }
                 }
                 i += 1;
@@ -261,33 +259,34 @@ impl Picker {
             .load
             .in_flight
             .fetch_add(1, Ordering::Relaxed);
-        Pick {
-            picker: self,
-            index: idx,
-            counted: true,
-        }
+        idx
     }
 
     /// Counts one call on `index` when this picker counts calls.
     fn acquire(&self, index: u32) -> Pick<'_> {
-        let counted = self.counts;
-        if counted {
-            let load = &self.backends[index as usize].load;
-            match self.strategy_of(index) {
-                Strategy::LcExact(lc) => lc.acquire(index, load),
-                _ => {
-                    load.in_flight.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            if self.bounded.is_some() {
-                self.total.fetch_add(1, Ordering::Relaxed);
-            }
-        }
         Pick {
             picker: self,
             index,
-            counted,
+            counted: self.count_call(index),
         }
+    }
+
+    /// Counts one call on `index` when this picker counts calls; whether it did.
+    fn count_call(&self, index: u32) -> bool {
+        if !self.counts {
+            return false;
+        }
+        let load = &self.backends[index as usize].load;
+        match self.strategy_of(index) {
+            Strategy::LcExact(lc) => lc.acquire(index, load),
+            _ => {
+                load.in_flight.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if self.bounded.is_some() {
+            self.total.fetch_add(1, Ordering::Relaxed);
+        }
+        true
     }
 
     /// Ends one counted call on `index`.
@@ -356,11 +355,12 @@ impl Picker {
     }
 
     /// Every selection strategy: the one of an ungrouped picker, or each group's.
-    fn strategies(&self) -> &[Strategy] {
-        match &self.groups {
-            None => std::slice::from_ref(&self.strategy),
-            Some(g) => &g.strategies,
-        }
+    fn strategies(&self) -> impl Iterator<Item = &Strategy> {
+        let grouped = self.groups.as_deref().map_or(&[][..], |g| &g.groups[..]);
+        let ungrouped = self.groups.is_none().then_some(&self.strategy);
+        ungrouped
+            .into_iter()
+            .chain(grouped.iter().map(|g| &g.strategy))
     }
 
     /// Approximate heap memory of this picker in bytes: backends (with their strings and load
@@ -376,7 +376,6 @@ impl Picker {
             + self.eligible.len() * 4;
         let tables: usize = self
             .strategies()
-            .iter()
             .map(|s| match s {
                 Strategy::Empty => 0,
                 Strategy::Wrr(w) => w.heap_bytes(),
