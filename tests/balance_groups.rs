@@ -98,6 +98,31 @@ fn picks_follow_the_shares() {
 }
 
 #[test]
+fn a_threads_keyless_picks_hit_the_shares_within_a_few_picks() {
+    // Without a key the group draw is the thread's golden-ratio sequence: every window of
+    // picks is spread by the shares (a random draw would be off by ≈ 15 of 1,000 here).
+    for algorithm in [
+        Algorithm::RoundRobin,
+        Algorithm::LeastConnP2c,
+        Algorithm::PeakEwma,
+    ] {
+        let p = grouped(algorithm, 3, 4, |_| true, &[false; 3], |_| {});
+        p.set_shares(&[0.7, 0.2, 0.1]);
+        for window in [100usize, 1_000, 10_000] {
+            let c = group_counts(&p, window, |_| None);
+            for (g, share) in [0.7, 0.2, 0.1].into_iter().enumerate() {
+                let want = window as f64 * share;
+                assert!(
+                    (c[g] as f64 - want).abs() <= 3.0,
+                    "{algorithm:?}: group {g} got {} of {window}, want {want}",
+                    c[g]
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn one_group_at_full_share_takes_every_pick() {
     let p = grouped(Algorithm::RoundRobin, 3, 4, |_| true, &[false; 3], |_| {});
     p.set_shares(&[0.0, 1.0, 0.0]);

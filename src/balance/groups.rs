@@ -4,8 +4,9 @@
 //!
 //! The shares are set by the picker's owner at any time ([`Picker::set_shares`], computed by
 //! `dlb::locality`), without a rebuild: they are cumulative thresholds over `u32` in relaxed
-//! atomics. A pick draws 32 bits — random, or for the hashing policies mixed from the key's hash
-//! so that a key keeps its group while the thresholds around it hold — and takes the first group
+//! atomics. A pick draws 32 bits — for the hashing policies mixed from the key's hash so that a
+//! key keeps its group while the thresholds around it hold, for the others the calling thread's
+//! next point of an evenly spreading sequence ([`spread_draw`]) — and takes the first group
 //! whose threshold is above the draw. When one group holds everything ([`Groups::single`]) no
 //! draw is made. A drawn group with nothing to pick falls through to the next one that has.
 //! A pick racing `set_shares` may see some thresholds old and some new: it still lands in a
@@ -197,6 +198,24 @@ impl Groups {
             .map(|k| (g + k) % n)
             .find(|&h| !matches!(self.groups[h].strategy, Strategy::Empty))
     }
+}
+
+thread_local! {
+    /// The calling thread's position in its sequence of group draws ([`spread_draw`]).
+    static DRAWS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// The group draw of a pick without a key: the calling thread's next point of the golden-ratio
+/// (Weyl) sequence over `u32`. Consecutive draws of a thread spread evenly over the range, so
+/// each group gets its share within a few picks (a random draw's error shrinks only as
+/// 1/√picks), and the draw costs an add on a thread-local instead of a random number.
+#[inline(always)]
+pub(super) fn spread_draw() -> u32 {
+    DRAWS.with(|d| {
+        let v = d.get().wrapping_add(0x9E37_79B9);
+        d.set(v);
+        v
+    })
 }
 
 /// 32 bits of a key's hash for the group draw, decorrelated from the bits the tables use

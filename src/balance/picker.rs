@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use super::groups::{group_bits, Groups};
+use super::groups::{group_bits, spread_draw, Groups};
 use super::{
     ewma, hash, least_conn, maglev, ring, wrr, Algorithm, Backend, BackendLoad, OwnedPick,
     PanicState, Pick, PickError, PolicyConfig,
@@ -96,7 +96,7 @@ impl Picker {
     /// The pick; `count` says whether a policy that does not need counts counts the call.
     ///
     /// Grouped: the group that takes every pick when there is one (the healthy in-zone case: no
-    /// draw, resolved by `set_shares`), else a draw by the shares (out of line); then the one
+    /// draw, resolved by `set_shares`), else a draw by the shares; then the one
     /// pick within the group's strategy.
     #[inline(always)]
     fn pick_impl(&self, key: Option<&[u8]>, count: bool) -> Result<Pick<'_>, PickError> {
@@ -123,7 +123,7 @@ impl Picker {
             let h = key.map_or_else(hash::random_hash, hash::key_hash);
             (groups.choose(group_bits(h)), Some(h))
         } else {
-            (groups.choose(fastrand::u32(..)), None)
+            (groups.choose(spread_draw()), None)
         };
         (groups.usable(g).unwrap_or(g), h)
     }
