@@ -385,6 +385,14 @@ impl Cache {
         Some((snap, derived))
     }
 
+    /// Like [`Cache::get_derived`], but only when a front-end already derived something from
+    /// the newest snapshot (never makes the [`Derived`] values).
+    pub fn derived_if_made(&self, service: &str) -> Option<(Arc<ServiceSnapshot>, Arc<Derived>)> {
+        let slot = self.slots.read().get(service).cloned()?;
+        let st = slot.state.lock();
+        Some((st.snapshot.clone()?, st.derived.clone()?))
+    }
+
     /// A new watcher handle (not yet following anything).
     pub fn waker(&self) -> Arc<Waker> {
         Arc::new(Waker {
@@ -612,6 +620,14 @@ mod tests {
         cache.unfollow_service("a", &wa);
         add(&store, &cache, "a", "a1").await;
         assert_eq!(wa.wakeups(), 1, "an unfollowed watcher was woken");
+        // A front-end's own wake-up (no new snapshot) reaches only the service's followers.
+        wb.take_dirty();
+        let before = wb.wakeups();
+        cache.wake_followers("b");
+        cache.wake_followers("a");
+        assert_eq!(wb.wakeups(), before + 1);
+        assert_eq!(wb.take_dirty(), vec![Arc::<str>::from("b")]);
+        assert_eq!(wa.wakeups(), 1);
     }
 
     #[tokio::test]
@@ -623,8 +639,12 @@ mod tests {
             made.fetch_add(1, Ordering::Relaxed);
             Some(v)
         };
+        assert!(cache.derived_if_made("s").is_none(), "nothing derived yet");
         let (snap, d) = cache.get_derived("s").expect("exists");
         let first = d.get_or_init(0, || make(1)).expect("made");
+        let (_, peeked) = cache.derived_if_made("s").expect("made now");
+        assert_eq!(peeked.peek::<u32>(0).as_deref(), Some(&1));
+        assert!(peeked.peek::<u32>(1).is_none(), "never made");
         let (again, d) = cache.get_derived("s").expect("exists");
         assert!(Arc::ptr_eq(&snap, &again));
         let second = d.get_or_init(0, || make(2)).expect("kept");
@@ -635,6 +655,10 @@ mod tests {
         assert!(d.get_or_init(DERIVED, || make(3)).is_none());
         // A new snapshot starts empty, with the previous one's values reachable.
         add(&store, &cache, "s", "b").await;
+        assert!(
+            cache.derived_if_made("s").is_none(),
+            "the new snapshot has none"
+        );
         let (_, d) = cache.get_derived("s").expect("exists");
         assert_eq!(d.previous::<u32>(0).as_deref(), Some(&1));
         assert!(d.previous::<&str>(0).is_none(), "another type");

@@ -11,9 +11,10 @@
 //! shares the assignment the clients hold was made with (so slow drift still gets through
 //! while noise does not push a new assignment to every client each tick).
 //!
-//! Cost per pass: O(services) lookups; per service that has per-node assignments and new
-//! inputs, one plan per built client zone (O(backends) each) and, where the plan moved, one
-//! encoding of the zone's assignment (backends' encodings are shared within the snapshot).
+//! Cost per pass: O(services) lookups; per service that has per-node assignments, its inputs
+//! (for a load-aware policy a copy of its in-flight counts, O(backends)); when they changed, one
+//! plan per built client zone (O(backends) each) and, where the plan moved, one encoding of the
+//! zone's assignment (backends' encodings are shared within the snapshot).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -79,7 +80,7 @@ impl PlanSources {
 pub fn refresh_all(cache: &Cache, sources: &PlanSources) -> u64 {
     let mut changed = 0;
     for name in cache.service_names() {
-        let Some((snap, derived)) = cache.get_derived(&name) else {
+        let Some((snap, derived)) = cache.derived_if_made(&name) else {
             continue;
         };
         let Some(assignments) = derived.peek::<Assignments>(super::ENDPOINTS_INDEX) else {
