@@ -206,9 +206,8 @@ impl AdminClient {
     /// `Membership.Register`: creates or renews the lease-owned backend `lease` in `service`.
     pub async fn register(&self, service: &str, lease: &Lease) -> Result<proto::RegisterResponse> {
         let req = lease.request(service)?;
-        self.call_with(membership, |mut c| {
-            let req = req.clone();
-            async move { c.register(req).await }
+        self.unary_with(membership, req, |mut c, req| async move {
+            c.register(req).await
         })
         .await
     }
@@ -225,9 +224,8 @@ impl AdminClient {
             drain: None,
         };
         model::validate_server_id(server_id)?;
-        self.call_with(membership, |mut c| {
-            let req = req.clone();
-            async move { c.deregister(req).await }
+        self.unary_with(membership, req, |mut c, req| async move {
+            c.deregister(req).await
         })
         .await
     }
@@ -249,9 +247,8 @@ impl AdminClient {
         };
         model::validate_server_id(server_id)?;
         self.waiting(&wait)
-            .call_with(membership, |mut c| {
-                let req = req.clone();
-                async move { c.deregister(req).await }
+            .unary_with(membership, req, |mut c, req| async move {
+                c.deregister(req).await
             })
             .await
     }
@@ -261,9 +258,8 @@ impl AdminClient {
         let req = proto::ListLeasesRequest {
             service: model::resolve_service(service)?.to_owned(),
         };
-        self.call_with(membership, |mut c| {
-            let req = req.clone();
-            async move { c.list_leases(req).await }
+        self.unary_with(membership, req, |mut c, req| async move {
+            c.list_leases(req).await
         })
         .await
     }
@@ -290,9 +286,8 @@ impl AdminClient {
         declaration: &DnsDeclaration,
     ) -> Result<proto::DnsStatus> {
         let req = declaration.request(service)?;
-        self.call_with(membership, |mut c| {
-            let req = req.clone();
-            async move { c.declare_dns(req).await }
+        self.unary_with(membership, req, |mut c, req| async move {
+            c.declare_dns(req).await
         })
         .await
     }
@@ -303,9 +298,8 @@ impl AdminClient {
         let req = proto::RemoveDnsRequest {
             service: model::resolve_service(service)?.to_owned(),
         };
-        self.call_with(membership, |mut c| {
-            let req = req.clone();
-            async move { c.remove_dns(req).await }
+        self.unary_with(membership, req, |mut c, req| async move {
+            c.remove_dns(req).await
         })
         .await
     }
@@ -315,9 +309,8 @@ impl AdminClient {
         let req = proto::ListDnsRequest {
             service: service.to_owned(),
         };
-        self.call_with(membership, |mut c| {
-            let req = req.clone();
-            async move { c.list_dns(req).await }
+        self.unary_with(membership, req, |mut c, req| async move {
+            c.list_dns(req).await
         })
         .await
     }

@@ -10,7 +10,6 @@
 mod common;
 
 use common::*;
-use dlb::proto;
 use dlb_client::{AdminClient, NewServer};
 use serde_json::Value;
 
@@ -48,6 +47,24 @@ fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
     sample(text, &format!("{name}{{{labels}}} "))
 }
 
+/// Four backends in each of [`ZONES`] (region `eu`), ids `a0`…, ports from `port`.
+async fn add_zones(admin: &AdminClient, port: usize) {
+    for (zi, z) in ZONES.iter().enumerate() {
+        for i in 0..4 {
+            let s = NewServer {
+                server_id: format!("{z}{i}"),
+                address: format!("127.0.0.1:{}", port + zi * 10 + i),
+                weight: 1,
+                hash_key: String::new(),
+                metadata: Default::default(),
+                locality: Some(dlb_client::locality::locality("eu", *z)),
+                priority: 0,
+            };
+            admin.add_server("web", s).await.unwrap();
+        }
+    }
+}
+
 async fn plan(ep: &str) -> Value {
     json(&dlbctl_ok(ep, &["locality", "show", "web", "--json"]).await)
 }
@@ -59,29 +76,7 @@ async fn locality_show_and_metrics_follow_the_plan() {
         .unwrap();
     let ep = endpoint(&srv);
     let admin = AdminClient::new([ep.clone()]).unwrap();
-    for (zi, z) in ZONES.iter().enumerate() {
-        for i in 0..4 {
-            admin
-                .add_server(
-                    "web",
-                    NewServer {
-                        server_id: format!("{z}{i}"),
-                        address: format!("127.0.0.1:{}", 9000 + zi * 10 + i),
-                        weight: 1,
-                        hash_key: String::new(),
-                        metadata: Default::default(),
-                        locality: Some(proto::Locality {
-                            region: "eu".into(),
-                            zone: (*z).into(),
-                            sub_zone: String::new(),
-                        }),
-                        priority: 0,
-                    },
-                )
-                .await
-                .unwrap();
-        }
-    }
+    add_zones(&admin, 9000).await;
 
     // Healthy: every zone keeps all of its traffic.
     let p = plan(&ep).await;
@@ -209,20 +204,7 @@ async fn locality_show_reads_the_pushed_zone_demand() {
         .unwrap();
     let ep = endpoint(&srv);
     let admin = AdminClient::new([ep.clone()]).unwrap();
-    for (zi, z) in ZONES.iter().enumerate() {
-        for i in 0..4 {
-            let s = NewServer {
-                server_id: format!("{z}{i}"),
-                address: format!("127.0.0.1:{}", 9100 + zi * 10 + i),
-                weight: 1,
-                hash_key: String::new(),
-                metadata: Default::default(),
-                locality: Some(dlb_client::locality::locality("eu", *z)),
-                priority: 0,
-            };
-            admin.add_server("web", s).await.unwrap();
-        }
-    }
+    add_zones(&admin, 9100).await;
     for id in ["a0", "a1"] {
         admin.health_check_failed("web", id).await.unwrap();
     }

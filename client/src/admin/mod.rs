@@ -140,6 +140,34 @@ impl AdminClient {
         .await
     }
 
+    /// A unary Registry call: `f` sends `req` (cloned for each attempt: a failover sends it
+    /// again) on a client of the current endpoint (see [`Admin::call`]).
+    async fn unary<Req, T, F, Fut>(&self, req: Req, f: F) -> Result<T>
+    where
+        Req: Clone,
+        F: Fn(RegistryClient<InterceptedService<Channel, TokenInterceptor>>, Req) -> Fut,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.call(|c| f(c, req.clone())).await
+    }
+
+    /// Like [`Admin::unary`], on a client of any service built by `make` (see
+    /// [`Admin::call_with`]).
+    pub(crate) async fn unary_with<C, Req, T, M, F, Fut>(
+        &self,
+        make: M,
+        req: Req,
+        f: F,
+    ) -> Result<T>
+    where
+        Req: Clone,
+        M: Fn(Channel, TokenInterceptor) -> C,
+        F: Fn(C, Req) -> Fut,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.call_with(make, |c| f(c, req.clone())).await
+    }
+
     /// Runs `f` on a client of any service built by `make` over the current endpoint, with the
     /// deadline and the failover to the next endpoints on `UNAVAILABLE`.
     pub(crate) async fn call_with<C, T, M, F, Fut>(&self, make: M, f: F) -> Result<T>
@@ -195,11 +223,8 @@ impl AdminClient {
             priority: record.priority,
             ..Default::default()
         };
-        self.call(|mut c| {
-            let req = req.clone();
-            async move { c.add_server(req).await }
-        })
-        .await
+        self.unary(req, |mut c, req| async move { c.add_server(req).await })
+            .await
     }
 
     /// `RemoveServer`: deregisters a backend.
@@ -213,11 +238,8 @@ impl AdminClient {
             server_id: checked_id(server_id)?,
             ..Default::default()
         };
-        self.call(|mut c| {
-            let req = req.clone();
-            async move { c.remove_server(req).await }
-        })
-        .await
+        self.unary(req, |mut c, req| async move { c.remove_server(req).await })
+            .await
     }
 
     /// `RemoveServer` with a drain barrier: deregisters a backend, then waits until every client
@@ -236,10 +258,7 @@ impl AdminClient {
             ..Default::default()
         };
         self.waiting(&wait)
-            .call(|mut c| {
-                let req = req.clone();
-                async move { c.remove_server(req).await }
-            })
+            .unary(req, |mut c, req| async move { c.remove_server(req).await })
             .await
     }
 
@@ -266,11 +285,8 @@ impl AdminClient {
             Some(w) => self.waiting(w),
             None => self.clone(),
         };
-        this.call(|mut c| {
-            let req = req.clone();
-            async move { c.drain_server(req).await }
-        })
-        .await
+        this.unary(req, |mut c, req| async move { c.drain_server(req).await })
+            .await
     }
 
     /// This client with room in each call's deadline for the barrier's.
@@ -298,11 +314,8 @@ impl AdminClient {
             force,
             ..Default::default()
         };
-        self.call(|mut c| {
-            let req = req.clone();
-            async move { c.remove_service(req).await }
-        })
-        .await
+        self.unary(req, |mut c, req| async move { c.remove_service(req).await })
+            .await
     }
 
     /// `UpdateServer`: changes the set fields of a backend.
@@ -314,11 +327,8 @@ impl AdminClient {
         let service = model::resolve_service(service)?.to_owned();
         let req = update.request(service);
         model::validate_update(&req)?;
-        self.call(|mut c| {
-            let req = req.clone();
-            async move { c.update_server(req).await }
-        })
-        .await
+        self.unary(req, |mut c, req| async move { c.update_server(req).await })
+            .await
     }
 
     /// `ListServers`: the service's backends, version and policy.
@@ -326,11 +336,8 @@ impl AdminClient {
         let req = proto::ListServersRequest {
             service: model::resolve_service(service)?.to_owned(),
         };
-        self.call(|mut c| {
-            let req = req.clone();
-            async move { c.list_servers(req).await }
-        })
-        .await
+        self.unary(req, |mut c, req| async move { c.list_servers(req).await })
+            .await
     }
 
     /// `HealthCheckPassed`: marks a backend healthy.
@@ -340,10 +347,10 @@ impl AdminClient {
         server_id: &str,
     ) -> Result<proto::ServerResponse> {
         let req = health_request(service, server_id)?;
-        self.call(|mut c| {
-            let req = req.clone();
-            async move { c.health_check_passed(req).await }
-        })
+        self.unary(
+            req,
+            |mut c, req| async move { c.health_check_passed(req).await },
+        )
         .await
     }
 
@@ -354,10 +361,10 @@ impl AdminClient {
         server_id: &str,
     ) -> Result<proto::ServerResponse> {
         let req = health_request(service, server_id)?;
-        self.call(|mut c| {
-            let req = req.clone();
-            async move { c.health_check_failed(req).await }
-        })
+        self.unary(
+            req,
+            |mut c, req| async move { c.health_check_failed(req).await },
+        )
         .await
     }
 
@@ -371,10 +378,10 @@ impl AdminClient {
             service: model::resolve_service(service)?.to_owned(),
             key: key.map(<[u8]>::to_vec).unwrap_or_default(),
         };
-        self.call(|mut c| {
-            let req = req.clone();
-            async move { c.get_next_server(req).await }
-        })
+        self.unary(
+            req,
+            |mut c, req| async move { c.get_next_server(req).await },
+        )
         .await
     }
 
@@ -383,11 +390,8 @@ impl AdminClient {
         let req = proto::GetPolicyRequest {
             service: model::resolve_service(service)?.to_owned(),
         };
-        self.call(|mut c| {
-            let req = req.clone();
-            async move { c.get_policy(req).await }
-        })
-        .await
+        self.unary(req, |mut c, req| async move { c.get_policy(req).await })
+            .await
     }
 
     /// `GetHealth`: the health checker's live view of the service's checked backends.
@@ -395,11 +399,8 @@ impl AdminClient {
         let req = proto::GetHealthRequest {
             service: model::resolve_service(service)?.to_owned(),
         };
-        self.call(|mut c| {
-            let req = req.clone();
-            async move { c.get_health(req).await }
-        })
-        .await
+        self.unary(req, |mut c, req| async move { c.get_health(req).await })
+            .await
     }
 
     /// `GetLocalityPlan`: the locality plan `dlbd` computes for each client zone of the service
@@ -408,10 +409,10 @@ impl AdminClient {
         let req = proto::GetLocalityPlanRequest {
             service: model::resolve_service(service)?.to_owned(),
         };
-        self.call(|mut c| {
-            let req = req.clone();
-            async move { c.get_locality_plan(req).await }
-        })
+        self.unary(
+            req,
+            |mut c, req| async move { c.get_locality_plan(req).await },
+        )
         .await
     }
 
@@ -440,11 +441,8 @@ impl AdminClient {
             policy: Some(policy),
             expected_version,
         };
-        self.call(|mut c| {
-            let req = req.clone();
-            async move { c.set_policy(req).await }
-        })
-        .await
+        self.unary(req, |mut c, req| async move { c.set_policy(req).await })
+            .await
     }
 
     /// `ListServices`: every service with its version and backend counts.

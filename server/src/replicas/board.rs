@@ -131,6 +131,17 @@ mod etcd_board {
                 })
                 .collect())
         }
+        /// Puts `key` under this replica's lease (it goes with the replica).
+        async fn put_leased(&self, key: String, value: Vec<u8>) -> Result<(), Error> {
+            let lease = self.lease()?;
+            self.client
+                .kv_client()
+                .put(key, value, Some(PutOptions::new().with_lease(lease)))
+                .await
+                .map_err(|e| err(&e))?;
+            Ok(())
+        }
+
         fn lease(&self) -> Result<i64, Error> {
             match *self.lease.lock() {
                 0 => Err(Error::Storage(
@@ -145,15 +156,7 @@ mod etcd_board {
         fn post(&self, request: &Request) -> BoxFuture<'_, Result<(), Error>> {
             let key = format!("{}{}", self.requests_prefix(), request.id);
             let value = request.encode();
-            Box::pin(async move {
-                let lease = self.lease()?;
-                self.client
-                    .kv_client()
-                    .put(key, value, Some(PutOptions::new().with_lease(lease)))
-                    .await
-                    .map_err(|e| err(&e))?;
-                Ok(())
-            })
+            Box::pin(self.put_leased(key, value))
         }
 
         fn withdraw(&self, id: &str) -> BoxFuture<'_, Result<(), Error>> {
@@ -181,15 +184,7 @@ mod etcd_board {
 
         fn answer(&self, id: &str, answer: Vec<u8>) -> BoxFuture<'_, Result<(), Error>> {
             let key = format!("{}{}", self.answers_prefix(id), self.me);
-            Box::pin(async move {
-                let lease = self.lease()?;
-                self.client
-                    .kv_client()
-                    .put(key, answer, Some(PutOptions::new().with_lease(lease)))
-                    .await
-                    .map_err(|e| err(&e))?;
-                Ok(())
-            })
+            Box::pin(self.put_leased(key, answer))
         }
 
         fn answers(&self, id: &str) -> BoxFuture<'_, Result<super::Answers, Error>> {
@@ -199,15 +194,7 @@ mod etcd_board {
 
         fn post_demand(&self, value: Vec<u8>) -> BoxFuture<'_, Result<(), Error>> {
             let key = format!("{}/demand/{}", self.root, self.me);
-            Box::pin(async move {
-                let lease = self.lease()?;
-                self.client
-                    .kv_client()
-                    .put(key, value, Some(PutOptions::new().with_lease(lease)))
-                    .await
-                    .map_err(|e| err(&e))?;
-                Ok(())
-            })
+            Box::pin(self.put_leased(key, value))
         }
 
         fn demand(&self) -> BoxFuture<'_, Result<super::Answers, Error>> {
